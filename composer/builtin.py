@@ -1,0 +1,39 @@
+"""Imports every in-tree implementation so that its registry names exist.
+
+Optional modules (those needing triton, or added by later features) are skipped when the module
+itself is absent or its optional dependency is not installed; any other import error is raised.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+
+log = logging.getLogger(__name__)
+
+REQUIRED = (
+    "composer.layers.activation",
+    "composer.layers.router",
+    "composer.layers.fused_moe",
+    "composer.quant.unquantized",
+    "composer.distributed.none",
+    "composer.kernels.torch_backend",
+    "composer.tasks.run",
+    "composer.tasks.check",
+    "composer.tasks.show",
+)
+OPTIONAL = (
+    "composer.kernels.triton_backend",
+    "composer.kernels.grouped_mm",
+    "composer.tasks.bench",
+    "composer.tasks.tune",
+)
+
+for _mod in REQUIRED:
+    importlib.import_module(_mod)
+for _mod in OPTIONAL:
+    try:
+        importlib.import_module(_mod)
+    except ModuleNotFoundError as exc:  # the module itself, or an optional dependency, is not installed
+        if exc.name != _mod and (exc.name or "").split(".")[0] not in ("triton", "transformers", "matplotlib"):
+            raise
+        log.debug("optional %s not loaded: %s", _mod, exc)

@@ -1,0 +1,377 @@
+"""The config schema: the only place that knows it.
+
+``validate_config(raw)`` checks a whole config once, before anything is built, and raises one
+``ConfigError`` listing every problem with its dotted key, the value given, what is allowed, and the
+closest valid name for a typo. Implementations are chosen by registry name, never by import path.
+Sections that name an implementation (layer, quant, all2all, kernel, task) carry that
+implementation's own parameters, validated by the ``Params`` model the implementation registers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import registry
+from .errors import ConfigError, Problem, did_you_mean
+
+SCHEMA_VERSION = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoParams(Section):
+    """For implementations that take no parameters beyond their name."""
+
+
+class RouterConfig(Section):
+    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    renormalize: bool = True
+    num_expert_group: int | None = Field(None, ge=1)
+    topk_group: int | None = Field(None, ge=1)
+    score_correction_bias: bool = False
+    routed_scaling_factor: float = Field(1.0, gt=0)
+
+
+class ModelConfig(Section):
+    name: str = "custom"
+    num_experts: int = Field(ge=1)
+    top_k: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    intermediate_size: int = Field(ge=1)
+    num_layers: int = Field(1, ge=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
+    activation: Literal["silu", "gelu", "swigluoai"] = "silu"
+    router: RouterConfig = RouterConfig()
+    num_shared_experts: int = Field(0, ge=0)
+    shared_expert_intermediate_size: int | None = Field(None, ge=1)
+    shared_expert_gate: bool = False
+    has_bias: bool = False
+    rms_norm_eps: float = Field(1e-6, gt=0)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+class ParallelConfig(Section):
+    ep_size: int = Field(1, ge=1)
+    placement: Literal["linear", "round_robin"] = "linear"
+
+
+class Named(BaseModel):
+    """A section that chooses an implementation by registry name, plus that implementation's params."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    name: str
+    params: Any = None  # the implementation's validated Params model
+
+    def __getattr__(self, item: str) -> Any:  # cfg.quant.granularity reads the params
+        params = self.__dict__.get("params")
+        if params is not None and item in type(params).model_fields:
+            return getattr(params, item)
+        raise AttributeError(item)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {"name": self.name}
+        if self.params is not None:
+            d.update(self.params.model_dump())
+        return d
+
+
+class KernelChoice(Named):
+    resolved: str = ""  # 'auto' resolves to a concrete backend for the device
+    auto_selected: bool = False
+
+
+class ComposerConfig(BaseModel):
+    """A validated config. Build it with ``validate_config``; sections are frozen."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    schema_version: int = SCHEMA_VERSION
+    model: ModelConfig
+    layer: Named
+    quant: Named
+    all2all: Named
+    kernel: KernelChoice
+    task: Named
+    parallel: ParallelConfig = ParallelConfig()
+    custom_ops: list[str] = ["all"]
+    plugins: list[str] = []
+    seed: int = 0
+    device: str = "cpu"  # resolved: 'cpu' or 'cuda'
+    compile: bool = False
+    cuda_graph: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "model": self.model.model_dump(),
+            "layer": self.layer.as_dict(),
+            "quant": self.quant.as_dict(),
+            "all2all": self.all2all.as_dict(),
+            "kernel": {**self.kernel.as_dict(), "resolved": self.kernel.resolved},
+            "task": self.task.as_dict(),
+            "parallel": self.parallel.model_dump(),
+            "custom_ops": list(self.custom_ops),
+            "plugins": list(self.plugins),
+            "seed": self.seed,
+            "device": self.device,
+            "compile": self.compile,
+            "cuda_graph": self.cuda_graph,
+        }
+
+    def config_hash(self) -> str:
+        """Stable across runs and ranks: sha256 of the canonical JSON of the resolved config."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Sections that pick an implementation, and the registry each name lives in.
+NAMED_SECTIONS: dict[str, registry.Registry] = {
+    "layer": registry.LAYERS,
+    "quant": registry.QUANT_METHODS,
+    "all2all": registry.ALL2ALL,
+    "kernel": registry.KERNELS,
+    "task": registry.TASKS,
+}
+TOP_LEVEL = (
+    "schema_version", "model", "layer", "quant", "all2all", "kernel", "task", "parallel",
+    "custom_ops", "plugins", "seed", "device", "compile", "cuda_graph",
+)
+
+
+def _pydantic_problems(prefix: str, err: ValidationError, raw: Any) -> list[Problem]:
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        msg = e["msg"]
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            parent = raw
+            for p in e["loc"][:-1]:
+                parent = parent.get(p, {}) if isinstance(parent, dict) else {}
+            cls_fields = _fields_at(err.title, e["loc"][:-1])
+            msg = "unknown key" + (f"; allowed: {', '.join(cls_fields)}." if cls_fields else ".")
+            msg += did_you_mean(e["loc"][-1], cls_fields)
+        elif e["type"] == "literal_error":
+            expected = e.get("ctx", {}).get("expected", "")
+            msg = f"{msg}.{did_you_mean(value, [c.strip().strip(chr(39)) for c in expected.replace(' or ', ',').split(',')])}"
+        elif e["type"] == "missing":
+            value = "(missing)"
+            msg = "required key is missing"
+        out.append(Problem(loc, value, msg))
+    return out
+
+
+_MODELS_BY_TITLE: dict[str, type[BaseModel]] = {}
+
+
+def _fields_at(title: str, loc: tuple) -> list[str]:
+    cls = _MODELS_BY_TITLE.get(title)
+    for p in loc:
+        if cls is None:
+            return []
+        f = cls.model_fields.get(str(p))
+        ann = getattr(f, "annotation", None) if f else None
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return sorted(cls.model_fields) if cls is not None else []
+
+
+def _validate_section(prefix: str, cls: type[BaseModel], raw: Any, problems: list[Problem]) -> Any:
+    _MODELS_BY_TITLE[cls.__name__] = cls
+    if not isinstance(raw, dict):
+        problems.append(Problem(prefix, raw, f"must be a mapping of {cls.__name__} keys"))
+        return None
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        problems.extend(_pydantic_problems(prefix, err, raw))
+        return None
+
+
+def _validate_named(section: str, raw: Any, problems: list[Problem]) -> Named | None:
+    reg = NAMED_SECTIONS[section]
+    if isinstance(raw, str):  # `quant: none` in a hand-written file
+        raw = {"name": raw}
+    if not isinstance(raw, dict) or "name" not in raw:
+        problems.append(Problem(section, raw, f"must be a mapping with a 'name' (one of: {', '.join(_choices(section))})"))
+        return None
+    name = raw["name"]
+    choices = _choices(section)
+    if name not in choices:
+        problems.append(Problem(f"{section}.name" if section != "task" else "task", name,
+                                f"unknown {reg.kind}; choose one of: {', '.join(choices)}.{did_you_mean(name, choices)}"))
+        return None
+    params_cls = _params_cls(section, name)
+    rest = {k: v for k, v in raw.items() if k != "name"}
+    params = _validate_section(section, params_cls, rest, problems) if params_cls is not None else None
+    if params_cls is not None and params is None:
+        return None
+    cls = KernelChoice if section == "kernel" else Named
+    return cls(name=name, params=params)
+
+
+def _choices(section: str) -> list[str]:
+    names = NAMED_SECTIONS[section].names()
+    return ["auto", *names] if section == "kernel" else names
+
+
+def _params_cls(section: str, name: str) -> type[BaseModel]:
+    if section == "kernel" and name == "auto":
+        return NoParams
+    obj = NAMED_SECTIONS[section].get(name)
+    return getattr(obj, "Params", NoParams)
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return registry.default_platform()
+    return requested
+
+
+def resolve_kernel(name: str, device: str) -> tuple[str, bool]:
+    """'auto' is triton on CUDA (when registered), torch elsewhere."""
+    if name != "auto":
+        return name, False
+    if device == "cuda" and "triton" in registry.KERNELS:
+        return "triton", True
+    return "torch", True
+
+
+def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerConfig:
+    """Validate a plain dict (a composed Hydra config without its ``hydra`` key). Raises ConfigError."""
+    problems: list[Problem] = []
+    raw = dict(raw)
+    raw.pop("hydra", None)
+
+    plugins = raw.get("plugins", []) or []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        problems.append(Problem("plugins", plugins, "must be a list of importable plugin module names"))
+        plugins = []
+    try:
+        registry.load_plugins(plugins)
+    except registry.RegistryError as exc:
+        problems.append(Problem("plugins", plugins, str(exc)))
+
+    for key in raw:
+        if key not in TOP_LEVEL:
+            problems.append(Problem(key, raw[key], f"unknown top-level key; allowed: {', '.join(TOP_LEVEL)}.{did_you_mean(key, TOP_LEVEL)}"))
+
+    version = raw.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        problems.append(Problem("schema_version", version,
+                                f"this composer reads schema version {SCHEMA_VERSION}; update the file or composer"))
+
+    model = _validate_section("model", ModelConfig, raw.get("model", {}), problems)
+    parallel = _validate_section("parallel", ParallelConfig, raw.get("parallel", {}) or {}, problems)
+    named = {s: _validate_named(s, raw.get(s, {"name": "auto"} if s == "kernel" else None), problems) for s in NAMED_SECTIONS}
+
+    scalars = {}
+    for key, typ, default in (("seed", int, 0), ("compile", bool, False), ("cuda_graph", bool, False)):
+        v = raw.get(key, default)
+        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+            problems.append(Problem(key, v, f"must be {typ.__name__}"))
+        scalars[key] = v
+    device = raw.get("device", "auto")
+    if device not in ("auto", "cpu", "cuda"):
+        problems.append(Problem("device", device, "choose one of: auto, cpu, cuda." + did_you_mean(device, ["auto", "cpu", "cuda"])))
+        device = "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        problems.append(Problem("device", device, "no CUDA device is visible here; use device=auto or device=cpu"))
+    device = resolve_device(device) if device != "cuda" else "cuda"
+
+    custom_ops = raw.get("custom_ops", ["all"])
+    if not isinstance(custom_ops, list):
+        problems.append(Problem("custom_ops", custom_ops, "must be a list such as [all], [none, +silu_and_mul]"))
+        custom_ops = ["all"]
+    else:
+        problems.extend(Problem("custom_ops", custom_ops, m) for m in registry.check_custom_ops(custom_ops))
+
+    if model is not None:
+        problems.extend(_check_model(model))
+    if model is not None and parallel is not None and named["all2all"] is not None:
+        problems.extend(_check_parallel(model, parallel, named["all2all"]))
+
+    kernel = named["kernel"]
+    if kernel is not None:
+        resolved, auto = resolve_kernel(kernel.name, device)
+        kernel = KernelChoice(name=kernel.name, params=kernel.params, resolved=resolved, auto_selected=auto)
+        if model is not None and named["quant"] is not None:
+            for msg in registry.KERNELS.get(resolved).check(quant=named["quant"].name, dtype=model.dtype, device=device):
+                problems.append(Problem("kernel", kernel.name if not auto else f"auto -> {resolved}", msg))
+    if named["quant"] is not None and model is not None:
+        method = registry.QUANT_METHODS.get(named["quant"].name)
+        check = getattr(method, "check_config", None)
+        if check is not None:
+            problems.extend(Problem(f"quant.{k}" if k else "quant", v, m) for k, v, m in check(named["quant"].params, model, device))
+    if named["layer"] is not None and model is not None:
+        layer_cls = registry.LAYERS.get(named["layer"].name)
+        check = getattr(layer_cls, "check_config", None)
+        if check is not None:
+            problems.extend(Problem(f"layer.{k}" if k else "layer", v, m) for k, v, m in check(named["layer"].params, model))
+
+    if problems:
+        raise ConfigError(problems, source)
+    return ComposerConfig(
+        schema_version=version, model=model, parallel=parallel, kernel=kernel,
+        layer=named["layer"], quant=named["quant"], all2all=named["all2all"], task=named["task"],
+        custom_ops=custom_ops, plugins=plugins, device=device, **scalars,
+    )
+
+
+def _check_model(m: ModelConfig) -> list[Problem]:
+    p: list[Problem] = []
+    if m.top_k > m.num_experts:
+        p.append(Problem("model.top_k", m.top_k, f"must be <= model.num_experts = {m.num_experts}"))
+    r = m.router
+    if (r.num_expert_group is None) != (r.topk_group is None):
+        p.append(Problem("model.router.topk_group" if r.topk_group is None else "model.router.num_expert_group",
+                         None, "grouped top-k needs both model.router.num_expert_group and model.router.topk_group"))
+    elif r.num_expert_group is not None:
+        if m.num_experts % r.num_expert_group:
+            p.append(Problem("model.router.num_expert_group", r.num_expert_group,
+                             f"must divide model.num_experts = {m.num_experts}"))
+        elif r.topk_group > r.num_expert_group:
+            p.append(Problem("model.router.topk_group", r.topk_group,
+                             f"must be <= model.router.num_expert_group = {r.num_expert_group}"))
+        else:
+            reachable = r.topk_group * (m.num_experts // r.num_expert_group)
+            if m.top_k > reachable:
+                p.append(Problem("model.top_k", m.top_k,
+                                 f"only {reachable} experts are reachable through {r.topk_group} of "
+                                 f"{r.num_expert_group} groups; raise model.router.topk_group or lower model.top_k"))
+    if m.shared_expert_gate and m.num_shared_experts == 0:
+        p.append(Problem("model.shared_expert_gate", True, "needs model.num_shared_experts >= 1"))
+    if m.shared_expert_intermediate_size is not None and m.num_shared_experts == 0:
+        p.append(Problem("model.shared_expert_intermediate_size", m.shared_expert_intermediate_size,
+                         "needs model.num_shared_experts >= 1"))
+    if m.top_k == 1 and r.renormalize and r.scoring == "softmax":
+        pass  # legal: every weight becomes 1.0, as in Switch-style routing with renormalization
+    return p
+
+
+def _check_parallel(m: ModelConfig, par: ParallelConfig, all2all: Named) -> list[Problem]:
+    p: list[Problem] = []
+    if m.num_experts % par.ep_size:
+        p.append(Problem("parallel.ep_size", par.ep_size, f"must divide model.num_experts = {m.num_experts}"))
+    if par.ep_size > 1 and all2all.name == "none":
+        p.append(Problem("all2all.name", "none",
+                         f"parallel.ep_size = {par.ep_size} needs an all2all backend; choose one of: "
+                         f"{', '.join(n for n in registry.ALL2ALL.names() if n != 'none')}"))
+    return p
+
+
+def to_plain(cfg: Any) -> dict[str, Any]:
+    """A Hydra DictConfig (or a dict) as a plain dict, interpolations resolved."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)

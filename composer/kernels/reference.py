@@ -1,0 +1,107 @@
+"""The torch reference experts computation and the float64 oracle.
+
+``torch_experts`` is exact and sort-based: (token, slot) pairs are grouped by expert and each expert
+that received tokens runs one GEMM pair. It reads ``.tolist()`` of the per-expert counts, so it is
+not graph-capturable; compile and CUDA graphs use the Triton or grouped_mm kernels.
+
+``oracle_experts`` is an independent, deliberately plain formulation (per-expert masks, float64) that
+``task=check`` and the tests compare everything against.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..layers.activation import act_and_mul
+
+
+def _check_inputs(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"hidden states must be [T, H], got shape {tuple(x.shape)}")
+    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must both be [T={x.shape[0]}, k]"
+        )
+    E, two_i, H = w13.shape
+    if H != x.shape[1] or w2.shape != (E, H, two_i // 2):
+        raise ValueError(
+            f"weights do not fit: x {tuple(x.shape)}, w13 {tuple(w13.shape)} (want [E, 2I, H]), "
+            f"w2 {tuple(w2.shape)} (want [E, H, I])"
+        )
+
+
+def torch_experts(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    activation: str = "silu",
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """sum_k topk_weights[t, k] * expert_{ids[t,k]}(x[t]); ids of -1 are skipped. Returns ``[T, H]`` in x.dtype.
+
+    GEMMs run in the weights' dtype (fp32 accumulation inside the matmul), the activation output is
+    rounded to that dtype (as a fused kernel writing its intermediate would), the sum over top-k is
+    accumulated in float32.
+    """
+    _check_inputs(x, topk_weights, topk_ids, w13, w2)
+    T, H = x.shape
+    E = w13.shape[0]
+    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    if T == 0:
+        return out.to(x.dtype)
+    k = topk_ids.shape[1]
+    flat_ids = topk_ids.reshape(-1).to(torch.int64)
+    valid = (flat_ids >= 0) & (flat_ids < E)
+    # Invalid (-1) ids sort to the end under the key E.
+    keys = torch.where(valid, flat_ids, torch.full_like(flat_ids, E))
+    order = torch.argsort(keys, stable=True)
+    counts = torch.bincount(keys, minlength=E + 1)[:E].tolist()
+    token_of = order // k
+    weight_of = topk_weights.reshape(-1)[order].to(torch.float32)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = token_of[start:start + n]
+        h = x[rows].to(w13.dtype) @ w13[e].t()
+        if w13_bias is not None:
+            h = h + w13_bias[e]
+        a = act_and_mul(activation, h)
+        o = a @ w2[e].t()
+        if w2_bias is not None:
+            o = o + w2_bias[e]
+        out.index_add_(0, rows, o.to(torch.float32) * weight_of[start:start + n, None])
+        start += n
+    return out.to(x.dtype)
+
+
+def oracle_experts(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    activation: str = "silu",
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The float64 oracle: for every expert, every (token, slot) routed to it, in float64. Returns float64."""
+    _check_inputs(x, topk_weights, topk_ids, w13, w2)
+    d = torch.float64
+    x64, w64 = x.to(d), topk_weights.to(d)
+    out = torch.zeros(x.shape, dtype=d, device=x.device)
+    for e in range(w13.shape[0]):
+        hit = topk_ids == e  # [T, k]
+        if not bool(hit.any()):
+            continue
+        tok, slot = hit.nonzero(as_tuple=True)
+        h = x64[tok] @ w13[e].to(d).t()
+        if w13_bias is not None:
+            h = h + w13_bias[e].to(d)
+        o = act_and_mul(activation, h) @ w2[e].to(d).t()
+        if w2_bias is not None:
+            o = o + w2_bias[e].to(d)
+        out.index_add_(0, tok, o * w64[tok, slot, None])
+    return out

@@ -1,0 +1,126 @@
+"""The fused-MoE modular kernel: prepare/finalize (token movement) x experts (the math).
+
+As in vLLM's modular kernel, the two halves are independent: any all2all backend composes with any
+experts kernel. ``topk_ids`` reaching the experts are *local* expert ids; ``-1`` marks a (token, slot)
+pair whose expert lives on another rank, and the experts kernel skips it.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class ExpertWeights:
+    """What an experts kernel needs from the layer: weights, optional biases, and quantization data.
+
+    Unquantized: ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` in the activation dtype. Quantized methods fill
+    the scale fields and name themselves in ``quant``.
+    """
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    w13_bias: torch.Tensor | None = None
+    w2_bias: torch.Tensor | None = None
+    quant: str = "none"
+    w13_scale: torch.Tensor | None = None
+    w2_scale: torch.Tensor | None = None
+    a13_scale: torch.Tensor | None = None
+    a2_scale: torch.Tensor | None = None
+    w13_zero: torch.Tensor | None = None
+    w2_zero: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13.shape[0]
+
+
+@dataclass
+class PreparedTokens:
+    """Tokens as the experts kernel sees them, plus whatever finalize needs to undo the move."""
+
+    x: torch.Tensor
+    topk_weights: torch.Tensor
+    topk_ids: torch.Tensor
+    context: Any = None
+
+
+class PrepareFinalize(ABC):
+    """Moves tokens to the ranks owning their experts (prepare) and back (finalize)."""
+
+    name: ClassVar[str] = ""
+
+    @abstractmethod
+    def prepare(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> PreparedTokens: ...
+
+    @abstractmethod
+    def finalize(self, out: torch.Tensor, prepared: PreparedTokens) -> torch.Tensor: ...
+
+
+class Experts(ABC):
+    """An experts kernel backend: computes sum_k w_k * W2_e(act(W13_e x)) for each token.
+
+    Backends declare what they support so that an impossible combination is refused when the
+    config is validated, not at the first forward.
+    """
+
+    name: ClassVar[str] = ""
+    supported_quant: ClassVar[frozenset[str]] = frozenset({"none"})
+    supported_dtypes: ClassVar[frozenset[str]] = frozenset({"float32", "float16", "bfloat16"})
+    needs_cuda: ClassVar[bool] = False
+
+    @classmethod
+    def check(cls, *, quant: str, dtype: str, device: str) -> list[str]:
+        """Problems with running this backend for a (quant method, dtype, device); empty when fine."""
+        problems = []
+        if quant not in cls.supported_quant:
+            problems.append(
+                f"experts kernel '{cls.name}' does not support quant method '{quant}'; "
+                f"it supports: {', '.join(sorted(cls.supported_quant))}"
+            )
+        if dtype not in cls.supported_dtypes:
+            problems.append(
+                f"experts kernel '{cls.name}' does not support dtype '{dtype}'; "
+                f"it supports: {', '.join(sorted(cls.supported_dtypes))}"
+            )
+        if cls.needs_cuda and device != "cuda":
+            problems.append(f"experts kernel '{cls.name}' needs a CUDA device; on {device} use kernel=torch")
+        return problems
+
+    @abstractmethod
+    def apply(
+        self,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        weights: ExpertWeights,
+        activation: str,
+    ) -> torch.Tensor:
+        """``x [T, H]``, ``topk_weights [T, k]`` fp32, ``topk_ids [T, k]`` int32 local ids -> ``[T, H]``."""
+
+
+class ModularKernel:
+    """prepare -> experts -> finalize."""
+
+    def __init__(self, prepare_finalize: PrepareFinalize, experts: Experts):
+        self.prepare_finalize = prepare_finalize
+        self.experts = experts
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        weights: ExpertWeights,
+        activation: str,
+    ) -> torch.Tensor:
+        prepared = self.prepare_finalize.prepare(x, topk_weights, topk_ids)
+        out = self.experts.apply(prepared.x, prepared.topk_weights, prepared.topk_ids, weights, activation)
+        return self.prepare_finalize.finalize(out, prepared)
+
+    def describe(self) -> str:
+        return f"{self.prepare_finalize.name} x {self.experts.name}"

@@ -1,0 +1,308 @@
+"""Name registries, PluggableLayer, CustomOp and plugins: the few stable extension points.
+
+The names registered here are the names in ``conf/``, in error messages and in benchmark tables.
+Model code never branches on a backend: it asks a registry for the class behind a name.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+import torch
+from torch import nn
+
+from .errors import RegistryError, did_you_mean
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A name -> object table. Duplicate names are refused; unknown names suggest the closest one."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str, obj: T | None = None) -> Any:
+        def add(o: T) -> T:
+            if not isinstance(name, str) or not name:
+                raise RegistryError(f"a {self.kind} name must be a non-empty string, got {name!r}")
+            if name in self._items and self._items[name] is not o:
+                raise RegistryError(
+                    f"{self.kind} '{name}' is already registered by {_qualname(self._items[name])}; "
+                    f"pick another name, or use register_oot to replace the in-tree implementation"
+                )
+            self._items[name] = o
+            return o
+
+        return add(obj) if obj is not None else add
+
+    def get(self, name: str) -> T:
+        load_plugins()
+        try:
+            return self._items[name]
+        except KeyError:
+            raise RegistryError(
+                f"unknown {self.kind} '{name}'; registered: {', '.join(self.names()) or '(none)'}."
+                + did_you_mean(name, self.names())
+            ) from None
+
+    def __contains__(self, name: object) -> bool:
+        load_plugins()
+        return name in self._items
+
+    def names(self) -> list[str]:
+        load_plugins()
+        return sorted(self._items)
+
+    def unregister(self, name: str) -> None:
+        """For tests and plugin reloads."""
+        self._items.pop(name, None)
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+# The registries. Each kind lives in exactly one table; conf/<group>/ holds one yaml per name.
+LAYERS: Registry[type] = Registry("layer")
+CUSTOM_OPS: Registry[type] = Registry("custom op")
+QUANT_METHODS: Registry[type] = Registry("quant method")
+ALL2ALL: Registry[type] = Registry("all2all backend")
+KERNELS: Registry[type] = Registry("experts kernel")
+TASKS: Registry[Any] = Registry("task")
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings active while a graph is built (like vLLM's set_current_vllm_config): which custom ops
+# are enabled, and for which device platform their implementation is chosen.
+
+
+@dataclass
+class BuildSettings:
+    custom_ops: list[str] = field(default_factory=lambda: ["all"])
+    platform: str = "cpu"  # "cuda" or "cpu": chooses forward_cuda / forward_cpu
+
+
+_settings = BuildSettings()
+
+
+@contextlib.contextmanager
+def build_settings(custom_ops: list[str] | None = None, platform: str | None = None) -> Iterator[BuildSettings]:
+    global _settings
+    old = _settings
+    _settings = BuildSettings(
+        custom_ops=list(custom_ops) if custom_ops is not None else list(old.custom_ops),
+        platform=platform or old.platform,
+    )
+    try:
+        yield _settings
+    finally:
+        _settings = old
+
+
+def current_settings() -> BuildSettings:
+    return _settings
+
+
+def check_custom_ops(entries: list[str]) -> list[str]:
+    """Problems with a ``custom_ops`` list, with vLLM's rules: 'all' or 'none' once, then +name/-name."""
+    problems: list[str] = []
+    names = CUSTOM_OPS.names()
+    if "all" in entries and "none" in entries:
+        problems.append("'all' and 'none' cannot both be given")
+    seen: dict[str, str] = {}
+    for e in entries:
+        if e in ("all", "none"):
+            continue
+        if not isinstance(e, str) or len(e) < 2 or e[0] not in "+-":
+            problems.append(f"entry {e!r} must be 'all', 'none', '+name' or '-name'")
+            continue
+        sign, name = e[0], e[1:]
+        if name not in names:
+            problems.append(
+                f"unknown custom op '{name}' in {e!r}; custom ops: {', '.join(names)}." + did_you_mean(name, names)
+            )
+        elif name in seen and seen[name] != sign:
+            problems.append(f"custom op '{name}' is both enabled and disabled")
+        seen[name] = sign
+    return problems
+
+
+def custom_op_enabled(name: str, entries: list[str] | None = None) -> bool:
+    entries = _settings.custom_ops if entries is None else entries
+    if f"+{name}" in entries:
+        return True
+    if f"-{name}" in entries:
+        return False
+    return "none" not in entries
+
+
+# ----------------------------------------------------------------------------------------------
+# PluggableLayer: a whole layer, swapped by name at construction time.
+
+
+class PluggableLayer(nn.Module):
+    """A layer with an explicit ``forward`` that an out-of-tree class can replace wholesale.
+
+    ``@PluggableLayer.register("fused_moe")`` names an in-tree class. ``@FusedMoE.register_oot``
+    (or ``register_oot(name="fused_moe")``) registers a subclass that replaces it: from then on
+    ``FusedMoE(...)`` constructs the replacement (``__new__`` swap), so model code never changes.
+    """
+
+    layer_name: str = ""
+    _oot: dict[type, type] = {}
+
+    @classmethod
+    def register(cls, name: str) -> Callable[[type], type]:
+        def deco(layer_cls: type) -> type:
+            if not (isinstance(layer_cls, type) and issubclass(layer_cls, PluggableLayer)):
+                raise RegistryError(f"layer '{name}': {_qualname(layer_cls)} must subclass PluggableLayer")
+            LAYERS.register(name, layer_cls)
+            layer_cls.layer_name = name
+            return layer_cls
+
+        return deco
+
+    @classmethod
+    def register_oot(cls, oot_cls: type | None = None, *, name: str | None = None) -> Any:
+        def deco(replacement: type) -> type:
+            target = LAYERS.get(name) if name is not None else cls
+            if target is PluggableLayer:
+                raise RegistryError("register_oot needs a registered layer: use FusedMoE.register_oot or name=...")
+            if not (isinstance(replacement, type) and issubclass(replacement, target)):
+                raise RegistryError(
+                    f"out-of-tree layer {_qualname(replacement)} must subclass {_qualname(target)} "
+                    f"(the layer '{target.layer_name}' it replaces), so its constructor and weights stay compatible"
+                )
+            previous = PluggableLayer._oot.get(target)
+            if previous is not None and previous is not replacement:
+                log.warning("layer '%s': out-of-tree %s replaces %s", target.layer_name,
+                            _qualname(replacement), _qualname(previous))
+            PluggableLayer._oot[target] = replacement
+            return replacement
+
+        return deco(oot_cls) if oot_cls is not None else deco
+
+    @classmethod
+    def unregister_oot(cls) -> None:
+        PluggableLayer._oot.pop(cls, None)
+
+    @classmethod
+    def resolve(cls) -> type:
+        """The class that ``cls(...)`` will construct."""
+        load_plugins()
+        return PluggableLayer._oot.get(cls, cls)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "PluggableLayer":
+        return super().__new__(cls.resolve())
+
+    @property
+    def is_oot(self) -> bool:
+        return not type(self).__module__.startswith("composer.")
+
+    def implementation(self) -> str:
+        """How this slot was filled, for tables and ``task=show``."""
+        t = type(self)
+        if self.is_oot:
+            return f"{_qualname(t)} (out-of-tree)"
+        return t.__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# CustomOp: one op, one implementation per platform, chosen once at construction.
+
+
+class CustomOp(nn.Module):
+    """``forward_native`` is the reference; ``forward_cuda``/``forward_cpu`` default to it.
+
+    Whether the op is enabled follows the ``custom_ops`` list active during the build; a disabled
+    op always runs ``forward_native``.
+    """
+
+    op_name: str = ""
+
+    @classmethod
+    def register(cls, name: str) -> Callable[[type], type]:
+        def deco(op_cls: type) -> type:
+            CUSTOM_OPS.register(name, op_cls)
+            op_cls.op_name = name
+            return op_cls
+
+        return deco
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = custom_op_enabled(self.op_name)
+        self.platform = current_settings().platform
+        self._forward_method = self.dispatch_forward()
+
+    def dispatch_forward(self) -> Callable[..., Any]:
+        if not self.enabled:
+            return self.forward_native
+        if self.platform == "cuda":
+            return self.forward_cuda
+        return self.forward_cpu
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._forward_method(*args, **kwargs)
+
+    def forward_native(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def forward_cuda(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward_native(*args, **kwargs)
+
+    def forward_cpu(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward_native(*args, **kwargs)
+
+    def implementation(self) -> str:
+        chosen = getattr(self._forward_method, "__name__", "?")
+        return f"{type(self).__name__}.{chosen}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Plugins: the `composer.plugins` entry-point group, and an explicit `plugins:` list.
+
+_PLUGINS_LOADED = False
+_loaded_plugin_names: list[str] = []
+
+
+def load_plugins(modules: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Import in-tree implementations, entry-point plugins (once), then the modules named in ``modules``.
+
+    An entry point may name a module or a callable; a callable is called with no arguments.
+    """
+    global _PLUGINS_LOADED
+    if not _PLUGINS_LOADED:
+        _PLUGINS_LOADED = True
+        importlib.import_module("composer.builtin")
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group="composer.plugins"):
+            try:
+                obj = ep.load()
+            except Exception as exc:  # a broken plugin must say which one it is
+                raise RegistryError(f"plugin entry point '{ep.name}' ({ep.value}) failed to load: {exc}") from exc
+            if callable(obj) and not isinstance(obj, type):
+                obj()
+            _loaded_plugin_names.append(f"{ep.name} (entry point)")
+    for mod in modules:
+        if mod in _loaded_plugin_names:
+            continue
+        try:
+            importlib.import_module(mod)
+        except ImportError as exc:
+            raise RegistryError(
+                f"plugins: cannot import '{mod}': {exc}. Install the plugin package, or remove it from `plugins:`"
+            ) from exc
+        _loaded_plugin_names.append(mod)
+    return list(_loaded_plugin_names)
+
+
+def default_platform() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
