@@ -1,0 +1,117 @@
+"""The ``composer`` command: a Hydra app. Config problems exit 2 without a traceback
+(HYDRA_FULL_ERROR=1 shows it); a task that finds a failure exits 1; sweeps (-m) run every job and
+record failed ones in their results.json instead of stopping."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+from rich.console import Console
+
+from .api import CONF_DIR, GROUPS, check_group_choice
+from .config import to_plain, validate_config
+from .errors import ComposerError, ConfigError
+from .registry import TASKS
+from .results import write_results
+
+log = logging.getLogger("composer")
+_err = Console(stderr=True)
+
+
+def _console() -> Console:
+    """Wide enough for the tables when output is piped (rich would assume 80 columns)."""
+    import shutil
+
+    return Console() if sys.stdout.isatty() else Console(width=max(shutil.get_terminal_size((160, 24)).columns, 160))
+_failures: list[int] = []  # exit codes of failed jobs in this process (for sweeps)
+
+
+def _full_error() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def _precheck(argv: list[str]) -> None:
+    """Unknown group choices (``quant=fp9``) get composer's message and exit code 2, before Hydra runs."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    problems = []
+    args = [a for a in argv if not a.startswith("-") and "=" in a]
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except Exception:  # let Hydra report its own syntax errors
+        return
+    for o in overrides:
+        if o.key_or_group not in GROUPS or o.package is not None or o.is_delete():
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        for v in values:
+            if isinstance(v, str):
+                p = check_group_choice(o.key_or_group, v)
+                if p:
+                    problems.append(p)
+    if problems:
+        _err.print(f"[red]error[/red]: {ConfigError(problems, 'command line')}", highlight=False)
+        sys.exit(2)
+
+
+def run_job(dcfg: DictConfig) -> dict[str, Any] | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    sweeping = hc.mode == RunMode.MULTIRUN
+    overrides = list(hc.overrides.task)
+    raw = to_plain(dcfg)
+    task_name = raw.get("task", {}).get("name") if isinstance(raw.get("task"), dict) else None
+    cfg = None
+    try:
+        cfg = validate_config(raw)
+        from .tasks import TaskContext
+
+        metrics = TASKS.get(cfg.task.name)().run(cfg, TaskContext(run_dir=run_dir, console=_console()))
+        (run_dir / "config.resolved.yaml").write_text(_yaml(cfg.to_dict()))
+        write_results(run_dir, status="ok", task=cfg.task.name, metrics=metrics, config=cfg.to_dict(),
+                      config_hash=cfg.config_hash(), overrides=overrides, device=cfg.device)
+        return metrics
+    except ComposerError as exc:
+        code = 2 if isinstance(exc, ConfigError) else 1
+        write_results(run_dir, status="failed", task=task_name, metrics=getattr(exc, "metrics", None),
+                      config=cfg.to_dict() if cfg else raw, config_hash=cfg.config_hash() if cfg else None,
+                      overrides=overrides, error=str(exc), device=cfg.device if cfg else "cpu")
+        if _full_error():
+            raise
+        _err.print(f"[red]error[/red]: {exc}", highlight=False)
+        if sweeping:
+            _failures.append(code)
+            return None
+        sys.exit(code)
+
+
+def _yaml(d: dict[str, Any]) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(d))
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def _hydra_main(dcfg: DictConfig) -> Any:
+    return run_job(dcfg)
+
+
+def main() -> None:
+    """Console-script entry point: ``composer [overrides] [-m] [--cfg job] ...``."""
+    _precheck(sys.argv[1:])
+    _hydra_main()
+    if _failures:
+        _err.print(f"[red]{len(_failures)} job(s) of the sweep failed[/red]; see their results.json")
+        sys.exit(max(_failures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""ComposerConfig -> nn.Module graph. Nothing else constructs layers from config.
+
+Every slot asks a registry for its class by the configured name (layer, quant method, experts kernel,
+all2all backend); custom ops choose their platform implementation under ``build_settings``. Weights are
+random and seeded per (seed, layer, expert), so any rank builds exactly its slice of the same model.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ComposerConfig
+from .distributed.none import EPContext
+from .layers.block import DecoderBlock, MoEModel, RMSNorm, SparseMoEBlock
+from .layers.fused_moe import FusedMoE
+from .layers.router import GateLinear, Router
+from .layers.shared_experts import SharedExperts
+from .registry import ALL2ALL, KERNELS, LAYERS, QUANT_METHODS, build_settings
+
+
+def build(cfg: ComposerConfig, *, ep_rank: int = 0, group: Any = None, init: bool = True) -> nn.Module:
+    """Build the module graph ``cfg`` describes, on ``cfg.device``, with seeded random weights.
+
+    ``init=False`` leaves weights uninitialized for a checkpoint to be loaded; call
+    ``finish_loading(model)`` after loading so quant methods process their weights.
+    """
+    layer_cls = LAYERS.get(cfg.layer.name)
+    custom_build = getattr(layer_cls, "build_model", None)
+    with build_settings(cfg.custom_ops, cfg.device):
+        if custom_build is not None:  # a layer that brings its own model (e.g. the Transformers backend)
+            return custom_build(cfg, ep_rank=ep_rank, group=group, init=init)
+        model = MoEModel([_block(cfg, i, ep_rank, group) for i in range(cfg.model.num_layers)])
+    if init:
+        init_weights(model, cfg.seed)
+        finish_loading(model)
+    return model.eval().requires_grad_(False)
+
+
+def build_experts(cfg: ComposerConfig, *, ep_rank: int = 0, group: Any = None) -> FusedMoE:
+    """One FusedMoE layer as configured (the layer class from ``layer.name``, swapped if out-of-tree)."""
+    m = cfg.model
+    layer_cls = LAYERS.get(cfg.layer.name)
+    if not issubclass(layer_cls, FusedMoE):
+        layer_cls = FusedMoE
+    ep_size = cfg.parallel.ep_size
+    quant = QUANT_METHODS.get(cfg.quant.name)(cfg.quant.params)
+    experts = KERNELS.get(cfg.kernel.resolved)()
+    layer = layer_cls(
+        m.num_experts, m.top_k, m.hidden_size, m.intermediate_size,
+        activation=m.activation, has_bias=m.has_bias, dtype=m.torch_dtype, device=cfg.device,
+        quant_method=quant, experts=experts, ep_rank=ep_rank, ep_size=ep_size,
+        placement=cfg.parallel.placement,
+    )
+    ctx = EPContext(ep_rank, ep_size, layer.expert_map, group, cfg.all2all.params)
+    layer.kernel.prepare_finalize = ALL2ALL.get(cfg.all2all.name)(ctx)
+    return layer
+
+
+def _block(cfg: ComposerConfig, index: int, ep_rank: int, group: Any) -> DecoderBlock:
+    m, r, dt, dev = cfg.model, cfg.model.router, cfg.model.torch_dtype, cfg.device
+    shared = None
+    if m.num_shared_experts:
+        size = (m.shared_expert_intermediate_size or m.intermediate_size) * m.num_shared_experts
+        shared = SharedExperts(m.hidden_size, size, m.activation, m.shared_expert_gate, dt, dev)
+    mlp = SparseMoEBlock(
+        GateLinear(m.hidden_size, m.num_experts, dt, dev),
+        Router(m.num_experts, m.top_k, r.scoring, r.renormalize, r.num_expert_group, r.topk_group,
+               r.score_correction_bias, r.routed_scaling_factor, dev),
+        build_experts(cfg, ep_rank=ep_rank, group=group),
+        shared,
+    )
+    return DecoderBlock(RMSNorm(m.hidden_size, m.rms_norm_eps, dt, dev), mlp)
+
+
+def _generator(seed: int, *keys: Any) -> torch.Generator:
+    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def _randn(shape: tuple[int, ...], std: float, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    return (torch.randn(shape, generator=gen, dtype=torch.float32) * std).to(device=like.device, dtype=like.dtype)
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int) -> None:
+    """Seeded random weights scaled so activations stay O(1). Expert weights are seeded per global expert id."""
+    for name, module in model.named_modules():
+        if isinstance(module, FusedMoE):
+            _init_experts(module, seed, name)
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                continue
+            gen = _generator(seed, name, pname)
+            if isinstance(module, RMSNorm):
+                p.copy_(1.0 + _randn(tuple(p.shape), 0.1, gen, p))
+            elif pname == "e_score_correction_bias":
+                p.copy_(_randn(tuple(p.shape), 0.05, gen, p))
+            elif p.dim() >= 2:
+                p.copy_(_randn(tuple(p.shape), p.shape[-1] ** -0.5, gen, p))
+            else:
+                p.copy_(_randn(tuple(p.shape), 0.1, gen, p))
+
+
+def _init_experts(layer: FusedMoE, seed: int, name: str) -> None:
+    H, I = layer.hidden_size, layer.intermediate_size
+    for local, g in enumerate(layer.local_to_global):
+        gen = _generator(seed, name, "expert", g)
+        for pname, shape, std in (("w13", (2 * I, H), H ** -0.5), ("w2", (H, I), I ** -0.5),
+                                  ("w13_bias", (2 * I,), 0.1), ("w2_bias", (H,), 0.1)):
+            p = getattr(layer, pname, None)
+            if p is None:
+                continue
+            p.data[local].copy_(_randn(shape, std, gen, p))
+
+
+@torch.no_grad()
+def finish_loading(model: nn.Module) -> None:
+    """Let each quant method quantize/repack its layer once, after weights are initialized or loaded."""
+    for module in model.modules():
+        if isinstance(module, FusedMoE):
+            module.quant_method.process_weights_after_loading(module)

@@ -1,0 +1,25 @@
+"""kernel=torch: the exact reference on any device; quantized methods dequantize, then compute."""
+from __future__ import annotations
+
+import torch
+
+from ..layers.modular_kernel import Experts, ExpertWeights
+from ..registry import KERNELS, QUANT_METHODS
+from .reference import torch_experts
+
+
+@KERNELS.register("torch")
+class TorchExperts(Experts):
+    name = "torch"
+
+    @classmethod
+    def check(cls, *, quant: str, dtype: str, device: str) -> list[str]:
+        # Every registered quant method can dequantize, so the reference serves them all.
+        return [] if quant in QUANT_METHODS else [f"unknown quant method '{quant}'"]
+
+    def apply(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              weights: ExpertWeights, activation: str) -> torch.Tensor:
+        if weights.quant != "none":
+            weights = QUANT_METHODS.get(weights.quant).dequantize(weights, x.dtype)
+        return torch_experts(x, topk_weights, topk_ids, weights.w13, weights.w2, activation,
+                             weights.w13_bias, weights.w2_bias)

@@ -1,0 +1,145 @@
+"""Tile configs: tuned JSON files per (device, E, N=I, K=H, dtype), with a heuristic fallback.
+
+A file is named ``E={E},N={I},K={H},device_name={device},dtype={dtype}.json`` (device as
+``torch.cuda.get_device_name()`` with spaces replaced by ``_``) and maps a token count ``T`` to::
+
+    {"BLOCK_M": 64, "decode": false, "reduce": "atomic",
+     "gemm1": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+     "gemm2": {...}}
+
+For a run with T tokens the entry with the nearest key is used (as vLLM does). Folders searched, first
+match wins: ``$COMPOSER_KERNEL_CONFIGS`` (a folder, or several joined by ``:``), folders added with
+``add_config_dir`` (the ``kernel.config_dir`` key), then the files shipped in ``composer/kernels/configs``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+ENV_VAR = "COMPOSER_KERNEL_CONFIGS"
+PACKAGE_DIR = Path(__file__).resolve().parent.parent / "configs"
+_extra_dirs: list[Path] = []
+
+GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+
+
+def add_config_dir(path: str | os.PathLike) -> None:
+    p = Path(path)
+    if p not in _extra_dirs:
+        _extra_dirs.append(p)
+        _load_file.cache_clear()
+
+
+def config_dirs() -> list[Path]:
+    dirs = [Path(d) for d in os.environ.get(ENV_VAR, "").split(os.pathsep) if d]
+    return dirs + list(_extra_dirs) + [PACKAGE_DIR]
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def device_name(device: Any = None) -> str:
+    import torch
+
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        return torch.cuda.get_device_name(device).replace(" ", "_")
+    return "cpu"
+
+
+def config_file_name(E: int, N: int, K: int, device: str, dtype: str) -> str:
+    return f"E={E},N={N},K={K},device_name={device},dtype={dtype}.json"
+
+
+def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, Any]:
+    problems = []
+    bm = entry.get("BLOCK_M")
+    if not isinstance(bm, int) or bm < 16 or bm & (bm - 1):
+        problems.append(f"BLOCK_M must be a power of two >= 16, got {bm!r}")
+    for g in ("gemm1", "gemm2"):
+        sub = entry.get(g)
+        if not isinstance(sub, dict):
+            problems.append(f"{g} must be an object with {', '.join(GEMM_KEYS)}")
+            continue
+        for key in ("BLOCK_N", "BLOCK_K"):
+            v = sub.get(key)
+            if not isinstance(v, int) or v < 16 or v & (v - 1):
+                problems.append(f"{g}.{key} must be a power of two >= 16, got {v!r}")
+        unknown = set(sub) - set(GEMM_KEYS)
+        if unknown:
+            problems.append(f"{g}: unknown keys {sorted(unknown)}; allowed: {', '.join(GEMM_KEYS)}")
+    if entry.get("reduce", "atomic") not in ("atomic", "buffer"):
+        problems.append(f"reduce must be 'atomic' or 'buffer', got {entry.get('reduce')!r}")
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+    return entry
+
+
+@functools.lru_cache(maxsize=None)
+def _load_file(name: str, dirs: tuple[Path, ...]) -> tuple[str, dict[int, dict[str, Any]]] | None:
+    for d in dirs:
+        f = d / name
+        if f.is_file():
+            raw = json.loads(f.read_text())
+            table = {int(k): validate_entry(v, f"{f} [T={k}]") for k, v in raw.items() if not k.startswith("_")}
+            return str(f), table
+    return None
+
+
+def tuned_table(E: int, N: int, K: int, device: str, dtype: str) -> tuple[str, dict[int, dict[str, Any]]] | None:
+    return _load_file(config_file_name(E, N, K, device, dtype), tuple(config_dirs()))
+
+
+def heuristic_config(T: int, E: int, N: int, K: int, top_k: int) -> dict[str, Any]:
+    """A sound default from the average number of rows per expert (the M of each expert's GEMM)."""
+    pairs = T * top_k
+    per_expert = pairs / max(1, min(E, pairs) if pairs else 1)
+    if T <= 1:
+        # Decode: memory bound, one pair per program; narrow N tiles to spread the weights over the SMs.
+        g = {"BLOCK_N": 32, "BLOCK_K": 256, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
+        return {"BLOCK_M": 16, "decode": True, "reduce": "atomic", "gemm1": dict(g), "gemm2": dict(g)}
+    if per_expert <= 16:
+        g = {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
+        return {"BLOCK_M": 16, "decode": False, "reduce": "atomic", "gemm1": dict(g), "gemm2": dict(g)}
+    if per_expert <= 64:
+        g = {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+        return {"BLOCK_M": 32, "decode": False, "reduce": "atomic", "gemm1": dict(g), "gemm2": dict(g)}
+    if per_expert <= 256:
+        g1 = {"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+        g2 = {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+        return {"BLOCK_M": 64, "decode": False, "reduce": "atomic", "gemm1": g1, "gemm2": g2}
+    g1 = {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    g2 = {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4}
+    return {"BLOCK_M": 128, "decode": False, "reduce": "atomic", "gemm1": g1, "gemm2": g2}
+
+
+def get_config(T: int, E: int, N: int, K: int, top_k: int, dtype: Any, device: Any = None) -> dict[str, Any]:
+    """The tile config for T tokens: the nearest tuned entry if a file matches, else the heuristic."""
+    return _get_config(T, E, N, K, top_k, dtype_name(dtype), device_name(device), tuple(config_dirs()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _get_config(T: int, E: int, N: int, K: int, top_k: int, dtype: str, device: str,
+                dirs: tuple[Path, ...]) -> dict[str, Any]:
+    found = _load_file(config_file_name(E, N, K, device, dtype), dirs)
+    if found and found[1]:
+        table = found[1]
+        key = min(table, key=lambda m: abs(m - T))
+        cfg = dict(table[key])
+        cfg["source"] = f"{found[0]} [T={key}]"
+    else:
+        cfg = heuristic_config(T, E, N, K, top_k)
+        cfg["source"] = "heuristic"
+    cfg.setdefault("decode", False)
+    cfg.setdefault("reduce", "atomic")
+    if cfg["decode"] and T > 1:
+        cfg["decode"] = False  # one pair per program pays off only when every pair has its own expert
+    return cfg
+
+
+def clear_cache() -> None:
+    _load_file.cache_clear()
+    _get_config.cache_clear()

@@ -1,0 +1,216 @@
+"""Grouped GEMMs over expert-sorted (token, slot) pairs, vLLM ``fused_moe_kernel`` style.
+
+GEMM1: ``act(x[token] @ w13[e, :I]^T + b) * (x[token] @ w13[e, I:]^T + b)`` -> ``inter [P, I]``.
+  Rows of ``x`` are gathered by token index inside the kernel (no permuted copy); the gate and up
+  tiles are two accumulators of one program, so the activation is applied in the epilogue and the
+  ``[P, 2I]`` pre-activation never exists in memory.
+GEMM2: ``(inter[pair] @ w2[e]^T + b) * topk_weight[pair]``, reduced over top-k straight into an fp32
+  ``[T, H]`` output with atomic adds (``reduce="atomic"``), or written per pair to a ``[P, H]`` buffer
+  and summed by torch (``reduce="buffer"``, deterministic).
+
+Both take ``DIRECT=True`` for decode: one pair per program (BLOCK_M rows, only the first one live), the
+expert read straight from ``topk_ids``, so no align launch is needed.
+Accumulation is fp32 (``tl.dot``); pointers to weights use 64-bit offsets (w13 of DeepSeek-V3 holds
+more than 2^31 elements).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._jit import lazy_jit
+
+ACT_CODES = {"silu": 0, "gelu": 1, "swigluoai": 2}
+SWIGLUOAI_ALPHA = 1.702
+SWIGLUOAI_LIMIT = 7.0
+
+
+@lazy_jit
+def _gemm1_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr,
+    sorted_ids_ptr, expert_ids_ptr, ntpp_ptr, topk_ids_ptr,
+    num_pairs, N, K, top_k, num_pid_m,
+    stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, EVEN_K: tl.constexpr,
+    ALPHA: tl.constexpr, LIMIT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = tl.arange(0, BLOCK_M)
+    if DIRECT:
+        expert = tl.load(topk_ids_ptr + pid_m)
+        pairs = pid_m + offs_m * 0
+        row_mask = offs_m == 0
+    else:
+        ntpp = tl.load(ntpp_ptr)
+        if pid_m * BLOCK_M >= ntpp:
+            return
+        expert = tl.load(expert_ids_ptr + pid_m)
+        pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + offs_m)
+        row_mask = pairs < num_pairs
+    if expert < 0:
+        return
+    tokens = (pairs // top_k).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_n_safe = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tokens[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    g_ptrs = w_base + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    u_ptrs = g_ptrs + N * stride_wn
+
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+            g = tl.load(g_ptrs)
+            u = tl.load(u_ptrs)
+        else:
+            k_ok = offs_k < K - kk * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
+            g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
+            u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
+        acc_g = tl.dot(a, g, acc_g)
+        acc_u = tl.dot(a, u, acc_u)
+        a_ptrs += BLOCK_K * stride_xk
+        g_ptrs += BLOCK_K * stride_wk
+        u_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        b_base = b_ptr + expert.to(tl.int64) * stride_be
+        bg = tl.load(b_base + offs_n * stride_bn, mask=n_mask, other=0.0).to(tl.float32)
+        bu = tl.load(b_base + (offs_n + N) * stride_bn, mask=n_mask, other=0.0).to(tl.float32)
+        acc_g += bg[None, :]
+        acc_u += bu[None, :]
+    if ACT == 0:
+        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    elif ACT == 1:
+        h = 0.5 * acc_g * (1.0 + tl.erf(acc_g * 0.7071067811865476)) * acc_u
+    else:
+        gc = tl.minimum(acc_g, LIMIT)
+        uc = tl.minimum(tl.maximum(acc_u, -LIMIT), LIMIT)
+        h = (uc + 1.0) * (gc / (1.0 + tl.exp(-ALPHA * gc)))
+    o_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+@lazy_jit
+def _gemm2_kernel(
+    a_ptr, w_ptr, b_ptr, tw_ptr, out_ptr,
+    sorted_ids_ptr, expert_ids_ptr, ntpp_ptr, topk_ids_ptr,
+    num_pairs, N, K, top_k, num_pid_m,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = tl.arange(0, BLOCK_M)
+    if DIRECT:
+        expert = tl.load(topk_ids_ptr + pid_m)
+        pairs = pid_m + offs_m * 0
+        row_mask = offs_m == 0
+    else:
+        ntpp = tl.load(ntpp_ptr)
+        if pid_m * BLOCK_M >= ntpp:
+            return
+        expert = tl.load(expert_ids_ptr + pid_m)
+        pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + offs_m)
+        row_mask = pairs < num_pairs
+    if expert < 0:
+        return
+    rows = tl.where(row_mask, pairs, 0).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_n_safe = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+            w = tl.load(w_ptrs)
+        else:
+            k_ok = offs_k < K - kk * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(a, w, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tw = tl.load(tw_ptr + rows, mask=row_mask, other=0.0)
+    acc = acc * tw[:, None]
+    mask = row_mask[:, None] & n_mask[None, :]
+    if ATOMIC:
+        tokens = rows // top_k
+        o_ptrs = out_ptr + tokens[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.atomic_add(o_ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        o_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _grid(num_pid_m: int, n: int, block_n: int) -> tuple[int]:
+    return (num_pid_m * triton.cdiv(n, block_n),)
+
+
+def gemm1(x, w13, w13_bias, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, num_pid_m, top_k,
+          activation: str, direct: bool, block_m: int, cfg: dict) -> None:
+    P, I = inter.shape
+    H = x.shape[1]
+    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    b = w13_bias if w13_bias is not None else w13  # any pointer; unused without HAS_BIAS
+    _gemm1_kernel[_grid(num_pid_m, I, bn)](
+        x, w13, b, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat,
+        P, I, H, top_k, num_pid_m,
+        x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
+        w13_bias.stride(0) if w13_bias is not None else 0, w13_bias.stride(1) if w13_bias is not None else 0,
+        inter.stride(0), inter.stride(1),
+        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 1),
+        ACT=ACT_CODES[activation], HAS_BIAS=w13_bias is not None, DIRECT=direct, EVEN_K=H % bk == 0,
+        ALPHA=SWIGLUOAI_ALPHA, LIMIT=SWIGLUOAI_LIMIT,
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+    )
+
+
+def gemm2(inter, w2, w2_bias, topk_weights_flat, out, sorted_ids, expert_ids, ntpp, topk_ids_flat, num_pid_m,
+          top_k, direct: bool, atomic: bool, block_m: int, cfg: dict) -> None:
+    P, I = inter.shape
+    H = w2.shape[1]
+    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    b = w2_bias if w2_bias is not None else w2
+    _gemm2_kernel[_grid(num_pid_m, H, bn)](
+        inter, w2, b, topk_weights_flat, out, sorted_ids, expert_ids, ntpp, topk_ids_flat,
+        P, H, I, top_k, num_pid_m,
+        inter.stride(0), inter.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
+        w2_bias.stride(0) if w2_bias is not None else 0, w2_bias.stride(1) if w2_bias is not None else 0,
+        out.stride(0), out.stride(1),
+        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 1),
+        HAS_BIAS=w2_bias is not None, DIRECT=direct, EVEN_K=I % bk == 0, ATOMIC=atomic,
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+    )

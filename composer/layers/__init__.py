@@ -1,0 +1,1 @@
+"""Layers: gate, router, FusedMoE, shared experts, norm, the MoE block and the model stack."""

@@ -1,0 +1,116 @@
+"""FusedMoE: the experts of one MoE block, a PluggableLayer named ``fused_moe``.
+
+Weights ``w13 [E_local, 2I, H]`` (gate rows, then up rows) and ``w2 [E_local, H, I]``, optional
+``w13_bias [E, 2I]`` and ``w2_bias [E, H]``: vLLM's layout and transformers 5's ``gate_up_proj`` /
+``down_proj``, so a Hugging Face checkpoint is adopted without a copy. The quant method decides how
+they are stored and run; the modular kernel (all2all prepare/finalize x experts kernel) runs them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..distributed.none import EPContext, NoAll2All
+from ..distributed.placement import expert_map, local_experts
+from ..errors import WeightLoadError
+from ..registry import PluggableLayer
+from .modular_kernel import Experts, ModularKernel, PrepareFinalize
+
+SHARDS = ("w1", "w2", "w3")
+
+
+@PluggableLayer.register("fused_moe")
+class FusedMoE(PluggableLayer):
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        activation: str = "silu",
+        has_bias: bool = False,
+        dtype: torch.dtype = torch.bfloat16,
+        device: Any = None,
+        quant_method: Any = None,
+        experts: Experts | None = None,
+        prepare_finalize: PrepareFinalize | None = None,
+        ep_rank: int = 0,
+        ep_size: int = 1,
+        placement: str = "linear",
+    ):
+        super().__init__()
+        from ..kernels.torch_backend import TorchExperts
+        from ..quant.unquantized import Unquantized
+
+        self.global_num_experts = num_experts
+        self.top_k = top_k
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.activation = activation
+        self.has_bias = has_bias
+        self.ep_rank, self.ep_size, self.placement = ep_rank, ep_size, placement
+        self.local_to_global = local_experts(num_experts, ep_size, ep_rank, placement)
+        self.local_num_experts = len(self.local_to_global)
+        self.register_buffer("expert_map", expert_map(num_experts, ep_size, ep_rank, placement).to(device), persistent=False)
+        self._global_to_local = {g: i for i, g in enumerate(self.local_to_global)}
+
+        self.quant_method = quant_method if quant_method is not None else Unquantized()
+        self.quant_method.create_weights(self, self.local_num_experts, hidden_size, intermediate_size, dtype, has_bias, device)
+        if prepare_finalize is None:
+            prepare_finalize = NoAll2All(EPContext(ep_rank, ep_size, self.expert_map))
+        self.kernel = ModularKernel(prepare_finalize, experts if experts is not None else TorchExperts())
+
+    def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """``hidden_states [T, H]``, routing ``[T, k]`` (global expert ids) -> ``[T, H]``."""
+        return self.quant_method.apply(self, hidden_states, topk_weights, topk_ids)
+
+    # ------------------------------------------------------------------------------------------
+    # Weight loading (vLLM's contract): one checkpoint tensor for one expert and one shard.
+
+    def weight_loader(self, param: torch.nn.Parameter, loaded_weight: torch.Tensor, shard_id: str, expert_id: int) -> bool:
+        """Copy ``loaded_weight`` into ``param`` for global expert ``expert_id``.
+
+        ``shard_id``: ``w1`` (gate) and ``w3`` (up) go to the two halves of ``w13``/``w13_bias``;
+        ``w2`` (down) to ``w2``/``w2_bias``. Returns False (and copies nothing) when another rank owns
+        the expert. A wrong shape raises WeightLoadError naming the parameter and both shapes.
+        """
+        name = self._param_name(param)
+        if shard_id not in SHARDS:
+            raise WeightLoadError(f"{name}: shard_id must be one of {', '.join(SHARDS)}, got {shard_id!r}")
+        if not 0 <= expert_id < self.global_num_experts:
+            raise WeightLoadError(f"{name}: expert_id {expert_id} is out of range [0, {self.global_num_experts})")
+        local = self._global_to_local.get(int(expert_id))
+        if local is None:
+            return False
+        target = param.data[local]
+        is_w13 = name.startswith("w13")
+        if is_w13 != (shard_id in ("w1", "w3")):
+            raise WeightLoadError(f"{name}: shard '{shard_id}' does not belong to this parameter "
+                                  f"(w1/w3 load into w13*, w2 into w2*)")
+        if is_w13:
+            half = target.shape[0] // 2
+            target = target[:half] if shard_id == "w1" else target[half:]
+        if tuple(loaded_weight.shape) != tuple(target.shape):
+            raise WeightLoadError(
+                f"{name} (expert {expert_id}, shard {shard_id}): checkpoint tensor has shape "
+                f"{tuple(loaded_weight.shape)}, the parameter expects {tuple(target.shape)}"
+            )
+        target.copy_(loaded_weight.to(target.dtype))
+        return True
+
+    def _param_name(self, param: torch.nn.Parameter) -> str:
+        for n, p in self.named_parameters(recurse=False):
+            if p is param:
+                return n
+        raise WeightLoadError("weight_loader got a parameter that does not belong to this FusedMoE layer")
+
+    def implementation(self) -> str:
+        return f"{super().implementation()}[{self.quant_method.name}: {self.kernel.describe()}]"
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.local_num_experts}/{self.global_num_experts} (ep {self.ep_rank}/{self.ep_size}, "
+                f"{self.placement}), top_k={self.top_k}, hidden={self.hidden_size}, "
+                f"intermediate={self.intermediate_size}, activation={self.activation}, bias={self.has_bias}, "
+                f"quant={self.quant_method.name}, kernel={self.kernel.describe()}")

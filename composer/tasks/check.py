@@ -1,0 +1,43 @@
+"""task=check: the built graph vs the float64 oracle on fresh random inputs; non-zero exit on failure."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from ..checking import TOLERANCE
+from . import Task, TaskContext, TaskFailed, TaskParams, register_task
+from .run import RunParams, run_and_report
+
+
+class CheckParams(RunParams):
+    tolerance: float | None = Field(None, gt=0, description="max relative Frobenius error; default per dtype")
+    choice_margin: float = Field(1e-2, ge=0, description="max float64 score gap of a chosen expert below the k-th best")
+    iters: int = Field(1, ge=1)
+    warmup: int = Field(0, ge=0)
+
+
+@register_task("check")
+class Check(Task):
+    Params = CheckParams
+
+    def run(self, cfg: Any, ctx: TaskContext) -> dict[str, Any]:
+        p: CheckParams = cfg.task.params
+        tol = p.tolerance if p.tolerance is not None else TOLERANCE[cfg.model.dtype]
+        m = run_and_report(cfg, ctx, p, f"composer check: {cfg.model.name}")
+        failures = []
+        for name, s in m["layers"].items():
+            if s["experts_rel_err"] > tol:
+                failures.append(f"{name}: experts rel. error {s['experts_rel_err']:.3e} > {tol:.0e}")
+            if s.get("router_choice_gap", 0.0) > p.choice_margin:
+                failures.append(f"{name}: router chose an expert {s['router_choice_gap']:.3e} below the k-th best score")
+            if s.get("router_weight_err", 0.0) > max(tol, 1e-6) * 10:
+                failures.append(f"{name}: router weights differ from float64 by {s['router_weight_err']:.3e}")
+        if m["output_rel_err"] is not None and m["output_rel_err"] > tol:
+            failures.append(f"output rel. error {m['output_rel_err']:.3e} > tolerance {tol:.0e}")
+        m["tolerance"] = tol
+        m["passed"] = not failures
+        if failures:
+            raise TaskFailed("check failed:\n  " + "\n  ".join(failures), m)
+        ctx.console.print(f"[green]check passed[/green] (tolerance {tol:.0e})")
+        return m

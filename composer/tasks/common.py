@@ -1,0 +1,47 @@
+"""Pieces the run and check tasks share: seeded inputs, the comparison, the table."""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from ..checking import TOLERANCE, capture_experts, oracle_layer, oracle_model, rel_error
+from ..config import ComposerConfig
+from ..factory import _generator
+
+
+def make_tokens(cfg: ComposerConfig, tokens: int) -> torch.Tensor:
+    gen = _generator(cfg.seed, "tokens", tokens)
+    x = torch.randn(tokens, cfg.model.hidden_size, generator=gen)
+    return x.to(device=cfg.device, dtype=cfg.model.torch_dtype)
+
+
+def checksum(t: torch.Tensor) -> str:
+    """Short content hash of a tensor: equal outputs give equal checksums."""
+    return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:10]
+
+
+def compare(model: torch.nn.Module, x: torch.Tensor, cfg: ComposerConfig) -> dict[str, Any]:
+    """Run once, compare every FusedMoE and the whole output with the float64 oracle."""
+    out, caps = capture_experts(model, x)
+    result: dict[str, Any] = {"output_checksum": checksum(out), "layers": {}}
+    for name, cap in caps.items():
+        layer = model.get_submodule(name)
+        result["layers"][name] = {"experts_rel_err": rel_error(cap.out, oracle_layer(layer, cap))}
+    if hasattr(model, "layers") and all(f"layers.{i}.mlp.experts" in caps for i in range(len(model.layers))):
+        ref, stats = oracle_model(model, x, caps)
+        result["output_rel_err"] = rel_error(out, ref)
+        for i, s in enumerate(stats):
+            result["layers"][f"layers.{i}.mlp.experts"].update(s)
+    result["tolerance"] = TOLERANCE[cfg.model.dtype]
+    return result
+
+
+def slot_table(title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col, kw in (("module", {}), ("registry name", {}), ("implementation", {}), ("params", {"justify": "right"}),
+                    ("checksum", {}), ("max err vs ref", {"justify": "right"}), ("time ms", {"justify": "right"})):
+        t.add_column(col, **kw)
+    return t

@@ -1,0 +1,55 @@
+"""task=run (the default job): build, forward random tokens, compare with the oracle, print the table."""
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from pydantic import Field
+
+from ..describe import describe
+from ..factory import build
+from . import Task, TaskContext, TaskParams, register_task
+from .common import checksum, compare, make_tokens, slot_table
+from ..checking import time_modules
+
+
+class RunParams(TaskParams):
+    tokens: int = Field(16, ge=0, description="tokens T in the random input [T, H]")
+    warmup: int = Field(1, ge=0)
+    iters: int = Field(3, ge=1)
+
+
+def run_and_report(cfg: Any, ctx: TaskContext, p: RunParams, title: str) -> dict[str, Any]:
+    model = build(cfg)
+    x = make_tokens(cfg, p.tokens)
+    cmp = compare(model, x, cfg)
+    timings, totals = time_modules(model, x, iters=p.iters, warmup=p.warmup)
+    table = slot_table(title)
+    rows = []
+    for s in describe(model, cfg):
+        t = timings.get(s.path)
+        ms = statistics.median(t.seconds) * 1e3 if t and t.seconds else float("nan")
+        err = cmp["layers"].get(s.path, {}).get("experts_rel_err")
+        cs = checksum(t.out) if t is not None and t.out is not None else ""
+        rows.append({"module": s.path, "registry_name": s.registry_name, "implementation": s.implementation,
+                     "why": s.why, "params": s.params, "checksum": cs, "rel_err": err, "time_ms": ms})
+        table.add_row(s.path, s.registry_name, s.implementation, f"{s.params:,}", cs,
+                      "" if err is None else f"{err:.2e}", f"{ms:.3f}")
+    total_ms = statistics.median(totals) * 1e3
+    out_err = cmp.get("output_rel_err")
+    table.add_row("[b]model[/b]", "", f"{cfg.model.name} x{cfg.model.num_layers}", f"{sum(q.numel() for q in model.parameters()):,}",
+                  cmp["output_checksum"], "" if out_err is None else f"{out_err:.2e}", f"{total_ms:.3f}", style="bold")
+    ctx.console.print(table)
+    ctx.console.print(f"tokens={p.tokens} dtype={cfg.model.dtype} device={cfg.device} kernel={cfg.kernel.resolved} "
+                      f"quant={cfg.quant.name}: output rel. error vs float64 oracle {out_err:.2e} "
+                      f"(tolerance {cmp['tolerance']:.0e})" if out_err is not None else "")
+    return {"tokens": p.tokens, "time_ms": total_ms, "output_checksum": cmp["output_checksum"],
+            "output_rel_err": out_err, "tolerance": cmp["tolerance"], "layers": cmp["layers"], "modules": rows}
+
+
+@register_task("run")
+class Run(Task):
+    Params = RunParams
+
+    def run(self, cfg: Any, ctx: TaskContext) -> dict[str, Any]:
+        return run_and_report(cfg, ctx, cfg.task.params, f"composer run: {cfg.model.name}")
