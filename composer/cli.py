@@ -20,7 +20,7 @@ from .registry import TASKS
 from .results import write_results
 
 log = logging.getLogger("composer")
-_err = Console(stderr=True)
+_err = Console(stderr=True, width=160 if not sys.stderr.isatty() else None)
 
 
 def _console() -> Console:
@@ -40,7 +40,7 @@ def _precheck(argv: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     problems = []
-    args = [a for a in argv if not a.startswith("-") and "=" in a]
+    args = [a for a in argv if not a.startswith("-") and "=" in a and not a.startswith("hydra")]
     try:
         overrides = OverridesParser.create().parse_overrides(args)
     except Exception:  # let Hydra report its own syntax errors
@@ -54,9 +54,45 @@ def _precheck(argv: list[str]) -> None:
                 p = check_group_choice(o.key_or_group, v)
                 if p:
                     problems.append(p)
+    if not problems:
+        problems = _unknown_keys(overrides)
     if problems:
+        if _full_error():
+            raise ConfigError(problems, "command line")
         _err.print(f"[red]error[/red]: {ConfigError(problems, 'command line')}", highlight=False)
         sys.exit(2)
+
+
+def _unknown_keys(overrides: list[Any]) -> list[Any]:
+    """Hydra refuses a key the config lacks with its own terse error; report it (and every other
+    problem of that config) the composer way, with the allowed keys and a did-you-mean."""
+    from omegaconf import OmegaConf
+
+    from .api import _compose
+
+    def first(o: Any) -> str:
+        v = list(o.sweep_string_iterator())[0] if o.is_sweep_override() else o.value()
+        return f"{o.key_or_group}={v}"
+
+    groups = [first(o) for o in overrides if o.key_or_group in GROUPS and o.package is None]
+    plain = [o for o in overrides if o.key_or_group not in GROUPS and not o.is_add() and not o.is_force_add()
+             and not o.is_delete()]
+    try:
+        base = OmegaConf.create(_compose("config", groups))
+    except ConfigError:
+        return []
+    missing = [o for o in plain if OmegaConf.select(base, o.key_or_group, default=_MISSING) is _MISSING]
+    if not missing:
+        return []
+    forced = groups + [f"++{first(o)}" for o in plain]
+    try:
+        validate_config(_compose("config", forced))
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
+_MISSING = object()
 
 
 def run_job(dcfg: DictConfig) -> dict[str, Any] | None:

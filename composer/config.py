@@ -269,7 +269,12 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
         problems.append(Problem("schema_version", version,
                                 f"this composer reads schema version {SCHEMA_VERSION}; update the file or composer"))
 
-    model = _validate_section("model", ModelConfig, raw.get("model", {}), problems)
+    raw_model = raw.get("model", {})
+    router = None
+    if isinstance(raw_model, dict):  # the router validates on its own so one bad key hides no other problem
+        raw_model = dict(raw_model)
+        router = _validate_section("model.router", RouterConfig, raw_model.pop("router", {}) or {}, problems)
+    model = _validate_section("model", ModelConfig, raw_model, problems)
     parallel = _validate_section("parallel", ParallelConfig, raw.get("parallel", {}) or {}, problems)
     named = {s: _validate_named(s, raw.get(s, {"name": "auto"} if s == "kernel" else None), problems) for s in NAMED_SECTIONS}
 
@@ -295,7 +300,9 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
         problems.extend(Problem("custom_ops", custom_ops, m) for m in registry.check_custom_ops(custom_ops))
 
     if model is not None:
-        problems.extend(_check_model(model))
+        problems.extend(_check_model(model, router))
+        if router is not None:
+            model = model.model_copy(update={"router": router})
     if model is not None and parallel is not None and named["all2all"] is not None:
         problems.extend(_check_parallel(model, parallel, named["all2all"]))
 
@@ -306,6 +313,13 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
         if model is not None and named["quant"] is not None:
             for msg in registry.KERNELS.get(resolved).check(quant=named["quant"].name, dtype=model.dtype, device=device):
                 problems.append(Problem("kernel", kernel.name if not auto else f"auto -> {resolved}", msg))
+    if kernel is not None and kernel.resolved == "torch":
+        for key in ("compile", "cuda_graph"):
+            if scalars[key] is True:
+                problems.append(Problem(key, True, "the torch reference kernel syncs with the host and cannot be "
+                                        "compiled with fullgraph or captured; use kernel=triton or kernel=grouped_mm"))
+    if scalars["cuda_graph"] is True and device != "cuda":
+        problems.append(Problem("cuda_graph", True, f"CUDA graphs need device=cuda (this run is on {device})"))
     if named["quant"] is not None and model is not None:
         method = registry.QUANT_METHODS.get(named["quant"].name)
         check = getattr(method, "check_config", None)
@@ -326,11 +340,12 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
     )
 
 
-def _check_model(m: ModelConfig) -> list[Problem]:
+def _check_model(m: ModelConfig, r: RouterConfig | None) -> list[Problem]:
     p: list[Problem] = []
     if m.top_k > m.num_experts:
         p.append(Problem("model.top_k", m.top_k, f"must be <= model.num_experts = {m.num_experts}"))
-    r = m.router
+    if r is None:
+        r = RouterConfig()
     if (r.num_expert_group is None) != (r.topk_group is None):
         p.append(Problem("model.router.topk_group" if r.topk_group is None else "model.router.num_expert_group",
                          None, "grouped top-k needs both model.router.num_expert_group and model.router.topk_group"))
@@ -352,8 +367,6 @@ def _check_model(m: ModelConfig) -> list[Problem]:
     if m.shared_expert_intermediate_size is not None and m.num_shared_experts == 0:
         p.append(Problem("model.shared_expert_intermediate_size", m.shared_expert_intermediate_size,
                          "needs model.num_shared_experts >= 1"))
-    if m.top_k == 1 and r.renormalize and r.scoring == "softmax":
-        pass  # legal: every weight becomes 1.0, as in Switch-style routing with renormalization
     return p
 
 

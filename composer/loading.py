@@ -1,0 +1,187 @@
+"""Load Hugging Face-named safetensors checkpoints into a built graph (and save them, for round trips).
+
+Expert tensors are recognised under each FusedMoE's module path ``P`` (e.g. ``layers.0.mlp.experts``):
+per-expert ``P.{e}.{gate_proj|up_proj|down_proj}.{weight|bias}`` (also ``w1``/``w3``/``w2``) and packed
+``P.gate_up_proj [E, 2I, H]``, ``P.down_proj [E, H, I]``, ``P.gate_up_proj_bias``, ``P.down_proj_bias``.
+Every other tensor loads by exact name. Under expert parallelism a rank reads only its own experts
+(packed tensors through ``safe_open(...).get_slice``). Shapes are checked; a mismatch names the
+parameter and both shapes. ``prefix`` strips a leading ``model.`` (as in HF checkpoints).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .errors import WeightLoadError
+from .layers.fused_moe import FusedMoE
+
+PER_EXPERT = re.compile(r"^(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.(weight|bias)$")
+SHARD = {"gate_proj": "w1", "w1": "w1", "up_proj": "w3", "w3": "w3", "down_proj": "w2", "w2": "w2"}
+PACKED = {"gate_up_proj": "w13", "down_proj": "w2", "gate_up_proj_bias": "w13_bias", "down_proj_bias": "w2_bias"}
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)      # checkpoint keys read (or sliced)
+    skipped_experts: list[str] = field(default_factory=list)  # per-expert keys of other ranks' experts
+    bytes_read: int = 0
+
+
+def _files(source: str | Path | Iterable[str | Path]) -> list[Path]:
+    if isinstance(source, (str, Path)):
+        p = Path(source)
+        if p.is_dir():
+            files = sorted(p.glob("*.safetensors"))
+            if not files:
+                raise WeightLoadError(f"no *.safetensors files in {p}")
+            return files
+        if not p.is_file():
+            raise WeightLoadError(f"checkpoint {p} does not exist")
+        return [p]
+    return [Path(s) for s in source]
+
+
+@torch.no_grad()
+def load_checkpoint(model: nn.Module, source: str | Path | Iterable[str | Path], *, prefix: str = "",
+                    strict: bool = True) -> LoadReport:
+    """Load safetensors files into ``model``; with ``strict``, every parameter must be filled and every
+    key used. Quant methods then process the loaded weights (``finish_loading``)."""
+    from safetensors import safe_open
+
+    from .factory import finish_loading
+
+    experts = {n: m for n, m in model.named_modules() if isinstance(m, FusedMoE)}
+    params = dict(model.named_parameters())
+    expert_params = {f"{n}.{p}" for n, m in experts.items() for p, _ in m.named_parameters(recurse=False)}
+    filled: dict[str, set] = {}  # param name -> filled (expert, shard) pairs or {"all"}
+    unexpected: list[str] = []
+    report = LoadReport()
+
+    for path in _files(source):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                name = key[len(prefix):] if prefix and key.startswith(prefix) else key
+                owner = next((n for n in experts if name.startswith(n + ".")), None)
+                if owner is None:
+                    if name not in params:
+                        unexpected.append(key)
+                        continue
+                    t = f.get_tensor(key)
+                    _copy(params[name], t, name)
+                    filled.setdefault(name, set()).add("all")
+                    report.loaded.append(key)
+                    report.bytes_read += t.numel() * t.element_size()
+                    continue
+                layer, rest = experts[owner], name[len(owner) + 1:]
+                m = PER_EXPERT.match(rest)
+                if m:
+                    e, proj, kind = int(m.group(1)), m.group(2), m.group(3)
+                    if e not in layer._global_to_local:
+                        if not 0 <= e < layer.global_num_experts:
+                            raise WeightLoadError(f"{key}: expert {e} is out of range [0, {layer.global_num_experts})")
+                        report.skipped_experts.append(key)
+                        continue
+                    shard = SHARD[proj]
+                    pname = ("w13" if shard in ("w1", "w3") else "w2") + ("_bias" if kind == "bias" else "")
+                    param = getattr(layer, pname, None)
+                    if param is None:
+                        unexpected.append(key)
+                        continue
+                    t = f.get_tensor(key)
+                    layer.weight_loader(param, t, shard, e)
+                    filled.setdefault(f"{owner}.{pname}", set()).add((e, shard))
+                    report.loaded.append(key)
+                    report.bytes_read += t.numel() * t.element_size()
+                elif rest in PACKED:
+                    pname = PACKED[rest]
+                    param = getattr(layer, pname, None)
+                    if param is None:
+                        unexpected.append(key)
+                        continue
+                    sl = f.get_slice(key)
+                    shape = tuple(sl.get_shape())
+                    want = (layer.global_num_experts, *param.shape[1:])
+                    if shape != want:
+                        raise WeightLoadError(f"{key}: checkpoint tensor has shape {shape}, parameter "
+                                              f"{owner}.{pname} expects {want} (all {layer.global_num_experts} experts)")
+                    for local, g in enumerate(layer.local_to_global):
+                        t = sl[g:g + 1][0]
+                        param.data[local].copy_(t.to(param.dtype))
+                        report.bytes_read += t.numel() * t.element_size()
+                    filled.setdefault(f"{owner}.{pname}", set()).add("all")
+                    report.loaded.append(key)
+                else:
+                    unexpected.append(key)
+
+    if strict:
+        missing = []
+        for name, p in params.items():
+            got = filled.get(name, set())
+            if "all" in got:
+                continue
+            if name in expert_params:
+                layer = experts[name.rsplit(".", 1)[0]]
+                shards = ("w1", "w3") if name.rsplit(".", 1)[1].startswith("w13") else ("w2",)
+                if all((g, s) in got for g in layer.local_to_global for s in shards):
+                    continue
+            missing.append(name)
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"parameters not in the checkpoint: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+            if unexpected:
+                parts.append(f"checkpoint keys that match no parameter: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
+            raise WeightLoadError("checkpoint does not match the model: " + "; ".join(parts) +
+                                  ". Check model.* sizes and num_layers, or pass strict=False.")
+    finish_loading(model)
+    return report
+
+
+def _copy(param: torch.Tensor, t: torch.Tensor, name: str) -> None:
+    if tuple(t.shape) != tuple(param.shape):
+        raise WeightLoadError(f"{name}: checkpoint tensor has shape {tuple(t.shape)}, the parameter expects {tuple(param.shape)}")
+    param.data.copy_(t.to(param.dtype))
+
+
+@torch.no_grad()
+def save_checkpoint(model: nn.Module, path: str | Path, *, layout: str = "packed") -> Path:
+    """Write ``model`` as one safetensors file in Hugging Face naming: experts ``packed``
+    (``gate_up_proj``/``down_proj``) or ``per_expert`` (``{e}.gate_proj/up_proj/down_proj``)."""
+    from safetensors.torch import save_file
+
+    if layout not in ("packed", "per_expert"):
+        raise ValueError(f"layout must be 'packed' or 'per_expert', got {layout!r}")
+    out: dict[str, torch.Tensor] = {}
+    experts = {n: m for n, m in model.named_modules() if isinstance(m, FusedMoE)}
+    for name, p in model.named_parameters():
+        owner = next((n for n in experts if name.startswith(n + ".")), None)
+        if owner is None:
+            out[name] = p.detach().cpu().contiguous()
+            continue
+        layer, pname = experts[owner], name[len(owner) + 1:]
+        if layer.ep_size != 1:
+            raise ValueError("save_checkpoint writes whole models; gather expert-parallel layers first")
+        if layout == "packed":
+            key = {v: k for k, v in PACKED.items()}[pname]
+            out[f"{owner}.{key}"] = p.detach().cpu().contiguous()
+            continue
+        I = layer.intermediate_size
+        kind = "bias" if pname.endswith("_bias") else "weight"
+        for e in range(layer.global_num_experts):
+            t = p.detach()[e].cpu()
+            if pname.startswith("w13"):
+                out[f"{owner}.{e}.gate_proj.{kind}"] = t[:I].contiguous()
+                out[f"{owner}.{e}.up_proj.{kind}"] = t[I:].contiguous()
+            else:
+                out[f"{owner}.{e}.down_proj.{kind}"] = t.contiguous()
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / "model.safetensors"
+    save_file(out, str(path))
+    return path
