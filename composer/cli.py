@@ -113,7 +113,8 @@ def run_job(dcfg: DictConfig) -> dict[str, Any] | None:
         metrics = TASKS.get(cfg.task.name)().run(cfg, TaskContext(run_dir=run_dir, console=_console()))
         (run_dir / "config.resolved.yaml").write_text(_yaml(cfg.to_dict()))
         write_results(run_dir, status="ok", task=cfg.task.name, metrics=metrics, config=cfg.to_dict(),
-                      config_hash=cfg.config_hash(), overrides=overrides, device=cfg.device)
+                      config_hash=cfg.config_hash(), overrides=overrides, device=cfg.device,
+                      resolved=cfg.resolved())
         return metrics
     except ComposerError as exc:
         code = 2 if isinstance(exc, ConfigError) else 1

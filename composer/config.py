@@ -60,6 +60,12 @@ class ModelConfig(Section):
         return DTYPES[self.dtype]
 
 
+class ReportSection(Section):
+    """``report.dir=...``: the command-line alias of ``task.dir`` for task=report (conf/task/report.yaml)."""
+
+    dir: str | None = None
+
+
 class ParallelConfig(Section):
     ep_size: int = Field(1, ge=1)
     placement: Literal["linear", "round_robin"] = "linear"
@@ -116,7 +122,7 @@ class ComposerConfig(BaseModel):
             "layer": self.layer.as_dict(),
             "quant": self.quant.as_dict(),
             "all2all": self.all2all.as_dict(),
-            "kernel": {**self.kernel.as_dict(), "resolved": self.kernel.resolved},
+            "kernel": self.kernel.as_dict(),
             "task": self.task.as_dict(),
             "parallel": self.parallel.model_dump(),
             "custom_ops": list(self.custom_ops),
@@ -126,6 +132,10 @@ class ComposerConfig(BaseModel):
             "compile": self.compile,
             "cuda_graph": self.cuda_graph,
         }
+
+    def resolved(self) -> dict[str, Any]:
+        """What 'auto' became on this machine (recorded in results.json beside the config)."""
+        return {"device": self.device, "kernel": self.kernel.resolved, "kernel_auto_selected": self.kernel.auto_selected}
 
     def config_hash(self) -> str:
         """Stable across runs and ranks: sha256 of the canonical JSON of the resolved config."""
@@ -143,7 +153,7 @@ NAMED_SECTIONS: dict[str, registry.Registry] = {
 }
 TOP_LEVEL = (
     "schema_version", "model", "layer", "quant", "all2all", "kernel", "task", "parallel",
-    "custom_ops", "plugins", "seed", "device", "compile", "cuda_graph",
+    "custom_ops", "plugins", "seed", "device", "compile", "cuda_graph", "report",
 )
 
 
@@ -276,6 +286,8 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
         router = _validate_section("model.router", RouterConfig, raw_model.pop("router", {}) or {}, problems)
     model = _validate_section("model", ModelConfig, raw_model, problems)
     parallel = _validate_section("parallel", ParallelConfig, raw.get("parallel", {}) or {}, problems)
+    if "report" in raw:  # read through task.dir's interpolation; only task=report has it
+        _validate_section("report", ReportSection, raw["report"] or {}, problems)
     named = {s: _validate_named(s, raw.get(s, {"name": "auto"} if s == "kernel" else None), problems) for s in NAMED_SECTIONS}
 
     scalars = {}

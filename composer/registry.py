@@ -170,8 +170,9 @@ class PluggableLayer(nn.Module):
 
     @classmethod
     def register_oot(cls, oot_cls: type | None = None, *, name: str | None = None) -> Any:
+        target = LAYERS.get(name) if name is not None else cls  # an unknown name fails here, at once
+
         def deco(replacement: type) -> type:
-            target = LAYERS.get(name) if name is not None else cls
             if target is PluggableLayer:
                 raise RegistryError("register_oot needs a registered layer: use FusedMoE.register_oot or name=...")
             if not (isinstance(replacement, type) and issubclass(replacement, target)):

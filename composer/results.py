@@ -63,7 +63,7 @@ def _clean(obj: Any) -> Any:
 
 def write_results(run_dir: Path, *, status: str, task: str | None, metrics: dict[str, Any] | None,
                   config: dict[str, Any] | None, config_hash: str | None, overrides: list[str],
-                  error: str | None = None, device: str = "cpu") -> Path:
+                  error: str | None = None, device: str = "cpu", resolved: dict[str, Any] | None = None) -> Path:
     doc = {
         "schema": RESULTS_SCHEMA,
         "status": status,
@@ -73,6 +73,7 @@ def write_results(run_dir: Path, *, status: str, task: str | None, metrics: dict
         "metrics": metrics or {},
         "config": config,
         "config_hash": config_hash,
+        "resolved": resolved,
         "versions": versions(),
         "device_name": device_name(device),
         "git_revision": git_revision(),

@@ -26,6 +26,10 @@ import triton.language as tl
 
 from ._jit import lazy_jit
 
+# Reductions and scans go through tl.reduce / tl.associative_scan with triton's own sum combiner: the
+# interpreter patches those (tl.sum and tl.cumsum are @jit helpers, jitted for whichever mode was active
+# when triton was imported).
+
 
 def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
     """Upper bound on the number of BLOCK_M blocks: at most min(E, P) experts get a partial block."""
@@ -50,9 +54,9 @@ def _scan_kernel(counts_ptr, starts_ptr, expert_ids_ptr, ntpp_ptr, sorted_ids_pt
     e_ok = e < num_experts
     counts = tl.load(counts_ptr + e, mask=e_ok, other=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, 0)
+    ends = tl.associative_scan(padded, 0, tl.standard._sum_combine)
     starts = ends - padded
-    total = tl.sum(padded, 0)
+    total = tl.reduce(padded, 0, tl.standard._sum_combine)
     tl.store(starts_ptr + e, starts, mask=e_ok)
     tl.store(ntpp_ptr, total)
     # The expert owning each block: the number of experts that end at or before the block's start.
@@ -60,7 +64,7 @@ def _scan_kernel(counts_ptr, starts_ptr, expert_ids_ptr, ntpp_ptr, sorted_ids_pt
     for b0 in range(0, num_blocks, BLOCK_B):
         b = b0 + tl.arange(0, BLOCK_B)
         pos = b * BLOCK_M
-        owner = tl.sum((ends_or_big[None, :] <= pos[:, None]).to(tl.int32), 1)
+        owner = tl.reduce((ends_or_big[None, :] <= pos[:, None]).to(tl.int32), 1, tl.standard._sum_combine)
         owner = tl.where(pos < total, owner, -1)
         tl.store(expert_ids_ptr + b, owner, mask=b < num_blocks)
     # Mark the padding slots of every expert with the sentinel num_pairs.

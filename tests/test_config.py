@@ -1,0 +1,102 @@
+"""Config validation: every problem at once, with dotted keys, values, choices and did-you-mean."""
+from pathlib import Path
+
+import pytest
+
+from composer import load_config
+from composer.config import validate_config
+from composer.errors import ConfigError
+
+BAD = [
+    (["model.top_k=9"], "model.top_k = 9: must be <= model.num_experts = 8"),
+    (["model.top_k=0"], "model.top_k = 0: Input should be greater than or equal to 1"),
+    (["model.num_experts=0"], "model.num_experts = 0"),
+    (["model.hidden_size=-3"], "model.hidden_size = -3"),
+    (["model.intermediate_size=abc"], "model.intermediate_size = 'abc'"),
+    (["model.num_layers=0"], "model.num_layers = 0"),
+    (["model.dtype=bf16"], "model.dtype = 'bf16': Input should be 'float32', 'float16' or 'bfloat16'"),
+    (["model.activation=swiglu"], "Did you mean 'swigluoai'?"),
+    (["model.router.scoring=softmx"], "Did you mean 'softmax'?"),
+    (["model.router.num_expert_group=3", "model.router.topk_group=1"], "must divide model.num_experts = 8"),
+    (["model.router.num_expert_group=4"], "grouped top-k needs both"),
+    (["model.router.num_expert_group=4", "model.router.topk_group=5"], "must be <= model.router.num_expert_group = 4"),
+    (["model.router.num_expert_group=4", "model.router.topk_group=1", "model.top_k=3"], "only 2 experts are reachable"),
+    (["model.router.routed_scaling_factor=0"], "model.router.routed_scaling_factor = 0"),
+    (["model.shared_expert_gate=true"], "model.shared_expert_gate = True: needs model.num_shared_experts >= 1"),
+    (["model.shared_expert_intermediate_size=64"], "needs model.num_shared_experts >= 1"),
+    (["model.num_shared_experts=-1"], "model.num_shared_experts = -1"),
+    (["++model.num_expert=4"], "model.num_expert = 4: unknown key"),
+    (["++model.router.topk=4"], "Did you mean 'topk_group'"),
+    (["++tsk=1"], "unknown top-level key"),
+    (["quant.name=fp9"], "quant.name = 'fp9': unknown quant method"),
+    (["layer.name=fused_mo"], "Did you mean 'fused_moe'?"),
+    (["kernel.name=trition"], "Did you mean 'triton'?"),
+    (["all2all.name=nccl"], "unknown all2all backend"),
+    (["task.name=chek"], "Did you mean 'check'?"),
+    (["parallel.ep_size=3", "all2all.name=none"], "parallel.ep_size = 3: must divide model.num_experts = 8"),
+    (["parallel.ep_size=2"], "parallel.ep_size = 2 needs an all2all backend"),
+    (["parallel.placement=random"], "Input should be 'linear' or 'round_robin'"),
+    (["custom_ops=[all,none]"], "'all' and 'none' cannot both be given"),
+    (["custom_ops=[+silu_and_mull]"], "Did you mean 'silu_and_mul'?"),
+    (["custom_ops=[silu_and_mul]"], "must be 'all', 'none', '+name' or '-name'"),
+    (["seed=abc"], "seed = 'abc': must be int"),
+    (["device=gpu"], "device = 'gpu': choose one of: auto, cpu, cuda"),
+    (["schema_version=2"], "this composer reads schema version 1"),
+    (["kernel=torch", "compile=true"], "cannot be compiled with fullgraph"),
+    (["cuda_graph=true", "kernel=torch"], "CUDA graphs need device=cuda"),
+    (["task.tokens=-1"], "task.tokens = -1"),
+    (["++task.tokenz=3"], "Did you mean 'tokens'?"),
+    (["plugins=[no_such_plugin_module]"], "cannot import 'no_such_plugin_module'"),
+    (["kernel=triton"], "experts kernel 'triton'"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_config_names_the_problem(compose, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        compose(*overrides)
+    assert message in str(err.value), str(err.value)
+
+
+def test_every_problem_is_reported_at_once(compose):
+    with pytest.raises(ConfigError) as err:
+        compose("model.top_k=9", "model.dtype=fp8", "quant.name=fp9", "seed=x", "device=tpu", "custom_ops=[all,none]")
+    keys = {p.key for p in err.value.problems}
+    assert {"model.dtype", "quant.name", "seed", "device", "custom_ops"} <= keys
+    assert "model.top_k" in keys or "model.dtype" in keys
+
+
+def test_unknown_group_choice_lists_options():
+    with pytest.raises(ConfigError, match=r"quant = 'fp9': no such quant config; choose one of: .*none"):
+        load_config(None, ["quant=fp9"])
+
+
+def test_valid_config_roundtrip_and_hash(compose):
+    a = compose("model.top_k=4")
+    b = compose("model.top_k=4")
+    c = compose("model.top_k=3")
+    assert a.model.top_k == 4 and a.kernel.resolved == "torch" and a.kernel.auto_selected
+    assert a.config_hash() == b.config_hash() != c.config_hash()
+    assert validate_config(a.to_dict()).config_hash() == a.config_hash()
+
+
+def test_config_files_cannot_import_by_path(compose):
+    with pytest.raises(ConfigError, match="unknown layer"):
+        compose("layer.name=os.system")
+    with pytest.raises(ConfigError, match="unknown key"):
+        compose("++layer._target_=os.system")
+
+
+def test_deployment_file(tmp_path: Path):
+    f = tmp_path / "deploy.yaml"
+    f.write_text("schema_version: 1\nmodel: {name: tiny, top_k: 1, num_layers: 1}\nkernel: torch\ntask: {name: check}\n")
+    cfg = load_config(f, ["device=cpu", "model.hidden_size=32"])
+    assert (cfg.model.top_k, cfg.model.num_layers, cfg.model.hidden_size) == (1, 1, 32)
+    assert cfg.kernel.name == "torch" and cfg.task.name == "check" and cfg.task.params.tolerance is None
+    f.write_text("schema_version: 3\nmodel: {top_kk: 1}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    text = str(err.value)
+    assert str(f) in text and "schema_version = 3" in text and "model.top_kk" in text and "Did you mean 'top_k'" in text
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.yaml")

@@ -1,0 +1,89 @@
+"""Registries, PluggableLayer out-of-tree swap, CustomOp dispatch and the custom_ops rules."""
+import pytest
+import torch
+
+from composer.errors import RegistryError
+from composer.layers.activation import SiluAndMul
+from composer.layers.fused_moe import FusedMoE
+from composer.layers.router import Router
+from composer.registry import (
+    CUSTOM_OPS, KERNELS, LAYERS, PluggableLayer, Registry, build_settings, check_custom_ops, custom_op_enabled,
+)
+
+
+def test_registry_rejects_duplicates_and_suggests_names():
+    reg = Registry("widget")
+    reg.register("alpha", object)
+    with pytest.raises(RegistryError, match="already registered"):
+        reg.register("alpha", int)
+    reg.register("alpha", object)  # the same object again is harmless (module reloads)
+    with pytest.raises(RegistryError, match="Did you mean 'alpha'"):
+        reg.get("alpah")
+
+
+def test_builtin_names_are_registered():
+    assert "fused_moe" in LAYERS.names()
+    assert "torch" in KERNELS.names()
+    assert {"silu_and_mul", "gelu_and_mul", "swigluoai_and_mul", "topk_router"} <= set(CUSTOM_OPS.names())
+
+
+def test_oot_swap_replaces_construction_and_can_be_undone():
+    @FusedMoE.register_oot
+    class MyMoE(FusedMoE):
+        def forward(self, x, w, ids):
+            return super().forward(x, w, ids) * 2
+
+    try:
+        layer = FusedMoE(4, 2, 8, 6, dtype=torch.float32)
+        assert type(layer) is MyMoE
+        assert layer.is_oot and "out-of-tree" in layer.implementation()
+        torch.nn.init.normal_(layer.w13)
+        torch.nn.init.normal_(layer.w2)
+        x = torch.randn(3, 8)
+        ids = torch.tensor([[0, 1], [2, 3], [1, 3]], dtype=torch.int32)
+        w = torch.rand(3, 2)
+    finally:
+        FusedMoE.unregister_oot()
+    ref = FusedMoE(4, 2, 8, 6, dtype=torch.float32)
+    assert type(ref) is FusedMoE
+    ref.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(layer(x, w, ids), 2 * ref(x, w, ids))
+
+
+def test_oot_by_name_must_subclass():
+    with pytest.raises(RegistryError, match="must subclass"):
+        PluggableLayer.register_oot(name="fused_moe")(torch.nn.Linear)
+    with pytest.raises(RegistryError, match="unknown layer 'fused_mo'"):
+        PluggableLayer.register_oot(name="fused_mo")
+
+
+def test_custom_op_dispatch_by_platform_and_toggle():
+    with build_settings(["all"], "cuda"):
+        op = SiluAndMul()
+    assert op.implementation() == "SiluAndMul.forward_cuda"
+    with build_settings(["all"], "cpu"):
+        assert SiluAndMul().implementation() == "SiluAndMul.forward_cpu"
+    with build_settings(["all", "-silu_and_mul"], "cuda"):
+        assert SiluAndMul().implementation() == "SiluAndMul.forward_native"
+        assert Router(4, 2).implementation() == "Router.forward_cuda"
+    with build_settings(["none", "+topk_router"], "cuda"):
+        assert SiluAndMul().implementation() == "SiluAndMul.forward_native"
+        assert Router(4, 2).implementation() == "Router.forward_cuda"
+
+
+def test_custom_op_enabled_rules():
+    assert custom_op_enabled("silu_and_mul", ["all"])
+    assert not custom_op_enabled("silu_and_mul", ["none"])
+    assert custom_op_enabled("silu_and_mul", ["none", "+silu_and_mul"])
+    assert not custom_op_enabled("silu_and_mul", ["all", "-silu_and_mul"])
+
+
+@pytest.mark.parametrize("entries, message", [
+    (["all", "none"], "cannot both"),
+    (["silu_and_mul"], "must be 'all', 'none'"),
+    (["+silu_and_mull"], "Did you mean 'silu_and_mul'"),
+    (["+silu_and_mul", "-silu_and_mul"], "both enabled and disabled"),
+])
+def test_custom_ops_validation(entries, message):
+    problems = check_custom_ops(entries)
+    assert any(message in p for p in problems), problems
