@@ -93,7 +93,10 @@ def load_checkpoint(model: nn.Module, source: str | Path | Iterable[str | Path],
                         unexpected.append(key)
                         continue
                     t = f.get_tensor(key)
-                    layer.weight_loader(param, t, shard, e)
+                    try:
+                        layer.weight_loader(param, t, shard, e)
+                    except WeightLoadError as exc:
+                        raise WeightLoadError(f"{key}: {owner}.{exc}") from None
                     filled.setdefault(f"{owner}.{pname}", set()).add((e, shard))
                     report.loaded.append(key)
                     report.bytes_read += t.numel() * t.element_size()

@@ -10,7 +10,7 @@ def pytest_configure(config):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def compose():
     """compose("model.top_k=4", ...) -> a validated ComposerConfig on the CPU."""
 

@@ -1,0 +1,96 @@
+"""Weight loading: FusedMoE.weight_loader and Hugging Face-named safetensors round trips."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from composer import build
+from composer.errors import WeightLoadError
+from composer.layers.fused_moe import FusedMoE
+from composer.loading import load_checkpoint, save_checkpoint
+from composer.tasks.common import make_tokens
+
+
+@pytest.fixture
+def cfg(compose):
+    return compose("model.has_bias=true", "model.num_shared_experts=1", "model.shared_expert_gate=true",
+                   "model.dtype=float32", "seed=11")
+
+
+@pytest.mark.parametrize("layout", ["packed", "per_expert"])
+def test_safetensors_round_trip(tmp_path, compose, cfg, layout):
+    src = build(cfg)
+    path = save_checkpoint(src, tmp_path, layout=layout)
+    dst = build(compose("model.has_bias=true", "model.num_shared_experts=1", "model.shared_expert_gate=true",
+                        "model.dtype=float32", "seed=12"))
+    x = make_tokens(cfg, 7)
+    assert not torch.equal(src(x), dst(x))
+    report = load_checkpoint(dst, path)
+    assert torch.equal(src(x), dst(x))
+    for (n, p), (_, q) in zip(src.named_parameters(), dst.named_parameters()):
+        assert torch.equal(p, q), n
+    if layout == "per_expert":
+        assert "layers.0.mlp.experts.3.gate_proj.weight" in report.loaded
+    else:
+        assert "layers.0.mlp.experts.gate_up_proj" in report.loaded
+
+
+def test_w1_w3_w2_names_and_hf_prefix(tmp_path, cfg):
+    src = build(cfg)
+    tensors = {}
+    for n, p in src.named_parameters():
+        tensors["model." + n] = p.detach().clone()
+    for i in range(cfg.model.num_layers):
+        layer = src.layers[i].mlp.experts
+        pre = f"model.layers.{i}.mlp.experts"
+        for key in ("w13", "w2", "w13_bias", "w2_bias"):
+            del tensors[f"{pre}.{key}"]
+        I = layer.intermediate_size
+        for e in range(layer.global_num_experts):
+            tensors[f"{pre}.{e}.w1.weight"] = layer.w13[e, :I].clone()
+            tensors[f"{pre}.{e}.w3.weight"] = layer.w13[e, I:].clone()
+            tensors[f"{pre}.{e}.w2.weight"] = layer.w2[e].clone()
+        tensors[f"{pre}.gate_up_proj_bias"] = layer.w13_bias.clone()
+        tensors[f"{pre}.down_proj_bias"] = layer.w2_bias.clone()
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    dst = build(cfg.model_copy(update={"seed": 99}))
+    load_checkpoint(dst, tmp_path, prefix="model.")
+    for (n, p), (_, q) in zip(src.named_parameters(), dst.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_wrong_shapes_name_parameter_and_shapes(tmp_path, cfg, compose):
+    src = build(compose("model.intermediate_size=64", "model.dtype=float32"))
+    path = save_checkpoint(src, tmp_path / "packed.safetensors")
+    with pytest.raises(WeightLoadError, match=r"layers.0.mlp.experts.(gate_up_proj: checkpoint tensor has shape \(8, 128, 96\).*expects \(8, 160, 96\)|down_proj: checkpoint tensor has shape \(8, 96, 64\).*w2 expects \(8, 96, 80\))"):
+        load_checkpoint(build(compose("model.dtype=float32")), path)
+    path = save_checkpoint(src, tmp_path / "per", layout="per_expert")
+    with pytest.raises(WeightLoadError, match=r"layers.0.mlp.experts.(w13 \(expert 0, shard w1\): checkpoint tensor has shape \(64, 96\), the parameter expects \(80, 96\)|w2 \(expert 0, shard w2\): checkpoint tensor has shape \(96, 64\), the parameter expects \(96, 80\))"):
+        load_checkpoint(build(compose("model.dtype=float32")), path)
+
+
+def test_missing_and_unexpected_keys_are_refused(tmp_path, compose):
+    src = build(compose("model.num_layers=1", "model.dtype=float32"))
+    path = save_checkpoint(src, tmp_path)
+    with pytest.raises(WeightLoadError, match=r"parameters not in the checkpoint: layers.1"):
+        load_checkpoint(build(compose("model.dtype=float32")), path)
+    big = build(compose("model.num_layers=3", "model.dtype=float32"))
+    path = save_checkpoint(big, tmp_path / "big.safetensors")
+    with pytest.raises(WeightLoadError, match=r"match no parameter: layers.2"):
+        load_checkpoint(build(compose("model.dtype=float32")), path)
+
+
+def test_weight_loader_contract():
+    layer = FusedMoE(4, 2, 6, 5, dtype=torch.float32, has_bias=True, ep_size=2, ep_rank=1)
+    assert layer.local_to_global == [2, 3]
+    g = torch.randn(5, 6)
+    assert layer.weight_loader(layer.w13, g, "w1", 3) is True
+    assert torch.equal(layer.w13[1, :5], g)
+    assert layer.weight_loader(layer.w13, g, "w1", 0) is False  # another rank's expert
+    with pytest.raises(WeightLoadError, match="shard 'w2' does not belong"):
+        layer.weight_loader(layer.w13, g, "w2", 2)
+    with pytest.raises(WeightLoadError, match=r"w13_bias \(expert 2, shard w3\): checkpoint tensor has shape \(4,\), the parameter expects \(5,\)"):
+        layer.weight_loader(layer.w13_bias, torch.randn(4), "w3", 2)
+    with pytest.raises(WeightLoadError, match="out of range"):
+        layer.weight_loader(layer.w2, torch.randn(6, 5), "w2", 7)
+    with pytest.raises(WeightLoadError, match="shard_id must be one of"):
+        layer.weight_loader(layer.w2, torch.randn(6, 5), "down", 2)
