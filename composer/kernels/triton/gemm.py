@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ._jit import lazy_jit
 
-# Only builtins inside kernels: triton.language's own @jit helpers (tl.cdiv, tl.sum, tl.cumsum) are jitted when
+# Only builtins inside kernels: triton.language's own @jit helpers (tl.cdiv, tl.zeros, tl.sum, tl.cumsum) are jitted when
 # triton is imported, so they break the interpreter when TRITON_INTERPRET=1 is set after that import.
 
 ACT_CODES = {"silu": 0, "gelu": 1, "swigluoai": 2}
@@ -73,8 +73,8 @@ def _gemm1_kernel(
     g_ptrs = w_base + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
     u_ptrs = g_ptrs + N * stride_wn
 
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    acc_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for kk in range(0, (K + BLOCK_K - 1) // BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
@@ -151,7 +151,7 @@ def _gemm2_kernel(
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for kk in range(0, (K + BLOCK_K - 1) // BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)

@@ -1,0 +1,241 @@
+"""composer's Triton experts kernels on CPU (TRITON_INTERPRET=1, fp32/fp16) vs the float64 oracle, and on GPU."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+
+from composer.kernels.reference import oracle_experts  # noqa: E402
+from composer.kernels.triton import configs as cfgs  # noqa: E402
+from composer.kernels.triton.fused import fused_experts  # noqa: E402
+from composer.kernels.triton_backend import TritonExperts  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@contextlib.contextmanager
+def interpreter(on: bool = True):
+    old = os.environ.get("TRITON_INTERPRET")
+    if on:
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def make_case(T, E, k, H, I, dtype, bias, drop, seed, device="cpu"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(T, H, generator=g, device=device).to(dtype)
+    w13 = (torch.randn(E, 2 * I, H, generator=g, device=device) * H ** -0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, generator=g, device=device) * I ** -0.5).to(dtype)
+    b13 = (torch.randn(E, 2 * I, generator=g, device=device) * 0.5).to(dtype) if bias else None
+    b2 = (torch.randn(E, H, generator=g, device=device) * 0.5).to(dtype) if bias else None
+    logits = torch.randn(T, E, generator=g, device=device)
+    tw, ids = torch.topk(logits.softmax(-1), k, dim=-1)
+    ids = ids.to(torch.int32)
+    if drop and T:
+        ids[torch.rand(T, k, generator=g, device=device) < drop] = -1
+    return x, tw.float(), ids, w13, w2, b13, b2
+
+
+def rel(out, ref):
+    return float((out.double() - ref).norm() / ref.norm()) if float(ref.norm()) > 0 else float(out.double().norm())
+
+
+def tiny_config(decode, reduce, bn1, bk1, bn2, bk2):
+    return {"BLOCK_M": 16, "decode": decode, "reduce": reduce,
+            "gemm1": {"BLOCK_N": bn1, "BLOCK_K": bk1, "GROUP_M": 2, "num_warps": 4, "num_stages": 2},
+            "gemm2": {"BLOCK_N": bn2, "BLOCK_K": bk2, "GROUP_M": 1, "num_warps": 4, "num_stages": 2}}
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    T=st.sampled_from([0, 1, 2, 5, 9]), E=st.integers(1, 6), kfrac=st.floats(0, 1),
+    H=st.sampled_from([16, 20, 40, 52]), I=st.sampled_from([8, 20, 32]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    act=st.sampled_from(["silu", "gelu", "swigluoai"]), bias=st.booleans(), drop=st.sampled_from([0.0, 0.25]),
+    decode=st.booleans(), reduce=st.sampled_from(["atomic", "buffer"]),
+    bn1=st.sampled_from([16, 32]), bk1=st.sampled_from([16, 32]), bn2=st.sampled_from([16, 32]),
+    bk2=st.sampled_from([16, 32]), seed=st.integers(0, 2**16),
+)
+def test_fused_experts_matches_oracle(T, E, kfrac, H, I, dtype, act, bias, drop, decode, reduce, bn1, bk1, bn2, bk2,
+                                      seed):
+    k = 1 + int(kfrac * (E - 1))
+    x, tw, ids, w13, w2, b13, b2 = make_case(T, E, k, H, I, dtype, bias, drop, seed)
+    with interpreter():
+        out = fused_experts(x, tw, ids, w13, w2, b13, b2, act, config=tiny_config(decode, reduce, bn1, bk1, bn2, bk2))
+    assert out.shape == x.shape and out.dtype == dtype
+    ref = oracle_experts(x, tw, ids, w13, w2, act, b13, b2)
+    assert torch.isfinite(out).all()
+    assert rel(out, ref) < TOL[dtype], f"rel. error {rel(out, ref):.2e}"
+
+
+@pytest.mark.parametrize("T", [0, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_default_configs_top_k_equals_num_experts(T, dtype):
+    """The heuristic configs (decode path at T=1), every expert chosen by every token, H/I off the tile."""
+    E = k = 4
+    x, tw, ids, w13, w2, b13, b2 = make_case(T, E, k, 40, 24, dtype, True, 0.0, 7)
+    with interpreter():
+        out = fused_experts(x, tw, ids, w13, w2, b13, b2, "silu")
+    ref = oracle_experts(x, tw, ids, w13, w2, "silu", b13, b2)
+    assert out.shape == (T, 40)
+    if T:
+        assert rel(out, ref) < TOL[dtype]
+
+
+def test_all_pairs_dropped_gives_zeros():
+    x, tw, ids, w13, w2, _, _ = make_case(3, 4, 2, 16, 16, torch.float32, False, 0.0, 1)
+    ids[:] = -1
+    for decode in (True, False):
+        with interpreter():
+            out = fused_experts(x, tw, ids, w13, w2, None, None, "gelu",
+                                config=tiny_config(decode, "atomic", 16, 16, 16, 16))
+        assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_unknown_activation():
+    x, tw, ids, w13, w2, _, _ = make_case(2, 2, 1, 16, 16, torch.float32, False, 0.0, 1)
+    with pytest.raises(ValueError, match="unknown activation"):
+        fused_experts(x, tw, ids, w13, w2, None, None, "relu")
+
+
+# ---------------------------------------------------------------------------------------------- backend
+
+
+def test_backend_check_on_cpu():
+    with interpreter(False):
+        problems = TritonExperts.check(quant="none", dtype="float32", device="cpu")
+    assert len(problems) == 1 and "kernel=torch" in problems[0] and "TRITON_INTERPRET=1" in problems[0]
+    with interpreter():
+        assert TritonExperts.check(quant="none", dtype="float32", device="cpu") == []
+        assert TritonExperts.check(quant="none", dtype="float16", device="cpu") == []
+        assert any("bfloat16" in p for p in TritonExperts.check(quant="none", dtype="bfloat16", device="cpu"))
+    problems = TritonExperts.check(quant="fp8_w8a8", dtype="bfloat16", device="cuda")
+    assert any("fp8_w8a8" in p for p in problems)
+
+
+def test_backend_apply_uses_custom_op():
+    from composer.layers.modular_kernel import ExpertWeights
+
+    x, tw, ids, w13, w2, b13, b2 = make_case(4, 3, 2, 20, 8, torch.float32, True, 0.2, 3)
+    with interpreter():
+        out = TritonExperts().apply(x, tw, ids, ExpertWeights(w13, w2, b13, b2), "swigluoai")
+    assert rel(out, oracle_experts(x, tw, ids, w13, w2, "swigluoai", b13, b2)) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+def test_shipped_config_files_are_valid():
+    files = sorted(cfgs.PACKAGE_DIR.glob("*.json"))
+    for f in files:
+        name = f.name
+        assert name.startswith("E=") and ",device_name=" in name and name.endswith(".json"), name
+        table = json.loads(f.read_text())
+        assert table, f"{name} is empty"
+        for key, entry in table.items():
+            if key.startswith("_"):
+                continue
+            int(key)
+            cfgs.validate_entry(entry, name)
+
+
+def test_config_dir_env_override(tmp_path, monkeypatch):
+    name = cfgs.config_file_name(4, 24, 40, cfgs.device_name("cpu"), "float32")
+    entry = tiny_config(False, "buffer", 32, 16, 16, 32)
+    (tmp_path / name).write_text(json.dumps({"2": entry, "64": {**entry, "BLOCK_M": 32}}))
+    monkeypatch.setenv(cfgs.ENV_VAR, str(tmp_path))
+    c = cfgs.get_config(3, 4, 24, 40, 2, torch.float32, "cpu")
+    assert c["BLOCK_M"] == 16 and c["reduce"] == "buffer" and name in c["source"]
+    assert cfgs.get_config(50, 4, 24, 40, 2, torch.float32, "cpu")["BLOCK_M"] == 32  # nearest key
+    monkeypatch.delenv(cfgs.ENV_VAR)
+    assert cfgs.get_config(3, 4, 24, 40, 2, torch.float32, "cpu")["source"] == "heuristic"
+
+
+def test_bad_config_file_names_the_problem(tmp_path, monkeypatch):
+    name = cfgs.config_file_name(2, 8, 16, cfgs.device_name("cpu"), "float16")
+    (tmp_path / name).write_text(json.dumps({"1": {"BLOCK_M": 24, "gemm1": {"BLOCK_N": 16, "BLOCK_K": 16}}}))
+    monkeypatch.setenv(cfgs.ENV_VAR, str(tmp_path))
+    with pytest.raises(ValueError, match="BLOCK_M must be a power of two"):
+        cfgs.get_config(1, 2, 8, 16, 1, torch.float16, "cpu")
+
+
+def test_heuristic_covers_every_size():
+    for T in (1, 2, 16, 128, 1024, 4096, 65536):
+        for E, k in ((8, 2), (128, 8), (256, 8)):
+            c = cfgs.heuristic_config(T, E, 768, 2048, k)
+            cfgs.validate_entry(c)
+            assert c["decode"] == (T == 1)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+SHAPES = {  # (E, top_k, H, I)
+    "mixtral_8x7b": (8, 2, 4096, 14336),
+    "qwen3_30b_a3b": (128, 8, 2048, 768),
+    "deepseek_v3": (256, 8, 7168, 2048),
+}
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_gpu_benchmark_shapes(shape, dtype):
+    from composer.tasks.bench import reference_fp32
+    from composer.layers.modular_kernel import ExpertWeights
+
+    E, k, H, I = SHAPES[shape]
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    w13 = torch.empty(E, 2 * I, H, device=dev, dtype=dtype)
+    w2 = torch.empty(E, H, I, device=dev, dtype=dtype)
+    for e in range(E):
+        w13[e] = (torch.randn(2 * I, H, device=dev, generator=g) * H ** -0.5).to(dtype)
+        w2[e] = (torch.randn(H, I, device=dev, generator=g) * I ** -0.5).to(dtype)
+    weights = ExpertWeights(w13, w2)
+    with interpreter(False):
+        for T in (1, 16, 128, 1024, 4096):
+            x = torch.randn(T, H, device=dev, generator=g).to(dtype)
+            tw, ids = torch.topk(torch.randn(T, E, device=dev, generator=g).softmax(-1), k, dim=-1)
+            ids = ids.to(torch.int32)
+            out = fused_experts(x, tw, ids, w13, w2, None, None, "silu")
+            ref = reference_fp32(x, tw, ids, weights, "silu")
+            err = float((out.float() - ref).norm() / ref.norm())
+            assert torch.isfinite(out).all(), f"{shape} T={T}: non-finite output"
+            assert err < 1e-2, f"{shape} {dtype} T={T}: rel. error {err:.2e}"
+    del w13, w2, weights
+    torch.cuda.empty_cache()
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ["silu", "gelu", "swigluoai"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gpu_small_all_features(dtype, act, bias):
+    """Bias, every activation, -1 ids, shapes off the tile, both reductions, decode path, on the GPU."""
+    with interpreter(False):
+        for T in (1, 7, 300):
+            x, tw, ids, w13, w2, b13, b2 = make_case(T, 12, 4, 200, 72, dtype, bias, 0.2, T, device="cuda")
+            ref = oracle_experts(x, tw, ids, w13, w2, act, b13, b2)
+            for reduce in ("atomic", "buffer"):
+                c = dict(cfgs.heuristic_config(T, 12, 72, 200, 4), reduce=reduce)
+                out = fused_experts(x, tw, ids, w13, w2, b13, b2, act, config=c)
+                tol = 1e-5 if dtype == torch.float32 else TOL[dtype]
+                assert rel(out, ref) < tol, f"T={T} {reduce}: {rel(out, ref):.2e}"
