@@ -26,6 +26,7 @@ OPTIONAL = (
     "composer.kernels.grouped_mm",
     "composer.tasks.bench",
     "composer.tasks.tune",
+    "composer.tasks.report",
 )
 
 for _mod in REQUIRED:

@@ -288,6 +288,11 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
     parallel = _validate_section("parallel", ParallelConfig, raw.get("parallel", {}) or {}, problems)
     if "report" in raw:  # read through task.dir's interpolation; only task=report has it
         _validate_section("report", ReportSection, raw["report"] or {}, problems)
+        task_raw = raw.get("task")
+        task_name = task_raw.get("name") if isinstance(task_raw, dict) else task_raw
+        if task_name != "report":
+            problems.append(Problem("report", raw["report"], f"only task=report reads report.* (this run is task={task_name}); "
+                                    "add task=report or drop the report keys"))
     named = {s: _validate_named(s, raw.get(s, {"name": "auto"} if s == "kernel" else None), problems) for s in NAMED_SECTIONS}
 
     scalars = {}
