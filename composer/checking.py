@@ -118,13 +118,15 @@ def oracle_layer(layer: FusedMoE, cap: Capture, x: torch.Tensor | None = None,
                  topk_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The layer's experts in float64, with its dequantized weights, on the captured routing."""
     qm = layer.quant_method
-    w = qm.dequantize(qm.expert_weights(layer), torch.float64)
+    qw = qm.expert_weights(layer)
+    quant_act = getattr(qm, "activation_quantizer", lambda w: None)(qw)  # w8a8: the kernel's activation rounding
+    w = qm.dequantize(qw, torch.float64)
     ids = cap.topk_ids
     if layer.ep_size > 1:
         ids = torch.where(ids >= 0, layer.expert_map[ids.long().clamp_min(0)], ids)
     x = cap.x if x is None else x
     tw = cap.topk_weights if topk_weights is None else topk_weights
-    return oracle_experts(x, tw, ids, w.w13, w.w2, layer.activation, w.w13_bias, w.w2_bias)
+    return oracle_experts(x, tw, ids, w.w13, w.w2, layer.activation, w.w13_bias, w.w2_bias, quant_act=quant_act)
 
 
 def _linear64(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:

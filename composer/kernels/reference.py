@@ -9,6 +9,8 @@ not graph-capturable; compile and CUDA graphs use the Triton or grouped_mm kerne
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..layers.activation import act_and_mul
@@ -38,12 +40,14 @@ def torch_experts(
     activation: str = "silu",
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
+    quant_act: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """sum_k topk_weights[t, k] * expert_{ids[t,k]}(x[t]); ids of -1 are skipped. Returns ``[T, H]`` in x.dtype.
 
     GEMMs run in the weights' dtype (fp32 accumulation inside the matmul), the activation output is
     rounded to that dtype (as a fused kernel writing its intermediate would), the sum over top-k is
-    accumulated in float32.
+    accumulated in float32. ``quant_act(t, stage)`` (w8a8 methods) quantize-dequantizes the input of
+    GEMM1 (stage ``a13``) and of GEMM2 (stage ``a2``) as the quantized kernel does.
     """
     _check_inputs(x, topk_weights, topk_ids, w13, w2)
     T, H = x.shape
@@ -65,10 +69,15 @@ def torch_experts(
         if n == 0:
             continue
         rows = token_of[start:start + n]
-        h = x[rows].to(w13.dtype) @ w13[e].t()
+        xe = x[rows].to(w13.dtype)
+        if quant_act is not None:
+            xe = quant_act(xe, "a13")
+        h = xe @ w13[e].t()
         if w13_bias is not None:
             h = h + w13_bias[e]
         a = act_and_mul(activation, h)
+        if quant_act is not None:
+            a = quant_act(a, "a2")
         o = a @ w2[e].t()
         if w2_bias is not None:
             o = o + w2_bias[e]
@@ -86,6 +95,7 @@ def oracle_experts(
     activation: str = "silu",
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
+    quant_act: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The float64 oracle: for every expert, every (token, slot) routed to it, in float64. Returns float64."""
     _check_inputs(x, topk_weights, topk_ids, w13, w2)
@@ -97,10 +107,14 @@ def oracle_experts(
         if not bool(hit.any()):
             continue
         tok, slot = hit.nonzero(as_tuple=True)
-        h = x64[tok] @ w13[e].to(d).t()
+        xe = x64[tok] if quant_act is None else quant_act(x64[tok], "a13")
+        h = xe @ w13[e].to(d).t()
         if w13_bias is not None:
             h = h + w13_bias[e].to(d)
-        o = act_and_mul(activation, h) @ w2[e].to(d).t()
+        a = act_and_mul(activation, h)
+        if quant_act is not None:
+            a = quant_act(a, "a2")
+        o = a @ w2[e].to(d).t()
         if w2_bias is not None:
             o = o + w2_bias[e].to(d)
         out.index_add_(0, tok, o * w64[tok, slot, None])

@@ -19,7 +19,11 @@ class TorchExperts(Experts):
 
     def apply(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               weights: ExpertWeights, activation: str) -> torch.Tensor:
+        quant_act = None
         if weights.quant != "none":
-            weights = QUANT_METHODS.get(weights.quant).dequantize(weights, x.dtype)
+            method = QUANT_METHODS.get(weights.quant)
+            # w8a8 methods: quantize-dequantize each GEMM input exactly as their kernels quantize it
+            quant_act = getattr(method, "activation_quantizer", lambda w: None)(weights)
+            weights = method.dequantize(weights, x.dtype)
         return torch_experts(x, topk_weights, topk_ids, weights.w13, weights.w2, activation,
-                             weights.w13_bias, weights.w2_bias)
+                             weights.w13_bias, weights.w2_bias, quant_act=quant_act)

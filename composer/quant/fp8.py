@@ -1,0 +1,185 @@
+"""quant=fp8_w8a8: fp8 (e4m3fn) weights and activations, fp32 accumulation.
+
+``quant.granularity``:
+
+* ``per_tensor``        one weight scale per expert (``w13_weight_scale [E]``, ``w2_weight_scale [E]``);
+                        activations: dynamic per-token scales, or static per-tensor input scales
+                        (``quant.activation_scheme=static``: ``w13_input_scale``/``w2_input_scale`` from the
+                        checkpoint, the maximum over all experts, or ``quant.static_input_scale`` online).
+* ``per_token_channel`` one weight scale per output channel (``w13_weight_scale [E, 2I, 1]``), dynamic
+                        per-token activation scales (compressed-tensors' channel strategy).
+* ``block``             one weight scale per ``block_shape = [bn, bk]`` block (``w13_weight_scale_inv
+                        [E, 2I/bn, H/bk]``, DeepSeek-V3's layout), dynamic activation scales per token and
+                        group of ``bk`` along the reduction dim.
+
+Dynamic activation scales are per token (or token group), never per tensor, so a token's result does not
+depend on the other tokens of the batch or on how expert parallelism dispatched them.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, PositiveInt
+
+from ..errors import WeightLoadError
+from ..layers.modular_kernel import ExpertWeights
+from .base import QuantParams, register_quant
+from .utils import (FP8_DTYPE, CkptTensor, QuantizedMethod, check_multiple, cuda_capability, expand_block_scale,
+                    fp8_cast, largest_pow2_divisor, qdq_fp8_per_token, qdq_fp8_per_token_group, qdq_fp8_static,
+                    quant_fp8_block, quant_fp8_per_channel, quant_fp8_per_tensor, set_param)
+
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+class Fp8Params(QuantParams):
+    granularity: Literal["per_tensor", "per_token_channel", "block"] = "per_tensor"
+    block_shape: tuple[PositiveInt, PositiveInt] = (128, 128)
+    activation_scheme: Literal["dynamic", "static"] = "dynamic"
+    static_input_scale: float | None = Field(None, gt=0)
+
+
+@register_quant("fp8_w8a8")
+class Fp8W8A8(QuantizedMethod):
+    Params = Fp8Params
+    # Measured in docs/quantization.md (tiny model, fresh random inputs).
+    DEQUANT_TOL = {"float32": 2e-3, "float16": 3e-3, "bfloat16": 1e-2}
+    UNQUANT_BOUND = {"per_tensor": 8e-2, "per_token_channel": 8e-2, "block": 8e-2}
+
+    @classmethod
+    def tolerances(cls, params: Any, dtype: str) -> tuple[float, float]:
+        return cls.DEQUANT_TOL[dtype], cls.UNQUANT_BOUND[params.granularity]
+
+    @classmethod
+    def check_config(cls, params: Fp8Params, model: Any, device: str) -> list[tuple[str, Any, str]]:
+        problems: list[tuple[str, Any, str]] = []
+        if device == "cuda":
+            cap = cuda_capability()
+            if cap is not None and tuple(cap) < FP8_MIN_CAPABILITY:
+                problems.append(("", "fp8_w8a8",
+                                 f"fp8 needs compute capability >= 8.9 (sm89: Ada, Hopper or newer); this GPU is "
+                                 f"sm{cap[0]}{cap[1]}. Pick quant=int8_w8a16, quant=int8_w8a8 or quant=int4_w4a16 "
+                                 f"(or quant=none), or run on CPU with kernel=torch"))
+        H, I = model.hidden_size, model.intermediate_size
+        if params.granularity == "block":
+            bn, bk = params.block_shape
+            g = largest_pow2_divisor(H, I)
+            advice = (f"pick quant.block_shape=[{g},{g}] (divides both sizes) or "
+                      f"quant.granularity=per_token_channel")
+            sizes = {"model.hidden_size": H, "model.intermediate_size": I}
+            problems += check_multiple("block_shape", list(params.block_shape), sizes, bn, "block_shape[0] =", advice)
+            if bk != bn:
+                problems += check_multiple("block_shape", list(params.block_shape), sizes, bk, "block_shape[1] =", advice)
+        if params.activation_scheme == "static" and params.granularity != "per_tensor":
+            problems.append(("activation_scheme", "static",
+                             f"static activation scales are per tensor and need quant.granularity=per_tensor; "
+                             f"granularity '{params.granularity}' uses dynamic scales (activation_scheme=dynamic)"))
+        if params.static_input_scale is not None and params.activation_scheme != "static":
+            problems.append(("static_input_scale", params.static_input_scale,
+                             "only used with quant.activation_scheme=static; remove it or set activation_scheme=static"))
+        return problems
+
+    # --- layout -----------------------------------------------------------------------------------
+    def checkpoint_layout(self, layer) -> dict[str, CkptTensor]:
+        E, H, I = layer.global_num_experts, layer.hidden_size, layer.intermediate_size
+        p: Fp8Params = self.params
+        w = (FP8_DTYPE,)
+        out = {"w13_weight": CkptTensor("w13", ((E, 2 * I, H),), w),
+               "w2_weight": CkptTensor("w2", ((E, H, I),), w)}
+        if p.granularity == "per_tensor":
+            out["w13_weight_scale"] = CkptTensor("w13_weight_scale", ((E,), (E, 2)), SCALE_DTYPES)
+            out["w2_weight_scale"] = CkptTensor("w2_weight_scale", ((E,),), SCALE_DTYPES)
+            if p.activation_scheme == "static":
+                out["w13_input_scale"] = CkptTensor("w13_input_scale", ((E,),), SCALE_DTYPES, slice_experts=False)
+                out["w2_input_scale"] = CkptTensor("w2_input_scale", ((E,),), SCALE_DTYPES, slice_experts=False)
+        elif p.granularity == "per_token_channel":
+            out["w13_weight_scale"] = CkptTensor("w13_weight_scale", ((E, 2 * I, 1), (E, 2 * I)), SCALE_DTYPES)
+            out["w2_weight_scale"] = CkptTensor("w2_weight_scale", ((E, H, 1), (E, H)), SCALE_DTYPES)
+        else:
+            bn, bk = p.block_shape
+            out["w13_weight_scale_inv"] = CkptTensor("w13_weight_scale_inv", ((E, 2 * I // bn, H // bk),), SCALE_DTYPES)
+            out["w2_weight_scale_inv"] = CkptTensor("w2_weight_scale_inv", ((E, H // bn, I // bk),), SCALE_DTYPES)
+        return out
+
+    def quantize_weights(self, layer, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:
+        p: Fp8Params = self.params
+        out: dict[str, torch.Tensor] = {}
+        for name, w in (("w13", w13), ("w2", w2)):
+            if p.granularity == "per_tensor":
+                out[name], out[f"{name}_weight_scale"] = quant_fp8_per_tensor(w)
+            elif p.granularity == "per_token_channel":
+                out[name], out[f"{name}_weight_scale"] = quant_fp8_per_channel(w)
+            else:
+                out[name], out[f"{name}_weight_scale_inv"] = quant_fp8_block(w, *p.block_shape)
+        if p.activation_scheme == "static":
+            if p.static_input_scale is None:
+                raise WeightLoadError(
+                    "fp8_w8a8 with activation_scheme=static takes its input scales from a pre-quantized checkpoint "
+                    "(w13_input_scale, w2_input_scale); to quantize online set quant.static_input_scale "
+                    "(e.g. max |activation| / 448) or use activation_scheme=dynamic")
+            E = layer.global_num_experts
+            for name in ("w13_input_scale", "w2_input_scale"):
+                out[name] = torch.full((E,), p.static_input_scale, dtype=torch.float32, device=w13.device)
+        return out
+
+    def post_load(self, layer) -> None:
+        p: Fp8Params = self.params
+        if p.granularity == "per_tensor" and layer.w13_weight_scale.dim() == 2:
+            # Checkpoints with one scale per shard (w1, w3): requantize both halves to their maximum (as vLLM).
+            s = layer.w13_weight_scale.float()
+            smax = s.amax(dim=1)
+            I = layer.intermediate_size
+            w = layer.w13.data.float()
+            halves = torch.cat([w[:, :I] * s[:, 0, None, None], w[:, I:] * s[:, 1, None, None]], dim=1)
+            set_param(layer, "w13", fp8_cast(halves, smax[:, None, None]))
+            set_param(layer, "w13_weight_scale", smax)
+        if p.granularity == "per_token_channel":
+            for name in ("w13_weight_scale", "w2_weight_scale"):
+                s = getattr(layer, name)
+                if s.dim() == 2:
+                    set_param(layer, name, s.data.unsqueeze(-1))
+
+    # --- running ----------------------------------------------------------------------------------
+    def expert_weights(self, layer) -> ExpertWeights:
+        p: Fp8Params = self.params
+        if p.granularity == "block":
+            s13, s2 = layer.w13_weight_scale_inv, layer.w2_weight_scale_inv
+        else:
+            s13, s2 = layer.w13_weight_scale, layer.w2_weight_scale
+        a13 = a2 = None
+        if p.activation_scheme == "static":
+            a13, a2 = layer.w13_input_scale.amax(), layer.w2_input_scale.amax()
+        return ExpertWeights(
+            w13=layer.w13, w2=layer.w2, w13_bias=layer.w13_bias, w2_bias=layer.w2_bias, quant=self.name,
+            w13_scale=s13, w2_scale=s2, a13_scale=a13, a2_scale=a2,
+            extra={"granularity": p.granularity, "block_shape": tuple(p.block_shape),
+                   "activation_scheme": p.activation_scheme},
+        )
+
+    @staticmethod
+    def dequantize(weights: ExpertWeights, dtype: torch.dtype) -> ExpertWeights:
+        g = weights.extra["granularity"]
+        ws = []
+        for w, s in ((weights.w13, weights.w13_scale), (weights.w2, weights.w2_scale)):
+            w32 = w.float()
+            if g == "per_tensor":
+                w32 = w32 * s.float()[:, None, None]
+            elif g == "per_token_channel":
+                w32 = w32 * s.float()
+            else:
+                bn, bk = weights.extra["block_shape"]
+                w32 = w32 * expand_block_scale(s.float(), bn, bk)
+            ws.append(w32.to(dtype))
+        return ExpertWeights(w13=ws[0], w2=ws[1], w13_bias=weights.w13_bias, w2_bias=weights.w2_bias)
+
+    @staticmethod
+    def activation_quantizer(weights: ExpertWeights):
+        g, scheme = weights.extra["granularity"], weights.extra["activation_scheme"]
+        if scheme == "static":
+            scales = {"a13": weights.a13_scale, "a2": weights.a2_scale}
+            return lambda t, stage: qdq_fp8_static(t, scales[stage])
+        if g == "block":
+            bk = weights.extra["block_shape"][1]
+            return lambda t, stage: qdq_fp8_per_token_group(t, bk)
+        return lambda t, stage: qdq_fp8_per_token(t)

@@ -1,0 +1,105 @@
+"""quant=int4_w4a16: group-wise int4 weights, two per byte, computed in the model dtype (GPTQ/AWQ style).
+
+Layout (vLLM's moe_wna16): ``w13_qweight uint8 [E, 2I, H/2]`` (element 2j in the low nibble, 2j+1 in the
+high), ``w13_scales [E, 2I, H/g]`` in the model dtype, and with ``quant.zero_point=true``
+``w13_qzeros uint8 [E, I, H/g]`` (zero points packed two per byte along the output dim); ``w2_*`` alike
+with ``[E, H, I/2]``, ``[E, H, I/g]``, ``[E, H/2, I/g]``. Without zero points the weights are symmetric and
+stored with an implicit zero of 8: ``w = (q - 8) * scale``; with them ``w = (q - zero) * scale``.
+``quant.group_size`` is the number of K elements sharing a scale (-1: one group per row).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field, field_validator
+
+from ..layers.modular_kernel import ExpertWeights
+from .base import QuantParams, register_quant
+from .utils import CkptTensor, QuantizedMethod, dequant_int4, largest_pow2_divisor, quant_int4
+
+
+class Int4Params(QuantParams):
+    group_size: int = Field(128, description="K elements per scale; -1 for one scale per output row")
+    zero_point: bool = False
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v != -1 and (v < 2 or v % 2):
+            raise ValueError("must be -1 (one group per row) or a positive even number such as 32, 64, 128")
+        return v
+
+
+@register_quant("int4_w4a16")
+class Int4W4A16(QuantizedMethod):
+    Params = Int4Params
+    DEQUANT_TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+    UNQUANT_BOUND = {"float32": 0.15, "float16": 0.15, "bfloat16": 0.15}
+
+    @classmethod
+    def check_config(cls, params: Int4Params, model: Any, device: str) -> list[tuple[str, Any, str]]:
+        H, I = model.hidden_size, model.intermediate_size
+        problems = []
+        if params.group_size == -1:
+            bad = [f"{n} = {s}" for n, s in (("model.hidden_size", H), ("model.intermediate_size", I)) if s % 2]
+            if bad:
+                problems.append(("group_size", -1, f"int4 packs two values per byte along K, so "
+                                 f"{' and '.join(bad)} must be even"))
+        else:
+            bad = [f"{n} = {s}" for n, s in (("model.hidden_size", H), ("model.intermediate_size", I))
+                   if s % params.group_size]
+            if bad:
+                g = largest_pow2_divisor(H, I)
+                hint = (f"pick quant.group_size={g} (divides both sizes) or -1 (one group per row)" if g >= 2
+                        else "use quant.group_size=-1 or another method")
+                problems.append(("group_size", params.group_size,
+                                 f"group_size {params.group_size} must divide {' and '.join(bad)}; {hint}"))
+        if params.zero_point and H % 2:
+            problems.append(("zero_point", True, f"zero points are packed two per byte along the output dim, so "
+                             f"model.hidden_size = {H} must be even; use quant.zero_point=false"))
+        return problems
+
+    def _groups(self, K: int) -> int:
+        return 1 if self.params.group_size == -1 else K // self.params.group_size
+
+    def checkpoint_layout(self, layer) -> dict[str, CkptTensor]:
+        E, H, I = layer.global_num_experts, layer.hidden_size, layer.intermediate_size
+        sd = (layer.quant_dtype, *(d for d in (torch.float32, torch.bfloat16, torch.float16) if d != layer.quant_dtype))
+        u8 = (torch.uint8,)
+        out = {
+            "w13_qweight": CkptTensor("w13", ((E, 2 * I, H // 2),), u8),
+            "w2_qweight": CkptTensor("w2", ((E, H, I // 2),), u8),
+            "w13_scales": CkptTensor("w13_scales", ((E, 2 * I, self._groups(H)),), sd),
+            "w2_scales": CkptTensor("w2_scales", ((E, H, self._groups(I)),), sd),
+        }
+        if self.params.zero_point:
+            out["w13_qzeros"] = CkptTensor("w13_qzeros", ((E, I, self._groups(H)),), u8)
+            out["w2_qzeros"] = CkptTensor("w2_qzeros", ((E, H // 2, self._groups(I)),), u8)
+        return out
+
+    def quantize_weights(self, layer, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, w in (("w13", w13), ("w2", w2)):
+            q, s, z = quant_int4(w, self.params.group_size, self.params.zero_point, layer.quant_dtype)
+            out[name], out[f"{name}_scales"] = q, s
+            if z is not None:
+                out[f"{name}_qzeros"] = z
+        return out
+
+    def expert_weights(self, layer) -> ExpertWeights:
+        zp = self.params.zero_point
+        return ExpertWeights(
+            w13=layer.w13, w2=layer.w2, w13_bias=layer.w13_bias, w2_bias=layer.w2_bias, quant=self.name,
+            w13_scale=layer.w13_scales, w2_scale=layer.w2_scales,
+            w13_zero=layer.w13_qzeros if zp else None, w2_zero=layer.w2_qzeros if zp else None,
+            extra={"group_size": self.params.group_size, "zero_point": zp, "pack": "uint8x2_low_first"},
+        )
+
+    @staticmethod
+    def dequantize(weights: ExpertWeights, dtype: torch.dtype) -> ExpertWeights:
+        return ExpertWeights(
+            w13=dequant_int4(weights.w13, weights.w13_scale, weights.w13_zero).to(dtype),
+            w2=dequant_int4(weights.w2, weights.w2_scale, weights.w2_zero).to(dtype),
+            w13_bias=weights.w13_bias, w2_bias=weights.w2_bias,
+        )
