@@ -29,6 +29,8 @@ OPTIONAL = (
     "composer.kernels.grouped_mm",
     "composer.tasks.bench",
     "composer.tasks.tune",
+    "composer.integrations.transformers_moe",
+    "composer.tasks.generate",
     "composer.tasks.report",
 )
 

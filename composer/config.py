@@ -54,6 +54,11 @@ class ModelConfig(Section):
     shared_expert_gate: bool = False
     has_bias: bool = False
     rms_norm_eps: float = Field(1e-6, gt=0)
+    # model=hf (composer.integrations.hf_config): a Hugging Face model from a local directory or a config
+    # class; the sizes above are then derived from its config.
+    path: str | None = None
+    arch: str | None = None
+    hf_overrides: dict[str, Any] = {}
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -281,10 +286,13 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
 
     raw_model = raw.get("model", {})
     router = None
+    hf_unreadable = False
+    if isinstance(raw_model, dict) and raw_model.get("name") == "hf":  # sizes come from the Hugging Face config
+        raw_model, hf_unreadable = _derive_hf_model(raw_model, problems)
     if isinstance(raw_model, dict):  # the router validates on its own so one bad key hides no other problem
         raw_model = dict(raw_model)
         router = _validate_section("model.router", RouterConfig, raw_model.pop("router", {}) or {}, problems)
-    model = _validate_section("model", ModelConfig, raw_model, problems)
+    model = _validate_section("model", ModelConfig, raw_model, problems) if not hf_unreadable else None
     parallel = _validate_section("parallel", ParallelConfig, raw.get("parallel", {}) or {}, problems)
     if "report" in raw:  # read through task.dir's interpolation; only task=report has it
         _validate_section("report", ReportSection, raw["report"] or {}, problems)
@@ -355,6 +363,18 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
         layer=named["layer"], quant=named["quant"], all2all=named["all2all"], task=named["task"],
         custom_ops=custom_ops, plugins=plugins, device=device, **scalars,
     )
+
+
+def _derive_hf_model(raw_model: dict[str, Any], problems: list[Problem]) -> tuple[dict[str, Any], bool]:
+    """model=hf: fill the model fields from the Hugging Face config; (mapping, True) when it cannot be read."""
+    try:
+        from .integrations.hf_config import derive_model
+    except ModuleNotFoundError as exc:
+        problems.append(Problem("model.name", "hf", f"needs transformers ({exc}); pip install 'moe-composer[hf]'"))
+        return raw_model, True
+    derived, found = derive_model(raw_model)
+    problems.extend(Problem(k, v, m) for k, v, m in found)
+    return (derived, False) if derived is not None else (raw_model, True)
 
 
 def _check_model(m: ModelConfig, r: RouterConfig | None) -> list[Problem]:

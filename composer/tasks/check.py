@@ -6,6 +6,7 @@ from typing import Any
 from pydantic import Field
 
 from ..checking import TOLERANCE
+from ..registry import LAYERS
 from . import Task, TaskContext, TaskFailed, TaskParams, register_task
 from .run import RunParams, run_and_report
 
@@ -23,6 +24,9 @@ class Check(Task):
 
     def run(self, cfg: Any, ctx: TaskContext) -> dict[str, Any]:
         p: CheckParams = cfg.task.params
+        own = getattr(LAYERS.get(cfg.layer.name), "layer_task", lambda task: None)("check")
+        if own is not None:  # a layer that brings its own model checks it (the Transformers backend)
+            return own(cfg, ctx, p)
         tol = p.tolerance if p.tolerance is not None else TOLERANCE[cfg.model.dtype]
         m = run_and_report(cfg, ctx, p, f"composer check: {cfg.model.name}")
         failures = []

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from ..describe import describe
 from ..factory import build
+from ..registry import LAYERS
 from . import Task, TaskContext, TaskParams, register_task
 from .common import checksum, compare, make_tokens, slot_table
 from ..checking import time_modules
@@ -52,4 +53,7 @@ class Run(Task):
     Params = RunParams
 
     def run(self, cfg: Any, ctx: TaskContext) -> dict[str, Any]:
+        own = getattr(LAYERS.get(cfg.layer.name), "layer_task", lambda task: None)("run")
+        if own is not None:  # a layer that brings its own model runs it (the Transformers backend)
+            return own(cfg, ctx, cfg.task.params)
         return run_and_report(cfg, ctx, cfg.task.params, f"composer run: {cfg.model.name}")

@@ -1,0 +1,143 @@
+"""task=check / task=run for `layer=transformers_moe`: the swapped Hugging Face model against the unmodified one.
+
+check: logits of the swapped model vs the same model with ``experts_implementation="eager"`` (relative
+Frobenius error within the dtype's tolerance: fp32 1e-5, bf16 1e-2), each swapped experts layer vs the
+HF experts module it replaced on the same captured inputs, and greedy generation of ``GENERATE_TOKENS``
+tokens (identical tokens required in float32; the matching prefix is reported for lower precisions).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from ..checking import TOLERANCE, rel_error
+from ..tasks import TaskContext, TaskFailed
+from ..tasks.common import checksum
+
+GENERATE_TOKENS = 32
+
+
+def prompt_ids(cfg: Any, tokens: int, vocab_size: int) -> torch.Tensor:
+    """Seeded random token ids ``[1, tokens]`` (avoiding the first few ids, often special tokens)."""
+    from ..factory import _generator
+
+    gen = _generator(cfg.seed, "hf-prompt", tokens)
+    low = min(3, vocab_size - 1)
+    return torch.randint(low, vocab_size, (1, max(tokens, 1)), generator=gen).to(cfg.device)
+
+
+@torch.no_grad()
+def greedy(model: torch.nn.Module, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy decoding of exactly ``n`` new tokens (EOS suppressed), with the KV cache."""
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=0)
+    return out[0, ids.shape[1]:]
+
+
+@torch.no_grad()
+def _layer_errors(ref: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor) -> dict[str, float]:
+    """Each swapped layer's output vs the HF module it replaced, both fed the swapped run's captured inputs."""
+    from .transformers_moe import TransformersFusedMoE
+
+    caps: dict[str, tuple[tuple, torch.Tensor]] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, TransformersFusedMoE):
+            def hook(m: Any, args: tuple, out: torch.Tensor, name: str = name) -> None:
+                caps.setdefault(name, (tuple(a.detach() for a in args), out.detach()))
+
+            handles.append(mod.register_forward_hook(hook))
+    try:
+        model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    errs = {}
+    for name, (args, out) in caps.items():
+        hf = ref.get_submodule(name)
+        errs[name] = rel_error(out, hf(*args))
+    return errs
+
+
+def check(cfg: Any, ctx: TaskContext, p: Any) -> dict[str, Any]:
+    from .transformers_moe import reference_and_swapped
+
+    tol = p.tolerance if getattr(p, "tolerance", None) is not None else TOLERANCE[cfg.model.dtype]
+    ref, model = reference_and_swapped(cfg)
+    ids = prompt_ids(cfg, p.tokens, ref.config.vocab_size)
+    with torch.no_grad():
+        ref_logits = ref(ids).logits
+        got_logits = model(ids).logits
+    logits_err = rel_error(got_logits, ref_logits)
+    layer_errs = _layer_errors(ref, model, ids)
+    ref_tokens, got_tokens = greedy(ref, ids, GENERATE_TOKENS), greedy(model, ids, GENERATE_TOKENS)
+    same = (ref_tokens == got_tokens).tolist()
+    prefix = same.index(False) if False in same else len(same)
+
+    failures = []
+    if logits_err > tol:
+        failures.append(f"logits rel. error {logits_err:.3e} > tolerance {tol:.0e}")
+    for name, e in layer_errs.items():
+        if e > tol:
+            failures.append(f"{name}: experts rel. error {e:.3e} > tolerance {tol:.0e}")
+    if cfg.model.dtype == "float32" and prefix != GENERATE_TOKENS:
+        failures.append(f"greedy generation differs from token {prefix} on: "
+                        f"reference {ref_tokens.tolist()} vs composer {got_tokens.tolist()}")
+
+    table = Table(title=f"composer check: {cfg.model.name} {ref.config.model_type} ({type(ref).__name__}) vs "
+                        "experts_implementation=eager", title_justify="left")
+    for col in ("what", "composer", "reference", "rel. error / match"):
+        table.add_column(col)
+    impl = next((m.implementation() for m in model.modules() if hasattr(m, "hf_class") and m.hf_class), "")
+    table.add_row("swapped", f"{len(model.composer_swapped)} x {cfg.layer.params.replace}", "", impl)
+    table.add_row(f"logits [1, {ids.shape[1]}, {ref.config.vocab_size}]", checksum(got_logits), checksum(ref_logits),
+                  f"{logits_err:.2e}")
+    for name, e in layer_errs.items():
+        table.add_row(name, "", "", f"{e:.2e}")
+    table.add_row(f"greedy {GENERATE_TOKENS} tokens", str(got_tokens.tolist()[:8])[:-1] + ", ...]",
+                  str(ref_tokens.tolist()[:8])[:-1] + ", ...]", f"{prefix}/{GENERATE_TOKENS} identical")
+    ctx.console.print(table)
+    m = {"model_type": ref.config.model_type, "replace": cfg.layer.params.replace, "swapped": list(model.composer_swapped),
+         "logits_rel_err": logits_err, "layers": {n: {"experts_rel_err": e} for n, e in layer_errs.items()},
+         "generate_identical_tokens": prefix, "generate_tokens": GENERATE_TOKENS,
+         "reference_tokens": ref_tokens.tolist(), "composer_tokens": got_tokens.tolist(),
+         "output_checksum": checksum(got_logits), "tolerance": tol, "passed": not failures}
+    if failures:
+        raise TaskFailed("check failed:\n  " + "\n  ".join(failures), m)
+    ctx.console.print(f"[green]check passed[/green] (tolerance {tol:.0e}, {prefix}/{GENERATE_TOKENS} tokens identical)")
+    return m
+
+
+def run(cfg: Any, ctx: TaskContext, p: Any) -> dict[str, Any]:
+    """task=run: forward a seeded prompt of ``task.tokens`` tokens through the swapped model; time it."""
+    from ..describe import describe
+    from ..factory import build
+
+    model = build(cfg)
+    ids = prompt_ids(cfg, p.tokens, model.config.vocab_size)
+    times = []
+    with torch.no_grad():
+        for i in range(p.warmup + p.iters):
+            t0 = time.perf_counter()
+            logits = model(ids).logits
+            if ids.device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= p.warmup:
+                times.append(time.perf_counter() - t0)
+    ms = statistics.median(times) * 1e3
+    table = Table(title=f"composer run: {model.config.model_type} ({type(model).__name__})", title_justify="left")
+    for col in ("module", "registry name", "implementation", "params"):
+        table.add_column(col)
+    rows = [s for s in describe(model, cfg) if s.registry_name.startswith("layer")]
+    for s in rows:
+        table.add_row(s.path, s.registry_name, s.implementation, f"{s.params:,}")
+    table.add_row("[b]model[/b]", "", f"logits {checksum(logits)}", f"{sum(q.numel() for q in model.parameters()):,}")
+    ctx.console.print(table)
+    ctx.console.print(f"tokens={ids.shape[1]} dtype={cfg.model.dtype} device={cfg.device} kernel={cfg.kernel.resolved} "
+                      f"quant={cfg.quant.name}: forward {ms:.3f} ms (median of {p.iters})")
+    return {"tokens": int(ids.shape[1]), "time_ms": ms, "output_checksum": checksum(logits),
+            "modules": [s.__dict__ for s in rows]}

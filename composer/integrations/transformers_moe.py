@@ -1,0 +1,403 @@
+"""The Transformers backend: keep a Hugging Face MoE model, run its experts through composer.
+
+``layer=transformers_moe model=hf model.path=DIR`` (or ``model.arch=qwen3_moe``) loads the Hugging Face model
+and swaps, in every sparse block,
+
+- ``layer.replace=experts`` (default): the experts module for :class:`TransformersFusedMoE`, a
+  PluggableLayer (``transformers_fused_moe``, a FusedMoE) that takes the HF router's output (top-k ids and
+  weights) and runs composer's quant method and experts kernel. transformers 5's packed weights
+  (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``) are adopted without a copy (the same Parameter);
+  transposed/interleaved (GPT-OSS) and per-expert ``nn.ModuleList`` layouts are packed once.
+- ``layer.replace=block``: the whole sparse block (router + experts + shared experts) for composer's
+  ``SparseMoEBlock`` (GateLinear -> Router -> FusedMoE + SharedExperts), for routers composer reproduces.
+
+Model code is never edited: modules are replaced by attribute on their parent.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from ..errors import ComposerError, ConfigError, Problem, WeightLoadError
+from ..layers.fused_moe import FusedMoE
+from ..registry import PluggableLayer
+from .hf_config import ARCHS, HFConfigError, hf_config, supported_text
+
+log = logging.getLogger(__name__)
+
+
+class UnsupportedModelError(ComposerError):
+    """A Hugging Face model whose experts composer cannot take over."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The experts layer
+
+
+@PluggableLayer.register("transformers_fused_moe")
+class TransformersFusedMoE(FusedMoE):
+    """A FusedMoE with the call convention of a transformers 5 experts module:
+    ``forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``."""
+
+    hf_class: str = ""  # the Hugging Face experts class this layer replaced
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = super().forward(hidden_states, top_k_weights.to(torch.float32), top_k_index.to(torch.int32))
+        return out.to(hidden_states.dtype)
+
+    def implementation(self) -> str:
+        return super().implementation() + (f" (replaces {self.hf_class})" if self.hf_class else "")
+
+
+def _experts_layout(module: nn.Module) -> str | None:
+    """'packed' (transformers 5: gate_up_proj [E, 2I, H]), 'packed_transposed_interleaved' (GPT-OSS),
+    'per_expert' (nn.ModuleList of gate/up/down projections), or None (not an experts module)."""
+    gup, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if isinstance(gup, torch.Tensor) and isinstance(down, torch.Tensor) and gup.dim() == 3:
+        transposed = bool(getattr(module, "is_transposed", False))
+        concatenated = bool(getattr(module, "is_concatenated", True))
+        if transposed and not concatenated:
+            return "packed_transposed_interleaved"
+        if not transposed and concatenated:
+            return "packed"
+        return f"unsupported(is_transposed={transposed}, is_concatenated={concatenated})"
+    if isinstance(module, nn.ModuleList) and len(module) and all(_per_expert_names(m) for m in module):
+        return "per_expert"
+    return None
+
+
+def _per_expert_names(m: nn.Module) -> tuple[str, str, str] | None:
+    for names in (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")):
+        if all(isinstance(getattr(m, n, None), nn.Linear) for n in names):
+            return names  # type: ignore[return-value]
+    return None
+
+
+def hf_expert_tensors(module: nn.Module) -> dict[str, Callable[[int], torch.Tensor]]:
+    """Per-expert tensors of an HF experts module in composer's orientation, by shard:
+    ``{"w1": e -> gate [I, H], "w3": up [I, H], "w2": down [H, I], "w1_bias", "w3_bias", "w2_bias"}``."""
+    layout = _experts_layout(module)
+    if layout == "packed":
+        I = module.gate_up_proj.shape[1] // 2
+        out = {"w1": lambda e: module.gate_up_proj[e, :I], "w3": lambda e: module.gate_up_proj[e, I:],
+               "w2": lambda e: module.down_proj[e]}
+        if getattr(module, "gate_up_proj_bias", None) is not None:
+            out.update(w1_bias=lambda e: module.gate_up_proj_bias[e, :I], w3_bias=lambda e: module.gate_up_proj_bias[e, I:],
+                       w2_bias=lambda e: module.down_proj_bias[e])
+        return out
+    if layout == "packed_transposed_interleaved":  # [E, H, 2I] with gate/up interleaved; down [E, I, H]
+        out = {"w1": lambda e: module.gate_up_proj[e, :, 0::2].t(), "w3": lambda e: module.gate_up_proj[e, :, 1::2].t(),
+               "w2": lambda e: module.down_proj[e].t()}
+        if getattr(module, "gate_up_proj_bias", None) is not None:
+            out.update(w1_bias=lambda e: module.gate_up_proj_bias[e, 0::2], w3_bias=lambda e: module.gate_up_proj_bias[e, 1::2],
+                       w2_bias=lambda e: module.down_proj_bias[e])
+        return out
+    if layout == "per_expert":
+        g, u, d = _per_expert_names(module[0])  # type: ignore[misc]
+        out = {"w1": lambda e: getattr(module[e], g).weight, "w3": lambda e: getattr(module[e], u).weight,
+               "w2": lambda e: getattr(module[e], d).weight}
+        if getattr(module[0], g).bias is not None:
+            out.update(w1_bias=lambda e: getattr(module[e], g).bias, w3_bias=lambda e: getattr(module[e], u).bias,
+                       w2_bias=lambda e: getattr(module[e], d).bias)
+        return out
+    raise UnsupportedModelError(f"{type(module).__name__}: expert weight layout {layout} is not supported")
+
+
+def weight_name_map(prefix: str, module: nn.Module) -> dict[str, str]:
+    """Hugging Face parameter name -> composer parameter name (e.g. ``...experts.gate_up_proj`` ->
+    ``...experts.w13``) for one experts module at ``prefix``; per-expert tensors map to a slice of w13/w2."""
+    layout = _experts_layout(module)
+    p = f"{prefix}." if prefix else ""
+    if layout in ("packed", "packed_transposed_interleaved"):
+        m = {f"{p}gate_up_proj": f"{p}w13", f"{p}down_proj": f"{p}w2"}
+        if getattr(module, "gate_up_proj_bias", None) is not None:
+            m.update({f"{p}gate_up_proj_bias": f"{p}w13_bias", f"{p}down_proj_bias": f"{p}w2_bias"})
+        return m
+    if layout == "per_expert":
+        g, u, d = _per_expert_names(module[0])  # type: ignore[misc]
+        out = {}
+        for e in range(len(module)):
+            out.update({f"{p}{e}.{g}.weight": f"{p}w13[{e}, :I]", f"{p}{e}.{u}.weight": f"{p}w13[{e}, I:]",
+                        f"{p}{e}.{d}.weight": f"{p}w2[{e}]"})
+        return out
+    return {}
+
+
+def find_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every experts module in ``model`` (outermost only)."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, FusedMoE) or any(name.startswith(f + ".") for f, _ in found):
+            continue
+        if name.rsplit(".", 1)[-1] == "experts" and _experts_layout(mod) is not None:
+            found.append((name, mod))
+    return found
+
+
+def _activation_for(module: nn.Module, arch: str) -> str:
+    if arch == "gpt_oss":
+        from ..layers.activation import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT
+
+        alpha, limit = float(getattr(module, "alpha", 1.702)), float(getattr(module, "limit", 7.0))
+        if (alpha, limit) != (SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT):
+            raise UnsupportedModelError(
+                f"{type(module).__name__}: swiglu alpha={alpha}, limit={limit}; composer's swigluoai uses "
+                f"alpha={SWIGLUOAI_ALPHA}, limit={SWIGLUOAI_LIMIT}. Keep the published constants "
+                "(model.hf_overrides.swiglu_alpha / swiglu_limit)")
+        return "swigluoai"
+    act = getattr(module, "act_fn", None)
+    name = type(act).__name__ if act is not None else "SiLU"
+    table = {"SiLU": "silu", "SiLUActivation": "silu", "GELUActivation": "gelu", "GELU": "gelu"}
+    if name not in table:
+        raise UnsupportedModelError(f"{type(module).__name__}: activation {name} has no composer equivalent "
+                                    "(silu, gelu, swigluoai)")
+    return table[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Building one composer experts layer from an HF experts module
+
+
+def _new_experts_layer(cfg: Any, hf_experts: nn.Module, arch: str, device: Any) -> TransformersFusedMoE:
+    from ..factory import build_experts
+    from ..config import Named
+
+    tensors = hf_expert_tensors(hf_experts)
+    E = _num_experts(hf_experts)
+    I, H = tensors["w1"](0).shape
+    m = cfg.model
+    if (E, H, I) != (m.num_experts, m.hidden_size, m.intermediate_size):
+        raise UnsupportedModelError(
+            f"{type(hf_experts).__name__}: experts (E={E}, H={H}, I={I}) differ from the model config "
+            f"(E={m.num_experts}, H={m.hidden_size}, I={m.intermediate_size})")
+    activation = _activation_for(hf_experts, arch)
+    has_bias = "w1_bias" in tensors
+    sub = cfg.model_copy(update={
+        "layer": Named(name="transformers_fused_moe"),
+        "model": m.model_copy(update={"activation": activation, "has_bias": has_bias}),
+    })
+    layer = build_experts(sub)  # the factory: quant method, experts kernel, all2all, out-of-tree swaps
+    if not isinstance(layer, TransformersFusedMoE):  # build_experts falls back to FusedMoE for non-FusedMoE names
+        raise UnsupportedModelError("the layer registered as 'transformers_fused_moe' is not a TransformersFusedMoE")
+    layer.hf_class = type(hf_experts).__name__
+    _load_experts(layer, hf_experts, tensors)
+    return layer
+
+
+def _num_experts(module: nn.Module) -> int:
+    return len(module) if isinstance(module, nn.ModuleList) else int(module.gate_up_proj.shape[0])
+
+
+@torch.no_grad()
+def _load_experts(layer: TransformersFusedMoE, hf: nn.Module, tensors: dict[str, Callable[[int], torch.Tensor]]) -> None:
+    """Adopt packed weights without a copy where the quant method stores them as they are; otherwise pack
+    once through the layer's weight loaders (vLLM's contract), then let the quant method process them."""
+    adoptable = (_experts_layout(hf) == "packed" and layer.quant_method.name == "none"
+                 and layer.local_num_experts == layer.global_num_experts
+                 and hf.gate_up_proj.dtype == layer.w13.dtype and hf.gate_up_proj.device == layer.w13.device)
+    if adoptable:
+        for ours, theirs in (("w13", "gate_up_proj"), ("w2", "down_proj"), ("w13_bias", "gate_up_proj_bias"),
+                             ("w2_bias", "down_proj_bias")):
+            p = getattr(hf, theirs, None)
+            if p is None or getattr(layer, ours, None) is None:
+                continue
+            if tuple(p.shape) != tuple(getattr(layer, ours).shape):
+                raise WeightLoadError(f"{type(hf).__name__}.{theirs}: shape {tuple(p.shape)}, composer's {ours} "
+                                      f"expects {tuple(getattr(layer, ours).shape)}")
+            p.requires_grad_(False)
+            p.weight_loader = layer.weight_loader  # type: ignore[attr-defined]
+            setattr(layer, ours, p)  # the same Parameter: no copy
+    else:
+        for e in range(layer.global_num_experts):
+            for shard, pname in (("w1", "w13"), ("w3", "w13"), ("w2", "w2")):
+                param = getattr(layer, pname)
+                param.weight_loader(param, tensors[shard](e), shard, e)
+                if f"{shard}_bias" in tensors:
+                    bparam = getattr(layer, f"{pname}_bias")
+                    bparam.weight_loader(bparam, tensors[f"{shard}_bias"](e), shard, e)
+    layer.quant_method.process_weights_after_loading(layer)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-block replacement
+
+
+class _HFGate(nn.Module):
+    """Router logits like the Hugging Face gate computes them: ``linear(x in the weight's dtype)`` in float32
+    (DeepSeek-V3 keeps its gate in float32)."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight).float()
+
+
+def _gate_of(block: nn.Module) -> nn.Module:
+    for name in ("gate", "router"):
+        g = getattr(block, name, None)
+        if g is not None and isinstance(getattr(g, "weight", None), torch.Tensor):
+            return g
+    raise UnsupportedModelError(f"{type(block).__name__}: no router found (looked for .gate / .router)")
+
+
+def _new_block(cfg: Any, block: nn.Module, arch: str) -> nn.Module:
+    from ..layers.block import SparseMoEBlock
+    from ..layers.router import Router
+    from ..layers.shared_experts import SharedExperts
+
+    m, r = cfg.model, cfg.model.router
+    gate = _gate_of(block)
+    if getattr(gate, "bias", None) is not None:
+        raise UnsupportedModelError(f"{type(gate).__name__} adds a bias to the router logits, which composer's router "
+                                    "does not; use layer.replace=experts")
+    experts = _new_experts_layer(cfg, block.experts, arch, cfg.device)
+    router = Router(m.num_experts, m.top_k, r.scoring, r.renormalize, r.num_expert_group, r.topk_group,
+                    r.score_correction_bias, r.routed_scaling_factor, cfg.device)
+    if r.score_correction_bias:
+        with torch.no_grad():
+            router.e_score_correction_bias.copy_(gate.e_score_correction_bias.float())
+    shared = None
+    hf_shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
+    if hf_shared is not None:
+        size = hf_shared.gate_proj.weight.shape[0]
+        with torch.device("meta"):
+            shared = SharedExperts(m.hidden_size, size, experts.activation, m.shared_expert_gate,
+                                   hf_shared.gate_proj.weight.dtype)
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            setattr(shared, n, getattr(hf_shared, n))  # the same Linear modules: no copy
+        if m.shared_expert_gate:
+            shared.gate = block.shared_expert_gate
+    return SparseMoEBlock(_HFGate(gate.weight), router, experts, shared)
+
+
+# ----------------------------------------------------------------------------------------------
+# The `transformers_moe` layer: build_model, config checks, task hooks
+
+
+class TransformersMoEParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    replace: Literal["experts", "block"] = "experts"
+
+
+def swap(model: nn.Module, cfg: Any, replace: str = "experts") -> list[str]:
+    """Replace the experts (or sparse blocks) of the Hugging Face ``model`` in place; returns the swapped paths."""
+    arch = getattr(getattr(model, "config", None), "model_type", None)
+    found = find_experts(model)
+    if arch not in ARCHS:
+        what = ", ".join(sorted({type(m).__name__ for _, m in found})) or "no experts module (no '.experts' with expert weights)"
+        raise UnsupportedModelError(
+            f"model type '{arch}' ({type(model).__name__}; experts class found: {what}) is not supported by "
+            f"layer=transformers_moe; supported architectures: {supported_text()}")
+    if not found:
+        raise UnsupportedModelError(f"{type(model).__name__}: found no experts module to replace")
+    if replace == "block" and not ARCHS[arch].block_router:
+        raise UnsupportedModelError(f"{arch}: composer's router does not reproduce this model's router (it adds a "
+                                    "bias to the logits); use layer.replace=experts")
+    swapped = []
+    for path, experts in found:
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        if replace == "block":
+            owner_path, _, owner_attr = parent_path.rpartition(".")
+            new: nn.Module = _new_block(cfg, parent, arch)
+            setattr(model.get_submodule(owner_path), owner_attr, new)
+            swapped.append(parent_path)
+        else:
+            if _experts_layout(experts) == "per_expert":
+                raise UnsupportedModelError(f"{path}: per-expert nn.ModuleList experts are called one by one by their "
+                                            "block; use layer.replace=block")
+            setattr(parent, attr, _new_experts_layer(cfg, experts, arch, cfg.device))
+            swapped.append(path)
+    return swapped
+
+
+def load_hf_model(cfg: Any, experts_implementation: str = "eager") -> nn.Module:
+    """The unmodified Hugging Face model of ``cfg.model`` (path or arch), in ``cfg.model.dtype`` on ``cfg.device``."""
+    from transformers import AutoModelForCausalLM
+
+    m = cfg.model
+    try:
+        hc = hf_config(m.path, m.arch, m.hf_overrides)
+    except HFConfigError as exc:
+        raise ConfigError([Problem(k, v, msg) for k, v, msg in exc.problems]) from None
+    kw = dict(dtype=m.torch_dtype, experts_implementation=experts_implementation)
+    if m.path is not None:
+        model = AutoModelForCausalLM.from_pretrained(m.path, config=hc, local_files_only=True, **kw)
+    else:
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(hc, **kw)
+        _randomize_zero_buffers(model, cfg.seed)
+    return model.to(cfg.device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _randomize_zero_buffers(model: nn.Module, seed: int) -> None:
+    """Random tiny models: give zero-initialized router state (DeepSeek-V3's score-correction bias) seeded
+    values so that the checks exercise it."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buf.copy_((torch.randn(buf.shape, generator=gen) * 0.05).to(buf.dtype))
+
+
+@PluggableLayer.register("transformers_moe")
+class TransformersMoE(PluggableLayer):
+    """The `transformers_moe` layer choice: not a module itself, it builds a Hugging Face model whose experts
+    (or sparse blocks) are composer layers. ``layer.replace``: experts | block."""
+
+    Params = TransformersMoEParams
+
+    @classmethod
+    def check_config(cls, params: TransformersMoEParams, model: Any) -> list[tuple[str, Any, str]]:
+        if model.name != "hf":
+            return [("", "transformers_moe", f"needs a Hugging Face model: add model=hf with model.arch=<{supported_text()}> "
+                     f"or model.path=<local dir> (model is '{model.name}')")]
+        arch = model.arch
+        if arch is None and model.path is not None:
+            try:
+                arch = hf_config(model.path, None, model.hf_overrides).model_type
+            except HFConfigError:
+                return []  # reported under model.path already
+        if params.replace == "block" and arch in ARCHS and not ARCHS[arch].block_router:
+            return [("replace", "block", f"{arch}'s router adds a bias to the logits, which composer's router does not; "
+                     "use layer.replace=experts")]
+        return []
+
+    @classmethod
+    def build_model(cls, cfg: Any, *, ep_rank: int = 0, group: Any = None, init: bool = True) -> nn.Module:
+        if cfg.parallel.ep_size != 1:
+            raise ConfigError([Problem("parallel.ep_size", cfg.parallel.ep_size,
+                                       "layer=transformers_moe runs on one rank for now; use parallel.ep_size=1")])
+        model = load_hf_model(cfg)
+        return swap_model(model, cfg)
+
+    @classmethod
+    def layer_task(cls, task: str) -> Callable[..., dict[str, Any]] | None:
+        """The task implementations this layer brings (tasks dispatch here instead of branching on the layer)."""
+        from . import check as hf_check
+
+        return {"check": hf_check.check, "run": hf_check.run}.get(task)
+
+
+def swap_model(model: nn.Module, cfg: Any) -> nn.Module:
+    """Swap ``model`` in place as ``cfg.layer.replace`` says; records the swapped paths on the model."""
+    replace = cfg.layer.params.replace if cfg.layer.params is not None else "experts"
+    try:
+        model.composer_swapped = swap(model, cfg, replace)
+    except UnsupportedModelError:
+        raise
+    return model.eval().requires_grad_(False)
+
+
+def reference_and_swapped(cfg: Any) -> tuple[nn.Module, nn.Module]:
+    """The unmodified model (experts_implementation='eager') and a swapped copy with the same weights."""
+    ref = load_hf_model(cfg, "eager")
+    model = swap_model(copy.deepcopy(ref), cfg)
+    return ref, model
