@@ -54,6 +54,9 @@ def _precheck(argv: list[str]) -> None:
                 p = check_group_choice(o.key_or_group, v)
                 if p:
                     problems.append(p)
+    from .launchers import launcher_problems
+
+    problems += launcher_problems(argv)  # hydra/launcher=slurm without its plugin installed
     if not problems:
         problems = _unknown_keys(overrides)
     if problems:

@@ -322,7 +322,7 @@ def draw_plots(out: Path, records: list[RunRecord], keys: list[str]) -> tuple[di
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise TaskFailed(f"the report's plots need matplotlib ({exc}); install it with "
-                         "pip install 'moe-composer[plots]', or run with task.plots=false") from None
+                         "pip install matplotlib (composer's 'plots' extra), or run with task.plots=false") from None
 
     modes = len({row["mode"] for r in records for row in r.rows})
     series: dict[str, list[tuple[RunRecord, dict[str, Any]]]] = {}
@@ -480,16 +480,17 @@ class Report(Task):
     @staticmethod
     def _print(ctx: TaskContext, title: str, header: list[str], body: list[list[Any]], records: list[RunRecord],
                out: Path, files: list[str]) -> None:
+        from rich.markup import escape
         from rich.table import Table
 
         t = Table(title=title, title_justify="left")
         for h in header:
-            t.add_column(h, overflow="fold")
+            t.add_column(escape(h), overflow="fold")
         for line, r in zip(body, records):
-            t.add_row(*(fmt(v) for v in line), style=None if r.status == "ok" else "red")
+            t.add_row(*(escape(fmt(v)) for v in line), style=None if r.status == "ok" else "red")
         ctx.console.print(t)
         bad = [r for r in records if r.status != "ok"]
         if bad:
             ctx.console.print(f"[red]{len(bad)} of {len(records)} runs did not succeed[/red]: "
-                              + "; ".join(f"{r.path}: {_first_line(r.error, 80)}" for r in bad), highlight=False)
-        ctx.console.print(f"report written to {out}: {', '.join(files)}", highlight=False)
+                              + escape("; ".join(f"{r.path}: {_first_line(r.error, 80)}" for r in bad)), highlight=False)
+        ctx.console.print(escape(f"report written to {out}: {', '.join(files)}"), highlight=False)

@@ -1,0 +1,87 @@
+"""Hydra launcher plugins that sweeps can use (``hydra/launcher=slurm``), and a clear message when one is missing.
+
+Sweeps outgrow one machine through Hydra's launcher plugins, not through composer: ``conf/hydra/launcher/slurm.yaml``
+extends the ``submitit_slurm`` config of ``hydra-submitit-launcher`` (the optional ``slurm`` extra). Without the
+plugin Hydra would fail with "Could not find 'hydra/launcher/submitit_slurm'"; the CLI checks first and says what
+to install (``launcher_problems``).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Sequence
+
+from .errors import Problem
+
+
+@dataclass(frozen=True)
+class LauncherPlugin:
+    module: str   # what must be importable
+    dist: str     # the pip distribution that provides it
+    extra: str    # composer's extra that pulls it in
+
+
+SUBMITIT = LauncherPlugin("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "slurm")
+# launcher config name (conf/hydra/launcher/<name>.yaml, or the plugin's own) -> the plugin it needs
+LAUNCHERS: dict[str, LauncherPlugin] = {"slurm": SUBMITIT, "submitit_slurm": SUBMITIT, "submitit_local": SUBMITIT}
+
+
+def plugin_available(plugin: LauncherPlugin) -> bool:
+    try:
+        importlib.import_module(plugin.module)
+    except ImportError:  # also when the module is hidden (sys.modules[name] = None)
+        return False
+    return True
+
+
+def launcher_problem(name: str) -> Problem | None:
+    """A Problem when the launcher ``name`` needs a plugin that is not installed; None otherwise."""
+    plugin = LAUNCHERS.get(name)
+    if plugin is None or plugin_available(plugin):
+        return None
+    return Problem("hydra/launcher", name,
+                   f"needs Hydra's launcher plugin {plugin.dist} (Python module {plugin.module}), which is not "
+                   f"installed here; install it with pip install {plugin.dist} (composer's '{plugin.extra}' extra), "
+                   f"or drop hydra/launcher={name} to run the sweep on this machine")
+
+
+def _launcher_in_file(group: str, name: str) -> str | None:
+    """``override hydra/launcher: X`` in the defaults list of conf/<group>/<name>.yaml (an experiment, say)."""
+    from .api import CONF_DIR
+
+    f = CONF_DIR / group / f"{name}.yaml"
+    if not f.is_file():
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(f.read_text()) or {}
+    except yaml.YAMLError:
+        return None
+    for entry in data.get("defaults", []) if isinstance(data, dict) else []:
+        if isinstance(entry, dict):
+            for k, v in entry.items():
+                if str(k).replace("override", "").strip().lstrip("/") == "hydra/launcher" and isinstance(v, str):
+                    return v
+    return None
+
+
+def launcher_problems(argv: Sequence[str]) -> list[Problem]:
+    """Problems with the launchers chosen on a command line: ``hydra/launcher=X`` or through an overlay
+    (``+experiment=X`` whose defaults override hydra/launcher)."""
+    problems: list[Problem] = []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, _, value = arg.partition("=")
+        key = key.lstrip("+~")
+        names: list[str] = []
+        if key == "hydra/launcher":
+            names = [value]
+        elif key in ("experiment", "deploy"):
+            names = [n for n in (_launcher_in_file(key, v) for v in value.split(",")) if n]
+        for n in names:
+            p = launcher_problem(n)
+            if p is not None and p not in problems:
+                problems.append(p)
+    return problems
