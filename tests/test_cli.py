@@ -1,0 +1,74 @@
+"""The `composer` command end to end (subprocesses, as a user runs it)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def composer(args, cwd, env_extra=None, timeout=300):
+    exe = shutil.which("composer", path=str(Path(sys.executable).parent)) or None
+    cmd = [exe] if exe else [sys.executable, "-m", "composer"]
+    env = dict(os.environ, COLUMNS="200", **(env_extra or {}))
+    env.pop("HYDRA_FULL_ERROR", None) if not env_extra or "HYDRA_FULL_ERROR" not in env_extra else None
+    return subprocess.run(cmd + list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_default_job_runs_and_writes_results(tmp_path):
+    proc = composer(["device=cpu", "hydra.run.dir=run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "composer run: tiny" in proc.stdout and "layer fused_moe" in proc.stdout
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["schema"] == "composer.results/1" and res["status"] == "ok" and res["task"] == "run"
+    assert res["config"]["model"]["name"] == "tiny" and len(res["config_hash"]) == 16
+    assert res["metrics"]["output_rel_err"] < 1e-2 and res["versions"]["torch"]
+    assert (tmp_path / "run" / "config.resolved.yaml").exists() and (tmp_path / "run" / ".hydra" / "config.yaml").exists()
+
+
+def test_check_passes_and_fails_with_exit_codes(tmp_path):
+    ok = composer(["task=check", "model=qwen3_30b_a3b", "model.num_layers=1", "model.hidden_size=64",
+                   "model.intermediate_size=32", "model.top_k=4", "device=cpu", "hydra.run.dir=ok"], tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "check passed" in ok.stdout
+    bad = composer(["task=check", "task.tolerance=1e-30", "device=cpu", "hydra.run.dir=bad"], tmp_path)
+    assert bad.returncode == 1
+    assert "check failed" in bad.stderr and "Traceback" not in bad.stderr
+    res = json.loads((tmp_path / "bad" / "results.json").read_text())
+    assert res["status"] == "failed" and "tolerance" in res["error"] and res["metrics"]["passed"] is False
+
+
+def test_bad_config_exits_2_without_traceback(tmp_path):
+    proc = composer(["model.top_k=9", "model.router.scoring=softmx", "quant.name=fp9", "hydra.run.dir=r"], tmp_path)
+    assert proc.returncode == 2
+    err = proc.stderr
+    assert "Traceback" not in err
+    assert "model.top_k = 9: must be <= model.num_experts = 8" in err
+    assert "Did you mean 'softmax'?" in err and "quant.name = 'fp9'" in err
+    unknown = composer(["quant=fp9"], tmp_path)
+    assert unknown.returncode == 2 and "no such quant config; choose one of" in unknown.stderr
+    typo = composer(["model.top_kk=3"], tmp_path)
+    assert typo.returncode == 2 and "Did you mean 'top_k'?" in typo.stderr
+    full = composer(["model.top_k=9", "hydra.run.dir=r2"], tmp_path, {"HYDRA_FULL_ERROR": "1"})
+    assert full.returncode != 0 and "Traceback" in full.stderr
+
+
+def test_cfg_job_and_info_defaults(tmp_path):
+    proc = composer(["--cfg", "job", "model=mixtral_8x7b"], tmp_path)
+    assert proc.returncode == 0 and "hidden_size: 4096" in proc.stdout and "intermediate_size: 14336" in proc.stdout
+    info = composer(["--info", "defaults"], tmp_path)
+    assert info.returncode == 0 and "model/tiny" in info.stdout and "kernel/auto" in info.stdout
+
+
+def test_multirun_runs_one_job_each_and_records_failures(tmp_path):
+    proc = composer(["-m", "model.top_k=1,2,9", "device=cpu", "hydra.sweep.dir=sweep"], tmp_path)
+    assert proc.returncode == 2, proc.stderr  # the top_k=9 job failed validation; the others ran
+    results = {}
+    for f in sorted((tmp_path / "sweep").glob("*/results.json")):
+        r = json.loads(f.read_text())
+        results[r["overrides"][0]] = r
+    assert set(results) == {"model.top_k=1", "model.top_k=2", "model.top_k=9"}
+    assert results["model.top_k=1"]["status"] == results["model.top_k=2"]["status"] == "ok"
+    assert results["model.top_k=9"]["status"] == "failed" and "must be <= model.num_experts" in results["model.top_k=9"]["error"]
