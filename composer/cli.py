@@ -109,11 +109,20 @@ def run_job(dcfg: DictConfig) -> dict[str, Any] | None:
     raw = to_plain(dcfg)
     task_name = raw.get("task", {}).get("name") if isinstance(raw.get("task"), dict) else None
     cfg = None
+    job = None  # several ranks (torchrun / parallel.ep_size > 1): composer.distributed.runtime.Job
     try:
         cfg = validate_config(raw)
+        from .distributed.runtime import Job
+
+        job = Job.start(cfg)
         from .tasks import TaskContext
 
-        metrics = TASKS.get(cfg.task.name)().run(cfg, TaskContext(run_dir=run_dir, console=_console()))
+        console = _console() if job is None or job.rank == 0 else Console(quiet=True)  # rank 0 prints
+        metrics = TASKS.get(cfg.task.name)().run(cfg, TaskContext(run_dir=run_dir, console=console))
+        if job is not None:
+            metrics = job.finish(metrics)  # raises if another rank failed
+            if job.rank != 0:  # rank 0 writes results.json for the whole job
+                return metrics
         (run_dir / "config.resolved.yaml").write_text(_yaml(cfg.to_dict()))
         write_results(run_dir, status="ok", task=cfg.task.name, metrics=metrics, config=cfg.to_dict(),
                       config_hash=cfg.config_hash(), overrides=overrides, device=cfg.device,
@@ -121,16 +130,23 @@ def run_job(dcfg: DictConfig) -> dict[str, Any] | None:
         return metrics
     except ComposerError as exc:
         code = 2 if isinstance(exc, ConfigError) else 1
-        write_results(run_dir, status="failed", task=task_name, metrics=getattr(exc, "metrics", None),
-                      config=cfg.to_dict() if cfg else raw, config_hash=cfg.config_hash() if cfg else None,
-                      overrides=overrides, error=str(exc), device=cfg.device if cfg else "cpu")
+        if job is not None:
+            job.fail(exc)
+        if job is None or job.rank == 0:
+            write_results(run_dir, status="failed", task=task_name, metrics=getattr(exc, "metrics", None),
+                          config=cfg.to_dict() if cfg else raw, config_hash=cfg.config_hash() if cfg else None,
+                          overrides=overrides, error=str(exc), device=cfg.device if cfg else "cpu")
         if _full_error():
             raise
-        _err.print(f"[red]error[/red]: {exc}", highlight=False)
+        _err.print(f"[red]error[/red]{'' if job is None else f' (rank {job.rank})'}: {exc}", highlight=False)
         if sweeping:
             _failures.append(code)
             return None
         sys.exit(code)
+    except BaseException as exc:  # an unexpected error on one rank: stop the others at once
+        if job is not None:
+            job.fail(exc)
+        raise
 
 
 def _yaml(d: dict[str, Any]) -> str:

@@ -74,6 +74,7 @@ class ReportSection(Section):
 class ParallelConfig(Section):
     ep_size: int = Field(1, ge=1)
     placement: Literal["linear", "round_robin"] = "linear"
+    timeout_s: float = Field(120.0, gt=0, description="seconds a collective may wait for the other ranks before the job fails")
 
 
 class Named(BaseModel):

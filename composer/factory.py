@@ -21,12 +21,14 @@ from .layers.shared_experts import SharedExperts
 from .registry import ALL2ALL, KERNELS, LAYERS, QUANT_METHODS, build_settings
 
 
-def build(cfg: ComposerConfig, *, ep_rank: int = 0, group: Any = None, init: bool = True) -> nn.Module:
+def build(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any = None, init: bool = True) -> nn.Module:
     """Build the module graph ``cfg`` describes, on ``cfg.device``, with seeded random weights.
 
     ``init=False`` leaves weights uninitialized for a checkpoint to be loaded; call
     ``finish_loading(model)`` after loading so quant methods process their weights.
+    Under expert parallelism ``ep_rank``/``group`` default to the distributed runtime's (init_from_env).
     """
+    ep_rank, group = _ep_place(cfg, ep_rank, group)
     layer_cls = LAYERS.get(cfg.layer.name)
     custom_build = getattr(layer_cls, "build_model", None)
     with build_settings(cfg.custom_ops, cfg.device):
@@ -39,8 +41,9 @@ def build(cfg: ComposerConfig, *, ep_rank: int = 0, group: Any = None, init: boo
     return model.eval().requires_grad_(False)
 
 
-def build_experts(cfg: ComposerConfig, *, ep_rank: int = 0, group: Any = None) -> FusedMoE:
+def build_experts(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any = None) -> FusedMoE:
     """One FusedMoE layer as configured (the layer class from ``layer.name``, swapped if out-of-tree)."""
+    ep_rank, group = _ep_place(cfg, ep_rank, group)
     m = cfg.model
     layer_cls = LAYERS.get(cfg.layer.name)
     if not issubclass(layer_cls, FusedMoE):
@@ -57,6 +60,24 @@ def build_experts(cfg: ComposerConfig, *, ep_rank: int = 0, group: Any = None) -
     ctx = EPContext(ep_rank, ep_size, layer.expert_map, group, cfg.all2all.params)
     layer.kernel.prepare_finalize = ALL2ALL.get(cfg.all2all.name)(ctx)
     return layer
+
+
+def _ep_place(cfg: ComposerConfig, ep_rank: int | None, group: Any) -> tuple[int, Any]:
+    """(ep_rank, group) as given, else the distributed runtime's under expert parallelism, else (0, None)."""
+    if ep_rank is not None:
+        return ep_rank, group
+    if cfg.parallel.ep_size > 1:
+        from .distributed.runtime import current
+
+        state = current()
+        if state is not None and state.ep_size == cfg.parallel.ep_size:
+            return state.ep_rank, group if group is not None else state.ep_group
+        from .distributed.runtime import DistributedError
+
+        raise DistributedError(f"parallel.ep_size = {cfg.parallel.ep_size} but this process has no expert-parallel "
+                               "runtime: call composer.distributed.runtime.init_from_env(cfg) first (the CLI does), "
+                               "or pass ep_rank= and group= to build()")
+    return 0, group
 
 
 def _block(cfg: ComposerConfig, index: int, ep_rank: int, group: Any) -> DecoderBlock:

@@ -38,6 +38,9 @@ class Check(Task):
             if s.get("router_weight_err", 0.0) > max(tol, 1e-6) * 10:
                 failures.append(f"{name}: router weights differ from float64 by {s['router_weight_err']:.3e}")
         if m["output_rel_err"] is not None and m["output_rel_err"] > tol:
+            if s.get("ep_vs_single_rel_err", 0.0) > tol:  # expert parallelism: vs the single-rank layer, same inputs
+                failures.append(f"{name}: expert-parallel output differs from the single-rank output by "
+                                f"{s['ep_vs_single_rel_err']:.3e} > {tol:.0e}")
             failures.append(f"output rel. error {m['output_rel_err']:.3e} > tolerance {tol:.0e}")
         m["tolerance"] = tol
         m["passed"] = not failures

@@ -13,9 +13,17 @@ from ..factory import _generator
 
 
 def make_tokens(cfg: ComposerConfig, tokens: int) -> torch.Tensor:
-    gen = _generator(cfg.seed, "tokens", tokens)
+    gen = _generator(cfg.seed, "tokens", tokens, *_rank_key())
     x = torch.randn(tokens, cfg.model.hidden_size, generator=gen)
     return x.to(device=cfg.device, dtype=cfg.model.torch_dtype)
+
+
+def _rank_key() -> tuple[int, ...]:
+    """Expert parallelism: ranks > 0 draw their own tokens (rank 0 draws the single-rank ones)."""
+    from ..distributed.runtime import current
+
+    state = current()
+    return (state.rank,) if state is not None and state.rank > 0 else ()
 
 
 def checksum(t: torch.Tensor) -> str:
@@ -25,6 +33,10 @@ def checksum(t: torch.Tensor) -> str:
 
 def compare(model: torch.nn.Module, x: torch.Tensor, cfg: ComposerConfig) -> dict[str, Any]:
     """Run once, compare every FusedMoE and the whole output with the float64 oracle."""
+    from ..distributed.check import compare_ep, is_expert_parallel
+
+    if is_expert_parallel(model):  # also vs the single-rank model from the same seed (composer.distributed.check)
+        return compare_ep(model, x, cfg)
     out, caps = capture_experts(model, x)
     result: dict[str, Any] = {"output_checksum": checksum(out), "layers": {}}
     for name, cap in caps.items():
