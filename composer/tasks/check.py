@@ -16,6 +16,8 @@ class CheckParams(RunParams):
     choice_margin: float = Field(1e-2, ge=0, description="max float64 score gap of a chosen expert below the k-th best")
     iters: int = Field(1, ge=1)
     warmup: int = Field(0, ge=0)
+    unquantized_oracle: bool = Field(True, description="quantized methods: also compare with the unquantized "
+                                     "float64 oracle (rebuilds the model with quant=none from the same seed)")
 
 
 @register_task("check")
@@ -28,20 +30,26 @@ class Check(Task):
         if own is not None:  # a layer that brings its own model checks it (the Transformers backend)
             return own(cfg, ctx, p)
         tol = p.tolerance if p.tolerance is not None else TOLERANCE[cfg.model.dtype]
+        from ..quant.checking import failures as quant_failures, tolerances as quant_tolerances
+
+        tol, quant_bound = quant_tolerances(cfg, p.tolerance)  # quantized: per-method (docs/quantization.md)
         m = run_and_report(cfg, ctx, p, f"composer check: {cfg.model.name}")
         failures = []
         for name, s in m["layers"].items():
             if s["experts_rel_err"] > tol:
                 failures.append(f"{name}: experts rel. error {s['experts_rel_err']:.3e} > {tol:.0e}")
+            if s.get("ep_vs_single_rel_err", 0.0) > tol:  # expert parallelism: vs the single-rank layer, same inputs
+                failures.append(f"{name}: expert-parallel output differs from the single-rank output by "
+                                f"{s['ep_vs_single_rel_err']:.3e} > {tol:.0e}")
             if s.get("router_choice_gap", 0.0) > p.choice_margin:
                 failures.append(f"{name}: router chose an expert {s['router_choice_gap']:.3e} below the k-th best score")
             if s.get("router_weight_err", 0.0) > max(tol, 1e-6) * 10:
                 failures.append(f"{name}: router weights differ from float64 by {s['router_weight_err']:.3e}")
         if m["output_rel_err"] is not None and m["output_rel_err"] > tol:
-            if s.get("ep_vs_single_rel_err", 0.0) > tol:  # expert parallelism: vs the single-rank layer, same inputs
-                failures.append(f"{name}: expert-parallel output differs from the single-rank output by "
-                                f"{s['ep_vs_single_rel_err']:.3e} > {tol:.0e}")
             failures.append(f"output rel. error {m['output_rel_err']:.3e} > tolerance {tol:.0e}")
+        failures += quant_failures(m, quant_bound, ctx.console)
+        if m.get("mode_vs_eager_rel_err", 0.0) > tol:
+            failures.append(f"{m['mode']} output differs from eager by {m['mode_vs_eager_rel_err']:.3e} > {tol:.0e}")
         m["tolerance"] = tol
         m["passed"] = not failures
         if failures:

@@ -47,6 +47,10 @@ def compare(model: torch.nn.Module, x: torch.Tensor, cfg: ComposerConfig) -> dic
         result["output_rel_err"] = rel_error(out, ref)
         for i, s in enumerate(stats):
             result["layers"][f"layers.{i}.mlp.experts"].update(s)
+    if cfg.quant.name != "none" and getattr(cfg.task.params, "unquantized_oracle", False):
+        from ..quant.checking import compare_unquantized  # also vs the unquantized float64 oracle
+
+        compare_unquantized(result, model, x, caps, out, cfg)
     result["tolerance"] = TOLERANCE[cfg.model.dtype]
     return result
 
@@ -57,3 +61,48 @@ def slot_table(title: str) -> Table:
                     ("checksum", {}), ("max err vs ref", {"justify": "right"}), ("time ms", {"justify": "right"})):
         t.add_column(col, **kw)
     return t
+
+
+def make_runner(model: torch.nn.Module, cfg: ComposerConfig, x: torch.Tensor):
+    """The forward as configured: eager, ``torch.compile(fullgraph=True)``, and/or a CUDA-graph replay.
+
+    The CUDA graph is captured for ``x``'s shape; the returned callable copies its input into the
+    captured buffer and replays.
+    """
+    fn = torch.compile(model, fullgraph=True) if cfg.compile else model
+    if not cfg.cuda_graph:
+        return fn
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(2):  # warm up (and compile) outside the capture
+            fn(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_out = fn(static_x)
+
+    def replay(inp: torch.Tensor) -> torch.Tensor:
+        static_x.copy_(inp)
+        graph.replay()
+        return static_out
+
+    return replay
+
+
+def time_runner(runner, x: torch.Tensor, warmup: int, iters: int) -> list[float]:
+    import time
+
+    out = []
+    with torch.no_grad():
+        for i in range(warmup + iters):
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            runner(x)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                out.append(time.perf_counter() - t0)
+    return out

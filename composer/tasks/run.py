@@ -10,7 +10,7 @@ from ..describe import describe
 from ..factory import build
 from ..registry import LAYERS
 from . import Task, TaskContext, TaskParams, register_task
-from .common import checksum, compare, make_tokens, slot_table
+from .common import checksum, compare, make_runner, make_tokens, slot_table, time_runner
 from ..checking import time_modules
 
 
@@ -44,8 +44,23 @@ def run_and_report(cfg: Any, ctx: TaskContext, p: RunParams, title: str) -> dict
     ctx.console.print(f"tokens={p.tokens} dtype={cfg.model.dtype} device={cfg.device} kernel={cfg.kernel.resolved} "
                       f"quant={cfg.quant.name}: output rel. error vs float64 oracle {out_err:.2e} "
                       f"(tolerance {cmp['tolerance']:.0e})" if out_err is not None else "")
-    return {"tokens": p.tokens, "time_ms": total_ms, "output_checksum": cmp["output_checksum"],
-            "output_rel_err": out_err, "tolerance": cmp["tolerance"], "layers": cmp["layers"], "modules": rows}
+    metrics = {"tokens": p.tokens, "time_ms": total_ms, "output_checksum": cmp["output_checksum"],
+               "output_rel_err": out_err, "tolerance": cmp["tolerance"], "layers": cmp["layers"], "modules": rows}
+    if cfg.compile or cfg.cuda_graph:
+        import torch
+
+        mode = "+".join(m for m, on in (("compile", cfg.compile), ("cuda_graph", cfg.cuda_graph)) if on)
+        runner = make_runner(model, cfg, x)
+        with torch.no_grad():
+            eager, fast = model(x), runner(x)
+        from ..checking import rel_error
+
+        metrics["mode"] = mode
+        metrics["mode_vs_eager_rel_err"] = rel_error(fast, eager)
+        metrics["mode_time_ms"] = statistics.median(time_runner(runner, x, p.warmup, p.iters)) * 1e3
+        ctx.console.print(f"{mode}: output rel. error vs eager {metrics['mode_vs_eager_rel_err']:.2e}, "
+                          f"time {metrics['mode_time_ms']:.3f} ms (eager {total_ms:.3f} ms)")
+    return metrics
 
 
 @register_task("run")
