@@ -78,6 +78,8 @@ def _unknown_keys(overrides: list[Any]) -> list[Any]:
         return f"{o.key_or_group}={v}"
 
     groups = [first(o) for o in overrides if o.key_or_group in GROUPS and o.package is None]
+    # overlays (+experiment=..., +deploy=...) choose groups and add keys of their own: compose with them
+    groups += [f"+{first(o)}" for o in overrides if o.is_add() and (CONF_DIR / o.key_or_group).is_dir()]
     plain = [o for o in overrides if o.key_or_group not in GROUPS and not o.is_add() and not o.is_force_add()
              and not o.is_delete()]
     try:
