@@ -1,0 +1,116 @@
+"""conf/deploy presets (`composer +deploy=<name>`) and conf/experiment overlays compose, validate and build,
+or are refused with the hardware they need."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from composer import build, load_config
+from composer.api import CONF_DIR
+from composer.errors import ConfigError
+from composer.registry import QUANT_METHODS
+from composer.tasks import TaskContext
+from composer.tasks.check import Check
+
+PRESETS = sorted(p.stem for p in (CONF_DIR / "deploy").glob("*.yaml"))
+
+
+def test_the_presets_the_issue_names_exist():
+    assert {"cpu_reference", "h100_bf16", "h100_fp8"} <= set(PRESETS)
+    for name in PRESETS:
+        assert (CONF_DIR / "deploy" / f"{name}.yaml").read_text().startswith("# @package _global_")
+
+
+def cuda_capability():
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_composes_and_builds_or_names_the_hardware(name):
+    try:
+        cfg = load_config(None, [f"+deploy={name}"])
+    except ConfigError as err:
+        text = str(err)
+        keys = {p.key for p in err.problems}
+        if not torch.cuda.is_available():
+            # the GPU presets pin device=cuda: refused here because there is no CUDA device, and said so
+            assert name.startswith("h100"), text
+            assert "device" in keys and "no CUDA device is visible here" in text, text
+            return
+        # on a GPU the only acceptable refusal is fp8 on a card older than sm89
+        assert name == "h100_fp8" and cuda_capability() < (8, 9) and "capability" in text, text
+        return
+    if name.startswith("h100"):
+        assert cfg.device == "cuda" and cfg.kernel.resolved == "triton" and cfg.model.dtype == "bfloat16"
+        assert cfg.quant.name == ("fp8_w8a8" if name == "h100_fp8" else "none")
+    model = build(cfg)
+    x = torch.randn(8, cfg.model.hidden_size, device=cfg.device, dtype=cfg.model.torch_dtype)
+    out = model(x)
+    assert out.shape == x.shape and torch.isfinite(out.float()).all()
+
+
+def test_cpu_reference_is_the_float32_torch_reference_and_passes_check(tmp_path):
+    cfg = load_config(None, ["+deploy=cpu_reference", "task=check"])
+    assert (cfg.device, cfg.kernel.name, cfg.kernel.resolved, cfg.quant.name, cfg.model.dtype) == \
+        ("cpu", "torch", "torch", "none", "float32")
+    m = Check().run(cfg, TaskContext(run_dir=tmp_path))
+    assert m["passed"] and m["tolerance"] == 1e-5 and m["output_rel_err"] < 1e-5
+
+
+def test_command_line_beats_the_preset():
+    cfg = load_config(None, ["+deploy=cpu_reference", "model.dtype=bfloat16", "model=olmoe", "model.num_experts=8",
+                             "model.hidden_size=32", "model.intermediate_size=16", "model.num_layers=1"])
+    assert cfg.model.dtype == "bfloat16" and cfg.model.name == "olmoe" and cfg.kernel.resolved == "torch"
+
+
+def test_h100_fp8_quantization_runs_on_cpu_with_the_reference_kernel():
+    """The preset's quant section is real: with the device and kernel overridden it builds and runs here."""
+    if "fp8_w8a8" not in QUANT_METHODS:
+        with pytest.raises(ConfigError, match="fp8_w8a8"):
+            load_config(None, ["+deploy=h100_fp8", "device=cpu", "kernel=torch"])
+        return
+    cfg = load_config(None, ["+deploy=h100_fp8", "device=cpu", "kernel=torch"])
+    assert cfg.quant.name == "fp8_w8a8" and cfg.quant.granularity == "per_token_channel"
+    model = build(cfg)
+    assert any(p.dtype == torch.float8_e4m3fn for p in model.parameters())
+    x = torch.randn(8, cfg.model.hidden_size, dtype=torch.bfloat16)
+    assert torch.isfinite(model(x).float()).all()
+
+
+def test_deploy_preset_from_the_command_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.run([sys.executable, "-m", "composer", "+deploy=cpu_reference", "task=show",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert doc["status"] == "ok" and doc["overrides"] == ["+deploy=cpu_reference", "task=show"]
+    assert doc["config"]["model"]["dtype"] == "float32" and doc["config"]["kernel"]["name"] == "torch"
+
+
+def hydra_compose(overrides):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+def test_experiment_overlays_carry_their_sweep():
+    cfg = hydra_compose(["+experiment=cpu_smoke"])
+    assert cfg.task.name == "check" and cfg.kernel.name == "torch" and cfg.device == "cpu"
+    assert dict(cfg.hydra.sweeper.params) == {"quant": "none,int8_w8a16", "model.top_k": "1,2"}
+    assert str(cfg.hydra.sweep.dir).startswith("multirun/cpu_smoke/")
+    if not (CONF_DIR / "task" / "bench.yaml").exists():  # task=bench's config is not in the tree yet
+        with pytest.raises(Exception, match="task/bench"):
+            hydra_compose(["+experiment=kernel_sweep"])
+        return
+    cfg = hydra_compose(["+experiment=kernel_sweep"])
+    assert cfg.task.name == "bench" and cfg.device == "cuda"
+    assert set(cfg.hydra.sweeper.params) == {"model", "quant", "kernel"}

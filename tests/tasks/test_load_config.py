@@ -1,0 +1,89 @@
+"""composer.load_config on standalone deployment files: implementations by registry name, every error names
+the key and the file."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from composer import build, load_config
+from composer.errors import ConfigError
+
+
+def write(tmp_path, text, name="deploy.yaml"):
+    f = tmp_path / name
+    f.write_text(textwrap.dedent(text))
+    return f
+
+
+def test_a_deployment_file_picks_implementations_by_name(tmp_path):
+    f = write(tmp_path, """
+        schema_version: 1
+        model: {top_k: 1, dtype: float32}
+        kernel: torch
+        quant: {name: int8_w8a16}
+        device: cpu
+    """)
+    cfg = load_config(f)
+    assert (cfg.model.top_k, cfg.model.dtype, cfg.kernel.name, cfg.quant.name) == (1, "float32", "torch", "int8_w8a16")
+    assert cfg.model.num_experts == 8  # the rest comes from the defaults (model=tiny)
+    cfg2 = load_config(str(f), overrides=["quant=none", "model.top_k=2"])  # the caller's overrides win
+    assert (cfg2.quant.name, cfg2.model.top_k) == ("none", 2)
+    assert cfg2.config_hash() != cfg.config_hash() and load_config(f).config_hash() == cfg.config_hash()
+    assert sum(p.numel() for p in build(cfg2).parameters()) > 0
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path):
+    f = write(tmp_path, """
+        model: {top_kk: 2}
+        kernel: torch
+    """)
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    text = str(e.value)
+    assert str(f) in text and "model.top_kk = 2: unknown key" in text and "Did you mean 'top_k'?" in text
+    assert e.value.source == str(f)
+
+
+def test_unknown_top_level_section_names_the_file(tmp_path):
+    f = write(tmp_path, "modle: {top_k: 2}\n")
+    with pytest.raises(ConfigError, match=r"(?s)in .*deploy.yaml.*modle = .*unknown top-level key.*Did you mean 'model'\?"):
+        load_config(f)
+
+
+def test_unknown_schema_version(tmp_path):
+    f = write(tmp_path, "schema_version: 2\nkernel: torch\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(f) in str(e.value)
+    assert [p.key for p in e.value.problems] == ["schema_version"]
+    assert "reads schema version 1" in str(e.value)
+
+
+def test_unknown_implementation_names_with_did_you_mean(tmp_path):
+    f = write(tmp_path, "kernel: tritn\nquant: {name: fp9_w8a8}\nall2all: nane\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    text = str(e.value)
+    assert "kernel.name = 'tritn': unknown experts kernel" in text and "Did you mean 'triton'?" in text
+    assert "quant.name = 'fp9_w8a8'" in text and "Did you mean 'fp8_w8a8'?" in text
+    assert "all2all.name = 'nane'" in text and "Did you mean 'none'?" in text
+    assert len(e.value.problems) == 3  # every problem at once
+
+
+def test_an_import_path_is_not_a_name(tmp_path):
+    """A deployment file cannot make composer import code: implementations are registry names only."""
+    f = write(tmp_path, "kernel: {name: composer.kernels.torch_backend.TorchExperts}\n")
+    with pytest.raises(ConfigError, match=r"kernel.name = 'composer.kernels.torch_backend.TorchExperts': unknown"):
+        load_config(f)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"no such config file"):
+        load_config(tmp_path / "nope.yaml")
+    bad = write(tmp_path, "model: [unclosed\n", "bad.yaml")
+    with pytest.raises(ConfigError, match=r"not valid YAML"):
+        load_config(bad)
+    lst = write(tmp_path, "- a\n- b\n", "list.yaml")
+    with pytest.raises(ConfigError, match=r"must be a YAML mapping"):
+        load_config(lst)
