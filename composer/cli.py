@@ -140,7 +140,9 @@ def run_job(dcfg: DictConfig) -> dict[str, Any] | None:
                           overrides=overrides, error=str(exc), device=cfg.device if cfg else "cpu")
         if _full_error():
             raise
-        _err.print(f"[red]error[/red]{'' if job is None else f' (rank {job.rank})'}: {exc}", highlight=False)
+        from rich.markup import escape  # messages may quote paths like [/a/b.cc:12]
+
+        _err.print(f"[red]error[/red]{'' if job is None else f' (rank {job.rank})'}: {escape(str(exc))}", highlight=False)
         if sweeping:
             _failures.append(code)
             return None

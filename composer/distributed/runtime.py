@@ -211,7 +211,7 @@ def collective(what: str, timeout_s: float | None = None) -> Iterator[None]:
         limit = f" or is more than parallel.timeout_s={t:g} s late" if t is not None else ""
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise DistributedError(f"{rank}: {what} failed: another rank has probably failed (see its error){limit}. "
-                               f"[{type(exc).__name__}: {first}]") from exc
+                               f"(cause: {type(exc).__name__}: {first})") from exc
 
 
 def abort(state: DistState | None = None) -> None:
