@@ -60,7 +60,8 @@ def _experts_layout(module: nn.Module) -> str | None:
     gup, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     if isinstance(gup, torch.Tensor) and isinstance(down, torch.Tensor) and gup.dim() == 3:
         transposed = bool(getattr(module, "is_transposed", False))
-        concatenated = bool(getattr(module, "is_concatenated", True))
+        # older transformers 5 releases lack the flag; GPT-OSS interleaves gate/up there too
+        concatenated = bool(getattr(module, "is_concatenated", not type(module).__name__.startswith("GptOss")))
         if transposed and not concatenated:
             return "packed_transposed_interleaved"
         if not transposed and concatenated:
@@ -163,7 +164,9 @@ def _activation_for(module: nn.Module, arch: str) -> str:
 # Building one composer experts layer from an HF experts module
 
 
-def _new_experts_layer(cfg: Any, hf_experts: nn.Module, arch: str, device: Any) -> TransformersFusedMoE:
+def _new_experts_layer(cfg: Any, hf_experts: nn.Module, arch: str, device: Any,
+                       layer_name: str = "transformers_fused_moe") -> FusedMoE:
+    """``transformers_fused_moe`` takes HF's call convention (experts swap); ``fused_moe`` composer's (block swap)."""
     from ..factory import build_experts
     from ..config import Named
 
@@ -178,11 +181,11 @@ def _new_experts_layer(cfg: Any, hf_experts: nn.Module, arch: str, device: Any) 
     activation = _activation_for(hf_experts, arch)
     has_bias = "w1_bias" in tensors
     sub = cfg.model_copy(update={
-        "layer": Named(name="transformers_fused_moe"),
+        "layer": Named(name=layer_name),
         "model": m.model_copy(update={"activation": activation, "has_bias": has_bias}),
     })
     layer = build_experts(sub)  # the factory: quant method, experts kernel, all2all, out-of-tree swaps
-    if not isinstance(layer, TransformersFusedMoE):  # build_experts falls back to FusedMoE for non-FusedMoE names
+    if layer_name == "transformers_fused_moe" and not isinstance(layer, TransformersFusedMoE):
         raise UnsupportedModelError("the layer registered as 'transformers_fused_moe' is not a TransformersFusedMoE")
     layer.hf_class = type(hf_experts).__name__
     _load_experts(layer, hf_experts, tensors)
@@ -194,7 +197,7 @@ def _num_experts(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def _load_experts(layer: TransformersFusedMoE, hf: nn.Module, tensors: dict[str, Callable[[int], torch.Tensor]]) -> None:
+def _load_experts(layer: FusedMoE, hf: nn.Module, tensors: dict[str, Callable[[int], torch.Tensor]]) -> None:
     """Adopt packed weights without a copy where the quant method stores them as they are; otherwise pack
     once through the layer's weight loaders (vLLM's contract), then let the quant method process them."""
     adoptable = (_experts_layout(hf) == "packed" and layer.quant_method.name == "none"
@@ -257,7 +260,7 @@ def _new_block(cfg: Any, block: nn.Module, arch: str) -> nn.Module:
     if getattr(gate, "bias", None) is not None:
         raise UnsupportedModelError(f"{type(gate).__name__} adds a bias to the router logits, which composer's router "
                                     "does not; use layer.replace=experts")
-    experts = _new_experts_layer(cfg, block.experts, arch, cfg.device)
+    experts = _new_experts_layer(cfg, block.experts, arch, cfg.device, layer_name="fused_moe")
     router = Router(m.num_experts, m.top_k, r.scoring, r.renormalize, r.num_expert_group, r.topk_group,
                     r.score_correction_bias, r.routed_scaling_factor, cfg.device)
     if r.score_correction_bias:

@@ -1,0 +1,348 @@
+"""The Transformers backend on the CPU: every supported architecture the installed transformers has, tiny random
+configs, against the unmodified Hugging Face model (experts_implementation="eager")."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from composer import load_config  # noqa: E402
+from composer.checking import rel_error  # noqa: E402
+from composer.errors import ConfigError  # noqa: E402
+from composer.integrations.check import GENERATE_TOKENS, greedy, prompt_ids  # noqa: E402
+from composer.integrations.hf_config import ARCHS, installed_archs  # noqa: E402
+from composer.integrations.transformers_moe import (  # noqa: E402
+    TransformersFusedMoE, UnsupportedModelError, _new_experts_layer, find_experts, hf_expert_tensors, load_hf_model,
+    reference_and_swapped, swap, swap_model, weight_name_map,
+)
+
+INSTALLED = installed_archs()
+
+
+def arch_param(arch: str):
+    return pytest.param(arch, marks=pytest.mark.skipif(arch not in INSTALLED,
+                                                       reason=f"transformers {transformers.__version__} has no {arch}"))
+
+
+ALL = [arch_param(a) for a in ARCHS]
+BLOCK = [arch_param(a) for a in ARCHS if ARCHS[a].block_router]
+
+
+def cfg_for(arch: str | None = None, *extra: str, path: str | None = None):
+    where = [f"model.arch={arch}"] if arch else [f"model.path={path}"]
+    return load_config(None, ["device=cpu", "layer=transformers_moe", "model=hf", *where, *extra])
+
+
+_PAIRS: dict[tuple, tuple] = {}
+
+
+def pair(arch: str, replace: str = "experts"):
+    """(cfg, reference, swapped) built once per (arch, replace)."""
+    key = (arch, replace)
+    if key not in _PAIRS:
+        cfg = cfg_for(arch, f"layer.replace={replace}")
+        _PAIRS[key] = (cfg, *reference_and_swapped(cfg))
+    return _PAIRS[key]
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_experts_swap_logits_and_generate_equal(arch):
+    cfg, ref, model = pair(arch)
+    swapped = [m for m in model.modules() if isinstance(m, TransformersFusedMoE)]
+    assert swapped and len(swapped) == len(model.composer_swapped)
+    assert not find_experts(model), "an HF experts module was left in place"
+    ids = prompt_ids(cfg, 16, ref.config.vocab_size)
+    assert rel_error(logits(model, ids), logits(ref, ids)) <= 1e-5
+    assert torch.equal(greedy(model, ids, GENERATE_TOKENS), greedy(ref, ids, GENERATE_TOKENS))
+
+
+@pytest.mark.parametrize("arch", BLOCK)
+def test_block_swap_logits_and_generate_equal(arch):
+    from composer.layers.block import SparseMoEBlock
+
+    cfg, ref, model = pair(arch, "block")
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoEBlock)]
+    assert blocks and len(blocks) == len(model.composer_swapped)
+    if cfg.model.num_shared_experts:
+        assert all(b.shared_experts is not None for b in blocks)
+    ids = prompt_ids(cfg, 16, ref.config.vocab_size)
+    assert rel_error(logits(model, ids), logits(ref, ids)) <= 1e-5
+    assert torch.equal(greedy(model, ids, GENERATE_TOKENS), greedy(ref, ids, GENERATE_TOKENS))
+
+
+def test_block_swap_refused_for_gpt_oss_router_bias():
+    if "gpt_oss" not in INSTALLED:
+        pytest.skip("no gpt_oss in this transformers")
+    with pytest.raises(ConfigError, match="router adds a bias"):
+        cfg_for("gpt_oss", "layer.replace=block")
+
+
+def test_the_check_can_fail():
+    """A swapped layer whose weights differ from the HF model's makes task=check fail."""
+    from composer.integrations import check as hf_check
+    from composer.tasks import TaskContext, TaskFailed
+    from rich.console import Console
+
+    cfg = cfg_for("qwen3_moe")
+    ref, model = reference_and_swapped(cfg)
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.w2.mul_(1.001)
+    orig = hf_check.__dict__.get("reference_and_swapped")
+    import composer.integrations.transformers_moe as tm
+
+    saved = tm.reference_and_swapped
+    tm.reference_and_swapped = lambda c: (ref, model)
+    try:
+        with pytest.raises(TaskFailed, match="layers.1.mlp.experts"):
+            hf_check.check(cfg, TaskContext(Path("."), Console(file=open(os.devnull, "w"))), cfg.task.params)
+    finally:
+        tm.reference_and_swapped = saved
+    assert orig is None
+
+
+def test_packed_weights_adopted_without_copy():
+    cfg = cfg_for("qwen3_moe")
+    model = load_hf_model(cfg)
+    ptrs = {p: (e.gate_up_proj.data_ptr(), e.down_proj.data_ptr()) for p, e in find_experts(model)}
+    swap_model(model, cfg)
+    for path, (gup, down) in ptrs.items():
+        layer = model.get_submodule(path)
+        assert isinstance(layer, TransformersFusedMoE)
+        assert layer.w13.data_ptr() == gup and layer.w2.data_ptr() == down
+
+
+def test_gpt_oss_deinterleaved_once():
+    if "gpt_oss" not in INSTALLED:
+        pytest.skip("no gpt_oss in this transformers")
+    cfg = cfg_for("gpt_oss")
+    model = load_hf_model(cfg)
+    hf = model.model.layers[0].mlp.experts
+    I = hf.down_proj.shape[1]
+    gup, bias, down = hf.gate_up_proj.clone(), hf.gate_up_proj_bias.clone(), hf.down_proj.clone()
+    swap_model(model, cfg)
+    layer = model.model.layers[0].mlp.experts
+    assert torch.equal(layer.w13[:, :I], gup[:, :, 0::2].transpose(1, 2))
+    assert torch.equal(layer.w13[:, I:], gup[:, :, 1::2].transpose(1, 2))
+    assert torch.equal(layer.w13_bias[:, :I], bias[:, 0::2]) and torch.equal(layer.w13_bias[:, I:], bias[:, 1::2])
+    assert torch.equal(layer.w2, down.transpose(1, 2))
+    assert layer.activation == "swigluoai"
+
+
+def test_gpt_oss_activation_matches_composer_swigluoai():
+    """transformers' GptOssExperts._apply_gate on interleaved halves == composer's swigluoai on gate|up halves."""
+    if "gpt_oss" not in INSTALLED:
+        pytest.skip("no gpt_oss in this transformers")
+    from composer.layers.activation import swigluoai_and_mul
+
+    hf = load_hf_model(cfg_for("gpt_oss")).model.layers[0].mlp.experts
+    x = torch.randn(64, 2 * 48) * 6  # reaches the clamp at +-7
+    ours = swigluoai_and_mul(torch.cat([x[:, 0::2], x[:, 1::2]], dim=-1))
+    assert torch.equal(ours, hf._apply_gate(x))
+
+
+def _as_module_list(experts):
+    """transformers 4-style per-expert experts with the same weights as a packed module."""
+    from torch import nn
+
+    I = experts.down_proj.shape[2]
+    H = experts.down_proj.shape[1]
+    mods = nn.ModuleList()
+    for e in range(experts.gate_up_proj.shape[0]):
+        m = nn.Module()
+        m.gate_proj, m.up_proj, m.down_proj = nn.Linear(H, I, bias=False), nn.Linear(H, I, bias=False), nn.Linear(I, H, bias=False)
+        with torch.no_grad():
+            m.gate_proj.weight.copy_(experts.gate_up_proj[e, :I])
+            m.up_proj.weight.copy_(experts.gate_up_proj[e, I:])
+            m.down_proj.weight.copy_(experts.down_proj[e])
+        mods.append(m)
+    return mods
+
+
+def test_per_expert_module_list_packed_once_and_weight_names():
+    cfg = cfg_for("qwen3_moe")
+    model = load_hf_model(cfg)
+    packed = model.model.layers[0].mlp.experts
+    per_expert = _as_module_list(packed)
+    a = _new_experts_layer(cfg, packed, "qwen3_moe", "cpu")
+    b = _new_experts_layer(cfg, per_expert, "qwen3_moe", "cpu")
+    assert torch.equal(a.w13, b.w13) and torch.equal(a.w2, b.w2)
+    assert b.w13.data_ptr() != per_expert[0].gate_proj.weight.data_ptr()  # packed into one tensor
+    x, ids, w = torch.randn(5, 64), torch.randint(0, 8, (5, 2)), torch.rand(5, 2)
+    assert torch.equal(a(x, ids, w), b(x, ids, w))
+
+    names = weight_name_map("model.layers.0.mlp.experts", per_expert)
+    assert names["model.layers.0.mlp.experts.3.gate_proj.weight"] == "model.layers.0.mlp.experts.w13[3, :I]"
+    assert names["model.layers.0.mlp.experts.3.up_proj.weight"] == "model.layers.0.mlp.experts.w13[3, I:]"
+    assert names["model.layers.0.mlp.experts.7.down_proj.weight"] == "model.layers.0.mlp.experts.w2[7]"
+    assert len(names) == 3 * 8
+    packed_names = weight_name_map("model.layers.0.mlp.experts", packed)
+    assert packed_names == {"model.layers.0.mlp.experts.gate_up_proj": "model.layers.0.mlp.experts.w13",
+                            "model.layers.0.mlp.experts.down_proj": "model.layers.0.mlp.experts.w2"}
+    # every mapped HF name exists in the HF model, every target in the swapped one
+    hf_names = {n for n, _ in model.named_parameters()}
+    assert set(packed_names) <= hf_names
+    swap_model(model, cfg)
+    assert set(packed_names.values()) <= {n for n, _ in model.named_parameters()}
+    with pytest.raises(UnsupportedModelError, match="layer.replace=block"):
+        from torch import nn
+
+        holder = nn.Module()
+        holder.config = model.config
+        holder.mlp = nn.Module()
+        holder.mlp.experts = per_expert
+        swap(holder, cfg)
+
+
+def test_gpt_oss_weight_names():
+    if "gpt_oss" not in INSTALLED:
+        pytest.skip("no gpt_oss in this transformers")
+    hf = load_hf_model(cfg_for("gpt_oss")).model.layers[0].mlp.experts
+    assert weight_name_map("e", hf) == {"e.gate_up_proj": "e.w13", "e.down_proj": "e.w2",
+                                        "e.gate_up_proj_bias": "e.w13_bias", "e.down_proj_bias": "e.w2_bias"}
+    t = hf_expert_tensors(hf)
+    assert t["w1"](0).shape == (48, 64) and t["w2"](0).shape == (64, 48)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    cfg_arch = cfg_for("qwen2_moe")
+    ref = load_hf_model(cfg_arch)
+    ref.save_pretrained(tmp_path)
+    assert any(tmp_path.glob("*.safetensors"))
+    cfg = cfg_for(path=str(tmp_path))
+    for k in ("num_experts", "top_k", "hidden_size", "intermediate_size", "num_layers", "router", "num_shared_experts",
+              "shared_expert_intermediate_size", "shared_expert_gate"):
+        assert getattr(cfg.model, k) == getattr(cfg_arch.model, k), k
+    ref2, model = reference_and_swapped(cfg)
+    ids = prompt_ids(cfg, 12, ref.config.vocab_size)
+    assert torch.equal(logits(ref2, ids), logits(ref, ids))  # the directory holds the same model
+    assert rel_error(logits(model, ids), logits(ref, ids)) <= 1e-5
+    assert torch.equal(greedy(model, ids, GENERATE_TOKENS), greedy(ref, ids, GENERATE_TOKENS))
+
+
+def _unsupported_moe():
+    from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+
+    for name, kw in (("phimoe", dict(num_local_experts=4, intermediate_size=32)),
+                     ("granitemoe", dict(num_local_experts=4, intermediate_size=32))):
+        if name in CONFIG_MAPPING:
+            c = CONFIG_MAPPING[name](vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1, num_experts_per_tok=2, **kw)
+            return AutoModelForCausalLM.from_config(c)
+    pytest.skip("no unsupported MoE architecture in this transformers to test with")
+
+
+def test_unsupported_model_error_names_experts_class_and_supported(tmp_path):
+    model = _unsupported_moe()
+    experts_cls = {type(m).__name__ for n, m in model.named_modules() if n.endswith(".experts")}
+    cfg = cfg_for("qwen3_moe")
+    with pytest.raises(UnsupportedModelError) as exc:
+        swap(model, cfg)
+    msg = str(exc.value)
+    assert model.config.model_type in msg and any(c in msg for c in experts_cls)
+    for arch in ARCHS:
+        assert arch in msg
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=f"model_type '{model.config.model_type}' is not a supported"):
+        cfg_for(path=str(tmp_path))
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    (["model.arch=qwen3_moe", "model.path=/tmp"], "model.path", "exactly one"),
+    ([], "model.arch", "exactly one"),
+    (["model.arch=qwen3moe"], "model.arch", "Did you mean 'qwen3_moe'"),
+    (["model.path=/nonexistent/dir"], "model.path", "no such directory"),
+    (["model.path=/tmp"], "model.path", "no config.json"),
+    (["model.arch=qwen3_moe", "++model.num_experts=4"], "model.num_experts", "hf_overrides.num_experts"),
+    (["model.arch=qwen3_moe", "++model.router.renormalize=false"], "model.router.renormalize", "routing follows"),
+])
+def test_bad_hf_model_configs(overrides, key, words):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["device=cpu", "layer=transformers_moe", "model=hf", *overrides])
+    assert any(p.key == key and words in p.message for p in exc.value.problems), exc.value
+
+
+def test_transformers_moe_needs_model_hf():
+    with pytest.raises(ConfigError, match="needs a Hugging Face model"):
+        load_config(None, ["device=cpu", "layer=transformers_moe"])
+
+
+def test_hf_overrides_and_fused_moe_stack_at_hf_dimensions():
+    cfg = cfg_for("mixtral", "+model.hf_overrides.num_hidden_layers=3", "+model.hf_overrides.num_local_experts=4")
+    assert (cfg.model.num_layers, cfg.model.num_experts) == (3, 4)
+    model = load_hf_model(cfg)
+    assert len(model.model.layers) == 3 and model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 4
+    own = load_config(None, ["device=cpu", "model=hf", "model.arch=deepseek_v3"])  # composer's own stack, same dims
+    assert own.model.router.num_expert_group == 4 and own.model.router.score_correction_bias
+
+
+def test_quant_applies_to_swapped_layers():
+    from composer.checking import Capture, oracle_layer
+
+    cfg = cfg_for("qwen3_moe", "quant=int8_w8a16")
+    ref, model = reference_and_swapped(cfg)
+    layer = model.model.layers[0].mlp.experts
+    assert layer.quant_method.name == "int8_w8a16" and layer.w13.dtype == torch.int8
+    hf = ref.model.layers[0].mlp.experts
+    x, ids, w = torch.randn(9, 64), torch.randint(0, 8, (9, 2)), torch.rand(9, 2)
+    out = layer(x, ids, w)
+    assert rel_error(out, oracle_layer(layer, Capture(x, w, ids.int(), out))) <= 1e-5  # its own dequantized weights
+    assert 0 < rel_error(out, hf(x, ids, w)) < 5e-2  # quantized, close to the HF experts
+
+
+def test_torch_compile_swapped_model():
+    cfg, ref, model = pair("qwen3_moe")
+    ids = prompt_ids(cfg, 8, ref.config.vocab_size)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")  # dynamo traces the HF model around composer's layers
+    assert rel_error(logits(compiled, ids), logits(ref, ids)) <= 1e-5
+
+
+def test_task_generate_with_token_ids_and_tokenizer(tmp_path):
+    from composer.tasks import TaskContext
+    from composer.tasks.generate import Generate
+    from rich.console import Console
+
+    ctx = TaskContext(tmp_path, Console(file=open(os.devnull, "w")))
+    cfg = cfg_for("qwen3_moe", "task=generate", "task.token_ids=[5,6,7]", "task.max_new_tokens=4")
+    m = Generate().run(cfg, ctx)
+    assert m["prompt_ids"] == [5, 6, 7] and 1 <= len(m["new_token_ids"]) <= 4
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        Generate().run(cfg_for("qwen3_moe", "task=generate", "task.prompt=hello"), ctx)
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", "hello", "world", "moe"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    load_hf_model(cfg_for("qwen3_moe")).save_pretrained(tmp_path / "m")
+    fast.save_pretrained(tmp_path / "m")
+    cfg = cfg_for(None, "task=generate", "task.prompt='hello world'", "task.max_new_tokens=3", path=str(tmp_path / "m"))
+    m = Generate().run(cfg, ctx)
+    assert m["prompt_ids"] == [4, 5] and isinstance(m["text"], str)
+
+
+def test_cli_check_end_to_end(tmp_path):
+    env = dict(os.environ, HYDRA_FULL_ERROR="0")
+    r = subprocess.run([sys.executable, "-m", "composer", "layer=transformers_moe", "model=hf", "model.arch=qwen3_moe",
+                        "task=check", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "check passed" in r.stdout
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["status"] == "ok" and res["metrics"]["passed"]
+    assert res["metrics"]["generate_identical_tokens"] == GENERATE_TOKENS
+    assert res["metrics"]["logits_rel_err"] <= 1e-5
