@@ -309,7 +309,9 @@ def write_csv(path: Path, header: list[str], body: list[list[Any]]) -> None:
 
 def series_label(r: RunRecord, row: dict[str, Any], keys: list[str], modes: int) -> str:
     label = row["implementation"] + (f" ({row['mode']})" if modes > 1 else "")
-    rest = [f"{k}={key_value(r, k)}" for k in keys if not k.startswith("kernel")]
+    # a swept kernel is left out of the label when the implementation's name already says it
+    rest = [f"{k}={key_value(r, k)}" for k in keys
+            if not (k.split(".")[0] == "kernel" and str(key_value(r, k)) in row["implementation"].split())]
     return label + (f" [{', '.join(rest)}]" if rest else "")
 
 

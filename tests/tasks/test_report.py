@@ -234,3 +234,14 @@ def test_bad_report_inputs_say_what_to_do(tmp_path, monkeypatch):
         load_config(None, ["task=report", "++report.dirr=x"])
     with pytest.raises(ConfigError, match=r"only task=report reads report\.\*"):
         load_config(None, ["task=run", "++report.dir=x"])
+
+
+def test_series_labels_keep_peers_of_different_runs_apart():
+    from composer.tasks.report import RunRecord, series_label
+
+    r = RunRecord("0", "ok", overrides={"kernel": "triton", "quant": "none"})
+    assert series_label(r, {"implementation": "composer triton", "mode": "eager"}, ["kernel", "quant"], 1) == \
+        "composer triton [quant=none]"
+    assert series_label(r, {"implementation": "torch reference", "mode": "graph"}, ["kernel", "quant"], 2) == \
+        "torch reference (graph) [kernel=triton, quant=none]"
+    assert series_label(r, {"implementation": "triton", "mode": "eager"}, ["kernel"], 1) == "triton"
