@@ -12,6 +12,9 @@ One small API, shared by expert parallelism and (later) tensor parallelism::
 * Timeout: ``parallel.timeout_s`` bounds every collective; a rank that fails makes the others stop
   with a ``DistributedError`` within that time instead of hanging (the failing rank also aborts its
   process group so peers see a closed connection at once, and torchrun stops the remaining workers).
+  On GPUs a stuck NCCL collective is caught by PyTorch's NCCL watchdog after the same timeout, which
+  tears the process down (TORCH_NCCL_ASYNC_ERROR_HANDLING); the token-count exchanges on the gloo group
+  fail first with a readable DistributedError naming the step.
 * Start-up checks: the world size must equal ``parallel.ep_size`` (message says what to launch), and
   every rank must run the same config: the ``config_hash()`` of each rank is compared and a mismatch
   raises naming the ranks, their hashes and the keys that differ.
@@ -223,8 +226,10 @@ def abort(state: DistState | None = None) -> None:
         _STATE = None
         return
     try:
-        if hasattr(dist, "abort_process_group") and state.backend == "nccl":  # pragma: no cover - GPU only
-            dist.abort_process_group()
+        from torch.distributed import distributed_c10d as c10d
+
+        if state.backend == "nccl" and hasattr(c10d, "_abort_process_group"):  # pragma: no cover - GPU only
+            c10d._abort_process_group()  # NCCL: destroy could block on pending work; abort does not
         else:
             dist.destroy_process_group()
     except Exception as exc:  # noqa: BLE001 - best effort while already failing
