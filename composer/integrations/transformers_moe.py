@@ -384,9 +384,9 @@ class TransformersMoE(PluggableLayer):
     @classmethod
     def layer_task(cls, task: str) -> Callable[..., dict[str, Any]] | None:
         """The task implementations this layer brings (tasks dispatch here instead of branching on the layer)."""
-        from . import check as hf_check
+        from . import bench as hf_bench, check as hf_check
 
-        return {"check": hf_check.check, "run": hf_check.run}.get(task)
+        return {"check": hf_check.check, "run": hf_check.run, "bench": hf_bench.task_bench}.get(task)
 
 
 def swap_model(model: nn.Module, cfg: Any) -> nn.Module:
