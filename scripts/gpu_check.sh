@@ -2,7 +2,8 @@
 # The whole GPU check of the experts kernels, in one call on a GPU machine (see ../shared/DESIGN.md):
 #   1. pytest -m gpu on tests/kernels (bf16/fp16 at the benchmark shapes, compile + CUDA graphs, grouped_mm)
 #   2. the benchmark protocol for mixtral_8x7b, qwen3_30b_a3b and deepseek_v3 (JSON + markdown)
-# Outputs go under $OUT (default ./gpu_check_out); everything but the log is packed into results.tar.gz.
+# Outputs go under $OUT (default ./gpu_check_out): gpu.txt, pytest_gpu.log, bench_<model>.{json,md}.
+# TESTS_TIMEOUT / BENCH_TIMEOUT (seconds) bound each step; BENCH_ARGS adds options (e.g. --tokens 1,16).
 # Usage (repo root): scripts/gpu_check.sh [tests|bench|all] [model ...]
 # On a machine without hydra/omegaconf/pydantic, carry their wheels in .whl/ (../shared/tools/device-wheels.sh).
 set -uo pipefail
@@ -15,22 +16,20 @@ fi
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 OUT=${OUT:-$PWD/gpu_check_out}
-mkdir -p "$OUT/results"
+mkdir -p "$OUT"
 what=${1:-all}
 shift || true
 models=${*:-mixtral_8x7b qwen3_30b_a3b deepseek_v3}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/results/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 rc=0
 if [[ $what == tests || $what == all ]]; then
-  python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/results/pytest_gpu.log"
+  timeout ${TESTS_TIMEOUT:-1800} python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/pytest_gpu.log"
   rc=${PIPESTATUS[0]}
 fi
 if [[ $what == bench || $what == all ]]; then
   for m in $models; do
-    python3 -c "from composer.tasks.bench import _main; _main()" --model "$m" --out "$OUT/results" ${BENCH_ARGS:-} \
+    timeout ${BENCH_TIMEOUT:-1800} python3 -c "from composer.tasks.bench import _main; _main()" --model "$m" --out "$OUT" ${BENCH_ARGS:-} \
       || rc=1
   done
-  cat "$OUT"/results/bench_*.md > "$OUT/results/performance.md" 2>/dev/null
 fi
-tar -C "$OUT" -czf "$OUT/results.tar.gz" results && rm -rf "$OUT/results"
 exit $rc

@@ -22,8 +22,14 @@ class TorchExperts(Experts):
         quant_act = None
         if weights.quant != "none":
             method = QUANT_METHODS.get(weights.quant)
-            # w8a8 methods: quantize-dequantize each GEMM input exactly as their kernels quantize it
-            quant_act = getattr(method, "activation_quantizer", lambda w: None)(weights)
-            weights = method.dequantize(weights, x.dtype)
+            act_q = getattr(method, "activation_quantizer", lambda w: None)(weights)
+            if act_q is None:
+                weights = method.dequantize(weights, x.dtype)
+            else:
+                # w8a8: the kernel multiplies exactly the quantized values with fp32 accumulation, and
+                # quantizes each GEMM input as it holds it: in x.dtype. Same here, in float32.
+                dt = x.dtype
+                quant_act = lambda t, stage: act_q(t.to(dt), stage).to(t.dtype)  # noqa: E731
+                weights = method.dequantize(weights, torch.float32)
         return torch_experts(x, topk_weights, topk_ids, weights.w13, weights.w2, activation,
                              weights.w13_bias, weights.w2_bias, quant_act=quant_act)

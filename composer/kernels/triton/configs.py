@@ -140,6 +140,33 @@ def _get_config(T: int, E: int, N: int, K: int, top_k: int, dtype: str, device: 
     return cfg
 
 
+SMEM_LIMIT = 220 * 1024  # bytes of shared memory a program may use (H100: 227 KB; leave room for the epilogue)
+
+
+def smem_bytes(block_m: int, g: dict[str, Any], elt: int, gemm: int) -> int:
+    """Shared memory of the software pipeline: num_stages copies of the A tile and the B tile(s)."""
+    b_tiles = 2 if gemm == 1 else 1
+    return g.get("num_stages", 3) * (block_m * g["BLOCK_K"] + b_tiles * g["BLOCK_K"] * g["BLOCK_N"]) * elt
+
+
+def fit_smem(cfg: dict[str, Any], elt: int, limit: int = SMEM_LIMIT) -> dict[str, Any]:
+    """Shrink num_stages, then BLOCK_K, until each GEMM's pipeline fits (fp32 doubles the bytes of a tile)."""
+    out = dict(cfg)
+    for name, gemm in (("gemm1", 1), ("gemm2", 2)):
+        g = dict(cfg[name])
+        while smem_bytes(cfg["BLOCK_M"], g, elt, gemm) > limit:
+            if g.get("num_stages", 3) > 2:
+                g["num_stages"] = g.get("num_stages", 3) - 1
+            elif g["BLOCK_K"] > 16:
+                g["BLOCK_K"] //= 2
+            elif g["BLOCK_N"] > 16:
+                g["BLOCK_N"] //= 2
+            else:
+                break
+        out[name] = g
+    return out
+
+
 def clear_cache() -> None:
     _load_file.cache_clear()
     _get_config.cache_clear()

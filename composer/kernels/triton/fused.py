@@ -6,8 +6,8 @@ from typing import Any
 import torch
 
 from .align import max_blocks, moe_align
-from .configs import get_config
-from .gemm import ACT_CODES, gemm1, gemm2
+from .configs import fit_smem, get_config
+from .gemm import ACT_CODES, gemm1, gemm2, zero_dropped_rows
 
 
 def fused_experts(
@@ -35,6 +35,8 @@ def fused_experts(
         return torch.zeros_like(x)
     if config is None:
         config = get_config(T, E, I, H, k, x.dtype, x.device)
+    if x.element_size() > 2:
+        config = fit_smem(config, x.element_size())
     P = T * k
     block_m = config["BLOCK_M"]
     direct = bool(config.get("decode", False))
@@ -62,9 +64,11 @@ def fused_experts(
     if atomic:
         out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
     else:
-        out = torch.zeros(P, H, dtype=torch.float32, device=x.device)
+        # one row per pair in the activations' dtype (as vLLM's moe_sum), summed over top-k by torch
+        out = torch.empty(P, H, dtype=x.dtype, device=x.device)
+        zero_dropped_rows(ids_flat, out)
     gemm2(inter, w2, w2_bias, tw_flat, out, sorted_ids, expert_ids, ntpp, ids_flat, num_pid_m, k,
           direct, atomic, block_m, config["gemm2"])
     if not atomic:
-        out = out.view(T, k, H).sum(dim=1)
+        out = out.view(T, k, H).sum(dim=1)  # one pass; torch accumulates bf16/fp16 sums in fp32
     return out if out.dtype == x.dtype else out.to(x.dtype)

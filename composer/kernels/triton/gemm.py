@@ -6,7 +6,7 @@ GEMM1: ``act(x[token] @ w13[e, :I]^T + b) * (x[token] @ w13[e, I:]^T + b)`` -> `
   ``[P, 2I]`` pre-activation never exists in memory.
 GEMM2: ``(inter[pair] @ w2[e]^T + b) * topk_weight[pair]``, reduced over top-k straight into an fp32
   ``[T, H]`` output with atomic adds (``reduce="atomic"``), or written per pair to a ``[P, H]`` buffer
-  and summed by torch (``reduce="buffer"``, deterministic).
+  in the activations' dtype and summed by torch (``reduce="buffer"``, deterministic).
 
 Both take ``DIRECT=True`` for decode: one pair per program (BLOCK_M rows, only the first one live), the
 expert read straight from ``topk_ids``, so no align launch is needed.
@@ -177,6 +177,25 @@ def _gemm2_kernel(
     else:
         o_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@lazy_jit
+def _zero_dropped_rows_kernel(ids_ptr, out_ptr, N, stride_om, BLOCK_N: tl.constexpr):
+    """Rows of the per-pair buffer whose pair has id -1 get no GEMM2 program: write their zeros here."""
+    pair = tl.program_id(0)
+    e = tl.load(ids_ptr + pair)
+    if e >= 0:
+        return
+    for n0 in range(0, N, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        tl.store(out_ptr + pair.to(tl.int64) * stride_om + offs, tl.full((BLOCK_N,), 0, out_ptr.dtype.element_ty),
+                 mask=offs < N)
+
+
+def zero_dropped_rows(ids_flat: torch.Tensor, buf: torch.Tensor) -> None:
+    P, N = buf.shape
+    if P:
+        _zero_dropped_rows_kernel[(P,)](ids_flat, buf, N, buf.stride(0), BLOCK_N=1024)
 
 
 def _precision(dtype: torch.dtype) -> str | None:

@@ -1,0 +1,148 @@
+"""Measure candidate tile configs for one MoE shape on this GPU and build a tuned config table.
+
+For each token count T, with one random routing: for each candidate BLOCK_M the align runs once, then every
+GEMM1 candidate and every GEMM2 candidate is timed on its own (``triton.testing.do_bench``, median, L2
+flushed between runs); the best pair plus the align and the top-k reduction give that BLOCK_M's total.
+T = 1 also tries the decode path (one pair per program, no align). The fastest total wins.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .align import max_blocks, moe_align
+from .configs import SMEM_LIMIT, smem_bytes
+from .gemm import gemm1, gemm2, zero_dropped_rows
+
+
+def _g(bn: int, bk: int, warps: int, stages: int, group_m: int = 1) -> dict[str, int]:
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "num_warps": warps, "num_stages": stages}
+
+
+def gemm_candidates(block_m: int, decode: bool) -> list[dict[str, int]]:
+    if decode:
+        return [_g(bn, bk, 4, st) for bn in (32, 64) for bk in (128, 256) for st in (4, 6)]
+    if block_m <= 32:
+        return [_g(bn, bk, 4, st) for bn in (32, 64, 128) for bk in (128, 256) for st in (3, 4)]
+    if block_m == 64:
+        return [_g(bn, bk, w, st, 8) for bn, bk, w, st in (
+            (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 64, 8, 4), (128, 128, 4, 3), (128, 128, 8, 3),
+            (256, 64, 8, 3), (256, 64, 8, 4), (64, 256, 4, 3), (128, 64, 4, 5), (128, 64, 8, 5), (256, 128, 8, 2))]
+    return [_g(bn, bk, w, st, 8) for bn, bk, w, st in (
+        (64, 64, 4, 4), (64, 64, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3),
+        (128, 64, 4, 4), (64, 128, 4, 3), (256, 64, 8, 4), (128, 64, 8, 5), (256, 128, 8, 2), (128, 128, 8, 4),
+        (256, 32, 8, 5))]
+
+
+def block_m_candidates(T: int, E: int, k: int) -> list[int]:
+    per_expert = T * k / max(1, min(E, T * k))
+    if per_expert <= 8:
+        return [16]
+    if per_expert <= 24:
+        return [16, 32]
+    if per_expert <= 96:
+        return [16, 32, 64]
+    if per_expert <= 384:
+        return [32, 64, 128]
+    return [64, 128]
+
+
+def _bench(fn: Callable[[], Any], rep_ms: int) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=max(2, rep_ms // 4), rep=rep_ms, return_mode="median"))
+
+
+def tune_tokens(T: int, E: int, k: int, H: int, I: int, w13: torch.Tensor, w2: torch.Tensor, activation: str = "silu",
+                rep_ms: int = 20, gen: torch.Generator | None = None, log: Callable[[str], None] | None = None
+                ) -> tuple[dict[str, Any], float]:
+    """The fastest config for T tokens and its time (ms, kernels only)."""
+    dev, dt = w13.device, w13.dtype
+    elt = w13.element_size()
+    x = torch.randn(T, H, device=dev, generator=gen).to(dt)
+    tw, ids = torch.topk(torch.randn(T, E, device=dev, generator=gen).softmax(-1), k, dim=-1)
+    ids = ids.to(torch.int32).contiguous()
+    tw = tw.float().reshape(-1).contiguous()
+    ids_flat = ids.reshape(-1)
+    P = T * k
+    inter = torch.empty(P, I, dtype=dt, device=dev)
+    out32 = torch.zeros(T, H, dtype=torch.float32, device=dev)
+    buf = torch.empty(P, H, dtype=dt, device=dev)
+    options: list[tuple[float, dict[str, Any]]] = []
+    modes: list[tuple[int, bool]] = [(bm, False) for bm in block_m_candidates(T, E, k)]
+    if T == 1:
+        modes.insert(0, (16, True))
+    for bm, direct in modes:
+        if direct:
+            sorted_ids = expert_ids = ntpp = ids_flat
+            npm = P
+            t_align = 0.0
+        else:
+            sorted_ids, expert_ids, ntpp = moe_align(ids, E, bm)
+            npm = max_blocks(P, E, bm)
+            t_align = _bench(lambda: moe_align(ids, E, bm), rep_ms)
+        best: dict[str, tuple[float, dict[str, Any]]] = {}
+        for name in ("gemm1", "gemm2"):
+            for g in gemm_candidates(bm, direct):
+                if smem_bytes(bm, g, elt, 1 if name == "gemm1" else 2) > SMEM_LIMIT:
+                    continue
+                if name == "gemm1":
+                    fn = lambda g=g: gemm1(x, w13, None, inter, sorted_ids, expert_ids, ntpp, ids_flat, npm, k,  # noqa: E731
+                                           activation, direct, bm, g)
+                else:
+                    fn = lambda g=g: gemm2(inter, w2, None, tw, out32, sorted_ids, expert_ids, ntpp, ids_flat, npm,  # noqa: E731
+                                           k, direct, True, bm, g)
+                try:
+                    t = _bench(fn, rep_ms)
+                except Exception as exc:  # noqa: BLE001 - a config that does not compile or fit is skipped
+                    if log:
+                        log(f"  T={T} BM={bm} {name} {g}: skipped ({type(exc).__name__})")
+                    continue
+                if name not in best or t < best[name][0]:
+                    best[name] = (t, g)
+        if len(best) < 2:
+            continue
+        g2 = best["gemm2"][1]
+        # the top-k reduction: atomics into fp32 [T, H] (+ zeroing and the cast), or a [P, H] buffer + torch sum
+        t_atomic = best["gemm2"][0] + _bench(lambda: (out32.zero_(), out32.to(dt)), rep_ms)
+        try:
+            t_buf = _bench(lambda: (zero_dropped_rows(ids_flat, buf),
+                                    gemm2(inter, w2, None, tw, buf, sorted_ids, expert_ids, ntpp, ids_flat, npm, k, direct,
+                                          False, bm, g2),
+                                    buf.view(T, k, H).sum(1)), rep_ms)
+        except Exception:  # noqa: BLE001
+            t_buf = float("inf")
+        reduce = "atomic" if t_atomic <= t_buf else "buffer"
+        total = t_align + best["gemm1"][0] + min(t_atomic, t_buf)
+        entry = {"BLOCK_M": bm, "decode": direct, "reduce": reduce, "gemm1": best["gemm1"][1], "gemm2": g2}
+        if log:
+            log(f"  T={T} BM={bm}{' decode' if direct else ''}: align {t_align * 1e3:.1f} gemm1 {best['gemm1'][0] * 1e3:.1f} "
+                f"gemm2 {best['gemm2'][0] * 1e3:.1f} reduce {reduce} -> {total * 1e3:.1f} us")
+        options.append((total, entry))
+    if not options:
+        raise RuntimeError(f"no candidate config ran for T={T}")
+    total, entry = min(options, key=lambda o: o[0])
+    return entry, total
+
+
+def tune_shape(E: int, k: int, H: int, I: int, dtype: torch.dtype, tokens: list[int], activation: str = "silu",
+               rep_ms: int = 20, seed: int = 0, log: Callable[[str], None] | None = None,
+               on_token: Callable[[int], None] | None = None) -> dict[str, Any]:
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(seed)
+    w13 = torch.empty(E, 2 * I, H, device=dev, dtype=dtype)
+    w2 = torch.empty(E, H, I, device=dev, dtype=dtype)
+    for e in range(E):
+        w13[e] = (torch.randn(2 * I, H, device=dev, generator=gen) * H ** -0.5).to(dtype)
+        w2[e] = (torch.randn(H, I, device=dev, generator=gen) * I ** -0.5).to(dtype)
+    table: dict[str, Any] = {}
+    for T in tokens:
+        entry, total = tune_tokens(T, E, k, H, I, w13, w2, activation, rep_ms, gen, log)
+        table[str(T)] = {**entry, "_us": round(total * 1e3, 1)}
+        if on_token:
+            on_token(T)
+    del w13, w2
+    torch.cuda.empty_cache()
+    return table
