@@ -172,11 +172,12 @@ def _read_overrides(job_dir: Path) -> list[str]:
     return [str(o) for o in data] if isinstance(data, list) else []
 
 
-def collect(root: Path) -> list[RunRecord]:
+def collect(root: Path, show_progress: bool = True) -> list[RunRecord]:
     """Every run below ``root``: each results.json, and each Hydra job directory (``.hydra/``) that has none."""
     records: list[RunRecord] = []
     seen: set[Path] = set()
-    for f in track(sorted(root.rglob("results.json"), key=_natural), "report: reading results"):
+    files = sorted(root.rglob("results.json"), key=_natural)
+    for f in track(files, "report: reading results") if show_progress else files:
         run_dir = f.parent
         seen.add(run_dir.resolve())
         rel = str(run_dir.relative_to(root)) if run_dir != root else "."

@@ -38,6 +38,7 @@ def sweep(tmp_path_factory):
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]  # the worst job's exit code
     assert "3 job(s) of the sweep failed" in proc.stderr
     assert len(list((root / "multirun").glob("*/results.json"))) == 4
+    (root / "sweep.stdout").write_text(proc.stdout)
     return root
 
 
@@ -245,3 +246,30 @@ def test_series_labels_keep_peers_of_different_runs_apart():
     assert series_label(r, {"implementation": "torch reference", "mode": "graph"}, ["kernel", "quant"], 2) == \
         "torch reference (graph) [kernel=triton, quant=none]"
     assert series_label(r, {"implementation": "triton", "mode": "eager"}, ["kernel"], 1) == "triton"
+
+
+def test_sweep_logs_each_job_and_ends_with_a_table(sweep):
+    out = " ".join((sweep / "sweep.stdout").read_text().split())
+    assert f"sweep {sweep / 'multirun'}: 4 jobs in" in out
+    assert f"1 ok, 3 not ok; aggregate with: composer task=report report.dir={sweep / 'multirun'}" in out
+    assert "sweep: 4 jobs ->" in out
+    logs = {d.name: next(d.glob("*.log")).read_text() for d in (sweep / "multirun").iterdir() if d.name.isdigit()}
+    assert "[composer.sweep][INFO] - sweep: job 1/4 ok in" in logs["0"]
+    assert "[composer.sweep][WARNING] - sweep: job 4/4 failed in" in logs["3"]
+    assert "model.top_k = 99: must be <= model.num_experts = 8" in logs["3"]
+
+
+def test_sweep_size_counts_command_line_and_sweeper_params():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from composer.api import CONF_DIR
+    from composer.sweep import sweep_size
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+experiment=cpu_smoke"], return_hydra_config=True)
+    cfg.hydra.overrides.task = ["+experiment=cpu_smoke", "model.top_k=1,2,4", "seed=range(0,5)"]
+    assert sweep_size(cfg) == 3 * 5 * 2  # top_k from the command line beats the experiment's; quant: 2 values
+    cfg.hydra.overrides.task = ["model.top_k=1"]
+    assert sweep_size(cfg) == 2  # quant: none,int8_w8a16; top_k fixed by the command line
