@@ -118,9 +118,8 @@ def oracle_layer(layer: FusedMoE, cap: Capture, x: torch.Tensor | None = None,
                  topk_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The layer's experts in float64, with its dequantized weights, on the captured routing."""
     qm = layer.quant_method
-    qw = qm.expert_weights(layer)
-    quant_act = getattr(qm, "activation_quantizer", lambda w: None)(qw)  # w8a8: the kernel's activation rounding
-    w = qm.dequantize(qw, torch.float64)
+    quant_act = getattr(qm, "oracle_quantizer", lambda layer: None)(layer)  # w8a8: the kernel's activation rounding
+    w = qm.dequantize(qm.expert_weights(layer), torch.float64)
     ids = cap.topk_ids
     if layer.ep_size > 1:
         ids = torch.where(ids >= 0, layer.expert_map[ids.long().clamp_min(0)], ids)

@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import WeightLoadError
 from .layers.fused_moe import FusedMoE
+from .quant import loading as quant_loading
 
 PER_EXPERT = re.compile(r"^(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.(weight|bias)$")
 SHARD = {"gate_proj": "w1", "w1": "w1", "up_proj": "w3", "w3": "w3", "down_proj": "w2", "w2": "w2"}
@@ -78,6 +79,9 @@ def load_checkpoint(model: nn.Module, source: str | Path | Iterable[str | Path],
                     report.bytes_read += t.numel() * t.element_size()
                     continue
                 layer, rest = experts[owner], name[len(owner) + 1:]
+                if quant_loading.handles(layer, rest, key):  # pre-quantized tensors (composer.quant.loading)
+                    quant_loading.load(layer, owner, rest, key, f, report)
+                    continue
                 m = PER_EXPERT.match(rest)
                 if m:
                     e, proj, kind = int(m.group(1)), m.group(2), m.group(3)
@@ -121,6 +125,7 @@ def load_checkpoint(model: nn.Module, source: str | Path | Iterable[str | Path],
                 else:
                     unexpected.append(key)
 
+    quant_loading.finish(experts, filled)
     if strict:
         missing = []
         for name, p in params.items():
@@ -167,6 +172,10 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, layout: str = "packed
             out[name] = p.detach().cpu().contiguous()
             continue
         layer, pname = experts[owner], name[len(owner) + 1:]
+        qname = quant_loading.checkpoint_name(layer, pname)  # quantized tensors keep their vLLM names
+        if qname is not None and layer.ep_size == 1:
+            out[f"{owner}.{qname}"] = p.detach().cpu().contiguous()
+            continue
         if layer.ep_size != 1:
             raise ValueError("save_checkpoint writes whole models; gather expert-parallel layers first")
         if layout == "packed":

@@ -44,12 +44,12 @@ class Fp8Params(QuantParams):
 class Fp8W8A8(QuantizedMethod):
     Params = Fp8Params
     # Measured in docs/quantization.md (tiny model, fresh random inputs).
-    DEQUANT_TOL = {"float32": 2e-3, "float16": 3e-3, "bfloat16": 1e-2}
+    OUTPUT_TOL = {"float32": 5e-3, "float16": 1.5e-2, "bfloat16": 3e-2}
     UNQUANT_BOUND = {"per_tensor": 8e-2, "per_token_channel": 8e-2, "block": 8e-2}
 
     @classmethod
     def tolerances(cls, params: Any, dtype: str) -> tuple[float, float]:
-        return cls.DEQUANT_TOL[dtype], cls.UNQUANT_BOUND[params.granularity]
+        return cls.OUTPUT_TOL[dtype], cls.UNQUANT_BOUND[params.granularity]
 
     @classmethod
     def check_config(cls, params: Fp8Params, model: Any, device: str) -> list[tuple[str, Any, str]]:

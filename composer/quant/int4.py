@@ -34,7 +34,6 @@ class Int4Params(QuantParams):
 @register_quant("int4_w4a16")
 class Int4W4A16(QuantizedMethod):
     Params = Int4Params
-    DEQUANT_TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
     UNQUANT_BOUND = {"float32": 0.15, "float16": 0.15, "bfloat16": 0.15}
 
     @classmethod

@@ -32,7 +32,7 @@ class Check(Task):
         tol = p.tolerance if p.tolerance is not None else TOLERANCE[cfg.model.dtype]
         from ..quant.checking import failures as quant_failures, tolerances as quant_tolerances
 
-        tol, quant_bound = quant_tolerances(cfg, p.tolerance)  # quantized: per-method (docs/quantization.md)
+        out_tol, quant_bound = quant_tolerances(cfg, p.tolerance, tol)  # quantized: docs/quantization.md
         m = run_and_report(cfg, ctx, p, f"composer check: {cfg.model.name}")
         failures = []
         for name, s in m["layers"].items():
@@ -45,8 +45,8 @@ class Check(Task):
                 failures.append(f"{name}: router chose an expert {s['router_choice_gap']:.3e} below the k-th best score")
             if s.get("router_weight_err", 0.0) > max(tol, 1e-6) * 10:
                 failures.append(f"{name}: router weights differ from float64 by {s['router_weight_err']:.3e}")
-        if m["output_rel_err"] is not None and m["output_rel_err"] > tol:
-            failures.append(f"output rel. error {m['output_rel_err']:.3e} > tolerance {tol:.0e}")
+        if m["output_rel_err"] is not None and m["output_rel_err"] > out_tol:
+            failures.append(f"output rel. error {m['output_rel_err']:.3e} > tolerance {out_tol:.0e}")
         failures += quant_failures(m, quant_bound, ctx.console)
         if m.get("mode_vs_eager_rel_err", 0.0) > tol:
             failures.append(f"{m['mode']} output differs from eager by {m['mode_vs_eager_rel_err']:.3e} > {tol:.0e}")

@@ -1,0 +1,80 @@
+"""task=check for quantized methods: the error against both float64 oracles.
+
+* the dequantized-weights oracle (``composer.checking.oracle_layer``: the quantized weights dequantized,
+  activations quantize-dequantized as the w8a8 kernels do) must match to kernel rounding;
+* the unquantized oracle (the same model built with ``quant=none`` from the same seed: weights are seeded
+  per (seed, layer path, expert), so it holds exactly the weights before quantization) must be within the
+  method's documented bound (docs/quantization.md).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..checking import TOLERANCE, oracle_layer, oracle_model, rel_error
+
+
+def _unquantized_cfg(cfg: Any) -> Any:
+    from ..config import Named
+    from ..registry import QUANT_METHODS
+
+    return cfg.model_copy(update={"quant": Named(name="none", params=QUANT_METHODS.get("none").Params())})
+
+
+def build_unquantized(cfg: Any) -> torch.nn.Module:
+    """The model of ``cfg`` with ``quant=none``, same seed: the weights before quantization."""
+    from ..factory import build
+
+    return build(_unquantized_cfg(cfg))
+
+
+@torch.no_grad()
+def compare_unquantized(result: dict[str, Any], model: torch.nn.Module, x: torch.Tensor, caps: dict[str, Any],
+                        out: torch.Tensor, cfg: Any) -> None:
+    """Add ``experts_rel_err_unquantized`` per layer and ``output_rel_err_unquantized`` to ``result``."""
+    ref = build_unquantized(cfg)
+    for name, cap in caps.items():
+        result["layers"][name]["experts_rel_err_unquantized"] = rel_error(cap.out, oracle_layer(ref.get_submodule(name), cap))
+    if hasattr(ref, "layers") and all(f"layers.{i}.mlp.experts" in caps for i in range(len(ref.layers))):
+        ref_out, _ = oracle_model(ref, x, caps)
+        result["output_rel_err_unquantized"] = rel_error(out, ref_out)
+    del ref
+
+
+def tolerances(cfg: Any, given: float | None, tol: float) -> tuple[float, float | None]:
+    """(tolerance of the model output vs the dequantized oracle, bound vs the unquantized oracle or None).
+
+    Each layer's experts must match the dequantized oracle to ``tol`` (the dtype's tolerance: kernel
+    rounding). The model output of a method that quantizes activations gets the method's output
+    tolerance: the non-expert layers (norm, gate, residual) round differently from float64, and the
+    quantizer turns some of those last-bit differences into one-quantum steps downstream.
+    """
+    from ..registry import QUANT_METHODS
+
+    if cfg.quant.name == "none":
+        return tol, None
+    method = QUANT_METHODS.get(cfg.quant.name)
+    if not hasattr(method, "tolerances"):
+        return tol, None
+    out_tol, bound = method.tolerances(cfg.quant.params, cfg.model.dtype)
+    return (given if given is not None else max(tol, out_tol)), bound
+
+
+def failures(m: dict[str, Any], bound: float | None, console: Any = None) -> list[str]:
+    """Failures of the unquantized-oracle bound; prints the two errors of a quantized check."""
+    if bound is None:
+        return []
+    out = []
+    for name, s in m["layers"].items():
+        e = s.get("experts_rel_err_unquantized")
+        if e is not None and e > bound:
+            out.append(f"{name}: experts rel. error vs the unquantized oracle {e:.3e} > documented bound {bound:.0e}")
+    e = m.get("output_rel_err_unquantized")
+    if e is not None and e > bound:
+        out.append(f"output rel. error vs the unquantized oracle {e:.3e} > documented bound {bound:.0e}")
+    if console is not None and e is not None:
+        console.print(f"quantized: output rel. error vs the dequantized oracle {m.get('output_rel_err', float('nan')):.2e}, "
+                      f"vs the unquantized float64 oracle {e:.2e} (bound {bound:.0e})")
+    m["unquantized_bound"] = bound
+    return out

@@ -1,0 +1,124 @@
+"""Pre-quantized checkpoints: load and save the quantized tensors under the names vLLM and
+compressed-tensors use, each checked for shape and dtype.
+
+Under a FusedMoE at path ``P`` a checkpoint holds, per method (see ``checkpoint_layout`` of each method
+and docs/quantization.md): ``P.w13_weight``, ``P.w2_weight`` (fp8 / int8), their ``*_weight_scale``
+(``*_weight_scale_inv`` for fp8 block), ``P.w13_input_scale``/``P.w2_input_scale`` (fp8 static), or for
+int4 ``P.w13_qweight``, ``P.w13_scales``, ``P.w13_qzeros``. The first such tensor switches the layer from
+online quantization to pre-quantized loading; ``finish`` then requires the whole layout.
+``composer.loading`` calls ``handles``/``load``/``finish`` and, when saving, ``checkpoint_name``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import WeightLoadError
+from .utils import QuantizedMethod, set_param
+
+# Names of the quantized layouts, for a clear error when the checkpoint and quant.* disagree.
+KNOWN = {
+    "w13_weight_scale_inv": "fp8 block scales: set quant=fp8_w8a8 quant.granularity=block (and its block_shape)",
+    "w2_weight_scale_inv": "fp8 block scales: set quant=fp8_w8a8 quant.granularity=block (and its block_shape)",
+    "w13_input_scale": "static activation scales: set quant=fp8_w8a8 quant.granularity=per_tensor "
+                       "quant.activation_scheme=static",
+    "w2_input_scale": "static activation scales: set quant=fp8_w8a8 quant.granularity=per_tensor "
+                      "quant.activation_scheme=static",
+    "w13_weight_scale": "per-tensor or per-channel weight scales: set quant=fp8_w8a8 (granularity per_tensor or "
+                        "per_token_channel), quant=int8_w8a16 or quant=int8_w8a8",
+    "w2_weight_scale": "per-tensor or per-channel weight scales: set quant=fp8_w8a8 (granularity per_tensor or "
+                       "per_token_channel), quant=int8_w8a16 or quant=int8_w8a8",
+    "w13_weight": "quantized weights: set the quant method the checkpoint was made with",
+    "w2_weight": "quantized weights: set the quant method the checkpoint was made with",
+    "w13_qweight": "int4 weights: set quant=int4_w4a16", "w2_qweight": "int4 weights: set quant=int4_w4a16",
+    "w13_scales": "int4 scales: set quant=int4_w4a16", "w2_scales": "int4 scales: set quant=int4_w4a16",
+    "w13_qzeros": "int4 zero points: set quant=int4_w4a16 quant.zero_point=true",
+    "w2_qzeros": "int4 zero points: set quant=int4_w4a16 quant.zero_point=true",
+}
+
+
+def _method(layer) -> QuantizedMethod | None:
+    qm = getattr(layer, "quant_method", None)
+    return qm if isinstance(qm, QuantizedMethod) else None
+
+
+def handles(layer, rest: str, key: str) -> bool:
+    """True when ``rest`` (the key under the layer path) is a quantized tensor this layer's method loads.
+    Raises a WeightLoadError naming the quant setting to use when it is a quantized name of another layout."""
+    qm = _method(layer)
+    if qm is not None and rest in qm.checkpoint_layout(layer):
+        return True
+    if rest in KNOWN:
+        raise WeightLoadError(f"{key}: this checkpoint is quantized but the layer uses quant="
+                              f"{getattr(layer.quant_method, 'name', '?')}"
+                              f"{_params(layer)}; {KNOWN[rest]}")
+    return False
+
+
+def _params(layer) -> str:
+    p = getattr(layer.quant_method, "params", None)
+    items = p.model_dump() if p is not None else {}
+    return "".join(f" quant.{k}={v}" for k, v in items.items())
+
+
+@torch.no_grad()
+def load(layer, owner: str, rest: str, key: str, f: Any, report: Any) -> None:
+    """Load checkpoint tensor ``key`` (``owner.rest``) from the open safetensors file ``f`` into ``layer``."""
+    qm = _method(layer)
+    spec = qm.checkpoint_layout(layer)[rest]
+    if layer.quant_state == "ready":
+        raise WeightLoadError(f"{key}: {owner} already holds processed quantized weights; load checkpoints into a "
+                              "model built with init=False")
+    if layer.quant_state == "unprocessed":
+        layer.quant_state = "prequantized"
+        layer.quant_loaded = set()
+    sl = f.get_slice(key)
+    shape = tuple(sl.get_shape())
+    name = f"{owner}.{rest}"
+    if shape not in spec.shapes:
+        want = " or ".join(str(s) for s in spec.shapes)
+        raise WeightLoadError(f"{name}: checkpoint tensor has shape {shape}, {qm.name}{_params(layer)} expects "
+                              f"{want} (all {layer.global_num_experts} experts); check model.* sizes and quant.*")
+    if spec.slice_experts and layer.ep_size > 1:
+        t = torch.cat([sl[g:g + 1] for g in layer.local_to_global])
+    else:
+        t = f.get_tensor(key)
+    if t.dtype not in spec.dtypes:
+        raise WeightLoadError(f"{name}: checkpoint tensor has dtype {t.dtype}, {qm.name}{_params(layer)} expects "
+                              f"{' or '.join(str(d) for d in spec.dtypes)}")
+    report.bytes_read += t.numel() * t.element_size()
+    report.loaded.append(key)
+    device = layer.expert_map.device
+    set_param(layer, spec.attr, t.to(device=device, dtype=spec.dtypes[0]))
+    layer.quant_loaded.add(rest)
+
+
+def finish(experts: dict[str, Any], filled: dict[str, set]) -> None:
+    """After all files: every pre-quantized layer must have its whole layout (else WeightLoadError)."""
+    for owner, layer in experts.items():
+        qm = _method(layer)
+        if qm is None or getattr(layer, "quant_state", None) != "prequantized":
+            continue
+        layout = qm.checkpoint_layout(layer)
+        missing = [n for n, s in layout.items() if s.required and n not in layer.quant_loaded]
+        if missing:
+            raise WeightLoadError(
+                f"{owner}: the checkpoint is pre-quantized ({', '.join(sorted(layer.quant_loaded))}) but lacks "
+                f"{', '.join(f'{owner}.{n}' for n in missing)}, which {qm.name}{_params(layer)} needs; "
+                "check quant.* against the checkpoint's quantization config")
+        for attr in ("w13", "w2"):
+            filled.setdefault(f"{owner}.{attr}", set()).add("all")
+
+
+def checkpoint_name(layer, pname: str) -> str | None:
+    """The checkpoint name of layer parameter ``pname`` for a quantized method (None: not a quantized tensor)."""
+    qm = _method(layer)
+    if qm is None:
+        return None
+    if getattr(layer, "quant_state", None) != "ready":
+        raise ValueError("save_checkpoint: quantized layers must be processed first (finish_loading)")
+    for name, spec in qm.checkpoint_layout(layer).items():
+        if spec.attr == pname:
+            return name
+    return None
