@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from . import runtime
+from ..layers.modular_kernel import PrepareFinalize, PreparedTokens
 from .none import EPContext
 from .runtime import DistributedError, collective
 
@@ -71,3 +72,37 @@ def to_local(expert_map: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def row_bytes(H: int, dtype: torch.dtype, k: int) -> int:
     """Bytes of one packed (hidden, fp32 weights, int32 ids) row."""
     return H * torch.empty((), dtype=dtype).element_size() + 8 * k
+
+
+class EPBackend(PrepareFinalize):
+    """Base of the expert-parallel backends: the lazily resolved group, per-call ``stats`` (bytes moved),
+    and a pass-through on one rank (``parallel.ep_size=1``), so any backend also runs without torchrun."""
+
+    def __init__(self, ctx: EPContext):
+        self.ctx = ctx
+        self._group: Any = None
+        self.stats: dict[str, int] = {}
+
+    @property
+    def group(self) -> Any:
+        if self._group is None:
+            self._group = resolve_group(self.ctx)
+        return self._group
+
+    def prepare(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> PreparedTokens:
+        if self.ctx.ep_size == 1:
+            self.stats = {"dispatch_bytes": 0, "combine_bytes": 0}
+            ids = topk_ids if self.ctx.expert_map is None else to_local(self.ctx.expert_map, topk_ids)
+            return PreparedTokens(x, topk_weights, ids, context=None)
+        return self._prepare(x, topk_weights, topk_ids)
+
+    def finalize(self, out: torch.Tensor, prepared: PreparedTokens) -> torch.Tensor:
+        if self.ctx.ep_size == 1:
+            return out
+        return self._finalize(out, prepared)
+
+    def _prepare(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> PreparedTokens:
+        raise NotImplementedError
+
+    def _finalize(self, out: torch.Tensor, prepared: PreparedTokens) -> torch.Tensor:
+        raise NotImplementedError

@@ -15,33 +15,24 @@ Pairs, not tokens, are sent: a token with two slots on one rank travels twice (n
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..layers.modular_kernel import PrepareFinalize, PreparedTokens
+from ..layers.modular_kernel import PreparedTokens
 from ..registry import ALL2ALL
-from ._common import all_gather_single, pack, resolve_group, unpack
+from ._common import EPBackend, all_gather_single, pack, unpack
 from .none import EPContext
 from .runtime import DistributedError, collective
 
 
 @ALL2ALL.register("all_to_all")
-class AllToAll(PrepareFinalize):
+class AllToAll(EPBackend):
     name = "all_to_all"
 
     def __init__(self, ctx: EPContext):
-        self.ctx = ctx
-        self._group: Any = None
+        super().__init__(ctx)
         self._owner: torch.Tensor | None = None
-        self.stats: dict[str, int] = {}
-
-    @property
-    def group(self) -> Any:
-        if self._group is None:
-            self._group = resolve_group(self.ctx)
-        return self._group
 
     def owner(self, device: torch.device) -> torch.Tensor:
         """``[E]`` int64: the group rank owning each global expert (learned once, collectively)."""
@@ -59,7 +50,7 @@ class AllToAll(PrepareFinalize):
             self._owner = owned.to(torch.int8).argmax(0)
         return self._owner
 
-    def prepare(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> PreparedTokens:
+    def _prepare(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> PreparedTokens:
         ep, group = self.ctx.ep_size, self.group
         T, k = topk_ids.shape
         H = x.shape[1]
@@ -85,7 +76,7 @@ class AllToAll(PrepareFinalize):
         w = topk_weights.reshape(-1)[order].float()
         return PreparedTokens(xs, ones, local, context=(token_of, w, send_splits, recv_splits, T, x.dtype))
 
-    def finalize(self, out: torch.Tensor, prepared: PreparedTokens) -> torch.Tensor:
+    def _finalize(self, out: torch.Tensor, prepared: PreparedTokens) -> torch.Tensor:
         token_of, w, send_splits, recv_splits, T, dtype = prepared.context
         H = out.shape[1]
         back = torch.empty(sum(send_splits), H, dtype=out.dtype, device=out.device)

@@ -9,33 +9,20 @@ rank its own (padded) rows. Uneven counts and T = 0 on a rank are handled by the
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
-from ..layers.modular_kernel import PrepareFinalize, PreparedTokens
+from ..layers.modular_kernel import PreparedTokens
 from ..registry import ALL2ALL
-from ._common import all_gather_single, gather_counts, reduce_scatter_single, pack, resolve_group, row_bytes, to_local, unpack
-from .none import EPContext
+from ._common import EPBackend, all_gather_single, gather_counts, reduce_scatter_single, pack, row_bytes, to_local, unpack
 from .runtime import collective
 
 
 @ALL2ALL.register("allgather_reducescatter")
-class AllGatherReduceScatter(PrepareFinalize):
+class AllGatherReduceScatter(EPBackend):
     name = "allgather_reducescatter"
 
-    def __init__(self, ctx: EPContext):
-        self.ctx = ctx
-        self._group: Any = None
-        self.stats: dict[str, int] = {}
-
-    @property
-    def group(self) -> Any:
-        if self._group is None:
-            self._group = resolve_group(self.ctx)
-        return self._group
-
-    def prepare(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> PreparedTokens:
+    def _prepare(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> PreparedTokens:
         ep, group = self.ctx.ep_size, self.group
         T, k = topk_ids.shape
         H = x.shape[1]
@@ -58,7 +45,7 @@ class AllGatherReduceScatter(PrepareFinalize):
         self.stats = {"dispatch_bytes": (ep - 1) * tmax * B}
         return PreparedTokens(xs, ws, to_local(self.ctx.expert_map, ids), context=(T, tmax))
 
-    def finalize(self, out: torch.Tensor, prepared: PreparedTokens) -> torch.Tensor:
+    def _finalize(self, out: torch.Tensor, prepared: PreparedTokens) -> torch.Tensor:
         T, tmax = prepared.context
         ep = self.ctx.ep_size
         mine = torch.empty(tmax, out.shape[1], dtype=out.dtype, device=out.device)

@@ -11,34 +11,21 @@ output: O(ep_size) more traffic than ``all_to_all``. Uneven token counts (T = 0 
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..layers.modular_kernel import PrepareFinalize, PreparedTokens
+from ..layers.modular_kernel import PreparedTokens
 from ..registry import ALL2ALL
-from ._common import gather_counts, global_rank, pack, resolve_group, row_bytes, to_local, unpack
-from .none import EPContext
+from ._common import EPBackend, gather_counts, global_rank, pack, row_bytes, to_local, unpack
 from .runtime import collective
 
 
 @ALL2ALL.register("naive")
-class NaiveAll2All(PrepareFinalize):
+class NaiveAll2All(EPBackend):
     name = "naive"
 
-    def __init__(self, ctx: EPContext):
-        self.ctx = ctx
-        self._group: Any = None
-        self.stats: dict[str, int] = {}
-
-    @property
-    def group(self) -> Any:
-        if self._group is None:
-            self._group = resolve_group(self.ctx)
-        return self._group
-
-    def prepare(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> PreparedTokens:
+    def _prepare(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> PreparedTokens:
         ep, me, group = self.ctx.ep_size, self.ctx.ep_rank, self.group
         T, k = topk_ids.shape
         H = x.shape[1]
@@ -56,7 +43,7 @@ class NaiveAll2All(PrepareFinalize):
         self.stats = {"dispatch_bytes": (total - T) * B}
         return PreparedTokens(xs, ws, to_local(self.ctx.expert_map, ids), context=(offsets[me], T, total))
 
-    def finalize(self, out: torch.Tensor, prepared: PreparedTokens) -> torch.Tensor:
+    def _finalize(self, out: torch.Tensor, prepared: PreparedTokens) -> torch.Tensor:
         start, T, total = prepared.context
         if total:
             out = out.contiguous()

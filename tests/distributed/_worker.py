@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path

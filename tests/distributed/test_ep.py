@@ -117,6 +117,18 @@ def test_build_without_runtime_says_what_to_do(compose):
         build(compose("all2all=allgather_reducescatter", "parallel.ep_size=2"))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_on_one_rank_is_a_passthrough(compose, backend):
+    import torch
+
+    from composer.factory import build
+
+    cfg = compose(f"all2all={backend}", "model.dtype=float32", "kernel=torch")
+    ref = build(compose("model.dtype=float32", "kernel=torch"))
+    x = torch.randn(7, cfg.model.hidden_size)
+    assert torch.equal(build(cfg)(x), ref(x))
+
+
 def test_timeout_key_is_validated(compose):
     with pytest.raises(ConfigError, match="parallel.timeout_s"):
         compose("parallel.timeout_s=0")
