@@ -56,7 +56,7 @@ def _precheck(argv: list[str]) -> None:
                     problems.append(p)
     from .launchers import launcher_problems
 
-    problems += launcher_problems(argv)  # hydra/launcher=slurm without its plugin installed
+    problems += launcher_problems(argv)  # +deploy=typo, or hydra/launcher=slurm without its plugin installed
     if not problems:
         problems = _unknown_keys(overrides)
     if problems:

@@ -66,9 +66,15 @@ def _launcher_in_file(group: str, name: str) -> str | None:
     return None
 
 
+OVERLAYS = ("deploy", "experiment")  # conf/<group>/ overlays added with +group=name
+
+
 def launcher_problems(argv: Sequence[str]) -> list[Problem]:
-    """Problems with the launchers chosen on a command line: ``hydra/launcher=X`` or through an overlay
-    (``+experiment=X`` whose defaults override hydra/launcher)."""
+    """Problems with a command line's overlays and launcher, before Hydra runs: an overlay that does not exist
+    (``+deploy=h100``: the choices and a did-you-mean), a launcher whose plugin is not installed
+    (``hydra/launcher=slurm``, or an ``+experiment=X`` whose defaults override hydra/launcher)."""
+    from .api import check_group_choice
+
     problems: list[Problem] = []
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
@@ -78,8 +84,11 @@ def launcher_problems(argv: Sequence[str]) -> list[Problem]:
         names: list[str] = []
         if key == "hydra/launcher":
             names = [value]
-        elif key in ("experiment", "deploy"):
-            names = [n for n in (_launcher_in_file(key, v) for v in value.split(",")) if n]
+        elif key in OVERLAYS:
+            values = [v.strip() for v in value.split(",") if v.strip()]
+            bad = [p for p in (check_group_choice(key, v) for v in values) if p is not None]
+            problems += [p for p in bad if p not in problems]
+            names = [n for n in (_launcher_in_file(key, v) for v in values) if n]
         for n in names:
             p = launcher_problem(n)
             if p is not None and p not in problems:

@@ -114,3 +114,13 @@ def test_experiment_overlays_carry_their_sweep():
     cfg = hydra_compose(["+experiment=kernel_sweep"])
     assert cfg.task.name == "bench" and cfg.device == "cuda"
     assert set(cfg.hydra.sweeper.params) == {"model", "quant", "kernel"}
+
+
+def test_unknown_overlay_names_the_choices():
+    from composer.launchers import launcher_problems
+
+    problems = launcher_problems(["+deploy=h100", "-m", "+experiment=cpu_smok,kernel_sweep"])
+    assert [(p.key, p.value) for p in problems] == [("deploy", "h100"), ("experiment", "cpu_smok")]
+    assert "choose one of: cpu_reference, h100_bf16, h100_fp8" in problems[0].message
+    assert "Did you mean 'cpu_smoke'?" in problems[1].message
+    assert launcher_problems(["+deploy=cpu_reference", "+experiment=cpu_smoke"]) == []
