@@ -421,6 +421,23 @@ def _md_table(header: list[str], body: list[list[Any]]) -> list[str]:
     return out
 
 
+def user_path(s: str) -> Path:
+    """A path as the user meant it: relative to where composer was started, also when Hydra changed the
+    working directory (hydra.job.chdir=true); kept relative otherwise so the report shows what was typed."""
+    import os
+
+    path = Path(s).expanduser()
+    if path.is_absolute():
+        return path
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        start = HydraConfig.get().runtime.cwd if HydraConfig.initialized() else None
+    except Exception:  # Hydra not configured: a plain Python call
+        start = None
+    return Path(start) / path if start and Path(start).resolve() != Path(os.getcwd()).resolve() else path
+
+
 def _newest_sweep(cwd: Path) -> Path | None:
     sweeps = [p for p in cwd.glob("multirun/*/*") if p.is_dir()]
     return max(sweeps, key=lambda p: p.stat().st_mtime) if sweeps else None
@@ -437,7 +454,7 @@ class Report(Task):
             hint = f" (the newest sweep here is {newest})" if newest else ""
             raise ConfigError([Problem("report.dir", None, "set the directory to aggregate, e.g. composer task=report "
                                        f"report.dir=multirun/<date>/<time>{hint}")])
-        root = Path(p.dir).expanduser()
+        root = user_path(p.dir)
         if not root.is_dir():
             raise ConfigError([Problem("report.dir", p.dir, f"no such directory (looked in {Path.cwd()}); "
                                        "give a sweep directory such as multirun/<date>/<time>")])
@@ -446,7 +463,7 @@ class Report(Task):
             raise TaskFailed(f"no results.json below {root}: give the directory of a composer run or sweep "
                              "(multirun/<date>/<time>, or outputs/<date>/<time>)")
         keys = list(p.columns) if p.columns is not None else swept_keys(records)
-        out = Path(p.out).expanduser() if p.out else root / "report"
+        out = user_path(p.out) if p.out else root / "report"
         out.mkdir(parents=True, exist_ok=True)
 
         header, body = run_table(records, keys)
