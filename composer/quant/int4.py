@@ -34,7 +34,7 @@ class Int4Params(QuantParams):
 @register_quant("int4_w4a16")
 class Int4W4A16(QuantizedMethod):
     Params = Int4Params
-    UNQUANT_BOUND = {"float32": 0.15, "float16": 0.15, "bfloat16": 0.15}
+    UNQUANT_BOUND = {"float32": 0.3, "float16": 0.3, "bfloat16": 0.3}
 
     @classmethod
     def check_config(cls, params: Int4Params, model: Any, device: str) -> list[tuple[str, Any, str]]:
