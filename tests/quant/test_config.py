@@ -1,0 +1,75 @@
+"""Config validation of the quant methods: capability, sizes that don't fit a block or group, schemes."""
+import pytest
+
+from composer import load_config
+from composer.config import ModelConfig
+from composer.errors import ConfigError
+from composer.quant import utils as qu
+from composer.quant.fp8 import Fp8Params, Fp8W8A8
+
+
+def problems(*overrides):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["device=cpu", "kernel=torch", *overrides])
+    return str(e.value)
+
+
+def test_every_method_validates_on_cpu_with_torch_kernel():
+    for o in (["quant=int8_w8a16"], ["quant=int8_w8a8"], ["quant=int4_w4a16", "quant.group_size=16"],
+              ["quant=fp8_w8a8"], ["quant=fp8_w8a8", "quant.granularity=per_token_channel"],
+              ["quant=fp8_w8a8", "quant.granularity=block", "quant.block_shape=[16,16]"]):
+        cfg = load_config(None, ["device=cpu", "kernel=torch", *o])
+        assert cfg.quant.name == o[0].split("=")[1]
+
+
+def test_fp8_needs_sm89(monkeypatch):
+    model = ModelConfig(num_experts=4, top_k=2, hidden_size=256, intermediate_size=256)
+    monkeypatch.setattr("composer.quant.fp8.cuda_capability", lambda: (8, 0))
+    (p,) = Fp8W8A8.check_config(Fp8Params(), model, "cuda")
+    assert p[1] == "fp8_w8a8" and "compute capability >= 8.9" in p[2] and "sm80" in p[2]
+    assert "quant=int8_w8a16" in p[2] and "quant=none" in p[2]
+    monkeypatch.setattr("composer.quant.fp8.cuda_capability", lambda: (9, 0))
+    assert Fp8W8A8.check_config(Fp8Params(), model, "cuda") == []
+    monkeypatch.setattr("composer.quant.fp8.cuda_capability", lambda: (7, 5))
+    assert Fp8W8A8.check_config(Fp8Params(), model, "cpu") == []  # the CPU runs fp8 through kernel=torch
+
+
+def test_block_must_divide_sizes():
+    msg = problems("quant=fp8_w8a8", "quant.granularity=block")  # tiny: hidden 96, intermediate 80
+    assert "quant.block_shape = [128, 128]" in msg
+    assert "model.hidden_size = 96" in msg and "model.intermediate_size = 80" in msg
+    assert "quant.block_shape=[16,16]" in msg  # what to pick instead
+    msg = problems("quant=fp8_w8a8", "quant.granularity=block", "quant.block_shape=[16,32]")
+    assert "block_shape[1] = 32" in msg
+
+
+def test_int4_group_must_divide_sizes():
+    msg = problems("quant=int4_w4a16")  # default group 128 on tiny
+    assert "quant.group_size = 128" in msg and "quant.group_size=16" in msg
+    msg = problems("quant=int4_w4a16", "quant.group_size=7")
+    assert "quant.group_size = 7" in msg and "even" in msg
+    msg = problems("quant=int4_w4a16", "quant.group_size=-1", "model.hidden_size=95")
+    assert "must be even" in msg
+
+
+def test_static_scheme_rules():
+    msg = problems("quant=fp8_w8a8", "quant.granularity=per_token_channel", "quant.activation_scheme=static")
+    assert "quant.activation_scheme = 'static'" in msg and "granularity=per_tensor" in msg
+    msg = problems("quant=fp8_w8a8", "quant.static_input_scale=0.1")
+    assert "quant.static_input_scale = 0.1" in msg and "activation_scheme=static" in msg
+    msg = problems("quant=fp8_w8a8", "quant.granularity=per_token")
+    assert "quant.granularity" in msg and "per_token_channel" in msg
+
+
+def test_unknown_quant_key_suggests():
+    msg = problems("quant=int4_w4a16", "+quant.zero_points=true", "quant.group_size=16")
+    assert "zero_point" in msg
+
+
+def test_static_online_needs_a_scale(compose):
+    from composer import build
+    from composer.errors import WeightLoadError
+
+    cfg = compose("quant=fp8_w8a8", "quant.activation_scheme=static", "kernel=torch")
+    with pytest.raises(WeightLoadError, match="quant.static_input_scale"):
+        build(cfg)

@@ -1,0 +1,116 @@
+"""Pre-quantized checkpoints: safetensors round trips under vLLM names, shape/dtype/layout errors."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from composer import build
+from composer.errors import WeightLoadError
+from composer.loading import load_checkpoint, save_checkpoint
+
+SMALL = ["model.hidden_size=32", "model.intermediate_size=48", "model.num_experts=4", "model.num_layers=1", "kernel=torch"]
+CASES = {
+    "fp8_per_tensor": (["quant=fp8_w8a8"], {"w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"}),
+    "fp8_static": (["quant=fp8_w8a8", "quant.activation_scheme=static", "quant.static_input_scale=0.01"],
+                   {"w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "w13_input_scale", "w2_input_scale"}),
+    "fp8_channel": (["quant=fp8_w8a8", "quant.granularity=per_token_channel"],
+                    {"w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"}),
+    "fp8_block": (["quant=fp8_w8a8", "quant.granularity=block", "quant.block_shape=[16,16]"],
+                  {"w13_weight", "w2_weight", "w13_weight_scale_inv", "w2_weight_scale_inv"}),
+    "int8_w8a8": (["quant=int8_w8a8"], {"w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"}),
+    "int4_zp": (["quant=int4_w4a16", "quant.group_size=16", "quant.zero_point=true"],
+                {"w13_qweight", "w2_qweight", "w13_scales", "w2_scales", "w13_qzeros", "w2_qzeros"}),
+}
+P = "layers.0.mlp.experts."
+
+
+def tokens(cfg, T=7):
+    return torch.randn(T, cfg.model.hidden_size, generator=torch.Generator().manual_seed(T)).to(cfg.model.torch_dtype)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prequantized_round_trip(tmp_path, compose, case):
+    overrides, names = CASES[case]
+    cfg = compose(*overrides, *SMALL)
+    model = build(cfg)
+    path = save_checkpoint(model, tmp_path)
+    sd = load_file(str(path))
+    assert {k[len(P):] for k in sd if k.startswith(P)} == names
+    model2 = build(cfg, init=False)
+    load_checkpoint(model2, path)
+    x = tokens(cfg)
+    with torch.no_grad():
+        assert torch.equal(model(x), model2(x))
+    layer = model2.get_submodule(P[:-1])
+    wname = "w13_qweight" if "int4" in case else "w13_weight"
+    assert layer.quant_state == "ready" and layer.w13.dtype == sd[P + wname].dtype
+    assert layer.w13.dtype in (torch.float8_e4m3fn, torch.int8, torch.uint8)
+
+
+def _saved(tmp_path, compose, overrides):
+    cfg = compose(*overrides, *SMALL)
+    path = save_checkpoint(build(cfg), tmp_path)
+    return cfg, path, load_file(str(path))
+
+
+def test_wrong_scale_shape_names_tensor_and_shapes(tmp_path, compose):
+    cfg, path, sd = _saved(tmp_path, compose, ["quant=fp8_w8a8", "quant.granularity=per_token_channel"])
+    sd[P + "w13_weight_scale"] = torch.rand(4, 48, 1)  # should be [4, 96, 1]
+    save_file(sd, str(path))
+    with pytest.raises(WeightLoadError, match=r"w13_weight_scale: checkpoint tensor has shape \(4, 48, 1\).*\(4, 96, 1\)"):
+        load_checkpoint(build(cfg, init=False), path)
+
+
+def test_wrong_block_scale_shape(tmp_path, compose):
+    cfg, path, sd = _saved(tmp_path, compose, ["quant=fp8_w8a8", "quant.granularity=block", "quant.block_shape=[16,16]"])
+    sd[P + "w2_weight_scale_inv"] = torch.rand(4, 1, 3)
+    save_file(sd, str(path))
+    with pytest.raises(WeightLoadError, match=r"w2_weight_scale_inv.*\(4, 1, 3\).*\(4, 2, 3\)"):
+        load_checkpoint(build(cfg, init=False), path)
+
+
+def test_wrong_weight_dtype(tmp_path, compose):
+    cfg, path, sd = _saved(tmp_path, compose, ["quant=int8_w8a16"])
+    sd[P + "w2_weight"] = sd[P + "w2_weight"].float()
+    save_file(sd, str(path))
+    with pytest.raises(WeightLoadError, match=r"w2_weight: checkpoint tensor has dtype torch.float32.*torch.int8"):
+        load_checkpoint(build(cfg, init=False), path)
+
+
+def test_missing_scale_is_refused(tmp_path, compose):
+    cfg, path, sd = _saved(tmp_path, compose, ["quant=int4_w4a16", "quant.group_size=16"])
+    del sd[P + "w2_scales"]
+    save_file(sd, str(path))
+    with pytest.raises(WeightLoadError, match=r"lacks layers.0.mlp.experts.w2_scales"):
+        load_checkpoint(build(cfg, init=False), path)
+
+
+def test_layout_mismatch_says_which_setting(tmp_path, compose):
+    _, path, _ = _saved(tmp_path, compose, ["quant=fp8_w8a8", "quant.granularity=block", "quant.block_shape=[16,16]"])
+    cfg = compose("quant=fp8_w8a8", *SMALL)  # per_tensor
+    with pytest.raises(WeightLoadError, match=r"w13_weight_scale_inv.*quant.granularity=block"):
+        load_checkpoint(build(cfg, init=False), path)
+    with pytest.raises(WeightLoadError, match=r"w13_weight: this checkpoint is quantized but the layer uses quant=none"):
+        load_checkpoint(build(compose(*SMALL), init=False), path)
+
+
+def test_fp8_per_shard_scales_and_bf16_scales_load(tmp_path, compose):
+    cfg, path, sd = _saved(tmp_path, compose, ["quant=fp8_w8a8"])
+    s = sd[P + "w13_weight_scale"]
+    sd[P + "w13_weight_scale"] = torch.stack([s, s], 1).bfloat16().float()  # [E, 2] per (w1, w3)
+    save_file(sd, str(path))
+    model = build(cfg, init=False)
+    load_checkpoint(model, path)
+    assert model.get_submodule(P[:-1]).w13_weight_scale.shape == (4,)
+
+
+def test_online_quantization_of_a_bf16_checkpoint(tmp_path, compose):
+    """An unquantized HF checkpoint loads into a quantized config and is quantized once, after loading."""
+    plain = build(compose(*SMALL))
+    path = save_checkpoint(plain, tmp_path)
+    cfg = compose("quant=int8_w8a16", *SMALL)
+    model = build(cfg, init=False)
+    load_checkpoint(model, path)
+    direct = build(cfg)
+    x = tokens(cfg)
+    with torch.no_grad():
+        assert torch.equal(model(x), direct(x))
