@@ -47,6 +47,23 @@ if [[ $what == check || $what == all ]]; then
     done
   done
 fi
+if [[ $what == check || $what == all ]]; then  # torch.compile of the whole swapped model (triton kernel, bf16)
+  timeout ${CHECK_TIMEOUT:-300} python3 - > "$OUT/compile_qwen3_moe.log" 2>&1 <<PY
+import torch
+from composer import load_config
+from composer.checking import rel_error
+from composer.integrations.transformers_moe import reference_and_swapped
+cfg = load_config(None, ["layer=transformers_moe", "model=hf", "model.arch=qwen3_moe", "model.dtype=bfloat16",
+                         "device=cuda", "kernel=$KERNEL"])
+ref, model = reference_and_swapped(cfg)
+ids = torch.randint(3, 128, (1, 64), device="cuda")
+with torch.no_grad():
+    err = rel_error(torch.compile(model)(ids).logits, ref(ids).logits)
+print(f"compiled swapped model vs eager HF: rel. error {err:.2e}")
+assert err <= 1e-2, err
+PY
+  code=$?; echo "compile qwen3_moe bf16: exit $code"; [[ $code == 0 ]] || { rc=1; tail -5 "$OUT/compile_qwen3_moe.log"; }
+fi
 if [[ $what == bench || $what == all ]]; then
   : > "$OUT/hf_bench.md"
   for a in $bench_archs; do

@@ -69,15 +69,24 @@ def _layer_errors(ref: torch.nn.Module, model: torch.nn.Module, ids: torch.Tenso
     return errs
 
 
+def _tolerances(cfg: Any, given: float | None) -> tuple[float, float | None]:
+    """(tolerance, documented bound vs the unquantized experts or None for quant=none)."""
+    from ..registry import QUANT_METHODS
+
+    tol = given if given is not None else TOLERANCE[cfg.model.dtype]
+    method = QUANT_METHODS.get(cfg.quant.name)
+    if cfg.quant.name == "none" or not hasattr(method, "tolerances"):
+        return tol, None
+    return tol, method.tolerances(cfg.quant.params, cfg.model.dtype)[1]
+
+
 def check(cfg: Any, ctx: TaskContext, p: Any) -> dict[str, Any]:
     from .transformers_moe import reference_and_swapped
 
-    from ..quant.checking import tolerances
-
-    # quant=none: everything within the dtype's tolerance. Quantized: each layer within the method's tolerance
-    # of composer's float64 oracle (dequantized weights) and within its documented bound of the unquantized HF
-    # experts; logits and generation are reported only.
-    tol, bound = tolerances(cfg, getattr(p, "tolerance", None))
+    # quant=none: everything within the dtype's tolerance. Quantized: each layer within the dtype's tolerance
+    # of composer's float64 oracle (its dequantized weights) and within the method's documented bound of the
+    # unquantized HF experts; logits and generation are reported only.
+    tol, bound = _tolerances(cfg, getattr(p, "tolerance", None))
     ref, model = reference_and_swapped(cfg)
     ids = prompt_ids(cfg, p.tokens, ref.config.vocab_size)
     with torch.no_grad():

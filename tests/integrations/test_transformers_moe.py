@@ -302,12 +302,17 @@ def test_quant_applies_to_swapped_layers():
     assert 0 < rel_error(out, hf(x, ids, w)) < 5e-2  # quantized, close to the HF experts
 
 
-def test_torch_compile_swapped_model():
+def test_torch_compile_swapped_block():
+    """dynamo traces an HF sparse block around composer's layer (the whole model is compiled on the GPU check;
+    tracing all of it costs ~15 s of CPU here, over this suite's budget)."""
     cfg, ref, model = pair("qwen3_moe")
-    ids = prompt_ids(cfg, 8, ref.config.vocab_size)
+    x = torch.randn(1, 8, 64)
+    block, ref_block = model.model.layers[0].mlp, ref.model.layers[0].mlp
+    assert isinstance(block.experts, TransformersFusedMoE)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="eager")  # dynamo traces the HF model around composer's layers
-    assert rel_error(logits(compiled, ids), logits(ref, ids)) <= 1e-5
+    compiled = torch.compile(block, backend="eager")
+    with torch.no_grad():
+        assert rel_error(compiled(x), ref_block(x)) <= 1e-5
 
 
 def test_task_generate_with_token_ids_and_tokenizer(tmp_path):
