@@ -35,6 +35,12 @@ class Int4Params(QuantParams):
 class Int4W4A16(QuantizedMethod):
     Params = Int4Params
     UNQUANT_BOUND = {"float32": 0.3, "float16": 0.3, "bfloat16": 0.3}
+    UNQUANT_BOUND_PER_ROW = 0.45  # group_size=-1: one scale per row is much coarser
+
+    @classmethod
+    def tolerances(cls, params: Int4Params, dtype: str) -> tuple[float, float]:
+        bound = cls.UNQUANT_BOUND_PER_ROW if params.group_size == -1 else cls.UNQUANT_BOUND[dtype]
+        return cls.OUTPUT_TOL[dtype], bound
 
     @classmethod
     def check_config(cls, params: Int4Params, model: Any, device: str) -> list[tuple[str, Any, str]]:

@@ -46,6 +46,8 @@ def run_and_report(cfg: Any, ctx: TaskContext, p: RunParams, title: str) -> dict
                       f"(tolerance {cmp['tolerance']:.0e})" if out_err is not None else "")
     metrics = {"tokens": p.tokens, "time_ms": total_ms, "output_checksum": cmp["output_checksum"],
                "output_rel_err": out_err, "tolerance": cmp["tolerance"], "layers": cmp["layers"], "modules": rows}
+    if "output_rel_err_unquantized" in cmp:  # quantized check: vs the unquantized float64 oracle too
+        metrics["output_rel_err_unquantized"] = cmp["output_rel_err_unquantized"]
     if cfg.compile or cfg.cuda_graph:
         import torch
 
