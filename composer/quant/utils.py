@@ -201,6 +201,7 @@ class QuantizedMethod(QuantMethod):
     # layer's experts always match to the dtype's tolerance). UNQUANT_BOUND: the documented bound of the
     # error vs the unquantized float64 oracle, per layer and for the output, per model dtype.
     OUTPUT_TOL: ClassVar[dict[str, float]] = {"float32": 0.0, "float16": 0.0, "bfloat16": 0.0}
+    LAYER_TOL: ClassVar[dict[str, float]] = {}  # per-layer experts vs the dequantized oracle, beyond the dtype's
     UNQUANT_BOUND: ClassVar[dict[str, float]] = {}
 
     def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size: int,

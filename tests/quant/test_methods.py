@@ -48,7 +48,9 @@ def test_torch_backend_vs_both_oracles(compose, method, dtype):
     dq = rel_error(out, oracle_layer(layer, cap))
     uq = rel_error(out, oracle_layer(ref, cap))
     _, bound = layer.quant_method.tolerances(cfg.quant.params, dtype)
-    assert dq <= TOLERANCE[dtype], f"{method} {dtype}: {dq:.3e} vs the dequantized oracle"
+    # kernel rounding: the dtype's tolerance (w8a8 in fp32: + a rare one-quantum activation flip, LAYER_TOL)
+    tol = max(TOLERANCE[dtype], layer.quant_method.LAYER_TOL.get(dtype, 0.0))
+    assert dq <= tol, f"{method} {dtype}: {dq:.3e} vs the dequantized oracle"
     assert 1e-4 < uq <= bound, f"{method} {dtype}: {uq:.3e} vs the unquantized oracle (bound {bound})"
 
 
