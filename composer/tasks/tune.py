@@ -81,12 +81,13 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", default="1,16,128,1024,4096")
     ap.add_argument("--rep-ms", type=int, default=20)
     ap.add_argument("--out", default=".")
+    ap.add_argument("--no-tma", action="store_true")
     args = ap.parse_args(argv)
     m = yaml.safe_load((Path(__file__).resolve().parent.parent / "conf" / "model" / f"{args.model}.yaml").read_text())
     dtype = m.get("dtype", "bfloat16")
     table = tune_shape(m["num_experts"], m["top_k"], m["hidden_size"], m["intermediate_size"], getattr(torch, dtype),
                        [int(t) for t in args.tokens.split(",")], m.get("activation", "silu"), args.rep_ms,
-                       log=lambda s: print(s, flush=True))
+                       log=lambda s: print(s, flush=True), tma=not args.no_tma)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = config_file_name(m["num_experts"], m["intermediate_size"], m["hidden_size"], device_name(), dtype)

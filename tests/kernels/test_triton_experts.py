@@ -56,10 +56,10 @@ def rel(out, ref):
     return float((out.double() - ref).norm() / ref.norm()) if float(ref.norm()) > 0 else float(out.double().norm())
 
 
-def tiny_config(decode, reduce, bn1, bk1, bn2, bk2):
+def tiny_config(decode, reduce, bn1, bk1, bn2, bk2, tma=False):
     return {"BLOCK_M": 16, "decode": decode, "reduce": reduce,
-            "gemm1": {"BLOCK_N": bn1, "BLOCK_K": bk1, "GROUP_M": 2, "num_warps": 4, "num_stages": 2},
-            "gemm2": {"BLOCK_N": bn2, "BLOCK_K": bk2, "GROUP_M": 1, "num_warps": 4, "num_stages": 2}}
+            "gemm1": {"BLOCK_N": bn1, "BLOCK_K": bk1, "GROUP_M": 2, "num_warps": 4, "num_stages": 2, "tma": tma},
+            "gemm2": {"BLOCK_N": bn2, "BLOCK_K": bk2, "GROUP_M": 1, "num_warps": 4, "num_stages": 2, "tma": tma}}
 
 
 @settings(max_examples=30, deadline=None)
@@ -70,14 +70,15 @@ def tiny_config(decode, reduce, bn1, bk1, bn2, bk2):
     act=st.sampled_from(["silu", "gelu", "swigluoai"]), bias=st.booleans(), drop=st.sampled_from([0.0, 0.25]),
     decode=st.booleans(), reduce=st.sampled_from(["atomic", "buffer"]),
     bn1=st.sampled_from([16, 32]), bk1=st.sampled_from([16, 32]), bn2=st.sampled_from([16, 32]),
-    bk2=st.sampled_from([16, 32]), seed=st.integers(0, 2**16),
+    bk2=st.sampled_from([16, 32]), tma=st.booleans(), seed=st.integers(0, 2**16),
 )
 def test_fused_experts_matches_oracle(T, E, kfrac, H, I, dtype, act, bias, drop, decode, reduce, bn1, bk1, bn2, bk2,
-                                      seed):
+                                      tma, seed):
+    """tma=True takes the TMA-descriptor weight loads where the weights allow it (16-byte aligned rows)."""
     k = 1 + int(kfrac * (E - 1))
     x, tw, ids, w13, w2, b13, b2 = make_case(T, E, k, H, I, dtype, bias, drop, seed)
     with interpreter():
-        out = fused_experts(x, tw, ids, w13, w2, b13, b2, act, config=tiny_config(decode, reduce, bn1, bk1, bn2, bk2))
+        out = fused_experts(x, tw, ids, w13, w2, b13, b2, act, config=tiny_config(decode, reduce, bn1, bk1, bn2, bk2, tma))
     assert out.shape == x.shape and out.dtype == dtype
     ref = oracle_experts(x, tw, ids, w13, w2, act, b13, b2)
     assert torch.isfinite(out).all()
@@ -234,8 +235,10 @@ def test_gpu_small_all_features(dtype, act, bias):
         for T in (1, 7, 300):
             x, tw, ids, w13, w2, b13, b2 = make_case(T, 12, 4, 200, 72, dtype, bias, 0.2, T, device="cuda")
             ref = oracle_experts(x, tw, ids, w13, w2, act, b13, b2)
-            for reduce in ("atomic", "buffer"):
+            for reduce, tma in (("atomic", False), ("buffer", True)):
                 c = dict(cfgs.heuristic_config(T, 12, 72, 200, 4), reduce=reduce)
+                c["gemm1"] = dict(c["gemm1"], tma=tma)
+                c["gemm2"] = dict(c["gemm2"], tma=tma)
                 out = fused_experts(x, tw, ids, w13, w2, b13, b2, act, config=c)
                 tol = 1e-5 if dtype == torch.float32 else TOL[dtype]
                 assert rel(out, ref) < tol, f"T={T} {reduce}: {rel(out, ref):.2e}"

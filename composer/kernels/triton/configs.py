@@ -4,7 +4,7 @@ A file is named ``E={E},N={I},K={H},device_name={device},dtype={dtype}.json`` (d
 ``torch.cuda.get_device_name()`` with spaces replaced by ``_``) and maps a token count ``T`` to::
 
     {"BLOCK_M": 64, "decode": false, "reduce": "atomic",
-     "gemm1": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+     "gemm1": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4, "tma": false},
      "gemm2": {...}}
 
 For a run with T tokens the entry with the nearest key is used (as vLLM does). Folders searched, first
@@ -23,7 +23,7 @@ ENV_VAR = "COMPOSER_KERNEL_CONFIGS"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "configs"
 _extra_dirs: list[Path] = []
 
-GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma")
 
 
 def add_config_dir(path: str | os.PathLike) -> None:
@@ -68,6 +68,8 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
             v = sub.get(key)
             if not isinstance(v, int) or v < 16 or v & (v - 1):
                 problems.append(f"{g}.{key} must be a power of two >= 16, got {v!r}")
+        if not isinstance(sub.get("tma", False), bool):
+            problems.append(f"{g}.tma must be true or false, got {sub.get('tma')!r}")
         unknown = set(sub) - set(GEMM_KEYS)
         if unknown:
             problems.append(f"{g}: unknown keys {sorted(unknown)}; allowed: {', '.join(GEMM_KEYS)}")

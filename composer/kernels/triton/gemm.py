@@ -31,13 +31,13 @@ SWIGLUOAI_LIMIT = 7.0
 
 @lazy_jit
 def _gemm1_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr,
+    x_ptr, w_ptr, w_desc, b_ptr, out_ptr,
     sorted_ids_ptr, expert_ids_ptr, ntpp_ptr, topk_ids_ptr,
     num_pairs, N, K, top_k, num_pid_m,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, EVEN_K: tl.constexpr,
-    ALPHA: tl.constexpr, LIMIT: tl.constexpr, PRECISION: tl.constexpr,
+    ALPHA: tl.constexpr, LIMIT: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -75,8 +75,16 @@ def _gemm1_kernel(
 
     acc_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     acc_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    # TMA: the weights of expert e are rows [e * 2N, (e + 1) * 2N) of w13 viewed as [E * 2N, K]; a tile that
+    # runs past N reads the next rows (or zeros past the end), and those columns are masked at the store.
+    row_g = expert * (2 * N) + pid_n * BLOCK_N
     for kk in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-        if EVEN_K:
+        if USE_TMA:
+            k_ok = offs_k < K - kk * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
+            g = w_desc.load([row_g, kk * BLOCK_K]).T
+            u = w_desc.load([row_g + N, kk * BLOCK_K]).T
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
             g = tl.load(g_ptrs)
             u = tl.load(u_ptrs)
@@ -111,13 +119,13 @@ def _gemm1_kernel(
 
 @lazy_jit
 def _gemm2_kernel(
-    a_ptr, w_ptr, b_ptr, tw_ptr, out_ptr,
+    a_ptr, w_ptr, w_desc, b_ptr, tw_ptr, out_ptr,
     sorted_ids_ptr, expert_ids_ptr, ntpp_ptr, topk_ids_ptr,
     num_pairs, N, K, top_k, num_pid_m,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -152,8 +160,13 @@ def _gemm2_kernel(
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    row_w = expert * N + pid_n * BLOCK_N  # w2 viewed as [E * N, K]
     for kk in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-        if EVEN_K:
+        if USE_TMA:
+            k_ok = offs_k < K - kk * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
+            w = w_desc.load([row_w, kk * BLOCK_K]).T
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
             w = tl.load(w_ptrs)
         else:
@@ -198,6 +211,17 @@ def zero_dropped_rows(ids_flat: torch.Tensor, buf: torch.Tensor) -> None:
         _zero_dropped_rows_kernel[(P,)](ids_flat, buf, N, buf.stride(0), BLOCK_N=1024)
 
 
+def _weight_desc(w: torch.Tensor, bn: int, bk: int):
+    """A host-side TMA descriptor over the weights viewed as 2D ``[E * rows, K]`` (tiles ``[bn, bk]``), or None
+    (pointer loads) where TMA cannot serve: non-contiguous weights, rows not 16-byte aligned, tiny tiles."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    elt = w.element_size()
+    if not w.is_contiguous() or (w.shape[-1] * elt) % 16 or w.data_ptr() % 16 or bk * elt < 16:
+        return None
+    return TensorDescriptor.from_tensor(w.view(-1, w.shape[-1]), [bn, bk])
+
+
 def _precision(dtype: torch.dtype) -> str | None:
     # fp32 inputs: true fp32 products (Triton's default for an fp32 dot is tf32, ~3e-4 relative error).
     return "ieee" if dtype == torch.float32 else None
@@ -213,15 +237,16 @@ def gemm1(x, w13, w13_bias, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, 
     H = x.shape[1]
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     b = w13_bias if w13_bias is not None else w13  # any pointer; unused without HAS_BIAS
+    desc = _weight_desc(w13, bn, bk) if cfg.get("tma") else None
     _gemm1_kernel[_grid(num_pid_m, I, bn)](
-        x, w13, b, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat,
+        x, w13, desc, b, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat,
         P, I, H, top_k, num_pid_m,
         x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
         w13_bias.stride(0) if w13_bias is not None else 0, w13_bias.stride(1) if w13_bias is not None else 0,
         inter.stride(0), inter.stride(1),
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 1),
         ACT=ACT_CODES[activation], HAS_BIAS=w13_bias is not None, DIRECT=direct, EVEN_K=H % bk == 0,
-        ALPHA=SWIGLUOAI_ALPHA, LIMIT=SWIGLUOAI_LIMIT, PRECISION=_precision(x.dtype),
+        ALPHA=SWIGLUOAI_ALPHA, LIMIT=SWIGLUOAI_LIMIT, PRECISION=_precision(x.dtype), USE_TMA=desc is not None,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
 
@@ -232,14 +257,15 @@ def gemm2(inter, w2, w2_bias, topk_weights_flat, out, sorted_ids, expert_ids, nt
     H = w2.shape[1]
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     b = w2_bias if w2_bias is not None else w2
+    desc = _weight_desc(w2, bn, bk) if cfg.get("tma") else None
     _gemm2_kernel[_grid(num_pid_m, H, bn)](
-        inter, w2, b, topk_weights_flat, out, sorted_ids, expert_ids, ntpp, topk_ids_flat,
+        inter, w2, desc, b, topk_weights_flat, out, sorted_ids, expert_ids, ntpp, topk_ids_flat,
         P, H, I, top_k, num_pid_m,
         inter.stride(0), inter.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
         w2_bias.stride(0) if w2_bias is not None else 0, w2_bias.stride(1) if w2_bias is not None else 0,
         out.stride(0), out.stride(1),
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 1),
         HAS_BIAS=w2_bias is not None, DIRECT=direct, EVEN_K=I % bk == 0, ATOMIC=atomic,
-        PRECISION=_precision(inter.dtype),
+        PRECISION=_precision(inter.dtype), USE_TMA=desc is not None,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )

@@ -20,7 +20,13 @@ def _g(bn: int, bk: int, warps: int, stages: int, group_m: int = 1) -> dict[str,
     return {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "num_warps": warps, "num_stages": stages}
 
 
-def gemm_candidates(block_m: int, decode: bool) -> list[dict[str, int]]:
+def gemm_candidates(block_m: int, decode: bool, tma: bool = True) -> list[dict[str, Any]]:
+    """Pointer-load candidates, and each again with TMA weight loads when ``tma``."""
+    base = _base_candidates(block_m, decode)
+    return base + [{**g, "tma": True} for g in base] if tma else base
+
+
+def _base_candidates(block_m: int, decode: bool) -> list[dict[str, Any]]:
     if decode:
         return [_g(bn, bk, 4, st) for bn in (32, 64) for bk in (128, 256) for st in (4, 6)]
     if block_m <= 32:
@@ -28,11 +34,13 @@ def gemm_candidates(block_m: int, decode: bool) -> list[dict[str, int]]:
     if block_m == 64:
         return [_g(bn, bk, w, st, 8) for bn, bk, w, st in (
             (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 64, 8, 4), (128, 128, 4, 3), (128, 128, 8, 3),
-            (256, 64, 8, 3), (256, 64, 8, 4), (64, 256, 4, 3), (128, 64, 4, 5), (128, 64, 8, 5), (256, 128, 8, 2))]
+            (256, 64, 8, 3), (256, 64, 8, 4), (64, 256, 4, 3), (128, 64, 4, 5), (128, 64, 8, 5), (256, 128, 8, 2),
+            # two programs per SM (smaller pipelines): one's epilogue overlaps the other's main loop
+            (128, 32, 4, 4), (128, 32, 8, 4), (256, 32, 8, 4), (64, 64, 4, 2))]
     return [_g(bn, bk, w, st, 8) for bn, bk, w, st in (
         (64, 64, 4, 4), (64, 64, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3),
         (128, 64, 4, 4), (64, 128, 4, 3), (256, 64, 8, 4), (128, 64, 8, 5), (256, 128, 8, 2), (128, 128, 8, 4),
-        (256, 32, 8, 5))]
+        (256, 32, 8, 5), (128, 32, 8, 4), (128, 32, 8, 6), (128, 64, 8, 2), (256, 32, 8, 4), (64, 32, 4, 4))]
 
 
 def block_m_candidates(T: int, E: int, k: int) -> list[int]:
@@ -55,8 +63,8 @@ def _bench(fn: Callable[[], Any], rep_ms: int) -> float:
 
 
 def tune_tokens(T: int, E: int, k: int, H: int, I: int, w13: torch.Tensor, w2: torch.Tensor, activation: str = "silu",
-                rep_ms: int = 20, gen: torch.Generator | None = None, log: Callable[[str], None] | None = None
-                ) -> tuple[dict[str, Any], float]:
+                rep_ms: int = 20, gen: torch.Generator | None = None, log: Callable[[str], None] | None = None,
+                tma: bool = True) -> tuple[dict[str, Any], float]:
     """The fastest config for T tokens and its time (ms, kernels only)."""
     dev, dt = w13.device, w13.dtype
     elt = w13.element_size()
@@ -84,7 +92,7 @@ def tune_tokens(T: int, E: int, k: int, H: int, I: int, w13: torch.Tensor, w2: t
             t_align = _bench(lambda: moe_align(ids, E, bm), rep_ms)
         best: dict[str, tuple[float, dict[str, Any]]] = {}
         for name in ("gemm1", "gemm2"):
-            for g in gemm_candidates(bm, direct):
+            for g in gemm_candidates(bm, direct, tma):
                 if smem_bytes(bm, g, elt, 1 if name == "gemm1" else 2) > SMEM_LIMIT:
                     continue
                 if name == "gemm1":
@@ -117,6 +125,7 @@ def tune_tokens(T: int, E: int, k: int, H: int, I: int, w13: torch.Tensor, w2: t
         total = t_align + best["gemm1"][0] + min(t_atomic, t_buf)
         entry = {"BLOCK_M": bm, "decode": direct, "reduce": reduce, "gemm1": best["gemm1"][1], "gemm2": g2}
         if log:
+            log(f"  T={T} BM={bm}{' decode' if direct else ''}: g1 {best['gemm1'][1]} g2 {g2}")
             log(f"  T={T} BM={bm}{' decode' if direct else ''}: align {t_align * 1e3:.1f} gemm1 {best['gemm1'][0] * 1e3:.1f} "
                 f"gemm2 {best['gemm2'][0] * 1e3:.1f} reduce {reduce} -> {total * 1e3:.1f} us")
         options.append((total, entry))
@@ -128,7 +137,7 @@ def tune_tokens(T: int, E: int, k: int, H: int, I: int, w13: torch.Tensor, w2: t
 
 def tune_shape(E: int, k: int, H: int, I: int, dtype: torch.dtype, tokens: list[int], activation: str = "silu",
                rep_ms: int = 20, seed: int = 0, log: Callable[[str], None] | None = None,
-               on_token: Callable[[int], None] | None = None) -> dict[str, Any]:
+               on_token: Callable[[int], None] | None = None, tma: bool = True) -> dict[str, Any]:
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
@@ -139,10 +148,34 @@ def tune_shape(E: int, k: int, H: int, I: int, dtype: torch.dtype, tokens: list[
         w2[e] = (torch.randn(H, I, device=dev, generator=gen) * I ** -0.5).to(dtype)
     table: dict[str, Any] = {}
     for T in tokens:
-        entry, total = tune_tokens(T, E, k, H, I, w13, w2, activation, rep_ms, gen, log)
+        entry, total = tune_tokens(T, E, k, H, I, w13, w2, activation, rep_ms, gen, log, tma)
         table[str(T)] = {**entry, "_us": round(total * 1e3, 1)}
         if on_token:
             on_token(T)
     del w13, w2
     torch.cuda.empty_cache()
     return table
+
+
+def merge_tables(new_dir: str, base_dir: str, out_dir: str) -> list[str]:
+    """For each config file in ``new_dir``: the entries of ``base_dir``'s file of that name, replaced by the new
+    ones where a T is new or faster (``_us``); written to ``out_dir``. Returns one line per change."""
+    import json
+    from pathlib import Path
+
+    changes = []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(new_dir).glob("E=*.json")):
+        new = json.loads(f.read_text())
+        base_file = Path(base_dir) / f.name
+        cur = json.loads(base_file.read_text()) if base_file.exists() else {}
+        for T, e in new.items():
+            if T.startswith("_"):
+                continue
+            if T not in cur or e.get("_us", 1e18) < cur[T].get("_us", 1e18):
+                changes.append(f"{f.name}: T={T} {cur.get(T, {}).get('_us')} -> {e.get('_us')} us")
+                cur[T] = e
+        cur = dict(sorted(cur.items(), key=lambda kv: -1 if kv[0].startswith("_") else int(kv[0])))
+        (out / f.name).write_text(json.dumps(cur, indent=2) + "\n")
+    return changes
