@@ -10,11 +10,20 @@ from ..registry import KERNELS
 from . import ops  # noqa: F401  (registers composer::fused_experts)
 from .triton._jit import interpreting
 
+FP8_METHODS = frozenset({"fp8_w8a8"})
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def cuda_capability():
+    from ..quant.utils import cuda_capability as cap
+
+    return cap()
+
 
 @KERNELS.register("triton")
 class TritonExperts(Experts):
     name = "triton"
-    supported_quant = frozenset({"none"})
+    supported_quant = frozenset({"none", "int8_w8a16", "int8_w8a8", "int4_w4a16", "fp8_w8a8"})
     supported_dtypes = frozenset({"float32", "float16", "bfloat16"})
     needs_cuda = False  # the interpreter runs it on CPU; check() says when that is allowed
 
@@ -32,6 +41,19 @@ class TritonExperts(Experts):
                     "experts kernel 'triton' under TRITON_INTERPRET=1 on CPU gives wrong bfloat16 results "
                     "(the interpreter's bf16 loads are unreliable): use model.dtype=float32 or float16, or kernel=torch"
                 )
+            if quant in FP8_METHODS:
+                problems.append(
+                    f"experts kernel 'triton' under TRITON_INTERPRET=1 on CPU cannot run quant method '{quant}': the "
+                    "interpreter's fp8 conversions and fp8 dots are wrong; use kernel=torch, or run it on a CUDA GPU"
+                )
+        elif quant in FP8_METHODS:
+            cap = cuda_capability()
+            if cap is not None and tuple(cap) < FP8_MIN_CAPABILITY:
+                problems.append(
+                    f"experts kernel 'triton' runs {quant} on fp8 tensor cores, which need compute capability >= 8.9 "
+                    f"(sm89: Ada, Hopper or newer); this GPU is sm{cap[0]}{cap[1]}. Pick quant=int8_w8a16, "
+                    "int8_w8a8 or int4_w4a16, or kernel=torch"
+                )
         return problems
 
     def apply(
@@ -43,7 +65,14 @@ class TritonExperts(Experts):
         activation: str,
     ) -> torch.Tensor:
         if weights.quant != "none":
-            raise ValueError(f"experts kernel 'triton' does not support quant method '{weights.quant}' yet")
+            if weights.quant not in self.supported_quant:
+                raise ValueError(f"experts kernel 'triton' does not support quant method '{weights.quant}'")
+            ex = weights.extra
+            bn, bk = ex.get("block_shape", (128, 128))
+            return torch.ops.composer.fused_experts_quant(
+                x, topk_weights, topk_ids, weights.w13, weights.w2, weights.w13_bias, weights.w2_bias, activation,
+                weights.quant, weights.w13_scale, weights.w2_scale, weights.a13_scale, weights.a2_scale,
+                weights.w13_zero, weights.w2_zero, ex.get("granularity", "per_token_channel"), int(bn), int(bk))
         return torch.ops.composer.fused_experts(
             x, topk_weights, topk_ids, weights.w13, weights.w2, weights.w13_bias, weights.w2_bias, activation
         )

@@ -7,7 +7,7 @@ import torch
 
 from .align import max_blocks, moe_align
 from .configs import fit_smem, get_config
-from .gemm import ACT_CODES, gemm1, gemm2, zero_dropped_rows
+from .gemm import ACT_CODES, QuantSpec, gemm1, gemm2, zero_dropped_rows
 
 
 def fused_experts(
@@ -71,4 +71,141 @@ def fused_experts(
           direct, atomic, block_m, config["gemm2"])
     if not atomic:
         out = out.view(T, k, H).sum(dim=1)  # one pass; torch accumulates bf16/fp16 sums in fp32
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantized experts (docs/quantization.md, "For the Triton backend").
+
+QUANT_METHODS = ("int8_w8a16", "int4_w4a16", "int8_w8a8", "fp8_w8a8")
+WS_CODES = {"per_tensor": 0, "per_token_channel": 1, "block": 2}
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    p = 1
+    while p * 2 <= cap and n % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+def _shape_gemm(g: dict[str, Any], q: QuantSpec) -> dict[str, Any]:
+    g = dict(g)
+    if q.wq == 2:  # int4: keep the K tile inside one scale group where that leaves a sane tile (GROUP_TILE)
+        d = _pow2_divisor(q.qbk, g["BLOCK_K"])
+        if d >= 16:
+            g["BLOCK_K"] = d
+    elif q.wq == 3 and q.ws == 2:  # block fp8: the K tile must lie inside one scale block
+        d = _pow2_divisor(q.qbk, g["BLOCK_K"])
+        if d < 16:
+            raise ValueError(f"block fp8 on Triton needs a block K of a multiple of 16, got {q.qbk}")
+        g["BLOCK_K"] = d
+    elif q.wq == 3:  # fp8 / int8 tensor-core dots take K tiles of 32
+        g["BLOCK_K"] = max(g["BLOCK_K"], 32)
+    return g
+
+
+def quant_config(T: int, E: int, I: int, H: int, k: int, method: str, dtype: torch.dtype, device: Any
+                 ) -> dict[str, Any]:
+    """A tuned file for the method (``dtype=<method>``) if one exists, else the model dtype's tuned tiles."""
+    cfg = get_config(T, E, I, H, k, method, device)
+    if cfg.get("source") == "heuristic":
+        cfg = get_config(T, E, I, H, k, dtype, device)
+    return cfg
+
+
+def fused_experts_quant(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_bias: torch.Tensor | None,
+    w2_bias: torch.Tensor | None,
+    activation: str,
+    method: str,
+    w13_scale: torch.Tensor,
+    w2_scale: torch.Tensor,
+    a13_scale: torch.Tensor | None = None,
+    a2_scale: torch.Tensor | None = None,
+    w13_zero: torch.Tensor | None = None,
+    w2_zero: torch.Tensor | None = None,
+    granularity: str = "per_token_channel",
+    block_n: int = 128,
+    block_k: int = 128,
+    config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """The quantized experts: ``method`` in QUANT_METHODS with the layouts of ``composer.quant``.
+
+    w*a16 dequantize the weights tile by tile inside the GEMMs (exactly as ``kernel=torch`` dequantizes them,
+    rounded to the model dtype); w8a8 quantize each GEMM input by rows (``quant.quant_rows``: the input once,
+    the model-dtype intermediate once) and multiply the quantized values, fp32 (fp8) or int32 (int8)
+    accumulation, with the scales applied per K tile (block fp8) or in the epilogue.
+    """
+    from .quant import quant_rows
+
+    if activation not in ACT_CODES:
+        raise ValueError(f"unknown activation '{activation}'; choose one of {', '.join(ACT_CODES)}")
+    if method not in QUANT_METHODS:
+        raise ValueError(f"unknown quant method '{method}' for the Triton experts; choose one of {QUANT_METHODS}")
+    T, H = x.shape
+    E, two_i, _ = w13.shape
+    I = two_i // 2
+    k = topk_ids.shape[1]
+    if T == 0 or k == 0:
+        return torch.zeros_like(x)
+    if config is None:
+        config = quant_config(T, E, I, H, k, method, x.dtype, x.device)
+    if x.element_size() > 2:
+        config = fit_smem(config, x.element_size())
+    act_q = None
+    if method == "int8_w8a16":
+        q1 = q2 = QuantSpec(wq=1)
+    elif method == "int4_w4a16":
+        q1 = QuantSpec(wq=2, qbk=H // w13_scale.shape[-1])
+        q2 = QuantSpec(wq=2, qbk=I // w2_scale.shape[-1])
+    elif method == "int8_w8a8":
+        q1 = q2 = QuantSpec(wq=3, ws=1, acc_int=True)
+        act_q = (torch.int8, None)
+    else:
+        ws = WS_CODES[granularity]
+        q1 = q2 = QuantSpec(wq=3, ws=ws, qbn=block_n if ws == 2 else 1, qbk=block_k if ws == 2 else 1)
+        act_q = (torch.float8_e4m3fn, block_k if ws == 2 else None)
+    c1 = _shape_gemm(config["gemm1"], q1)
+    c2 = _shape_gemm(config["gemm2"], q2)
+    P = T * k
+    block_m = config["BLOCK_M"]
+    direct = bool(config.get("decode", False))
+    atomic = config.get("reduce", "atomic") == "atomic"
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    ids_flat = topk_ids.reshape(-1)
+    if ids_flat.dtype != torch.int32:
+        ids_flat = ids_flat.to(torch.int32)
+    ids_flat = ids_flat.contiguous()
+    tw_flat = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    if direct:
+        num_pid_m = P
+        sorted_ids = expert_ids = ntpp = ids_flat
+    else:
+        sorted_ids, expert_ids, ntpp = moe_align(ids_flat.view(T, k), E, block_m)
+        num_pid_m = max_blocks(P, E, block_m)
+
+    a1, s1 = x, None
+    if act_q is not None:
+        a1, s1 = quant_rows(x, act_q[0], act_q[1], a13_scale)
+    inter = torch.empty(P, I, dtype=x.dtype, device=x.device)
+    gemm1(a1, w13, w13_bias, inter, sorted_ids, expert_ids, ntpp, ids_flat, num_pid_m, k,
+          activation, direct, block_m, c1, q1, s1, w13_scale, w13_zero)
+    a2, s2 = inter, None
+    if act_q is not None:
+        a2, s2 = quant_rows(inter, act_q[0], act_q[1], a2_scale)
+    if atomic:
+        out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(P, H, dtype=x.dtype, device=x.device)
+        zero_dropped_rows(ids_flat, out)
+    gemm2(a2, w2, w2_bias, tw_flat, out, sorted_ids, expert_ids, ntpp, ids_flat, num_pid_m, k,
+          direct, atomic, block_m, c2, q2, s2, w2_scale, w2_zero)
+    if not atomic:
+        out = out.view(T, k, H).sum(dim=1)
     return out if out.dtype == x.dtype else out.to(x.dtype)

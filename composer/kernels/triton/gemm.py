@@ -15,6 +15,8 @@ more than 2^31 elements).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -33,11 +35,15 @@ SWIGLUOAI_LIMIT = 7.0
 def _gemm1_kernel(
     x_ptr, w_ptr, w_desc, b_ptr, out_ptr,
     sorted_ids_ptr, expert_ids_ptr, ntpp_ptr, topk_ids_ptr,
+    as_ptr, ws_ptr, wz_ptr,
     num_pairs, N, K, top_k, num_pid_m,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om, stride_on,
+    stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, EVEN_K: tl.constexpr,
     ALPHA: tl.constexpr, LIMIT: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    WQ: tl.constexpr, WS: tl.constexpr, QBN: tl.constexpr, QBK: tl.constexpr, GROUP_TILE: tl.constexpr,
+    HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -70,11 +76,32 @@ def _gemm1_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tokens[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_base = w_ptr + expert.to(tl.int64) * stride_we
-    g_ptrs = w_base + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    if WQ == 2:  # int4: two values per byte along K, element 2j in the low nibble
+        g_ptrs = w_base + offs_n_safe[None, :].to(tl.int64) * stride_wn + (offs_k // 2)[:, None] * stride_wk
+        shift = ((offs_k % 2) * 4)[:, None]
+    else:
+        g_ptrs = w_base + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
     u_ptrs = g_ptrs + N * stride_wn
+    ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
+    offs_nu = offs_n_safe + N
+    if WQ == 1 or (WQ == 3 and WS == 1):  # one scale per output channel [E, 2N, 1]
+        sg = tl.load(ws_base + offs_n_safe * stride_wsn).to(tl.float32)
+        su = tl.load(ws_base + offs_nu * stride_wsn).to(tl.float32)
+    if WQ == 2:
+        if HAS_ZERO:  # zero points [E, N, K/g] packed two per byte along the output dim
+            wz_base = wz_ptr + expert.to(tl.int64) * stride_wze
+            zg_ptrs = wz_base + (offs_n_safe // 2) * stride_wzn
+            zu_ptrs = wz_base + (offs_nu // 2) * stride_wzn
+            zg_shift = (offs_n_safe % 2) * 4
+            zu_shift = (offs_nu % 2) * 4
+    a_row_ok = row_mask
 
-    acc_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    acc_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    if ACC_INT:
+        acc_g = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+        acc_u = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+    else:
+        acc_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        acc_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     # TMA: the weights of expert e are rows [e * 2N, (e + 1) * 2N) of w13 viewed as [E * 2N, K]; a tile that
     # runs past N reads the next rows (or zeros past the end), and those columns are masked at the store.
     row_g = expert * (2 * N) + pid_n * BLOCK_N
@@ -91,13 +118,67 @@ def _gemm1_kernel(
         else:
             k_ok = offs_k < K - kk * BLOCK_K
             a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
-            g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
-            u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
-        acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
+            g = tl.load(g_ptrs, mask=k_ok[:, None], other=0)
+            u = tl.load(u_ptrs, mask=k_ok[:, None], other=0)
+        if WQ == 1:  # int8 weights, dequantized as kernel=torch does: (q * scale) rounded to the model dtype
+            g = (g.to(tl.float32) * sg[None, :]).to(x_ptr.dtype.element_ty)
+            u = (u.to(tl.float32) * su[None, :]).to(x_ptr.dtype.element_ty)
+        elif WQ == 2:  # int4: ((q - zero) * scale) in fp32, rounded to the model dtype
+            gq = ((g >> shift) & 0xF).to(tl.float32)
+            uq = ((u >> shift) & 0xF).to(tl.float32)
+            if GROUP_TILE:  # the whole K tile lies in one group
+                grp = (kk * BLOCK_K) // QBK
+                s_g = tl.load(ws_base + offs_n_safe * stride_wsn + grp * stride_wsk).to(tl.float32)[None, :]
+                s_u = tl.load(ws_base + offs_nu * stride_wsn + grp * stride_wsk).to(tl.float32)[None, :]
+                if HAS_ZERO:
+                    z_g = ((tl.load(zg_ptrs + grp * stride_wzk) >> zg_shift) & 0xF).to(tl.float32)[None, :]
+                    z_u = ((tl.load(zu_ptrs + grp * stride_wzk) >> zu_shift) & 0xF).to(tl.float32)[None, :]
+                else:
+                    z_g = 8.0
+                    z_u = 8.0
+            else:
+                grp = ((kk * BLOCK_K + offs_k) // QBK)[:, None]
+                k_in = (offs_k < K - kk * BLOCK_K)[:, None]
+                s_g = tl.load(ws_base + offs_n_safe[None, :] * stride_wsn + grp * stride_wsk, mask=k_in, other=0.0).to(tl.float32)
+                s_u = tl.load(ws_base + offs_nu[None, :] * stride_wsn + grp * stride_wsk, mask=k_in, other=0.0).to(tl.float32)
+                if HAS_ZERO:
+                    z_g = ((tl.load(zg_ptrs[None, :] + grp * stride_wzk, mask=k_in, other=0) >> zg_shift[None, :]) & 0xF).to(tl.float32)
+                    z_u = ((tl.load(zu_ptrs[None, :] + grp * stride_wzk, mask=k_in, other=0) >> zu_shift[None, :]) & 0xF).to(tl.float32)
+                else:
+                    z_g = 8.0
+                    z_u = 8.0
+            g = ((gq - z_g) * s_g).to(x_ptr.dtype.element_ty)
+            u = ((uq - z_u) * s_u).to(x_ptr.dtype.element_ty)
+        if WQ == 3 and WS == 2:  # block fp8: the K tile lies in one scale block; scale the partial products
+            kb = (kk * BLOCK_K) // QBK
+            a_s = tl.load(as_ptr + tokens * stride_asm + kb * stride_ask, mask=a_row_ok, other=0.0)
+            b_g = tl.load(ws_base + (offs_n_safe // QBN) * stride_wsn + kb * stride_wsk).to(tl.float32)
+            b_u = tl.load(ws_base + (offs_nu // QBN) * stride_wsn + kb * stride_wsk).to(tl.float32)
+            acc_g += tl.dot(a, g) * a_s[:, None] * b_g[None, :]
+            acc_u += tl.dot(a, u) * a_s[:, None] * b_u[None, :]
+        elif ACC_INT:
+            acc_g = tl.dot(a, g, acc_g, out_dtype=tl.int32)
+            acc_u = tl.dot(a, u, acc_u, out_dtype=tl.int32)
+        else:
+            acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_xk
-        g_ptrs += BLOCK_K * stride_wk
-        u_ptrs += BLOCK_K * stride_wk
+        if WQ == 2:
+            g_ptrs += (BLOCK_K // 2) * stride_wk
+            u_ptrs += (BLOCK_K // 2) * stride_wk
+        else:
+            g_ptrs += BLOCK_K * stride_wk
+            u_ptrs += BLOCK_K * stride_wk
+
+    if WQ == 3 and WS != 2:  # w8a8: per-token activation scale x weight scale (per expert or channel)
+        a_s = tl.load(as_ptr + tokens * stride_asm, mask=a_row_ok, other=0.0)[:, None]
+        if WS == 0:
+            w_s = tl.load(ws_base).to(tl.float32)
+            acc_g = acc_g.to(tl.float32) * (a_s * w_s)
+            acc_u = acc_u.to(tl.float32) * (a_s * w_s)
+        else:
+            acc_g = acc_g.to(tl.float32) * a_s * sg[None, :]
+            acc_u = acc_u.to(tl.float32) * a_s * su[None, :]
 
     if HAS_BIAS:
         b_base = b_ptr + expert.to(tl.int64) * stride_be
@@ -121,11 +202,15 @@ def _gemm1_kernel(
 def _gemm2_kernel(
     a_ptr, w_ptr, w_desc, b_ptr, tw_ptr, out_ptr,
     sorted_ids_ptr, expert_ids_ptr, ntpp_ptr, topk_ids_ptr,
+    as_ptr, ws_ptr, wz_ptr,
     num_pairs, N, K, top_k, num_pid_m,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om, stride_on,
+    stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    WQ: tl.constexpr, WS: tl.constexpr, QBN: tl.constexpr, QBK: tl.constexpr, GROUP_TILE: tl.constexpr,
+    HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -157,9 +242,23 @@ def _gemm2_kernel(
     offs_n_safe = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    if WQ == 2:
+        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n_safe[None, :].to(tl.int64) * stride_wn + (offs_k // 2)[:, None] * stride_wk
+        shift = ((offs_k % 2) * 4)[:, None]
+    else:
+        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
+    if WQ == 1 or (WQ == 3 and WS == 1):
+        sw = tl.load(ws_base + offs_n_safe * stride_wsn).to(tl.float32)
+    if WQ == 2:
+        if HAS_ZERO:
+            z_ptrs = wz_ptr + expert.to(tl.int64) * stride_wze + (offs_n_safe // 2) * stride_wzn
+            z_shift = (offs_n_safe % 2) * 4
 
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    if ACC_INT:
+        acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+    else:
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     row_w = expert * N + pid_n * BLOCK_N  # w2 viewed as [E * N, K]
     for kk in range(0, (K + BLOCK_K - 1) // BLOCK_K):
         if USE_TMA:
@@ -172,10 +271,48 @@ def _gemm2_kernel(
         else:
             k_ok = offs_k < K - kk * BLOCK_K
             a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0)
+        if WQ == 1:
+            w = (w.to(tl.float32) * sw[None, :]).to(a_ptr.dtype.element_ty)
+        elif WQ == 2:
+            wq = ((w >> shift) & 0xF).to(tl.float32)
+            if GROUP_TILE:
+                grp = (kk * BLOCK_K) // QBK
+                s_w = tl.load(ws_base + offs_n_safe * stride_wsn + grp * stride_wsk).to(tl.float32)[None, :]
+                if HAS_ZERO:
+                    z_w = ((tl.load(z_ptrs + grp * stride_wzk) >> z_shift) & 0xF).to(tl.float32)[None, :]
+                else:
+                    z_w = 8.0
+            else:
+                grp = ((kk * BLOCK_K + offs_k) // QBK)[:, None]
+                k_in = (offs_k < K - kk * BLOCK_K)[:, None]
+                s_w = tl.load(ws_base + offs_n_safe[None, :] * stride_wsn + grp * stride_wsk, mask=k_in, other=0.0).to(tl.float32)
+                if HAS_ZERO:
+                    z_w = ((tl.load(z_ptrs[None, :] + grp * stride_wzk, mask=k_in, other=0) >> z_shift[None, :]) & 0xF).to(tl.float32)
+                else:
+                    z_w = 8.0
+            w = ((wq - z_w) * s_w).to(a_ptr.dtype.element_ty)
+        if WQ == 3 and WS == 2:
+            kb = (kk * BLOCK_K) // QBK
+            a_s = tl.load(as_ptr + rows * stride_asm + kb * stride_ask, mask=row_mask, other=0.0)
+            b_s = tl.load(ws_base + (offs_n_safe // QBN) * stride_wsn + kb * stride_wsk).to(tl.float32)
+            acc += tl.dot(a, w) * a_s[:, None] * b_s[None, :]
+        elif ACC_INT:
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
+        if WQ == 2:
+            w_ptrs += (BLOCK_K // 2) * stride_wk
+        else:
+            w_ptrs += BLOCK_K * stride_wk
+
+    if WQ == 3 and WS != 2:
+        a_s = tl.load(as_ptr + rows * stride_asm, mask=row_mask, other=0.0)[:, None]
+        if WS == 0:
+            acc = acc.to(tl.float32) * (a_s * tl.load(ws_base).to(tl.float32))
+        else:
+            acc = acc.to(tl.float32) * a_s * sw[None, :]
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0)
@@ -231,41 +368,80 @@ def _grid(num_pid_m: int, n: int, block_n: int) -> tuple[int]:
     return (num_pid_m * triton.cdiv(n, block_n),)
 
 
+@dataclass(frozen=True)
+class QuantSpec:
+    """How the GEMMs read quantized operands (``WQ`` etc. in the kernels).
+
+    ``wq``: 0 unquantized; 1 int8 weights dequantized in-kernel to the activations' dtype (w8a16); 2 packed
+    int4 weights with group scales (w4a16, ``qbk`` = group size, ``zero`` = packed zero points); 3 w8a8: the
+    activations come quantized (fp8 or int8, ``a_scale`` per row or per row and ``qbk`` group) and the dot
+    runs on the quantized values, scales applied after (``ws``: 0 one weight scale per expert, 1 per output
+    channel, 2 per ``qbn x qbk`` block, applied per K tile).
+    """
+
+    wq: int = 0
+    ws: int = 0
+    qbn: int = 1
+    qbk: int = 1
+    acc_int: bool = False
+
+
+NO_QUANT = QuantSpec()
+
+
+def _strides(t: torch.Tensor | None, n: int) -> list[int]:
+    st = list(t.stride()) if t is not None else []
+    return (st + [0] * n)[:n]
+
+
+def _quant_args(q: QuantSpec, a_scale, w_scale, w_zero, block_k: int, K: int, fallback: torch.Tensor):
+    args = [a_scale if a_scale is not None else fallback, w_scale if w_scale is not None else fallback,
+            w_zero if w_zero is not None else fallback]
+    strides = _strides(a_scale, 2) + _strides(w_scale, 3) + _strides(w_zero, 3)
+    meta = dict(WQ=q.wq, WS=q.ws, QBN=q.qbn, QBK=q.qbk, GROUP_TILE=q.wq == 2 and q.qbk % block_k == 0 and K % block_k == 0,
+                HAS_ZERO=w_zero is not None, ACC_INT=q.acc_int)
+    return args, strides, meta
+
+
 def gemm1(x, w13, w13_bias, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, num_pid_m, top_k,
-          activation: str, direct: bool, block_m: int, cfg: dict) -> None:
+          activation: str, direct: bool, block_m: int, cfg: dict, q: QuantSpec = NO_QUANT,
+          a_scale=None, w_scale=None, w_zero=None) -> None:
     P, I = inter.shape
     H = x.shape[1]
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     b = w13_bias if w13_bias is not None else w13  # any pointer; unused without HAS_BIAS
-    desc = _weight_desc(w13, bn, bk) if cfg.get("tma") else None
+    desc = _weight_desc(w13, bn, bk) if cfg.get("tma") and q.wq == 0 else None
+    qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, bk, H, w13)
     _gemm1_kernel[_grid(num_pid_m, I, bn)](
-        x, w13, desc, b, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat,
+        x, w13, desc, b, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, *qargs,
         P, I, H, top_k, num_pid_m,
         x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
         w13_bias.stride(0) if w13_bias is not None else 0, w13_bias.stride(1) if w13_bias is not None else 0,
-        inter.stride(0), inter.stride(1),
+        inter.stride(0), inter.stride(1), *qstrides,
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 1),
         ACT=ACT_CODES[activation], HAS_BIAS=w13_bias is not None, DIRECT=direct, EVEN_K=H % bk == 0,
         ALPHA=SWIGLUOAI_ALPHA, LIMIT=SWIGLUOAI_LIMIT, PRECISION=_precision(x.dtype), USE_TMA=desc is not None,
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        **qmeta, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
 
 
 def gemm2(inter, w2, w2_bias, topk_weights_flat, out, sorted_ids, expert_ids, ntpp, topk_ids_flat, num_pid_m,
-          top_k, direct: bool, atomic: bool, block_m: int, cfg: dict) -> None:
+          top_k, direct: bool, atomic: bool, block_m: int, cfg: dict, q: QuantSpec = NO_QUANT,
+          a_scale=None, w_scale=None, w_zero=None) -> None:
     P, I = inter.shape
     H = w2.shape[1]
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     b = w2_bias if w2_bias is not None else w2
-    desc = _weight_desc(w2, bn, bk) if cfg.get("tma") else None
+    desc = _weight_desc(w2, bn, bk) if cfg.get("tma") and q.wq == 0 else None
+    qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, bk, I, w2)
     _gemm2_kernel[_grid(num_pid_m, H, bn)](
-        inter, w2, desc, b, topk_weights_flat, out, sorted_ids, expert_ids, ntpp, topk_ids_flat,
+        inter, w2, desc, b, topk_weights_flat, out, sorted_ids, expert_ids, ntpp, topk_ids_flat, *qargs,
         P, H, I, top_k, num_pid_m,
         inter.stride(0), inter.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
         w2_bias.stride(0) if w2_bias is not None else 0, w2_bias.stride(1) if w2_bias is not None else 0,
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), *qstrides,
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 1),
         HAS_BIAS=w2_bias is not None, DIRECT=direct, EVEN_K=I % bk == 0, ATOMIC=atomic,
         PRECISION=_precision(inter.dtype), USE_TMA=desc is not None,
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        **qmeta, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )

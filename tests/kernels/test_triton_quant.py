@@ -1,0 +1,244 @@
+"""Quantized experts on the Triton backend vs kernel=torch (the dequantized oracle, to kernel rounding).
+
+CPU (TRITON_INTERPRET=1, fp32/fp16): int8_w8a16, int4_w4a16 (symmetric, zero points, one group per row),
+int8_w8a8 -- the interpreter's fp8 conversions and dots are wrong, so fp8 runs on the GPU only (and
+``TritonExperts.check`` refuses it under the interpreter). GPU (marked): every method at the three
+benchmark shapes, T in {1, 128, 4096}, and the activation quantizer bit for bit against composer.quant.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from composer.kernels.torch_backend import TorchExperts  # noqa: E402
+from composer.kernels.triton_backend import TritonExperts  # noqa: E402
+from composer.layers.modular_kernel import ExpertWeights  # noqa: E402
+from composer.quant import utils as qu  # noqa: E402
+
+from .test_triton_experts import interpreter, make_case, rel  # noqa: E402
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+gpu = pytest.mark.gpu
+
+# (method, extra params) -> every variant the Triton backend claims
+CPU_VARIANTS = [
+    ("int8_w8a16", {}),
+    ("int8_w8a8", {}),
+    ("int4_w4a16", {"group_size": 16, "zero_point": False}),
+    ("int4_w4a16", {"group_size": 16, "zero_point": True}),
+    ("int4_w4a16", {"group_size": -1, "zero_point": True}),
+]
+FP8_VARIANTS = [
+    ("fp8_w8a8", {"granularity": "per_tensor"}),
+    ("fp8_w8a8", {"granularity": "per_tensor", "activation_scheme": "static"}),
+    ("fp8_w8a8", {"granularity": "per_token_channel"}),
+    ("fp8_w8a8", {"granularity": "block", "block_shape": (128, 128)}),
+]
+
+
+def quantize(method: str, w13: torch.Tensor, w2: torch.Tensor, b13=None, b2=None, **p) -> ExpertWeights:
+    """ExpertWeights as the quant method builds them (composer.quant's quantizers and layouts)."""
+    kw: dict = {"w13_bias": b13, "w2_bias": b2, "quant": method}
+    if method in ("int8_w8a16", "int8_w8a8"):
+        (q13, s13), (q2, s2) = qu.quant_int8_per_channel(w13), qu.quant_int8_per_channel(w2)
+        return ExpertWeights(w13=q13, w2=q2, w13_scale=s13, w2_scale=s2, **kw)
+    if method == "int4_w4a16":
+        g, zp = p.get("group_size", 128), p.get("zero_point", False)
+        q13, s13, z13 = qu.quant_int4(w13, g, zp, w13.dtype)
+        q2, s2, z2 = qu.quant_int4(w2, g, zp, w2.dtype)
+        return ExpertWeights(w13=q13, w2=q2, w13_scale=s13, w2_scale=s2, w13_zero=z13, w2_zero=z2,
+                             extra={"group_size": g, "zero_point": zp}, **kw)
+    gran = p.get("granularity", "per_token_channel")
+    bs = tuple(p.get("block_shape", (128, 128)))
+    scheme = p.get("activation_scheme", "dynamic")
+    quant = {"per_tensor": qu.quant_fp8_per_tensor, "per_token_channel": qu.quant_fp8_per_channel,
+             "block": lambda w: qu.quant_fp8_block(w, *bs)}[gran]
+    (q13, s13), (q2, s2) = quant(w13), quant(w2)
+    a13 = a2 = None
+    if scheme == "static":
+        a13 = torch.tensor(4.0 / 448, device=w13.device)
+        a2 = torch.tensor(0.5 / 448, device=w13.device)
+    return ExpertWeights(w13=q13, w2=q2, w13_scale=s13, w2_scale=s2, a13_scale=a13, a2_scale=a2,
+                         extra={"granularity": gran, "block_shape": bs, "activation_scheme": scheme}, **kw)
+
+
+def both(x, tw, ids, weights, act="silu"):
+    ref = TorchExperts().apply(x, tw, ids, weights, act)
+    out = TritonExperts().apply(x, tw, ids, weights, act)
+    return out, ref
+
+
+# ------------------------------------------------------------------------------------------------ CPU
+
+# tolerances vs kernel=torch: fp32 differs by summation order only; fp16 by where the kernel rounds
+# (its GEMM1 epilogue is fp32, kernel=torch rounds h to fp16 before the activation)
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
+# w8a8: the GEMM2 input is quantized from the rounded intermediate, so a one-quantum flip of a value on a
+# rounding boundary (different summation order in GEMM1) moves the output by ~1/127 of that element
+TOL_W8A8 = {torch.float32: 2e-3, torch.float16: 1e-2}
+
+CPU_CASES = [
+    # T, E, k, H, I, dtype, bias, drop, decode
+    (0, 4, 2, 32, 16, torch.float32, False, 0.0, False),
+    (1, 4, 2, 32, 16, torch.float32, True, 0.0, True),
+    (1, 3, 3, 48, 32, torch.float16, False, 0.0, False),  # top_k = num_experts
+    (7, 5, 2, 48, 16, torch.float32, True, 0.25, False),  # H not a multiple of BLOCK_K, dropped pairs
+    (9, 3, 3, 32, 48, torch.float16, False, 0.0, True),  # I not a multiple of BLOCK_N
+]
+
+
+def _cfg(decode: bool, reduce: str = "atomic") -> dict:
+    g = {"BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 16, "decode": decode, "reduce": reduce, "gemm1": dict(g), "gemm2": dict(g)}
+
+
+@pytest.mark.parametrize("method,params", CPU_VARIANTS, ids=lambda v: str(v))
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"T{c[0]}E{c[1]}k{c[2]}H{c[3]}I{c[4]}{str(c[5])[6:]}")
+def test_interpreter_vs_torch(method, params, case):
+    from composer.kernels.triton.fused import fused_experts_quant
+
+    T, E, k, H, I, dtype, bias, drop, decode = case
+    x, tw, ids, w13, w2, b13, b2 = make_case(T, E, k, H, I, dtype, bias, drop, seed=T * 31 + H + I)
+    w = quantize(method, w13, w2, b13, b2, **params)
+    ref = TorchExperts().apply(x, tw, ids, w, "silu")
+    with interpreter():
+        for reduce in ("atomic", "buffer") if T == 7 else ("atomic",):
+            out = fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", method,
+                                      w.w13_scale, w.w2_scale, None, None, w.w13_zero, w.w2_zero,
+                                      config=_cfg(decode, reduce))
+            assert out.shape == x.shape and out.dtype == x.dtype
+            if T == 0:
+                assert out.numel() == 0
+                continue
+            tol = (TOL_W8A8 if method == "int8_w8a8" else TOL)[dtype]
+            if reduce == "buffer" and dtype == torch.float32:
+                tol = max(tol, 1e-5)
+            err = rel(out, ref.double())
+            assert err < tol, f"{method} {params} {case} reduce={reduce}: rel err {err:.2e} >= {tol:.0e}"
+
+
+def test_interpreter_int4_group_spans_tiles():
+    """int4 with a group smaller than the K tile (scales gathered per element, no GROUP_TILE)."""
+    from composer.kernels.triton.fused import fused_experts_quant
+
+    x, tw, ids, w13, w2, _, _ = make_case(5, 4, 2, 64, 32, torch.float32, False, 0.0, seed=3)
+    w = quantize("int4_w4a16", w13, w2, group_size=8, zero_point=True)
+    ref = TorchExperts().apply(x, tw, ids, w, "gelu")
+    cfg = _cfg(False)
+    with interpreter():
+        out = fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "gelu", "int4_w4a16", w.w13_scale, w.w2_scale,
+                                  None, None, w.w13_zero, w.w2_zero, config=cfg)
+    assert rel(out, ref.double()) < 1e-5
+
+
+def test_interpreter_int8_activation_quantizer_matches_torch():
+    """int8 rows: round half to even and the clamp, bit for bit with composer.quant (incl. exact .5 ties)."""
+    from composer.kernels.triton.quant import quant_rows
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 40, generator=g)
+    x[0, :5] = torch.tensor([127.0, 0.5, 1.5, -2.5, 63.5])  # amax 127: scale 1, exact ties
+    x[1] = 0.0
+    with interpreter():
+        q, s = quant_rows(x, torch.int8)
+    ref_s = qu._amax(x, -1) / qu.INT8_MAX
+    ref_q = torch.round(x / ref_s).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(s, ref_s) and torch.equal(q, ref_q)
+    assert torch.equal(q.float() * s, qu.qdq_int8_per_token(x))
+
+
+def test_check_claims_exactly_what_runs(monkeypatch):
+    with interpreter():
+        for m in ("int8_w8a16", "int8_w8a8", "int4_w4a16"):
+            assert TritonExperts.check(quant=m, dtype="float32", device="cpu") == []
+        p = TritonExperts.check(quant="fp8_w8a8", dtype="float32", device="cpu")
+        assert len(p) == 1 and "fp8" in p[0] and "kernel=torch" in p[0]
+    import composer.quant.utils as u
+
+    monkeypatch.setattr(u, "cuda_capability", lambda: (8, 0))
+    p = TritonExperts.check(quant="fp8_w8a8", dtype="bfloat16", device="cuda")
+    assert len(p) == 1 and "8.9" in p[0] and "sm80" in p[0]
+    assert TritonExperts.check(quant="int4_w4a16", dtype="bfloat16", device="cuda") == []
+    monkeypatch.setattr(u, "cuda_capability", lambda: (9, 0))
+    assert TritonExperts.check(quant="fp8_w8a8", dtype="bfloat16", device="cuda") == []
+    assert TritonExperts.check(quant="nvfp4", dtype="bfloat16", device="cuda")
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+SHAPES = {"mixtral_8x7b": (8, 2, 4096, 14336), "qwen3_30b_a3b": (128, 8, 2048, 768), "deepseek_v3": (64, 8, 7168, 2048)}
+ALL_VARIANTS = [("int8_w8a16", {}), ("int8_w8a8", {}), ("int4_w4a16", {"group_size": 128}),
+                ("int4_w4a16", {"group_size": 128, "zero_point": True})] + FP8_VARIANTS
+# bf16 vs kernel=torch: both compute in bf16 with different rounding points (GEMM1 epilogue, top-k sum); w8a8
+# adds one-quantum activation flips on rounding boundaries of the bf16 intermediate
+GPU_TOL = {"int8_w8a16": 1e-2, "int4_w4a16": 1e-2, "int8_w8a8": 2e-2, "fp8_w8a8": 4e-2}
+
+
+@gpu
+@cuda
+def test_gpu_fp8_activation_quantizer_matches_torch():
+    from composer.kernels.triton.quant import quant_rows
+
+    x = torch.randn(37, 1000, device="cuda", dtype=torch.bfloat16) * 3
+    for group in (None, 125):
+        q, s = quant_rows(x, torch.float8_e4m3fn, group)
+        xg = x.float().reshape(37, -1, group or 1000)
+        ref_s = qu._amax(xg, -1) / qu.FP8_MAX
+        ref_q = qu.fp8_cast(xg, ref_s).reshape(37, 1000)
+        assert torch.equal(s, ref_s.reshape(s.shape))
+        assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+    q, s = quant_rows(x, torch.int8)
+    assert torch.equal(q.float() * s, qu.qdq_int8_per_token(x.float()))
+
+
+@gpu
+@cuda
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("method,params", ALL_VARIANTS, ids=lambda v: str(v))
+def test_gpu_three_shapes(shape, method, params):
+    E, k, H, I = SHAPES[shape]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * H ** -0.5).to(torch.bfloat16)
+    w2 = (torch.randn(E, H, I, device="cuda", generator=g) * I ** -0.5).to(torch.bfloat16)
+    w = quantize(method, w13, w2, **params)
+    del w13, w2
+    for T in (1, 128, 4096):
+        x = torch.randn(T, H, device="cuda", generator=g).to(torch.bfloat16)
+        tw, ids = torch.topk(torch.randn(T, E, device="cuda", generator=g).softmax(-1), k, dim=-1)
+        out, ref = both(x, tw.float(), ids.to(torch.int32), w)
+        err = rel(out, ref.double())
+        assert err < GPU_TOL[method], f"{shape} {method} {params} T={T}: rel err {err:.2e} vs kernel=torch"
+        torch.cuda.empty_cache()
+
+
+@gpu
+@cuda
+def test_gpu_quant_compile_and_graph():
+    """The quantized op traces under torch.compile(fullgraph=True) and replays in a CUDA graph."""
+    E, k, H, I = 16, 4, 512, 256
+    g = torch.Generator(device="cuda").manual_seed(1)
+    w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * H ** -0.5).to(torch.bfloat16)
+    w2 = (torch.randn(E, H, I, device="cuda", generator=g) * I ** -0.5).to(torch.bfloat16)
+    x = torch.randn(64, H, device="cuda", generator=g).to(torch.bfloat16)
+    tw, ids = torch.topk(torch.randn(64, E, device="cuda", generator=g).softmax(-1), k, dim=-1)
+    tw, ids = tw.float(), ids.to(torch.int32)
+    for method, params in (("fp8_w8a8", {"granularity": "block", "block_shape": (128, 128)}),
+                           ("int4_w4a16", {"group_size": 128})):
+        w = quantize(method, w13, w2, **params)
+        ex = TritonExperts()
+        eager = ex.apply(x, tw, ids, w, "silu")
+        f = torch.compile(lambda a, b, c: ex.apply(a, b, c, w, "silu"), fullgraph=True)
+        assert torch.equal(f(x, tw, ids), eager)
+        graph = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            ex.apply(x, tw, ids, w, "silu")
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(graph):
+            gout = ex.apply(x, tw, ids, w, "silu")
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(gout, eager)
