@@ -9,6 +9,12 @@ Per token count T: one random routing (the same inputs for every implementation)
   ceilings measured at the start of the run on the same card; percent of floor = floor / time;
 - accuracy: relative Frobenius error against a float32 reference.
 
+With a quant method (``quant=...``) the weights are quantized online from the same model-dtype weights, and the
+rows are composer on the quantized weights, composer on the model-dtype weights (the speed-up's baseline) and,
+for fp8 per_token_channel, ``torch._scaled_grouped_mm`` (fp8 row-wise) where torch has it. The floor counts the
+quantized bytes (values, scales, zero points) and, for w8a8, the fp8 (``torch._scaled_mm``) or int8
+(``torch._int_mm``) matmul rate measured in the same run; the reference is the dequantized-weights oracle.
+
 Times are CUDA-event medians after warm-up (CPU: perf_counter medians, no floor, no graphs). Writes JSON and
 markdown into the run directory and prints a rich table.
 """
@@ -113,9 +119,30 @@ def measure_ceilings(device: torch.device) -> dict[str, float]:
     b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     ms = time_fn(lambda: a @ b, device, warmup=3, iters=20, min_iters=10, budget_s=1.0)
     rate = 2 * m ** 3 / (ms * 1e-3)
+    out = {"copy_bytes_per_s": bw, "bf16_flops_per_s": rate}
+    # fp8 (torch._scaled_mm, e4m3 x e4m3 -> bf16) and int8 (torch._int_mm) tensor-core rates, where the card and
+    # torch have them: the compute floor of the w8a8 methods
+    try:
+        a8 = a.to(torch.float8_e4m3fn)
+        b8 = b.to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants
+        one = torch.ones((), device=device)
+        ms = time_fn(lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+                     device, warmup=3, iters=20, min_iters=10, budget_s=1.0)
+        out["fp8_flops_per_s"] = 2 * m ** 3 / (ms * 1e-3)
+        del a8, b8
+    except Exception:  # noqa: BLE001 - no fp8 on this card / torch
+        pass
+    try:
+        ai = torch.randint(-127, 128, (m, m), device=device, dtype=torch.int8)
+        bi = torch.randint(-127, 128, (m, m), device=device, dtype=torch.int8)
+        ms = time_fn(lambda: torch._int_mm(ai, bi), device, warmup=3, iters=20, min_iters=10, budget_s=1.0)
+        out["int8_ops_per_s"] = 2 * m ** 3 / (ms * 1e-3)
+        del ai, bi
+    except Exception:  # noqa: BLE001
+        pass
     del a, b
     torch.cuda.empty_cache()
-    return {"copy_bytes_per_s": bw, "bf16_flops_per_s": rate}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,6 +159,54 @@ class Shape:
     dtype: torch.dtype
     activation: str = "silu"
     has_bias: bool = False
+    quant: str = "none"
+    quant_params: Any = None  # the method's Params (composer.quant); None: its defaults
+
+
+# which tensor-core rate bounds each method's FLOPs (w*a16 multiply in the model dtype)
+QUANT_RATE = {"fp8_w8a8": "fp8_flops_per_s", "int8_w8a8": "int8_ops_per_s"}
+
+
+def _quant_method(shape: Shape):
+    from ..registry import QUANT_METHODS
+
+    cls = QUANT_METHODS.get(shape.quant)
+    params = shape.quant_params if shape.quant_params is not None else cls.Params()
+    if isinstance(params, dict):
+        params = cls.Params(**params)
+    return cls(params)
+
+
+def quantize_weights(shape: Shape, weights: ExpertWeights, chunk: int = 8) -> ExpertWeights:
+    """The method's online quantization of model-dtype weights (as process_weights_after_loading does),
+    a few experts at a time so no float32 copy of all the weights is made."""
+    from types import SimpleNamespace
+
+    method = _quant_method(shape)
+    E = weights.w13.shape[0]
+    parts: dict[str, list[torch.Tensor]] = {}
+    for e0 in range(0, E, chunk):
+        n = min(chunk, E - e0)
+        layer = SimpleNamespace(global_num_experts=n, hidden_size=shape.H, intermediate_size=shape.I,
+                                quant_dtype=shape.dtype)
+        for k, t in method.quantize_weights(layer, weights.w13[e0:e0 + n], weights.w2[e0:e0 + n]).items():
+            parts.setdefault(k, []).append(t)
+    layer = SimpleNamespace(global_num_experts=E, hidden_size=shape.H, intermediate_size=shape.I,
+                            quant_dtype=shape.dtype, w13_bias=weights.w13_bias, w2_bias=weights.w2_bias)
+    for k, ts in parts.items():
+        setattr(layer, k, torch.cat(ts) if ts[0].dim() else ts[0])
+    return method.expert_weights(layer)
+
+
+def _expert_slice(w: ExpertWeights, e: int) -> ExpertWeights:
+    E = w.w13.shape[0]
+
+    def sl(t):
+        return t[e:e + 1] if t is not None and t.dim() >= 1 and t.shape[0] == E else t
+
+    return ExpertWeights(w13=sl(w.w13), w2=sl(w.w2), w13_bias=sl(w.w13_bias), w2_bias=sl(w.w2_bias), quant=w.quant,
+                         w13_scale=sl(w.w13_scale), w2_scale=sl(w.w2_scale), a13_scale=w.a13_scale,
+                         a2_scale=w.a2_scale, w13_zero=sl(w.w13_zero), w2_zero=sl(w.w2_zero), extra=w.extra)
 
 
 def make_weights(shape: Shape, device: torch.device, gen: torch.Generator) -> ExpertWeights:
@@ -160,16 +235,27 @@ def make_routing(T: int, shape: Shape, device: torch.device, gen: torch.Generato
 
 
 def reference_fp32(x, topk_weights, topk_ids, weights: ExpertWeights, activation: str) -> torch.Tensor:
-    """The float32 reference, one expert upcast at a time (no float32 copy of all the weights)."""
+    """The float32 reference, one expert upcast at a time (no float32 copy of all the weights). Quantized
+    weights: the dequantized-weights oracle (each expert dequantized; w8a8 quantize each GEMM input, held in
+    the model dtype, as the kernels do)."""
+    from ..registry import QUANT_METHODS
+
     T, H = x.shape
     out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
     x32 = x.float()
+    method = QUANT_METHODS.get(weights.quant) if weights.quant != "none" else None
+    aq = getattr(method, "activation_quantizer", lambda w: None)(weights) if method is not None else None
+    qa = (lambda t, st: aq(t.to(x.dtype), st).float()) if aq is not None else (lambda t, st: t)  # noqa: E731
     for e in torch.unique(topk_ids[topk_ids >= 0]).tolist():
         tok, slot = (topk_ids == e).nonzero(as_tuple=True)
-        h = x32[tok] @ weights.w13[e].float().t()
+        ew = _expert_slice(weights, e) if method is not None else None
+        deq = method.dequantize(ew, torch.float32) if method is not None else None
+        w13 = deq.w13[0] if deq is not None else weights.w13[e].float()
+        w2 = deq.w2[0] if deq is not None else weights.w2[e].float()
+        h = qa(x32[tok], "a13") @ w13.t()
         if weights.w13_bias is not None:
             h = h + weights.w13_bias[e].float()
-        o = act_and_mul(activation, h) @ weights.w2[e].float().t()
+        o = qa(act_and_mul(activation, h), "a2") @ w2.t()
         if weights.w2_bias is not None:
             o = o + weights.w2_bias[e].float()
         out.index_add_(0, tok, o * topk_weights[tok, slot, None])
@@ -210,6 +296,55 @@ def transformers_experts(shape: Shape, weights: ExpertWeights, implementation: s
     return mod, None
 
 
+def _quant_rows_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    t32 = t.float()
+    scale = t32.abs().amax(-1, keepdim=True).clamp_min(1e-10) / 448.0
+    return (t32 / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale.reshape(-1)
+
+
+def scaled_grouped_mm_experts(shape: Shape, weights: ExpertWeights, activation: str
+                              ) -> tuple[Callable | None, str | None]:
+    """The fp8 row-wise peer: ``torch._scaled_grouped_mm`` on the same per-channel fp8 weights, with the
+    routing done in torch as a user would (stable sort by expert, each expert's rows padded to 16, per-row fp8
+    activation scales, index_add over top-k); no host synchronization, so it captures into a CUDA graph."""
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        return None, f"torch {torch.__version__} has no torch._scaled_grouped_mm"
+    if weights.quant != "fp8_w8a8" or weights.extra.get("granularity") != "per_token_channel":
+        return None, "fp8 row-wise peer: runs with quant=fp8_w8a8 quant.granularity=per_token_channel"
+    if shape.has_bias:
+        return None, "no biases in the fp8 row-wise peer"
+    E, I = shape.E, shape.I
+    w13t, w2t = weights.w13.transpose(1, 2), weights.w2.transpose(1, 2)  # [E, K, N] column-major
+    s13 = weights.w13_scale.reshape(E, -1).float().contiguous()
+    s2 = weights.w2_scale.reshape(E, -1).float().contiguous()
+
+    def fn(x: torch.Tensor, tw: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        T, k = ids.shape
+        P = T * k
+        flat = ids.reshape(-1).long()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=E)
+        padded = (counts + 15) // 16 * 16
+        ends = torch.cumsum(padded, 0)
+        e_sorted = flat[order]
+        pos = (ends - padded)[e_sorted] + torch.arange(P, device=x.device) - (torch.cumsum(counts, 0) - counts)[e_sorted]
+        tok = order // k
+        rows = P + 15 * min(E, P)
+        xa = x.new_zeros(rows, shape.H)
+        xa[pos] = x[tok]
+        offs = ends.to(torch.int32)
+        qa, sa = _quant_rows_fp8(xa)
+        h = torch._scaled_grouped_mm(qa, w13t, sa, s13, offs=offs, out_dtype=x.dtype)
+        a = act_and_mul(activation, h)
+        q2, sa2 = _quant_rows_fp8(a)
+        o = torch._scaled_grouped_mm(q2, w2t, sa2, s2, offs=offs, out_dtype=x.dtype)
+        out = torch.zeros(T, shape.H, dtype=torch.float32, device=x.device)
+        out.index_add_(0, tok, o[pos].float() * tw.reshape(-1)[order, None])
+        return out.to(x.dtype)
+
+    return fn, None
+
+
 # ----------------------------------------------------------------------------------------------
 # the benchmark
 
@@ -223,12 +358,28 @@ class Impl:
 
 
 def _impls(shape: Shape, weights: ExpertWeights, kernel: str, device: torch.device, peers: bool,
-           cuda_graph: bool) -> list[Impl]:
+           cuda_graph: bool, qweights: ExpertWeights | None = None) -> list[Impl]:
     impls: list[Impl] = []
     experts = KERNELS.get(kernel)()
     act = shape.activation
+    graphs = cuda_graph and device.type == "cuda"
+    if qweights is not None:
+        # quantized: composer on the quantized weights, then the same kernel on the model-dtype weights they came
+        # from (the speed-up's baseline), the fp8 row-wise grouped GEMM of torch; the unquantized peers are in
+        # the quant=none table
+        impls.append(Impl(f"composer {kernel}", lambda x, w, i: experts.apply(x, w, i, qweights, act),
+                          graph=graphs and kernel != "torch"))
+        if not peers:
+            return impls
+        dt = str(shape.dtype).replace("torch.", "")
+        impls.append(Impl(f"composer {kernel} {dt}", lambda x, w, i: experts.apply(x, w, i, weights, act),
+                          graph=graphs and kernel != "torch"))
+        fn, why = scaled_grouped_mm_experts(shape, qweights, act)
+        impls.append(Impl("torch._scaled_grouped_mm fp8 rowwise", (lambda x, w, i: fn(x, w, i)) if fn else None,
+                          graph=graphs, note=why))
+        return impls
     impls.append(Impl(f"composer {kernel}", lambda x, w, i: experts.apply(x, w, i, weights, act),
-                      graph=cuda_graph and device.type == "cuda" and kernel != "torch"))
+                      graph=graphs and kernel != "torch"))
     if not peers:
         return impls
     for impl in ("eager", "grouped_mm"):
@@ -255,18 +406,32 @@ def _impls(shape: Shape, weights: ExpertWeights, kernel: str, device: torch.devi
     return impls
 
 
-def floor_ms(T: int, topk_ids: torch.Tensor, shape: Shape, ceilings: dict[str, float] | None) -> dict[str, Any]:
+def expert_bytes(weights: ExpertWeights) -> float:
+    """Bytes of one expert's weights as the kernel reads them: quantized values, scales and zero points."""
+    ts = (weights.w13, weights.w2, weights.w13_scale, weights.w2_scale, weights.w13_zero, weights.w2_zero,
+          weights.w13_bias, weights.w2_bias)
+    E = weights.w13.shape[0]
+    return sum(t.numel() * t.element_size() for t in ts if t is not None and t.dim() and t.shape[0] == E) / E
+
+
+def floor_ms(T: int, topk_ids: torch.Tensor, shape: Shape, ceilings: dict[str, float] | None,
+             per_expert: float | None = None) -> dict[str, Any]:
     valid = topk_ids[topk_ids >= 0]
     touched = int(torch.unique(valid).numel()) if valid.numel() else 0
     pairs = int(valid.numel())
     elt = torch.empty((), dtype=shape.dtype).element_size()
-    per_expert = 3 * shape.H * shape.I * elt
-    nbytes = touched * per_expert + 2 * T * shape.H * elt
+    if per_expert is None:
+        per_expert = 3 * shape.H * shape.I * elt
+    nbytes = int(touched * per_expert) + 2 * T * shape.H * elt
     flops = 6 * pairs * shape.H * shape.I
     d: dict[str, Any] = {"experts_touched": touched, "bytes": nbytes, "flops": flops}
     if ceilings:
+        rate_key = QUANT_RATE.get(shape.quant, "bf16_flops_per_s")
+        if rate_key not in ceilings:
+            rate_key = "bf16_flops_per_s"
+        d["floor_rate"] = rate_key
         t_mem = nbytes / ceilings["copy_bytes_per_s"] * 1e3
-        t_mma = flops / ceilings["bf16_flops_per_s"] * 1e3
+        t_mma = flops / ceilings[rate_key] * 1e3
         d.update(floor_ms=max(t_mem, t_mma), floor_bound="memory" if t_mem >= t_mma else "compute")
     return d
 
@@ -291,7 +456,11 @@ def run_bench(shape: Shape, tokens: list[int], kernel: str, device: torch.device
     ceilings = measure_ceilings(device) if cuda else None
     meta["ceilings"] = ceilings
     weights = make_weights(shape, device, gen)
-    impls = _impls(shape, weights, kernel, device, params.peers, params.cuda_graph)
+    qweights = quantize_weights(shape, weights) if shape.quant != "none" else None
+    if qweights is not None:
+        meta["quant"] = {"method": shape.quant, "params": _quant_method(shape).params.model_dump(mode="json")}
+    per_expert = expert_bytes(qweights) if qweights is not None else None
+    impls = _impls(shape, weights, kernel, device, params.peers, params.cuda_graph, qweights)
     meta["notes"] = {i.name: i.note for i in impls if i.note}
     rows: list[dict[str, Any]] = []
     ncases = len(tokens) * sum(1 for i in impls if i.fn is not None)
@@ -300,8 +469,9 @@ def run_bench(shape: Shape, tokens: list[int], kernel: str, device: torch.device
         task = progress.add_task(shape.name, total=ncases)
         for T in tokens:
             x, tw, ids = make_routing(T, shape, device, gen)
-            row: dict[str, Any] = {"T": T, **floor_ms(T, ids, shape, ceilings), "impls": {}}
-            ref = reference_fp32(x, tw, ids, weights, shape.activation) if params.accuracy else None
+            row: dict[str, Any] = {"T": T, **floor_ms(T, ids, shape, ceilings, per_expert), "impls": {}}
+            ref = reference_fp32(x, tw, ids, qweights if qweights is not None else weights,
+                                 shape.activation) if params.accuracy else None
             for impl in impls:
                 if impl.fn is None:
                     continue
@@ -393,6 +563,9 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             t = _fmt_ms(r.get("eager_ms"))
             if "graph_ms" in r:
                 t = f"{t} / {_fmt_ms(r['graph_ms'])} (graph)"
+            mine, theirs = _best_ms(m), _best_ms(r)
+            if mine and theirs:
+                t = f"{t}, composer {theirs / mine:.2f}x"
             line += [t, f"{r['rel_err']:.1e}" if "rel_err" in r else "—"]
         body.append(line)
     return header, body
@@ -401,15 +574,26 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def to_markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     s = meta["shape"]
+    q = meta.get("quant")
+    qs = ""
+    if q:
+        qs = f", quant={q['method']} " + " ".join(f"{k}={v}" for k, v in q["params"].items() if v is not None)
     lines = [f"### {s['name']}: E={s['E']}, top_k={s['top_k']}, H={s['H']}, I={s['I']}, {s['dtype']}, {s['activation']}"
-             f"{', bias' if s['has_bias'] else ''}", "",
+             f"{', bias' if s['has_bias'] else ''}{qs}", "",
              f"Card: **{meta['device']}**, {meta['date']}; {meta['timer']}; "
              + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "."]
     c = meta.get("ceilings")
     if c:
         lines.append(f"Ceilings measured in this run: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), "
-                     f"bf16 matmul {c['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s. "
-                     "Floor = max(weight bytes touched / copy bandwidth, FLOPs / matmul rate).")
+                     f"bf16 matmul {c['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s"
+                     + (f", fp8 matmul (torch._scaled_mm) {c['fp8_flops_per_s'] / 1e12:.0f} TFLOP/s"
+                        if "fp8_flops_per_s" in c else "")
+                     + (f", int8 matmul (torch._int_mm) {c['int8_ops_per_s'] / 1e12:.0f} TOP/s" if "int8_ops_per_s" in c
+                        else "")
+                     + ". Floor = max(weight bytes touched / copy bandwidth, FLOPs / matmul rate)"
+                     + (f"; quantized: the bytes of the quantized weights with their scales, the "
+                        f"{result['rows'][0].get('floor_rate', 'bf16_flops_per_s').split('_')[0]} rate."
+                        if q and result["rows"] else "."))
     lines.append("")
     header, body = table_rows(result)
     lines.append("| " + " | ".join(header) + " |")
@@ -426,8 +610,10 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines.append("")
         lines += [f"- {k}: {v}" for k, v in notes.items()]
     lines.append("")
-    lines.append("Times in µs; peers show eager / graph replay where a graph could be captured; err = relative "
-                 "Frobenius error vs the float32 reference.")
+    lines.append("Times in µs; peers show eager / graph replay where a graph could be captured, and composer's "
+                 "speed-up (best of eager and graph on both sides); err = relative Frobenius error vs the float32 "
+                 "reference" + (" of the dequantized weights (w8a8: activations quantized as the kernels do)" if q
+                                else "") + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -450,7 +636,19 @@ def print_table(result: dict[str, Any], console: Any) -> None:
 def shape_from_config(cfg: Any) -> Shape:
     m = cfg.model
     return Shape(name=m.name, E=m.num_experts, k=m.top_k, H=m.hidden_size, I=m.intermediate_size,
-                 dtype=m.torch_dtype, activation=m.activation, has_bias=m.has_bias)
+                 dtype=m.torch_dtype, activation=m.activation, has_bias=m.has_bias, quant=cfg.quant.name,
+                 quant_params=cfg.quant.params if cfg.quant.name != "none" else None)
+
+
+def tolerance(shape: Shape) -> float:
+    """bf16 accuracy bar; w8a8 methods add the measured activation-quantization spread (composer.quant)."""
+    dt = str(shape.dtype).replace("torch.", "")
+    tol = TOLERANCE[dt]
+    if shape.quant != "none":
+        from ..registry import QUANT_METHODS
+
+        tol = max(tol, QUANT_METHODS.get(shape.quant).OUTPUT_TOL.get(dt, 0.0))
+    return tol
 
 
 @register_task("bench")
@@ -459,8 +657,6 @@ class Bench(Task):
 
     def run(self, cfg: Any, ctx: TaskContext) -> dict[str, Any]:
         p: BenchParams = cfg.task.params
-        if cfg.quant.name != "none":
-            raise TaskFailed(f"task=bench times unquantized experts for now; got quant={cfg.quant.name}")
         device = torch.device(cfg.device)
         shape = shape_from_config(cfg)
         torch.manual_seed(cfg.seed)
@@ -471,7 +667,7 @@ class Bench(Task):
         (run_dir / p.json_file).write_text(json.dumps(result, indent=2, default=str))
         (run_dir / p.markdown_file).write_text(to_markdown(result))
         ctx.console.print(f"wrote {run_dir / p.json_file} and {run_dir / p.markdown_file}")
-        tol = TOLERANCE[str(shape.dtype).replace("torch.", "")]
+        tol = tolerance(shape)
         main = f"composer {cfg.kernel.resolved}"
         bad = [f"T={r['T']}: {key} {r['impls'][main][key]:.2e} > {tol:.0e}" for r in result["rows"]
                for key in ("rel_err", "graph_rel_err")
@@ -501,12 +697,15 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--quant", default="none", help="a quant method (composer.quant)")
+    ap.add_argument("--quant-params", default="{}", help="its params as JSON, e.g. '{\"granularity\": \"block\"}'")
     args = ap.parse_args(argv)
     conf = Path(__file__).resolve().parent.parent / "conf" / "model" / f"{args.model}.yaml"
     m = yaml.safe_load(conf.read_text())
     dtype = getattr(torch, args.dtype or m.get("dtype", "bfloat16"))
     shape = Shape(name=m["name"], E=m["num_experts"], k=m["top_k"], H=m["hidden_size"], I=m["intermediate_size"],
-                  dtype=dtype, activation=m.get("activation", "silu"), has_bias=bool(m.get("has_bias", False)))
+                  dtype=dtype, activation=m.get("activation", "silu"), has_bias=bool(m.get("has_bias", False)),
+                  quant=args.quant, quant_params=json.loads(args.quant_params) if args.quant != "none" else None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kernel = args.kernel or ("triton" if device.type == "cuda" else "torch")
     kw: dict[str, Any] = {"peers": not args.no_peers}
@@ -523,6 +722,7 @@ def _main(argv: list[str] | None = None) -> None:
     print_table(result, console)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"bench_{shape.name}.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / f"bench_{shape.name}.md").write_text(to_markdown(result))
+    tag = shape.name if shape.quant == "none" else f"{shape.name}_{shape.quant}"
+    (out / f"bench_{tag}.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / f"bench_{tag}.md").write_text(to_markdown(result))
 
