@@ -75,6 +75,8 @@ class ParallelConfig(Section):
     ep_size: int = Field(1, ge=1)
     placement: Literal["linear", "round_robin"] = "linear"
     timeout_s: float = Field(120.0, gt=0, description="seconds a collective may wait for the other ranks before the job fails")
+    tp_size: int = Field(1, ge=1, description="ranks each expert's intermediate dim is sharded over (tensor parallelism)")
+    sequence_parallel: bool = Field(False, description="tensor parallelism with tokens split across ranks (not implemented)")
 
 
 class Named(BaseModel):
@@ -331,6 +333,10 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
             model = model.model_copy(update={"router": router})
     if model is not None and parallel is not None and named["all2all"] is not None:
         problems.extend(_check_parallel(model, parallel, named["all2all"]))
+    if model is not None and parallel is not None and (parallel.tp_size > 1 or parallel.sequence_parallel):
+        from .distributed.tp import check_tp_config  # tensor parallelism's rules (composer/distributed/tp.py)
+
+        problems.extend(Problem(k, v, msg) for k, v, msg in check_tp_config(model, parallel, named["quant"], named["layer"]))
 
     kernel = named["kernel"]
     if kernel is not None:

@@ -21,29 +21,35 @@ from .layers.shared_experts import SharedExperts
 from .registry import ALL2ALL, KERNELS, LAYERS, QUANT_METHODS, build_settings
 
 
-def build(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any = None, init: bool = True) -> nn.Module:
+def build(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any = None, init: bool = True,
+          tp_rank: int | None = None, tp_group: Any = None) -> nn.Module:
     """Build the module graph ``cfg`` describes, on ``cfg.device``, with seeded random weights.
 
     ``init=False`` leaves weights uninitialized for a checkpoint to be loaded; call
     ``finish_loading(model)`` after loading so quant methods process their weights.
-    Under expert parallelism ``ep_rank``/``group`` default to the distributed runtime's (init_from_env).
+    Under expert parallelism ``ep_rank``/``group`` default to the distributed runtime's (init_from_env),
+    under tensor parallelism ``tp_rank``/``tp_group`` likewise (composer.distributed.tp).
     """
     ep_rank, group = _ep_place(cfg, ep_rank, group)
+    tp = _tp_place(cfg, tp_rank, tp_group)
     layer_cls = LAYERS.get(cfg.layer.name)
     custom_build = getattr(layer_cls, "build_model", None)
     with build_settings(cfg.custom_ops, cfg.device):
         if custom_build is not None:  # a layer that brings its own model (e.g. the Transformers backend)
             return custom_build(cfg, ep_rank=ep_rank, group=group, init=init)
-        model = MoEModel([_block(cfg, i, ep_rank, group) for i in range(cfg.model.num_layers)])
+        model = MoEModel([_block(cfg, i, ep_rank, group, tp) for i in range(cfg.model.num_layers)])
     if init:
         init_weights(model, cfg.seed)
         finish_loading(model)
     return model.eval().requires_grad_(False)
 
 
-def build_experts(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any = None) -> FusedMoE:
-    """One FusedMoE layer as configured (the layer class from ``layer.name``, swapped if out-of-tree)."""
+def build_experts(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any = None,
+                  tp: tuple[int, int, Any] | None = None) -> FusedMoE:
+    """One FusedMoE layer as configured (the layer class from ``layer.name``, swapped if out-of-tree).
+    ``tp``: (tp_rank, tp_size, tp_group), by default the runtime's under tensor parallelism."""
     ep_rank, group = _ep_place(cfg, ep_rank, group)
+    tp_rank, tp_size, tp_group = tp if tp is not None else _tp_place(cfg, None, None)
     m = cfg.model
     layer_cls = LAYERS.get(cfg.layer.name)
     if not issubclass(layer_cls, FusedMoE):
@@ -55,7 +61,8 @@ def build_experts(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any
         m.num_experts, m.top_k, m.hidden_size, m.intermediate_size,
         activation=m.activation, has_bias=m.has_bias, dtype=m.torch_dtype, device=cfg.device,
         quant_method=quant, experts=experts, ep_rank=ep_rank, ep_size=ep_size,
-        placement=cfg.parallel.placement,
+        placement=cfg.parallel.placement, **({"tp_rank": tp_rank, "tp_size": tp_size, "tp_group": tp_group}
+                                             if tp_size > 1 else {}),
     )
     ctx = EPContext(ep_rank, ep_size, layer.expert_map, group, cfg.all2all.params)
     layer.kernel.prepare_finalize = ALL2ALL.get(cfg.all2all.name)(ctx)
@@ -80,17 +87,25 @@ def _ep_place(cfg: ComposerConfig, ep_rank: int | None, group: Any) -> tuple[int
     return 0, group
 
 
-def _block(cfg: ComposerConfig, index: int, ep_rank: int, group: Any) -> DecoderBlock:
+def _tp_place(cfg: ComposerConfig, tp_rank: int | None, tp_group: Any) -> tuple[int, int, Any]:
+    from .distributed.tp import tp_place
+
+    return tp_place(cfg, tp_rank, tp_group)
+
+
+def _block(cfg: ComposerConfig, index: int, ep_rank: int, group: Any,
+           tp: tuple[int, int, Any] = (0, 1, None)) -> DecoderBlock:
     m, r, dt, dev = cfg.model, cfg.model.router, cfg.model.torch_dtype, cfg.device
     shared = None
     if m.num_shared_experts:
         size = (m.shared_expert_intermediate_size or m.intermediate_size) * m.num_shared_experts
-        shared = SharedExperts(m.hidden_size, size, m.activation, m.shared_expert_gate, dt, dev)
+        shared = SharedExperts(m.hidden_size, size, m.activation, m.shared_expert_gate, dt, dev,
+                               **({"tp_rank": tp[0], "tp_size": tp[1], "tp_group": tp[2]} if tp[1] > 1 else {}))
     mlp = SparseMoEBlock(
         GateLinear(m.hidden_size, m.num_experts, dt, dev),
         Router(m.num_experts, m.top_k, r.scoring, r.renormalize, r.num_expert_group, r.topk_group,
                r.score_correction_bias, r.routed_scaling_factor, dev),
-        build_experts(cfg, ep_rank=ep_rank, group=group),
+        build_experts(cfg, ep_rank=ep_rank, group=group, tp=tp),
         shared,
     )
     return DecoderBlock(RMSNorm(m.hidden_size, m.rms_norm_eps, dt, dev), mlp)
@@ -116,6 +131,12 @@ def init_weights(model: nn.Module, seed: int) -> None:
             if p.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
                 continue
             gen = _generator(seed, name, pname)
+            shard = getattr(p, "tp_shard", None)  # tensor parallelism: draw the full tensor, keep this rank's slice
+            if shard is not None:
+                full = list(p.shape)
+                full[shard.dim] = shard.full
+                p.copy_(shard.narrow(_randn(tuple(full), full[-1] ** -0.5, gen, p)))
+                continue
             if isinstance(module, RMSNorm):
                 p.copy_(1.0 + _randn(tuple(p.shape), 0.1, gen, p))
             elif pname == "e_score_correction_bias":
@@ -127,7 +148,9 @@ def init_weights(model: nn.Module, seed: int) -> None:
 
 
 def _init_experts(layer: FusedMoE, seed: int, name: str) -> None:
-    H, I = layer.hidden_size, layer.intermediate_size
+    # Under tensor parallelism each expert's full weights are drawn and this rank keeps its slice.
+    H, I = layer.hidden_size, getattr(layer, "full_intermediate_size", layer.intermediate_size)
+    tp = getattr(layer, "tp_size", 1) > 1
     for local, g in enumerate(layer.local_to_global):
         gen = _generator(seed, name, "expert", g)
         for pname, shape, std in (("w13", (2 * I, H), H ** -0.5), ("w2", (H, I), I ** -0.5),
@@ -135,7 +158,12 @@ def _init_experts(layer: FusedMoE, seed: int, name: str) -> None:
             p = getattr(layer, pname, None)
             if p is None:
                 continue
-            p.data[local].copy_(_randn(shape, std, gen, p))
+            t = _randn(shape, std, gen, p)
+            if tp:
+                from .distributed.tp import shard_expert
+
+                t = shard_expert(layer, pname, t)
+            p.data[local].copy_(t)
 
 
 @torch.no_grad()

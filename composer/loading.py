@@ -4,7 +4,8 @@ Expert tensors are recognised under each FusedMoE's module path ``P`` (e.g. ``la
 per-expert ``P.{e}.{gate_proj|up_proj|down_proj}.{weight|bias}`` (also ``w1``/``w3``/``w2``) and packed
 ``P.gate_up_proj [E, 2I, H]``, ``P.down_proj [E, H, I]``, ``P.gate_up_proj_bias``, ``P.down_proj_bias``.
 Every other tensor loads by exact name. Under expert parallelism a rank reads only its own experts
-(packed tensors through ``safe_open(...).get_slice``). Shapes are checked; a mismatch names the
+(packed tensors through ``safe_open(...).get_slice``); under tensor parallelism only its slice of each
+expert's (and shared expert's) intermediate dim, after the full shape is checked (composer.distributed.tp). Shapes are checked; a mismatch names the
 parameter and both shapes. ``prefix`` strips a leading ``model.`` (as in HF checkpoints).
 """
 from __future__ import annotations
@@ -72,7 +73,12 @@ def load_checkpoint(model: nn.Module, source: str | Path | Iterable[str | Path],
                     if name not in params:
                         unexpected.append(key)
                         continue
-                    t = f.get_tensor(key)
+                    if getattr(params[name], "tp_shard", None) is not None:  # tensor parallelism: read the slice
+                        from .distributed.tp import read_sharded
+
+                        t = read_sharded(params[name], f, key)
+                    else:
+                        t = f.get_tensor(key)
                     _copy(params[name], t, name)
                     filled.setdefault(name, set()).add("all")
                     report.loaded.append(key)
@@ -96,14 +102,23 @@ def load_checkpoint(model: nn.Module, source: str | Path | Iterable[str | Path],
                     if param is None:
                         unexpected.append(key)
                         continue
-                    t = f.get_tensor(key)
+                    tp = getattr(layer, "tp_size", 1) > 1
+                    nbytes = None
+                    if tp:  # tensor parallelism: read only this rank's slice
+                        from .distributed.tp import read_per_expert
+
+                        t = read_per_expert(layer, f, key, pname, shard)
+                        if t is None:  # w2_bias off tensor-parallel rank 0 (added once, by rank 0): not read
+                            t, nbytes = torch.zeros_like(param.data[layer._global_to_local[e]]), 0
+                    else:
+                        t = f.get_tensor(key)
                     try:
-                        layer.weight_loader(param, t, shard, e)
+                        layer.weight_loader(param, t, shard, e, **({"narrowed": True} if tp else {}))
                     except WeightLoadError as exc:
                         raise WeightLoadError(f"{key}: {owner}.{exc}") from None
                     filled.setdefault(f"{owner}.{pname}", set()).add((e, shard))
                     report.loaded.append(key)
-                    report.bytes_read += t.numel() * t.element_size()
+                    report.bytes_read += t.numel() * t.element_size() if nbytes is None else nbytes
                 elif rest in PACKED:
                     pname = PACKED[rest]
                     param = getattr(layer, pname, None)
@@ -113,6 +128,20 @@ def load_checkpoint(model: nn.Module, source: str | Path | Iterable[str | Path],
                     sl = f.get_slice(key)
                     shape = tuple(sl.get_shape())
                     want = (layer.global_num_experts, *param.shape[1:])
+                    if getattr(layer, "tp_size", 1) > 1:  # tensor parallelism: narrow each expert before reading
+                        from .distributed.tp import check_packed_shape, read_packed
+
+                        check_packed_shape(layer, key, pname, shape)
+                        for local, g in enumerate(layer.local_to_global):
+                            t = read_packed(layer, sl, key, pname, g)
+                            if t is None:  # w2_bias off tensor-parallel rank 0 (added once, by rank 0)
+                                param.data[local].zero_()
+                                continue
+                            param.data[local].copy_(t.to(param.dtype))
+                            report.bytes_read += t.numel() * t.element_size()
+                        filled.setdefault(f"{owner}.{pname}", set()).add("all")
+                        report.loaded.append(key)
+                        continue
                     if shape != want:
                         raise WeightLoadError(f"{key}: checkpoint tensor has shape {shape}, parameter "
                                               f"{owner}.{pname} expects {want} (all {layer.global_num_experts} experts)")
@@ -166,6 +195,9 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, layout: str = "packed
         raise ValueError(f"layout must be 'packed' or 'per_expert', got {layout!r}")
     out: dict[str, torch.Tensor] = {}
     experts = {n: m for n, m in model.named_modules() if isinstance(m, FusedMoE)}
+    if any(getattr(m, "tp_size", 1) > 1 for m in experts.values()):
+        raise ValueError("save_checkpoint writes whole models; a tensor-parallel rank holds only slices "
+                         "(save the single-rank model of the same seed instead)")
     for name, p in model.named_parameters():
         owner = next((n for n in experts if name.startswith(n + ".")), None)
         if owner is None:

@@ -52,6 +52,9 @@ class DistState:
     ep_rank: int = 0
     ep_size: int = 1
     ep_group: Any = None
+    tp_rank: int = 0      # tensor parallelism (composer.distributed.tp): this rank's slice of every expert
+    tp_size: int = 1
+    tp_group: Any = None  # the group the partial expert outputs are all-reduced over
     cpu_group: Any = None  # gloo group for host-side metadata (token counts, config check)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str = "gloo"
@@ -110,13 +113,21 @@ def init_from_env(cfg: Any, env: Mapping[str, str] | None = None) -> DistState:
         world = _env_int(env, "WORLD_SIZE", 1)
         rank = _env_int(env, "RANK", 0)
         local_rank = _env_int(env, "LOCAL_RANK", 0)
-    if world != par.ep_size:
+    tp_size = int(getattr(par, "tp_size", 1))
+    if tp_size > 1 and world != par.ep_size * tp_size:
+        raise ConfigError([Problem("parallel.tp_size", tp_size, _tp_world_message(tp_size, par.ep_size, world))])
+    if tp_size == 1 and world != par.ep_size:
         raise ConfigError([Problem("parallel.ep_size", par.ep_size, _world_message(par.ep_size, world))])
     if cfg.parallel.ep_size > 1 and (cfg.compile or cfg.cuda_graph):
         key = "compile" if cfg.compile else "cuda_graph"
         raise ConfigError([Problem(key, True, "expert parallelism exchanges token counts on the host, which "
                                    "torch.compile(fullgraph) and CUDA graphs cannot capture; set compile=false "
                                    "cuda_graph=false with parallel.ep_size > 1")])
+    if tp_size > 1 and (cfg.compile or cfg.cuda_graph):
+        key = "compile" if cfg.compile else "cuda_graph"
+        raise ConfigError([Problem(key, True, "tensor parallelism's all-reduce is not set up for "
+                                   "torch.compile(fullgraph) or CUDA-graph capture yet; set compile=false "
+                                   "cuda_graph=false with parallel.tp_size > 1")])
 
     device = torch.device("cpu")
     backend = "gloo"
@@ -153,9 +164,14 @@ def init_from_env(cfg: Any, env: Mapping[str, str] | None = None) -> DistState:
         with collective("creating the gloo metadata group", timeout_s):
             cpu_group = dist.new_group(backend="gloo", timeout=timeout)
         _CPU_GROUPS[group] = cpu_group
-    _STATE = DistState(rank=rank, world_size=world, local_rank=local_rank, ep_rank=dist.get_rank(group),
-                       ep_size=world, ep_group=group, cpu_group=cpu_group, device=device, backend=backend,
-                       timeout_s=timeout_s, owns_process_group=owns)
+    if tp_size > 1:  # tensor parallelism over every rank (validation refuses it together with ep_size > 1)
+        _STATE = DistState(rank=rank, world_size=world, local_rank=local_rank, ep_rank=0, ep_size=1, ep_group=None,
+                           tp_rank=dist.get_rank(group), tp_size=world, tp_group=group, cpu_group=cpu_group,
+                           device=device, backend=backend, timeout_s=timeout_s, owns_process_group=owns)
+    else:
+        _STATE = DistState(rank=rank, world_size=world, local_rank=local_rank, ep_rank=dist.get_rank(group),
+                           ep_size=world, ep_group=group, cpu_group=cpu_group, device=device, backend=backend,
+                           timeout_s=timeout_s, owns_process_group=owns)
     check_same_config(cfg, _STATE)
     return _STATE
 
@@ -166,6 +182,15 @@ def _world_message(ep_size: int, world: int) -> str:
                 f"`torchrun --nproc-per-node {ep_size} -m composer parallel.ep_size={ep_size} ...`")
     return (f"must equal the number of processes (WORLD_SIZE={world}); set parallel.ep_size={world} "
             f"or launch with `torchrun --nproc-per-node {ep_size}`")
+
+
+def _tp_world_message(tp_size: int, ep_size: int, world: int) -> str:
+    n = tp_size * ep_size
+    if world == 1:
+        return (f"needs {n} processes but this is a single process; launch "
+                f"`torchrun --nproc-per-node {n} -m composer parallel.tp_size={tp_size} ...`")
+    return (f"parallel.ep_size x parallel.tp_size = {n} must equal the number of processes (WORLD_SIZE={world}); "
+            f"set parallel.tp_size={world // max(ep_size, 1)} or launch with `torchrun --nproc-per-node {n}`")
 
 
 def check_same_config(cfg: Any, state: DistState) -> None:
@@ -278,7 +303,7 @@ class Job:
     @classmethod
     def start(cls, cfg: Any, env: Mapping[str, str] | None = None) -> "Job | None":
         """Init from torchrun's environment when WORLD_SIZE > 1 or parallel.ep_size > 1; None on one rank."""
-        if not is_distributed_launch(env) and cfg.parallel.ep_size == 1:
+        if not is_distributed_launch(env) and cfg.parallel.ep_size == 1 and getattr(cfg.parallel, "tp_size", 1) == 1:
             return None
         return cls(init_from_env(cfg, env))
 
@@ -289,7 +314,8 @@ class Job:
             raise DistributedError("the job failed on another rank:\n  " + "\n  ".join(
                 f"rank {r}: {m}" for r, m in failed))
         if metrics is not None and self.rank == 0:
-            metrics = {**metrics, "world_size": self.state.world_size, "ep_size": self.state.ep_size}
+            metrics = {**metrics, "world_size": self.state.world_size, "ep_size": self.state.ep_size,
+                       "tp_size": self.state.tp_size}
         return metrics
 
     def fail(self, exc: BaseException) -> None:

@@ -39,6 +39,9 @@ class FusedMoE(PluggableLayer):
         ep_rank: int = 0,
         ep_size: int = 1,
         placement: str = "linear",
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        tp_group: Any = None,
     ):
         super().__init__()
         from ..kernels.torch_backend import TorchExperts
@@ -47,7 +50,18 @@ class FusedMoE(PluggableLayer):
         self.global_num_experts = num_experts
         self.top_k = top_k
         self.hidden_size = hidden_size
+        # Tensor parallelism (composer.distributed.tp): every expert keeps intermediate_size / tp_size rows;
+        # ``intermediate_size`` is the size the weights have on this rank, ``full_intermediate_size`` the model's.
+        if intermediate_size % tp_size:
+            raise ValueError(f"tp_size {tp_size} must divide intermediate_size {intermediate_size}")
+        self.tp_rank, self.tp_size, self.tp_group = tp_rank, tp_size, tp_group
+        self.full_intermediate_size = intermediate_size
+        intermediate_size //= tp_size
         self.intermediate_size = intermediate_size
+        if tp_size > 1:  # online quantization: scales spanning the sharded dim use the max over the ranks
+            from ..distributed.tp import amax_reducer
+
+            self.tp_amax_reduce = amax_reducer(tp_group)
         self.activation = activation
         self.has_bias = has_bias
         self.ep_rank, self.ep_size, self.placement = ep_rank, ep_size, placement
@@ -64,17 +78,25 @@ class FusedMoE(PluggableLayer):
 
     def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """``hidden_states [T, H]``, routing ``[T, k]`` (global expert ids) -> ``[T, H]``."""
-        return self.quant_method.apply(self, hidden_states, topk_weights, topk_ids)
+        out = self.quant_method.apply(self, hidden_states, topk_weights, topk_ids)
+        if self.tp_size > 1:  # each rank computed its slice of the intermediate dim: sum the partial outputs
+            from ..distributed.tp import all_reduce
+
+            out = all_reduce(out, self.tp_group)
+        return out
 
     # ------------------------------------------------------------------------------------------
     # Weight loading (vLLM's contract): one checkpoint tensor for one expert and one shard.
 
-    def weight_loader(self, param: torch.nn.Parameter, loaded_weight: torch.Tensor, shard_id: str, expert_id: int) -> bool:
+    def weight_loader(self, param: torch.nn.Parameter, loaded_weight: torch.Tensor, shard_id: str, expert_id: int,
+                      *, narrowed: bool = False) -> bool:
         """Copy ``loaded_weight`` into ``param`` for global expert ``expert_id``.
 
         ``shard_id``: ``w1`` (gate) and ``w3`` (up) go to the two halves of ``w13``/``w13_bias``;
         ``w2`` (down) to ``w2``/``w2_bias``. Returns False (and copies nothing) when another rank owns
         the expert. A wrong shape raises WeightLoadError naming the parameter and both shapes.
+        Under tensor parallelism ``loaded_weight`` is the full tensor (narrowed here to this rank's slice after
+        its intermediate size is checked), or with ``narrowed=True`` already this rank's slice.
         """
         name = self._param_name(param)
         if shard_id not in SHARDS:
@@ -92,6 +114,8 @@ class FusedMoE(PluggableLayer):
         if is_w13:
             half = target.shape[0] // 2
             target = target[:half] if shard_id == "w1" else target[half:]
+        if self.tp_size > 1 and not narrowed:  # a full checkpoint tensor: keep this rank's slice (checked first)
+            loaded_weight = self._tp_narrow(name, loaded_weight, shard_id, expert_id)
         if tuple(loaded_weight.shape) != tuple(target.shape):
             raise WeightLoadError(
                 f"{name} (expert {expert_id}, shard {shard_id}): checkpoint tensor has shape "
@@ -99,6 +123,20 @@ class FusedMoE(PluggableLayer):
             )
         target.copy_(loaded_weight.to(target.dtype))
         return True
+
+    def _tp_narrow(self, name: str, t: torch.Tensor, shard_id: str, expert_id: int) -> torch.Tensor:
+        from ..distributed.tp import TPShard
+
+        H, I, tp, r = self.hidden_size, self.full_intermediate_size, self.tp_size, self.tp_rank
+        if name == "w2_bias":
+            return t if r == 0 else torch.zeros_like(t)
+        dim = 1 if name == "w2" else 0
+        want = {"w13": (I, H), "w13_bias": (I,), "w2": (H, I)}[name]
+        if tuple(t.shape) != want:
+            raise WeightLoadError(f"{name} (expert {expert_id}, shard {shard_id}): checkpoint tensor has shape "
+                                  f"{tuple(t.shape)}, expected the full {want} (model.intermediate_size = {I}) "
+                                  f"to slice for parallel.tp_size={tp}")
+        return TPShard(dim, I, r, tp).narrow(t)
 
     def _param_name(self, param: torch.nn.Parameter) -> str:
         for n, p in self.named_parameters(recurse=False):
@@ -110,7 +148,8 @@ class FusedMoE(PluggableLayer):
         return f"{super().implementation()}[{self.quant_method.name}: {self.kernel.describe()}]"
 
     def extra_repr(self) -> str:
+        tp = f", tp {self.tp_rank}/{self.tp_size}" if self.tp_size > 1 else ""
         return (f"experts={self.local_num_experts}/{self.global_num_experts} (ep {self.ep_rank}/{self.ep_size}, "
-                f"{self.placement}), top_k={self.top_k}, hidden={self.hidden_size}, "
+                f"{self.placement}{tp}), top_k={self.top_k}, hidden={self.hidden_size}, "
                 f"intermediate={self.intermediate_size}, activation={self.activation}, bias={self.has_bias}, "
                 f"quant={self.quant_method.name}, kernel={self.kernel.describe()}")

@@ -36,6 +36,21 @@ class QuantMethod:
         """(key under quant., value, message) for each problem; empty when the method can run."""
         return []
 
+    @classmethod
+    def check_tp(cls, params: BaseModel, model: "ModelConfig", tp_size: int) -> list[tuple[str, Any, str]]:
+        """Tensor parallelism (``parallel.tp_size > 1``): (key under quant., value, message) for each reason the
+        weights and scales cannot be sharded along the intermediate dim at ``tp_size`` (the caller checked that
+        tp_size divides model.intermediate_size). A method that does not override this cannot be sharded."""
+        return [("", cls.name, f"quant method '{cls.name}' cannot shard its scales across tensor-parallel ranks; "
+                 "use parallel.tp_size=1 or a method that can (none, int8_w8a16, int8_w8a8, fp8_w8a8, int4_w4a16)")]
+
+    @classmethod
+    def tp_splits_activation_scales(cls, params: BaseModel) -> bool:
+        """True when a dynamic activation scale spans the intermediate dim (per token over all of it): under
+        tensor parallelism each rank then scales its own slice, so the result equals the single-rank one only
+        to quantization noise (it is exactly per-token-group quantization with groups of I / tp_size)."""
+        return False
+
     def create_weights(self, layer: "FusedMoE", num_experts: int, hidden_size: int, intermediate_size: int,
                        dtype: torch.dtype, has_bias: bool, device: Any) -> None:
         raise NotImplementedError

@@ -81,6 +81,27 @@ class Fp8W8A8(QuantizedMethod):
                              "only used with quant.activation_scheme=static; remove it or set activation_scheme=static"))
         return problems
 
+    @classmethod
+    def check_tp(cls, params: Fp8Params, model: Any, tp_size: int) -> list[tuple[str, Any, str]]:
+        """Block scales are narrowed with their weights, so each rank needs whole blocks of its I / tp_size rows
+        (w13) and columns (w2). Per-channel and per-tensor scales that span the sharded dim are computed from the
+        maximum over the ranks. Static input scales are replicated."""
+        if params.granularity != "block":
+            return []
+        bn, bk = params.block_shape
+        local = model.intermediate_size // tp_size
+        bad = [f"block_shape[{i}] = {b}" for i, b in ((0, bn), (1, bk)) if local % b]
+        if not bad:
+            return []
+        return [("block_shape", list(params.block_shape),
+                 f"{' and '.join(bad)} must divide model.intermediate_size / parallel.tp_size = {local} (each rank "
+                 f"keeps whole scale blocks); pick a smaller block_shape, a smaller tp_size or "
+                 f"quant.granularity=per_token_channel")]
+
+    @classmethod
+    def tp_splits_activation_scales(cls, params: Fp8Params) -> bool:
+        return params.activation_scheme == "dynamic" and params.granularity != "block"  # block: groups of bk stay whole
+
     # --- layout -----------------------------------------------------------------------------------
     def checkpoint_layout(self, layer) -> dict[str, CkptTensor]:
         E, H, I = layer.global_num_experts, layer.hidden_size, layer.intermediate_size
@@ -107,10 +128,11 @@ class Fp8W8A8(QuantizedMethod):
         p: Fp8Params = self.params
         out: dict[str, torch.Tensor] = {}
         for name, w in (("w13", w13), ("w2", w2)):
+            reduce = getattr(layer, "tp_amax_reduce", None)  # tensor parallelism: scales spanning the sharded dim
             if p.granularity == "per_tensor":
-                out[name], out[f"{name}_weight_scale"] = quant_fp8_per_tensor(w)
+                out[name], out[f"{name}_weight_scale"] = quant_fp8_per_tensor(w, reduce)
             elif p.granularity == "per_token_channel":
-                out[name], out[f"{name}_weight_scale"] = quant_fp8_per_channel(w)
+                out[name], out[f"{name}_weight_scale"] = quant_fp8_per_channel(w, reduce if name == "w2" else None)
             else:
                 out[name], out[f"{name}_weight_scale_inv"] = quant_fp8_block(w, *p.block_shape)
         if p.activation_scheme == "static":

@@ -65,6 +65,21 @@ class Int4W4A16(QuantizedMethod):
                              f"model.hidden_size = {H} must be even; use quant.zero_point=false"))
         return problems
 
+    @classmethod
+    def check_tp(cls, params: Int4Params, model: Any, tp_size: int) -> list[tuple[str, Any, str]]:
+        """Groups run along K; w2's K is the sharded intermediate dim, so each rank needs whole groups."""
+        local = model.intermediate_size // tp_size
+        if params.group_size == -1:
+            return [("group_size", -1, f"one group per row spans w2's whole intermediate dim, which "
+                     f"parallel.tp_size = {tp_size} shards; pick a group_size dividing "
+                     f"model.intermediate_size / tp_size = {local}")]
+        if local % params.group_size:
+            g = largest_pow2_divisor(model.hidden_size, local)
+            return [("group_size", params.group_size, f"group_size {params.group_size} must divide "
+                     f"model.intermediate_size / parallel.tp_size = {local} (each rank keeps whole groups); "
+                     + (f"pick quant.group_size={g}" if g >= 2 else "use a smaller parallel.tp_size"))]
+        return []
+
     def _groups(self, K: int) -> int:
         return 1 if self.params.group_size == -1 else K // self.params.group_size
 

@@ -28,10 +28,15 @@ class _Int8(QuantizedMethod):
             "w2_weight_scale": CkptTensor("w2_weight_scale", ((E, H, 1), (E, H)), SCALE_DTYPES),
         }
 
+    @classmethod
+    def check_tp(cls, params: Any, model: Any, tp_size: int) -> list[tuple[str, Any, str]]:
+        return []  # per-output-channel scales: w13's rows are narrowed with them; w2's rows span the sharded dim
+        # and take the maximum over the ranks (FusedMoE.tp_amax_reduce), exactly the single-rank scales
+
     def quantize_weights(self, layer, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         out["w13"], out["w13_weight_scale"] = quant_int8_per_channel(w13)
-        out["w2"], out["w2_weight_scale"] = quant_int8_per_channel(w2)
+        out["w2"], out["w2_weight_scale"] = quant_int8_per_channel(w2, reduce=getattr(layer, "tp_amax_reduce", None))
         return out
 
     def post_load(self, layer) -> None:
@@ -65,3 +70,7 @@ class Int8W8A8(_Int8):
     @staticmethod
     def activation_quantizer(weights: ExpertWeights):
         return lambda t, stage: qdq_int8_per_token(t)
+
+    @classmethod
+    def tp_splits_activation_scales(cls, params: Any) -> bool:
+        return True  # per-token int8 scales of the intermediate activation

@@ -67,6 +67,10 @@ def load(layer, owner: str, rest: str, key: str, f: Any, report: Any) -> None:
     """Load checkpoint tensor ``key`` (``owner.rest``) from the open safetensors file ``f`` into ``layer``."""
     qm = _method(layer)
     spec = qm.checkpoint_layout(layer)[rest]
+    if getattr(layer, "tp_size", 1) > 1:
+        raise WeightLoadError(f"{key}: pre-quantized checkpoints cannot be loaded under parallel.tp_size="
+                              f"{layer.tp_size} yet; load the unquantized checkpoint (each rank quantizes its slice "
+                              "online, with the single-rank scales) or use parallel.tp_size=1")
     if layer.quant_state == "ready":
         raise WeightLoadError(f"{key}: {owner} already holds processed quantized weights; load checkpoints into a "
                               "model built with init=False")

@@ -11,6 +11,10 @@ from .base import QuantMethod, new_param, register_quant
 
 @register_quant("none")
 class Unquantized(QuantMethod):
+    @classmethod
+    def check_tp(cls, params: Any, model: Any, tp_size: int) -> list[tuple[str, Any, str]]:
+        return []
+
     def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size: int,
                        dtype: torch.dtype, has_bias: bool, device: Any) -> None:
         E, H, I = num_experts, hidden_size, intermediate_size

@@ -45,17 +45,22 @@ def fp8_cast(t32: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (t32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
-def quant_fp8_per_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _reduced(amax: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """Tensor parallelism: ``reduce`` takes the maximum of a per-rank amax over the ranks (None: as is)."""
+    return amax if reduce is None else reduce(amax)
+
+
+def quant_fp8_per_tensor(w: torch.Tensor, reduce: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One scale per expert: ``q [E, N, K]`` fp8, ``scale [E]`` fp32."""
     w32 = w.float()
-    scale = _amax(w32, (1, 2)) / FP8_MAX
+    scale = _reduced(_amax(w32, (1, 2)), reduce) / FP8_MAX
     return fp8_cast(w32, scale), scale.reshape(-1)
 
 
-def quant_fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quant_fp8_per_channel(w: torch.Tensor, reduce: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One scale per output row: ``q [E, N, K]`` fp8, ``scale [E, N, 1]`` fp32."""
     w32 = w.float()
-    scale = _amax(w32, 2) / FP8_MAX
+    scale = _reduced(_amax(w32, 2), reduce) / FP8_MAX
     return fp8_cast(w32, scale), scale
 
 
@@ -72,10 +77,10 @@ def expand_block_scale(scale: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
     return scale.repeat_interleave(bn, dim=-2).repeat_interleave(bk, dim=-1)
 
 
-def quant_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quant_int8_per_channel(w: torch.Tensor, reduce: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8, one scale per output row: ``q [E, N, K]`` int8, ``scale [E, N, 1]`` fp32."""
     w32 = w.float()
-    scale = _amax(w32, 2) / INT8_MAX
+    scale = _reduced(_amax(w32, 2), reduce) / INT8_MAX
     q = torch.round(w32 / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 

@@ -41,6 +41,9 @@ class Check(Task):
             if s.get("ep_vs_single_rel_err", 0.0) > tol:  # expert parallelism: vs the single-rank layer, same inputs
                 failures.append(f"{name}: expert-parallel output differs from the single-rank output by "
                                 f"{s['ep_vs_single_rel_err']:.3e} > {tol:.0e}")
+            if s.get("tp_vs_single_rel_err", 0.0) > tol:  # tensor parallelism: vs the single-rank layer, same inputs
+                failures.append(f"{name}: tensor-parallel output differs from the single-rank output by "
+                                f"{s['tp_vs_single_rel_err']:.3e} > {tol:.0e}")
             if s.get("router_choice_gap", 0.0) > p.choice_margin:
                 failures.append(f"{name}: router chose an expert {s['router_choice_gap']:.3e} below the k-th best score")
             if s.get("router_weight_err", 0.0) > max(tol, 1e-6) * 10:

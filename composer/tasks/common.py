@@ -19,10 +19,13 @@ def make_tokens(cfg: ComposerConfig, tokens: int) -> torch.Tensor:
 
 
 def _rank_key() -> tuple[int, ...]:
-    """Expert parallelism: ranks > 0 draw their own tokens (rank 0 draws the single-rank ones)."""
+    """Expert parallelism: ranks > 0 draw their own tokens (rank 0 draws the single-rank ones).
+    Tensor parallelism: every rank holds a slice of the same experts, so all ranks draw the same tokens."""
     from ..distributed.runtime import current
 
     state = current()
+    if state is not None and getattr(state, "tp_size", 1) > 1:
+        return ()
     return (state.rank,) if state is not None and state.rank > 0 else ()
 
 
@@ -37,6 +40,12 @@ def compare(model: torch.nn.Module, x: torch.Tensor, cfg: ComposerConfig) -> dic
 
     if is_expert_parallel(model):  # also vs the single-rank model from the same seed (composer.distributed.check)
         return compare_ep(model, x, cfg)
+    from ..distributed.tp import is_tensor_parallel
+
+    if is_tensor_parallel(model):  # vs the single-rank model from the same seed (composer.distributed.tp_check)
+        from ..distributed.tp_check import compare_tp
+
+        return compare_tp(model, x, cfg)
     out, caps = capture_experts(model, x)
     result: dict[str, Any] = {"output_checksum": checksum(out), "layers": {}}
     for name, cap in caps.items():
