@@ -90,9 +90,11 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 def _shape_gemm(g: dict[str, Any], q: QuantSpec) -> dict[str, Any]:
     g = dict(g)
-    if q.wq == 2:  # int4: keep the K tile inside one scale group where that leaves a sane tile (GROUP_TILE)
+    if q.wq == 2:  # int4: keep the K tile inside one scale group where that leaves a sane tile (GROUP_TILE);
+        # the even and odd halves of the tile are two dots of K = BLOCK_K / 2 >= 16
+        g["BLOCK_K"] = max(g["BLOCK_K"], 32)
         d = _pow2_divisor(q.qbk, g["BLOCK_K"])
-        if d >= 16:
+        if d >= 32:
             g["BLOCK_K"] = d
     elif q.wq == 3 and q.ws == 2:  # block fp8: the K tile must lie inside one scale block
         d = _pow2_divisor(q.qbk, g["BLOCK_K"])

@@ -76,9 +76,10 @@ def _gemm1_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tokens[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_base = w_ptr + expert.to(tl.int64) * stride_we
-    if WQ == 2:  # int4: two values per byte along K, element 2j in the low nibble
-        g_ptrs = w_base + offs_n_safe[None, :].to(tl.int64) * stride_wn + (offs_k // 2)[:, None] * stride_wk
-        shift = ((offs_k % 2) * 4)[:, None]
+    if WQ == 2:  # int4: byte j of a row holds k = 2j (low nibble) and 2j + 1 (high): even/odd halves of A
+        offs_kh = tl.arange(0, BLOCK_K // 2)
+        a_ptrs = x_ptr + tokens[:, None] * stride_xm + (2 * offs_kh)[None, :] * stride_xk
+        g_ptrs = w_base + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_kh[:, None] * stride_wk
     else:
         g_ptrs = w_base + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
     u_ptrs = g_ptrs + N * stride_wn
@@ -106,26 +107,18 @@ def _gemm1_kernel(
     # runs past N reads the next rows (or zeros past the end), and those columns are masked at the store.
     row_g = expert * (2 * N) + pid_n * BLOCK_N
     for kk in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-        if USE_TMA:
-            k_ok = offs_k < K - kk * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
-            g = w_desc.load([row_g, kk * BLOCK_K]).T
-            u = w_desc.load([row_g + N, kk * BLOCK_K]).T
-        elif EVEN_K:
-            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
-            g = tl.load(g_ptrs)
-            u = tl.load(u_ptrs)
-        else:
-            k_ok = offs_k < K - kk * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
-            g = tl.load(g_ptrs, mask=k_ok[:, None], other=0)
-            u = tl.load(u_ptrs, mask=k_ok[:, None], other=0)
-        if WQ == 1:  # int8 weights, dequantized as kernel=torch does: (q * scale) rounded to the model dtype
-            g = (g.to(tl.float32) * sg[None, :]).to(x_ptr.dtype.element_ty)
-            u = (u.to(tl.float32) * su[None, :]).to(x_ptr.dtype.element_ty)
-        elif WQ == 2:  # int4: ((q - zero) * scale) in fp32, rounded to the model dtype
-            gq = ((g >> shift) & 0xF).to(tl.float32)
-            uq = ((u >> shift) & 0xF).to(tl.float32)
+        if WQ == 2:
+            if EVEN_K:
+                ae = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+                ao = tl.load(a_ptrs + stride_xk, mask=row_mask[:, None], other=0.0)
+                gb = tl.load(g_ptrs)
+                ub = tl.load(u_ptrs)
+            else:
+                kh_ok = offs_kh < (K - kk * BLOCK_K) // 2
+                ae = tl.load(a_ptrs, mask=row_mask[:, None] & kh_ok[None, :], other=0.0)
+                ao = tl.load(a_ptrs + stride_xk, mask=row_mask[:, None] & kh_ok[None, :], other=0.0)
+                gb = tl.load(g_ptrs, mask=kh_ok[:, None], other=0)
+                ub = tl.load(u_ptrs, mask=kh_ok[:, None], other=0)
             if GROUP_TILE:  # the whole K tile lies in one group
                 grp = (kk * BLOCK_K) // QBK
                 s_g = tl.load(ws_base + offs_n_safe * stride_wsn + grp * stride_wsk).to(tl.float32)[None, :]
@@ -136,9 +129,9 @@ def _gemm1_kernel(
                 else:
                     z_g = 8.0
                     z_u = 8.0
-            else:
-                grp = ((kk * BLOCK_K + offs_k) // QBK)[:, None]
-                k_in = (offs_k < K - kk * BLOCK_K)[:, None]
+            else:  # groups (even sizes) change inside the tile: one scale per (k pair, n)
+                grp = ((kk * BLOCK_K + 2 * offs_kh) // QBK)[:, None]
+                k_in = (offs_kh < (K - kk * BLOCK_K) // 2)[:, None]
                 s_g = tl.load(ws_base + offs_n_safe[None, :] * stride_wsn + grp * stride_wsk, mask=k_in, other=0.0).to(tl.float32)
                 s_u = tl.load(ws_base + offs_nu[None, :] * stride_wsn + grp * stride_wsk, mask=k_in, other=0.0).to(tl.float32)
                 if HAS_ZERO:
@@ -147,26 +140,50 @@ def _gemm1_kernel(
                 else:
                     z_g = 8.0
                     z_u = 8.0
-            g = ((gq - z_g) * s_g).to(x_ptr.dtype.element_ty)
-            u = ((uq - z_u) * s_u).to(x_ptr.dtype.element_ty)
-        if WQ == 3 and WS == 2:  # block fp8: the K tile lies in one scale block; scale the partial products
-            kb = (kk * BLOCK_K) // QBK
-            a_s = tl.load(as_ptr + tokens * stride_asm + kb * stride_ask, mask=a_row_ok, other=0.0)
-            b_g = tl.load(ws_base + (offs_n_safe // QBN) * stride_wsn + kb * stride_wsk).to(tl.float32)
-            b_u = tl.load(ws_base + (offs_nu // QBN) * stride_wsn + kb * stride_wsk).to(tl.float32)
-            acc_g += tl.dot(a, g) * a_s[:, None] * b_g[None, :]
-            acc_u += tl.dot(a, u) * a_s[:, None] * b_u[None, :]
-        elif ACC_INT:
-            acc_g = tl.dot(a, g, acc_g, out_dtype=tl.int32)
-            acc_u = tl.dot(a, u, acc_u, out_dtype=tl.int32)
-        else:
-            acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
-            acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_xk
-        if WQ == 2:
+            # ((q - zero) * scale) in fp32, rounded to the model dtype: kernel=torch's dequantization
+            g_lo = (((gb & 0xF).to(tl.float32) - z_g) * s_g).to(x_ptr.dtype.element_ty)
+            g_hi = (((gb >> 4).to(tl.float32) - z_g) * s_g).to(x_ptr.dtype.element_ty)
+            u_lo = (((ub & 0xF).to(tl.float32) - z_u) * s_u).to(x_ptr.dtype.element_ty)
+            u_hi = (((ub >> 4).to(tl.float32) - z_u) * s_u).to(x_ptr.dtype.element_ty)
+            acc_g = tl.dot(ae, g_lo, acc_g, input_precision=PRECISION)
+            acc_g = tl.dot(ao, g_hi, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(ae, u_lo, acc_u, input_precision=PRECISION)
+            acc_u = tl.dot(ao, u_hi, acc_u, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_xk
             g_ptrs += (BLOCK_K // 2) * stride_wk
             u_ptrs += (BLOCK_K // 2) * stride_wk
         else:
+            if USE_TMA:
+                k_ok = offs_k < K - kk * BLOCK_K
+                a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
+                g = w_desc.load([row_g, kk * BLOCK_K]).T
+                u = w_desc.load([row_g + N, kk * BLOCK_K]).T
+            elif EVEN_K:
+                a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+                g = tl.load(g_ptrs)
+                u = tl.load(u_ptrs)
+            else:
+                k_ok = offs_k < K - kk * BLOCK_K
+                a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
+                g = tl.load(g_ptrs, mask=k_ok[:, None], other=0)
+                u = tl.load(u_ptrs, mask=k_ok[:, None], other=0)
+            if WQ == 1:  # int8 weights, dequantized as kernel=torch does: (q * scale) rounded to the model dtype
+                g = (g.to(tl.float32) * sg[None, :]).to(x_ptr.dtype.element_ty)
+                u = (u.to(tl.float32) * su[None, :]).to(x_ptr.dtype.element_ty)
+            if WQ == 3 and WS == 2:  # block fp8: the K tile lies in one scale block; scale the partial products
+                kb = (kk * BLOCK_K) // QBK
+                a_s = tl.load(as_ptr + tokens * stride_asm + kb * stride_ask, mask=a_row_ok, other=0.0)
+                b_g = tl.load(ws_base + (offs_n_safe // QBN) * stride_wsn + kb * stride_wsk).to(tl.float32)
+                b_u = tl.load(ws_base + (offs_nu // QBN) * stride_wsn + kb * stride_wsk).to(tl.float32)
+                acc_g += tl.dot(a, g) * a_s[:, None] * b_g[None, :]
+                acc_u += tl.dot(a, u) * a_s[:, None] * b_u[None, :]
+            elif ACC_INT:
+                acc_g = tl.dot(a, g, acc_g, out_dtype=tl.int32)
+                acc_u = tl.dot(a, u, acc_u, out_dtype=tl.int32)
+            else:
+                acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+                acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_xk
             g_ptrs += BLOCK_K * stride_wk
             u_ptrs += BLOCK_K * stride_wk
 
@@ -242,9 +259,10 @@ def _gemm2_kernel(
     offs_n_safe = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    if WQ == 2:
-        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n_safe[None, :].to(tl.int64) * stride_wn + (offs_k // 2)[:, None] * stride_wk
-        shift = ((offs_k % 2) * 4)[:, None]
+    if WQ == 2:  # int4: even/odd halves of A against the low/high nibbles
+        offs_kh = tl.arange(0, BLOCK_K // 2)
+        a_ptrs = a_ptr + rows[:, None] * stride_am + (2 * offs_kh)[None, :] * stride_ak
+        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_kh[:, None] * stride_wk
     else:
         w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
     ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
@@ -261,21 +279,16 @@ def _gemm2_kernel(
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     row_w = expert * N + pid_n * BLOCK_N  # w2 viewed as [E * N, K]
     for kk in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-        if USE_TMA:
-            k_ok = offs_k < K - kk * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
-            w = w_desc.load([row_w, kk * BLOCK_K]).T
-        elif EVEN_K:
-            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
-            w = tl.load(w_ptrs)
-        else:
-            k_ok = offs_k < K - kk * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0)
-        if WQ == 1:
-            w = (w.to(tl.float32) * sw[None, :]).to(a_ptr.dtype.element_ty)
-        elif WQ == 2:
-            wq = ((w >> shift) & 0xF).to(tl.float32)
+        if WQ == 2:
+            if EVEN_K:
+                ae = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+                ao = tl.load(a_ptrs + stride_ak, mask=row_mask[:, None], other=0.0)
+                wb = tl.load(w_ptrs)
+            else:
+                kh_ok = offs_kh < (K - kk * BLOCK_K) // 2
+                ae = tl.load(a_ptrs, mask=row_mask[:, None] & kh_ok[None, :], other=0.0)
+                ao = tl.load(a_ptrs + stride_ak, mask=row_mask[:, None] & kh_ok[None, :], other=0.0)
+                wb = tl.load(w_ptrs, mask=kh_ok[:, None], other=0)
             if GROUP_TILE:
                 grp = (kk * BLOCK_K) // QBK
                 s_w = tl.load(ws_base + offs_n_safe * stride_wsn + grp * stride_wsk).to(tl.float32)[None, :]
@@ -284,27 +297,43 @@ def _gemm2_kernel(
                 else:
                     z_w = 8.0
             else:
-                grp = ((kk * BLOCK_K + offs_k) // QBK)[:, None]
-                k_in = (offs_k < K - kk * BLOCK_K)[:, None]
+                grp = ((kk * BLOCK_K + 2 * offs_kh) // QBK)[:, None]
+                k_in = (offs_kh < (K - kk * BLOCK_K) // 2)[:, None]
                 s_w = tl.load(ws_base + offs_n_safe[None, :] * stride_wsn + grp * stride_wsk, mask=k_in, other=0.0).to(tl.float32)
                 if HAS_ZERO:
                     z_w = ((tl.load(z_ptrs[None, :] + grp * stride_wzk, mask=k_in, other=0) >> z_shift[None, :]) & 0xF).to(tl.float32)
                 else:
                     z_w = 8.0
-            w = ((wq - z_w) * s_w).to(a_ptr.dtype.element_ty)
-        if WQ == 3 and WS == 2:
-            kb = (kk * BLOCK_K) // QBK
-            a_s = tl.load(as_ptr + rows * stride_asm + kb * stride_ask, mask=row_mask, other=0.0)
-            b_s = tl.load(ws_base + (offs_n_safe // QBN) * stride_wsn + kb * stride_wsk).to(tl.float32)
-            acc += tl.dot(a, w) * a_s[:, None] * b_s[None, :]
-        elif ACC_INT:
-            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
-        else:
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        if WQ == 2:
+            w_lo = (((wb & 0xF).to(tl.float32) - z_w) * s_w).to(a_ptr.dtype.element_ty)
+            w_hi = (((wb >> 4).to(tl.float32) - z_w) * s_w).to(a_ptr.dtype.element_ty)
+            acc = tl.dot(ae, w_lo, acc, input_precision=PRECISION)
+            acc = tl.dot(ao, w_hi, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
             w_ptrs += (BLOCK_K // 2) * stride_wk
         else:
+            if USE_TMA:
+                k_ok = offs_k < K - kk * BLOCK_K
+                a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
+                w = w_desc.load([row_w, kk * BLOCK_K]).T
+            elif EVEN_K:
+                a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+                w = tl.load(w_ptrs)
+            else:
+                k_ok = offs_k < K - kk * BLOCK_K
+                a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_ok[:, None], other=0)
+            if WQ == 1:
+                w = (w.to(tl.float32) * sw[None, :]).to(a_ptr.dtype.element_ty)
+            if WQ == 3 and WS == 2:
+                kb = (kk * BLOCK_K) // QBK
+                a_s = tl.load(as_ptr + rows * stride_asm + kb * stride_ask, mask=row_mask, other=0.0)
+                b_s = tl.load(ws_base + (offs_n_safe // QBN) * stride_wsn + kb * stride_wsk).to(tl.float32)
+                acc += tl.dot(a, w) * a_s[:, None] * b_s[None, :]
+            elif ACC_INT:
+                acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+            else:
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
             w_ptrs += BLOCK_K * stride_wk
 
     if WQ == 3 and WS != 2:

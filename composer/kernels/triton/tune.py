@@ -179,3 +179,51 @@ def merge_tables(new_dir: str, base_dir: str, out_dir: str) -> list[str]:
         cur = dict(sorted(cur.items(), key=lambda kv: -1 if kv[0].startswith("_") else int(kv[0])))
         (out / f.name).write_text(json.dumps(cur, indent=2) + "\n")
     return changes
+
+
+def quant_decode_candidates(method: str) -> list[dict[str, Any]]:
+    """T = 1 (one pair per program) GEMM candidates for the quantized weights: fewer bytes per weight tile than
+    bf16, so longer K tiles (fp8) or more N per tile (int4, whose K tile stays inside one scale group)."""
+    if method == "int4_w4a16":
+        return [_g(bn, 128, 4, st) for bn in (32, 64, 128) for st in (3, 5)] + [_g(32, 256, 4, 4), _g(64, 256, 4, 4)]
+    return [_g(bn, bk, 4, st) for bn in (32, 64) for bk in (256, 512) for st in (3, 5)]
+
+
+def tune_quant_decode(weights, x: torch.Tensor, tw: torch.Tensor, ids: torch.Tensor, base: dict[str, Any],
+                      activation: str = "silu", rep_ms: int = 30,
+                      log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], float]:
+    """The decode (T = 1) config of the quantized experts: GEMM1's tile first (GEMM2 at ``base``), then GEMM2's,
+    each timed as CUDA-graph replays of the whole quantized experts call (the activation quantizer included)."""
+    import triton.testing
+
+    from .fused import fused_experts_quant
+
+    ex = weights.extra
+    bn_q, bk_q = ex.get("block_shape", (128, 128))
+
+    def run(cfg):
+        return fused_experts_quant(x, tw, ids, weights.w13, weights.w2, weights.w13_bias, weights.w2_bias, activation,
+                                   weights.quant, weights.w13_scale, weights.w2_scale, weights.a13_scale,
+                                   weights.a2_scale, weights.w13_zero, weights.w2_zero,
+                                   ex.get("granularity", "per_token_channel"), bn_q, bk_q, config=cfg)
+
+    def timed(cfg) -> float:
+        try:
+            run(cfg)
+            return float(triton.testing.do_bench_cudagraph(lambda: run(cfg), rep=rep_ms, return_mode="median"))
+        except Exception as exc:  # noqa: BLE001 - a candidate that does not compile or fit is skipped
+            if log:
+                log(f"  skipped {cfg['gemm1']} {cfg['gemm2']}: {type(exc).__name__}")
+            return float("inf")
+
+    best = {**base, "decode": True, "BLOCK_M": 16}
+    best_t = timed(best)
+    for name in ("gemm1", "gemm2"):
+        for g in quant_decode_candidates(weights.quant):
+            cand = {**best, name: g}
+            t = timed(cand)
+            if t < best_t:
+                best, best_t = cand, t
+        if log:
+            log(f"  {weights.quant} {name}: {best[name]} -> {best_t * 1e3:.1f} us")
+    return best, best_t
