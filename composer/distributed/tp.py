@@ -276,6 +276,33 @@ def read_sharded(param: torch.Tensor, f: Any, key: str) -> torch.Tensor:
     return sl[a:b] if s.dim == 0 else sl[:, a:b]
 
 
+def read_quantized(layer: Any, spec: Any, sl: Any, shape: tuple[int, ...], name: str, method: str) -> torch.Tensor:
+    """A pre-quantized checkpoint tensor (``composer.quant.loading``) under tensor parallelism: ``spec.shapes``
+    are this rank's (the layer's intermediate size is its slice); the checkpoint holds the full tensor, with
+    ``spec.tp_dim`` ``tp_size`` times larger. Check it, then read only this rank's slice (replicated tensors,
+    ``tp_dim=None``, are read whole)."""
+    tp = layer.tp_size
+    if spec.tp_dim is None:
+        full_shapes = spec.shapes
+    else:
+        full_shapes = tuple(tuple(d * tp if i == spec.tp_dim else d for i, d in enumerate(s)) for s in spec.shapes)
+    if shape not in full_shapes:
+        want = " or ".join(str(s) for s in full_shapes)
+        hint = ""
+        if spec.tp_dim is not None and any(len(s) == len(shape) and all(a == b for i, (a, b) in enumerate(zip(s, shape))
+                                                                        if i != spec.tp_dim) for s in full_shapes):
+            expected = full_shapes[0][spec.tp_dim]
+            hint = (f"; its intermediate dim is {shape[spec.tp_dim]}, not {expected} (model.intermediate_size = "
+                    f"{layer.full_intermediate_size}): refusing to slice it for parallel.tp_size={tp}")
+        raise WeightLoadError(f"{name}: checkpoint tensor has shape {shape}, {method} expects {want} (full, all "
+                              f"{layer.global_num_experts} experts){hint or '; check model.* sizes and quant.*'}")
+    if spec.tp_dim is None:
+        return sl[:]
+    s = TPShard(spec.tp_dim, shape[spec.tp_dim], layer.tp_rank, tp, halves=spec.tp_halves)
+    lead = (slice(None),) * spec.tp_dim
+    return torch.cat([sl[lead + (slice(a, b),)] for a, b in s.ranges()], dim=spec.tp_dim)
+
+
 def is_tensor_parallel(model: torch.nn.Module) -> bool:
     from ..layers.fused_moe import FusedMoE
 

@@ -107,8 +107,8 @@ class Fp8W8A8(QuantizedMethod):
         E, H, I = layer.global_num_experts, layer.hidden_size, layer.intermediate_size
         p: Fp8Params = self.params
         w = (FP8_DTYPE,)
-        out = {"w13_weight": CkptTensor("w13", ((E, 2 * I, H),), w),
-               "w2_weight": CkptTensor("w2", ((E, H, I),), w)}
+        out = {"w13_weight": CkptTensor("w13", ((E, 2 * I, H),), w, tp_dim=1, tp_halves=True),
+               "w2_weight": CkptTensor("w2", ((E, H, I),), w, tp_dim=2)}
         if p.granularity == "per_tensor":
             out["w13_weight_scale"] = CkptTensor("w13_weight_scale", ((E,), (E, 2)), SCALE_DTYPES)
             out["w2_weight_scale"] = CkptTensor("w2_weight_scale", ((E,),), SCALE_DTYPES)
@@ -116,12 +116,15 @@ class Fp8W8A8(QuantizedMethod):
                 out["w13_input_scale"] = CkptTensor("w13_input_scale", ((E,),), SCALE_DTYPES, slice_experts=False)
                 out["w2_input_scale"] = CkptTensor("w2_input_scale", ((E,),), SCALE_DTYPES, slice_experts=False)
         elif p.granularity == "per_token_channel":
-            out["w13_weight_scale"] = CkptTensor("w13_weight_scale", ((E, 2 * I, 1), (E, 2 * I)), SCALE_DTYPES)
+            out["w13_weight_scale"] = CkptTensor("w13_weight_scale", ((E, 2 * I, 1), (E, 2 * I)), SCALE_DTYPES,
+                                                 tp_dim=1, tp_halves=True)
             out["w2_weight_scale"] = CkptTensor("w2_weight_scale", ((E, H, 1), (E, H)), SCALE_DTYPES)
         else:
             bn, bk = p.block_shape
-            out["w13_weight_scale_inv"] = CkptTensor("w13_weight_scale_inv", ((E, 2 * I // bn, H // bk),), SCALE_DTYPES)
-            out["w2_weight_scale_inv"] = CkptTensor("w2_weight_scale_inv", ((E, H // bn, I // bk),), SCALE_DTYPES)
+            out["w13_weight_scale_inv"] = CkptTensor("w13_weight_scale_inv", ((E, 2 * I // bn, H // bk),), SCALE_DTYPES,
+                                                     tp_dim=1, tp_halves=True)
+            out["w2_weight_scale_inv"] = CkptTensor("w2_weight_scale_inv", ((E, H // bn, I // bk),), SCALE_DTYPES,
+                                                    tp_dim=2)
         return out
 
     def quantize_weights(self, layer, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -88,14 +88,14 @@ class Int4W4A16(QuantizedMethod):
         sd = (layer.quant_dtype, *(d for d in (torch.float32, torch.bfloat16, torch.float16) if d != layer.quant_dtype))
         u8 = (torch.uint8,)
         out = {
-            "w13_qweight": CkptTensor("w13", ((E, 2 * I, H // 2),), u8),
-            "w2_qweight": CkptTensor("w2", ((E, H, I // 2),), u8),
-            "w13_scales": CkptTensor("w13_scales", ((E, 2 * I, self._groups(H)),), sd),
-            "w2_scales": CkptTensor("w2_scales", ((E, H, self._groups(I)),), sd),
+            "w13_qweight": CkptTensor("w13", ((E, 2 * I, H // 2),), u8, tp_dim=1, tp_halves=True),
+            "w2_qweight": CkptTensor("w2", ((E, H, I // 2),), u8, tp_dim=2),
+            "w13_scales": CkptTensor("w13_scales", ((E, 2 * I, self._groups(H)),), sd, tp_dim=1, tp_halves=True),
+            "w2_scales": CkptTensor("w2_scales", ((E, H, self._groups(I)),), sd, tp_dim=2),
         }
         if self.params.zero_point:
-            out["w13_qzeros"] = CkptTensor("w13_qzeros", ((E, I, self._groups(H)),), u8)
-            out["w2_qzeros"] = CkptTensor("w2_qzeros", ((E, H // 2, self._groups(I)),), u8)
+            out["w13_qzeros"] = CkptTensor("w13_qzeros", ((E, I, self._groups(H)),), u8, tp_dim=1, tp_halves=True)
+            out["w2_qzeros"] = CkptTensor("w2_qzeros", ((E, H // 2, self._groups(I)),), u8, tp_dim=2)
         return out
 
     def quantize_weights(self, layer, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -22,9 +22,10 @@ class _Int8(QuantizedMethod):
     def checkpoint_layout(self, layer) -> dict[str, CkptTensor]:
         E, H, I = layer.global_num_experts, layer.hidden_size, layer.intermediate_size
         return {
-            "w13_weight": CkptTensor("w13", ((E, 2 * I, H),), (torch.int8,)),
-            "w2_weight": CkptTensor("w2", ((E, H, I),), (torch.int8,)),
-            "w13_weight_scale": CkptTensor("w13_weight_scale", ((E, 2 * I, 1), (E, 2 * I)), SCALE_DTYPES),
+            "w13_weight": CkptTensor("w13", ((E, 2 * I, H),), (torch.int8,), tp_dim=1, tp_halves=True),
+            "w2_weight": CkptTensor("w2", ((E, H, I),), (torch.int8,), tp_dim=2),
+            "w13_weight_scale": CkptTensor("w13_weight_scale", ((E, 2 * I, 1), (E, 2 * I)), SCALE_DTYPES,
+                                           tp_dim=1, tp_halves=True),
             "w2_weight_scale": CkptTensor("w2_weight_scale", ((E, H, 1), (E, H)), SCALE_DTYPES),
         }
 

@@ -67,10 +67,6 @@ def load(layer, owner: str, rest: str, key: str, f: Any, report: Any) -> None:
     """Load checkpoint tensor ``key`` (``owner.rest``) from the open safetensors file ``f`` into ``layer``."""
     qm = _method(layer)
     spec = qm.checkpoint_layout(layer)[rest]
-    if getattr(layer, "tp_size", 1) > 1:
-        raise WeightLoadError(f"{key}: pre-quantized checkpoints cannot be loaded under parallel.tp_size="
-                              f"{layer.tp_size} yet; load the unquantized checkpoint (each rank quantizes its slice "
-                              "online, with the single-rank scales) or use parallel.tp_size=1")
     if layer.quant_state == "ready":
         raise WeightLoadError(f"{key}: {owner} already holds processed quantized weights; load checkpoints into a "
                               "model built with init=False")
@@ -80,14 +76,19 @@ def load(layer, owner: str, rest: str, key: str, f: Any, report: Any) -> None:
     sl = f.get_slice(key)
     shape = tuple(sl.get_shape())
     name = f"{owner}.{rest}"
-    if shape not in spec.shapes:
-        want = " or ".join(str(s) for s in spec.shapes)
-        raise WeightLoadError(f"{name}: checkpoint tensor has shape {shape}, {qm.name}{_params(layer)} expects "
-                              f"{want} (all {layer.global_num_experts} experts); check model.* sizes and quant.*")
-    if spec.slice_experts and layer.ep_size > 1:
-        t = torch.cat([sl[g:g + 1] for g in layer.local_to_global])
+    if getattr(layer, "tp_size", 1) > 1:  # tensor parallelism: check the full shape, read this rank's slice
+        from ..distributed.tp import read_quantized
+
+        t = read_quantized(layer, spec, sl, shape, name, f"{qm.name}{_params(layer)}")
     else:
-        t = f.get_tensor(key)
+        if shape not in spec.shapes:
+            want = " or ".join(str(s) for s in spec.shapes)
+            raise WeightLoadError(f"{name}: checkpoint tensor has shape {shape}, {qm.name}{_params(layer)} expects "
+                                  f"{want} (all {layer.global_num_experts} experts); check model.* sizes and quant.*")
+        if spec.slice_experts and layer.ep_size > 1:
+            t = torch.cat([sl[g:g + 1] for g in layer.local_to_global])
+        else:
+            t = f.get_tensor(key)
     if t.dtype not in spec.dtypes:
         raise WeightLoadError(f"{name}: checkpoint tensor has dtype {t.dtype}, {qm.name}{_params(layer)} expects "
                               f"{' or '.join(str(d) for d in spec.dtypes)}")

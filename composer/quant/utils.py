@@ -183,13 +183,17 @@ class CkptTensor:
     ``attr``: the layer attribute it becomes; ``shapes``: the accepted shapes, global expert count first;
     ``dtypes``: accepted dtypes (the first is what the layer stores); ``slice_experts``: under expert
     parallelism a rank keeps only its experts' rows (False: every rank keeps all, e.g. static input
-    scales, whose maximum over all experts is the one activation scale)."""
+    scales, whose maximum over all experts is the one activation scale). ``tp_dim``: under tensor parallelism
+    the dim along the intermediate size that each rank keeps a slice of (None: replicated, e.g. per-tensor or
+    w2's per-row scales), ``tp_halves``: that dim stacks the gate and up halves, each sliced (w13)."""
 
     attr: str
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[torch.dtype, ...]
     slice_experts: bool = True
     required: bool = True
+    tp_dim: int | None = None
+    tp_halves: bool = False
 
 
 class QuantizedMethod(QuantMethod):

@@ -32,12 +32,14 @@ QUANTS = {
     "int4_group": ("quant=int4_w4a16", "quant.group_size=8"),
     "int4_group_zp": ("quant=int4_w4a16", "quant.group_size=8", "quant.zero_point=true"),
 }
+PREQUANT = ("int8_w8a16", "fp8_per_tensor", "fp8_block", "int4_group_zp")
 CASES = (
     [f"model[{k}]" for k in KERNELS]
     + ["shared_experts_gated", "bias"]
     + [f"quant[{q}]" for q in QUANTS]
     + [f"load[{layout}]" for layout in ("packed", "per_expert")]
     + [f"mismatched_checkpoint[{layout}]" for layout in ("packed", "per_expert")]
+    + [f"load_prequantized[{q}]" for q in PREQUANT] + ["mismatched_prequantized"]
     + ["weight_loader_full_tensor", "bench_cpu"]
 )
 BASE = ("device=cpu", "kernel=torch", "model.dtype=float32", "parallel.timeout_s=30")
@@ -94,6 +96,26 @@ def _worker_cases():  # imported lazily so that pytest's collection does not imp
             want = ref_layer.w2_bias if rank() == 0 else torch.zeros_like(ref_layer.w2_bias)
             assert torch.equal(layer.w2_bias, want), "w2_bias: full on rank 0, zeros elsewhere"
 
+    def assert_quant_sliced(layer, rl):
+        """The quantized weights and every scale are exactly the single-rank ones, sliced. Returns
+        {name: bytes this rank holds} of the layer's parameters."""
+        held = {}
+        for name, p in rl.named_parameters(recurse=False):
+            mine = getattr(layer, name)
+            if p.dim() == 1 or name == "w2_bias" or (p.dim() == 2 and name.startswith("w13") and p.shape[1] == 2):
+                want = p if name != "w2_bias" or rank() == 0 else torch.zeros_like(p)  # per-tensor scales: replicated
+            elif name.startswith("w13"):
+                rows = p.shape[1]  # stacked gate/up halves along dim 1 (int4 zeros: packed, rows = I)
+                want = TPShard(0, rows, rank(), WORLD, halves=True).narrow(p, 1)
+            elif p.shape[2] == 1:  # w2 per-channel scale [E, H, 1]: replicated
+                want = p
+            else:  # w2*: the intermediate dim is the last one (packed int4: I/2, groups: I/g)
+                want = TPShard(1, p.shape[2], rank(), WORLD).narrow(p, 1)
+            assert mine.dtype == want.dtype and torch.equal(mine, want), name
+            held[name] = mine.numel() * mine.element_size()
+        assert "w13" in held and "w2" in held and len(held) >= 4, held
+        return held
+
     def model_case(*extra, tol=F32_TOL, T=11):
         cfg = tp_cfg(*extra)
         model, ref = build(cfg), build(single_rank_config(cfg))
@@ -144,23 +166,8 @@ def _worker_cases():  # imported lazily so that pytest's collection does not imp
             model, ref = build(cfg), build(single_rank_config(cfg))
             layer, rl = model.layers[0].mlp.experts, ref.layers[0].mlp.experts
             I = rl.intermediate_size
-            # the quantized weights and every scale are exactly the single-rank ones, sliced
-            checked = []
-            for name, p in rl.named_parameters(recurse=False):
-                mine = getattr(layer, name)
-                if p.dim() == 1 or name == "w2_bias":  # per-tensor scales [E]: replicated
-                    assert torch.equal(mine, p), name
-                elif name.startswith("w13"):
-                    rows = p.shape[1]  # stacked gate/up halves along dim 1 (int4 zeros: packed, rows = I)
-                    assert torch.equal(mine, TPShard(0, rows, rank(), WORLD, halves=True).narrow(p, 1)), name
-                else:  # w2*: the intermediate dim is the last one (packed int4: I/2, groups: I/g)
-                    cols = p.shape[2]
-                    if cols == 1:  # per-channel scale [E, H, 1]: replicated
-                        assert torch.equal(mine, p), name
-                    else:
-                        assert torch.equal(mine, TPShard(1, cols, rank(), WORLD).narrow(p, 1)), name
-                checked.append(name)
-            assert "w13" in checked and "w2" in checked and len(checked) >= 4, checked
+            checked = assert_quant_sliced(layer, rl)
+            assert_quant_sliced(layer, rl)
             x = torch.randn(9, cfg.model.hidden_size, generator=gen("q", *args))
             res = compare_tp(model, x, cfg)["layers"]["layers.0.mlp.experts"]
             qm = rl.quant_method
@@ -235,6 +242,42 @@ def _worker_cases():  # imported lazily so that pytest's collection does not imp
                 assert "intermediate size is 64" in msg and "model.intermediate_size = 80" in msg, msg
                 return {"message": msg}
             raise AssertionError("a checkpoint with intermediate_size 64 loaded into a model with 80")
+
+    for q in PREQUANT:
+        @case(f"load_prequantized[{q}]")
+        def _load_pre(q=q):
+            from composer.loading import load_checkpoint
+
+            cfg = tp_cfg(*QUANTS[q], "model.num_layers=1")
+            ref, path = save_single(cfg, f"prequant-{q}", "packed")
+            model = build(cfg, init=False)
+            rep = load_checkpoint(model, path)
+            layer, rl = model.layers[0].mlp.experts, ref.layers[0].mlp.experts
+            assert layer.quant_state == "ready" and layer.quant_loaded, layer.quant_state
+            held = assert_quant_sliced(layer, rl)
+            other = sum(p.numel() * p.element_size() for n, p in ref.named_parameters() if ".experts." not in n)
+            assert rep.bytes_read == sum(held.values()) + other, (rep.bytes_read, held, other)
+            x = torch.randn(7, cfg.model.hidden_size, generator=gen("pre", q))
+            res = compare_tp(model, x, cfg)["layers"]["layers.0.mlp.experts"]
+            err = res.get("tp_vs_single_rel_err", 0.0)
+            assert err <= F32_TOL or type(rl.quant_method).tp_splits_activation_scales(rl.quant_method.params), res
+            return {"bytes_read": rep.bytes_read, "layer": res}
+
+    @case("mismatched_prequantized")
+    def _mismatch_pre():
+        from composer.loading import load_checkpoint
+
+        _, path = save_single(tp_cfg("quant=int8_w8a16", "model.intermediate_size=64", "model.num_layers=1"),
+                              "prequant-small", "packed")
+        model = build(tp_cfg("quant=int8_w8a16", "model.num_layers=1"), init=False)
+        try:
+            load_checkpoint(model, path)
+        except WeightLoadError as exc:
+            msg = str(exc)
+            assert "intermediate dim is 128, not 160 (model.intermediate_size = 80)" in msg, msg
+            assert "refusing to slice" in msg, msg
+            return {"message": msg}
+        raise AssertionError("a pre-quantized checkpoint with intermediate_size 64 loaded into a model with 80")
 
     @case("weight_loader_full_tensor")
     def _weight_loader():
