@@ -76,7 +76,7 @@ class ParallelConfig(Section):
     placement: Literal["linear", "round_robin"] = "linear"
     timeout_s: float = Field(120.0, gt=0, description="seconds a collective may wait for the other ranks before the job fails")
     tp_size: int = Field(1, ge=1, description="ranks each expert's intermediate dim is sharded over (tensor parallelism)")
-    sequence_parallel: bool = Field(False, description="tensor parallelism with tokens split across ranks (not implemented)")
+    sequence_parallel: bool = Field(False, description="tensor parallelism with each rank holding its own tokens (all-gather + reduce-scatter)")
 
 
 class Named(BaseModel):

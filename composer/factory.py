@@ -61,7 +61,8 @@ def build_experts(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any
         m.num_experts, m.top_k, m.hidden_size, m.intermediate_size,
         activation=m.activation, has_bias=m.has_bias, dtype=m.torch_dtype, device=cfg.device,
         quant_method=quant, experts=experts, ep_rank=ep_rank, ep_size=ep_size,
-        placement=cfg.parallel.placement, **({"tp_rank": tp_rank, "tp_size": tp_size, "tp_group": tp_group}
+        placement=cfg.parallel.placement, **({"tp_rank": tp_rank, "tp_size": tp_size, "tp_group": tp_group,
+                                              "sequence_parallel": cfg.parallel.sequence_parallel}
                                              if tp_size > 1 else {}),
     )
     ctx = EPContext(ep_rank, ep_size, layer.expert_map, group, cfg.all2all.params)
@@ -100,7 +101,8 @@ def _block(cfg: ComposerConfig, index: int, ep_rank: int, group: Any,
     if m.num_shared_experts:
         size = (m.shared_expert_intermediate_size or m.intermediate_size) * m.num_shared_experts
         shared = SharedExperts(m.hidden_size, size, m.activation, m.shared_expert_gate, dt, dev,
-                               **({"tp_rank": tp[0], "tp_size": tp[1], "tp_group": tp[2]} if tp[1] > 1 else {}))
+                               **({"tp_rank": tp[0], "tp_size": tp[1], "tp_group": tp[2],
+                                   "sequence_parallel": cfg.parallel.sequence_parallel} if tp[1] > 1 else {}))
     mlp = SparseMoEBlock(
         GateLinear(m.hidden_size, m.num_experts, dt, dev),
         Router(m.num_experts, m.top_k, r.scoring, r.renormalize, r.num_expert_group, r.topk_group,

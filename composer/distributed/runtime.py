@@ -55,6 +55,7 @@ class DistState:
     tp_rank: int = 0      # tensor parallelism (composer.distributed.tp): this rank's slice of every expert
     tp_size: int = 1
     tp_group: Any = None  # the group the partial expert outputs are all-reduced over
+    sequence_parallel: bool = False  # tensor parallelism with each rank holding its own tokens
     cpu_group: Any = None  # gloo group for host-side metadata (token counts, config check)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str = "gloo"
@@ -167,6 +168,7 @@ def init_from_env(cfg: Any, env: Mapping[str, str] | None = None) -> DistState:
     if tp_size > 1:  # tensor parallelism over every rank (validation refuses it together with ep_size > 1)
         _STATE = DistState(rank=rank, world_size=world, local_rank=local_rank, ep_rank=0, ep_size=1, ep_group=None,
                            tp_rank=dist.get_rank(group), tp_size=world, tp_group=group, cpu_group=cpu_group,
+                           sequence_parallel=bool(getattr(par, "sequence_parallel", False)),
                            device=device, backend=backend, timeout_s=timeout_s, owns_process_group=owns)
     else:
         _STATE = DistState(rank=rank, world_size=world, local_rank=local_rank, ep_rank=dist.get_rank(group),

@@ -23,7 +23,10 @@ Rules (checked at validation, ``check_tp_config``):
   that size: per-channel and block scales are narrowed with their weights, group-wise int4 needs whole
   groups per rank; scales whose reduction spans the sharded dimension (per-tensor fp8, the per-row ``w2``
   scales) are computed from the all-reduced maximum, so the TP model quantizes exactly as one rank does.
-* ``parallel.sequence_parallel`` (tokens split across ranks, reduce-scatter) is not implemented: refused.
+* ``parallel.sequence_parallel=true`` (needs ``tp_size > 1``): each rank holds its own tokens (its shard of the
+  sequence) through the norm, gate, router and residual; the experts (and shared experts) all-gather the tokens
+  of the group, compute their slice for all of them and reduce-scatter the partial outputs back to the ranks
+  that own the tokens (uneven counts padded; token counts exchanged on the host metadata group).
 * Only layers built from ``FusedMoE`` by composer's factory (``layer=fused_moe``) can be sharded.
 
 Seeded init generates each expert's full weights (per (seed, layer, global expert id)) and keeps the
@@ -120,6 +123,42 @@ def all_reduce(t: torch.Tensor, group: Any) -> torch.Tensor:
     return t
 
 
+def sp_gather(cols: list[torch.Tensor], group: Any, tp_size: int) -> tuple[list[torch.Tensor], tuple[int, int]]:
+    """Sequence parallelism: all-gather this rank's token rows (``cols``: ``[T, c_i]`` tensors, any dtypes)
+    from every rank of the group, padded to the largest count with zero rows. Returns the gathered columns
+    (``[tp_size * tmax, c_i]``) and the context for ``sp_scatter``."""
+    from ._common import all_gather_single, gather_counts, pack, unpack
+    from .runtime import collective
+
+    T = cols[0].shape[0]
+    tmax = max(gather_counts(group, T, tp_size))
+    if tmax == 0:
+        return cols, (T, 0)
+    if tmax > T:
+        cols = [torch.cat([c, c.new_zeros(tmax - T, *c.shape[1:])]) for c in cols]
+    rows = pack([c.reshape(tmax, -1) for c in cols])
+    gathered = torch.empty(tp_size * tmax, rows.shape[1], dtype=rows.dtype, device=rows.device)
+    with collective("the sequence-parallel all-gather of the tokens"):
+        all_gather_single(gathered, rows, group=group)
+    out = unpack(gathered, [(c.dtype, c.reshape(tmax, -1).shape[1]) for c in cols])
+    return out, (T, tmax)
+
+
+def sp_scatter(out: torch.Tensor, ctx: tuple[int, int], group: Any) -> torch.Tensor:
+    """Sequence parallelism: sum the partial outputs of all gathered rows over the group and give each rank
+    the rows of its own tokens (reduce-scatter)."""
+    from ._common import reduce_scatter_single
+    from .runtime import collective
+
+    T, tmax = ctx
+    if tmax == 0:
+        return out
+    mine = torch.empty(tmax, *out.shape[1:], dtype=out.dtype, device=out.device)
+    with collective("the sequence-parallel reduce-scatter of the partial outputs"):
+        reduce_scatter_single(mine, out.contiguous(), group=group)
+    return mine[:T]
+
+
 def amax_reducer(group: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """For online quantization: the maximum over the TP ranks of a per-rank amax (scales spanning the
     sharded dim then equal the single-rank scales exactly)."""
@@ -144,10 +183,10 @@ def check_tp_config(model: Any, parallel: Any, quant: Any, layer: Any) -> list[t
 
     tp = parallel.tp_size
     out: list[tuple[str, Any, str]] = []
-    if parallel.sequence_parallel:
+    if parallel.sequence_parallel and tp == 1:
         out.append(("parallel.sequence_parallel", True,
-                    "sequence parallelism (tokens split across the tensor-parallel ranks, reduce-scatter) is not "
-                    "implemented; set parallel.sequence_parallel=false (the partial outputs are all-reduced)"))
+                    "sequence parallelism splits the tokens across the tensor-parallel ranks and needs "
+                    "parallel.tp_size > 1; set parallel.tp_size or parallel.sequence_parallel=false"))
     if tp == 1:
         return out
     if parallel.ep_size > 1:

@@ -58,6 +58,8 @@ def bench_tp(cfg: ComposerConfig, *, tokens: int, iters: int = 20, warmup: int =
     if state is None or getattr(state, "tp_size", 1) < 2:
         raise runtime.DistributedError("bench_tp needs a tensor-parallel run: launch with torchrun, set "
                                        "parallel.tp_size, and call composer.distributed.runtime.init_from_env(cfg)")
+    if cfg.parallel.sequence_parallel:
+        raise runtime.DistributedError("bench_tp times the all-reduce mode; run it with parallel.sequence_parallel=false")
     model = model if model is not None else build(cfg)
     ref = ref if ref is not None else build(single_rank_config(cfg))
     block, rblock = model.layers[0], ref.layers[0]

@@ -42,6 +42,7 @@ class FusedMoE(PluggableLayer):
         tp_rank: int = 0,
         tp_size: int = 1,
         tp_group: Any = None,
+        sequence_parallel: bool = False,
     ):
         super().__init__()
         from ..kernels.torch_backend import TorchExperts
@@ -55,6 +56,7 @@ class FusedMoE(PluggableLayer):
         if intermediate_size % tp_size:
             raise ValueError(f"tp_size {tp_size} must divide intermediate_size {intermediate_size}")
         self.tp_rank, self.tp_size, self.tp_group = tp_rank, tp_size, tp_group
+        self.sequence_parallel = sequence_parallel and tp_size > 1  # tokens split across the TP ranks
         self.full_intermediate_size = intermediate_size
         intermediate_size //= tp_size
         self.intermediate_size = intermediate_size
@@ -78,6 +80,12 @@ class FusedMoE(PluggableLayer):
 
     def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """``hidden_states [T, H]``, routing ``[T, k]`` (global expert ids) -> ``[T, H]``."""
+        if self.sequence_parallel:  # this rank's tokens: gather the group's, reduce-scatter the partial outputs
+            from ..distributed.tp import sp_gather, sp_scatter
+
+            (x, w, ids), ctx = sp_gather([hidden_states, topk_weights.float(), topk_ids.to(torch.int32)],
+                                         self.tp_group, self.tp_size)
+            return sp_scatter(self.quant_method.apply(self, x, w, ids), ctx, self.tp_group)
         out = self.quant_method.apply(self, hidden_states, topk_weights, topk_ids)
         if self.tp_size > 1:  # each rank computed its slice of the intermediate dim: sum the partial outputs
             from ..distributed.tp import all_reduce

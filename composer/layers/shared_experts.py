@@ -15,12 +15,14 @@ from .activation import ACTIVATION_OPS
 
 class SharedExperts(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str, gated: bool,
-                 dtype: torch.dtype, device: Any = None, *, tp_rank: int = 0, tp_size: int = 1, tp_group: Any = None):
+                 dtype: torch.dtype, device: Any = None, *, tp_rank: int = 0, tp_size: int = 1, tp_group: Any = None,
+                 sequence_parallel: bool = False):
         super().__init__()
         kw = dict(bias=False, dtype=dtype, device=device)
         if intermediate_size % tp_size:
             raise ValueError(f"tp_size {tp_size} must divide the shared experts' intermediate size {intermediate_size}")
         self.tp_rank, self.tp_size, self.tp_group = tp_rank, tp_size, tp_group
+        self.sequence_parallel = sequence_parallel and tp_size > 1
         local = intermediate_size // tp_size
         self.gate_proj = nn.Linear(hidden_size, local, **kw)
         self.up_proj = nn.Linear(hidden_size, local, **kw)
@@ -34,6 +36,13 @@ class SharedExperts(nn.Module):
         self.gate = nn.Linear(hidden_size, 1, **kw) if gated else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:  # this rank's tokens: gather the group's, reduce-scatter the partial outputs
+            from ..distributed.tp import sp_gather, sp_scatter
+
+            (xs,), ctx = sp_gather([x], self.tp_group, self.tp_size)
+            out = sp_scatter(self.down_proj(self.act(torch.cat([self.gate_proj(xs), self.up_proj(xs)], dim=-1))),
+                             ctx, self.tp_group)
+            return out if self.gate is None else torch.sigmoid(self.gate(x)) * out
         h = self.act(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1))
         out = self.down_proj(h)
         if self.tp_size > 1:

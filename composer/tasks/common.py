@@ -24,8 +24,8 @@ def _rank_key() -> tuple[int, ...]:
     from ..distributed.runtime import current
 
     state = current()
-    if state is not None and getattr(state, "tp_size", 1) > 1:
-        return ()
+    if state is not None and getattr(state, "tp_size", 1) > 1 and not getattr(state, "sequence_parallel", False):
+        return ()  # (sequence parallelism: each rank holds its own tokens, as under expert parallelism)
     return (state.rank,) if state is not None and state.rank > 0 else ()
 
 

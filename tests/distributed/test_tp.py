@@ -40,6 +40,7 @@ CASES = (
     + [f"load[{layout}]" for layout in ("packed", "per_expert")]
     + [f"mismatched_checkpoint[{layout}]" for layout in ("packed", "per_expert")]
     + [f"load_prequantized[{q}]" for q in PREQUANT] + ["mismatched_prequantized"]
+    + ["sequence_parallel[uneven]", "sequence_parallel[t0_one_rank]", "sequence_parallel[quant_int8_w8a16]"]
     + ["weight_loader_full_tensor", "bench_cpu"]
 )
 BASE = ("device=cpu", "kernel=torch", "model.dtype=float32", "parallel.timeout_s=30")
@@ -279,6 +280,33 @@ def _worker_cases():  # imported lazily so that pytest's collection does not imp
             return {"message": msg}
         raise AssertionError("a pre-quantized checkpoint with intermediate_size 64 loaded into a model with 80")
 
+    for name, Ts, extra in (("uneven", (7, 3), ("model.num_shared_experts=1", "model.shared_expert_gate=true",
+                                                 "model.has_bias=true")),
+                            ("t0_one_rank", (0, 5), ("model.num_shared_experts=1",)),
+                            ("quant_int8_w8a16", (4, 9), ("quant=int8_w8a16",))):
+        @case(f"sequence_parallel[{name}]")
+        def _sp(Ts=Ts, extra=extra):
+            import torch.distributed as dist
+
+            from composer.layers.fused_moe import FusedMoE
+
+            cfg = tp_cfg("parallel.sequence_parallel=true", *extra)
+            model, ref = build(cfg), build(single_rank_config(cfg))
+            assert all(m.sequence_parallel for m in model.modules() if isinstance(m, FusedMoE))
+            T = Ts[rank()]
+            x = torch.randn(T, cfg.model.hidden_size, generator=gen("sp", rank(), *extra))  # each rank its own tokens
+            out, single = model(x), ref(x)
+            assert out.shape == (T, cfg.model.hidden_size), out.shape
+            err = rel_error(out, single) if T else 0.0
+            assert err <= F32_TOL, f"sequence-parallel output vs single-rank on this rank's tokens: {err:.3e}"
+            res = compare_tp(model, x, cfg)
+            for lname, st in res["layers"].items():
+                assert st.get("tp_vs_single_rel_err", 0.0) <= F32_TOL, (lname, st)
+            sums = [None] * WORLD
+            dist.all_gather_object(sums, float(x.sum()))
+            assert sums[0] != sums[1], "the ranks drew the same tokens"
+            return {"err": err, "T": T}
+
     @case("weight_loader_full_tensor")
     def _weight_loader():
         cfg = tp_cfg("model.num_layers=1", "model.has_bias=true")
@@ -417,7 +445,7 @@ def test_each_rank_read_about_half(job):
     (("parallel.tp_size=3",), "parallel.tp_size", "must divide model.intermediate_size = 80"),
     (("parallel.tp_size=2", "parallel.ep_size=2", "all2all=naive"), "parallel.tp_size",
      "cannot be combined with expert parallelism"),
-    (("parallel.sequence_parallel=true",), "parallel.sequence_parallel", "not implemented"),
+    (("parallel.sequence_parallel=true",), "parallel.sequence_parallel", "needs parallel.tp_size > 1"),
     (("parallel.tp_size=2", "model.num_shared_experts=1", "model.shared_expert_intermediate_size=25"),
      "parallel.tp_size", "shared experts' intermediate size 25"),
     (("parallel.tp_size=2", "quant=fp8_w8a8", "quant.granularity=block", "quant.block_shape=[16,16]"),
@@ -461,10 +489,12 @@ def test_build_without_runtime_says_what_to_do(compose):
         build(compose("parallel.tp_size=2"))
 
 
-def test_torchrun_check_end_to_end(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("parallel.sequence_parallel=true", "model.num_shared_experts=1")],
+                         ids=["all_reduce", "sequence_parallel"])
+def test_torchrun_check_end_to_end(tmp_path, extra):
     run_dir = tmp_path / "run"
     cmd = [str(VENV_BIN / "torchrun"), "--nproc-per-node", str(WORLD), "--master-port", str(free_port()),
-           "-m", "composer", "parallel.tp_size=2", "task=check", f"hydra.run.dir={run_dir}"]
+           "-m", "composer", "parallel.tp_size=2", "task=check", *extra, f"hydra.run.dir={run_dir}"]
     r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert r.stdout.count("check passed") == 1  # only rank 0 prints
