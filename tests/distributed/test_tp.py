@@ -41,7 +41,7 @@ CASES = (
     + [f"mismatched_checkpoint[{layout}]" for layout in ("packed", "per_expert")]
     + [f"load_prequantized[{q}]" for q in PREQUANT] + ["mismatched_prequantized"]
     + ["sequence_parallel[uneven]", "sequence_parallel[t0_one_rank]", "sequence_parallel[quant_int8_w8a16]"]
-    + ["weight_loader_full_tensor", "bench_cpu"]
+    + ["weight_loader_full_tensor", "bench_cpu", "bench_task_hook"]
 )
 BASE = ("device=cpu", "kernel=torch", "model.dtype=float32", "parallel.timeout_s=30")
 F32_TOL = 1e-5
@@ -340,6 +340,20 @@ def _worker_cases():  # imported lazily so that pytest's collection does not imp
         assert r["allreduce_busbw_GBps"] > 0
         assert r["rel_err_vs_single"] <= F32_TOL, r["rel_err_vs_single"]
         return r
+
+    @case("bench_task_hook")
+    def _bench_task():
+        from types import SimpleNamespace
+
+        from rich.console import Console
+
+        from composer.distributed.tp_bench import bench_task
+
+        cfg = tp_cfg("task=bench", "task.tokens=[4,8]", "task.iters=2", "task.warmup=1", "model.num_layers=1")
+        m = bench_task(cfg, SimpleNamespace(console=Console(quiet=True)))
+        assert [r["tokens"] for r in m["tp_bench"]] == [4, 8], m
+        assert all(r["allreduce_ms"] > 0 and r["rel_err_vs_single"] <= F32_TOL for r in m["tp_bench"]), m
+        return {"rows": len(m["tp_bench"])}
 
     return cases
 
