@@ -34,7 +34,7 @@ QUANTS = {
 }
 PREQUANT = ("int8_w8a16", "fp8_per_tensor", "fp8_block", "int4_group_zp")
 CASES = (
-    [f"model[{k}]" for k in KERNELS]
+    [f"model[{k}]" for k in KERNELS] + ["model[triton-int8_w8a16]"]
     + ["shared_experts_gated", "bias"]
     + [f"quant[{q}]" for q in QUANTS]
     + [f"load[{layout}]" for layout in ("packed", "per_expert")]
@@ -143,6 +143,17 @@ def _worker_cases():  # imported lazily so that pytest's collection does not imp
                 return model_case(*extra, T=5 if k == "triton" else 11)[2]
             finally:
                 os.environ.pop("TRITON_INTERPRET", None)
+
+    @case("model[triton-int8_w8a16]")
+    def _triton_quant():
+        os.environ["TRITON_INTERPRET"] = "1"  # the Triton quant GEMMs on the sliced int8 weights and scales
+        try:
+            model, ref, res = model_case("kernel=triton", "quant=int8_w8a16", "model.num_layers=1", T=3)
+        finally:
+            os.environ.pop("TRITON_INTERPRET", None)
+        assert "triton" in model.layers[0].mlp.experts.kernel.describe(), model.layers[0].mlp.experts.kernel.describe()
+        assert_quant_sliced(model.layers[0].mlp.experts, ref.layers[0].mlp.experts)
+        return res
 
     @case("shared_experts_gated")
     def _shared():
