@@ -165,8 +165,8 @@ def _gemm1_kernel(
             else:
                 k_ok = offs_k < K - kk * BLOCK_K
                 a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
-                g = tl.load(g_ptrs, mask=k_ok[:, None], other=0)
-                u = tl.load(u_ptrs, mask=k_ok[:, None], other=0)
+                g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
+                u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
             if WQ == 1:  # int8 weights, dequantized as kernel=torch does: (q * scale) rounded to the model dtype
                 g = (g.to(tl.float32) * sg[None, :]).to(x_ptr.dtype.element_ty)
                 u = (u.to(tl.float32) * su[None, :]).to(x_ptr.dtype.element_ty)
@@ -321,7 +321,7 @@ def _gemm2_kernel(
             else:
                 k_ok = offs_k < K - kk * BLOCK_K
                 a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_ok[:, None], other=0)
+                w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
             if WQ == 1:
                 w = (w.to(tl.float32) * sw[None, :]).to(a_ptr.dtype.element_ty)
             if WQ == 3 and WS == 2:

@@ -185,7 +185,8 @@ def quant_decode_candidates(method: str) -> list[dict[str, Any]]:
     """T = 1 (one pair per program) GEMM candidates for the quantized weights: fewer bytes per weight tile than
     bf16, so longer K tiles (fp8) or more N per tile (int4, whose K tile stays inside one scale group)."""
     if method == "int4_w4a16":
-        return [_g(bn, 128, 4, st) for bn in (32, 64, 128) for st in (3, 5)] + [_g(32, 256, 4, 4), _g(64, 256, 4, 4)]
+        # (a K tile longer than the group is cut to the group by fused._shape_gemm, so 128 is the K tile at g=128)
+        return [_g(bn, 128, 4, st) for bn in (32, 64, 128) for st in (3, 4, 5)]
     return [_g(bn, bk, 4, st) for bn in (32, 64) for bk in (256, 512) for st in (3, 5)]
 
 
@@ -227,3 +228,57 @@ def tune_quant_decode(weights, x: torch.Tensor, tw: torch.Tensor, ids: torch.Ten
         if log:
             log(f"  {weights.quant} {name}: {best[name]} -> {best_t * 1e3:.1f} us")
     return best, best_t
+
+
+QUANT_TUNE_SHAPES = {"mixtral_8x7b": (8, 2, 4096, 14336), "qwen3_30b_a3b": (128, 8, 2048, 768),
+                     "deepseek_v3": (256, 8, 7168, 2048)}
+QUANT_TUNE_METHODS = (("fp8_w8a8", {"granularity": "per_token_channel"}), ("int4_w4a16", {"group_size": 128}))
+
+
+def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]] | None = None,
+                      log: Callable[[str], None] = print) -> list[str]:
+    """The config tables of the quantized experts (``dtype=<method>`` files) for the benchmark shapes: T = 1 tuned
+    by ``tune_quant_decode``, every other T the bfloat16 table's tiles. How the shipped tables were made:
+    ``python -c "from composer.kernels.triton.tune import tune_quant_tables as t; t('DIR')"`` on the GPU."""
+    import json
+    import os
+
+    from ...tasks.bench import Shape, make_weights, quantize_weights
+    from .configs import PACKAGE_DIR, config_file_name, device_name, get_config
+
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    dev = torch.device("cuda")
+    for name, (E, k, H, I) in (shapes or QUANT_TUNE_SHAPES).items():
+        shape = Shape(name, E, k, H, I, torch.bfloat16)
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(0)
+        w = make_weights(shape, dev, gen)
+        for method, params in QUANT_TUNE_METHODS:
+            shape.quant, shape.quant_params = method, params
+            qw = quantize_weights(shape, w)
+            x = torch.randn(1, H, device=dev, generator=gen).to(torch.bfloat16)
+            tw, ids = torch.topk(torch.randn(1, E, device=dev, generator=gen).softmax(-1), k, dim=-1)
+            base = {kk: v for kk, v in get_config(1, E, I, H, k, torch.bfloat16, dev).items() if kk != "source"}
+            log(f"{name} {method}")
+            entry, t = tune_quant_decode(qw, x, tw.float(), ids.to(torch.int32), base, log=log)
+            table: dict[str, Any] = {"_note": (
+                f"{method}: T=1 tuned by composer.kernels.triton.tune.tune_quant_decode on one "
+                f"{torch.cuda.get_device_name()} (_us: CUDA-graph median of the whole quantized experts call); "
+                "other T: the bfloat16 table's tiles")}
+            bf = PACKAGE_DIR / config_file_name(E, I, H, device_name(), "bfloat16")
+            if bf.is_file():
+                for T, e in json.loads(bf.read_text()).items():
+                    if not T.startswith("_") and T != "1":
+                        table[T] = {kk: v for kk, v in e.items() if kk != "_us"}
+            table["1"] = {**entry, "_us": round(t * 1e3, 1)}
+            table = dict(sorted(table.items(), key=lambda kv: -1 if kv[0].startswith("_") else int(kv[0])))
+            path = os.path.join(out_dir, config_file_name(E, I, H, device_name(), method))
+            with open(path, "w") as f:
+                f.write(json.dumps(table, indent=2) + "\n")
+            written.append(path)
+            del qw
+            torch.cuda.empty_cache()
+        del w
+        torch.cuda.empty_cache()
+    return written
