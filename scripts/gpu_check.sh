@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The whole GPU check of the experts kernels, in one call on a GPU machine (see ../shared/DESIGN.md):
-#   1. pytest -m gpu on tests/kernels (bf16/fp16 at the benchmark shapes, compile + CUDA graphs, grouped_mm)
+#   1. pytest -m gpu on tests/kernels (bf16/fp16 at the benchmark shapes, compile + CUDA graphs, grouped_mm,
+#      and the quantized Triton kernels: every quant method at the three shapes vs kernel=torch)
 #   2. the benchmark protocol for mixtral_8x7b, qwen3_30b_a3b and deepseek_v3 (JSON + markdown)
 # Outputs go under $OUT (default ./gpu_check_out): gpu.txt, pytest_gpu.log, bench_<model>.{json,md}.
 # TESTS_TIMEOUT / BENCH_TIMEOUT (seconds) bound each step; BENCH_ARGS adds options (e.g. --tokens 1,16).
 # Usage (repo root): scripts/gpu_check.sh [tests|bench|all] [model ...]
+# Quantized rows: BENCH_ARGS='--quant fp8_w8a8 --quant-params {"granularity":"per_token_channel"}' scripts/gpu_check.sh bench
 # On a machine without hydra/omegaconf/pydantic, carry their wheels in .whl/ (../shared/tools/device-wheels.sh).
 set -uo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every quant method at the three benchmark shapes, T in {1, 128, 4096}: `composer task=check` on the GPU
 # (error vs the dequantized and the unquantized float64 oracles; results.json per job under $OUT).
-#   KERNEL   experts kernel (default auto: triton where it claims the method, else set KERNEL=torch)
+#   KERNEL   experts kernel (default auto: triton, which claims every method; KERNEL=torch for the reference)
 #   TOKENS   default "1 128 4096";  SHAPES default "mixtral_8x7b qwen3_30b_a3b deepseek_v3"
 #   DS_EXPERTS  deepseek_v3 experts kept (default 64: the float64 oracle dequantizes every expert, 256 would
 #               need ~90 GB); the GEMM shapes (H=7168, I=2048) are the benchmark's.
