@@ -139,6 +139,19 @@ def table(rows: list[dict[str, Any]], title: str) -> Any:
     return t
 
 
+def bench_task(cfg: ComposerConfig, ctx: Any) -> dict[str, Any]:
+    """``task=bench`` under expert parallelism (the CLI has started the runtime): one row per ``task.tokens``."""
+    from ..factory import build
+    from .check import single_rank_config
+
+    p = cfg.task.params
+    model, ref = build(cfg), build(single_rank_config(cfg), ep_rank=0, group=None)
+    rows = [bench_all2all(cfg, tokens=t, iters=min(p.iters, 30), warmup=p.warmup, model=model, ref=ref) for t in p.tokens]
+    ctx.console.print(table(rows, f"all2all bench: {cfg.model.name}, ep_size={cfg.parallel.ep_size}, "
+                                  f"{rows[0]['device'] if rows else ''}"))
+    return {"ep_bench": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 

@@ -35,7 +35,7 @@ from pydantic import Field
 
 from ..layers.activation import act_and_mul
 from ..layers.modular_kernel import ExpertWeights
-from ..registry import KERNELS
+from ..registry import KERNELS, LAYERS
 from . import Task, TaskContext, TaskFailed, TaskParams, register_task
 
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
@@ -656,6 +656,17 @@ class Bench(Task):
     Params = BenchParams
 
     def run(self, cfg: Any, ctx: TaskContext) -> dict[str, Any]:
+        own = getattr(LAYERS.get(cfg.layer.name), "layer_task", lambda task: None)("bench")
+        if own is not None:  # a layer that brings its own model benches it (the Transformers backend)
+            return own(cfg, ctx, cfg.task.params)
+        if cfg.parallel.ep_size > 1:  # dispatch / compute / combine across ranks
+            from ..distributed.bench import bench_task as ep_bench
+
+            return ep_bench(cfg, ctx)
+        if cfg.parallel.tp_size > 1:  # compute / all-reduce across ranks
+            from ..distributed.tp_bench import bench_task as tp_bench
+
+            return tp_bench(cfg, ctx)
         p: BenchParams = cfg.task.params
         device = torch.device(cfg.device)
         shape = shape_from_config(cfg)
