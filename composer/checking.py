@@ -75,6 +75,36 @@ def capture_experts(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, di
     return out, caps
 
 
+def record_experts(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, Capture], list[Any]]:
+    """Hooks that copy each FusedMoE's inputs, routing and output into buffers allocated here.
+
+    Unlike ``capture_experts`` they allocate nothing per call, so ``torch.compile(fullgraph=True)`` traces
+    them and a CUDA graph captures the copies: after a compiled or replayed forward the buffers hold *that*
+    run's routing, and the oracle can replay it. Remove the returned handles when done.
+    """
+    caps: dict[str, Capture] = {}
+    handles = []
+    T = x.shape[0]
+    for name, mod in model.named_modules():
+        if isinstance(mod, FusedMoE):
+            kw = dict(device=x.device)
+            cap = caps[name] = Capture(
+                x=torch.empty(T, mod.hidden_size, dtype=x.dtype, **kw),
+                topk_weights=torch.empty(T, mod.top_k, dtype=torch.float32, **kw),
+                topk_ids=torch.empty(T, mod.top_k, dtype=torch.int32, **kw),
+                out=torch.empty(T, mod.hidden_size, dtype=x.dtype, **kw),
+            )
+
+            def hook(m, args, out, cap=cap):
+                cap.x.copy_(args[0])
+                cap.topk_weights.copy_(args[1])
+                cap.topk_ids.copy_(args[2])
+                cap.out.copy_(out)
+
+            handles.append(mod.register_forward_hook(hook))
+    return caps, handles
+
+
 def time_modules(model: nn.Module, x: torch.Tensor, iters: int = 3, warmup: int = 1) -> tuple[dict[str, ModuleTiming], list[float]]:
     """Wall time of every named submodule's forward (device-synchronized) and of the whole model."""
     timings: dict[str, ModuleTiming] = {}

@@ -47,6 +47,18 @@ def compare(model: torch.nn.Module, x: torch.Tensor, cfg: ComposerConfig) -> dic
 
         return compare_tp(model, x, cfg)
     out, caps = capture_experts(model, x)
+    result = oracle_metrics(model, x, out, caps)
+    if cfg.quant.name != "none" and getattr(cfg.task.params, "unquantized_oracle", False):
+        from ..quant.checking import compare_unquantized  # also vs the unquantized float64 oracle
+
+        compare_unquantized(result, model, x, caps, out, cfg)
+    result["tolerance"] = TOLERANCE[cfg.model.dtype]
+    return result
+
+
+def oracle_metrics(model: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, caps: dict[str, Any]) -> dict[str, Any]:
+    """Errors of one recorded forward (its output and each FusedMoE's captured inputs, routing, output)
+    against the float64 oracle replaying that forward's expert choice."""
     result: dict[str, Any] = {"output_checksum": checksum(out), "layers": {}}
     for name, cap in caps.items():
         layer = model.get_submodule(name)
@@ -56,11 +68,6 @@ def compare(model: torch.nn.Module, x: torch.Tensor, cfg: ComposerConfig) -> dic
         result["output_rel_err"] = rel_error(out, ref)
         for i, s in enumerate(stats):
             result["layers"][f"layers.{i}.mlp.experts"].update(s)
-    if cfg.quant.name != "none" and getattr(cfg.task.params, "unquantized_oracle", False):
-        from ..quant.checking import compare_unquantized  # also vs the unquantized float64 oracle
-
-        compare_unquantized(result, model, x, caps, out, cfg)
-    result["tolerance"] = TOLERANCE[cfg.model.dtype]
     return result
 
 
