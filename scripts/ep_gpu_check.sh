@@ -9,12 +9,7 @@
 # Usage (repo root): scripts/ep_gpu_check.sh [check|bench|all]    NPROC=2 STEP_TIMEOUT=600 by default.
 # On a machine without hydra/omegaconf/pydantic, carry their wheels in .whl/ (../shared/tools/device-wheels.sh).
 set -uo pipefail
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
+source "$(dirname "$0")/_env.sh" || exit 1
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 unset TRITON_INTERPRET
 OUT=${OUT:-$PWD/ep_gpu_check_out}

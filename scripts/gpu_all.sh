@@ -10,12 +10,7 @@
 # Every step writes its log under $OUT; summary.txt lists each step with its exit code. PACK=1 packs $OUT
 # into one gpu_all.tgz (for the device tool, which brings back few files).
 set -uo pipefail
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
+source "$(dirname "$0")/_env.sh" || exit 1
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 unset TRITON_INTERPRET
 OUT=${OUT:-$PWD/gpu_all_out}

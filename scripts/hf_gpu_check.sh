@@ -11,12 +11,7 @@
 # Usage (repo root): scripts/hf_gpu_check.sh [tests|check|bench|all] [arch ...]
 # BENCH_LAYERS (default 2), BENCH_TOKENS (default 1,16,128,1024,4096), KERNEL (default triton).
 set -uo pipefail
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
+source "$(dirname "$0")/_env.sh" || exit 1
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 OUT=${OUT:-$PWD/hf_gpu_check_out}

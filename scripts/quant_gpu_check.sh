@@ -7,12 +7,7 @@
 #               need ~90 GB); the GEMM shapes (H=7168, I=2048) are the benchmark's.
 # Usage (repo root): scripts/quant_gpu_check.sh      Outputs: $OUT (default ./quant_gpu_check_out)/summary.txt
 set -uo pipefail
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
+source "$(dirname "$0")/_env.sh" || exit 1
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 OUT=${OUT:-$PWD/quant_gpu_check_out}
