@@ -55,6 +55,13 @@ def test_bad_config_exits_2_without_traceback(tmp_path):
     assert full.returncode != 0 and "Traceback" in full.stderr
 
 
+def test_help_names_composer_and_its_groups(tmp_path):
+    proc = composer(["--help"], tmp_path)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("composer: a declarative") and "Exit codes: 0 ok, 1" in proc.stdout
+    assert "quant: fp8_w8a8, int4_w4a16, int8_w8a16, int8_w8a8, none" in proc.stdout
+
+
 def test_cfg_job_and_info_defaults(tmp_path):
     proc = composer(["--cfg", "job", "model=mixtral_8x7b"], tmp_path)
     assert proc.returncode == 0 and "hidden_size: 4096" in proc.stdout and "intermediate_size: 14336" in proc.stdout
