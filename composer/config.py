@@ -9,6 +9,7 @@ implementation's own parameters, validated by the ``Params`` model the implement
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from typing import Any, Literal
 
@@ -343,7 +344,9 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
         resolved, auto = resolve_kernel(kernel.name, device)
         kernel = KernelChoice(name=kernel.name, params=kernel.params, resolved=resolved, auto_selected=auto)
         if model is not None and named["quant"] is not None:
-            for msg in registry.KERNELS.get(resolved).check(quant=named["quant"].name, dtype=model.dtype, device=device):
+            backend = registry.KERNELS.get(resolved)
+            extra = {"quant_params": named["quant"].params} if "quant_params" in inspect.signature(backend.check).parameters else {}
+            for msg in backend.check(quant=named["quant"].name, dtype=model.dtype, device=device, **extra):
                 problems.append(Problem("kernel", kernel.name if not auto else f"auto -> {resolved}", msg))
     if kernel is not None and kernel.resolved == "torch":
         for key in ("compile", "cuda_graph"):

@@ -28,8 +28,14 @@ class TritonExperts(Experts):
     needs_cuda = False  # the interpreter runs it on CPU; check() says when that is allowed
 
     @classmethod
-    def check(cls, *, quant: str, dtype: str, device: str) -> list[str]:
+    def check(cls, *, quant: str, dtype: str, device: str, quant_params=None) -> list[str]:
         problems = super().check(quant=quant, dtype=dtype, device=device)
+        if quant in FP8_METHODS and getattr(quant_params, "granularity", None) == "block":
+            bk = quant_params.block_shape[1]
+            if bk % 16:  # one K block feeds whole fp8 tl.dot tiles
+                problems.append(f"experts kernel 'triton' needs quant.block_shape[1] (the K block) to be a multiple "
+                                f"of 16 for fp8 block scales, got {bk}; pick e.g. quant.block_shape=[128,128], "
+                                "or kernel=torch")
         if device != "cuda":
             if not interpreting():
                 problems.append(

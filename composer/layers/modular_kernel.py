@@ -75,7 +75,11 @@ class Experts(ABC):
 
     @classmethod
     def check(cls, *, quant: str, dtype: str, device: str) -> list[str]:
-        """Problems with running this backend for a (quant method, dtype, device); empty when fine."""
+        """Problems with running this backend for a (quant method, dtype, device); empty when fine.
+
+        A backend whose limits depend on the method's parameters may add a ``quant_params`` keyword:
+        validation passes the validated ``quant.*`` params to a ``check`` that accepts it.
+        """
         problems = []
         if quant not in cls.supported_quant:
             problems.append(

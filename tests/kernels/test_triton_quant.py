@@ -291,3 +291,15 @@ def test_gpu_quant_compile_and_graph():
         torch.cuda.synchronize()
         torch.testing.assert_close(gout, ex.apply(new_x, tw, ids, w, "silu"), **close)
         assert not torch.equal(gout, eager), "the replay must compute on the new input"
+
+
+def test_triton_refuses_an_fp8_k_block_it_cannot_tile_at_validation():
+    from composer.kernels.triton_backend import TritonExperts
+    from composer.quant.fp8 import Fp8W8A8
+
+    bad = Fp8W8A8.Params(granularity="block", block_shape=(128, 40))
+    good = Fp8W8A8.Params(granularity="block", block_shape=(128, 64))
+    problems = TritonExperts.check(quant="fp8_w8a8", dtype="bfloat16", device="cuda", quant_params=bad)
+    assert any("quant.block_shape[1]" in p and "got 40" in p for p in problems), problems
+    assert not any("block_shape" in p for p in
+                   TritonExperts.check(quant="fp8_w8a8", dtype="bfloat16", device="cuda", quant_params=good))
