@@ -14,6 +14,7 @@ import torch
 from ..layers.activation import act_and_mul
 from ..layers.modular_kernel import Experts, ExpertWeights
 from ..registry import KERNELS
+from .reference import sort_by_expert
 
 GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -52,12 +53,7 @@ def grouped_mm_experts(
     k = topk_ids.shape[1]
     if T == 0:
         return torch.zeros_like(x)
-    ids = topk_ids.reshape(-1).to(torch.int64)
-    valid = (ids >= 0) & (ids < E)
-    keys = torch.where(valid, ids, torch.full_like(ids, E))
-    keys_sorted, order = torch.sort(keys, stable=True)
-    counts = torch.zeros(E + 1, dtype=torch.int32, device=x.device)
-    counts.scatter_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
+    keys_sorted, order, counts = sort_by_expert(topk_ids, E)
     offs = torch.cumsum(counts[:E], 0, dtype=torch.int32)
     token_of = order // k
     xs = x[token_of]

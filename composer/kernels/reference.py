@@ -31,6 +31,21 @@ def _check_inputs(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.T
         )
 
 
+def sort_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Token, slot) pairs grouped by expert, without a host sync: ``(keys_sorted, order, counts)``.
+
+    ``order`` indexes the flattened ``[T*k]`` pairs (``order // k`` is the token); ids outside
+    ``[0, E)`` (the -1 of other ranks' experts) get the key E and sort last; ``counts [E+1]`` int32
+    counts each key, the last entry those skipped pairs.
+    """
+    ids = topk_ids.reshape(-1).to(torch.int64)
+    keys = torch.where((ids >= 0) & (ids < num_experts), ids, torch.full_like(ids, num_experts))
+    keys_sorted, order = torch.sort(keys, stable=True)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=topk_ids.device)
+    counts.scatter_add_(0, keys, torch.ones_like(keys, dtype=torch.int32))
+    return keys_sorted, order, counts
+
+
 def torch_experts(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -55,14 +70,9 @@ def torch_experts(
     out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
     if T == 0:
         return out.to(x.dtype)
-    k = topk_ids.shape[1]
-    flat_ids = topk_ids.reshape(-1).to(torch.int64)
-    valid = (flat_ids >= 0) & (flat_ids < E)
-    # Invalid (-1) ids sort to the end under the key E.
-    keys = torch.where(valid, flat_ids, torch.full_like(flat_ids, E))
-    order = torch.argsort(keys, stable=True)
-    counts = torch.bincount(keys, minlength=E + 1)[:E].tolist()
-    token_of = order // k
+    _, order, counts = sort_by_expert(topk_ids, E)
+    counts = counts[:E].tolist()
+    token_of = order // topk_ids.shape[1]
     weight_of = topk_weights.reshape(-1)[order].to(torch.float32)
     start = 0
     for e, n in enumerate(counts):

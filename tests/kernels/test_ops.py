@@ -1,8 +1,6 @@
 """The custom ops: schema and fake implementations (opcheck), torch.compile(fullgraph=True), CUDA graphs."""
 from __future__ import annotations
 
-import contextlib
-import os
 
 import pytest
 import torch
@@ -15,21 +13,7 @@ from composer.kernels.reference import oracle_experts  # noqa: E402
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@contextlib.contextmanager
-def interpreter(on: bool = True):
-    old = os.environ.get("TRITON_INTERPRET")
-    if on:
-        os.environ["TRITON_INTERPRET"] = "1"
-    else:
-        os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
+from ._interpreter import interpreter  # noqa: E402,F401
 
 def case(T=5, E=4, k=2, H=32, I=16, dtype=torch.float32, device="cpu", bias=True, seed=0):
     g = torch.Generator(device=device).manual_seed(seed)

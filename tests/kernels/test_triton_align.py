@@ -1,8 +1,6 @@
 """The Triton align kernel (pairs sorted by expert, padded to BLOCK_M) on CPU under TRITON_INTERPRET=1."""
 from __future__ import annotations
 
-import contextlib
-import os
 
 import pytest
 import torch
@@ -14,19 +12,7 @@ pytest.importorskip("triton")  # composer depends on triton on Linux; absent onl
 from composer.kernels.triton.align import max_blocks, moe_align  # noqa: E402
 
 
-@contextlib.contextmanager
-def interpreter():
-    """Run the Triton kernels launched inside in the interpreter (kernels are jitted lazily per mode)."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
+from ._interpreter import interpreter  # noqa: E402,F401
 
 def routing(T: int, E: int, k: int, drop: float, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

@@ -1,9 +1,7 @@
 """composer's Triton experts kernels on CPU (TRITON_INTERPRET=1, fp32/fp16) vs the float64 oracle, and on GPU."""
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 
 import pytest
 import torch
@@ -21,21 +19,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@contextlib.contextmanager
-def interpreter(on: bool = True):
-    old = os.environ.get("TRITON_INTERPRET")
-    if on:
-        os.environ["TRITON_INTERPRET"] = "1"
-    else:
-        os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
+from ._interpreter import interpreter  # noqa: E402,F401
 
 def make_case(T, E, k, H, I, dtype, bias, drop, seed, device="cpu"):
     g = torch.Generator(device=device).manual_seed(seed)
