@@ -9,6 +9,8 @@
 #   B (one at a time, nothing else on the cards): the EP all2all bench, the TP bench, the HF prefill/decode bench.
 # Every step writes its log under $OUT; summary.txt lists each step with its exit code. PACK=1 packs $OUT
 # into one gpu_all.tgz (for the device tool, which brings back few files).
+# Usage: scripts/gpu_all.sh [all|check|bench|single]; `single` runs only the one-GPU checks, on GPU 0.
+# HF_ARCHS, QUANT_TOKENS (default 128) choose cases; QUANT_PYTEST=1 adds the quantized kernels' GPU tests.
 set -uo pipefail
 source "$(dirname "$0")/_env.sh" || exit 1
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -38,8 +40,8 @@ pair() {  # checks that use both GPUs, one after another
   step tp_triton_T1024 "${TR[@]}" -m composer "${TP[@]}" task.tokens=1024 hydra.run.dir="$OUT/runs/tp2"
 }
 
-single() {  # single-GPU checks on GPU 1
-  export CUDA_VISIBLE_DEVICES=1
+single() {  # single-GPU checks (on GPU 1 beside pair; on GPU 0 with `gpu_all.sh single`)
+  export CUDA_VISIBLE_DEVICES=${SINGLE_GPU:-1}
   step default_job python3 -m composer hydra.run.dir="$OUT/runs/default"
   step check_triton_compile_graph python3 -m composer task=check kernel=triton compile=true cuda_graph=true \
     model=qwen3_30b_a3b model.num_layers=2 task.tokens=64 hydra.run.dir="$OUT/runs/compile"
@@ -47,18 +49,31 @@ single() {  # single-GPU checks on GPU 1
     step "hf_check_$a" python3 -m composer task=check layer=transformers_moe model=hf model.arch="$a" \
       model.dtype=bfloat16 device=cuda kernel=triton hydra.run.dir="$OUT/runs/hf_$a"
   done
-  for q in ${QUANTS:-fp8_w8a8 int8_w8a16 int8_w8a8 int4_w4a16}; do
-    step "quant_check_$q" python3 -m composer task=check quant="$q" kernel=triton model=qwen3_30b_a3b \
-      model.num_layers=1 task.tokens=128 hydra.run.dir="$OUT/runs/q_$q"
+  local QUANTS=("quant=int8_w8a16" "quant=int8_w8a8" "quant=int4_w4a16" "quant=int4_w4a16 quant.zero_point=true"
+    "quant=fp8_w8a8 quant.granularity=per_tensor" "quant=fp8_w8a8 quant.granularity=per_token_channel"
+    "quant=fp8_w8a8 quant.granularity=block")
+  for q in "${QUANTS[@]}"; do
+    for T in ${QUANT_TOKENS:-128}; do
+      local tag; tag="quant_check_$(echo "$q" | sed 's/quant=//; s/quant\.//g; s/[ =]/_/g')_T$T"
+      # shellcheck disable=SC2086
+      step "$tag" python3 -m composer task=check $q kernel=triton model=qwen3_30b_a3b model.num_layers=1 \
+        task.tokens="$T" hydra.run.dir="$OUT/runs/$tag"
+    done
   done
+  if [[ -n ${QUANT_PYTEST:-} ]]; then  # the quantized kernels vs kernel=torch at the three shapes (errors printed)
+    STEP_TIMEOUT=${QUANT_PYTEST_TIMEOUT:-600} step quant_pytest python3 -m pytest -q -s -m gpu \
+      tests/kernels/test_triton_quant.py -p no:cacheprovider
+  fi
 }
 
-if [[ ${1:-all} != bench ]]; then
+if [[ ${1:-all} == single ]]; then  # a one-GPU machine: only the single-GPU checks, on GPU 0
+  SINGLE_GPU=0 single
+elif [[ ${1:-all} != bench ]]; then
   pair & p=$!
   single & s=$!
   wait $p $s
 fi
-if [[ ${1:-all} != check ]]; then
+if [[ ${1:-all} != check && ${1:-all} != single ]]; then
   unset CUDA_VISIBLE_DEVICES
   step ep_bench "${TR[@]}" -m composer.distributed.bench --tokens 16,1024 --iters 30 --warmup 5 \
     --out "$OUT/ep_bench.json" model=qwen3_30b_a3b model.num_layers=1 device=cuda parallel.ep_size=2 all2all=all_to_all

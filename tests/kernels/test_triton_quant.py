@@ -231,6 +231,7 @@ def test_gpu_three_shapes(shape, method, params):
         tw, ids = torch.topk(torch.randn(T, E, device="cuda", generator=g).softmax(-1), k, dim=-1)
         out, ref = both(x, tw.float(), ids.to(torch.int32), w)
         err = rel(out, ref.double())
+        print(f"[quant-gpu] {shape} {method} {params} T={T}: rel err vs kernel=torch {err:.2e}")
         assert err < GPU_TOL[method], f"{shape} {method} {params} T={T}: rel err {err:.2e} vs kernel=torch"
         torch.cuda.empty_cache()
 
