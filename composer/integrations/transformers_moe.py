@@ -12,11 +12,19 @@ and swaps, in every sparse block,
   ``SparseMoEBlock`` (GateLinear -> Router -> FusedMoE + SharedExperts), for routers composer reproduces.
 
 Model code is never edited: modules are replaced by attribute on their parent.
+
+The state dict of a swapped model keeps the Hugging Face names and layouts of the modules it replaced
+(``gate_up_proj``/``down_proj``, GPT-OSS's transposed interleaved layout, per-expert ``{e}.gate_proj``; the
+block's ``shared_expert``/``e_score_correction_bias`` names), so ``swapped.save_pretrained(dir)`` writes a
+checkpoint that an unmodified ``AutoModelForCausalLM.from_pretrained(dir)`` reads, and ``load_state_dict``
+takes a Hugging Face state dict. Quantized experts have no Hugging Face format: their ``state_dict()`` raises
+:class:`HFFormatError` (see "The Hugging Face state dict" below).
 """
 from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
@@ -35,6 +43,11 @@ class UnsupportedModelError(ComposerError):
     """A Hugging Face model whose experts composer cannot take over."""
 
 
+class HFFormatError(ComposerError):
+    """A swapped module whose state cannot be written under Hugging Face names (quantized experts, or a block
+    whose parameters do not map one to one onto the block it replaced)."""
+
+
 # ----------------------------------------------------------------------------------------------
 # The experts layer
 
@@ -42,7 +55,11 @@ class UnsupportedModelError(ComposerError):
 @PluggableLayer.register("transformers_fused_moe")
 class TransformersFusedMoE(FusedMoE):
     """A FusedMoE with the call convention of a transformers 5 experts module:
-    ``forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``."""
+    ``forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``.
+
+    Built by :func:`swap`, its ``state_dict()`` names and lays out the weights as the replaced ``hf_class`` did
+    (``gate_up_proj``, ``down_proj``, ...; quantized layers raise :class:`HFFormatError`), and
+    ``load_state_dict`` takes those names as well as composer's (``w13``, ``w2``, ...)."""
 
     hf_class: str = ""  # the Hugging Face experts class this layer replaced
 
@@ -123,8 +140,11 @@ def weight_name_map(prefix: str, module: nn.Module) -> dict[str, str]:
         g, u, d = _per_expert_names(module[0])  # type: ignore[misc]
         out = {}
         for e in range(len(module)):
-            out.update({f"{p}{e}.{g}.weight": f"{p}w13[{e}, :I]", f"{p}{e}.{u}.weight": f"{p}w13[{e}, I:]",
-                        f"{p}{e}.{d}.weight": f"{p}w2[{e}]"})
+            for kind, w13, w2 in (("weight", "w13", "w2"), ("bias", "w13_bias", "w2_bias")):
+                if kind == "bias" and getattr(module[e], g).bias is None:
+                    continue
+                out.update({f"{p}{e}.{g}.{kind}": f"{p}{w13}[{e}, :I]", f"{p}{e}.{u}.{kind}": f"{p}{w13}[{e}, I:]",
+                            f"{p}{e}.{d}.{kind}": f"{p}{w2}[{e}]"})
         return out
     return {}
 
@@ -189,6 +209,7 @@ def _new_experts_layer(cfg: Any, hf_experts: nn.Module, arch: str, device: Any,
         raise UnsupportedModelError("the layer registered as 'transformers_fused_moe' is not a TransformersFusedMoE")
     layer.hf_class = type(hf_experts).__name__
     _load_experts(layer, hf_experts, tensors)
+    _keep_hf_names(layer, hf_experts)
     return layer
 
 
@@ -224,6 +245,178 @@ def _load_experts(layer: FusedMoE, hf: nn.Module, tensors: dict[str, Callable[[i
                     bparam = getattr(layer, f"{pname}_bias")
                     bparam.weight_loader(bparam, tensors[f"{shard}_bias"](e), shard, e)
     layer.quant_method.process_weights_after_loading(layer)
+
+
+# ----------------------------------------------------------------------------------------------
+# The Hugging Face state dict: hooks that rename (and re-lay out) a swapped module's entries (_keep_hf_names)
+
+_OURS = ("w13", "w2", "w13_bias", "w2_bias")
+
+
+@dataclass
+class _HFFormat:
+    shell: nn.Module | None = None   # experts: the replaced HF module on the meta device
+    names: dict[str, tuple[str, torch.dtype]] = field(default_factory=dict)  # block: ours -> (HF name, dtype)
+    problem: str = ""                # why there is no HF state dict ("": there is one)
+
+
+def _rebind(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers are ``tensors`` (by state-dict name; no data copied)."""
+    own = {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers(remove_duplicate=False))}
+    return copy.deepcopy(module, {id(t): tensors[n] for n, t in own.items() if n in tensors})
+
+
+def _composer_shards(t: dict[str, torch.Tensor]) -> dict[str, Callable[[int], torch.Tensor]]:
+    """Per-expert views of composer's tensors (``w13`` = gate rows | up rows, ``w2``), keyed as hf_expert_tensors."""
+    I = t["w13"].shape[1] // 2
+    out = {"w1": lambda e: t["w13"][e, :I], "w3": lambda e: t["w13"][e, I:], "w2": lambda e: t["w2"][e]}
+    if "w13_bias" in t:
+        out.update(w1_bias=lambda e: t["w13_bias"][e, :I], w3_bias=lambda e: t["w13_bias"][e, I:],
+                   w2_bias=lambda e: t["w2_bias"][e])
+    return out
+
+
+@torch.no_grad()
+def _copy_shards(src: dict[str, Callable[[int], torch.Tensor]], dst: dict[str, Callable[[int], torch.Tensor]],
+                 num_experts: int) -> None:
+    for shard, view in dst.items():
+        for e in range(num_experts):
+            view(e).copy_(src[shard](e))
+
+
+def _experts_to_hf(shell: nn.Module, ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Composer's ``w13``/``w2``(/biases) -> the HF experts module's state dict (local names)."""
+    if _experts_layout(shell) == "packed":  # composer's own layout: the same tensors under the HF names, no copy
+        dtypes = {n: t.dtype for n, t in shell.state_dict().items()}
+        return {hf: ours[c].to(dtypes[hf]) for hf, c in weight_name_map("", shell).items()}
+    device = ours["w13"].device
+    theirs = {n: torch.empty(t.shape, dtype=t.dtype, device=device) for n, t in shell.state_dict().items()}
+    _copy_shards(_composer_shards(ours), hf_expert_tensors(_rebind(shell, theirs)), _num_experts(shell))
+    return theirs
+
+
+def _experts_from_hf(shell: nn.Module, theirs: dict[str, torch.Tensor], like: dict[str, torch.Tensor]
+                     ) -> dict[str, torch.Tensor]:
+    """The inverse of _experts_to_hf; ``like``: the layer's own tensors (shapes and dtypes)."""
+    if _experts_layout(shell) == "packed":
+        return {c: theirs[hf] for hf, c in weight_name_map("", shell).items()}
+    ours = {n: torch.empty_like(t.detach()) for n, t in like.items()}
+    _copy_shards(hf_expert_tensors(_rebind(shell, theirs)), _composer_shards(ours), _num_experts(shell))
+    return ours
+
+
+def _keep_hf_names(layer: FusedMoE, hf: nn.Module) -> None:
+    """Register the hooks that give ``layer`` the state dict of the HF experts module ``hf`` it replaces.
+
+    A state-dict post-hook renames composer's entries (``w13``, ``w2``, biases) to ``hf``'s -- the same tensors
+    for transformers 5's packed layout, re-laid-out copies for GPT-OSS's and per-expert ones -- and a load
+    pre-hook takes those names back (composer's still load). Hooks, rather than an overridden
+    ``save_pretrained``: they hold for every path that writes or reads a state dict (save_pretrained,
+    safetensors' save_model, torch.save, load_state_dict) and serve the plain FusedMoE of a block swap as well.
+    The layout knowledge stays in hf_expert_tensors / weight_name_map, run on a storage-less copy of ``hf`` (a
+    meta-device "shell") rebound to the tensors being converted. Where no faithful HF state exists (quantized
+    tensors, a partial rank, state composer does not keep) ``state_dict()`` raises HFFormatError instead of
+    writing a checkpoint transformers would silently misread.
+    """
+    shell = _rebind(hf, {n: t.to("meta") for n, t in hf.state_dict(keep_vars=True).items()})
+    problem = ""
+    if layer.quant_method.name != "none":
+        name = layer.quant_method.name
+        problem = (f"composer's {name} experts hold quantized tensors, which transformers cannot read: a "
+                   "save_pretrained checkpoint would load wrong or random experts. Save the unquantized model "
+                   "instead (the reference model, or one swapped with quant=none) and quantize it when loading "
+                   f"(layer=transformers_moe model.path=DIR quant={name}); composer.loading.save_checkpoint(model, "
+                   "path) writes the quantized tensors under vLLM's names, for composer's and vLLM's loaders, "
+                   "not for transformers")
+    elif layer.local_num_experts != layer.global_num_experts or layer.tp_size > 1:
+        problem = "this rank holds part of the experts; save the whole model (one rank, parallel sizes 1)"
+    else:
+        own, hf_names = set(layer.state_dict()), set(shell.state_dict())
+        if own - set(_OURS) or hf_names != set(weight_name_map("", shell)):
+            problem = (f"{type(hf).__name__}'s state ({', '.join(sorted(hf_names))}) does not map one to one onto "
+                       f"composer's ({', '.join(sorted(own))}); save the reference model instead")
+    layer.hf_format = _HFFormat(shell=shell, problem=problem)
+    layer.register_state_dict_post_hook(_experts_state_dict_hook)
+    layer.register_load_state_dict_pre_hook(_experts_load_hook)
+
+
+def _experts_state_dict_hook(layer: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    fmt: _HFFormat = layer.hf_format
+    if fmt.problem:
+        raise HFFormatError(f"{prefix.rstrip('.') or type(layer).__name__} has no Hugging Face state dict: {fmt.problem}")
+    ours = {n: state_dict.pop(prefix + n) for n in _OURS if prefix + n in state_dict}
+    state_dict.update({prefix + n: t for n, t in _experts_to_hf(fmt.shell, ours).items()})
+
+
+def _experts_load_hook(layer: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                       missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """HF-named entries -> composer's (composer-named ones load as they are)."""
+    fmt: _HFFormat = layer.hf_format
+    want = fmt.shell.state_dict()
+    theirs = {n: state_dict[prefix + n] for n in want if prefix + n in state_dict}
+    if not theirs:
+        return
+    if fmt.problem:
+        error_msgs.append(f"{prefix.rstrip('.')}: Hugging Face experts tensors cannot load here: {fmt.problem}")
+        return
+    bad = [n for n, t in theirs.items() if tuple(t.shape) != tuple(want[n].shape)]
+    for n in bad:
+        error_msgs.append(f"size mismatch for {prefix}{n}: copying a param with shape {tuple(theirs[n].shape)} from "
+                          f"checkpoint, the shape in current model is {tuple(want[n].shape)}.")
+    if bad or len(theirs) < len(want):  # a partial state dict: left as it is (missing / unexpected keys)
+        return
+    like = {n: getattr(layer, n) for n in _OURS if getattr(layer, n, None) is not None}
+    for n in theirs:
+        del state_dict[prefix + n]
+    state_dict.update({prefix + n: t for n, t in _experts_from_hf(fmt.shell, theirs, like).items()})
+
+
+def _keep_hf_block_names(new: nn.Module, hf_block: nn.Module) -> None:
+    """Register the hooks that give composer's SparseMoEBlock ``new`` the state dict of the HF block it replaces.
+    Its gate and shared experts are the HF modules' own tensors (matched by identity); the router's score
+    correction bias is a float32 copy (matched by name); the experts carry their own hooks."""
+    hf_sd = hf_block.state_dict(keep_vars=True)
+    by_id = {id(t): n for n, t in hf_sd.items()}
+    bias = [n for n in hf_sd if n.endswith("e_score_correction_bias")]
+    names, unmatched = {}, []
+    for child, mod in new.named_children():
+        if child == "experts":
+            continue
+        for n, t in mod.state_dict(prefix=f"{child}.", keep_vars=True).items():
+            hf = by_id.get(id(t)) or (bias[0] if n.endswith("e_score_correction_bias") and len(bias) == 1 else None)
+            if hf is None:
+                unmatched.append(n)
+            else:
+                names[n] = (hf, hf_sd[hf].dtype)
+    experts = new.experts.hf_format
+    covered = {hf for hf, _ in names.values()} | {f"experts.{n}" for n in experts.shell.state_dict()}
+    problem = ""
+    if unmatched or covered != set(hf_sd):
+        parts = ([f"composer's {', '.join(unmatched)} have no {type(hf_block).__name__} counterpart"] if unmatched else [])
+        if set(hf_sd) - covered:
+            parts.append(f"{type(hf_block).__name__}'s {', '.join(sorted(set(hf_sd) - covered))} are not kept")
+        problem = ("; ".join(parts) + ". Use layer.replace=experts (its state dict keeps the HF names), or save the "
+                   "reference model")
+    new.hf_format = _HFFormat(names=names, problem=problem)
+    new.register_state_dict_post_hook(_block_state_dict_hook)
+    new.register_load_state_dict_pre_hook(_block_load_hook)
+
+
+def _block_state_dict_hook(block: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    fmt: _HFFormat = block.hf_format
+    if fmt.problem:
+        raise HFFormatError(f"{prefix.rstrip('.') or type(block).__name__} (layer.replace=block) has no Hugging Face "
+                            f"state dict: {fmt.problem}")
+    moved = {hf: state_dict.pop(prefix + ours).to(dtype) for ours, (hf, dtype) in fmt.names.items()}
+    state_dict.update({prefix + hf: t for hf, t in moved.items()})
+
+
+def _block_load_hook(block: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                     missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    fmt: _HFFormat = block.hf_format
+    moved = {ours: state_dict.pop(prefix + hf) for ours, (hf, _) in fmt.names.items()
+             if prefix + hf in state_dict and prefix + ours not in state_dict}
+    state_dict.update({prefix + ours: t for ours, t in moved.items()})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +470,9 @@ def _new_block(cfg: Any, block: nn.Module, arch: str) -> nn.Module:
             setattr(shared, n, getattr(hf_shared, n))  # the same Linear modules: no copy
         if m.shared_expert_gate:
             shared.gate = block.shared_expert_gate
-    return SparseMoEBlock(_HFGate(gate.weight), router, experts, shared)
+    new = SparseMoEBlock(_HFGate(gate.weight), router, experts, shared)
+    _keep_hf_block_names(new, block)
+    return new
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ from composer.errors import ConfigError  # noqa: E402
 from composer.integrations.check import GENERATE_TOKENS, greedy, prompt_ids  # noqa: E402
 from composer.integrations.hf_config import ARCHS, installed_archs  # noqa: E402
 from composer.integrations.transformers_moe import (  # noqa: E402
-    TransformersFusedMoE, UnsupportedModelError, _new_experts_layer, find_experts, hf_expert_tensors, load_hf_model,
-    reference_and_swapped, swap, swap_model, weight_name_map,
+    HFFormatError, TransformersFusedMoE, UnsupportedModelError, _new_experts_layer, find_experts, hf_expert_tensors,
+    load_hf_model, reference_and_swapped, swap, swap_model, weight_name_map,
 )
 
 INSTALLED = installed_archs()
@@ -230,6 +230,95 @@ def test_save_pretrained_round_trip(tmp_path):
     assert torch.equal(logits(ref2, ids), logits(ref, ids))  # the directory holds the same model
     assert rel_error(logits(model, ids), logits(ref, ids)) <= 1e-5
     assert torch.equal(greedy(model, ids, GENERATE_TOKENS), greedy(ref, ids, GENERATE_TOKENS))
+
+
+def _assert_hf_state_dict(model, ref):
+    """The swapped model's state dict is the reference's: the same names, dtypes and values."""
+    ours, theirs = model.state_dict(), ref.state_dict()
+    assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))
+    for k, t in theirs.items():
+        assert ours[k].dtype == t.dtype and torch.equal(ours[k], t), k
+
+
+def _reload_and_compare(cfg, ref, model, tmp_path):
+    """save_pretrained the swapped model, reload it with plain transformers: the reference's logits, bit for bit
+    (the file holds the reference's own values -- the same tensors, or for GPT-OSS an exact re-layout -- and the
+    reloaded model runs the same eager code on the same CPU, so fp32 leaves no room for any difference)."""
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(tmp_path)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="eager",
+                                                          output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = prompt_ids(cfg, 12, ref.config.vocab_size)
+    assert torch.equal(logits(reloaded.eval(), ids), logits(ref, ids))
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_save_pretrained_of_experts_swap_reloads_in_plain_transformers(arch, tmp_path):
+    cfg, ref, model = pair(arch)
+    _assert_hf_state_dict(model, ref)
+    _reload_and_compare(cfg, ref, model, tmp_path)
+
+
+@pytest.mark.parametrize("arch", BLOCK)
+def test_save_pretrained_of_block_swap_reloads_in_plain_transformers(arch, tmp_path):
+    cfg, ref, model = pair(arch, "block")
+    _assert_hf_state_dict(model, ref)
+    _reload_and_compare(cfg, ref, model, tmp_path)
+
+
+@pytest.mark.parametrize("arch, replace", [("qwen3_moe", "experts"), ("deepseek_v3", "block"),
+                                           pytest.param("gpt_oss", "experts", marks=pytest.mark.skipif(
+                                               "gpt_oss" not in INSTALLED, reason="no gpt_oss"))])
+def test_load_state_dict_takes_hf_names(arch, replace):
+    """A Hugging Face state dict loads into a swapped model (packed, GPT-OSS's layout, a swapped block)."""
+    cfg, ref, model = pair(arch, replace)
+    blank = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in blank.parameters():
+            t.zero_()
+    assert not blank.load_state_dict(ref.state_dict()).missing_keys
+    ids = prompt_ids(cfg, 12, ref.config.vocab_size)
+    assert torch.equal(logits(blank, ids), logits(model, ids))
+
+
+def test_per_expert_layout_state_dict_round_trip():
+    """The block swap of per-expert nn.ModuleList experts keeps their names ({e}.gate_proj.weight, ...)."""
+    cfg = cfg_for("qwen3_moe")
+    per_expert = _as_module_list(load_hf_model(cfg).model.layers[0].mlp.experts)
+    layer = _new_experts_layer(cfg, per_expert, "qwen3_moe", "cpu", layer_name="fused_moe")
+    sd, theirs = layer.state_dict(), per_expert.state_dict()
+    assert set(sd) == set(theirs) and all(torch.equal(sd[k], t) for k, t in theirs.items())
+    w13 = layer.w13.clone()
+    with torch.no_grad():
+        layer.w13.zero_(), layer.w2.zero_()
+    layer.load_state_dict(theirs)
+    assert torch.equal(layer.w13, w13)
+
+
+def test_save_pretrained_of_quantized_swap_refused(tmp_path):
+    cfg = cfg_for("qwen3_moe", "quant=int8_w8a16")
+    model = swap_model(load_hf_model(cfg), cfg)
+    with pytest.raises(HFFormatError, match="int8_w8a16 experts hold quantized tensors") as exc:
+        model.save_pretrained(tmp_path)
+    assert "quant=none" in str(exc.value) and "save_checkpoint" in str(exc.value)
+    assert not list(tmp_path.glob("*.safetensors"))  # nothing transformers could misread was written
+    with pytest.raises(RuntimeError, match="cannot load here"):
+        model.load_state_dict(load_hf_model(cfg_for("qwen3_moe")).state_dict())
+
+
+def test_save_pretrained_of_unmappable_block_swap_refused(tmp_path):
+    """A sparse block holding state composer's block does not keep: its state dict raises, naming the tensor."""
+    from torch import nn
+
+    cfg = cfg_for("qwen3_moe", "layer.replace=block")
+    model = load_hf_model(cfg)
+    model.model.layers[0].mlp.extra_scale = nn.Parameter(torch.ones(1), requires_grad=False)
+    swap_model(model, cfg)
+    with pytest.raises(HFFormatError, match="extra_scale are not kept.*layer.replace=experts"):
+        model.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.safetensors"))
 
 
 def _unsupported_moe():
