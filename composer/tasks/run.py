@@ -72,6 +72,9 @@ def check_mode(model: Any, x: Any, cfg: Any, p: RunParams, ctx: TaskContext, eag
                 torch.cuda.synchronize()
             res = oracle_metrics(model, x, fast, {n: c for n, c in caps.items()})
             eager, eager_caps = capture_experts(model, x)
+            eager = eager.clone()
+            eager_res = oracle_metrics(model, x, eager, eager_caps)  # the eager re-run vs its own oracle
+            vs_eager = rel_error(fast, eager)
         changed = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for n, c in caps.items():
             changed |= (c.topk_ids.sort(-1).values != eager_caps[n].topk_ids.sort(-1).values).any(-1)
@@ -80,10 +83,12 @@ def check_mode(model: Any, x: Any, cfg: Any, p: RunParams, ctx: TaskContext, eag
         for h in handles:
             h.remove()
     out = {"mode": mode, "mode_output_rel_err": res.get("output_rel_err"), "mode_layers": res["layers"],
-           "mode_vs_eager_rel_err": rel_error(fast, eager), "mode_routing_changed_tokens": int(changed.sum()),
+           "mode_vs_eager_rel_err": vs_eager, "eager_rerun_rel_err": eager_res.get("output_rel_err"),
+           "mode_routing_changed_tokens": int(changed.sum()),
            "mode_time_ms": statistics.median(times) * 1e3}
     ctx.console.print(f"{mode}: output rel. error vs float64 oracle {out['mode_output_rel_err']:.2e} (replaying its own "
-                      f"routing); vs eager {out['mode_vs_eager_rel_err']:.2e} with {out['mode_routing_changed_tokens']} "
+                      f"routing); vs eager {out['mode_vs_eager_rel_err']:.2e} (eager re-run vs its oracle "
+                      f"{out['eager_rerun_rel_err']:.2e}) with {out['mode_routing_changed_tokens']} "
                       f"token(s) routed differently; time {out['mode_time_ms']:.3f} ms (eager {eager_ms:.3f} ms)")
     return out
 

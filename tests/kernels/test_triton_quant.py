@@ -193,9 +193,11 @@ def test_check_claims_exactly_what_runs(monkeypatch):
 SHAPES = {"mixtral_8x7b": (8, 2, 4096, 14336), "qwen3_30b_a3b": (128, 8, 2048, 768), "deepseek_v3": (64, 8, 7168, 2048)}
 ALL_VARIANTS = [("int8_w8a16", {}), ("int8_w8a8", {}), ("int4_w4a16", {"group_size": 128}),
                 ("int4_w4a16", {"group_size": 128, "zero_point": True})] + FP8_VARIANTS
-# bf16 vs kernel=torch: both compute in bf16 with different rounding points (GEMM1 epilogue, top-k sum); w8a8
-# adds one-quantum activation flips on rounding boundaries of the bf16 intermediate
-GPU_TOL = {"int8_w8a16": 1e-2, "int4_w4a16": 1e-2, "int8_w8a8": 2e-2, "fp8_w8a8": 4e-2}
+# bf16 vs kernel=torch: both compute in bf16 with different rounding points (GEMM1 epilogue, top-k sum; w*a16:
+# kernel=torch rounds the dequantized weights to bf16 before its matmul). Measured on an H100 (2026-11-27, after
+# the w8a8 activations stopped being rounded to bf16 and the fp8 dots were promoted per K tile): at most 6.0e-3
+# over every method, shape and T, so the bf16 tolerance holds for every method.
+GPU_TOL = {"int8_w8a16": 1e-2, "int4_w4a16": 1e-2, "int8_w8a8": 1e-2, "fp8_w8a8": 1e-2}
 
 
 @gpu
