@@ -133,6 +133,30 @@ def test_interpreter_int4_group_spans_tiles():
     assert rel(out, ref.double()) < 1e-5
 
 
+@pytest.mark.parametrize("zero_point", [False, True])
+@pytest.mark.parametrize("T,decode", [(1, True), (9, False)])
+def test_interpreter_int4_group_tile_fp16(T, decode, zero_point):
+    """int4 in fp16 with the K tile inside one group: the INT4_MAGIC path (M + q from the bits, zero and scale
+    applied after the dot) vs the float64 oracle of the dequantized weights and vs kernel=torch."""
+    from composer.kernels.reference import oracle_experts
+    from composer.kernels.triton.fused import QuantSpec, fused_experts_quant
+    from composer.kernels.triton.gemm import _quant_args
+    from composer.quant.int4 import Int4W4A16
+
+    x, tw, ids, w13, w2, b13, b2 = make_case(T, 5, 2, 64, 96, torch.float16, True, 0.0, seed=40 + T)
+    w = quantize("int4_w4a16", w13, w2, b13, b2, group_size=32, zero_point=zero_point)
+    meta = _quant_args(QuantSpec(wq=2, qbk=32), None, w.w13_scale, w.w13_zero, 32, 64, w.w13, torch.float16)[2]
+    assert meta["GROUP_TILE"] and meta["MAGIC"] == 0x6400  # the path under test
+    cfg = _cfg(decode)
+    with interpreter():
+        out = fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int4_w4a16", w.w13_scale,
+                                  w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=cfg)
+    d = Int4W4A16.dequantize(w, torch.float64)
+    oracle = oracle_experts(x, tw, ids, d.w13, d.w2, "silu", b13, b2)
+    assert rel(out, oracle) < 2e-3  # fp16's tolerance vs the float64 oracle
+    assert rel(out, TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[torch.float16]
+
+
 def test_interpreter_int8_activation_quantizer_matches_torch():
     """int8 rows: round half to even and the clamp, bit for bit with composer.quant (incl. exact .5 ties)."""
     from composer.kernels.triton.quant import quant_rows

@@ -46,7 +46,7 @@ def _gemm1_kernel(
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, EVEN_K: tl.constexpr,
     ALPHA: tl.constexpr, LIMIT: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     WQ: tl.constexpr, WS: tl.constexpr, QBN: tl.constexpr, QBK: tl.constexpr, GROUP_TILE: tl.constexpr,
-    HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr,
+    HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -143,15 +143,29 @@ def _gemm1_kernel(
                 else:
                     z_g = 8.0
                     z_u = 8.0
-            # ((q - zero) * scale) in fp32, rounded to the model dtype: kernel=torch's dequantization
-            g_lo = (((gb & 0xF).to(tl.float32) - z_g) * s_g).to(x_ptr.dtype.element_ty)
-            g_hi = (((gb >> 4).to(tl.float32) - z_g) * s_g).to(x_ptr.dtype.element_ty)
-            u_lo = (((ub & 0xF).to(tl.float32) - z_u) * s_u).to(x_ptr.dtype.element_ty)
-            u_hi = (((ub >> 4).to(tl.float32) - z_u) * s_u).to(x_ptr.dtype.element_ty)
-            acc_g = tl.dot(ae, g_lo, acc_g, input_precision=PRECISION)
-            acc_g = tl.dot(ao, g_hi, acc_g, input_precision=PRECISION)
-            acc_u = tl.dot(ae, u_lo, acc_u, input_precision=PRECISION)
-            acc_u = tl.dot(ao, u_hi, acc_u, input_precision=PRECISION)
+            if GROUP_TILE and MAGIC != 0:  # INT4_MAGIC: M + q from the bits, scale and zero after the dot
+                g_lo = ((gb & 0xF).to(tl.int16) | MAGIC).to(x_ptr.dtype.element_ty, bitcast=True)
+                g_hi = ((gb >> 4).to(tl.int16) | MAGIC).to(x_ptr.dtype.element_ty, bitcast=True)
+                u_lo = ((ub & 0xF).to(tl.int16) | MAGIC).to(x_ptr.dtype.element_ty, bitcast=True)
+                u_hi = ((ub >> 4).to(tl.int16) | MAGIC).to(x_ptr.dtype.element_ty, bitcast=True)
+                rs = (tl.reduce(ae.to(tl.float32), 1, tl.standard._sum_combine)
+                      + tl.reduce(ao.to(tl.float32), 1, tl.standard._sum_combine))[:, None]
+                pg = tl.dot(ae, g_lo)
+                pg = tl.dot(ao, g_hi, pg)
+                pu = tl.dot(ae, u_lo)
+                pu = tl.dot(ao, u_hi, pu)
+                acc_g += (pg - (MOFF + z_g) * rs) * s_g
+                acc_u += (pu - (MOFF + z_u) * rs) * s_u
+            else:
+                # ((q - zero) * scale) in fp32, rounded to the model dtype: kernel=torch's dequantization
+                g_lo = (((gb & 0xF).to(tl.float32) - z_g) * s_g).to(x_ptr.dtype.element_ty)
+                g_hi = (((gb >> 4).to(tl.float32) - z_g) * s_g).to(x_ptr.dtype.element_ty)
+                u_lo = (((ub & 0xF).to(tl.float32) - z_u) * s_u).to(x_ptr.dtype.element_ty)
+                u_hi = (((ub >> 4).to(tl.float32) - z_u) * s_u).to(x_ptr.dtype.element_ty)
+                acc_g = tl.dot(ae, g_lo, acc_g, input_precision=PRECISION)
+                acc_g = tl.dot(ao, g_hi, acc_g, input_precision=PRECISION)
+                acc_u = tl.dot(ae, u_lo, acc_u, input_precision=PRECISION)
+                acc_u = tl.dot(ao, u_hi, acc_u, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_xk
             g_ptrs += (BLOCK_K // 2) * stride_wk
             u_ptrs += (BLOCK_K // 2) * stride_wk
@@ -233,7 +247,7 @@ def _gemm2_kernel(
     HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     WQ: tl.constexpr, WS: tl.constexpr, QBN: tl.constexpr, QBK: tl.constexpr, GROUP_TILE: tl.constexpr,
-    HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr,
+    HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -310,10 +324,19 @@ def _gemm2_kernel(
                     z_w = ((tl.load(z_ptrs[None, :] + grp * stride_wzk, mask=k_in, other=0) >> z_shift[None, :]) & 0xF).to(tl.float32)
                 else:
                     z_w = 8.0
-            w_lo = (((wb & 0xF).to(tl.float32) - z_w) * s_w).to(a_ptr.dtype.element_ty)
-            w_hi = (((wb >> 4).to(tl.float32) - z_w) * s_w).to(a_ptr.dtype.element_ty)
-            acc = tl.dot(ae, w_lo, acc, input_precision=PRECISION)
-            acc = tl.dot(ao, w_hi, acc, input_precision=PRECISION)
+            if GROUP_TILE and MAGIC != 0:
+                w_lo = ((wb & 0xF).to(tl.int16) | MAGIC).to(a_ptr.dtype.element_ty, bitcast=True)
+                w_hi = ((wb >> 4).to(tl.int16) | MAGIC).to(a_ptr.dtype.element_ty, bitcast=True)
+                rs = (tl.reduce(ae.to(tl.float32), 1, tl.standard._sum_combine)
+                      + tl.reduce(ao.to(tl.float32), 1, tl.standard._sum_combine))[:, None]
+                p = tl.dot(ae, w_lo)
+                p = tl.dot(ao, w_hi, p)
+                acc += (p - (MOFF + z_w) * rs) * s_w
+            else:
+                w_lo = (((wb & 0xF).to(tl.float32) - z_w) * s_w).to(a_ptr.dtype.element_ty)
+                w_hi = (((wb >> 4).to(tl.float32) - z_w) * s_w).to(a_ptr.dtype.element_ty)
+                acc = tl.dot(ae, w_lo, acc, input_precision=PRECISION)
+                acc = tl.dot(ao, w_hi, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += (BLOCK_K // 2) * stride_wk
         else:
@@ -431,12 +454,24 @@ def _strides(t: torch.Tensor | None, n: int) -> list[int]:
     return (st + [0] * n)[:n]
 
 
-def _quant_args(q: QuantSpec, a_scale, w_scale, w_zero, block_k: int, K: int, fallback: torch.Tensor):
+# INT4_MAGIC: a nibble q OR-ed into the bits of the model dtype's M (bf16 128, fp16 1024: the smallest powers of
+# two whose ulp is 1) *is* the number M + q, so the int4 tile becomes an MMA operand with two integer ops per
+# element and no int -> float conversion (conversions run at a quarter of the integer rate on sm90: the
+# earlier (q - zero) * scale in fp32, rounded to bf16, made the T = 1 decode ALU bound at 17-33% of the floor).
+# With the K tile inside one scale group (GROUP_TILE), dot(a, M + q) - (M + zero) * rowsum(a), times the
+# group scale, is sum(a * (q - zero) * scale) with the products exact and fp32 sums; kernel=torch instead rounds
+# each dequantized weight to the model dtype, ~2^-9 relative (the float64 oracle does not round).
+INT4_MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
+
+
+def _quant_args(q: QuantSpec, a_scale, w_scale, w_zero, block_k: int, K: int, fallback: torch.Tensor,
+                fallback_dtype: torch.dtype | None = None):
     args = [a_scale if a_scale is not None else fallback, w_scale if w_scale is not None else fallback,
             w_zero if w_zero is not None else fallback]
     strides = _strides(a_scale, 2) + _strides(w_scale, 3) + _strides(w_zero, 3)
+    magic, moff = INT4_MAGIC.get(fallback_dtype, (0, 0.0)) if q.wq == 2 else (0, 0.0)
     meta = dict(WQ=q.wq, WS=q.ws, QBN=q.qbn, QBK=q.qbk, GROUP_TILE=q.wq == 2 and q.qbk % block_k == 0 and K % block_k == 0,
-                HAS_ZERO=w_zero is not None, ACC_INT=q.acc_int)
+                HAS_ZERO=w_zero is not None, ACC_INT=q.acc_int, MAGIC=magic, MOFF=moff)
     return args, strides, meta
 
 
@@ -448,7 +483,7 @@ def gemm1(x, w13, w13_bias, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, 
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     b = w13_bias if w13_bias is not None else w13  # any pointer; unused without HAS_BIAS
     desc = _weight_desc(w13, bn, bk) if cfg.get("tma") and q.wq == 0 else None
-    qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, bk, H, w13)
+    qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, bk, H, w13, x.dtype)
     _gemm1_kernel[_grid(num_pid_m, I, bn)](
         x, w13, desc, b, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, *qargs,
         P, I, H, top_k, num_pid_m,
@@ -470,7 +505,7 @@ def gemm2(inter, w2, w2_bias, topk_weights_flat, out, sorted_ids, expert_ids, nt
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     b = w2_bias if w2_bias is not None else w2
     desc = _weight_desc(w2, bn, bk) if cfg.get("tma") and q.wq == 0 else None
-    qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, bk, I, w2)
+    qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, bk, I, w2, inter.dtype)
     _gemm2_kernel[_grid(num_pid_m, H, bn)](
         inter, w2, desc, b, topk_weights_flat, out, sorted_ids, expert_ids, ntpp, topk_ids_flat, *qargs,
         P, H, I, top_k, num_pid_m,

@@ -236,10 +236,11 @@ QUANT_TUNE_METHODS = (("fp8_w8a8", {"granularity": "per_token_channel"}), ("int4
 
 
 def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]] | None = None,
-                      log: Callable[[str], None] = print) -> list[str]:
+                      log: Callable[[str], None] = print, methods: tuple[str, ...] | None = None) -> list[str]:
     """The config tables of the quantized experts (``dtype=<method>`` files) for the benchmark shapes: T = 1 tuned
     by ``tune_quant_decode``, every other T the bfloat16 table's tiles. How the shipped tables were made:
-    ``python -c "from composer.kernels.triton.tune import tune_quant_tables as t; t('DIR')"`` on the GPU."""
+    ``python -c "from composer.kernels.triton.tune import tune_quant_tables as t; t('DIR')"`` on the GPU
+    (``methods=("int4_w4a16",)`` retunes one method; scripts/quant_gpu_bench.sh does that with TUNE=...)."""
     import json
     import os
 
@@ -255,6 +256,8 @@ def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]]
         gen.manual_seed(0)
         w = make_weights(shape, dev, gen)
         for method, params in QUANT_TUNE_METHODS:
+            if methods is not None and method not in methods:
+                continue
             shape.quant, shape.quant_params = method, params
             qw = quantize_weights(shape, w)
             x = torch.randn(1, H, device=dev, generator=gen).to(torch.bfloat16)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The quantized experts' benchmark on one GPU (issue 4's bars), in one call:
+#   1. optional: TUNE="int4_w4a16 fp8_w8a8" retunes those methods' T = 1 decode tiles at the three shapes
+#      (composer.kernels.triton.tune.tune_quant_tables) into $OUT/configs, which the benches then use
+#      (COMPOSER_KERNEL_CONFIGS); copy the files into composer/kernels/configs/ to ship them.
+#   2. `composer task=bench` (standalone driver) per shape for fp8_w8a8 per_token_channel (FP8_TOKENS, default
+#      1,16,128) and int4_w4a16 group 128 (INT4_TOKENS, default 1,16): composer quantized vs composer bf16 in the
+#      same run, torch._scaled_grouped_mm for fp8.
+# Outputs under $OUT (default ./quant_gpu_bench_out): tune.log, configs/*.json, bench_<shape>_<method>.{md,json}.
+# Usage (repo root): scripts/quant_gpu_bench.sh [shape ...]   (default: mixtral_8x7b qwen3_30b_a3b deepseek_v3)
+set -uo pipefail
+source "$(dirname "$0")/_env.sh" || exit 1
+OUT=${OUT:-$PWD/quant_gpu_bench_out}
+mkdir -p "$OUT"
+shapes=${*:-mixtral_8x7b qwen3_30b_a3b deepseek_v3}
+rc=0
+if [[ -n ${TUNE:-} ]]; then
+  methods=$(python3 -c "import sys; print(tuple(sys.argv[1:]))" $TUNE)
+  timeout "${TUNE_TIMEOUT:-300}" python3 -c "from composer.kernels.triton.tune import tune_quant_tables as t; t('$OUT/configs', methods=$methods)" \
+    > "$OUT/tune.log" 2>&1 || rc=1
+  tail -n 20 "$OUT/tune.log"
+  export COMPOSER_KERNEL_CONFIGS=$OUT/configs
+fi
+for s in $shapes; do
+  [[ ${FP8_TOKENS-1,16,128} ]] && { timeout "${BENCH_TIMEOUT:-300}" python3 -c "from composer.tasks.bench import _main; _main()" \
+    --model "$s" --out "$OUT" --tokens "${FP8_TOKENS:-1,16,128}" --quant fp8_w8a8 \
+    --quant-params '{"granularity": "per_token_channel"}' > "$OUT/bench_${s}_fp8.log" 2>&1 || rc=1; }
+  [[ ${INT4_TOKENS-1,16} ]] && { timeout "${BENCH_TIMEOUT:-300}" python3 -c "from composer.tasks.bench import _main; _main()" \
+    --model "$s" --out "$OUT" --tokens "${INT4_TOKENS:-1,16}" --quant int4_w4a16 --quant-params '{"group_size": 128}' \
+    > "$OUT/bench_${s}_int4.log" 2>&1 || rc=1; }
+done
+for f in "$OUT"/bench_*.md; do [[ -f $f ]] && { echo "== $f"; grep "^|" "$f"; }; done
+exit $rc
