@@ -4,6 +4,9 @@ check: logits of the swapped model vs the same model with ``experts_implementati
 Frobenius error within the dtype's tolerance: fp32 1e-5, bf16 1e-2), each swapped experts layer vs the
 HF experts module it replaced on the same captured inputs, and greedy generation of ``GENERATE_TOKENS``
 tokens (identical tokens required in float32; the matching prefix is reported for lower precisions).
+Below float32 the judged logits error is the one against the reference replaying the swapped model's
+routing (both ``layer.replace=experts`` and ``block``; see :func:`_replayed_reference_logits`); the
+un-replayed error is reported too.
 """
 from __future__ import annotations
 
@@ -69,19 +72,50 @@ def _layer_errors(ref: torch.nn.Module, model: torch.nn.Module, ids: torch.Tenso
     return errs
 
 
+def _with_routing(args: tuple, kwargs: dict, routing: list[torch.Tensor]) -> tuple[tuple, dict, int]:
+    """A transformers 5 experts call ``(hidden_states, top_k_index, top_k_weights)`` (positional or by name) with
+    its routing tensors replaced by ``routing`` (same order, cast to the dtypes of the call's own: HF passes int64
+    ids and weights in float32 or the model dtype), and how many tokens' expert sets differed."""
+    args, kwargs = list(args), dict(kwargs)
+    slots = [(args, i) for i in range(1, len(args))] + [(kwargs, k) for k in kwargs if k != "hidden_states"]
+    changed = 0
+    for (where, key), new in zip(slots, routing):
+        own, new = where[key], new.to(where[key].dtype)
+        if not own.is_floating_point() and own.shape == new.shape:
+            changed += int((own.sort(-1).values != new.sort(-1).values).reshape(own.shape[0], -1).any(-1).sum())
+        where[key] = new
+    return tuple(args), kwargs, changed
+
+
 @torch.no_grad()
 def _replayed_reference_logits(ref: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The reference's logits with each experts module fed the routing the swapped model used at the same
-    place, and how many (layer, token) routings differed. In bf16 the two models' hidden states differ by
+    place, and how many (layer, token) routings differed. Below float32 the two models' hidden states differ by
     rounding, so a near-tie can send a token to another expert in one of them: a discrete change that says
-    nothing about the experts. Replaying the swapped run's choice compares like with like."""
-    recorded: dict[str, tuple[tuple, dict]] = {}
+    nothing about composer's layers. Replaying the swapped run's choice compares like with like.
+
+    One mechanism for both swaps, since both end in the reference's HF experts module, called
+    ``experts(hidden_states, top_k_index, top_k_weights)``: ``layer.replace=experts`` records what the HF router
+    passed composer's experts layer; ``layer.replace=block`` records composer's router output (weights with
+    renormalisation and routed_scaling_factor applied, as the HF routers return them) and feeds it to the
+    reference block's ``experts``. The reference keeps its own hidden states, gate and shared experts."""
+    from ..layers.block import SparseMoEBlock
+
+    recorded: dict[str, list[torch.Tensor]] = {}
     handles = []
     for name in model.composer_swapped:
-        def rec(m: Any, args: tuple, kwargs: dict, name: str = name) -> None:
-            recorded[name] = (args, kwargs)
+        swapped = model.get_submodule(name)
+        if isinstance(swapped, SparseMoEBlock):
+            def rec(m: Any, args: tuple, out: tuple, name: str = name) -> None:
+                weights, top_ids = out
+                recorded[name] = [top_ids, weights]
 
-        handles.append(model.get_submodule(name).register_forward_pre_hook(rec, with_kwargs=True))
+            handles.append(swapped.router.register_forward_hook(rec))
+        else:
+            def rec_call(m: Any, args: tuple, kwargs: dict, name: str = name) -> None:
+                recorded[name] = list(args[1:]) + [v for k, v in kwargs.items() if k != "hidden_states"]
+
+            handles.append(swapped.register_forward_pre_hook(rec_call, with_kwargs=True))
     try:
         model(ids)
     finally:
@@ -89,18 +123,15 @@ def _replayed_reference_logits(ref: torch.nn.Module, model: torch.nn.Module, ids
             h.remove()
     changed = 0
     handles = []
-    for name, (rargs, rkwargs) in recorded.items():
-        def replay(m: Any, args: tuple, kwargs: dict, name: str = name, rargs=rargs, rkwargs=rkwargs) -> tuple:
+    for name, routing in recorded.items():
+        def replay(m: Any, args: tuple, kwargs: dict, routing: list = routing) -> tuple:
             nonlocal changed
-            own = list(args[1:]) + [v for k, v in kwargs.items() if k != "hidden_states"]
-            theirs = list(rargs[1:]) + [v for k, v in rkwargs.items() if k != "hidden_states"]
-            for a, b in zip(own, theirs):
-                if isinstance(a, torch.Tensor) and not a.is_floating_point() and a.shape == b.shape:
-                    changed += int((a.sort(-1).values != b.sort(-1).values).reshape(a.shape[0], -1).any(-1).sum())
-            new_kwargs = {k: (kwargs[k] if k == "hidden_states" else v) for k, v in rkwargs.items()}
-            return (args[:1] + tuple(rargs[1:]), new_kwargs)
+            args, kwargs, n = _with_routing(args, kwargs, routing)
+            changed += n
+            return args, kwargs
 
-        handles.append(ref.get_submodule(name).register_forward_pre_hook(replay, with_kwargs=True))
+        target = name + ".experts" if isinstance(model.get_submodule(name), SparseMoEBlock) else name
+        handles.append(ref.get_submodule(target).register_forward_pre_hook(replay, with_kwargs=True))
     try:
         logits = ref(ids).logits
     finally:
@@ -133,8 +164,8 @@ def check(cfg: Any, ctx: TaskContext, p: Any) -> dict[str, Any]:
         ref_logits = ref(ids).logits
         got_logits = model(ids).logits
     logits_err = rel_error(got_logits, ref_logits)
-    # Below float32, a swapped-experts model is held to its logits with the reference replaying its routing.
-    replay = cfg.layer.params.replace == "experts" and cfg.model.dtype != "float32"
+    # Below float32 the logits are held to the reference replaying the swapped model's routing (experts or block).
+    replay = cfg.model.dtype != "float32"
     if replay:
         replayed_logits, routing_changed = _replayed_reference_logits(ref, model, ids)
         replayed_err = rel_error(got_logits, replayed_logits)
