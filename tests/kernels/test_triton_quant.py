@@ -157,6 +157,24 @@ def test_interpreter_int4_group_tile_fp16(T, decode, zero_point):
     assert rel(out, TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interpreter_fused_activation_quant_matches_quant_rows(dtype):
+    """Decode (one pair per program) quantizes each activation row inside the GEMMs (FUSED_AQ); the result must
+    be the one the separate quant_rows launches give (same scales, same int8 values: only the per-program
+    pairing differs), here int8_w8a8 with H and I not multiples of the K tile."""
+    from composer.kernels.triton.fused import fused_experts_quant
+
+    x, tw, ids, w13, w2, b13, b2 = make_case(3, 4, 2, 80, 48, dtype, True, 0.0, seed=11)
+    w = quantize("int8_w8a8", w13, w2, b13, b2)
+    outs = []
+    with interpreter():
+        for decode in (True, False):
+            outs.append(fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int8_w8a8",
+                                            w.w13_scale, w.w2_scale, config=_cfg(decode)))
+    assert rel(outs[0], outs[1].double()) < (1e-6 if dtype == torch.float32 else 1e-3)
+    assert rel(outs[0], TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL_W8A8[dtype]
+
+
 def test_interpreter_int8_activation_quantizer_matches_torch():
     """int8 rows: round half to even and the clamp, bit for bit with composer.quant (incl. exact .5 ties)."""
     from composer.kernels.triton.quant import quant_rows

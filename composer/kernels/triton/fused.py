@@ -192,14 +192,19 @@ def fused_experts_quant(
         sorted_ids, expert_ids, ntpp = moe_align(ids_flat.view(T, k), E, block_m)
         num_pid_m = max_blocks(P, E, block_m)
 
-    a1, s1 = x, None
-    if act_q is not None:
+    # FUSED_AQ: at decode (one pair per program) each program quantizes its own row (amax pre-pass, the cast in
+    # registers; bit for bit quant_rows' rule), saving two launches; 2: a static per-tensor scale
+    fuse = direct and act_q is not None and act_q[1] is None
+    aq1 = (2 if a13_scale is not None else 1) if fuse else 0
+    aq2 = (2 if a2_scale is not None else 1) if fuse else 0
+    a1, s1 = x, (a13_scale.reshape(1).float() if aq1 == 2 else None)
+    if act_q is not None and not fuse:
         a1, s1 = quant_rows(x, act_q[0], act_q[1], a13_scale)
     inter = torch.empty(P, I, dtype=x.dtype, device=x.device)
     gemm1(a1, w13, w13_bias, inter, sorted_ids, expert_ids, ntpp, ids_flat, num_pid_m, k,
-          activation, direct, block_m, c1, q1, s1, w13_scale, w13_zero)
-    a2, s2 = inter, None
-    if act_q is not None:
+          activation, direct, block_m, c1, q1, s1, w13_scale, w13_zero, aq=aq1)
+    a2, s2 = inter, (a2_scale.reshape(1).float() if aq2 == 2 else None)
+    if act_q is not None and not fuse:
         a2, s2 = quant_rows(inter, act_q[0], act_q[1], a2_scale)
     if atomic:
         out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
@@ -207,7 +212,7 @@ def fused_experts_quant(
         out = torch.empty(P, H, dtype=x.dtype, device=x.device)
         zero_dropped_rows(ids_flat, out)
     gemm2(a2, w2, w2_bias, tw_flat, out, sorted_ids, expert_ids, ntpp, ids_flat, num_pid_m, k,
-          direct, atomic, block_m, c2, q2, s2, w2_scale, w2_zero)
+          direct, atomic, block_m, c2, q2, s2, w2_scale, w2_zero, aq=aq2)
     if not atomic:
         out = out.view(T, k, H).sum(dim=1)
     return out if out.dtype == x.dtype else out.to(x.dtype)

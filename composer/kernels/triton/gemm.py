@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ._jit import lazy_jit
+from .quant import _RNE_MAGIC, AMAX_EPS, FP8_MAX, INT8_MAX
 
 # Only builtins inside kernels: triton.language's own @jit helpers (tl.cdiv, tl.zeros, tl.sum, tl.cumsum) are jitted when
 # triton is imported, so they break the interpreter when TRITON_INTERPRET=1 is set after that import.
@@ -47,6 +48,7 @@ def _gemm1_kernel(
     ALPHA: tl.constexpr, LIMIT: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     WQ: tl.constexpr, WS: tl.constexpr, QBN: tl.constexpr, QBK: tl.constexpr, GROUP_TILE: tl.constexpr,
     HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr,
+    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -99,6 +101,16 @@ def _gemm1_kernel(
             zg_shift = (offs_n_safe % 2) * 4
             zu_shift = (offs_nu % 2) * 4
     a_row_ok = row_mask
+    if AQ != 0:  # FUSED_AQ (decode): this pair's row of x quantized here, as quant_rows would (one live row)
+        x_row = x_ptr + (pid_m // top_k).to(tl.int64) * stride_xm
+        if AQ == 1:
+            amax = tl.full((BLOCK_K,), 0.0, tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                v = tl.load(x_row + (k0 + offs_k) * stride_xk, mask=k0 + offs_k < K, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(v))
+            a_scale = tl.maximum(tl.reduce(amax, 0, tl.standard._elementwise_max), EPS) / QMAX
+        else:
+            a_scale = tl.load(as_ptr).to(tl.float32)
 
     if ACC_INT:
         acc_g = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
@@ -184,6 +196,12 @@ def _gemm1_kernel(
                 a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
                 g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
                 u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
+            if AQ != 0:
+                v = tl.load(x_row + (kk * BLOCK_K + offs_k) * stride_xk, mask=offs_k < K - kk * BLOCK_K, other=0.0)
+                r = tl.minimum(tl.maximum(tl.math.div_rn(v.to(tl.float32), a_scale + offs_k * 0.0), -QMAX), QMAX)
+                if AQ_INT8:
+                    r = (r + RNE) - RNE
+                a = tl.where(row_mask[:, None], r[None, :], 0.0).to(w_ptr.dtype.element_ty)
             if WQ == 1:  # int8 weights, dequantized as kernel=torch does: (q * scale) rounded to the model dtype
                 g = (g.to(tl.float32) * sg[None, :]).to(x_ptr.dtype.element_ty)
                 u = (u.to(tl.float32) * su[None, :]).to(x_ptr.dtype.element_ty)
@@ -208,7 +226,10 @@ def _gemm1_kernel(
             u_ptrs += BLOCK_K * stride_wk
 
     if WQ == 3 and WS != 2:  # w8a8: per-token activation scale x weight scale (per expert or channel)
-        a_s = tl.load(as_ptr + tokens * stride_asm, mask=a_row_ok, other=0.0)[:, None]
+        if AQ != 0:
+            a_s = a_scale
+        else:
+            a_s = tl.load(as_ptr + tokens * stride_asm, mask=a_row_ok, other=0.0)[:, None]
         if WS == 0:
             w_s = tl.load(ws_base).to(tl.float32)
             acc_g = acc_g.to(tl.float32) * (a_s * w_s)
@@ -248,6 +269,7 @@ def _gemm2_kernel(
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     WQ: tl.constexpr, WS: tl.constexpr, QBN: tl.constexpr, QBK: tl.constexpr, GROUP_TILE: tl.constexpr,
     HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr,
+    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -273,6 +295,17 @@ def _gemm2_kernel(
     if expert < 0:
         return
     rows = tl.where(row_mask, pairs, 0).to(tl.int64)
+    if AQ != 0:  # FUSED_AQ: this pair's intermediate row quantized here
+        a_row = a_ptr + pid_m.to(tl.int64) * stride_am
+        offs_q = tl.arange(0, BLOCK_K)
+        if AQ == 1:
+            amax = tl.full((BLOCK_K,), 0.0, tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                v = tl.load(a_row + (k0 + offs_q) * stride_ak, mask=k0 + offs_q < K, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(v))
+            a_scale = tl.maximum(tl.reduce(amax, 0, tl.standard._elementwise_max), EPS) / QMAX
+        else:
+            a_scale = tl.load(as_ptr).to(tl.float32)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -351,6 +384,12 @@ def _gemm2_kernel(
                 k_ok = offs_k < K - kk * BLOCK_K
                 a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            if AQ != 0:
+                v = tl.load(a_row + (kk * BLOCK_K + offs_q) * stride_ak, mask=offs_q < K - kk * BLOCK_K, other=0.0)
+                r = tl.minimum(tl.maximum(tl.math.div_rn(v.to(tl.float32), a_scale + offs_q * 0.0), -QMAX), QMAX)
+                if AQ_INT8:
+                    r = (r + RNE) - RNE
+                a = tl.where(row_mask[:, None], r[None, :], 0.0).to(w_ptr.dtype.element_ty)
             if WQ == 1:
                 w = (w.to(tl.float32) * sw[None, :]).to(a_ptr.dtype.element_ty)
             if WQ == 3 and WS == 2:
@@ -368,7 +407,10 @@ def _gemm2_kernel(
             w_ptrs += BLOCK_K * stride_wk
 
     if WQ == 3 and WS != 2:
-        a_s = tl.load(as_ptr + rows * stride_asm, mask=row_mask, other=0.0)[:, None]
+        if AQ != 0:
+            a_s = a_scale
+        else:
+            a_s = tl.load(as_ptr + rows * stride_asm, mask=row_mask, other=0.0)[:, None]
         if WS == 0:
             acc = acc.to(tl.float32) * (a_s * tl.load(ws_base).to(tl.float32))
         else:
@@ -465,25 +507,26 @@ INT4_MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
 
 
 def _quant_args(q: QuantSpec, a_scale, w_scale, w_zero, block_k: int, K: int, fallback: torch.Tensor,
-                fallback_dtype: torch.dtype | None = None):
+                fallback_dtype: torch.dtype | None = None, aq: int = 0):
     args = [a_scale if a_scale is not None else fallback, w_scale if w_scale is not None else fallback,
             w_zero if w_zero is not None else fallback]
     strides = _strides(a_scale, 2) + _strides(w_scale, 3) + _strides(w_zero, 3)
     magic, moff = INT4_MAGIC.get(fallback_dtype, (0, 0.0)) if q.wq == 2 else (0, 0.0)
     meta = dict(WQ=q.wq, WS=q.ws, QBN=q.qbn, QBK=q.qbk, GROUP_TILE=q.wq == 2 and q.qbk % block_k == 0 and K % block_k == 0,
-                HAS_ZERO=w_zero is not None, ACC_INT=q.acc_int, MAGIC=magic, MOFF=moff)
+                HAS_ZERO=w_zero is not None, ACC_INT=q.acc_int, MAGIC=magic, MOFF=moff,
+                AQ=aq, QMAX=INT8_MAX if q.acc_int else FP8_MAX, AQ_INT8=q.acc_int, EPS=AMAX_EPS, RNE=_RNE_MAGIC)
     return args, strides, meta
 
 
 def gemm1(x, w13, w13_bias, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, num_pid_m, top_k,
           activation: str, direct: bool, block_m: int, cfg: dict, q: QuantSpec = NO_QUANT,
-          a_scale=None, w_scale=None, w_zero=None) -> None:
+          a_scale=None, w_scale=None, w_zero=None, aq: int = 0) -> None:
     P, I = inter.shape
     H = x.shape[1]
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     b = w13_bias if w13_bias is not None else w13  # any pointer; unused without HAS_BIAS
     desc = _weight_desc(w13, bn, bk) if cfg.get("tma") and q.wq == 0 else None
-    qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, bk, H, w13, x.dtype)
+    qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, bk, H, w13, x.dtype, aq)
     _gemm1_kernel[_grid(num_pid_m, I, bn)](
         x, w13, desc, b, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, *qargs,
         P, I, H, top_k, num_pid_m,
@@ -499,13 +542,13 @@ def gemm1(x, w13, w13_bias, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, 
 
 def gemm2(inter, w2, w2_bias, topk_weights_flat, out, sorted_ids, expert_ids, ntpp, topk_ids_flat, num_pid_m,
           top_k, direct: bool, atomic: bool, block_m: int, cfg: dict, q: QuantSpec = NO_QUANT,
-          a_scale=None, w_scale=None, w_zero=None) -> None:
+          a_scale=None, w_scale=None, w_zero=None, aq: int = 0) -> None:
     P, I = inter.shape
     H = w2.shape[1]
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     b = w2_bias if w2_bias is not None else w2
     desc = _weight_desc(w2, bn, bk) if cfg.get("tma") and q.wq == 0 else None
-    qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, bk, I, w2, inter.dtype)
+    qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, bk, I, w2, inter.dtype, aq)
     _gemm2_kernel[_grid(num_pid_m, H, bn)](
         inter, w2, desc, b, topk_weights_flat, out, sorted_ids, expert_ids, ntpp, topk_ids_flat, *qargs,
         P, H, I, top_k, num_pid_m,
