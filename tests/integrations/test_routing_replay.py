@@ -5,8 +5,6 @@ import pytest
 import torch
 from rich.console import Console
 
-pytest.importorskip("transformers")
-
 from composer import load_config  # noqa: E402
 from composer.integrations import check as hf_check  # noqa: E402
 from composer.integrations.transformers_moe import TransformersFusedMoE, reference_and_swapped  # noqa: E402
