@@ -106,7 +106,6 @@ class GroupedMMExperts(Experts):
         weights: ExpertWeights,
         activation: str,
     ) -> torch.Tensor:
-        if weights.quant != "none":
-            raise ValueError(f"experts kernel 'grouped_mm' does not support quant method '{weights.quant}'")
+        self.refuse_unsupported(weights)
         return grouped_mm_experts(x, topk_weights, topk_ids, weights.w13, weights.w2, activation,
                                   weights.w13_bias, weights.w2_bias)

@@ -70,9 +70,8 @@ class TritonExperts(Experts):
         weights: ExpertWeights,
         activation: str,
     ) -> torch.Tensor:
+        self.refuse_unsupported(weights)
         if weights.quant != "none":
-            if weights.quant not in self.supported_quant:
-                raise ValueError(f"experts kernel 'triton' does not support quant method '{weights.quant}'")
             ex = weights.extra
             bn, bk = ex.get("block_shape", (128, 128))
             return torch.ops.composer.fused_experts_quant(

@@ -95,6 +95,14 @@ class Experts(ABC):
             problems.append(f"experts kernel '{cls.name}' needs a CUDA device; on {device} use kernel=torch")
         return problems
 
+    @classmethod
+    def refuse_unsupported(cls, weights: ExpertWeights) -> None:
+        """For ``apply``: weights of a quant method this backend does not claim are an error, never a wrong answer
+        (validation refuses the config earlier; this guards direct calls)."""
+        if weights.quant not in cls.supported_quant:
+            raise ValueError(f"experts kernel '{cls.name}' does not support quant method '{weights.quant}'; "
+                             f"it supports: {', '.join(sorted(cls.supported_quant))}")
+
     @abstractmethod
     def apply(
         self,

@@ -73,3 +73,13 @@ def test_grouped_mm_gpu(T):
     g.replay()
     torch.cuda.synchronize()
     assert float((gout.float() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_apply_refuses_quant_it_does_not_claim():
+    """A direct call with quantized weights is an error naming the method and what the kernel supports."""
+    from composer.layers.modular_kernel import ExpertWeights
+
+    x, tw, ids, w13, w2, _, _ = case(3, 4, 2, 16, 8, torch.float32, False, 0.0, seed=0)
+    w = ExpertWeights(w13=w13, w2=w2, quant="int8_w8a8")
+    with pytest.raises(ValueError, match="'grouped_mm' does not support quant method 'int8_w8a8'; it supports: none"):
+        GroupedMMExperts().apply(x, tw, ids, w, "silu")

@@ -1,6 +1,7 @@
 """The whole experts computation on Triton: align -> GEMM1 (+activation) -> GEMM2 (x weight, top-k sum)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -8,6 +9,62 @@ import torch
 from .align import max_blocks, moe_align
 from .configs import fit_smem, get_config
 from .gemm import ACT_CODES, QuantSpec, gemm1, gemm2, zero_dropped_rows
+
+
+@dataclass
+class _Routing:
+    """Where the (token, slot) pairs go, shared by both GEMMs: flat ids and weights, and the expert-sorted blocks
+    (``decode``: one pair per program, the expert read from ``ids``; no align launch)."""
+
+    ids: torch.Tensor
+    tw: torch.Tensor
+    sorted_ids: torch.Tensor
+    expert_ids: torch.Tensor
+    ntpp: torch.Tensor
+    num_pid_m: int
+    direct: bool
+    atomic: bool
+    block_m: int
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACT_CODES:
+        raise ValueError(f"unknown activation '{activation}'; choose one of {', '.join(ACT_CODES)}")
+
+
+def _route(topk_weights: torch.Tensor, topk_ids: torch.Tensor, E: int, config: dict[str, Any]) -> _Routing:
+    T, k = topk_ids.shape
+    ids = topk_ids.reshape(-1)
+    if ids.dtype != torch.int32:
+        ids = ids.to(torch.int32)
+    ids = ids.contiguous()
+    tw = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    block_m = config["BLOCK_M"]
+    direct = bool(config.get("decode", False))
+    if direct:
+        sorted_ids = expert_ids = ntpp = ids  # unused by the DIRECT kernels
+        num_pid_m = T * k
+    else:
+        sorted_ids, expert_ids, ntpp = moe_align(ids.view(T, k), E, block_m)
+        num_pid_m = max_blocks(T * k, E, block_m)
+    return _Routing(ids, tw, sorted_ids, expert_ids, ntpp, num_pid_m, direct,
+                    config.get("reduce", "atomic") == "atomic", block_m)
+
+
+def _out_buffer(r: _Routing, x: torch.Tensor, H: int) -> torch.Tensor:
+    """GEMM2's output: fp32 ``[T, H]`` for atomic adds, or one row per pair in the activations' dtype (as vLLM's
+    moe_sum; rows of dropped pairs zeroed here), summed over top-k by ``_reduce``."""
+    if r.atomic:
+        return torch.zeros(x.shape[0], H, dtype=torch.float32, device=x.device)
+    out = torch.empty(r.ids.numel(), H, dtype=x.dtype, device=x.device)
+    zero_dropped_rows(r.ids, out)
+    return out
+
+
+def _reduce(out: torch.Tensor, r: _Routing, x: torch.Tensor) -> torch.Tensor:
+    if not r.atomic:
+        out = out.view(x.shape[0], -1, out.shape[1]).sum(dim=1)  # one pass; torch sums bf16/fp16 in fp32
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def fused_experts(
@@ -25,53 +82,29 @@ def fused_experts(
 
     ``config`` overrides the tile config (see ``configs.py``); by default the tuned file or heuristic.
     """
-    if activation not in ACT_CODES:
-        raise ValueError(f"unknown activation '{activation}'; choose one of {', '.join(ACT_CODES)}")
+    _check_activation(activation)
     T, H = x.shape
     E, two_i, _ = w13.shape
     I = two_i // 2
     k = topk_ids.shape[1]
     if T == 0 or k == 0:
         return torch.zeros_like(x)
+    if w13.dtype != x.dtype or w2.dtype != x.dtype:
+        raise ValueError(f"weights ({w13.dtype}, {w2.dtype}) must have the activations' dtype {x.dtype}")
     if config is None:
         config = get_config(T, E, I, H, k, x.dtype, x.device)
     if x.element_size() > 2:
         config = fit_smem(config, x.element_size())
-    P = T * k
-    block_m = config["BLOCK_M"]
-    direct = bool(config.get("decode", False))
-    atomic = config.get("reduce", "atomic") == "atomic"
     if x.stride(1) != 1:
         x = x.contiguous()
-    if w13.dtype != x.dtype or w2.dtype != x.dtype:
-        raise ValueError(f"weights ({w13.dtype}, {w2.dtype}) must have the activations' dtype {x.dtype}")
-    ids_flat = topk_ids.reshape(-1)
-    if ids_flat.dtype != torch.int32:
-        ids_flat = ids_flat.to(torch.int32)
-    ids_flat = ids_flat.contiguous()
-    tw_flat = topk_weights.reshape(-1).to(torch.float32).contiguous()
-
-    if direct:
-        num_pid_m = P
-        sorted_ids = expert_ids = ntpp = ids_flat  # unused by the DIRECT kernels
-    else:
-        sorted_ids, expert_ids, ntpp = moe_align(ids_flat.view(T, k), E, block_m)
-        num_pid_m = max_blocks(P, E, block_m)
-
-    inter = torch.empty(P, I, dtype=x.dtype, device=x.device)
-    gemm1(x, w13, w13_bias, inter, sorted_ids, expert_ids, ntpp, ids_flat, num_pid_m, k,
-          activation, direct, block_m, config["gemm1"])
-    if atomic:
-        out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
-    else:
-        # one row per pair in the activations' dtype (as vLLM's moe_sum), summed over top-k by torch
-        out = torch.empty(P, H, dtype=x.dtype, device=x.device)
-        zero_dropped_rows(ids_flat, out)
-    gemm2(inter, w2, w2_bias, tw_flat, out, sorted_ids, expert_ids, ntpp, ids_flat, num_pid_m, k,
-          direct, atomic, block_m, config["gemm2"])
-    if not atomic:
-        out = out.view(T, k, H).sum(dim=1)  # one pass; torch accumulates bf16/fp16 sums in fp32
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    r = _route(topk_weights, topk_ids, E, config)
+    inter = torch.empty(T * k, I, dtype=x.dtype, device=x.device)
+    gemm1(x, w13, w13_bias, inter, r.sorted_ids, r.expert_ids, r.ntpp, r.ids, r.num_pid_m, k,
+          activation, r.direct, r.block_m, config["gemm1"])
+    out = _out_buffer(r, x, H)
+    gemm2(inter, w2, w2_bias, r.tw, out, r.sorted_ids, r.expert_ids, r.ntpp, r.ids, r.num_pid_m, k,
+          r.direct, r.atomic, r.block_m, config["gemm2"])
+    return _reduce(out, r, x)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,8 +178,7 @@ def fused_experts_quant(
     """
     from .quant import quant_rows
 
-    if activation not in ACT_CODES:
-        raise ValueError(f"unknown activation '{activation}'; choose one of {', '.join(ACT_CODES)}")
+    _check_activation(activation)
     if method not in QUANT_METHODS:
         raise ValueError(f"unknown quant method '{method}' for the Triton experts; choose one of {QUANT_METHODS}")
     T, H = x.shape
@@ -174,45 +206,25 @@ def fused_experts_quant(
         act_q = (torch.float8_e4m3fn, block_k if ws == 2 else None)
     c1 = _shape_gemm(config["gemm1"], q1)
     c2 = _shape_gemm(config["gemm2"], q2)
-    P = T * k
-    block_m = config["BLOCK_M"]
-    direct = bool(config.get("decode", False))
-    atomic = config.get("reduce", "atomic") == "atomic"
     if x.stride(1) != 1:
         x = x.contiguous()
-    ids_flat = topk_ids.reshape(-1)
-    if ids_flat.dtype != torch.int32:
-        ids_flat = ids_flat.to(torch.int32)
-    ids_flat = ids_flat.contiguous()
-    tw_flat = topk_weights.reshape(-1).to(torch.float32).contiguous()
-    if direct:
-        num_pid_m = P
-        sorted_ids = expert_ids = ntpp = ids_flat
-    else:
-        sorted_ids, expert_ids, ntpp = moe_align(ids_flat.view(T, k), E, block_m)
-        num_pid_m = max_blocks(P, E, block_m)
+    r = _route(topk_weights, topk_ids, E, config)
 
     # FUSED_AQ: at decode (one pair per program) each program quantizes its own row (amax pre-pass, the cast in
     # registers; bit for bit quant_rows' rule), saving two launches; 2: a static per-tensor scale
-    fuse = direct and act_q is not None and act_q[1] is None
+    fuse = r.direct and act_q is not None and act_q[1] is None
     aq1 = (2 if a13_scale is not None else 1) if fuse else 0
     aq2 = (2 if a2_scale is not None else 1) if fuse else 0
     a1, s1 = x, (a13_scale.reshape(1).float() if aq1 == 2 else None)
     if act_q is not None and not fuse:
         a1, s1 = quant_rows(x, act_q[0], act_q[1], a13_scale)
-    inter = torch.empty(P, I, dtype=x.dtype, device=x.device)
-    gemm1(a1, w13, w13_bias, inter, sorted_ids, expert_ids, ntpp, ids_flat, num_pid_m, k,
-          activation, direct, block_m, c1, q1, s1, w13_scale, w13_zero, aq=aq1)
+    inter = torch.empty(T * k, I, dtype=x.dtype, device=x.device)
+    gemm1(a1, w13, w13_bias, inter, r.sorted_ids, r.expert_ids, r.ntpp, r.ids, r.num_pid_m, k,
+          activation, r.direct, r.block_m, c1, q1, s1, w13_scale, w13_zero, aq=aq1)
     a2, s2 = inter, (a2_scale.reshape(1).float() if aq2 == 2 else None)
     if act_q is not None and not fuse:
         a2, s2 = quant_rows(inter, act_q[0], act_q[1], a2_scale)
-    if atomic:
-        out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty(P, H, dtype=x.dtype, device=x.device)
-        zero_dropped_rows(ids_flat, out)
-    gemm2(a2, w2, w2_bias, tw_flat, out, sorted_ids, expert_ids, ntpp, ids_flat, num_pid_m, k,
-          direct, atomic, block_m, c2, q2, s2, w2_scale, w2_zero, aq=aq2)
-    if not atomic:
-        out = out.view(T, k, H).sum(dim=1)
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    out = _out_buffer(r, x, H)
+    gemm2(a2, w2, w2_bias, r.tw, out, r.sorted_ids, r.expert_ids, r.ntpp, r.ids, r.num_pid_m, k,
+          r.direct, r.atomic, r.block_m, c2, q2, s2, w2_scale, w2_zero, aq=aq2)
+    return _reduce(out, r, x)
