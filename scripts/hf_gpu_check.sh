@@ -55,22 +55,11 @@ ref, model = reference_and_swapped(cfg)
 ids = torch.randint(3, 128, (1, 64), device="cuda")
 compiled = torch.compile(model)
 
-
-class CompiledView:  # the compiled forward, with the swapped modules of the original for the routing hooks
-    composer_swapped = model.composer_swapped
-    get_submodule = staticmethod(model.get_submodule)
-    __call__ = staticmethod(compiled)
-
-
-class CompiledRef:  # the reference compiled the same way: its norms and attention fuse as the swapped model's do
-    get_submodule = staticmethod(ref.get_submodule)
-    __call__ = staticmethod(torch.compile(ref))
-
-
 with torch.no_grad():
     got = compiled(ids).logits
     plain = rel_error(got, ref(ids).logits)
-    replayed, changed = _replayed_reference_logits(CompiledRef(), CompiledView(), ids)
+    # the reference compiled the same way: its norms and attention fuse as the swapped model's do
+    replayed, changed = _replayed_reference_logits(ref, model, ids, run_ref=torch.compile(ref), run_model=compiled)
     err = rel_error(got, replayed)
 # like with like, as task=check in bf16: the compiled swapped model against the compiled HF model replaying its
 # routing (near-ties may flip); eager HF differs from any compiled bf16 model by the fused norms' rounding

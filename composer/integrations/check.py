@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from rich.table import Table
@@ -88,7 +88,9 @@ def _with_routing(args: tuple, kwargs: dict, routing: list[torch.Tensor]) -> tup
 
 
 @torch.no_grad()
-def _replayed_reference_logits(ref: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _replayed_reference_logits(ref: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor,
+                               run_ref: Callable[..., Any] | None = None, run_model: Callable[..., Any] | None = None
+                               ) -> tuple[torch.Tensor, int]:
     """The reference's logits with each experts module fed the routing the swapped model used at the same
     place, and how many (layer, token) routings differed. Below float32 the two models' hidden states differ by
     rounding, so a near-tie can send a token to another expert in one of them: a discrete change that says
@@ -98,7 +100,9 @@ def _replayed_reference_logits(ref: torch.nn.Module, model: torch.nn.Module, ids
     ``experts(hidden_states, top_k_index, top_k_weights)``: ``layer.replace=experts`` records what the HF router
     passed composer's experts layer; ``layer.replace=block`` records composer's router output (weights with
     renormalisation and routed_scaling_factor applied, as the HF routers return them) and feeds it to the
-    reference block's ``experts``. The reference keeps its own hidden states, gate and shared experts."""
+    reference block's ``experts``. The reference keeps its own hidden states, gate and shared experts.
+    ``run_ref`` / ``run_model`` run the forwards instead of ``ref`` / ``model`` (e.g. their ``torch.compile``d
+    versions: the hooks sit on the original modules, which those call)."""
     from ..layers.block import SparseMoEBlock
 
     recorded: dict[str, list[torch.Tensor]] = {}
@@ -117,7 +121,7 @@ def _replayed_reference_logits(ref: torch.nn.Module, model: torch.nn.Module, ids
 
             handles.append(swapped.register_forward_pre_hook(rec_call, with_kwargs=True))
     try:
-        model(ids)
+        (model if run_model is None else run_model)(ids)
     finally:
         for h in handles:
             h.remove()
@@ -133,7 +137,7 @@ def _replayed_reference_logits(ref: torch.nn.Module, model: torch.nn.Module, ids
         target = name + ".experts" if isinstance(model.get_submodule(name), SparseMoEBlock) else name
         handles.append(ref.get_submodule(target).register_forward_pre_hook(replay, with_kwargs=True))
     try:
-        logits = ref(ids).logits
+        logits = (ref if run_ref is None else run_ref)(ids).logits
     finally:
         for h in handles:
             h.remove()
