@@ -1,7 +1,6 @@
 """hydra/launcher=slurm: composes with hydra-submitit-launcher installed; says what to install when it is not."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,13 +13,6 @@ from composer.api import CONF_DIR
 PLUGIN = "hydra_plugins.hydra_submitit_launcher"
 
 
-def plugin_installed() -> bool:
-    try:
-        return importlib.util.find_spec(PLUGIN) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def compose(overrides):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -30,7 +22,6 @@ def compose(overrides):
         return compose(config_name="config", overrides=overrides, return_hydra_config=True)
 
 
-@pytest.mark.skipif(not plugin_installed(), reason="hydra-submitit-launcher (the 'slurm' extra) is not installed")
 def test_slurm_launcher_composes_with_the_plugin():
     from hydra.plugins.launcher import Launcher
     from hydra.utils import get_class
