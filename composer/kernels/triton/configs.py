@@ -7,6 +7,10 @@ A file is named ``E={E},N={I},K={H},device_name={device},dtype={dtype}.json`` (d
      "gemm1": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4, "tma": false},
      "gemm2": {...}}
 
+``decode``: false (expert-sorted blocks), true (T = 1: one pair per program, tl.dot), or ``"gemv"`` (T = 1: one
+pair per program, FMA GEMVs in registers, ``gemv.py``; there ``BLOCK_N`` may be as small as 4 and GEMM2 takes
+``SPLIT_K``, the number of programs that share one tile's K range).
+
 For a run with T tokens the entry with the nearest key is used (as vLLM does). Folders searched, first
 match wins: ``$COMPOSER_KERNEL_CONFIGS`` (a folder, or several joined by ``:``), folders added with
 ``add_config_dir`` (the ``kernel.config_dir`` key), then the files shipped in ``composer/kernels/configs``.
@@ -23,7 +27,7 @@ ENV_VAR = "COMPOSER_KERNEL_CONFIGS"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "configs"
 _extra_dirs: list[Path] = []
 
-GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma")
+GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma", "SPLIT_K")
 
 
 def add_config_dir(path: str | os.PathLike) -> None:
@@ -59,6 +63,10 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
     bm = entry.get("BLOCK_M")
     if not isinstance(bm, int) or bm < 16 or bm & (bm - 1):
         problems.append(f"BLOCK_M must be a power of two >= 16, got {bm!r}")
+    decode = entry.get("decode", False)
+    if decode not in (True, False, "gemv"):
+        problems.append(f"decode must be true, false or \"gemv\", got {decode!r}")
+    gemv = decode == "gemv"
     for g in ("gemm1", "gemm2"):
         sub = entry.get(g)
         if not isinstance(sub, dict):
@@ -66,8 +74,13 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
             continue
         for key in ("BLOCK_N", "BLOCK_K"):
             v = sub.get(key)
-            if not isinstance(v, int) or v < 16 or v & (v - 1):
-                problems.append(f"{g}.{key} must be a power of two >= 16, got {v!r}")
+            least = 4 if gemv and key == "BLOCK_N" else 16
+            if not isinstance(v, int) or v < least or v & (v - 1):
+                problems.append(f"{g}.{key} must be a power of two >= {least}, got {v!r}")
+        split = sub.get("SPLIT_K", 1)
+        if not isinstance(split, int) or split < 1 or (split > 1 and not (gemv and g == "gemm2")):
+            problems.append(f"{g}.SPLIT_K must be an integer >= 1, and > 1 only for gemm2 with decode 'gemv'; "
+                            f"got {split!r}")
         if not isinstance(sub.get("tma", False), bool):
             problems.append(f"{g}.tma must be true or false, got {sub.get('tma')!r}")
         unknown = set(sub) - set(GEMM_KEYS)

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 
 from .align import max_blocks, moe_align
-from .configs import fit_smem, get_config
-from .gemm import ACT_CODES, QuantSpec, gemm1, gemm2, zero_dropped_rows
+from .configs import fit_smem, get_config, heuristic_config
+from .gemm import ACT_CODES, SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, QuantSpec, gemm1, gemm2, zero_dropped_rows
+from .gemv import gemv
 
 
 @dataclass
@@ -67,6 +68,20 @@ def _reduce(out: torch.Tensor, r: _Routing, x: torch.Tensor) -> torch.Tensor:
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
+def _decode_gemv(x, r: _Routing, k: int, activation: str, config: dict[str, Any], w13, w2, w13_bias, w2_bias,
+                 inter: torch.Tensor, wq: int = 0, ws: int = 1, groups: tuple[int, int] = (1, 1),
+                 scales: tuple = (None, None), act_scales: tuple = (None, None), zeros: tuple = (None, None),
+                 aq: tuple[int, int] = (0, 0), acc_int8: bool = False) -> torch.Tensor:
+    """T = 1 with ``"decode": "gemv"``: both GEMMs as GEMVs (gemv.py), no tensor cores."""
+    gemv(x, w13, w13_bias, inter, r.ids, k, config["gemm1"], gated=True, activation_code=ACT_CODES[activation],
+         wq=wq, ws=ws, group=groups[0], a_scale=act_scales[0], w_scale=scales[0], w_zero=zeros[0], aq=aq[0],
+         acc_int8=acc_int8, alpha=SWIGLUOAI_ALPHA, limit=SWIGLUOAI_LIMIT)
+    out = _out_buffer(r, x, x.shape[1])
+    gemv(inter, w2, w2_bias, out, r.ids, k, config["gemm2"], gated=False, tw=r.tw, atomic=r.atomic, wq=wq, ws=ws,
+         group=groups[1], a_scale=act_scales[1], w_scale=scales[1], w_zero=zeros[1], aq=aq[1], acc_int8=acc_int8)
+    return _reduce(out, r, x)
+
+
 def fused_experts(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -99,6 +114,8 @@ def fused_experts(
         x = x.contiguous()
     r = _route(topk_weights, topk_ids, E, config)
     inter = torch.empty(T * k, I, dtype=x.dtype, device=x.device)
+    if config.get("decode") == "gemv":
+        return _decode_gemv(x, r, k, activation, config, w13, w2, w13_bias, w2_bias, inter)
     gemm1(x, w13, w13_bias, inter, r.sorted_ids, r.expert_ids, r.ntpp, r.ids, r.num_pid_m, k,
           activation, r.direct, r.block_m, config["gemm1"])
     out = _out_buffer(r, x, H)
@@ -204,11 +221,21 @@ def fused_experts_quant(
         ws = WS_CODES[granularity]
         q1 = q2 = QuantSpec(wq=3, ws=ws, qbn=block_n if ws == 2 else 1, qbk=block_k if ws == 2 else 1)
         act_q = (torch.float8_e4m3fn, block_k if ws == 2 else None)
+    if config.get("decode") == "gemv" and q1.wq == 3 and q1.ws == 2:  # block fp8: the tl.dot decode path
+        config = heuristic_config(1, E, I, H, k)
     c1 = _shape_gemm(config["gemm1"], q1)
     c2 = _shape_gemm(config["gemm2"], q2)
     if x.stride(1) != 1:
         x = x.contiguous()
     r = _route(topk_weights, topk_ids, E, config)
+    if config.get("decode") == "gemv" and not (q1.wq == 3 and q1.ws == 2):  # block fp8 keeps the tl.dot path
+        aq = (2 if a13_scale is not None else 1, 2 if a2_scale is not None else 1) if act_q is not None else (0, 0)
+        inter = torch.empty(T * k, I, dtype=x.dtype, device=x.device)
+        return _decode_gemv(x, r, k, activation, config, w13, w2, w13_bias, w2_bias, inter, wq=q1.wq, ws=q1.ws,
+                            groups=(q1.qbk, q2.qbk), scales=(w13_scale, w2_scale),
+                            act_scales=(a13_scale if a13_scale is None else a13_scale.reshape(1).float(),
+                                        a2_scale if a2_scale is None else a2_scale.reshape(1).float()),
+                            zeros=(w13_zero, w2_zero), aq=aq, acc_int8=q1.acc_int)
 
     # FUSED_AQ: at decode (one pair per program) each program quantizes its own row (amax pre-pass, the cast in
     # registers; bit for bit quant_rows' rule), saving two launches; 2: a static per-tensor scale

@@ -193,11 +193,34 @@ def quant_decode_candidates(method: str) -> list[dict[str, Any]]:
             + [_g(bn, bk, 8, st) for bn, bk, st in ((64, 256, 4), (64, 512, 3), (128, 256, 3), (128, 128, 5))])
 
 
+def _gv(bn: int, bk: int, warps: int, stages: int, split: int = 1) -> dict[str, int]:
+    g = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
+    return {**g, "SPLIT_K": split} if split > 1 else g
+
+
+def gemv_candidates(name: str) -> list[dict[str, Any]]:
+    """``"decode": "gemv"`` tiles: GEMM1's rows are gate and up (2 x BLOCK_N); GEMM2 (short N = H, long K = I)
+    also splits K over programs so that enough of them stream the weights."""
+    if name == "gemm1":
+        return [_gv(bn, bk, w, st) for bn, bk, w, st in (
+            (8, 256, 4, 2), (16, 256, 4, 2), (32, 256, 4, 2), (8, 512, 4, 2), (16, 512, 4, 2), (16, 128, 4, 2),
+            (16, 256, 8, 2), (32, 512, 8, 2), (16, 256, 4, 3), (32, 256, 8, 3))]
+    return [_gv(bn, bk, w, st, sp) for bn, bk, w, st, sp in (
+        (16, 256, 4, 2, 1), (16, 256, 4, 2, 2), (16, 256, 4, 2, 4), (32, 256, 4, 2, 4), (8, 256, 4, 2, 4),
+        (16, 512, 4, 2, 4), (16, 256, 8, 2, 4), (8, 512, 4, 2, 8), (32, 512, 8, 2, 2), (16, 128, 4, 2, 8),
+        (16, 256, 4, 3, 4))]
+
+
+GEMV_START = {"BLOCK_M": 16, "decode": "gemv", "reduce": "atomic", "gemm1": _gv(16, 256, 4, 2),
+              "gemm2": _gv(16, 256, 4, 2, 4)}
+
+
 def tune_quant_decode(weights, x: torch.Tensor, tw: torch.Tensor, ids: torch.Tensor, base: dict[str, Any],
                       activation: str = "silu", rep_ms: int = 30,
-                      log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], float]:
-    """The decode (T = 1) config of the quantized experts: GEMM1's tile first (GEMM2 at ``base``), then GEMM2's,
-    each timed as CUDA-graph replays of the whole quantized experts call (the activation quantizer included)."""
+                      log: Callable[[str], None] | None = None, dot: bool = True) -> tuple[dict[str, Any], float]:
+    """The decode (T = 1) config of the quantized experts, tl.dot decode (from ``base``; skipped when not ``dot``)
+    and GEMV decode: GEMM1's tile first, then GEMM2's, each timed as CUDA-graph replays of the whole quantized
+    experts call (the activation quantizer included); the faster of the two modes wins."""
     import triton.testing
 
     from .fused import fused_experts_quant
@@ -220,16 +243,21 @@ def tune_quant_decode(weights, x: torch.Tensor, tw: torch.Tensor, ids: torch.Ten
                 log(f"  skipped {cfg['gemm1']} {cfg['gemm2']}: {type(exc).__name__}")
             return float("inf")
 
-    best = {**base, "decode": True, "BLOCK_M": 16}
-    best_t = timed(best)
-    for name in ("gemm1", "gemm2"):
-        for g in quant_decode_candidates(weights.quant):
-            cand = {**best, name: g}
-            t = timed(cand)
-            if t < best_t:
-                best, best_t = cand, t
-        if log:
-            log(f"  {weights.quant} {name}: {best[name]} -> {best_t * 1e3:.1f} us")
+    results = []
+    for start, cands in (({**base, "decode": True, "BLOCK_M": 16}, lambda n: quant_decode_candidates(weights.quant)),
+                         (dict(GEMV_START), gemv_candidates)):
+        best = start
+        best_t = timed(best)
+        for name in ("gemm1", "gemm2") if dot or start["decode"] == "gemv" else ():  # not dot: time base only
+            for g in cands(name):
+                cand = {**best, name: g}
+                t = timed(cand)
+                if t < best_t:
+                    best, best_t = cand, t
+            if log:
+                log(f"  {weights.quant} decode={best['decode']} {name}: {best[name]} -> {best_t * 1e3:.1f} us")
+        results.append((best_t, best))
+    best_t, best = min(results, key=lambda r: r[0])
     return best, best_t
 
 
@@ -239,7 +267,8 @@ QUANT_TUNE_METHODS = (("fp8_w8a8", {"granularity": "per_token_channel"}), ("int4
 
 
 def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]] | None = None,
-                      log: Callable[[str], None] = print, methods: tuple[str, ...] | None = None) -> list[str]:
+                      log: Callable[[str], None] = print, methods: tuple[str, ...] | None = None,
+                      dot: bool = True) -> list[str]:
     """The config tables of the quantized experts (``dtype=<method>`` files) for the benchmark shapes: T = 1 tuned
     by ``tune_quant_decode``, every other T the bfloat16 table's tiles. How the shipped tables were made:
     ``python -c "from composer.kernels.triton.tune import tune_quant_tables as t; t('DIR')"`` on the GPU
@@ -265,9 +294,14 @@ def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]]
             qw = quantize_weights(shape, w)
             x = torch.randn(1, H, device=dev, generator=gen).to(torch.bfloat16)
             tw, ids = torch.topk(torch.randn(1, E, device=dev, generator=gen).softmax(-1), k, dim=-1)
-            base = {kk: v for kk, v in get_config(1, E, I, H, k, torch.bfloat16, dev).items() if kk != "source"}
+            shipped = get_config(1, E, I, H, k, method, dev)  # the method's own table where one exists
+            if shipped.get("source") == "heuristic" or not shipped.get("decode"):
+                shipped = get_config(1, E, I, H, k, torch.bfloat16, dev)
+            base = {kk: v for kk, v in shipped.items() if kk not in ("source", "_us")}
+            if base.get("decode") == "gemv":  # retuning a GEMV table: start the tl.dot search from bf16's tiles
+                base = {kk: v for kk, v in get_config(1, E, I, H, k, torch.bfloat16, dev).items() if kk != "source"}
             log(f"{name} {method}")
-            entry, t = tune_quant_decode(qw, x, tw.float(), ids.to(torch.int32), base, log=log)
+            entry, t = tune_quant_decode(qw, x, tw.float(), ids.to(torch.int32), base, log=log, dot=dot)
             table: dict[str, Any] = {"_note": (
                 f"{method}: T=1 tuned by composer.kernels.triton.tune.tune_quant_decode on one "
                 f"{torch.cuda.get_device_name()} (_us: CUDA-graph median of the whole quantized experts call); "

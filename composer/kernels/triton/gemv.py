@@ -1,0 +1,221 @@
+"""Decode GEMV (``"decode": "gemv"`` in a tile config): one (token, expert) pair per program, no tensor cores.
+
+At T = 1 every pair is a matrix-vector product that only has to stream its expert's weights once. The
+``tl.dot`` path pads the single row to an MMA tile, and for packed int4 it also has to move the dequantized
+tile through shared memory into the MMA operand layout: on an H100 that round trip, not HBM, bounded int4
+decode (0.9x-1.4x of bf16, docs/performance.md). Here each weight tile is loaded into registers, turned into
+fp32 with integer ops, multiplied by the activation row with FMAs and reduced along K in registers:
+
+* int4 (``WQ=2``): a nibble shifted into the top of an fp32 mantissa and OR-ed with 1.0's bits *is*
+  ``1 + q/16`` (exact, two integer ops, no int -> float conversion). Per scale group,
+  ``sum(x * (q - z)) = 16 * sum(x * (1 + q/16)) - (16 + z) * sum(x)``, times the group's scale.
+* int8 / fp8 weights are converted and multiplied in fp32; w8a8 quantizes the activation row inside
+  the kernel (FUSED_AQ, bit for bit ``quant_rows``' rule), so the products are those of the quantized
+  values, exact in fp32, and the scales are applied once per output channel.
+
+One kernel serves both GEMMs. ``GATED`` (GEMM1): the rows of a tile interleave gate and up channels
+(row ``2j`` is gate channel ``n0 + j``, row ``2j + 1`` up channel ``N + n0 + j``), so both come from the same
+loads and product code and are split apart for the activation. Otherwise (GEMM2) the tile is plain rows of
+``w2``, times the routing weight, and ``SPLIT_K`` programs per tile add their partial sums atomically into
+the fp32 ``[T, H]`` output (GEMM2's K = I is long and its N = H short: without splitting, too few programs
+stream the weights).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from ._jit import lazy_jit
+from .quant import _RNE_MAGIC, AMAX_EPS, FP8_MAX, INT8_MAX
+
+# int4 -> fp32 in the kernel: (q << 19) & 0x780000 puts the nibble in mantissa bits 19..22, | 0x3F800000 (1.0f)
+# makes the float 1 + q / 16.
+
+
+@lazy_jit
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, tw_ptr, out_ptr, ids_ptr, as_ptr, ws_ptr, wz_ptr,
+    N, K, top_k, k_split,
+    stride_xm, stride_we, stride_wn, stride_be, stride_om,
+    stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, ROWS: tl.constexpr, GK: tl.constexpr,
+    GATED: tl.constexpr, X_PER_TOKEN: tl.constexpr,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, ATOMIC: tl.constexpr,
+    WQ: tl.constexpr, WS: tl.constexpr, QBK: tl.constexpr, HAS_ZERO: tl.constexpr,
+    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    expert = tl.load(ids_ptr + pair)
+    if expert < 0:
+        return
+    if X_PER_TOKEN:  # GEMM1 reads the token's row of x, GEMM2 the pair's row of the intermediate
+        x_row = x_ptr + (pair // top_k).to(tl.int64) * stride_xm
+    else:
+        x_row = x_ptr + pair.to(tl.int64) * stride_xm
+    k_lo = pid_s * k_split
+    k_hi = tl.minimum(K, k_lo + k_split)
+
+    r = tl.arange(0, ROWS)  # ROWS = 2 * BLOCK_N when GATED
+    if GATED:
+        n = pid_n * BLOCK_N + r // 2
+        ch = (n % N) + (r % 2) * N  # interleaved gate / up channels (n % N: in-bounds loads past the edge)
+    else:
+        n = pid_n * BLOCK_N + r
+        ch = n % N
+    w_rows = w_ptr + expert.to(tl.int64) * stride_we + ch.to(tl.int64) * stride_wn
+    ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
+
+    if AQ != 0:  # FUSED_AQ: the row's quantization scale (amax pass over the whole row, or static)
+        offs_q = tl.arange(0, BLOCK_K)
+        if AQ == 1:
+            amax = tl.full((BLOCK_K,), 0.0, tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                v = tl.load(x_row + k0 + offs_q, mask=k0 + offs_q < K, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(v))
+            a_scale = tl.maximum(tl.reduce(amax, 0, tl.standard._elementwise_max), EPS) / QMAX
+        else:
+            a_scale = tl.load(as_ptr).to(tl.float32)
+
+    if WQ == 2:  # packed int4 [.., K/2] bytes, low nibble = even k; NG scale groups per K tile
+        # GK = BLOCK_K // NG: elements of one group inside the tile
+        kb = tl.arange(0, NG)[:, None] * (GK // 2) + tl.arange(0, GK // 2)[None, :]  # [NG, GK/2] byte offsets
+        w_ptrs = w_rows[:, None, None] + kb[None, :, :]
+        if HAS_ZERO:  # zero points packed two per byte along the channel dim
+            z_ptrs = wz_ptr + expert.to(tl.int64) * stride_wze + (ch // 2) * stride_wzn
+            z_shift = (ch % 2) * 4
+        acc = tl.full((ROWS, NG), 0.0, tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            ke = k0 + 2 * kb  # element index of each byte's low nibble
+            k_ok = ke < k_hi
+            xe = tl.load(x_row + ke, mask=k_ok, other=0.0).to(tl.float32)
+            xo = tl.load(x_row + ke + 1, mask=k_ok, other=0.0).to(tl.float32)
+            wb = tl.load(w_ptrs + k0 // 2, mask=k_ok[None, :, :], other=0).to(tl.int32)
+            f_lo = (((wb << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q_lo / 16
+            f_hi = (((wb << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q_hi / 16
+            p = tl.reduce(f_lo * xe[None, :, :] + f_hi * xo[None, :, :], 2, tl.standard._sum_combine)  # [ROWS, NG]
+            sx = tl.reduce(xe + xo, 1, tl.standard._sum_combine)  # [NG]
+            grp = (k0 + tl.arange(0, NG) * GK) // QBK
+            g_ok = k0 + tl.arange(0, NG) * GK < k_hi
+            s = tl.load(ws_base + ch[:, None] * stride_wsn + grp[None, :] * stride_wsk, mask=g_ok[None, :],
+                        other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                z = ((tl.load(z_ptrs[:, None] + grp[None, :] * stride_wzk, mask=g_ok[None, :], other=0)
+                      >> z_shift[:, None]) & 0xF).to(tl.float32)
+            else:
+                z = 8.0
+            acc += s * (16.0 * p - (16.0 + z) * sx[None, :])
+        acc = tl.reduce(acc, 1, tl.standard._sum_combine)
+    else:  # bf16/fp16/fp32 (WQ=0), int8 (WQ=1), or w8a8 int8/fp8 (WQ=3) weights [.., K]
+        offs_k = tl.arange(0, BLOCK_K)
+        w_ptrs = w_rows[:, None] + offs_k[None, :]
+        acc = tl.full((ROWS,), 0.0, tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k_ok = k0 + offs_k < k_hi
+            xv = tl.load(x_row + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            if AQ != 0:  # quantize the activations (quant_rows: x / scale, clamp, int8: round half to even)
+                q = tl.minimum(tl.maximum(tl.math.div_rn(xv, a_scale + offs_k * 0.0), -QMAX), QMAX)
+                if AQ_INT8:
+                    xv = (q + RNE) - RNE
+                else:
+                    xv = q.to(w_ptr.dtype.element_ty).to(tl.float32)
+            wv = tl.load(w_ptrs + k0, mask=k_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.reduce(wv * xv[None, :], 1, tl.standard._sum_combine)
+        if WQ == 1:  # int8 w8a16: per-channel scale
+            acc = acc * tl.load(ws_base + ch * stride_wsn).to(tl.float32)
+        if WQ == 3:  # w8a8: activation scale x weight scale (per expert or per channel)
+            if WS == 0:
+                acc = acc * (a_scale * tl.load(ws_base).to(tl.float32))
+            else:
+                acc = acc * a_scale * tl.load(ws_base + ch * stride_wsn).to(tl.float32)
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + expert.to(tl.int64) * stride_be + ch).to(tl.float32)
+        if GATED:
+            acc += bias
+        else:
+            acc += tl.where(pid_s == 0, bias, 0.0)  # once, by the first K split
+    if GATED:
+        g, u = tl.split(tl.reshape(acc, (BLOCK_N, 2)))
+        if ACT == 0:
+            h = g / (1.0 + tl.exp(-g)) * u
+        elif ACT == 1:
+            h = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476)) * u
+        else:
+            gc = tl.minimum(g, LIMIT)
+            uc = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
+            h = (uc + 1.0) * (gc / (1.0 + tl.exp(-ALPHA * gc)))
+        offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(out_ptr + pair.to(tl.int64) * stride_om + offs, h.to(out_ptr.dtype.element_ty), mask=offs < N)
+    else:
+        acc = acc * tl.load(tw_ptr + pair)
+        if ATOMIC:
+            o_ptrs = out_ptr + (pair // top_k).to(tl.int64) * stride_om + n
+            tl.atomic_add(o_ptrs, acc, mask=n < N, sem="relaxed")
+        else:
+            tl.store(out_ptr + pair.to(tl.int64) * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=n < N)
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    p = 1
+    while p * 2 <= cap and n % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+def gemv_tile(g: dict[str, Any], wq: int, group: int) -> tuple[int, int]:
+    """(BLOCK_K, NG) for a GEMV: int4 tiles hold whole scale groups (NG of them) or lie inside one."""
+    bk = g["BLOCK_K"]
+    if wq != 2:
+        return bk, 1
+    if group >= bk:
+        bk = max(2, _pow2_divisor(group, bk))  # inside one group (an odd-sized group would fail the packing)
+        return bk, 1
+    if group & (group - 1) == 0:
+        return bk, bk // group  # several power-of-two groups per tile
+    gk = max(2, _pow2_divisor(group, bk))
+    return gk, 1
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, ids_flat: torch.Tensor,
+         top_k: int, cfg: dict[str, Any], *, gated: bool, activation_code: int = 0, tw: torch.Tensor | None = None,
+         atomic: bool = True, wq: int = 0, ws: int = 1, group: int = 1, a_scale: torch.Tensor | None = None,
+         w_scale: torch.Tensor | None = None, w_zero: torch.Tensor | None = None, aq: int = 0,
+         acc_int8: bool = False, alpha: float = 1.702, limit: float = 7.0) -> None:
+    """One GEMM of the decode path as GEMVs. ``gated``: GEMM1 (``out[P, N]`` in the model dtype, activation
+    applied); otherwise GEMM2 (``out`` fp32 ``[T, H]`` with ``atomic``, else the per-pair buffer ``[P, H]``)."""
+    P = ids_flat.numel()
+    N = w.shape[1] // 2 if gated else w.shape[1]
+    K = x.shape[1]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if w.stride(2) != 1:
+        raise ValueError("the GEMV decode path reads weight rows contiguous along K")
+    if bias is not None and bias.stride(1) != 1:
+        bias = bias.contiguous()
+    bn = cfg["BLOCK_N"]
+    bk, ng = gemv_tile(cfg, wq, group)
+    split = max(1, int(cfg.get("SPLIT_K", 1))) if (not gated and atomic) else 1
+    k_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
+    split = triton.cdiv(K, k_split)
+    fb = w
+    wss = list(w_scale.stride()) + [0] * 3 if w_scale is not None else [0, 0, 0]
+    wzs = list(w_zero.stride()) + [0] * 3 if w_zero is not None else [0, 0, 0]
+    grid = (P, triton.cdiv(N, bn), split)
+    _gemv_kernel[grid](
+        x, w, bias if bias is not None else fb, tw if tw is not None else fb, out, ids_flat,
+        a_scale if a_scale is not None else fb, w_scale if w_scale is not None else fb,
+        w_zero if w_zero is not None else fb,
+        N, K, top_k, k_split,
+        x.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0, out.stride(0),
+        wss[0], wss[1], wss[2], wzs[0], wzs[1], wzs[2],
+        BLOCK_N=bn, BLOCK_K=bk, NG=ng, ROWS=2 * bn if gated else bn, GK=bk // ng, GATED=gated, X_PER_TOKEN=gated, ACT=activation_code,
+        HAS_BIAS=bias is not None, ALPHA=alpha, LIMIT=limit, ATOMIC=atomic,
+        WQ=wq, WS=ws, QBK=group, HAS_ZERO=w_zero is not None,
+        AQ=aq, QMAX=INT8_MAX if acc_int8 else FP8_MAX, AQ_INT8=acc_int8, EPS=AMAX_EPS, RNE=_RNE_MAGIC,
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
+    )

@@ -1,0 +1,224 @@
+"""The GEMV decode path (``"decode": "gemv"``, composer/kernels/triton/gemv.py) vs the float64 oracle and
+kernel=torch: unquantized, int8 w8a16 / w8a8 and int4 (scale groups spanning, filling or splitting the K tile,
+zero points) under the interpreter in fp32/fp16; every method at the three benchmark shapes on the GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from composer.kernels.reference import oracle_experts  # noqa: E402
+from composer.kernels.torch_backend import TorchExperts  # noqa: E402
+from composer.kernels.triton import fused  # noqa: E402
+from composer.kernels.triton.configs import validate_entry  # noqa: E402
+from composer.kernels.triton.fused import fused_experts, fused_experts_quant  # noqa: E402
+from composer.kernels.triton.gemv import gemv_tile  # noqa: E402
+
+from .test_triton_experts import interpreter, make_case, rel  # noqa: E402
+from .test_triton_quant import ALL_VARIANTS, GPU_TOL, SHAPES, TOL, TOL_W8A8, quantize  # noqa: E402
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+gpu = pytest.mark.gpu
+
+
+def gemv_cfg(bn1=8, bk1=32, bn2=8, bk2=32, split=2, reduce="atomic", warps=4) -> dict:
+    return validate_entry({"BLOCK_M": 16, "decode": "gemv", "reduce": reduce,
+                           "gemm1": {"BLOCK_N": bn1, "BLOCK_K": bk1, "num_warps": warps, "num_stages": 2},
+                           "gemm2": {"BLOCK_N": bn2, "BLOCK_K": bk2, "num_warps": warps, "num_stages": 2,
+                                     "SPLIT_K": split}})
+
+
+@pytest.fixture
+def gemv_calls(monkeypatch):
+    """Counts the GEMV launches, so a test knows the path under test ran (and not the tl.dot decode)."""
+    calls = []
+    real = fused.gemv
+
+    def counted(*a, **kw):
+        calls.append(kw["gated"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(fused, "gemv", counted)
+    return calls
+
+
+# T, E, k, H, I, dtype, act, bias, drop, cfg
+PLAIN_CASES = [
+    (1, 4, 2, 64, 32, torch.float32, "silu", True, 0.0, gemv_cfg()),
+    (1, 3, 3, 48, 40, torch.float16, "gelu", False, 0.0, gemv_cfg(16, 64, 4, 16, 4)),  # top_k = E, ragged tiles
+    (3, 5, 2, 52, 20, torch.float32, "swigluoai", True, 0.3, gemv_cfg(4, 16, 16, 64, 1, "buffer")),  # dropped pairs
+    (2, 6, 4, 40, 24, torch.float16, "silu", True, 0.0, gemv_cfg(8, 16, 8, 16, 3)),  # split-K, K not multiple
+]
+
+
+@pytest.mark.parametrize("case", PLAIN_CASES, ids=lambda c: f"T{c[0]}E{c[1]}k{c[2]}H{c[3]}I{c[4]}{str(c[5])[6:]}{c[6]}")
+def test_interpreter_plain_vs_oracle(case, gemv_calls):
+    T, E, k, H, I, dtype, act, bias, drop, cfg = case
+    x, tw, ids, w13, w2, b13, b2 = make_case(T, E, k, H, I, dtype, bias, drop, seed=H * 7 + I)
+    with interpreter():
+        out = fused_experts(x, tw, ids, w13, w2, b13, b2, act, config=cfg)
+    assert gemv_calls == [True, False]
+    assert out.dtype == dtype and out.shape == x.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert rel(out, oracle_experts(x, tw, ids, w13, w2, act, b13, b2)) < tol
+
+
+def test_interpreter_t0_and_all_dropped():
+    x, tw, ids, w13, w2, _, _ = make_case(0, 4, 2, 32, 16, torch.float32, False, 0.0, seed=0)
+    with interpreter():
+        assert fused_experts(x, tw, ids, w13, w2, config=gemv_cfg()).shape == (0, 32)
+        x, tw, ids, w13, w2, _, _ = make_case(2, 4, 2, 32, 16, torch.float32, False, 0.0, seed=1)
+        ids[:] = -1
+        for reduce in ("atomic", "buffer"):
+            out = fused_experts(x, tw, ids, w13, w2, config=gemv_cfg(reduce=reduce))
+            assert torch.equal(out, torch.zeros_like(x))
+
+
+QUANT_VARIANTS = [
+    ("int8_w8a16", {}),
+    ("int8_w8a8", {}),
+    ("int4_w4a16", {"group_size": 16}),  # two groups per K tile of 32 (NG = 2)
+    ("int4_w4a16", {"group_size": 16, "zero_point": True}),
+    ("int4_w4a16", {"group_size": 32, "zero_point": True}),  # the tile is one group
+    ("int4_w4a16", {"group_size": 48, "zero_point": True}),  # not a power of two: tiles of 16 inside a group
+    ("int4_w4a16", {"group_size": -1}),  # one group per row
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("method,params", QUANT_VARIANTS, ids=lambda v: str(v))
+def test_interpreter_quant_vs_torch(method, params, dtype, gemv_calls):
+    I = 96 if params.get("group_size") in (32, 48) else 48  # I must hold whole groups
+    T = 2 if I == 96 else 3
+    x, tw, ids, w13, w2, b13, b2 = make_case(T, 5, 2, 96, I, dtype, True, 0.2, seed=5)
+    w = quantize(method, w13, w2, b13, b2, **params)
+    ref = TorchExperts().apply(x, tw, ids, w, "silu").double()
+    tol = (TOL_W8A8 if method == "int8_w8a8" else TOL)[dtype]
+    with interpreter():
+        for cfg in (gemv_cfg(), gemv_cfg(16, 64, 4, 16, 1, "buffer")):
+            out = fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", method, w.w13_scale,
+                                      w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=cfg)
+            assert rel(out, ref) < tol, (cfg["reduce"], rel(out, ref))
+    assert gemv_calls == [True, False, True, False]
+
+
+def test_interpreter_w8a8_gemv_matches_dot_decode():
+    """Both decode paths quantize the activation rows in the kernel with quant_rows' rule; int8 products are exact
+    in either (int32 vs fp32 sums), so the outputs agree far below kernel=torch's tolerance."""
+    x, tw, ids, w13, w2, b13, b2 = make_case(1, 4, 2, 80, 48, torch.float32, True, 0.0, seed=9)
+    w = quantize("int8_w8a8", w13, w2, b13, b2)
+    dot = {"BLOCK_M": 16, "decode": True, "reduce": "atomic",
+           "gemm1": {"BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 2},
+           "gemm2": {"BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 2}}
+    with interpreter():
+        a, b = (fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int8_w8a8", w.w13_scale,
+                                    w.w2_scale, config=c) for c in (gemv_cfg(), dot))
+    assert rel(a, b.double()) < 1e-6
+
+
+def test_interpreter_int4_fault_is_caught():
+    """A wrong group scale must fail the comparison (the int4 trick cannot hide an error)."""
+    x, tw, ids, w13, w2, _, _ = make_case(1, 4, 2, 64, 32, torch.float32, False, 0.0, seed=2)
+    w = quantize("int4_w4a16", w13, w2, group_size=16)
+    ref = TorchExperts().apply(x, tw, ids, w, "silu").double()
+    bad = w.w13_scale.clone()
+    bad[:, :, 1] *= 1.05
+    with interpreter():
+        out = fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", "int4_w4a16", bad, w.w2_scale,
+                                  config=gemv_cfg())
+    assert rel(out, ref) > 1e-3
+
+
+def test_gemv_tile_for_int4_groups():
+    assert gemv_tile({"BLOCK_K": 256}, 2, 128) == (256, 2)
+    assert gemv_tile({"BLOCK_K": 128}, 2, 128) == (128, 1)
+    assert gemv_tile({"BLOCK_K": 256}, 2, 2048) == (256, 1)
+    assert gemv_tile({"BLOCK_K": 64}, 2, 48) == (16, 1)
+    assert gemv_tile({"BLOCK_K": 512}, 3, 128) == (512, 1)  # not int4: the tile as configured
+
+
+def test_config_validation_of_gemv_entries():
+    validate_entry(gemv_cfg(4, 16, 4, 16, 8))
+    bad = gemv_cfg()
+    bad["gemm1"] = {**bad["gemm1"], "SPLIT_K": 2}
+    with pytest.raises(ValueError, match="gemm1.SPLIT_K"):
+        validate_entry(bad)
+    with pytest.raises(ValueError, match="decode must be"):
+        validate_entry({**gemv_cfg(), "decode": "gemm"})
+    dot = {**gemv_cfg(), "decode": True}
+    with pytest.raises(ValueError, match="BLOCK_N must be a power of two >= 16"):  # tl.dot tiles stay >= 16
+        validate_entry(dot)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+GPU_GEMV = {"BLOCK_M": 16, "decode": "gemv", "reduce": "atomic",
+            "gemm1": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2},
+            "gemm2": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2, "SPLIT_K": 4}}
+
+
+@gpu
+@cuda
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_gpu_gemv_three_shapes(shape):
+    """Every method (and bf16) through the GEMV decode at T = 1 vs kernel=torch, bf16, the three shapes; block
+    fp8 falls back to the tl.dot decode."""
+    E, k, H, I = SHAPES[shape]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * H ** -0.5).to(torch.bfloat16)
+    w2 = (torch.randn(E, H, I, device="cuda", generator=g) * I ** -0.5).to(torch.bfloat16)
+    x = torch.randn(1, H, device="cuda", generator=g).to(torch.bfloat16)
+    tw, ids = torch.topk(torch.randn(1, E, device="cuda", generator=g).softmax(-1), k, dim=-1)
+    tw, ids = tw.float(), ids.to(torch.int32)
+    out = fused_experts(x, tw, ids, w13, w2, config=GPU_GEMV)
+    err = rel(out, oracle_experts(x, tw, ids, w13, w2, "silu"))
+    print(f"[gemv-gpu] {shape} bf16 T=1: rel err vs float64 oracle {err:.2e}")
+    assert err < 1e-2
+    for method, params in ALL_VARIANTS:
+        w = quantize(method, w13, w2, **params)
+        ex = w.extra or {}
+        out = fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", method, w.w13_scale, w.w2_scale,
+                                  w.a13_scale, w.a2_scale, w.w13_zero, w.w2_zero,
+                                  ex.get("granularity", "per_token_channel"), *ex.get("block_shape", (128, 128)),
+                                  config=GPU_GEMV)
+        err = rel(out, TorchExperts().apply(x, tw, ids, w, "silu").double())
+        print(f"[gemv-gpu] {shape} {method} {params} T=1: rel err vs kernel=torch {err:.2e}")
+        assert err < GPU_TOL[method], (shape, method, params, err)
+        del w
+        torch.cuda.empty_cache()
+
+
+@gpu
+@cuda
+def test_gpu_gemv_graph_replay():
+    """The GEMV decode captures into a CUDA graph and replays on new inputs."""
+    E, k, H, I = 8, 2, 1024, 512
+    g = torch.Generator(device="cuda").manual_seed(3)
+    w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * H ** -0.5).to(torch.bfloat16)
+    w2 = (torch.randn(E, H, I, device="cuda", generator=g) * I ** -0.5).to(torch.bfloat16)
+    w = quantize("int4_w4a16", w13, w2, group_size=128)
+    x = torch.randn(1, H, device="cuda", generator=g).to(torch.bfloat16)
+    tw, ids = torch.topk(torch.randn(1, E, device="cuda", generator=g).softmax(-1), k, dim=-1)
+    tw, ids = tw.float(), ids.to(torch.int32)
+
+    def run(a):
+        return fused_experts_quant(a, tw, ids, w.w13, w.w2, None, None, "silu", "int4_w4a16", w.w13_scale,
+                                   w.w2_scale, config=GPU_GEMV)
+
+    eager = run(x)
+    static_x = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gout = run(static_x)
+    new_x = torch.randn(1, H, device="cuda", generator=g).to(torch.bfloat16)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(gout, run(new_x), rtol=1e-2, atol=1e-3)
+    assert not torch.equal(gout, eager)
