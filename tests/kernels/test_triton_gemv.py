@@ -117,6 +117,20 @@ def test_interpreter_w8a8_gemv_matches_dot_decode():
     assert rel(a, b.double()) < 1e-6
 
 
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["bytes", "words_4d", "words_unrolled"])
+def test_interpreter_int4_read_modes(mode, monkeypatch):
+    """Each way of reading int4 (gemv.INT4_MODE) vs kernel=torch (zero points, 2 groups per K tile)."""
+    from composer.kernels.triton import gemv
+
+    monkeypatch.setattr(gemv, "INT4_MODE", mode)
+    x, tw, ids, w13, w2, b13, b2 = make_case(2, 4, 2, 64, 32, torch.float16, True, 0.0, seed=8)
+    w = quantize("int4_w4a16", w13, w2, b13, b2, group_size=16, zero_point=True)
+    with interpreter():
+        out = fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int4_w4a16", w.w13_scale,
+                                  w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=gemv_cfg())
+    assert rel(out, TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[torch.float16]
+
+
 def test_interpreter_int4_fault_is_caught():
     """A wrong group scale must fail the comparison (the int4 trick cannot hide an error)."""
     x, tw, ids, w13, w2, _, _ = make_case(1, 4, 2, 64, 32, torch.float32, False, 0.0, seed=2)

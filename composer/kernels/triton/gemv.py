@@ -42,6 +42,7 @@ def _gemv_kernel(
     stride_xm, stride_we, stride_wn, stride_be, stride_om,
     stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, ROWS: tl.constexpr, GK: tl.constexpr,
+    INT4_MODE: tl.constexpr,
     GATED: tl.constexpr, X_PER_TOKEN: tl.constexpr,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, ATOMIC: tl.constexpr,
     WQ: tl.constexpr, WS: tl.constexpr, QBK: tl.constexpr, HAS_ZERO: tl.constexpr,
@@ -81,24 +82,67 @@ def _gemv_kernel(
         else:
             a_scale = tl.load(as_ptr).to(tl.float32)
 
-    if WQ == 2:  # packed int4 [.., K/2] bytes, low nibble = even k; NG scale groups per K tile
-        # GK = BLOCK_K // NG: elements of one group inside the tile
-        kb = tl.arange(0, NG)[:, None] * (GK // 2) + tl.arange(0, GK // 2)[None, :]  # [NG, GK/2] byte offsets
-        w_ptrs = w_rows[:, None, None] + kb[None, :, :]
+    if WQ == 2 and INT4_MODE == 2:  # int32 words [ROWS, BLOCK_K / 8], the tile inside one group (NG = 1)
+        kw = tl.arange(0, BLOCK_K // 8)
+        w_ptrs = w_rows[:, None] + kw[None, :]
+        if HAS_ZERO:
+            z_ptrs = wz_ptr + expert.to(tl.int64) * stride_wze + (ch // 2) * stride_wzn
+            z_shift = (ch % 2) * 4
+        acc = tl.full((ROWS,), 0.0, tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            ke = k0 + 8 * kw
+            k_ok = ke < k_hi
+            wu = tl.load(w_ptrs + k0 // 8, mask=k_ok[None, :], other=0)
+            p2 = tl.full((ROWS, BLOCK_K // 8), 0.0, tl.float32)
+            sxv = tl.full((BLOCK_K // 8,), 0.0, tl.float32)
+            for m in tl.static_range(8):  # nibble m of every word: elements ke + m
+                xm = tl.load(x_row + ke + m, mask=k_ok, other=0.0).to(tl.float32)
+                f = ((((wu >> (4 * m)) & 0xF) << 19) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q / 16
+                p2 += f * xm[None, :]
+                sxv += xm
+            p = tl.reduce(p2, 1, tl.standard._sum_combine)
+            sx = tl.reduce(sxv, 0, tl.standard._sum_combine)
+            grp = k0 // QBK
+            s = tl.load(ws_base + ch * stride_wsn + grp * stride_wsk).to(tl.float32)
+            if HAS_ZERO:
+                z = ((tl.load(z_ptrs + grp * stride_wzk) >> z_shift) & 0xF).to(tl.float32)
+            else:
+                z = 8.0
+            acc += s * (16.0 * p - (16.0 + z) * sx)
+    elif WQ == 2:  # packed int4, low nibble first: bytes (INT4_MODE 0) or int32 words (1); NG groups per tile
+        # GK = BLOCK_K // NG: elements of one scale group inside the tile
         if HAS_ZERO:  # zero points packed two per byte along the channel dim
             z_ptrs = wz_ptr + expert.to(tl.int64) * stride_wze + (ch // 2) * stride_wzn
             z_shift = (ch % 2) * 4
+        if INT4_MODE == 0:
+            kb = tl.arange(0, NG)[:, None] * (GK // 2) + tl.arange(0, GK // 2)[None, :]  # [NG, GK/2] byte offsets
+            w_ptrs = w_rows[:, None, None] + kb[None, :, :]
+        else:
+            ku = tl.arange(0, NG)[:, None] * (GK // 8) + tl.arange(0, GK // 8)[None, :]  # [NG, GK/8] words
+            w_ptrs = w_rows[:, None, None] + ku[None, :, :]
+            shifts = tl.arange(0, 8) * 4
         acc = tl.full((ROWS, NG), 0.0, tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            ke = k0 + 2 * kb  # element index of each byte's low nibble
-            k_ok = ke < k_hi
-            xe = tl.load(x_row + ke, mask=k_ok, other=0.0).to(tl.float32)
-            xo = tl.load(x_row + ke + 1, mask=k_ok, other=0.0).to(tl.float32)
-            wb = tl.load(w_ptrs + k0 // 2, mask=k_ok[None, :, :], other=0).to(tl.int32)
-            f_lo = (((wb << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q_lo / 16
-            f_hi = (((wb << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q_hi / 16
-            p = tl.reduce(f_lo * xe[None, :, :] + f_hi * xo[None, :, :], 2, tl.standard._sum_combine)  # [ROWS, NG]
-            sx = tl.reduce(xe + xo, 1, tl.standard._sum_combine)  # [NG]
+            if INT4_MODE == 0:
+                ke = k0 + 2 * kb  # element index of each byte's low nibble
+                k_ok = ke < k_hi
+                xe = tl.load(x_row + ke, mask=k_ok, other=0.0).to(tl.float32)
+                xo = tl.load(x_row + ke + 1, mask=k_ok, other=0.0).to(tl.float32)
+                wb = tl.load(w_ptrs + k0 // 2, mask=k_ok[None, :, :], other=0).to(tl.int32)
+                f_lo = (((wb << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q_lo / 16
+                f_hi = (((wb << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q_hi / 16
+                p = tl.reduce(f_lo * xe[None, :, :] + f_hi * xo[None, :, :], 2, tl.standard._sum_combine)
+                sx = tl.reduce(xe + xo, 1, tl.standard._sum_combine)  # [NG]
+            else:
+                ke = k0 + 8 * ku
+                kx = ke[:, :, None] + tl.arange(0, 8)[None, None, :]  # [NG, GK/8, 8], contiguous along K
+                xv = tl.load(x_row + kx, mask=kx < k_hi, other=0.0).to(tl.float32)
+                wu = tl.load(w_ptrs + k0 // 8, mask=(ke < k_hi)[None, :, :], other=0)
+                q = (wu[:, :, :, None] >> shifts[None, None, None, :]) & 0xF
+                f = ((q << 19) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q / 16
+                p = tl.reduce(tl.reduce(f * xv[None, :, :, :], 3, tl.standard._sum_combine), 2,
+                              tl.standard._sum_combine)  # [ROWS, NG]
+                sx = tl.reduce(tl.reduce(xv, 2, tl.standard._sum_combine), 1, tl.standard._sum_combine)
             grp = (k0 + tl.arange(0, NG) * GK) // QBK
             g_ok = k0 + tl.arange(0, NG) * GK < k_hi
             s = tl.load(ws_base + ch[:, None] * stride_wsn + grp[None, :] * stride_wsk, mask=g_ok[None, :],
@@ -160,6 +204,11 @@ def _gemv_kernel(
             tl.store(out_ptr + pair.to(tl.int64) * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=n < N)
 
 
+# How the GEMV reads int4 (A/B-measured on the GPU; all three are tested): 0 bytes, 1 int32 words as a 4D
+# [rows, groups, words, 8] tile, 2 int32 words with an unrolled loop over the 8 nibbles (the tile in one group)
+INT4_MODE = 0
+
+
 def _pow2_divisor(n: int, cap: int) -> int:
     p = 1
     while p * 2 <= cap and n % (p * 2) == 0:
@@ -185,9 +234,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
          top_k: int, cfg: dict[str, Any], *, gated: bool, activation_code: int = 0, tw: torch.Tensor | None = None,
          atomic: bool = True, wq: int = 0, ws: int = 1, group: int = 1, a_scale: torch.Tensor | None = None,
          w_scale: torch.Tensor | None = None, w_zero: torch.Tensor | None = None, aq: int = 0,
-         acc_int8: bool = False, alpha: float = 1.702, limit: float = 7.0) -> None:
+         acc_int8: bool = False, alpha: float = 1.702, limit: float = 7.0) -> Any:
     """One GEMM of the decode path as GEMVs. ``gated``: GEMM1 (``out[P, N]`` in the model dtype, activation
-    applied); otherwise GEMM2 (``out`` fp32 ``[T, H]`` with ``atomic``, else the per-pair buffer ``[P, H]``)."""
+    applied); otherwise GEMM2 (``out`` fp32 ``[T, H]`` with ``atomic``, else the per-pair buffer ``[P, H]``).
+    Returns Triton's launch handle (its ``n_regs``, ``n_spills`` and ``asm`` serve the A/B scripts)."""
     P = ids_flat.numel()
     N = w.shape[1] // 2 if gated else w.shape[1]
     K = x.shape[1]
@@ -199,6 +249,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         bias = bias.contiguous()
     bn = cfg["BLOCK_N"]
     bk, ng = gemv_tile(cfg, wq, group)
+    mode = INT4_MODE if wq == 2 else 0
+    if mode == 2 and ng > 1:
+        bk, ng = bk // ng, 1  # mode 2 keeps the tile inside one group
+    if mode and ((bk // ng) % 8 or w.shape[2] % 4 or not w.is_contiguous() or w.data_ptr() % 4):
+        mode = 0  # words need whole words per group slice and 4-byte aligned rows
+    if mode:
+        w = w.view(torch.int32)
     split = max(1, int(cfg.get("SPLIT_K", 1))) if (not gated and atomic) else 1
     k_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
     split = triton.cdiv(K, k_split)
@@ -206,14 +263,14 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
     wss = list(w_scale.stride()) + [0] * 3 if w_scale is not None else [0, 0, 0]
     wzs = list(w_zero.stride()) + [0] * 3 if w_zero is not None else [0, 0, 0]
     grid = (P, triton.cdiv(N, bn), split)
-    _gemv_kernel[grid](
+    return _gemv_kernel[grid](
         x, w, bias if bias is not None else fb, tw if tw is not None else fb, out, ids_flat,
         a_scale if a_scale is not None else fb, w_scale if w_scale is not None else fb,
         w_zero if w_zero is not None else fb,
         N, K, top_k, k_split,
         x.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0, out.stride(0),
         wss[0], wss[1], wss[2], wzs[0], wzs[1], wzs[2],
-        BLOCK_N=bn, BLOCK_K=bk, NG=ng, ROWS=2 * bn if gated else bn, GK=bk // ng, GATED=gated, X_PER_TOKEN=gated, ACT=activation_code,
+        BLOCK_N=bn, BLOCK_K=bk, NG=ng, ROWS=2 * bn if gated else bn, GK=bk // ng, INT4_MODE=mode, GATED=gated, X_PER_TOKEN=gated, ACT=activation_code,
         HAS_BIAS=bias is not None, ALPHA=alpha, LIMIT=limit, ATOMIC=atomic,
         WQ=wq, WS=ws, QBK=group, HAS_ZERO=w_zero is not None,
         AQ=aq, QMAX=INT8_MAX if acc_int8 else FP8_MAX, AQ_INT8=acc_int8, EPS=AMAX_EPS, RNE=_RNE_MAGIC,

@@ -221,8 +221,6 @@ def tune_quant_decode(weights, x: torch.Tensor, tw: torch.Tensor, ids: torch.Ten
     """The decode (T = 1) config of the quantized experts, tl.dot decode (from ``base``; skipped when not ``dot``)
     and GEMV decode: GEMM1's tile first, then GEMM2's, each timed as CUDA-graph replays of the whole quantized
     experts call (the activation quantizer included); the faster of the two modes wins."""
-    import triton.testing
-
     from .fused import fused_experts_quant
 
     ex = weights.extra
@@ -235,9 +233,14 @@ def tune_quant_decode(weights, x: torch.Tensor, tw: torch.Tensor, ids: torch.Ten
                                    ex.get("granularity", "per_token_channel"), bn_q, bk_q, config=cfg)
 
     def timed(cfg) -> float:
+        # as task=bench times it (one CUDA-graph replay per CUDA-event pair): do_bench_cudagraph replays many calls
+        # per graph, which hid ~20 us per call at mixtral's T = 1 and ranked configs differently
+        from ...tasks.bench import capture_graph, time_fn
+
         try:
             run(cfg)
-            return float(triton.testing.do_bench_cudagraph(lambda: run(cfg), rep=rep_ms, return_mode="median"))
+            graph, _ = capture_graph(lambda: run(cfg))
+            return time_fn(graph.replay, x.device, warmup=5, iters=200, min_iters=20, budget_s=rep_ms * 1e-3)
         except Exception as exc:  # noqa: BLE001 - a candidate that does not compile or fit is skipped
             if log:
                 log(f"  skipped {cfg['gemm1']} {cfg['gemm2']}: {type(exc).__name__}")
