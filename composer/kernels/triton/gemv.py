@@ -97,7 +97,13 @@ def _gemv_kernel(
             sxv = tl.full((BLOCK_K // 8,), 0.0, tl.float32)
             for m in tl.static_range(8):  # nibble m of every word: elements ke + m
                 xm = tl.load(x_row + ke + m, mask=k_ok, other=0.0).to(tl.float32)
-                f = ((((wu >> (4 * m)) & 0xF) << 19) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q / 16
+                # nibble m (bits 4m..4m+3) moved to mantissa bits 19..22 in one shift, masked and OR-ed with 1.0f
+                # (one LOP3): 1 + q / 16
+                if 4 * m <= 19:
+                    t = wu << (19 - 4 * m)
+                else:
+                    t = wu >> (4 * m - 19)
+                f = ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
                 p2 += f * xm[None, :]
                 sxv += xm
             p = tl.reduce(p2, 1, tl.standard._sum_combine)
@@ -204,9 +210,11 @@ def _gemv_kernel(
             tl.store(out_ptr + pair.to(tl.int64) * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=n < N)
 
 
-# How the GEMV reads int4 (A/B-measured on the GPU; all three are tested): 0 bytes, 1 int32 words as a 4D
-# [rows, groups, words, 8] tile, 2 int32 words with an unrolled loop over the 8 nibbles (the tile in one group)
-INT4_MODE = 0
+# How the GEMV reads int4 (all three are tested). 2, the default: int32 words with an unrolled loop over the 8
+# nibbles, the K tile inside one scale group; 0: bytes with the even / odd activations loaded apart; 1: int32
+# words as a 4D [rows, groups, words, 8] tile. H100, mixtral T = 1 GEMM1 (bench timing, 2026-11-27): 81 us (2),
+# 115 us (0), 224 us (1, layout conversions through shared memory in every iteration).
+INT4_MODE = 2
 
 
 def _pow2_divisor(n: int, cap: int) -> int:

@@ -198,9 +198,14 @@ def _gv(bn: int, bk: int, warps: int, stages: int, split: int = 1) -> dict[str, 
     return {**g, "SPLIT_K": split} if split > 1 else g
 
 
-def gemv_candidates(name: str) -> list[dict[str, Any]]:
+def gemv_candidates(name: str, method: str = "") -> list[dict[str, Any]]:
     """``"decode": "gemv"`` tiles: GEMM1's rows are gate and up (2 x BLOCK_N); GEMM2 (short N = H, long K = I)
-    also splits K over programs so that enough of them stream the weights."""
+    also splits K over programs so that enough of them stream the weights. int4's K tile stays inside one scale
+    group (128 at the benchmark's group size), so its candidates vary the rows, warps and splits instead."""
+    if method == "int4_w4a16":
+        if name == "gemm1":
+            return [_gv(bn, 128, w, 2) for bn in (8, 16, 32, 64) for w in (4, 8)]
+        return [_gv(bn, 128, 4, 2, sp) for bn in (8, 16, 32, 64) for sp in (2, 4, 8, 16)]
     if name == "gemm1":
         return [_gv(bn, bk, w, st) for bn, bk, w, st in (
             (8, 256, 4, 2), (16, 256, 4, 2), (32, 256, 4, 2), (8, 512, 4, 2), (16, 512, 4, 2), (16, 128, 4, 2),
@@ -248,7 +253,7 @@ def tune_quant_decode(weights, x: torch.Tensor, tw: torch.Tensor, ids: torch.Ten
 
     results = []
     for start, cands in (({**base, "decode": True, "BLOCK_M": 16}, lambda n: quant_decode_candidates(weights.quant)),
-                         (dict(GEMV_START), gemv_candidates)):
+                         (dict(GEMV_START), lambda n: gemv_candidates(n, weights.quant))):
         best = start
         best_t = timed(best)
         for name in ("gemm1", "gemm2") if dot or start["decode"] == "gemv" else ():  # not dot: time base only
