@@ -256,6 +256,8 @@ def tune_quant_decode(weights, x: torch.Tensor, tw: torch.Tensor, ids: torch.Ten
                          (dict(GEMV_START), lambda n: gemv_candidates(n, weights.quant))):
         best = start
         best_t = timed(best)
+        if log:
+            log(f"  {weights.quant} decode={best['decode']} start: {best_t * 1e3:.1f} us")
         for name in ("gemm1", "gemm2") if dot or start["decode"] == "gemv" else ():  # not dot: time base only
             for g in cands(name):
                 cand = {**best, name: g}
