@@ -224,10 +224,11 @@ GEMV_START = {"BLOCK_M": 16, "decode": "gemv", "reduce": "atomic", "gemm1": _gv(
 
 def tune_quant_decode(weights, x: torch.Tensor, tw: torch.Tensor, ids: torch.Tensor, base: dict[str, Any],
                       activation: str = "silu", rep_ms: int = 30,
-                      log: Callable[[str], None] | None = None, dot: bool = True) -> tuple[dict[str, Any], float]:
+                      log: Callable[[str], None] | None = None, dot: bool | None = True
+                      ) -> tuple[dict[str, Any], float]:
     """The decode (T = 1) config of the quantized experts, tl.dot decode (from ``base``; skipped when not ``dot``)
     and GEMV decode: GEMM1's tile first, then GEMM2's, each timed as CUDA-graph replays of the whole quantized
-    experts call (the activation quantizer included); the faster of the two modes wins."""
+    experts call (the activation quantizer included); the faster of the two modes wins (``dot=None``: GEMV only)."""
     from .fused import fused_experts_quant
 
     ex = weights.extra
@@ -256,6 +257,8 @@ def tune_quant_decode(weights, x: torch.Tensor, tw: torch.Tensor, ids: torch.Ten
     results = []
     for start, cands in (({**base, "decode": True, "BLOCK_M": 16}, lambda n: quant_decode_candidates(weights.quant)),
                          (dict(GEMV_START), lambda n: gemv_candidates(n, weights.quant))):
+        if dot is None and start["decode"] is True:
+            continue  # GEMV only
         best = start
         best_t = timed(best)
         if log:
@@ -280,7 +283,7 @@ QUANT_TUNE_METHODS = (("fp8_w8a8", {"granularity": "per_token_channel"}), ("int4
 
 def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]] | None = None,
                       log: Callable[[str], None] = print, methods: tuple[str, ...] | None = None,
-                      dot: bool = True) -> list[str]:
+                      dot: bool | None = True) -> list[str]:
     """The config tables of the quantized experts (``dtype=<method>`` files) for the benchmark shapes: T = 1 tuned
     by ``tune_quant_decode``, every other T the bfloat16 table's tiles. How the shipped tables were made:
     ``python -c "from composer.kernels.triton.tune import tune_quant_tables as t; t('DIR')"`` on the GPU
