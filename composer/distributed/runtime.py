@@ -347,5 +347,8 @@ class Job:
             abort(st)
             raise
         self.done = True
-        teardown(st, barrier=False)
+        # every rank is alive here: a final barrier keeps one rank from tearing its gloo connections down (and
+        # exiting) while a peer is still finishing the exchange (suspected cause of a rare abort at exit,
+        # "terminate called without an active exception", seen once in the 2-rank CPU tests)
+        teardown(st, barrier=True)
         return [(r, m) for r, m in gathered if m is not None and r != st.rank]
