@@ -9,7 +9,7 @@ import torch
 from .align import max_blocks, moe_align
 from .configs import fit_smem, get_config, heuristic_config
 from .gemm import ACT_CODES, SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, QuantSpec, gemm1, gemm2, zero_dropped_rows
-from .gemv import gemv
+from .gemv import _pow2_divisor, gemv
 
 
 @dataclass
@@ -129,13 +129,6 @@ def fused_experts(
 
 QUANT_METHODS = ("int8_w8a16", "int4_w4a16", "int8_w8a8", "fp8_w8a8")
 WS_CODES = {"per_tensor": 0, "per_token_channel": 1, "block": 2}
-
-
-def _pow2_divisor(n: int, cap: int) -> int:
-    p = 1
-    while p * 2 <= cap and n % (p * 2) == 0:
-        p *= 2
-    return p
 
 
 def _shape_gemm(g: dict[str, Any], q: QuantSpec) -> dict[str, Any]:

@@ -218,6 +218,7 @@ INT4_MODE = 2
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two <= cap that divides n (a K tile that lies inside a scale group)."""
     p = 1
     while p * 2 <= cap and n % (p * 2) == 0:
         p *= 2
