@@ -22,11 +22,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 gpu = pytest.mark.gpu
 
 
-def gemv_cfg(bn1=8, bk1=32, bn2=8, bk2=32, split=2, reduce="atomic", warps=4) -> dict:
+def gemv_cfg(bn1=8, bk1=32, bn2=8, bk2=32, split=2, reduce="atomic", warps=4, mma=False) -> dict:
     return validate_entry({"BLOCK_M": 16, "decode": "gemv", "reduce": reduce,
-                           "gemm1": {"BLOCK_N": bn1, "BLOCK_K": bk1, "num_warps": warps, "num_stages": 2},
+                           "gemm1": {"BLOCK_N": bn1, "BLOCK_K": bk1, "num_warps": warps, "num_stages": 2, "mma": mma},
                            "gemm2": {"BLOCK_N": bn2, "BLOCK_K": bk2, "num_warps": warps, "num_stages": 2,
-                                     "SPLIT_K": split}})
+                                     "SPLIT_K": split, "mma": mma}})
 
 
 @pytest.fixture
@@ -103,6 +103,39 @@ def test_interpreter_quant_vs_torch(method, params, dtype, gemv_calls):
     assert gemv_calls == [True, False, True, False]
 
 
+MMA_CASES = [  # method, dtype: the swapped-operand GEMV on tensor cores (mma: true)
+    ("none", torch.float32), ("none", torch.float16), ("int8_w8a16", torch.float16), ("int8_w8a8", torch.float32),
+    ("int8_w8a8", torch.float16),
+]
+
+
+@pytest.mark.parametrize("method,dtype", MMA_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_interpreter_mma_gemv(method, dtype, gemv_calls):
+    """mma=true: weights as the MMA's A operand, the activation as a 16-column B with one live column; ragged
+    N and K, bias, a dropped pair, split-K."""
+    x, tw, ids, w13, w2, b13, b2 = make_case(2, 5, 2, 80, 40, dtype, True, 0.25, seed=13)
+    cfg = gemv_cfg(8, 32, 16, 32, 2, mma=True)
+    with interpreter():
+        if method == "none":
+            out = fused_experts(x, tw, ids, w13, w2, b13, b2, "silu", config=cfg)
+            ref = oracle_experts(x, tw, ids, w13, w2, "silu", b13, b2)
+            tol = 1e-5 if dtype == torch.float32 else 2e-3
+        else:
+            w = quantize(method, w13, w2, b13, b2)
+            out = fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", method, w.w13_scale,
+                                      w.w2_scale, config=cfg)
+            ref = TorchExperts().apply(x, tw, ids, w, "silu").double()
+            tol = (TOL_W8A8 if method == "int8_w8a8" else TOL)[dtype]
+    assert gemv_calls == [True, False]
+    assert rel(out, ref) < tol
+
+
+def test_mma_gemv_refuses_tiles_below_the_mma_shape():
+    x, tw, ids, w13, w2, _, _ = make_case(1, 4, 2, 64, 32, torch.float32, False, 0.0, seed=1)
+    with interpreter(), pytest.raises(ValueError, match="mma=true needs at least 16 rows"):
+        fused_experts(x, tw, ids, w13, w2, config=gemv_cfg(4, 32, 16, 32, mma=True))
+
+
 def test_interpreter_w8a8_gemv_matches_dot_decode():
     """Both decode paths quantize the activation rows in the kernel with quant_rows' rule; int8 products are exact
     in either (int32 vs fp32 sums), so the outputs agree far below kernel=torch's tolerance."""
@@ -160,6 +193,8 @@ def test_config_validation_of_gemv_entries():
         validate_entry(bad)
     with pytest.raises(ValueError, match="decode must be"):
         validate_entry({**gemv_cfg(), "decode": "gemm"})
+    with pytest.raises(ValueError, match="gemm1.mma applies to decode"):
+        validate_entry({**gemv_cfg(16, 32, 16, 32, 1, mma=True), "decode": True})
     dot = {**gemv_cfg(), "decode": True}
     with pytest.raises(ValueError, match="BLOCK_N must be a power of two >= 16"):  # tl.dot tiles stay >= 16
         validate_entry(dot)
@@ -172,10 +207,15 @@ GPU_GEMV = {"BLOCK_M": 16, "decode": "gemv", "reduce": "atomic",
             "gemm2": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2, "SPLIT_K": 4}}
 
 
+GPU_GEMV_MMA = {**GPU_GEMV, "gemm1": {**GPU_GEMV["gemm1"], "mma": True},
+                "gemm2": {**GPU_GEMV["gemm2"], "mma": True}}
+
+
 @gpu
 @cuda
+@pytest.mark.parametrize("cfg", [GPU_GEMV, GPU_GEMV_MMA], ids=["fma", "mma"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_gpu_gemv_three_shapes(shape):
+def test_gpu_gemv_three_shapes(shape, cfg):
     """Every method (and bf16) through the GEMV decode at T = 1 vs kernel=torch, bf16, the three shapes; block
     fp8 falls back to the tl.dot decode."""
     E, k, H, I = SHAPES[shape]
@@ -185,9 +225,9 @@ def test_gpu_gemv_three_shapes(shape):
     x = torch.randn(1, H, device="cuda", generator=g).to(torch.bfloat16)
     tw, ids = torch.topk(torch.randn(1, E, device="cuda", generator=g).softmax(-1), k, dim=-1)
     tw, ids = tw.float(), ids.to(torch.int32)
-    out = fused_experts(x, tw, ids, w13, w2, config=GPU_GEMV)
+    out = fused_experts(x, tw, ids, w13, w2, config=cfg)
     err = rel(out, oracle_experts(x, tw, ids, w13, w2, "silu"))
-    print(f"[gemv-gpu] {shape} bf16 T=1: rel err vs float64 oracle {err:.2e}")
+    print(f"[gemv-gpu] {shape} mma={cfg['gemm1'].get('mma', False)} bf16 T=1: rel err vs float64 oracle {err:.2e}")
     assert err < 1e-2
     for method, params in ALL_VARIANTS:
         w = quantize(method, w13, w2, **params)
@@ -195,9 +235,9 @@ def test_gpu_gemv_three_shapes(shape):
         out = fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", method, w.w13_scale, w.w2_scale,
                                   w.a13_scale, w.a2_scale, w.w13_zero, w.w2_zero,
                                   ex.get("granularity", "per_token_channel"), *ex.get("block_shape", (128, 128)),
-                                  config=GPU_GEMV)
+                                  config=cfg)
         err = rel(out, TorchExperts().apply(x, tw, ids, w, "silu").double())
-        print(f"[gemv-gpu] {shape} {method} {params} T=1: rel err vs kernel=torch {err:.2e}")
+        print(f"[gemv-gpu] {shape} mma={cfg['gemm1'].get('mma', False)} {method} {params} T=1: rel err vs kernel=torch {err:.2e}")
         assert err < GPU_TOL[method], (shape, method, params, err)
         del w
         torch.cuda.empty_cache()

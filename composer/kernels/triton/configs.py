@@ -9,7 +9,8 @@ A file is named ``E={E},N={I},K={H},device_name={device},dtype={dtype}.json`` (d
 
 ``decode``: false (expert-sorted blocks), true (T = 1: one pair per program, tl.dot), or ``"gemv"`` (T = 1: one
 pair per program, FMA GEMVs in registers, ``gemv.py``; there ``BLOCK_N`` may be as small as 4 and GEMM2 takes
-``SPLIT_K``, the number of programs that share one tile's K range).
+``SPLIT_K``, the number of programs that share one tile's K range; ``mma: true`` runs the GEMV's products on
+tensor cores with the weights as the MMA's A operand).
 
 For a run with T tokens the entry with the nearest key is used (as vLLM does). Folders searched, first
 match wins: ``$COMPOSER_KERNEL_CONFIGS`` (a folder, or several joined by ``:``), folders added with
@@ -27,7 +28,7 @@ ENV_VAR = "COMPOSER_KERNEL_CONFIGS"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "configs"
 _extra_dirs: list[Path] = []
 
-GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma", "SPLIT_K")
+GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma", "SPLIT_K", "mma")
 
 
 def add_config_dir(path: str | os.PathLike) -> None:
@@ -81,8 +82,11 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
         if not isinstance(split, int) or split < 1 or (split > 1 and not (gemv and g == "gemm2")):
             problems.append(f"{g}.SPLIT_K must be an integer >= 1, and > 1 only for gemm2 with decode 'gemv'; "
                             f"got {split!r}")
-        if not isinstance(sub.get("tma", False), bool):
-            problems.append(f"{g}.tma must be true or false, got {sub.get('tma')!r}")
+        for key in ("tma", "mma"):
+            if not isinstance(sub.get(key, False), bool):
+                problems.append(f"{g}.{key} must be true or false, got {sub.get(key)!r}")
+        if sub.get("mma") and not gemv:
+            problems.append(f"{g}.mma applies to decode \"gemv\" tiles only")
         unknown = set(sub) - set(GEMM_KEYS)
         if unknown:
             problems.append(f"{g}: unknown keys {sorted(unknown)}; allowed: {', '.join(GEMM_KEYS)}")

@@ -13,6 +13,10 @@ fp32 with integer ops, multiplied by the activation row with FMAs and reduced al
   the kernel (FUSED_AQ, bit for bit ``quant_rows``' rule), so the products are those of the quantized
   values, exact in fp32, and the scales are applied once per output channel.
 
+``mma: true`` in the tile config swaps the roles instead: the weight tile is the MMA's A operand ([rows, K], so
+the tensor core's M is the channel count, not the single token) and the activation a 16-column B operand with
+one live column; the products stay those of the quantized values (fp8 promoted per K tile, int8 into int32).
+
 One kernel serves both GEMMs. ``GATED`` (GEMM1): the rows of a tile interleave gate and up channels
 (row ``2j`` is gate channel ``n0 + j``, row ``2j + 1`` up channel ``N + n0 + j``), so both come from the same
 loads and product code and are split apart for the activation. Otherwise (GEMM2) the tile is plain rows of
@@ -42,7 +46,7 @@ def _gemv_kernel(
     stride_xm, stride_we, stride_wn, stride_be, stride_om,
     stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, ROWS: tl.constexpr, GK: tl.constexpr,
-    INT4_MODE: tl.constexpr,
+    INT4_MODE: tl.constexpr, MMA: tl.constexpr, ACC_INT: tl.constexpr, PRECISION: tl.constexpr,
     GATED: tl.constexpr, X_PER_TOKEN: tl.constexpr,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, ATOMIC: tl.constexpr,
     WQ: tl.constexpr, WS: tl.constexpr, QBK: tl.constexpr, HAS_ZERO: tl.constexpr,
@@ -164,6 +168,12 @@ def _gemv_kernel(
         offs_k = tl.arange(0, BLOCK_K)
         w_ptrs = w_rows[:, None] + offs_k[None, :]
         acc = tl.full((ROWS,), 0.0, tl.float32)
+        if MMA:  # swapped operands: weights [ROWS, K] x activation column [K, 16] (column 0 live) on tensor cores
+            col0 = tl.arange(0, 16)[None, :] == 0
+            if ACC_INT:
+                acc2 = tl.full((ROWS, 16), 0, tl.int32)
+            else:
+                acc2 = tl.full((ROWS, 16), 0.0, tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             k_ok = k0 + offs_k < k_hi
             xv = tl.load(x_row + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
@@ -173,8 +183,24 @@ def _gemv_kernel(
                     xv = (q + RNE) - RNE
                 else:
                     xv = q.to(w_ptr.dtype.element_ty).to(tl.float32)
-            wv = tl.load(w_ptrs + k0, mask=k_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.reduce(wv * xv[None, :], 1, tl.standard._sum_combine)
+            if MMA:
+                wv = tl.load(w_ptrs + k0, mask=k_ok[None, :], other=0)
+                if WQ == 3:  # the quantized values on both sides (fp8 / int8)
+                    xt = tl.where(col0, xv[:, None], 0.0).to(w_ptr.dtype.element_ty)
+                else:  # the activations' dtype on both sides (int8 weights are exact in bf16 / fp16)
+                    xt = tl.where(col0, xv[:, None], 0.0).to(x_ptr.dtype.element_ty)
+                    wv = wv.to(x_ptr.dtype.element_ty)
+                if ACC_INT:
+                    acc2 = tl.dot(wv, xt, acc2, out_dtype=tl.int32)
+                elif WQ == 3:  # fp8: promoted to fp32 after every K tile (gemm.py, FP8_PROMOTE)
+                    acc2 = tl.dot(wv, xt, acc2, max_num_imprecise_acc=BLOCK_K)
+                else:
+                    acc2 = tl.dot(wv, xt, acc2, input_precision=PRECISION)
+            else:
+                wv = tl.load(w_ptrs + k0, mask=k_ok[None, :], other=0.0).to(tl.float32)
+                acc += tl.reduce(wv * xv[None, :], 1, tl.standard._sum_combine)
+        if MMA:
+            acc = tl.reduce(acc2.to(tl.float32), 1, tl.standard._sum_combine)
         if WQ == 1:  # int8 w8a16: per-channel scale
             acc = acc * tl.load(ws_base + ch * stride_wsn).to(tl.float32)
         if WQ == 3:  # w8a8: activation scale x weight scale (per expert or per channel)
@@ -265,6 +291,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         mode = 0  # words need whole words per group slice and 4-byte aligned rows
     if mode:
         w = w.view(torch.int32)
+    mma = bool(cfg.get("mma", False)) and wq != 2  # (int4 keeps the FMA GEMV)
+    if mma and (2 * bn if gated else bn) < 16 or mma and bk < 32:
+        raise ValueError(f"a GEMV with mma=true needs at least 16 rows (gemm1: BLOCK_N >= 8, gemm2: BLOCK_N >= 16) "
+                         f"and BLOCK_K >= 32, got BLOCK_N={bn}, BLOCK_K={bk}")
     split = max(1, int(cfg.get("SPLIT_K", 1))) if (not gated and atomic) else 1
     k_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
     split = triton.cdiv(K, k_split)
@@ -279,7 +309,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         N, K, top_k, k_split,
         x.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0, out.stride(0),
         wss[0], wss[1], wss[2], wzs[0], wzs[1], wzs[2],
-        BLOCK_N=bn, BLOCK_K=bk, NG=ng, ROWS=2 * bn if gated else bn, GK=bk // ng, INT4_MODE=mode, GATED=gated, X_PER_TOKEN=gated, ACT=activation_code,
+        BLOCK_N=bn, BLOCK_K=bk, NG=ng, ROWS=2 * bn if gated else bn, GK=bk // ng, INT4_MODE=mode, MMA=mma, ACC_INT=mma and wq == 3 and acc_int8,
+        PRECISION="ieee" if x.dtype == torch.float32 else None, GATED=gated, X_PER_TOKEN=gated, ACT=activation_code,
         HAS_BIAS=bias is not None, ALPHA=alpha, LIMIT=limit, ATOMIC=atomic,
         WQ=wq, WS=ws, QBK=group, HAS_ZERO=w_zero is not None,
         AQ=aq, QMAX=INT8_MAX if acc_int8 else FP8_MAX, AQ_INT8=acc_int8, EPS=AMAX_EPS, RNE=_RNE_MAGIC,

@@ -193,9 +193,23 @@ def quant_decode_candidates(method: str) -> list[dict[str, Any]]:
             + [_g(bn, bk, 8, st) for bn, bk, st in ((64, 256, 4), (64, 512, 3), (128, 256, 3), (128, 128, 5))])
 
 
-def _gv(bn: int, bk: int, warps: int, stages: int, split: int = 1) -> dict[str, int]:
-    g = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
-    return {**g, "SPLIT_K": split} if split > 1 else g
+def _gv(bn: int, bk: int, warps: int, stages: int, split: int = 1, mma: bool = False) -> dict[str, Any]:
+    g: dict[str, Any] = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
+    if split > 1:
+        g["SPLIT_K"] = split
+    if mma:
+        g["mma"] = True
+    return g
+
+
+def _gemv_mma_candidates(name: str) -> list[dict[str, Any]]:
+    """Swapped-operand GEMVs on tensor cores (``mma``): the channel tile is the MMA's M (GEMM1: 2 x BLOCK_N rows)."""
+    if name == "gemm1":
+        return [_gv(bn, bk, w, st, 1, True) for bn, bk, w, st in (
+            (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (64, 256, 4, 3), (64, 128, 8, 4), (128, 128, 8, 3))]
+    return [_gv(bn, bk, w, st, sp, True) for bn, bk, w, st, sp in (
+        (64, 128, 4, 3, 1), (64, 128, 4, 3, 2), (64, 128, 4, 3, 4), (64, 256, 4, 3, 4), (64, 128, 4, 3, 8),
+        (128, 128, 4, 3, 4), (128, 128, 8, 3, 8), (64, 256, 4, 4, 8))]
 
 
 def gemv_candidates(name: str, method: str = "") -> list[dict[str, Any]]:
@@ -207,11 +221,11 @@ def gemv_candidates(name: str, method: str = "") -> list[dict[str, Any]]:
             return [_gv(bn, 128, w, 2) for bn in (8, 16, 32, 64, 128) for w in (4, 8)]
         return [_gv(bn, 128, 4, 2, sp) for bn in (16, 32, 64, 128) for sp in (2, 4, 8, 16, 32)]
     if name == "gemm1":
-        return [_gv(bn, bk, w, st) for bn, bk, w, st in (
+        return _gemv_mma_candidates(name) + [_gv(bn, bk, w, st) for bn, bk, w, st in (
             (8, 256, 4, 2), (16, 256, 4, 2), (32, 256, 4, 2), (8, 512, 4, 2), (16, 512, 4, 2), (16, 128, 4, 2),
             (16, 256, 8, 2), (32, 512, 8, 2), (16, 256, 4, 3), (32, 256, 8, 3), (32, 128, 4, 2), (64, 128, 8, 2))]
     # GEMM2: int4 on an H100 wanted 64-channel tiles split 16 ways over K (mixtral T = 1: 152 -> 122 us)
-    return [_gv(bn, bk, w, st, sp) for bn, bk, w, st, sp in (
+    return _gemv_mma_candidates(name) + [_gv(bn, bk, w, st, sp) for bn, bk, w, st, sp in (
         (16, 256, 4, 2, 1), (16, 256, 4, 2, 2), (16, 256, 4, 2, 4), (32, 256, 4, 2, 4), (8, 256, 4, 2, 4),
         (16, 512, 4, 2, 4), (16, 256, 8, 2, 4), (8, 512, 4, 2, 8), (32, 512, 8, 2, 2), (16, 128, 4, 2, 8),
         (16, 256, 4, 3, 4), (32, 256, 4, 2, 8), (64, 256, 4, 2, 8), (64, 256, 4, 2, 16), (32, 128, 4, 2, 16),
@@ -220,6 +234,8 @@ def gemv_candidates(name: str, method: str = "") -> list[dict[str, Any]]:
 
 GEMV_START = {"BLOCK_M": 16, "decode": "gemv", "reduce": "atomic", "gemm1": _gv(16, 256, 4, 2),
               "gemm2": _gv(16, 256, 4, 2, 4)}
+GEMV_MMA_START = {"BLOCK_M": 16, "decode": "gemv", "reduce": "atomic", "gemm1": _gv(32, 128, 4, 3, 1, True),
+                  "gemm2": _gv(64, 128, 4, 3, 4, True)}
 
 
 def tune_quant_decode(weights, x: torch.Tensor, tw: torch.Tensor, ids: torch.Tensor, base: dict[str, Any],
