@@ -184,7 +184,7 @@ def _gemv_kernel(
                 else:
                     xv = q.to(w_ptr.dtype.element_ty).to(tl.float32)
             if MMA:
-                wv = tl.load(w_ptrs + k0, mask=k_ok[None, :], other=0)
+                wv = tl.load(w_ptrs + k0, mask=k_ok[None, :], other=0.0)  # (a float other: fp8 takes no int)
                 if WQ == 3:  # the quantized values on both sides (fp8 / int8)
                     xt = tl.where(col0, xv[:, None], 0.0).to(w_ptr.dtype.element_ty)
                 else:  # the activations' dtype on both sides (int8 weights are exact in bf16 / fp16)
