@@ -175,6 +175,25 @@ def test_interpreter_fused_activation_quant_matches_quant_rows(dtype):
     assert rel(outs[0], TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL_W8A8[dtype]
 
 
+@pytest.mark.parametrize("decode", [True, False])
+def test_interpreter_w8a8_tma_weights(decode):
+    """w8a8 weights read through TMA descriptors (``tma: true``; they need no dequantization) give what pointer
+    loads give."""
+    from composer.kernels.triton.fused import fused_experts_quant
+
+    x, tw, ids, w13, w2, b13, b2 = make_case(3, 4, 2, 64, 48, torch.float32, True, 0.0, seed=21)
+    w = quantize("int8_w8a8", w13, w2, b13, b2)
+    outs = []
+    with interpreter():
+        for tma in (False, True):
+            cfg = _cfg(decode)
+            cfg["gemm1"]["tma"] = cfg["gemm2"]["tma"] = tma
+            outs.append(fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int8_w8a8",
+                                            w.w13_scale, w.w2_scale, config=cfg))
+    assert rel(outs[1], outs[0].double()) < 1e-6
+    assert rel(outs[1], TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL_W8A8[torch.float32]
+
+
 def test_interpreter_int8_activation_quantizer_matches_torch():
     """int8 rows: round half to even and the clamp, bit for bit with composer.quant (incl. exact .5 ties)."""
     from composer.kernels.triton.quant import quant_rows

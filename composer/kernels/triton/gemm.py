@@ -525,7 +525,7 @@ def gemm1(x, w13, w13_bias, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, 
     H = x.shape[1]
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     b = w13_bias if w13_bias is not None else w13  # any pointer; unused without HAS_BIAS
-    desc = _weight_desc(w13, bn, bk) if cfg.get("tma") and q.wq == 0 else None
+    desc = _weight_desc(w13, bn, bk) if cfg.get("tma") and q.wq in (0, 3) else None  # (w8a8: no dequantization)
     qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, bk, H, w13, x.dtype, aq)
     _gemm1_kernel[_grid(num_pid_m, I, bn)](
         x, w13, desc, b, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, *qargs,
@@ -547,7 +547,7 @@ def gemm2(inter, w2, w2_bias, topk_weights_flat, out, sorted_ids, expert_ids, nt
     H = w2.shape[1]
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     b = w2_bias if w2_bias is not None else w2
-    desc = _weight_desc(w2, bn, bk) if cfg.get("tma") and q.wq == 0 else None
+    desc = _weight_desc(w2, bn, bk) if cfg.get("tma") and q.wq in (0, 3) else None
     qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, bk, I, w2, inter.dtype, aq)
     _gemm2_kernel[_grid(num_pid_m, H, bn)](
         inter, w2, desc, b, topk_weights_flat, out, sorted_ids, expert_ids, ntpp, topk_ids_flat, *qargs,

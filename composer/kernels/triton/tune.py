@@ -189,8 +189,10 @@ def quant_decode_candidates(method: str) -> list[dict[str, Any]]:
         return [_g(bn, 128, 4, st) for bn in (32, 64, 128) for st in (3, 4, 5)]
     # w8a8 at T = 1 streamed the weights at 72-75% of the copy rate with these 4-warp tiles (H100, 2026-11-27)
     # against 97% for bf16: also try 8 warps and wider N tiles (more bytes in flight per program)
-    return ([_g(bn, bk, 4, st) for bn in (32, 64) for bk in (256, 512) for st in (3, 5)]
+    base = ([_g(bn, bk, 4, st) for bn in (32, 64) for bk in (256, 512) for st in (3, 5)]
             + [_g(bn, bk, 8, st) for bn, bk, st in ((64, 256, 4), (64, 512, 3), (128, 256, 3), (128, 128, 5))])
+    # w8a8 weights need no dequantization, so they can also come by TMA (as bf16's do)
+    return base + [{**g, "tma": True} for g in base[:4] + base[8:10]]
 
 
 def _gv(bn: int, bk: int, warps: int, stages: int, split: int = 1, mma: bool = False) -> dict[str, Any]:
