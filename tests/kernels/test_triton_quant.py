@@ -321,6 +321,30 @@ def test_gpu_k_not_multiple_of_tile(method, params):
 
 @gpu
 @cuda
+@pytest.mark.parametrize("promote", [2, 4])
+def test_gpu_fp8_promote_every_few_tiles(promote):
+    """fp8_promote = N: the tensor core accumulates N K tiles between fp32 additions; still within the bf16 tolerance
+    of kernel=torch, at decode, a ragged T and prefill (K = 1536 / 768: 6 to 24 tiles, a partial last group)."""
+    from composer.kernels.triton.fused import fused_experts_quant, quant_config
+
+    for T in (1, 33, 2048):
+        x, tw, ids, w13, w2, _, _ = make_case(T, 16, 4, 1536, 768, torch.bfloat16, False, 0.0, seed=T, device="cuda")
+        w = quantize("fp8_w8a8", w13, w2, granularity="per_token_channel")
+        ref = TorchExperts().apply(x, tw, ids, w, "silu").double()
+        cfg = {kk: v for kk, v in quant_config(T, 16, 768, 1536, 4, "fp8_w8a8", torch.bfloat16, "cuda").items()
+               if kk != "source"}
+        if cfg.get("decode") == "gemv":
+            cfg = {**cfg, "decode": True}
+        cfg["gemm1"] = {**cfg["gemm1"], "BLOCK_N": max(cfg["gemm1"]["BLOCK_N"], 16), "fp8_promote": promote}
+        cfg["gemm2"] = {**cfg["gemm2"], "BLOCK_N": max(cfg["gemm2"]["BLOCK_N"], 16), "fp8_promote": promote}
+        cfg["gemm1"].pop("SPLIT_K", None), cfg["gemm2"].pop("SPLIT_K", None), cfg["gemm1"].pop("mma", None), cfg["gemm2"].pop("mma", None)
+        out = fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", "fp8_w8a8", w.w13_scale, w.w2_scale,
+                                  config=cfg)
+        assert rel(out, ref) < GPU_TOL["fp8_w8a8"], (T, promote, rel(out, ref))
+
+
+@gpu
+@cuda
 def test_gpu_quant_compile_and_graph():
     """The quantized op traces under torch.compile(fullgraph=True) (inductor) and replays in a CUDA graph on new
     inputs. fp32 atomics add the top-k terms in any order, so runs agree up to the last bits."""

@@ -10,7 +10,8 @@ A file is named ``E={E},N={I},K={H},device_name={device},dtype={dtype}.json`` (d
 ``decode``: false (expert-sorted blocks), true (T = 1: one pair per program, tl.dot), or ``"gemv"`` (T = 1: one
 pair per program, FMA GEMVs in registers, ``gemv.py``; there ``BLOCK_N`` may be as small as 4 and GEMM2 takes
 ``SPLIT_K``, the number of programs that share one tile's K range; ``mma: true`` runs the GEMV's products on
-tensor cores with the weights as the MMA's A operand).
+tensor cores with the weights as the MMA's A operand). ``fp8_promote`` (fp8 per-tensor / per-channel): K tiles
+accumulated in the tensor core between additions to the fp32 accumulator (default ``gemm.FP8_PROMOTE_TILES``).
 
 For a run with T tokens the entry with the nearest key is used (as vLLM does). Folders searched, first
 match wins: ``$COMPOSER_KERNEL_CONFIGS`` (a folder, or several joined by ``:``), folders added with
@@ -28,7 +29,7 @@ ENV_VAR = "COMPOSER_KERNEL_CONFIGS"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "configs"
 _extra_dirs: list[Path] = []
 
-GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma", "SPLIT_K", "mma")
+GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma", "SPLIT_K", "mma", "fp8_promote")
 
 
 def add_config_dir(path: str | os.PathLike) -> None:
@@ -78,6 +79,9 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
             least = 4 if gemv and key == "BLOCK_N" else 16
             if not isinstance(v, int) or v < least or v & (v - 1):
                 problems.append(f"{g}.{key} must be a power of two >= {least}, got {v!r}")
+        promote = sub.get("fp8_promote", 1)
+        if not isinstance(promote, int) or isinstance(promote, bool) or promote < 1:
+            problems.append(f"{g}.fp8_promote must be an integer >= 1 (K tiles per fp32 promotion), got {promote!r}")
         split = sub.get("SPLIT_K", 1)
         if not isinstance(split, int) or split < 1 or (split > 1 and not (gemv and g == "gemm2")):
             problems.append(f"{g}.SPLIT_K must be an integer >= 1, and > 1 only for gemm2 with decode 'gemv'; "

@@ -48,7 +48,7 @@ def _gemm1_kernel(
     ALPHA: tl.constexpr, LIMIT: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     WQ: tl.constexpr, WS: tl.constexpr, QBN: tl.constexpr, QBK: tl.constexpr, GROUP_TILE: tl.constexpr,
     HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr,
-    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
+    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr, PROMOTE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -118,6 +118,9 @@ def _gemm1_kernel(
     else:
         acc_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         acc_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    if PROMOTE > 1:  # fp8: the tensor core accumulates PROMOTE tiles, then they are added in fp32
+        part_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        part_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     # TMA: the weights of expert e are rows [e * 2N, (e + 1) * 2N) of w13 viewed as [E * 2N, K]; a tile that
     # runs past N reads the next rows (or zeros past the end), and those columns are masked at the store.
     row_g = expert * (2 * N) + pid_n * BLOCK_N
@@ -215,6 +218,14 @@ def _gemm1_kernel(
             elif ACC_INT:
                 acc_g = tl.dot(a, g, acc_g, out_dtype=tl.int32)
                 acc_u = tl.dot(a, u, acc_u, out_dtype=tl.int32)
+            elif WQ == 3 and PROMOTE > 1:  # fp8: promote every PROMOTE K tiles (see FP8_PROMOTE)
+                part_g = tl.dot(a, g, part_g)
+                part_u = tl.dot(a, u, part_u)
+                if kk % PROMOTE == PROMOTE - 1:
+                    acc_g += part_g
+                    acc_u += part_u
+                    part_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+                    part_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
             elif WQ == 3:  # fp8: promote to the fp32 accumulator after every K tile (see FP8_PROMOTE)
                 acc_g = tl.dot(a, g, acc_g, max_num_imprecise_acc=BLOCK_K)
                 acc_u = tl.dot(a, u, acc_u, max_num_imprecise_acc=BLOCK_K)
@@ -225,6 +236,9 @@ def _gemm1_kernel(
             g_ptrs += BLOCK_K * stride_wk
             u_ptrs += BLOCK_K * stride_wk
 
+    if PROMOTE > 1:
+        acc_g += part_g
+        acc_u += part_u
     if WQ == 3 and WS != 2:  # w8a8: per-token activation scale x weight scale (per expert or channel)
         if AQ != 0:
             a_s = a_scale
@@ -269,7 +283,7 @@ def _gemm2_kernel(
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     WQ: tl.constexpr, WS: tl.constexpr, QBN: tl.constexpr, QBK: tl.constexpr, GROUP_TILE: tl.constexpr,
     HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr,
-    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
+    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr, PROMOTE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -330,6 +344,8 @@ def _gemm2_kernel(
         acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
     else:
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    if PROMOTE > 1:
+        part = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     row_w = expert * N + pid_n * BLOCK_N  # w2 viewed as [E * N, K]
     for kk in range(0, (K + BLOCK_K - 1) // BLOCK_K):
         if WQ == 2:
@@ -399,6 +415,11 @@ def _gemm2_kernel(
                 acc += tl.dot(a, w) * a_s[:, None] * b_s[None, :]
             elif ACC_INT:
                 acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+            elif WQ == 3 and PROMOTE > 1:
+                part = tl.dot(a, w, part)
+                if kk % PROMOTE == PROMOTE - 1:
+                    acc += part
+                    part = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
             elif WQ == 3:
                 acc = tl.dot(a, w, acc, max_num_imprecise_acc=BLOCK_K)
             else:
@@ -406,6 +427,8 @@ def _gemm2_kernel(
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += BLOCK_K * stride_wk
 
+    if PROMOTE > 1:
+        acc += part
     if WQ == 3 and WS != 2:
         if AQ != 0:
             a_s = a_scale
@@ -506,6 +529,19 @@ def _strides(t: torch.Tensor | None, n: int) -> list[int]:
 INT4_MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
 
 
+# FP8_PROMOTE_TILES: how many K tiles an fp8 dot (per-tensor / per-channel) accumulates in the tensor core before
+# the partial sum is added to the fp32 accumulator; a tile config's "fp8_promote" overrides it. 1 is
+# max_num_imprecise_acc = BLOCK_K (the most precise); every promotion makes the MMA wait, which cost prefill
+# (T >= 1024) fp8 its lead over bf16 on an H100.
+FP8_PROMOTE_TILES = 1
+
+
+def _promote(q: QuantSpec, cfg: dict) -> int:
+    if q.wq != 3 or q.acc_int or q.ws == 2:  # int8 sums exactly; block fp8 already scales per tile
+        return 1
+    return int(cfg.get("fp8_promote", FP8_PROMOTE_TILES))
+
+
 def _quant_args(q: QuantSpec, a_scale, w_scale, w_zero, block_k: int, K: int, fallback: torch.Tensor,
                 fallback_dtype: torch.dtype | None = None, aq: int = 0):
     args = [a_scale if a_scale is not None else fallback, w_scale if w_scale is not None else fallback,
@@ -536,7 +572,7 @@ def gemm1(x, w13, w13_bias, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, 
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 1),
         ACT=ACT_CODES[activation], HAS_BIAS=w13_bias is not None, DIRECT=direct, EVEN_K=H % bk == 0,
         ALPHA=SWIGLUOAI_ALPHA, LIMIT=SWIGLUOAI_LIMIT, PRECISION=_precision(x.dtype), USE_TMA=desc is not None,
-        **qmeta, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        **qmeta, PROMOTE=_promote(q, cfg), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
 
 
@@ -558,5 +594,5 @@ def gemm2(inter, w2, w2_bias, topk_weights_flat, out, sorted_ids, expert_ids, nt
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 1),
         HAS_BIAS=w2_bias is not None, DIRECT=direct, EVEN_K=I % bk == 0, ATOMIC=atomic,
         PRECISION=_precision(inter.dtype), USE_TMA=desc is not None,
-        **qmeta, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        **qmeta, PROMOTE=_promote(q, cfg), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
