@@ -194,6 +194,21 @@ def test_interpreter_w8a8_tma_weights(decode):
     assert rel(outs[1], TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL_W8A8[torch.float32]
 
 
+def test_w8a8_borrow_model_dtype_tiles_with_wider_k():
+    """Without a method table, w8a8 takes the model dtype's tiles with K tiles of at least 128 (one-byte elements:
+    the bytes of a 64-wide bf16 stage, half the fp8 promotions); w*a16 takes them as they are."""
+    from composer.kernels.triton.fused import quant_config
+
+    for T in (16, 4096):
+        bf = quant_config(T, 8, 64, 64, 2, "int4_w4a16", torch.float32, "cpu")
+        for method in ("fp8_w8a8", "int8_w8a8"):
+            cfg = quant_config(T, 8, 64, 64, 2, method, torch.float32, "cpu")
+            for g in ("gemm1", "gemm2"):
+                assert cfg[g]["BLOCK_K"] == max(bf[g]["BLOCK_K"], 128)
+                assert {kk: v for kk, v in cfg[g].items() if kk != "BLOCK_K"} == \
+                    {kk: v for kk, v in bf[g].items() if kk != "BLOCK_K"}
+
+
 def test_interpreter_int8_activation_quantizer_matches_torch():
     """int8 rows: round half to even and the clamp, bit for bit with composer.quant (incl. exact .5 ties)."""
     from composer.kernels.triton.quant import quant_rows

@@ -311,6 +311,7 @@ def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]]
 
     from ...tasks.bench import Shape, make_weights, quantize_weights
     from .configs import PACKAGE_DIR, config_file_name, device_name, get_config
+    from .fused import w8a8_tiles
 
     os.makedirs(out_dir, exist_ok=True)
     written = []
@@ -338,12 +339,13 @@ def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]]
             table: dict[str, Any] = {"_note": (
                 f"{method}: T=1 tuned by composer.kernels.triton.tune.tune_quant_decode on one "
                 f"{torch.cuda.get_device_name()} (_us: CUDA-graph median of the whole quantized experts call); "
-                "other T: the bfloat16 table's tiles")}
+                "other T: the bfloat16 table's tiles (w8a8: K tiles of at least 128, fused.w8a8_tiles)")}
             bf = PACKAGE_DIR / config_file_name(E, I, H, device_name(), "bfloat16")
             if bf.is_file():
                 for T, e in json.loads(bf.read_text()).items():
                     if not T.startswith("_") and T != "1":
-                        table[T] = {kk: v for kk, v in e.items() if kk != "_us"}
+                        e = {kk: v for kk, v in e.items() if kk != "_us"}
+                        table[T] = w8a8_tiles(e) if method in ("fp8_w8a8", "int8_w8a8") else e
             table["1"] = {**entry, "_us": round(t * 1e3, 1)}
             table = dict(sorted(table.items(), key=lambda kv: -1 if kv[0].startswith("_") else int(kv[0])))
             path = os.path.join(out_dir, config_file_name(E, I, H, device_name(), method))
