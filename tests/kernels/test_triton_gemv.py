@@ -164,6 +164,20 @@ def test_interpreter_int4_read_modes(mode, monkeypatch):
     assert rel(out, TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("split", [1, 3])
+def test_interpreter_fused_epilogue_equals_separate_launches(split, monkeypatch):
+    """GEMV_FUSED_EPILOGUE (sums zeroed in GEMM1, the last-arriving GEMM2 program casts) gives exactly what the
+    memset + atomics + cast launches give: dropped pairs, top_k = E, split-K (k x SPLIT_K arrivals per tile)."""
+    x, tw, ids, w13, w2, b13, b2 = make_case(3, 3, 3, 40, 48, torch.float16, True, 0.3, seed=17)
+    outs = []
+    with interpreter():
+        for fused_epi in (True, False):
+            monkeypatch.setattr(fused, "GEMV_FUSED_EPILOGUE", fused_epi)
+            outs.append(fused_experts(x, tw, ids, w13, w2, b13, b2, "silu", config=gemv_cfg(8, 16, 8, 16, split)))
+    assert torch.equal(outs[0], outs[1])
+    assert rel(outs[0], oracle_experts(x, tw, ids, w13, w2, "silu", b13, b2)) < 2e-3
+
+
 def test_interpreter_int4_fault_is_caught():
     """A wrong group scale must fail the comparison (the int4 trick cannot hide an error)."""
     x, tw, ids, w13, w2, _, _ = make_case(1, 4, 2, 64, 32, torch.float32, False, 0.0, seed=2)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import triton
 
 from .align import max_blocks, moe_align
 from .configs import fit_smem, get_config, heuristic_config
@@ -68,18 +69,31 @@ def _reduce(out: torch.Tensor, r: _Routing, x: torch.Tensor) -> torch.Tensor:
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
+# GEMV decode with reduce="atomic": zero the sums in GEMM1 and cast in GEMM2's last-arriving program (two launches
+# instead of four); False: a memset and a cast launch around them (kept for A/B runs and tests)
+GEMV_FUSED_EPILOGUE = True
+
+
 def _decode_gemv(x, r: _Routing, k: int, activation: str, config: dict[str, Any], w13, w2, w13_bias, w2_bias,
                  inter: torch.Tensor, wq: int = 0, ws: int = 1, groups: tuple[int, int] = (1, 1),
                  scales: tuple = (None, None), act_scales: tuple = (None, None), zeros: tuple = (None, None),
                  aq: tuple[int, int] = (0, 0), acc_int8: bool = False) -> torch.Tensor:
-    """T = 1 with ``"decode": "gemv"``: both GEMMs as GEMVs (gemv.py), no tensor cores."""
+    """T = 1 with ``"decode": "gemv"``: both GEMMs as GEMVs (gemv.py). With atomic reduction the top-k epilogue
+    (zeroing the fp32 sums, the final cast) rides in the two GEMV launches (``GEMV_FUSED_EPILOGUE``)."""
+    T, H = x.shape
+    epi = None
+    if r.atomic and GEMV_FUSED_EPILOGUE:
+        sums = torch.empty(T, H, dtype=torch.float32, device=x.device)
+        counters = torch.empty(T * triton.cdiv(H, config["gemm2"]["BLOCK_N"]), dtype=torch.int32, device=x.device)
+        epi = (sums, counters, torch.empty_like(x))
     gemv(x, w13, w13_bias, inter, r.ids, k, config["gemm1"], gated=True, activation_code=ACT_CODES[activation],
          wq=wq, ws=ws, group=groups[0], a_scale=act_scales[0], w_scale=scales[0], w_zero=zeros[0], aq=aq[0],
-         acc_int8=acc_int8, alpha=SWIGLUOAI_ALPHA, limit=SWIGLUOAI_LIMIT)
-    out = _out_buffer(r, x, x.shape[1])
+         acc_int8=acc_int8, alpha=SWIGLUOAI_ALPHA, limit=SWIGLUOAI_LIMIT, epilogue=epi)
+    out = epi[0] if epi else _out_buffer(r, x, H)
     gemv(inter, w2, w2_bias, out, r.ids, k, config["gemm2"], gated=False, tw=r.tw, atomic=r.atomic, wq=wq, ws=ws,
-         group=groups[1], a_scale=act_scales[1], w_scale=scales[1], w_zero=zeros[1], aq=aq[1], acc_int8=acc_int8)
-    return _reduce(out, r, x)
+         group=groups[1], a_scale=act_scales[1], w_scale=scales[1], w_zero=zeros[1], aq=aq[1], acc_int8=acc_int8,
+         epilogue=epi)
+    return epi[2] if epi else _reduce(out, r, x)
 
 
 def fused_experts(

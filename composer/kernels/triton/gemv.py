@@ -41,8 +41,8 @@ from .quant import _RNE_MAGIC, AMAX_EPS, FP8_MAX, INT8_MAX
 
 @lazy_jit
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, tw_ptr, out_ptr, ids_ptr, as_ptr, ws_ptr, wz_ptr,
-    N, K, top_k, k_split,
+    x_ptr, w_ptr, b_ptr, tw_ptr, out_ptr, ids_ptr, as_ptr, ws_ptr, wz_ptr, cnt_ptr, acc_ptr, y_ptr,
+    N, K, top_k, k_split, zero_numel, cnt_numel, n_tiles_out, arrivals,
     stride_xm, stride_we, stride_wn, stride_be, stride_om,
     stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, ROWS: tl.constexpr, GK: tl.constexpr,
@@ -51,12 +51,29 @@ def _gemv_kernel(
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, ATOMIC: tl.constexpr,
     WQ: tl.constexpr, WS: tl.constexpr, QBK: tl.constexpr, HAS_ZERO: tl.constexpr,
     AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
+    FUSE_EPI: tl.constexpr, ZBLOCK: tl.constexpr,
 ):
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
+    if FUSE_EPI and GATED:  # GEMM1 zeroes GEMM2's fp32 sums and arrival counters (GEMM2 runs after it)
+        nprog = tl.num_programs(0) * tl.num_programs(1)
+        lin = pair * tl.num_programs(1) + pid_n
+        zc = (zero_numel + nprog - 1) // nprog
+        z_end = tl.minimum(zero_numel, lin * zc + zc)
+        for z0 in range(lin * zc, z_end, ZBLOCK):
+            offs_z = z0 + tl.arange(0, ZBLOCK)
+            tl.store(acc_ptr + offs_z, tl.full((ZBLOCK,), 0.0, tl.float32), mask=offs_z < z_end)
+        cc = (cnt_numel + nprog - 1) // nprog
+        c_end = tl.minimum(cnt_numel, lin * cc + cc)
+        for c0 in range(lin * cc, c_end, ZBLOCK):
+            offs_c = c0 + tl.arange(0, ZBLOCK)
+            tl.store(cnt_ptr + offs_c, tl.full((ZBLOCK,), 0, tl.int32), mask=offs_c < c_end)
     expert = tl.load(ids_ptr + pair)
-    if expert < 0:
+    live = expert >= 0
+    if FUSE_EPI and not GATED:  # a dropped pair reads nothing but still arrives at its token's tiles
+        expert = tl.maximum(expert, 0)
+    elif expert < 0:
         return
     if X_PER_TOKEN:  # GEMM1 reads the token's row of x, GEMM2 the pair's row of the intermediate
         x_row = x_ptr + (pair // top_k).to(tl.int64) * stride_xm
@@ -64,6 +81,8 @@ def _gemv_kernel(
         x_row = x_ptr + pair.to(tl.int64) * stride_xm
     k_lo = pid_s * k_split
     k_hi = tl.minimum(K, k_lo + k_split)
+    if FUSE_EPI and not GATED:
+        k_hi = tl.where(live, k_hi, k_lo)  # dropped: an empty K loop
 
     r = tl.arange(0, ROWS)  # ROWS = 2 * BLOCK_N when GATED
     if GATED:
@@ -228,10 +247,18 @@ def _gemv_kernel(
         offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         tl.store(out_ptr + pair.to(tl.int64) * stride_om + offs, h.to(out_ptr.dtype.element_ty), mask=offs < N)
     else:
-        acc = acc * tl.load(tw_ptr + pair)
+        acc = acc * tl.where(live, tl.load(tw_ptr + pair), 0.0)
         if ATOMIC:
-            o_ptrs = out_ptr + (pair // top_k).to(tl.int64) * stride_om + n
-            tl.atomic_add(o_ptrs, acc, mask=n < N, sem="relaxed")
+            token = (pair // top_k).to(tl.int64)
+            o_ptrs = out_ptr + token * stride_om + n
+            tl.atomic_add(o_ptrs, acc, mask=n < N, sem="relaxed")  # (a dropped pair adds its zeros)
+            if FUSE_EPI:  # the last of the token's k x SPLIT_K programs for this tile writes y = sum, cast
+                tl.debug_barrier()
+                c = tl.atomic_add(cnt_ptr + token * n_tiles_out + pid_n, 1, sem="acq_rel")
+                if c == arrivals - 1:
+                    offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                    v = tl.load(out_ptr + token * stride_om + offs, mask=offs < N, other=0.0, cache_modifier=".cg")
+                    tl.store(y_ptr + token * stride_om + offs, v.to(y_ptr.dtype.element_ty), mask=offs < N)
         else:
             tl.store(out_ptr + pair.to(tl.int64) * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=n < N)
 
@@ -269,10 +296,15 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
          top_k: int, cfg: dict[str, Any], *, gated: bool, activation_code: int = 0, tw: torch.Tensor | None = None,
          atomic: bool = True, wq: int = 0, ws: int = 1, group: int = 1, a_scale: torch.Tensor | None = None,
          w_scale: torch.Tensor | None = None, w_zero: torch.Tensor | None = None, aq: int = 0,
-         acc_int8: bool = False, alpha: float = 1.702, limit: float = 7.0) -> Any:
+         acc_int8: bool = False, alpha: float = 1.702, limit: float = 7.0,
+         epilogue: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> Any:
     """One GEMM of the decode path as GEMVs. ``gated``: GEMM1 (``out[P, N]`` in the model dtype, activation
     applied); otherwise GEMM2 (``out`` fp32 ``[T, H]`` with ``atomic``, else the per-pair buffer ``[P, H]``).
-    Returns Triton's launch handle (its ``n_regs``, ``n_spills`` and ``asm`` serve the A/B scripts)."""
+
+    ``epilogue = (sums, counters, y)`` fuses the top-k epilogue into the two launches: GEMM1 zeroes the fp32
+    ``sums [T, H]`` and the int32 ``counters [T, cdiv(H, gemm2 BLOCK_N)]``; GEMM2 (``out`` = ``sums``) adds into
+    them atomically and the last program to arrive at a (token, tile) writes ``y`` in the model dtype, so no
+    memset and no cast launch remain. Returns Triton's launch handle (``n_regs``, ``n_spills``, ``asm``)."""
     P = ids_flat.numel()
     N = w.shape[1] // 2 if gated else w.shape[1]
     K = x.shape[1]
@@ -302,11 +334,15 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
     wss = list(w_scale.stride()) + [0] * 3 if w_scale is not None else [0, 0, 0]
     wzs = list(w_zero.stride()) + [0] * 3 if w_zero is not None else [0, 0, 0]
     grid = (P, triton.cdiv(N, bn), split)
+    fuse = epilogue is not None
+    if fuse and not gated and not atomic:
+        raise ValueError("the fused epilogue adds GEMM2's results atomically; it needs reduce='atomic'")
+    sums, counters, y = epilogue if fuse else (fb, fb, fb)
     return _gemv_kernel[grid](
         x, w, bias if bias is not None else fb, tw if tw is not None else fb, out, ids_flat,
         a_scale if a_scale is not None else fb, w_scale if w_scale is not None else fb,
-        w_zero if w_zero is not None else fb,
-        N, K, top_k, k_split,
+        w_zero if w_zero is not None else fb, counters, sums, y,
+        N, K, top_k, k_split, sums.numel() if fuse else 0, counters.numel() if fuse else 0, grid[1], top_k * split,
         x.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0, out.stride(0),
         wss[0], wss[1], wss[2], wzs[0], wzs[1], wzs[2],
         BLOCK_N=bn, BLOCK_K=bk, NG=ng, ROWS=2 * bn if gated else bn, GK=bk // ng, INT4_MODE=mode, MMA=mma, ACC_INT=mma and wq == 3 and acc_int8,
@@ -314,5 +350,5 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         HAS_BIAS=bias is not None, ALPHA=alpha, LIMIT=limit, ATOMIC=atomic,
         WQ=wq, WS=ws, QBK=group, HAS_ZERO=w_zero is not None,
         AQ=aq, QMAX=INT8_MAX if acc_int8 else FP8_MAX, AQ_INT8=acc_int8, EPS=AMAX_EPS, RNE=_RNE_MAGIC,
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
+        FUSE_EPI=fuse, ZBLOCK=256, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )
