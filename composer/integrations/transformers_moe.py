@@ -513,7 +513,24 @@ def swap(model: nn.Module, cfg: Any, replace: str = "experts") -> list[str]:
                                             "block; use layer.replace=block")
             setattr(parent, attr, _new_experts_layer(cfg, experts, arch, cfg.device))
             swapped.append(path)
+    _refuse_save_pretrained_upfront(model, swapped)
     return swapped
+
+
+def _refuse_save_pretrained_upfront(model: nn.Module, swapped: list[str]) -> None:
+    """Where a swapped module has no Hugging Face state dict, ``save_pretrained`` raises before it writes anything:
+    transformers writes config.json (and a generation config) before it asks for the state dict, so the state-dict
+    hook alone would leave a directory with a config and no weights."""
+    problems = [(p, model.get_submodule(p).hf_format.problem) for p in swapped
+                if getattr(model.get_submodule(p), "hf_format", None) is not None and model.get_submodule(p).hf_format.problem]
+    if not problems or not hasattr(model, "save_pretrained"):
+        return
+    path, problem = problems[0]
+
+    def save_pretrained(*args: Any, **kwargs: Any) -> None:
+        raise HFFormatError(f"{path} has no Hugging Face state dict (nothing was written): {problem}")
+
+    model.save_pretrained = save_pretrained  # this instance only; its state_dict() raises the same way
 
 
 def load_hf_model(cfg: Any, experts_implementation: str = "eager") -> nn.Module:
