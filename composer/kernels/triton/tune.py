@@ -220,8 +220,10 @@ def gemv_candidates(name: str, method: str = "") -> list[dict[str, Any]]:
     group (128 at the benchmark's group size), so its candidates vary the rows, warps and splits instead."""
     if method == "int4_w4a16":
         if name == "gemm1":
-            return [_gv(bn, 128, w, 2) for bn in (8, 16, 32, 64, 128) for w in (4, 8)]
-        return [_gv(bn, 128, 4, 2, sp) for bn in (16, 32, 64, 128) for sp in (2, 4, 8, 16, 32)]
+            return ([_gv(bn, 128, w, 2) for bn in (8, 16, 32, 64, 128) for w in (4, 8)]
+                    + [_gv(bn, 128, 4, st) for bn in (16, 32, 64) for st in (3, 4)])  # deeper load pipelines
+        return ([_gv(bn, 128, 4, 2, sp) for bn in (16, 32, 64, 128) for sp in (2, 4, 8, 16, 32)]
+                + [_gv(bn, 128, 4, st, sp) for bn, sp in ((64, 8), (128, 8), (128, 32)) for st in (3, 4)])
     if name == "gemm1":
         return _gemv_mma_candidates(name) + [_gv(bn, bk, w, st) for bn, bk, w, st in (
             (8, 256, 4, 2), (16, 256, 4, 2), (32, 256, 4, 2), (8, 512, 4, 2), (16, 512, 4, 2), (16, 128, 4, 2),
