@@ -340,10 +340,15 @@ def _keep_hf_names(layer: FusedMoE, hf: nn.Module) -> None:
     layer.register_load_state_dict_pre_hook(_experts_load_hook)
 
 
+def _no_hf_state(where: str, problem: str) -> HFFormatError:
+    """The one refusal of a swapped module's Hugging Face state dict (state-dict hooks, save_pretrained)."""
+    return HFFormatError(f"{where} has no Hugging Face state dict: {problem}")
+
+
 def _experts_state_dict_hook(layer: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     fmt: _HFFormat = layer.hf_format
     if fmt.problem:
-        raise HFFormatError(f"{prefix.rstrip('.') or type(layer).__name__} has no Hugging Face state dict: {fmt.problem}")
+        raise _no_hf_state(prefix.rstrip('.') or type(layer).__name__, fmt.problem)
     ours = {n: state_dict.pop(prefix + n) for n in _OURS if prefix + n in state_dict}
     state_dict.update({prefix + n: t for n, t in _experts_to_hf(fmt.shell, ours).items()})
 
@@ -405,8 +410,7 @@ def _keep_hf_block_names(new: nn.Module, hf_block: nn.Module) -> None:
 def _block_state_dict_hook(block: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     fmt: _HFFormat = block.hf_format
     if fmt.problem:
-        raise HFFormatError(f"{prefix.rstrip('.') or type(block).__name__} (layer.replace=block) has no Hugging Face "
-                            f"state dict: {fmt.problem}")
+        raise _no_hf_state(f"{prefix.rstrip('.') or type(block).__name__} (layer.replace=block)", fmt.problem)
     moved = {hf: state_dict.pop(prefix + ours).to(dtype) for ours, (hf, dtype) in fmt.names.items()}
     state_dict.update({prefix + hf: t for hf, t in moved.items()})
 
@@ -521,14 +525,14 @@ def _refuse_save_pretrained_upfront(model: nn.Module, swapped: list[str]) -> Non
     """Where a swapped module has no Hugging Face state dict, ``save_pretrained`` raises before it writes anything:
     transformers writes config.json (and a generation config) before it asks for the state dict, so the state-dict
     hook alone would leave a directory with a config and no weights."""
-    problems = [(p, model.get_submodule(p).hf_format.problem) for p in swapped
-                if getattr(model.get_submodule(p), "hf_format", None) is not None and model.get_submodule(p).hf_format.problem]
+    formats = [(p, getattr(model.get_submodule(p), "hf_format", None)) for p in swapped]
+    problems = [(p, fmt.problem) for p, fmt in formats if fmt is not None and fmt.problem]
     if not problems or not hasattr(model, "save_pretrained"):
         return
     path, problem = problems[0]
 
     def save_pretrained(*args: Any, **kwargs: Any) -> None:
-        raise HFFormatError(f"{path} has no Hugging Face state dict (nothing was written): {problem}")
+        raise _no_hf_state(f"{path} (save_pretrained wrote nothing)", problem)
 
     model.save_pretrained = save_pretrained  # this instance only; its state_dict() raises the same way
 

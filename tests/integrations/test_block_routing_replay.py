@@ -3,16 +3,16 @@ reference block's HF experts module, so a near-tie routed differently is counted
 an error, while wrong experts still fail. Every architecture that supports the block swap, bf16, kernel=torch."""
 import pytest
 import torch
-from rich.console import Console
 
 from composer import load_config  # noqa: E402
-from composer.integrations import check as hf_check  # noqa: E402
 from composer.checking import rel_error  # noqa: E402
 from composer.integrations.check import _replayed_reference_logits, _with_routing, prompt_ids  # noqa: E402
 from composer.integrations.hf_config import ARCHS  # noqa: E402
 from composer.integrations.transformers_moe import reference_and_swapped  # noqa: E402
 from composer.layers.block import SparseMoEBlock  # noqa: E402
-from composer.tasks import TaskContext, TaskFailed  # noqa: E402
+from composer.tasks import TaskFailed  # noqa: E402
+
+from ._check import run_check  # noqa: E402
 
 TOL = 1e-2
 BLOCK = [a for a in ARCHS if ARCHS[a].block_router]  # all installed: test_pinned_transformers_has_every_arch
@@ -24,16 +24,7 @@ def _cfg(arch):
 
 
 def _run(arch, tmp_path, monkeypatch, perturb=lambda model: None):
-    made = reference_and_swapped
-
-    def patched(c):
-        ref, model = made(c)
-        perturb(model)
-        return ref, model
-
-    monkeypatch.setattr("composer.integrations.transformers_moe.reference_and_swapped", patched)
-    cfg = _cfg(arch)
-    return hf_check.check(cfg, TaskContext(run_dir=tmp_path, console=Console(quiet=True)), cfg.task.params)
+    return run_check(_cfg(arch), tmp_path, monkeypatch, perturb)
 
 
 def _blocks(model):

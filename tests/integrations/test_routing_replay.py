@@ -3,30 +3,18 @@ routing*: a changed expert choice is counted and reported, not mistaken for an e
 wrong experts computation still fails."""
 import pytest
 import torch
-from rich.console import Console
 
 from composer import load_config  # noqa: E402
-from composer.integrations import check as hf_check  # noqa: E402
-from composer.integrations.transformers_moe import TransformersFusedMoE, reference_and_swapped  # noqa: E402
-from composer.tasks import TaskContext, TaskFailed  # noqa: E402
+from composer.integrations.transformers_moe import TransformersFusedMoE  # noqa: E402
+from composer.tasks import TaskFailed  # noqa: E402
+
+from ._check import run_check  # noqa: E402
 
 
 @pytest.fixture
 def cfg():
     return load_config(None, ["layer=transformers_moe", "model=hf", "model.arch=qwen3_moe", "model.dtype=bfloat16",
                               "device=cpu", "task=check"])
-
-
-def _run(cfg, tmp_path, monkeypatch, perturb):
-    made = reference_and_swapped
-
-    def patched(c):
-        ref, model = made(c)
-        perturb(model)
-        return ref, model
-
-    monkeypatch.setattr("composer.integrations.transformers_moe.reference_and_swapped", patched)
-    return hf_check.check(cfg, TaskContext(run_dir=tmp_path, console=Console(quiet=True)), cfg.task.params)
 
 
 def test_changed_routing_is_replayed_and_counted(cfg, tmp_path, monkeypatch):
@@ -39,7 +27,7 @@ def test_changed_routing_is_replayed_and_counted(cfg, tmp_path, monkeypatch):
         for name in model.composer_swapped:
             model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
 
-    m = _run(cfg, tmp_path, monkeypatch, reroute)
+    m = run_check(cfg, tmp_path, monkeypatch, reroute)
     assert m["passed"] and m["routing_changed"] == len(m["swapped"])
     assert m["logits_rel_err_replayed_routing"] <= 1e-2 < m["logits_rel_err"]
 
@@ -52,4 +40,4 @@ def test_wrong_experts_still_fail_with_replay(cfg, tmp_path, monkeypatch):
             layer.register_forward_hook(lambda m, a, out: out * 1.05)
 
     with pytest.raises(TaskFailed, match="reference replaying composer's routing"):
-        _run(cfg, tmp_path, monkeypatch, corrupt)
+        run_check(cfg, tmp_path, monkeypatch, corrupt)

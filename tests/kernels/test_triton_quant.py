@@ -363,6 +363,8 @@ def test_gpu_fp8_promote_every_few_tiles(promote):
 def test_gpu_quant_compile_and_graph():
     """The quantized op traces under torch.compile(fullgraph=True) (inductor) and replays in a CUDA graph on new
     inputs. fp32 atomics add the top-k terms in any order, so runs agree up to the last bits."""
+    from composer.tasks.bench import capture_graph
+
     E, k, H, I = 16, 4, 512, 256
     g = torch.Generator(device="cuda").manual_seed(1)
     w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * H ** -0.5).to(torch.bfloat16)
@@ -380,14 +382,7 @@ def test_gpu_quant_compile_and_graph():
         f = torch.compile(lambda a, b, c: ex.apply(a, b, c, w, "silu"), fullgraph=True)
         torch.testing.assert_close(f(x, tw, ids), eager, **close)
         static_x = x.clone()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            ex.apply(static_x, tw, ids, w, "silu")
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            gout = ex.apply(static_x, tw, ids, w, "silu")
+        graph, gout = capture_graph(lambda: ex.apply(static_x, tw, ids, w, "silu"))
         new_x = torch.randn(64, H, device="cuda", generator=g).to(torch.bfloat16)
         static_x.copy_(new_x)
         graph.replay()
