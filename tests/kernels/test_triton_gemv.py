@@ -10,7 +10,10 @@ pytest.importorskip("triton")
 
 from composer.kernels.reference import oracle_experts  # noqa: E402
 from composer.kernels.torch_backend import TorchExperts  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from composer.kernels.triton import fused  # noqa: E402
+from composer.kernels.triton._jit import lazy_helper, lazy_jit  # noqa: E402
 from composer.kernels.triton.configs import validate_entry  # noqa: E402
 from composer.kernels.triton.fused import fused_experts, fused_experts_quant  # noqa: E402
 from composer.kernels.triton.gemv import gemv_tile  # noqa: E402
@@ -285,3 +288,40 @@ def test_gpu_gemv_graph_replay():
     torch.cuda.synchronize()
     torch.testing.assert_close(gout, run(new_x), rtol=1e-2, atol=1e-3)
     assert not torch.equal(gout, eager)
+
+
+@lazy_helper
+def _plus_half(v):
+    return v + 0.5
+
+
+@lazy_helper
+def _plus_half_times(v, A: tl.constexpr):
+    return _plus_half(v) * A
+
+
+@lazy_jit
+def _helper_kernel(x_ptr, o_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(o_ptr + offs, _plus_half_times(tl.load(x_ptr + offs), 3.0))
+
+
+def test_lazy_helpers_follow_the_interpreter_switch():
+    """@lazy_helper device functions (nested ones too) run inside interpreted kernels: bound as plain Python there,
+    as triton.jit functions when the kernel is compiled (the GPU tests); outside a kernel they refuse clearly."""
+    x = torch.randn(16)
+    out = torch.empty_like(x)
+    with interpreter():
+        _helper_kernel[(1,)](x, out, BLOCK=16)
+    assert torch.equal(out, (x + 0.5) * 3.0)
+    with pytest.raises(RuntimeError, match="device helper"):
+        _plus_half_times(x, 3.0)
+
+
+@gpu
+@cuda
+def test_gpu_lazy_helpers_compiled():
+    x = torch.randn(16, device="cuda")
+    out = torch.empty_like(x)
+    _helper_kernel[(1,)](x, out, BLOCK=16)
+    assert torch.equal(out, (x + 0.5) * 3.0)

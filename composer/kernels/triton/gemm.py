@@ -24,15 +24,67 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import lazy_jit
+from ._jit import lazy_helper, lazy_jit
 from .quant import _RNE_MAGIC, AMAX_EPS, FP8_MAX, INT8_MAX
 
-# Only builtins inside kernels: triton.language's own @jit helpers (tl.cdiv, tl.zeros, tl.sum, tl.cumsum) are jitted when
-# triton is imported, so they break the interpreter when TRITON_INTERPRET=1 is set after that import.
+# Only builtins and @lazy_helper functions inside kernels: triton.language's own @jit helpers (tl.cdiv, tl.zeros,
+# tl.sum, tl.cumsum) are jitted when triton is imported, so they break the interpreter when TRITON_INTERPRET=1 is set
+# after that import; lazy helpers are bound per mode with the kernel (_jit.py).
 
 ACT_CODES = {"silu": 0, "gelu": 1, "swigluoai": 2}
 SWIGLUOAI_ALPHA = 1.702
 SWIGLUOAI_LIMIT = 7.0
+
+
+@lazy_helper
+def _grouped_pids(pid, num_pid_m, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of a program, GROUP_M row blocks walked together along N (L2 reuse of the weight tiles)."""
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + ((pid % num_pid_in_group) % group_size_m), (pid % num_pid_in_group) // group_size_m
+
+
+@lazy_helper
+def _row_quant_scale(row_ptr, K, stride, as_ptr, BLOCK_K: tl.constexpr, AQ: tl.constexpr, QMAX: tl.constexpr,
+                     EPS: tl.constexpr):
+    """FUSED_AQ: the quantization scale of one activation row, quant_rows' rule (AQ=1: max(amax, eps) / qmax over
+    the whole row; AQ=2: the static per-tensor scale)."""
+    if AQ == 1:
+        offs = tl.arange(0, BLOCK_K)
+        amax = tl.full((BLOCK_K,), 0.0, tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            v = tl.load(row_ptr + (k0 + offs) * stride, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(v))
+        scale = tl.maximum(tl.reduce(amax, 0, tl.standard._elementwise_max), EPS) / QMAX
+    else:
+        scale = tl.load(as_ptr).to(tl.float32)
+    return scale
+
+
+@lazy_helper
+def _quant_act(v, scale, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, RNE: tl.constexpr):
+    """Activation values (fp32) divided by their row's ``scale`` (broadcast to v's shape) with a correctly rounded
+    division, clamped to +-QMAX; int8 also rounded half to even (the 1.5 * 2^23 trick). fp8 callers cast."""
+    r = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -QMAX), QMAX)
+    if AQ_INT8:
+        r = (r + RNE) - RNE
+    return r
+
+
+@lazy_helper
+def _activate(g, u, ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr):
+    """The gated activation of GEMM1's epilogue (fp32): silu(g) * u, gelu(g) * u, or GPT-OSS's clamped swigluoai."""
+    if ACT == 0:
+        h = g / (1.0 + tl.exp(-g)) * u
+    elif ACT == 1:
+        h = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476)) * u
+    else:
+        gc = tl.minimum(g, LIMIT)
+        uc = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
+        h = (uc + 1.0) * (gc / (1.0 + tl.exp(-ALPHA * gc)))
+    return h
 
 
 @lazy_jit
@@ -50,14 +102,7 @@ def _gemm1_kernel(
     HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr,
     AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr, PROMOTE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_pids(tl.program_id(0), num_pid_m, N, BLOCK_N, GROUP_M)
 
     offs_m = tl.arange(0, BLOCK_M)
     if DIRECT:
@@ -103,14 +148,7 @@ def _gemm1_kernel(
     a_row_ok = row_mask
     if AQ != 0:  # FUSED_AQ (decode): this pair's row of x quantized here, as quant_rows would (one live row)
         x_row = x_ptr + (pid_m // top_k).to(tl.int64) * stride_xm
-        if AQ == 1:
-            amax = tl.full((BLOCK_K,), 0.0, tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                v = tl.load(x_row + (k0 + offs_k) * stride_xk, mask=k0 + offs_k < K, other=0.0).to(tl.float32)
-                amax = tl.maximum(amax, tl.abs(v))
-            a_scale = tl.maximum(tl.reduce(amax, 0, tl.standard._elementwise_max), EPS) / QMAX
-        else:
-            a_scale = tl.load(as_ptr).to(tl.float32)
+        a_scale = _row_quant_scale(x_row, K, stride_xk, as_ptr, BLOCK_K, AQ, QMAX, EPS)
 
     if ACC_INT:
         acc_g = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
@@ -201,9 +239,7 @@ def _gemm1_kernel(
                 u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
             if AQ != 0:
                 v = tl.load(x_row + (kk * BLOCK_K + offs_k) * stride_xk, mask=offs_k < K - kk * BLOCK_K, other=0.0)
-                r = tl.minimum(tl.maximum(tl.math.div_rn(v.to(tl.float32), a_scale + offs_k * 0.0), -QMAX), QMAX)
-                if AQ_INT8:
-                    r = (r + RNE) - RNE
+                r = _quant_act(v.to(tl.float32), a_scale + offs_k * 0.0, QMAX, AQ_INT8, RNE)
                 a = tl.where(row_mask[:, None], r[None, :], 0.0).to(w_ptr.dtype.element_ty)
             if WQ == 1:  # int8 weights, dequantized as kernel=torch does: (q * scale) rounded to the model dtype
                 g = (g.to(tl.float32) * sg[None, :]).to(x_ptr.dtype.element_ty)
@@ -258,14 +294,7 @@ def _gemm1_kernel(
         bu = tl.load(b_base + (offs_n + N) * stride_bn, mask=n_mask, other=0.0).to(tl.float32)
         acc_g += bg[None, :]
         acc_u += bu[None, :]
-    if ACT == 0:
-        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-    elif ACT == 1:
-        h = 0.5 * acc_g * (1.0 + tl.erf(acc_g * 0.7071067811865476)) * acc_u
-    else:
-        gc = tl.minimum(acc_g, LIMIT)
-        uc = tl.minimum(tl.maximum(acc_u, -LIMIT), LIMIT)
-        h = (uc + 1.0) * (gc / (1.0 + tl.exp(-ALPHA * gc)))
+    h = _activate(acc_g, acc_u, ACT, ALPHA, LIMIT)
     o_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
     tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
@@ -285,14 +314,7 @@ def _gemm2_kernel(
     HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr,
     AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr, PROMOTE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _grouped_pids(tl.program_id(0), num_pid_m, N, BLOCK_N, GROUP_M)
 
     offs_m = tl.arange(0, BLOCK_M)
     if DIRECT:
@@ -312,14 +334,7 @@ def _gemm2_kernel(
     if AQ != 0:  # FUSED_AQ: this pair's intermediate row quantized here
         a_row = a_ptr + pid_m.to(tl.int64) * stride_am
         offs_q = tl.arange(0, BLOCK_K)
-        if AQ == 1:
-            amax = tl.full((BLOCK_K,), 0.0, tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                v = tl.load(a_row + (k0 + offs_q) * stride_ak, mask=k0 + offs_q < K, other=0.0).to(tl.float32)
-                amax = tl.maximum(amax, tl.abs(v))
-            a_scale = tl.maximum(tl.reduce(amax, 0, tl.standard._elementwise_max), EPS) / QMAX
-        else:
-            a_scale = tl.load(as_ptr).to(tl.float32)
+        a_scale = _row_quant_scale(a_row, K, stride_ak, as_ptr, BLOCK_K, AQ, QMAX, EPS)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -402,9 +417,7 @@ def _gemm2_kernel(
                 w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
             if AQ != 0:
                 v = tl.load(a_row + (kk * BLOCK_K + offs_q) * stride_ak, mask=offs_q < K - kk * BLOCK_K, other=0.0)
-                r = tl.minimum(tl.maximum(tl.math.div_rn(v.to(tl.float32), a_scale + offs_q * 0.0), -QMAX), QMAX)
-                if AQ_INT8:
-                    r = (r + RNE) - RNE
+                r = _quant_act(v.to(tl.float32), a_scale + offs_q * 0.0, QMAX, AQ_INT8, RNE)
                 a = tl.where(row_mask[:, None], r[None, :], 0.0).to(w_ptr.dtype.element_ty)
             if WQ == 1:
                 w = (w.to(tl.float32) * sw[None, :]).to(a_ptr.dtype.element_ty)

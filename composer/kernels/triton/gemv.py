@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ._jit import lazy_jit
+from .gemm import _activate, _quant_act, _row_quant_scale
 from .quant import _RNE_MAGIC, AMAX_EPS, FP8_MAX, INT8_MAX
 
 # int4 -> fp32 in the kernel: (q << 19) & 0x780000 puts the nibble in mantissa bits 19..22, | 0x3F800000 (1.0f)
@@ -95,15 +96,7 @@ def _gemv_kernel(
     ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
 
     if AQ != 0:  # FUSED_AQ: the row's quantization scale (amax pass over the whole row, or static)
-        offs_q = tl.arange(0, BLOCK_K)
-        if AQ == 1:
-            amax = tl.full((BLOCK_K,), 0.0, tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                v = tl.load(x_row + k0 + offs_q, mask=k0 + offs_q < K, other=0.0).to(tl.float32)
-                amax = tl.maximum(amax, tl.abs(v))
-            a_scale = tl.maximum(tl.reduce(amax, 0, tl.standard._elementwise_max), EPS) / QMAX
-        else:
-            a_scale = tl.load(as_ptr).to(tl.float32)
+        a_scale = _row_quant_scale(x_row, K, 1, as_ptr, BLOCK_K, AQ, QMAX, EPS)
 
     if WQ == 2 and INT4_MODE == 2:  # int32 words [ROWS, BLOCK_K / 8], the tile inside one group (NG = 1)
         kw = tl.arange(0, BLOCK_K // 8)
@@ -197,11 +190,9 @@ def _gemv_kernel(
             k_ok = k0 + offs_k < k_hi
             xv = tl.load(x_row + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
             if AQ != 0:  # quantize the activations (quant_rows: x / scale, clamp, int8: round half to even)
-                q = tl.minimum(tl.maximum(tl.math.div_rn(xv, a_scale + offs_k * 0.0), -QMAX), QMAX)
-                if AQ_INT8:
-                    xv = (q + RNE) - RNE
-                else:
-                    xv = q.to(w_ptr.dtype.element_ty).to(tl.float32)
+                xv = _quant_act(xv, a_scale + offs_k * 0.0, QMAX, AQ_INT8, RNE)
+                if not AQ_INT8:
+                    xv = xv.to(w_ptr.dtype.element_ty).to(tl.float32)
             if MMA:
                 wv = tl.load(w_ptrs + k0, mask=k_ok[None, :], other=0.0)  # (a float other: fp8 takes no int)
                 if WQ == 3:  # the quantized values on both sides (fp8 / int8)
@@ -236,14 +227,7 @@ def _gemv_kernel(
             acc += tl.where(pid_s == 0, bias, 0.0)  # once, by the first K split
     if GATED:
         g, u = tl.split(tl.reshape(acc, (BLOCK_N, 2)))
-        if ACT == 0:
-            h = g / (1.0 + tl.exp(-g)) * u
-        elif ACT == 1:
-            h = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476)) * u
-        else:
-            gc = tl.minimum(g, LIMIT)
-            uc = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
-            h = (uc + 1.0) * (gc / (1.0 + tl.exp(-ALPHA * gc)))
+        h = _activate(g, u, ACT, ALPHA, LIMIT)
         offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         tl.store(out_ptr + pair.to(tl.int64) * stride_om + offs, h.to(out_ptr.dtype.element_ty), mask=offs < N)
     else:
