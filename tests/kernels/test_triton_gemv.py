@@ -153,7 +153,7 @@ def test_interpreter_w8a8_gemv_matches_dot_decode():
     assert rel(a, b.double()) < 1e-6
 
 
-@pytest.mark.parametrize("mode", [0, 1, 2], ids=["bytes", "words_4d", "words_unrolled"])
+@pytest.mark.parametrize("mode", [0, 1, 2, 3], ids=["bytes", "words_4d", "words_unrolled", "planes"])
 def test_interpreter_int4_read_modes(mode, monkeypatch):
     """Each way of reading int4 (gemv.INT4_MODE) vs kernel=torch (zero points, 2 groups per K tile)."""
     from composer.kernels.triton import gemv
@@ -165,6 +165,36 @@ def test_interpreter_int4_read_modes(mode, monkeypatch):
         out = fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int4_w4a16", w.w13_scale,
                                   w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=gemv_cfg())
     assert rel(out, TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[torch.float16]
+
+
+# group, gemm1 / gemm2 BLOCK_K, zero points, dtype, H, I: tiles inside a group, spanning groups, groups of 48 (not a
+# power of two: tiles of 32 straddle them), one group per row (-1), split-K over 3 programs
+# (unroll: K iterations unrolled, 3 = more than some programs' loops have)
+PLANES_CASES = [(16, 32, True, torch.float16, 64, 32, 1), (64, 32, False, torch.float32, 128, 64, 2),
+                (48, 32, True, torch.float16, 96, 48, 1), (-1, 16, False, torch.float32, 48, 40, 3),
+                (32, 64, True, torch.float32, 64, 96, 2)]
+
+
+@pytest.mark.parametrize("case", PLANES_CASES,
+                         ids=lambda c: f"g{c[0]}bk{c[1]}{'z' if c[2] else ''}{str(c[3])[6:]}u{c[6]}")
+def test_interpreter_int4_planes(case, gemv_calls):
+    """int4_read "planes" (q - z straight from the bits, K tiles across groups) vs kernel=torch, and equal to the
+    default read ("words") to fp32 rounding."""
+    group, bk, zero, dtype, H, I, unroll = case
+    x, tw, ids, w13, w2, _, _ = make_case(2, 4, 2, H, I, dtype, False, 0.0, seed=21)
+    w = quantize("int4_w4a16", w13, w2, group_size=group, zero_point=zero)
+    outs = []
+    with interpreter():
+        for read in ("planes", "words"):
+            cfg = gemv_cfg(8, bk, 8, bk, 3)
+            for g in ("gemm1", "gemm2"):
+                cfg[g]["int4_read"] = read
+                cfg[g]["unroll"] = unroll
+            outs.append(fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", "int4_w4a16", w.w13_scale,
+                                            w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=validate_entry(cfg)))
+    assert len(gemv_calls) == 4
+    assert rel(outs[0], TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[dtype]
+    assert rel(outs[0], outs[1].double()) < (1e-5 if dtype == torch.float32 else 2e-3)
 
 
 @pytest.mark.parametrize("split", [1, 3])
@@ -215,6 +245,15 @@ def test_config_validation_of_gemv_entries():
     dot = {**gemv_cfg(), "decode": True}
     with pytest.raises(ValueError, match="BLOCK_N must be a power of two >= 16"):  # tl.dot tiles stay >= 16
         validate_entry(dot)
+    bad = gemv_cfg()
+    bad["gemm2"] = {**bad["gemm2"], "int4_read": "nibbles"}
+    with pytest.raises(ValueError, match="gemm2.int4_read must be one of bytes, words_4d, words, planes"):
+        validate_entry(bad)
+    for unroll, where in ((0, "gemv"), (True, "gemv"), (2, "dot")):
+        bad = gemv_cfg(16, 32, 16, 32, 1) if where == "gemv" else {**gemv_cfg(16, 32, 16, 32, 1), "decode": True}
+        bad["gemm1"] = {**bad["gemm1"], "unroll": unroll}
+        with pytest.raises(ValueError, match="gemm1.unroll must be an integer >= 1"):
+            validate_entry(bad)
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -228,9 +267,13 @@ GPU_GEMV_MMA = {**GPU_GEMV, "gemm1": {**GPU_GEMV["gemm1"], "mma": True},
                 "gemm2": {**GPU_GEMV["gemm2"], "mma": True}}
 
 
+GPU_GEMV_PLANES = {**GPU_GEMV, "gemm1": {**GPU_GEMV["gemm1"], "int4_read": "planes", "unroll": 2},
+                   "gemm2": {**GPU_GEMV["gemm2"], "int4_read": "planes", "unroll": 2}}
+
+
 @gpu
 @cuda
-@pytest.mark.parametrize("cfg", [GPU_GEMV, GPU_GEMV_MMA], ids=["fma", "mma"])
+@pytest.mark.parametrize("cfg", [GPU_GEMV, GPU_GEMV_MMA, GPU_GEMV_PLANES], ids=["fma", "mma", "planes"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_gpu_gemv_three_shapes(shape, cfg):
     """Every method (and bf16) through the GEMV decode at T = 1 vs kernel=torch, bf16, the three shapes; block
@@ -325,3 +368,13 @@ def test_gpu_lazy_helpers_compiled():
     out = torch.empty_like(x)
     _helper_kernel[(1,)](x, out, BLOCK=16)
     assert torch.equal(out, (x + 0.5) * 3.0)
+
+
+def test_tuner_gemv_candidates_are_valid_entries():
+    """Every GEMV tile the tuner may write into a shipped table passes the config validation."""
+    from composer.kernels.triton.tune import gemv_candidates
+
+    for method in ("int4_w4a16", "fp8_w8a8", ""):
+        for name in ("gemm1", "gemm2"):
+            for g in gemv_candidates(name, method):
+                validate_entry({**gemv_cfg(), name: g}, f"{method} {name} {g}")

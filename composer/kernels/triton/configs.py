@@ -10,7 +10,9 @@ A file is named ``E={E},N={I},K={H},device_name={device},dtype={dtype}.json`` (d
 ``decode``: false (expert-sorted blocks), true (T = 1: one pair per program, tl.dot), or ``"gemv"`` (T = 1: one
 pair per program, FMA GEMVs in registers, ``gemv.py``; there ``BLOCK_N`` may be as small as 4 and GEMM2 takes
 ``SPLIT_K``, the number of programs that share one tile's K range; ``mma: true`` runs the GEMV's products on
-tensor cores with the weights as the MMA's A operand). ``fp8_promote`` (fp8 per-tensor / per-channel): K tiles
+tensor cores with the weights as the MMA's A operand; ``int4_read``: how the GEMV unpacks int4, one of
+``"words"``, ``"planes"``, ``"bytes"``, ``"words_4d"``, gemv.py; ``unroll``: K-loop iterations the GEMV
+unrolls, so one warp has several weight loads in flight). ``fp8_promote`` (fp8 per-tensor / per-channel): K tiles
 accumulated in the tensor core between additions to the fp32 accumulator (default ``gemm.FP8_PROMOTE_TILES``).
 
 For a run with T tokens the entry with the nearest key is used (as vLLM does). Folders searched, first
@@ -29,7 +31,9 @@ ENV_VAR = "COMPOSER_KERNEL_CONFIGS"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "configs"
 _extra_dirs: list[Path] = []
 
-GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma", "SPLIT_K", "mma", "fp8_promote")
+GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma", "SPLIT_K", "mma", "fp8_promote",
+             "int4_read", "unroll")
+INT4_READ_NAMES = ("bytes", "words_4d", "words", "planes")  # gemv.INT4_READS
 
 
 def add_config_dir(path: str | os.PathLike) -> None:
@@ -91,6 +95,13 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
                 problems.append(f"{g}.{key} must be true or false, got {sub.get(key)!r}")
         if sub.get("mma") and not gemv:
             problems.append(f"{g}.mma applies to decode \"gemv\" tiles only")
+        unroll = sub.get("unroll", 1)
+        if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 1 or (unroll > 1 and not gemv):
+            problems.append(f"{g}.unroll must be an integer >= 1 (K-loop iterations unrolled), > 1 only in a decode "
+                            f"\"gemv\" tile; got {unroll!r}")
+        if "int4_read" in sub and (not gemv or sub["int4_read"] not in INT4_READ_NAMES):
+            problems.append(f"{g}.int4_read must be one of {', '.join(INT4_READ_NAMES)} in a decode \"gemv\" tile, "
+                            f"got {sub['int4_read']!r}" + ("" if gemv else " with decode " + repr(decode)))
         unknown = set(sub) - set(GEMM_KEYS)
         if unknown:
             problems.append(f"{g}: unknown keys {sorted(unknown)}; allowed: {', '.join(GEMM_KEYS)}")

@@ -47,14 +47,15 @@ def _grouped_pids(pid, num_pid_m, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexp
 
 
 @lazy_helper
-def _row_quant_scale(row_ptr, K, stride, as_ptr, BLOCK_K: tl.constexpr, AQ: tl.constexpr, QMAX: tl.constexpr,
+def _row_quant_scale(row_ptr, K, stride, as_ptr, AMAX_BLOCK: tl.constexpr, AQ: tl.constexpr, QMAX: tl.constexpr,
                      EPS: tl.constexpr):
     """FUSED_AQ: the quantization scale of one activation row, quant_rows' rule (AQ=1: max(amax, eps) / qmax over
-    the whole row; AQ=2: the static per-tensor scale)."""
+    the whole row; AQ=2: the static per-tensor scale). The pass reads AMAX_BLOCK (``amax_block``) elements per
+    step, not a K tile: it runs before the weights stream, so its dependent steps are latency the program waits."""
     if AQ == 1:
-        offs = tl.arange(0, BLOCK_K)
-        amax = tl.full((BLOCK_K,), 0.0, tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        offs = tl.arange(0, AMAX_BLOCK)
+        amax = tl.full((AMAX_BLOCK,), 0.0, tl.float32)
+        for k0 in range(0, K, AMAX_BLOCK):
             v = tl.load(row_ptr + (k0 + offs) * stride, mask=k0 + offs < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(v))
         scale = tl.maximum(tl.reduce(amax, 0, tl.standard._elementwise_max), EPS) / QMAX
@@ -100,7 +101,7 @@ def _gemm1_kernel(
     ALPHA: tl.constexpr, LIMIT: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     WQ: tl.constexpr, WS: tl.constexpr, QBN: tl.constexpr, QBK: tl.constexpr, GROUP_TILE: tl.constexpr,
     HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr,
-    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr, PROMOTE: tl.constexpr,
+    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr, AMAX_BLOCK: tl.constexpr, PROMOTE: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_pids(tl.program_id(0), num_pid_m, N, BLOCK_N, GROUP_M)
 
@@ -148,7 +149,7 @@ def _gemm1_kernel(
     a_row_ok = row_mask
     if AQ != 0:  # FUSED_AQ (decode): this pair's row of x quantized here, as quant_rows would (one live row)
         x_row = x_ptr + (pid_m // top_k).to(tl.int64) * stride_xm
-        a_scale = _row_quant_scale(x_row, K, stride_xk, as_ptr, BLOCK_K, AQ, QMAX, EPS)
+        a_scale = _row_quant_scale(x_row, K, stride_xk, as_ptr, AMAX_BLOCK, AQ, QMAX, EPS)
 
     if ACC_INT:
         acc_g = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
@@ -312,7 +313,7 @@ def _gemm2_kernel(
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     WQ: tl.constexpr, WS: tl.constexpr, QBN: tl.constexpr, QBK: tl.constexpr, GROUP_TILE: tl.constexpr,
     HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr,
-    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr, PROMOTE: tl.constexpr,
+    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr, AMAX_BLOCK: tl.constexpr, PROMOTE: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_pids(tl.program_id(0), num_pid_m, N, BLOCK_N, GROUP_M)
 
@@ -334,7 +335,7 @@ def _gemm2_kernel(
     if AQ != 0:  # FUSED_AQ: this pair's intermediate row quantized here
         a_row = a_ptr + pid_m.to(tl.int64) * stride_am
         offs_q = tl.arange(0, BLOCK_K)
-        a_scale = _row_quant_scale(a_row, K, stride_ak, as_ptr, BLOCK_K, AQ, QMAX, EPS)
+        a_scale = _row_quant_scale(a_row, K, stride_ak, as_ptr, AMAX_BLOCK, AQ, QMAX, EPS)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -563,8 +564,19 @@ def _quant_args(q: QuantSpec, a_scale, w_scale, w_zero, block_k: int, K: int, fa
     magic, moff = INT4_MAGIC.get(fallback_dtype, (0, 0.0)) if q.wq == 2 else (0, 0.0)
     meta = dict(WQ=q.wq, WS=q.ws, QBN=q.qbn, QBK=q.qbk, GROUP_TILE=q.wq == 2 and q.qbk % block_k == 0 and K % block_k == 0,
                 HAS_ZERO=w_zero is not None, ACC_INT=q.acc_int, MAGIC=magic, MOFF=moff,
-                AQ=aq, QMAX=INT8_MAX if q.acc_int else FP8_MAX, AQ_INT8=q.acc_int, EPS=AMAX_EPS, RNE=_RNE_MAGIC)
+                AQ=aq, QMAX=INT8_MAX if q.acc_int else FP8_MAX, AQ_INT8=q.acc_int, EPS=AMAX_EPS, RNE=_RNE_MAGIC,
+                AMAX_BLOCK=amax_block(K))
     return args, strides, meta
+
+
+AMAX_BLOCK_MAX = 4096
+
+
+def amax_block(K: int) -> int:
+    """Elements per step of the FUSED_AQ amax pass: the whole row up to AMAX_BLOCK_MAX (32 fp32 per thread at 4
+    warps). With the K tile as the step, a decode program waited ~28 dependent L2 round trips (mixtral's GEMM2
+    row of 14336 in 512-wide tiles) before its first weight load."""
+    return max(16, min(triton.next_power_of_2(K), AMAX_BLOCK_MAX))
 
 
 def gemm1(x, w13, w13_bias, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, num_pid_m, top_k,

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ._jit import lazy_jit
-from .gemm import _activate, _quant_act, _row_quant_scale
+from .gemm import _activate, _quant_act, _row_quant_scale, amax_block
 from .quant import _RNE_MAGIC, AMAX_EPS, FP8_MAX, INT8_MAX
 
 # int4 -> fp32 in the kernel: (q << 19) & 0x780000 puts the nibble in mantissa bits 19..22, | 0x3F800000 (1.0f)
@@ -52,6 +52,7 @@ def _gemv_kernel(
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, ATOMIC: tl.constexpr,
     WQ: tl.constexpr, WS: tl.constexpr, QBK: tl.constexpr, HAS_ZERO: tl.constexpr,
     AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
+    AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr,
     FUSE_EPI: tl.constexpr, ZBLOCK: tl.constexpr,
 ):
     pair = tl.program_id(0)
@@ -96,16 +97,62 @@ def _gemv_kernel(
     ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
 
     if AQ != 0:  # FUSED_AQ: the row's quantization scale (amax pass over the whole row, or static)
-        a_scale = _row_quant_scale(x_row, K, 1, as_ptr, BLOCK_K, AQ, QMAX, EPS)
+        a_scale = _row_quant_scale(x_row, K, 1, as_ptr, AMAX_BLOCK, AQ, QMAX, EPS)
 
-    if WQ == 2 and INT4_MODE == 2:  # int32 words [ROWS, BLOCK_K / 8], the tile inside one group (NG = 1)
+    if WQ == 2 and INT4_MODE == 3:  # "planes": int32 words [ROWS, BLOCK_K / 8], one LOP3 + FADD per nibble
+        # nibble j of a 16-bit half sits at bits 4j..4j+3; OR-ed with the bits of 2^(23 - 4j) its mantissa bits
+        # weigh 2^(4j - 4j) = 1, so the float is 2^(23 - 4j) + q exactly, and subtracting 2^(23 - 4j) + z leaves
+        # q - z exactly: no shift per nibble (one per word for the high half) and no sum(x) correction. The
+        # products (q - z) * x are exact in fp32 for bf16 / fp16 x; the group scale multiplies a [ROWS, words]
+        # accumulator, reduced across threads once after the loop. K tiles may span several groups (a word never
+        # straddles one: the group is a multiple of 8).
+        kw = tl.arange(0, BLOCK_K // 8)
+        w_ptrs = w_rows[:, None] + kw[None, :]
+        if HAS_ZERO:
+            z_ptrs = wz_ptr + expert.to(tl.int64) * stride_wze + (ch // 2) * stride_wzn
+            z_shift = (ch % 2) * 4
+        acc2 = tl.full((ROWS, BLOCK_K // 8), 0.0, tl.float32)
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, loop_unroll_factor=UNROLL):
+            ke = k0 + 8 * kw
+            k_ok = ke < k_hi
+            wu = tl.load(w_ptrs + k0 // 8, mask=k_ok[None, :], other=0)
+            if QBK % BLOCK_K != 0:  # the tile spans groups: a group per word column
+                grp = (ke // QBK)[None, :]
+                s = tl.load(ws_base + ch[:, None] * stride_wsn + grp * stride_wsk, mask=k_ok[None, :],
+                            other=0.0).to(tl.float32)
+                if HAS_ZERO:
+                    z = ((tl.load(z_ptrs[:, None] + grp * stride_wzk, mask=k_ok[None, :], other=0)
+                          >> z_shift[:, None]) & 0xF).to(tl.float32)
+                else:
+                    z = 8.0
+            else:  # the tile inside one group
+                grp = k0 // QBK
+                s = tl.load(ws_base + ch * stride_wsn + grp * stride_wsk).to(tl.float32)[:, None]
+                if HAS_ZERO:
+                    z = ((tl.load(z_ptrs + grp * stride_wzk) >> z_shift) & 0xF).to(tl.float32)[:, None]
+                else:
+                    z = 8.0
+            wh = wu >> 16  # nibbles 4..7 to bits 0..15 (the sign-extended top is masked off below)
+            p2 = tl.full((ROWS, BLOCK_K // 8), 0.0, tl.float32)
+            for m in tl.static_range(8):
+                xm = tl.load(x_row + ke + m, mask=k_ok, other=0.0).to(tl.float32)
+                j = m % 4
+                magic = (150 - 4 * j) << 23  # the bits of 2^(23 - 4j)
+                if m < 4:
+                    f = ((wu & (0xF << (4 * j))) | magic).to(tl.float32, bitcast=True)
+                else:
+                    f = ((wh & (0xF << (4 * j))) | magic).to(tl.float32, bitcast=True)
+                p2 += (f - (tl.full((), magic, tl.int32).to(tl.float32, bitcast=True) + z)) * xm[None, :]
+            acc2 += s * p2
+        acc = tl.reduce(acc2, 1, tl.standard._sum_combine)
+    elif WQ == 2 and INT4_MODE == 2:  # int32 words [ROWS, BLOCK_K / 8], the tile inside one group (NG = 1)
         kw = tl.arange(0, BLOCK_K // 8)
         w_ptrs = w_rows[:, None] + kw[None, :]
         if HAS_ZERO:
             z_ptrs = wz_ptr + expert.to(tl.int64) * stride_wze + (ch // 2) * stride_wzn
             z_shift = (ch % 2) * 4
         acc = tl.full((ROWS,), 0.0, tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, loop_unroll_factor=UNROLL):
             ke = k0 + 8 * kw
             k_ok = ke < k_hi
             wu = tl.load(w_ptrs + k0 // 8, mask=k_ok[None, :], other=0)
@@ -144,7 +191,7 @@ def _gemv_kernel(
             w_ptrs = w_rows[:, None, None] + ku[None, :, :]
             shifts = tl.arange(0, 8) * 4
         acc = tl.full((ROWS, NG), 0.0, tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, loop_unroll_factor=UNROLL):
             if INT4_MODE == 0:
                 ke = k0 + 2 * kb  # element index of each byte's low nibble
                 k_ok = ke < k_hi
@@ -186,7 +233,7 @@ def _gemv_kernel(
                 acc2 = tl.full((ROWS, 16), 0, tl.int32)
             else:
                 acc2 = tl.full((ROWS, 16), 0.0, tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, loop_unroll_factor=UNROLL):
             k_ok = k0 + offs_k < k_hi
             xv = tl.load(x_row + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
             if AQ != 0:  # quantize the activations (quant_rows: x / scale, clamp, int8: round half to even)
@@ -247,10 +294,13 @@ def _gemv_kernel(
             tl.store(out_ptr + pair.to(tl.int64) * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=n < N)
 
 
-# How the GEMV reads int4 (all three are tested). 2, the default: int32 words with an unrolled loop over the 8
-# nibbles, the K tile inside one scale group; 0: bytes with the even / odd activations loaded apart; 1: int32
-# words as a 4D [rows, groups, words, 8] tile. H100, mixtral T = 1 GEMM1 (bench timing, 2026-11-27): 81 us (2),
-# 115 us (0), 224 us (1, layout conversions through shared memory in every iteration).
+# How the GEMV reads int4 (all are tested; a tile config picks one with "int4_read", else INT4_MODE). "words" (2):
+# int32 words with an unrolled loop over the 8 nibbles (shift + LOP3 each, 1 + q/16), the K tile inside one scale
+# group; "planes" (3): int32 words, LOP3 + FADD per nibble giving q - z directly (see the kernel), K tiles across
+# groups; "bytes" (0): bytes with the even / odd activations loaded apart; "words_4d" (1): int32 words as a 4D
+# [rows, groups, words, 8] tile. H100, mixtral T = 1 GEMM1 (bench timing, 2026-11-27): 81 us (2), 115 us (0),
+# 224 us (1, layout conversions through shared memory in every iteration).
+INT4_READS = {"bytes": 0, "words_4d": 1, "words": 2, "planes": 3}
 INT4_MODE = 2
 
 
@@ -300,11 +350,17 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         bias = bias.contiguous()
     bn = cfg["BLOCK_N"]
     bk, ng = gemv_tile(cfg, wq, group)
-    mode = INT4_MODE if wq == 2 else 0
-    if mode == 2 and ng > 1:
+    mode = (INT4_READS[cfg["int4_read"]] if "int4_read" in cfg else INT4_MODE) if wq == 2 else 0
+    if mode == 3:
+        bk, ng = cfg["BLOCK_K"], 1  # any power-of-two tile: words never straddle a group (group % 8 == 0)
+        if group % 8:
+            mode = 2
+    if mode == 2:
+        bk, ng = gemv_tile(cfg, wq, group)
         bk, ng = bk // ng, 1  # mode 2 keeps the tile inside one group
     if mode and ((bk // ng) % 8 or w.shape[2] % 4 or not w.is_contiguous() or w.data_ptr() % 4):
         mode = 0  # words need whole words per group slice and 4-byte aligned rows
+        bk, ng = gemv_tile(cfg, wq, group)
     if mode:
         w = w.view(torch.int32)
     mma = bool(cfg.get("mma", False)) and wq != 2  # (int4 keeps the FMA GEMV)
@@ -334,5 +390,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         HAS_BIAS=bias is not None, ALPHA=alpha, LIMIT=limit, ATOMIC=atomic,
         WQ=wq, WS=ws, QBK=group, HAS_ZERO=w_zero is not None,
         AQ=aq, QMAX=INT8_MAX if acc_int8 else FP8_MAX, AQ_INT8=acc_int8, EPS=AMAX_EPS, RNE=_RNE_MAGIC,
+        AMAX_BLOCK=amax_block(K), UNROLL=int(cfg.get("unroll", 1)),
         FUSE_EPI=fuse, ZBLOCK=256, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )
