@@ -1,0 +1,151 @@
+"""Time T = 1 decode tile configs of the quantized experts on one GPU, the way ``task=bench`` times them.
+
+For each benchmark shape: composer bf16 (its shipped config, the speed-up's baseline), the method's shipped config,
+and every variant of ``--variants`` (a JSON list; each item is merged into the shipped entry: top-level keys
+replace, ``gemm1`` / ``gemm2`` objects update the shipped GEMM tiles; ``"name"`` labels the row). Each time is the
+median of CUDA-graph replays of the whole experts call (one replay per CUDA-event pair), with the error against
+kernel=torch on the same quantized weights. ``--profile`` adds the per-kernel device times of the shipped config
+(torch.profiler), to see where a decode spends its microseconds.
+
+Example (repo root, GPU machine)::
+
+    python3 scripts/decode_probe.py --method int4_w4a16 --variants '[{"name": "planes",
+        "gemm1": {"int4_read": "planes"}, "gemm2": {"int4_read": "planes"}}]'
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from composer.kernels.torch_backend import TorchExperts  # noqa: E402
+from composer.kernels.triton_backend import TritonExperts  # noqa: E402
+from composer.kernels.triton.configs import get_config, validate_entry  # noqa: E402
+from composer.kernels.triton.fused import fused_experts, fused_experts_quant, quant_config  # noqa: E402
+from composer.kernels.triton.tune import QUANT_TUNE_METHODS, QUANT_TUNE_SHAPES  # noqa: E402
+from composer.tasks.bench import Shape, capture_graph, make_weights, quantize_weights, rel_err, time_fn  # noqa: E402
+
+
+def expert_subset(w, used: torch.Tensor):
+    """The experts ``used`` of ``w`` (every tensor whose first dim is the expert count is indexed)."""
+    import dataclasses
+
+    E = w.w13.shape[0]
+    sub = {f.name: getattr(w, f.name) for f in dataclasses.fields(w)}
+    for k, v in sub.items():
+        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == E:
+            sub[k] = v.index_select(0, used)
+    return type(w)(**sub)
+
+
+def merge(base: dict, variant: dict) -> dict:
+    out = {k: v for k, v in base.items() if k not in ("source", "_us")}
+    for k, v in variant.items():
+        if k == "name":
+            continue
+        out[k] = {**out.get(k, {}), **v} if k in ("gemm1", "gemm2") and isinstance(v, dict) else v
+    return validate_entry(out, f"variant {variant.get('name', variant)}")
+
+
+def graph_us(fn, device) -> float:
+    fn()
+    graph, _ = capture_graph(fn)
+    return 1e3 * time_fn(graph.replay, device, warmup=10, iters=400, min_iters=50, budget_s=0.3)
+
+
+def profile(fn, label: str) -> None:
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / max(1, e.count), e.count) for e in p.key_averages()
+            if e.device_time_total > 0]
+    print(f"  [profile] {label}: " + "; ".join(f"{k[:60]} {t:.1f} us x{c // 20}" for k, t, c in
+                                                 sorted(rows, key=lambda r: -r[1])))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", default="int4_w4a16", choices=[m for m, _ in QUANT_TUNE_METHODS])
+    ap.add_argument("--shapes", default=",".join(QUANT_TUNE_SHAPES))
+    ap.add_argument("--variants", default="[]", help="JSON list of entries merged into the shipped T = 1 entry")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                    help="set a module constant of composer.kernels.triton for an A/B run, e.g. gemm.AMAX_BLOCK_MAX=512")
+    ap.add_argument("--op", action="store_true", help="also time the shipped config through torch.ops.composer "
+                    "(the path task=bench times)")
+    args = ap.parse_args()
+    for item in args.set:
+        import importlib
+
+        target, value = item.split("=", 1)
+        mod, attr = target.rsplit(".", 1)
+        m = importlib.import_module(f"composer.kernels.triton.{mod}")
+        if not hasattr(m, attr):
+            raise SystemExit(f"--set {item}: composer.kernels.triton.{mod} has no {attr}")
+        setattr(m, attr, json.loads(value))
+        print(f"# set {target} = {value}")
+    variants = json.loads(args.variants)
+    params = dict(QUANT_TUNE_METHODS)[args.method]
+    dev = torch.device("cuda")
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}")
+    for name in args.shapes.split(","):
+        E, k, H, I = QUANT_TUNE_SHAPES[name]
+        shape = Shape(name, E, k, H, I, torch.bfloat16)
+        gen = torch.Generator(device=dev).manual_seed(0)
+        w = make_weights(shape, dev, gen)
+        shape.quant, shape.quant_params = args.method, params
+        qw = quantize_weights(shape, w)
+        x = torch.randn(1, H, device=dev, generator=gen).to(torch.bfloat16)
+        tw, ids = torch.topk(torch.randn(1, E, device=dev, generator=gen).softmax(-1), k, dim=-1)
+        tw, ids = tw.float(), ids.to(torch.int32)
+        ex = qw.extra or {}
+        # kernel=torch on the active experts only (dequantizing all of deepseek_v3's 256 does not fit in memory)
+        used, local = torch.unique(ids, return_inverse=True)
+        ref = TorchExperts().apply(x, tw, local.to(torch.int32), expert_subset(qw, used), "silu").double()
+
+        def quant_run(cfg):
+            return lambda: fused_experts_quant(
+                x, tw, ids, qw.w13, qw.w2, None, None, "silu", args.method, qw.w13_scale, qw.w2_scale, qw.a13_scale,
+                qw.a2_scale, qw.w13_zero, qw.w2_zero, ex.get("granularity", "per_token_channel"),
+                *ex.get("block_shape", (128, 128)), config=cfg)
+
+        bf_cfg = get_config(1, E, I, H, k, torch.bfloat16, dev)
+        bf16 = graph_us(lambda: fused_experts(x, tw, ids, w.w13, w.w2, config=bf_cfg), dev)
+        shipped = quant_config(1, E, I, H, k, args.method, torch.bfloat16, dev)
+        print(f"{name} T=1: bf16 {bf16:.1f} us")
+        rows = [("shipped", shipped)] + [(v.get("name", json.dumps(v)), v) for v in variants]
+        for label, v in rows:
+            try:
+                cfg = merge(shipped, {} if label == "shipped" else v)
+                fn = quant_run(cfg)
+                err = rel_err(fn(), ref)
+                us = graph_us(fn, dev)
+                print(f"  {args.method} {label}: {us:.1f} us ({bf16 / us:.2f}x bf16), err {err:.1e}  "
+                      f"{json.dumps({g: cfg[g] for g in ('gemm1', 'gemm2')})}")
+                if args.profile and label == "shipped":
+                    profile(fn, label)
+                if args.op and label == "shipped":
+                    op = lambda: TritonExperts().apply(x, tw, ids, qw, "silu")  # noqa: E731
+                    print(f"  {args.method} shipped via torch.ops.composer: {graph_us(op, dev):.1f} us")
+                    if args.profile:
+                        profile(op, "via op")
+            except Exception as exc:  # noqa: BLE001 - report and go on with the next variant
+                print(f"  {args.method} {label}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+        del w, qw
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
