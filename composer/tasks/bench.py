@@ -63,12 +63,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Warm-up by time as well as by count: five replays of a 150 us decode are under a millisecond, too short for the
+# GPU to leave the state it idled in while the host captured the graph (see docs/performance.md, fourth session)
+WARMUP_S = 0.05
+
+
 def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int, min_iters: int = 3,
-            budget_s: float = 0.5) -> float:
-    """Median milliseconds of ``fn()``: CUDA events on GPU, perf_counter on CPU."""
+            budget_s: float = 0.5, warmup_s: float | None = None) -> float:
+    """Median milliseconds of ``fn()``: CUDA events on GPU, perf_counter on CPU; ``warmup`` calls and at least
+    ``warmup_s`` seconds (default WARMUP_S) of calls before timing."""
     for _ in range(max(1, warmup)):
         fn()
     _sync(device)
+    t_end = time.perf_counter() + (WARMUP_S if warmup_s is None else warmup_s)
+    while time.perf_counter() < t_end:
+        fn()
+        _sync(device)
     t0 = time.perf_counter()
     fn()
     _sync(device)
