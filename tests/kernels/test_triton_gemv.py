@@ -190,6 +190,8 @@ def test_interpreter_int4_planes(case, gemv_calls):
             for g in ("gemm1", "gemm2"):
                 cfg[g]["int4_read"] = read
                 cfg[g]["unroll"] = unroll
+                if unroll > 1:  # (the interpreter runs the loop as written: this checks the plumbing)
+                    cfg[g]["loop_stages"] = unroll + 1
             outs.append(fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", "int4_w4a16", w.w13_scale,
                                             w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=validate_entry(cfg)))
     assert len(gemv_calls) == 4
@@ -254,6 +256,9 @@ def test_config_validation_of_gemv_entries():
         bad["gemm1"] = {**bad["gemm1"], "unroll": unroll}
         with pytest.raises(ValueError, match="gemm1.unroll must be an integer >= 1"):
             validate_entry(bad)
+        bad["gemm1"] = {**bad["gemm1"], "unroll": 1, "loop_stages": unroll}
+        with pytest.raises(ValueError, match="gemm1.loop_stages must be an integer >= 1"):
+            validate_entry(bad)
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -267,8 +272,8 @@ GPU_GEMV_MMA = {**GPU_GEMV, "gemm1": {**GPU_GEMV["gemm1"], "mma": True},
                 "gemm2": {**GPU_GEMV["gemm2"], "mma": True}}
 
 
-GPU_GEMV_PLANES = {**GPU_GEMV, "gemm1": {**GPU_GEMV["gemm1"], "int4_read": "planes", "unroll": 2},
-                   "gemm2": {**GPU_GEMV["gemm2"], "int4_read": "planes", "unroll": 2}}
+GPU_GEMV_PLANES = {**GPU_GEMV, "gemm1": {**GPU_GEMV["gemm1"], "int4_read": "planes", "unroll": 2, "loop_stages": 3},
+                   "gemm2": {**GPU_GEMV["gemm2"], "int4_read": "planes", "unroll": 2, "loop_stages": 3}}
 
 
 @gpu

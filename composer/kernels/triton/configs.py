@@ -12,7 +12,9 @@ pair per program, FMA GEMVs in registers, ``gemv.py``; there ``BLOCK_N`` may be 
 ``SPLIT_K``, the number of programs that share one tile's K range; ``mma: true`` runs the GEMV's products on
 tensor cores with the weights as the MMA's A operand; ``int4_read``: how the GEMV unpacks int4, one of
 ``"words"``, ``"planes"``, ``"bytes"``, ``"words_4d"``, gemv.py; ``unroll``: K-loop iterations the GEMV
-unrolls, so one warp has several weight loads in flight). ``fp8_promote`` (fp8 per-tensor / per-channel): K tiles
+unrolls, so one warp has several weight loads in flight; ``loop_stages``: software-pipeline stages of that loop,
+``tl.range(num_stages=...)``, which pipelines every load of the loop through shared memory, where the kernel's
+``num_stages`` only pipelines ``tl.dot`` operands). ``fp8_promote`` (fp8 per-tensor / per-channel): K tiles
 accumulated in the tensor core between additions to the fp32 accumulator (default ``gemm.FP8_PROMOTE_TILES``).
 
 For a run with T tokens the entry with the nearest key is used (as vLLM does). Folders searched, first
@@ -32,7 +34,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "configs"
 _extra_dirs: list[Path] = []
 
 GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma", "SPLIT_K", "mma", "fp8_promote",
-             "int4_read", "unroll")
+             "int4_read", "unroll", "loop_stages")
 INT4_READ_NAMES = ("bytes", "words_4d", "words", "planes")  # gemv.INT4_READS
 
 
@@ -99,6 +101,11 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
         if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 1 or (unroll > 1 and not gemv):
             problems.append(f"{g}.unroll must be an integer >= 1 (K-loop iterations unrolled), > 1 only in a decode "
                             f"\"gemv\" tile; got {unroll!r}")
+        stages = sub.get("loop_stages", 1)
+        if (not isinstance(stages, int) or isinstance(stages, bool) or stages < 1
+                or ("loop_stages" in sub and not gemv)):
+            problems.append(f"{g}.loop_stages must be an integer >= 1 (software-pipeline stages of the GEMV's K loop), "
+                            f"in a decode \"gemv\" tile only; got {stages!r}")
         if "int4_read" in sub and (not gemv or sub["int4_read"] not in INT4_READ_NAMES):
             problems.append(f"{g}.int4_read must be one of {', '.join(INT4_READ_NAMES)} in a decode \"gemv\" tile, "
                             f"got {sub['int4_read']!r}" + ("" if gemv else " with decode " + repr(decode)))

@@ -52,7 +52,7 @@ def _gemv_kernel(
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, ATOMIC: tl.constexpr,
     WQ: tl.constexpr, WS: tl.constexpr, QBK: tl.constexpr, HAS_ZERO: tl.constexpr,
     AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
-    AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr,
+    AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr, LOOP_STAGES: tl.constexpr,
     FUSE_EPI: tl.constexpr, ZBLOCK: tl.constexpr,
 ):
     pair = tl.program_id(0)
@@ -112,7 +112,7 @@ def _gemv_kernel(
             z_ptrs = wz_ptr + expert.to(tl.int64) * stride_wze + (ch // 2) * stride_wzn
             z_shift = (ch % 2) * 4
         acc2 = tl.full((ROWS, BLOCK_K // 8), 0.0, tl.float32)
-        for k0 in tl.range(k_lo, k_hi, BLOCK_K, loop_unroll_factor=UNROLL):
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL):
             ke = k0 + 8 * kw
             k_ok = ke < k_hi
             wu = tl.load(w_ptrs + k0 // 8, mask=k_ok[None, :], other=0)
@@ -152,7 +152,7 @@ def _gemv_kernel(
             z_ptrs = wz_ptr + expert.to(tl.int64) * stride_wze + (ch // 2) * stride_wzn
             z_shift = (ch % 2) * 4
         acc = tl.full((ROWS,), 0.0, tl.float32)
-        for k0 in tl.range(k_lo, k_hi, BLOCK_K, loop_unroll_factor=UNROLL):
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL):
             ke = k0 + 8 * kw
             k_ok = ke < k_hi
             wu = tl.load(w_ptrs + k0 // 8, mask=k_ok[None, :], other=0)
@@ -191,7 +191,7 @@ def _gemv_kernel(
             w_ptrs = w_rows[:, None, None] + ku[None, :, :]
             shifts = tl.arange(0, 8) * 4
         acc = tl.full((ROWS, NG), 0.0, tl.float32)
-        for k0 in tl.range(k_lo, k_hi, BLOCK_K, loop_unroll_factor=UNROLL):
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL):
             if INT4_MODE == 0:
                 ke = k0 + 2 * kb  # element index of each byte's low nibble
                 k_ok = ke < k_hi
@@ -233,7 +233,7 @@ def _gemv_kernel(
                 acc2 = tl.full((ROWS, 16), 0, tl.int32)
             else:
                 acc2 = tl.full((ROWS, 16), 0.0, tl.float32)
-        for k0 in tl.range(k_lo, k_hi, BLOCK_K, loop_unroll_factor=UNROLL):
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL):
             k_ok = k0 + offs_k < k_hi
             xv = tl.load(x_row + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
             if AQ != 0:  # quantize the activations (quant_rows: x / scale, clamp, int8: round half to even)
@@ -390,6 +390,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         HAS_BIAS=bias is not None, ALPHA=alpha, LIMIT=limit, ATOMIC=atomic,
         WQ=wq, WS=ws, QBK=group, HAS_ZERO=w_zero is not None,
         AQ=aq, QMAX=INT8_MAX if acc_int8 else FP8_MAX, AQ_INT8=acc_int8, EPS=AMAX_EPS, RNE=_RNE_MAGIC,
-        AMAX_BLOCK=amax_block(K), UNROLL=int(cfg.get("unroll", 1)),
+        AMAX_BLOCK=amax_block(K), UNROLL=int(cfg.get("unroll", 1)), LOOP_STAGES=cfg.get("loop_stages"),
         FUSE_EPI=fuse, ZBLOCK=256, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )
