@@ -87,3 +87,53 @@ def test_max_blocks_bound_is_tight_enough():
     assert max_blocks(8, 256, 16) == 8  # 8 pairs, 8 experts at most: 8 blocks
     assert max_blocks(0, 8, 16) == 0
     assert max_blocks(32768, 256, 64) == (32768 + 256 * 63 + 63) // 64
+
+
+def check_tail_invariants(ids: torch.Tensor, E: int, bm: int, tm: int) -> None:
+    """moe_align_tail: every valid pair exactly once over the two regions; an expert's remainder of at most tm
+    pairs sits in its own tail block, a larger one in a padded main block; both regions' padding marked."""
+    from composer.kernels.triton.align import moe_align_tail, tail_blocks
+
+    T, k = ids.shape
+    P = T * k
+    s, ex, ntpp, ts, tex, tntpp = moe_align_tail(ids, E, bm, tm)
+    assert ex.shape == (max_blocks(P, E, bm),) and tex.shape == (max(tail_blocks(P, E), 1),)
+    flat = ids.reshape(-1).tolist()
+    counts = [sum(1 for e in flat if e == x) for x in range(E)]
+    rems = [c % bm for c in counts]
+    has_tail = [0 < r <= tm for r in rems]
+    main = [c - r if t else -(-c // bm) * bm for c, r, t in zip(counts, rems, has_tail)]
+    total, ttotal = int(ntpp.item()), int(tntpp.item())
+    assert total == sum(main) and ttotal == tm * sum(has_tail)
+    s, ts, ex, tex = s[:total].tolist(), ts[:ttotal].tolist(), ex.tolist(), tex.tolist()
+    assert sorted([p for p in s + ts if p != P]) == [i for i, e in enumerate(flat) if e >= 0]
+    pos = tpos = 0
+    for e in range(E):
+        seg = s[pos:pos + main[e]]
+        n_main = min(counts[e], main[e])
+        assert all(flat[p] == e for p in seg[:n_main]) and all(p == P for p in seg[n_main:])
+        assert all(ex[b] == e for b in range(pos // bm, (pos + main[e]) // bm))
+        pos += main[e]
+        if has_tail[e]:
+            tseg = ts[tpos:tpos + tm]
+            assert all(flat[p] == e for p in tseg[:rems[e]]) and all(p == P for p in tseg[rems[e]:])
+            assert tex[tpos // tm] == e
+            tpos += tm
+    assert all(x == -1 for x in ex[total // bm:]) and all(x == -1 for x in tex[ttotal // tm:tail_blocks(P, E)])
+
+
+@settings(max_examples=20, deadline=None)
+@given(T=st.integers(0, 40), E=st.integers(1, 6), kfrac=st.floats(0, 1), drop=st.sampled_from([0.0, 0.3]),
+       seed=st.integers(0, 2**16))
+def test_align_tail_invariants(T, E, kfrac, drop, seed):
+    k = 1 + int(kfrac * (E - 1))
+    with interpreter():
+        check_tail_invariants(routing(T, E, k, drop, seed), E, 32, 16)
+
+
+def test_align_tail_refuses_bad_sizes():
+    from composer.kernels.triton.align import moe_align_tail
+
+    for tm in (0, 24, 32, 64):
+        with pytest.raises(ValueError, match="tail_m must be a power of two below block_m=32"):
+            moe_align_tail(torch.zeros(1, 1, dtype=torch.int32), 2, 32, tm)

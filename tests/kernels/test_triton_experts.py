@@ -227,3 +227,80 @@ def test_gpu_small_all_features(dtype, act, bias):
                 out = fused_experts(x, tw, ids, w13, w2, b13, b2, act, config=c)
                 tol = 1e-5 if dtype == torch.float32 else TOL[dtype]
                 assert rel(out, ref) < tol, f"T={T} {reduce}: {rel(out, ref):.2e}"
+
+
+def tail_config(reduce="atomic", tail_m=16):
+    cfg = tiny_config(False, reduce, 16, 16, 32, 16)
+    return cfgs.validate_entry({**cfg, "BLOCK_M": 32, "tail_m": tail_m})
+
+
+@settings(max_examples=15, deadline=None)
+@given(T=st.sampled_from([0, 1, 6, 13, 23, 41]), E=st.integers(1, 4), kfrac=st.floats(0, 1),
+       dtype=st.sampled_from([torch.float32, torch.float16]), act=st.sampled_from(["silu", "swigluoai"]),
+       bias=st.booleans(), drop=st.sampled_from([0.0, 0.25]), reduce=st.sampled_from(["atomic", "buffer"]),
+       seed=st.integers(0, 2**16))
+def test_tail_blocks_match_oracle(T, E, kfrac, dtype, act, bias, drop, reduce, seed):
+    """tail_m: remainders of at most tail_m pairs run in a second launch with BLOCK_M = tail_m (moe_align_tail);
+    the result is the oracle's whatever mix of full, padded and tail blocks the routing makes."""
+    k = 1 + int(kfrac * (E - 1))
+    x, tw, ids, w13, w2, b13, b2 = make_case(T, E, k, 20, 24, dtype, bias, drop, seed)
+    with interpreter():
+        out = fused_experts(x, tw, ids, w13, w2, b13, b2, act, config=tail_config(reduce))
+    assert rel(out, oracle_experts(x, tw, ids, w13, w2, act, b13, b2)) < TOL[dtype]
+
+
+def test_tail_blocks_run_a_second_launch(monkeypatch):
+    """With tail blocks present each GEMM launches twice (BLOCK_M 32, then 16); quantized methods take them too."""
+    from composer.kernels.triton import fused
+    from composer.kernels.torch_backend import TorchExperts
+
+    from .test_triton_quant import quantize
+
+    seen = []
+    real = fused.gemm1
+
+    def counting(*a, **kw):
+        seen.append(a[12])  # block_m
+        return real(*a, **kw)
+
+    monkeypatch.setattr(fused, "gemm1", counting)
+    x, tw, ids, w13, w2, _, _ = make_case(50, 4, 2, 32, 32, torch.float32, False, 0.0, seed=4)
+    # expert 0: 50 pairs (a full block, then 18 > 16 in a padded one), 1: 40 (a full block and a tail of 8),
+    # 2: 10 (a tail only), 3: none
+    ids[:, 0] = torch.tensor([1] * 40 + [2] * 10, dtype=torch.int32)
+    ids[:, 1] = 0
+    with interpreter():
+        out = fused_experts(x, tw, ids, w13, w2, None, None, "silu", config=tail_config())
+        assert seen == [32, 16]
+        assert rel(out, oracle_experts(x, tw, ids, w13, w2, "silu")) < TOL[torch.float32]
+        for method, params in (("int4_w4a16", {"group_size": 16}), ("int8_w8a8", {})):
+            w = quantize(method, w13, w2, **params)
+            q = fused.fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", method, w.w13_scale,
+                                          w.w2_scale, config=tail_config())
+            assert rel(q, TorchExperts().apply(x, tw, ids, w, "silu").double()) < 1e-3, method
+    assert seen[-2:] == [32, 16]
+
+
+def test_tail_m_validation():
+    for bad in ({"tail_m": 32}, {"tail_m": 24}, {"tail_m": 8}, {"tail_m": 16, "decode": True}):
+        with pytest.raises(ValueError, match="tail_m must be a power of two >= 16 below BLOCK_M"):
+            cfgs.validate_entry({**tail_config(), **bad})
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_tail_blocks_qwen3_prefill(dtype):
+    """The tail_m path at the qwen3_30b_a3b shape, T = 4096 (the case it is for), vs the float32 reference."""
+    from composer.kernels.triton.configs import get_config
+    from composer.tasks.bench import reference_fp32
+    from composer.layers.modular_kernel import ExpertWeights
+
+    E, k, H, I = SHAPES["qwen3_30b_a3b"]
+    x, tw, ids, w13, w2, _, _ = make_case(4096, E, k, H, I, dtype, False, 0.0, seed=1, device="cuda")
+    cfg = {kk: v for kk, v in get_config(4096, E, I, H, k, dtype, "cuda").items() if kk not in ("source", "_us")}
+    cfg = cfgs.validate_entry({**cfg, "BLOCK_M": max(cfg["BLOCK_M"], 64), "tail_m": max(cfg["BLOCK_M"], 64) // 2})
+    with interpreter(False):
+        out = fused_experts(x, tw, ids, w13, w2, None, None, "silu", config=cfg)
+    ref = reference_fp32(x, tw, ids, ExpertWeights(w13, w2), "silu")
+    assert float((out.float() - ref).norm() / ref.norm()) < 1e-2
