@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import lazy_helper, lazy_jit
+from ._jit import lazy_jit
 
 # Reductions and scans go through tl.reduce / tl.associative_scan with triton's own sum combiner: the
 # interpreter patches those (tl.sum and tl.cumsum are @jit helpers, jitted for whichever mode was active
@@ -46,11 +46,14 @@ def _count_kernel(ids_ptr, counts_ptr, rank_ptr, num_pairs, num_experts, BLOCK: 
     tl.store(rank_ptr + offs, rank, mask=valid)
 
 
-@lazy_helper
-def _blocks(counts, padded, e_ok, num_pairs, num_blocks, starts_ptr, expert_ids_ptr, ntpp_ptr, sorted_ids_ptr,
-            e, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, PAD_CHUNK: tl.constexpr):
-    """One region of blocks: each expert's ``padded`` rows (a multiple of BLOCK_M) after the previous expert's,
-    its first ``counts`` slots for pairs and the rest marked with the sentinel ``num_pairs``."""
+@lazy_jit
+def _scan_kernel(counts_ptr, starts_ptr, expert_ids_ptr, ntpp_ptr, sorted_ids_ptr,
+                 num_experts, num_blocks, num_pairs,
+                 BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr, PAD_CHUNK: tl.constexpr):
+    e = tl.arange(0, BLOCK_E)
+    e_ok = e < num_experts
+    counts = tl.load(counts_ptr + e, mask=e_ok, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.associative_scan(padded, 0, tl.standard._sum_combine)
     starts = ends - padded
     total = tl.reduce(padded, 0, tl.standard._sum_combine)
@@ -65,7 +68,7 @@ def _blocks(counts, padded, e_ok, num_pairs, num_blocks, starts_ptr, expert_ids_
         owner = tl.where(pos < total, owner, -1)
         tl.store(expert_ids_ptr + b, owner, mask=b < num_blocks)
     # Mark the padding slots of every expert with the sentinel num_pairs.
-    used_end = starts + tl.minimum(counts, padded)
+    used_end = starts + counts
     for j0 in range(0, BLOCK_M, PAD_CHUNK):
         j = j0 + tl.arange(0, PAD_CHUNK)
         slot = used_end[:, None] + j[None, :]
@@ -74,67 +77,18 @@ def _blocks(counts, padded, e_ok, num_pairs, num_blocks, starts_ptr, expert_ids_
 
 
 @lazy_jit
-def _scan_kernel(counts_ptr, starts_ptr, expert_ids_ptr, ntpp_ptr, sorted_ids_ptr,
-                 cap_ptr, t_starts_ptr, t_expert_ids_ptr, t_ntpp_ptr, t_sorted_ids_ptr,
-                 num_experts, num_blocks, num_tail_blocks, num_pairs,
-                 BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr, PAD_CHUNK: tl.constexpr,
-                 TAIL_M: tl.constexpr):
-    e = tl.arange(0, BLOCK_E)
-    e_ok = e < num_experts
-    counts = tl.load(counts_ptr + e, mask=e_ok, other=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    if TAIL_M > 0:  # a remainder of at most TAIL_M rows goes to a TAIL_M block of the tail region
-        rem = counts % BLOCK_M
-        tail = (rem > 0) & (rem <= TAIL_M)
-        padded = tl.where(tail, counts - rem, padded)
-        tl.store(cap_ptr + e, padded, mask=e_ok)
-        _blocks(tl.maximum(counts - padded, 0), tl.where(tail, TAIL_M, 0), e_ok, num_pairs, num_tail_blocks, t_starts_ptr,
-                t_expert_ids_ptr, t_ntpp_ptr, t_sorted_ids_ptr, e, TAIL_M, BLOCK_B, PAD_CHUNK)
-    _blocks(counts, padded, e_ok, num_pairs, num_blocks, starts_ptr, expert_ids_ptr, ntpp_ptr, sorted_ids_ptr, e,
-            BLOCK_M, BLOCK_B, PAD_CHUNK)
-
-
-@lazy_jit
-def _scatter_kernel(ids_ptr, rank_ptr, starts_ptr, sorted_ids_ptr, cap_ptr, t_starts_ptr, t_sorted_ids_ptr,
-                    num_pairs, num_experts, BLOCK: tl.constexpr, TAIL: tl.constexpr):
+def _scatter_kernel(ids_ptr, rank_ptr, starts_ptr, sorted_ids_ptr, num_pairs, num_experts, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < num_pairs
     ids = tl.load(ids_ptr + offs, mask=in_range, other=-1)
     valid = in_range & (ids >= 0) & (ids < num_experts)
     rank = tl.load(rank_ptr + offs, mask=valid, other=0)
     start = tl.load(starts_ptr + ids, mask=valid, other=0)
-    if TAIL:  # ranks past the expert's full blocks go to its tail block
-        cap = tl.load(cap_ptr + ids, mask=valid, other=0)
-        t_start = tl.load(t_starts_ptr + ids, mask=valid, other=0)
-        main = rank < cap
-        tl.store(sorted_ids_ptr + start + rank, offs.to(tl.int32), mask=valid & main)
-        tl.store(t_sorted_ids_ptr + t_start + rank - cap, offs.to(tl.int32), mask=valid & (rank >= cap))
-    else:
-        tl.store(sorted_ids_ptr + start + rank, offs.to(tl.int32), mask=valid)
+    tl.store(sorted_ids_ptr + start + rank, offs.to(tl.int32), mask=valid)
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``topk_ids [T, k]`` int32 -> ``(sorted_ids, expert_ids, num_tokens_post_padded)``; see the module doc."""
-    return _align(topk_ids, num_experts, block_m, 0)[:3]
-
-
-def moe_align_tail(topk_ids: torch.Tensor, num_experts: int, block_m: int, tail_m: int
-                   ) -> tuple[torch.Tensor, ...]:
-    """``moe_align`` with two block sizes: an expert whose last block would hold at most ``tail_m`` pairs gets a
-    ``tail_m`` block in a second region instead, so a GEMM launched over it with BLOCK_M = tail_m does not compute
-    the padding. Returns the main triple (BLOCK_M = block_m, every block full except remainders above tail_m),
-    then the tail triple (BLOCK_M = tail_m, at most one block per expert; ``tail_blocks`` of them at most)."""
-    if not (0 < tail_m < block_m) or tail_m & (tail_m - 1):
-        raise ValueError(f"tail_m must be a power of two below block_m={block_m}, got {tail_m}")
-    return _align(topk_ids, num_experts, block_m, tail_m)
-
-
-def tail_blocks(num_pairs: int, num_experts: int) -> int:
-    """Upper bound on the tail region's blocks: one per expert that has a pair."""
-    return min(num_experts, num_pairs)
-
-
-def _align(topk_ids: torch.Tensor, num_experts: int, block_m: int, tail_m: int) -> tuple[torch.Tensor, ...]:
     if block_m < 1 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two, got {block_m}")
     dev = topk_ids.device
@@ -156,21 +110,8 @@ def _align(topk_ids: torch.Tensor, num_experts: int, block_m: int, tail_m: int) 
     BLOCK_E = max(16, triton.next_power_of_2(num_experts))
     BLOCK_B = 64 if BLOCK_E <= 256 else 16
     PAD_CHUNK = min(block_m, max(1, 4096 // BLOCK_E))
-    ntb = tail_blocks(P, num_experts) if tail_m else 0
-    if tail_m:
-        t_sorted = torch.empty(max(ntb, 1) * tail_m, dtype=torch.int32, device=dev)
-        t_expert_ids = torch.empty(max(ntb, 1), dtype=torch.int32, device=dev)
-        t_ntpp = torch.empty(1, dtype=torch.int32, device=dev)
-        cap = torch.empty(num_experts, dtype=torch.int32, device=dev)
-        t_starts = torch.empty(num_experts, dtype=torch.int32, device=dev)
-    else:
-        t_sorted = t_expert_ids = t_ntpp = cap = t_starts = counts  # unused
-    _scan_kernel[(1,)](counts, starts, expert_ids, ntpp, sorted_ids, cap, t_starts, t_expert_ids, t_ntpp, t_sorted,
-                       num_experts, nb, ntb, P, BLOCK_M=block_m, BLOCK_E=BLOCK_E, BLOCK_B=BLOCK_B,
-                       PAD_CHUNK=PAD_CHUNK, TAIL_M=tail_m)
+    _scan_kernel[(1,)](counts, starts, expert_ids, ntpp, sorted_ids, num_experts, nb, P,
+                       BLOCK_M=block_m, BLOCK_E=BLOCK_E, BLOCK_B=BLOCK_B, PAD_CHUNK=PAD_CHUNK)
     if P > 0:
-        _scatter_kernel[(triton.cdiv(P, BLOCK),)](ids, rank, starts, sorted_ids, cap, t_starts, t_sorted, P,
-                                                  num_experts, BLOCK=BLOCK, TAIL=tail_m > 0)
-    if tail_m:
-        return sorted_ids, expert_ids, ntpp, t_sorted, t_expert_ids, t_ntpp
+        _scatter_kernel[(triton.cdiv(P, BLOCK),)](ids, rank, starts, sorted_ids, P, num_experts, BLOCK=BLOCK)
     return sorted_ids, expert_ids, ntpp

@@ -17,10 +17,6 @@ unrolls, so one warp has several weight loads in flight; ``loop_stages``: softwa
 ``num_stages`` only pipelines ``tl.dot`` operands). ``fp8_promote`` (fp8 per-tensor / per-channel): K tiles
 accumulated in the tensor core between additions to the fp32 accumulator (default ``gemm.FP8_PROMOTE_TILES``).
 
-``tail_m`` (expert-sorted blocks only): an expert whose last BLOCK_M block would hold at most ``tail_m`` pairs
-gets a ``tail_m``-row block instead, run by a second launch of each GEMM with BLOCK_M = ``tail_m`` and the same
-tiles (``align.moe_align_tail``), so less of the tensor-core work is padding.
-
 For a run with T tokens the entry with the nearest key is used (as vLLM does). Folders searched, first
 match wins: ``$COMPOSER_KERNEL_CONFIGS`` (a folder, or several joined by ``:``), folders added with
 ``add_config_dir`` (the ``kernel.config_dir`` key), then the files shipped in ``composer/kernels/configs``.
@@ -116,12 +112,6 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
         unknown = set(sub) - set(GEMM_KEYS)
         if unknown:
             problems.append(f"{g}: unknown keys {sorted(unknown)}; allowed: {', '.join(GEMM_KEYS)}")
-    tail = entry.get("tail_m")
-    if tail is not None and (not isinstance(tail, int) or isinstance(tail, bool) or tail < 16 or tail & (tail - 1)
-                             or not isinstance(bm, int) or tail >= bm or decode):
-        problems.append(f"tail_m must be a power of two >= 16 below BLOCK_M={bm!r} with decode false "
-                        f"(the last block of an expert holding at most tail_m pairs runs as a tail_m block), "
-                        f"got {tail!r}")
     if entry.get("reduce", "atomic") not in ("atomic", "buffer"):
         problems.append(f"reduce must be 'atomic' or 'buffer', got {entry.get('reduce')!r}")
     if problems:

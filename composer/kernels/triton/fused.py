@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import triton
 
-from .align import max_blocks, moe_align, moe_align_tail, tail_blocks
+from .align import max_blocks, moe_align
 from .configs import fit_smem, get_config, heuristic_config
 from .gemm import ACT_CODES, SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, QuantSpec, gemm1, gemm2, zero_dropped_rows
 from .gemv import _pow2_divisor, gemv
@@ -27,12 +27,6 @@ class _Routing:
     direct: bool
     atomic: bool
     block_m: int
-    tail: tuple | None = None  # (sorted_ids, expert_ids, ntpp, num_pid_m, tail_m): "tail_m" blocks (moe_align_tail)
-
-    def regions(self) -> list[tuple]:
-        """(sorted_ids, expert_ids, ntpp, num_pid_m, BLOCK_M) of each launch: the main blocks, then the tail's."""
-        main = [(self.sorted_ids, self.expert_ids, self.ntpp, self.num_pid_m, self.block_m)]
-        return main + ([self.tail] if self.tail is not None and self.tail[3] > 0 else [])
 
 
 def _check_activation(activation: str) -> None:
@@ -49,20 +43,14 @@ def _route(topk_weights: torch.Tensor, topk_ids: torch.Tensor, E: int, config: d
     tw = topk_weights.reshape(-1).to(torch.float32).contiguous()
     block_m = config["BLOCK_M"]
     direct = bool(config.get("decode", False))
-    tail = None
     if direct:
         sorted_ids = expert_ids = ntpp = ids  # unused by the DIRECT kernels
         num_pid_m = T * k
-    elif config.get("tail_m"):
-        tm = config["tail_m"]
-        sorted_ids, expert_ids, ntpp, t_sorted, t_experts, t_ntpp = moe_align_tail(ids.view(T, k), E, block_m, tm)
-        num_pid_m = max_blocks(T * k, E, block_m)
-        tail = (t_sorted, t_experts, t_ntpp, tail_blocks(T * k, E), tm)
     else:
         sorted_ids, expert_ids, ntpp = moe_align(ids.view(T, k), E, block_m)
         num_pid_m = max_blocks(T * k, E, block_m)
     return _Routing(ids, tw, sorted_ids, expert_ids, ntpp, num_pid_m, direct,
-                    config.get("reduce", "atomic") == "atomic", block_m, tail)
+                    config.get("reduce", "atomic") == "atomic", block_m)
 
 
 def _out_buffer(r: _Routing, x: torch.Tensor, H: int) -> torch.Tensor:
@@ -142,11 +130,11 @@ def fused_experts(
     inter = torch.empty(T * k, I, dtype=x.dtype, device=x.device)
     if config.get("decode") == "gemv":
         return _decode_gemv(x, r, k, activation, config, w13, w2, w13_bias, w2_bias, inter)
-    for sid, eid, ntpp, npm, bm in r.regions():
-        gemm1(x, w13, w13_bias, inter, sid, eid, ntpp, r.ids, npm, k, activation, r.direct, bm, config["gemm1"])
+    gemm1(x, w13, w13_bias, inter, r.sorted_ids, r.expert_ids, r.ntpp, r.ids, r.num_pid_m, k,
+          activation, r.direct, r.block_m, config["gemm1"])
     out = _out_buffer(r, x, H)
-    for sid, eid, ntpp, npm, bm in r.regions():
-        gemm2(inter, w2, w2_bias, r.tw, out, sid, eid, ntpp, r.ids, npm, k, r.direct, r.atomic, bm, config["gemm2"])
+    gemm2(inter, w2, w2_bias, r.tw, out, r.sorted_ids, r.expert_ids, r.ntpp, r.ids, r.num_pid_m, k,
+          r.direct, r.atomic, r.block_m, config["gemm2"])
     return _reduce(out, r, x)
 
 
@@ -284,14 +272,12 @@ def fused_experts_quant(
     if act_q is not None and not fuse:
         a1, s1 = quant_rows(x, act_q[0], act_q[1], a13_scale)
     inter = torch.empty(T * k, I, dtype=x.dtype, device=x.device)
-    for sid, eid, ntpp, npm, bm in r.regions():
-        gemm1(a1, w13, w13_bias, inter, sid, eid, ntpp, r.ids, npm, k, activation, r.direct, bm, c1, q1, s1,
-              w13_scale, w13_zero, aq=aq1)
+    gemm1(a1, w13, w13_bias, inter, r.sorted_ids, r.expert_ids, r.ntpp, r.ids, r.num_pid_m, k,
+          activation, r.direct, r.block_m, c1, q1, s1, w13_scale, w13_zero, aq=aq1)
     a2, s2 = inter, (a2_scale.reshape(1).float() if aq2 == 2 else None)
     if act_q is not None and not fuse:
         a2, s2 = quant_rows(inter, act_q[0], act_q[1], a2_scale)
     out = _out_buffer(r, x, H)
-    for sid, eid, ntpp, npm, bm in r.regions():
-        gemm2(a2, w2, w2_bias, r.tw, out, sid, eid, ntpp, r.ids, npm, k, r.direct, r.atomic, bm, c2, q2, s2,
-              w2_scale, w2_zero, aq=aq2)
+    gemm2(a2, w2, w2_bias, r.tw, out, r.sorted_ids, r.expert_ids, r.ntpp, r.ids, r.num_pid_m, k,
+          r.direct, r.atomic, r.block_m, c2, q2, s2, w2_scale, w2_zero, aq=aq2)
     return _reduce(out, r, x)
