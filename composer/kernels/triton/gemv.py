@@ -100,12 +100,12 @@ def _gemv_kernel(
         a_scale = _row_quant_scale(x_row, K, 1, as_ptr, AMAX_BLOCK, AQ, QMAX, EPS)
 
     if WQ == 2 and INT4_MODE == 3:  # "planes": int32 words [ROWS, BLOCK_K / 8], one LOP3 + FADD per nibble
-        # nibble j of a 16-bit half sits at bits 4j..4j+3; OR-ed with the bits of 2^(23 - 4j) its mantissa bits
-        # weigh 2^(4j - 4j) = 1, so the float is 2^(23 - 4j) + q exactly, and subtracting 2^(23 - 4j) + z leaves
-        # q - z exactly: no shift per nibble (one per word for the high half) and no sum(x) correction. The
-        # products (q - z) * x are exact in fp32 for bf16 / fp16 x; the group scale multiplies a [ROWS, words]
-        # accumulator, reduced across threads once after the loop. K tiles may span several groups (a word never
-        # straddles one: the group is a multiple of 8).
+        # nibble j of a 16-bit half sits at bits 4j..4j+3. Masked and OR-ed with the bits of 2^(23 - 4j) (whose
+        # mantissa bit b weighs 2^(b - 4j)), it reads as the float 2^(23 - 4j) + q exactly; subtracting
+        # 2^(23 - 4j) + z leaves q - z exactly: no shift per nibble (one per word for the high half) and no
+        # sum(x) correction. The products (q - z) * x are exact in fp32 for bf16 / fp16 x; the group scale
+        # multiplies a [ROWS, words] accumulator, reduced across threads once after the loop. K tiles may span
+        # several groups (a word never straddles one: the group is a multiple of 8).
         kw = tl.arange(0, BLOCK_K // 8)
         w_ptrs = w_rows[:, None] + kw[None, :]
         if HAS_ZERO:
