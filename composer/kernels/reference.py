@@ -59,9 +59,11 @@ def torch_experts(
 ) -> torch.Tensor:
     """sum_k topk_weights[t, k] * expert_{ids[t,k]}(x[t]); ids of -1 are skipped. Returns ``[T, H]`` in x.dtype.
 
-    GEMMs run in the weights' dtype (fp32 accumulation inside the matmul), the activation output is
-    rounded to that dtype (as a fused kernel writing its intermediate would), the sum over top-k is
-    accumulated in float32. ``quant_act(t, stage)`` (w8a8 methods) quantize-dequantizes the input of
+    The GEMMs multiply the weights' values in float32 (products of bf16 / fp16 values are exact there) with
+    float32 sums; the gated activation runs on GEMM1's float32 result and is rounded to the activations' dtype
+    once, as a fused kernel writing its intermediate does (composer's Triton GEMM1 epilogue); GEMM2's result
+    and the sum over top-k stay float32 until the output is cast. (Rounding GEMM1's output and the activation
+    separately, as a chain of model-dtype ops would, put ~1e-2 of bf16 error on tiny layers.) ``quant_act(t, stage)`` (w8a8 methods) quantize-dequantizes the input of
     GEMM1 (stage ``a13``) and of GEMM2 (stage ``a2``) as the quantized kernel does.
     """
     _check_inputs(x, topk_weights, topk_ids, w13, w2)
@@ -82,16 +84,16 @@ def torch_experts(
         xe = x[rows].to(w13.dtype)
         if quant_act is not None:
             xe = quant_act(xe, "a13")
-        h = xe @ w13[e].t()
+        h = xe.float() @ w13[e].float().t()
         if w13_bias is not None:
-            h = h + w13_bias[e]
-        a = act_and_mul(activation, h)
+            h = h + w13_bias[e].float()
+        a = act_and_mul(activation, h).to(x.dtype)
         if quant_act is not None:
             a = quant_act(a, "a2")
-        o = a @ w2[e].t()
+        o = a.float() @ w2[e].float().t()
         if w2_bias is not None:
-            o = o + w2_bias[e]
-        out.index_add_(0, rows, o.to(torch.float32) * weight_of[start:start + n, None])
+            o = o + w2_bias[e].float()
+        out.index_add_(0, rows, o * weight_of[start:start + n, None])
         start += n
     return out.to(x.dtype)
 
