@@ -63,8 +63,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# Warm-up by time as well as by count: five replays of a 150 us decode are under a millisecond, too short for the
-# GPU to leave the state it idled in while the host captured the graph (see docs/performance.md, fourth session)
+# Warm-up by time as well as by count: five replays of a 150 us decode are under a millisecond, and with them the
+# first graph a quant bench timed after its eager phase read 12-15% slow on an H100 (the cause is not pinned
+# down; docs/performance.md, fourth session)
 WARMUP_S = 0.05
 
 

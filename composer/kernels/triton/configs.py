@@ -35,7 +35,7 @@ _extra_dirs: list[Path] = []
 
 GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma", "SPLIT_K", "mma", "fp8_promote",
              "int4_read", "unroll", "loop_stages")
-INT4_READ_NAMES = ("bytes", "words_4d", "words", "planes")  # gemv.INT4_READS
+INT4_READ_NAMES = ("bytes", "words_4d", "words", "planes")  # gemv.INT4_READS: their codes in this order
 
 
 def add_config_dir(path: str | os.PathLike) -> None:

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ._jit import lazy_jit
+from .configs import INT4_READ_NAMES
 from .gemm import _activate, _quant_act, _row_quant_scale, amax_block
 from .quant import _RNE_MAGIC, AMAX_EPS, FP8_MAX, INT8_MAX
 
@@ -300,7 +301,7 @@ def _gemv_kernel(
 # groups; "bytes" (0): bytes with the even / odd activations loaded apart; "words_4d" (1): int32 words as a 4D
 # [rows, groups, words, 8] tile. H100, mixtral T = 1 GEMM1 (bench timing, 2026-11-27): 81 us (2), 115 us (0),
 # 224 us (1, layout conversions through shared memory in every iteration).
-INT4_READS = {"bytes": 0, "words_4d": 1, "words": 2, "planes": 3}
+INT4_READS = {name: code for code, name in enumerate(INT4_READ_NAMES)}  # bytes 0, words_4d 1, words 2, planes 3
 INT4_MODE = 2
 
 
