@@ -100,3 +100,24 @@ def test_fused_moe_layer_vs_oracle(T, top_k):
     out = layer(x, w, ids)
     ref = oracle_experts(x, w, ids, layer.w13, layer.w2, "gelu", layer.w13_bias, layer.w2_bias)
     assert rel_error(out, ref) < 1e-5
+
+
+def test_reference_rounds_only_the_intermediate():
+    """kernel=torch (torch_experts) rounds GEMM1's activated output to the activations' dtype once, as the fused
+    kernels write it, and passes w8a8's dequantized activations to GEMM2 unrounded: a quant_act result that bf16
+    cannot hold (x (1 + 2^-12)) must reach the output, and GEMM1 must not be rounded before the activation."""
+    from composer.layers.activation import act_and_mul
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 16, generator=g).to(torch.bfloat16)
+    w13, w2 = torch.randn(2, 24, 16, generator=g), torch.randn(2, 16, 12, generator=g)
+    tw, ids = torch.rand(3, 1, generator=g), torch.tensor([[0], [1], [0]], dtype=torch.int32)
+    bump = 1 + 2.0 ** -12
+    for wdt, qa in ((torch.float32, lambda t, stage: t * bump if stage == "a2" else t), (torch.bfloat16, None)):
+        a13, a2 = w13.to(wdt), w2.to(wdt)  # float32: w8a8's dequantized weights; bf16: a bf16 model
+        out = torch_experts(x, tw, ids, a13, a2, "silu", quant_act=qa)
+        f = bump if qa else 1.0
+        want = torch.stack([
+            (act_and_mul("silu", x[t].float() @ a13[e].float().t()).to(torch.bfloat16).float() * f)
+            @ a2[e].float().t() * tw[t, 0] for t, e in enumerate(ids[:, 0].tolist())]).to(torch.bfloat16)
+        assert torch.equal(out, want), wdt

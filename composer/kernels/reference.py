@@ -87,9 +87,9 @@ def torch_experts(
         h = xe.float() @ w13[e].float().t()
         if w13_bias is not None:
             h = h + w13_bias[e].float()
-        a = act_and_mul(activation, h).to(x.dtype)
+        a = act_and_mul(activation, h).to(x.dtype)  # the intermediate as the kernel writes it
         if quant_act is not None:
-            a = quant_act(a, "a2")
+            a = quant_act(a.float(), "a2")  # (the dequantized activation stays float32, never rounded)
         o = a.float() @ w2[e].float().t()
         if w2_bias is not None:
             o = o + w2_bias[e].float()
