@@ -284,12 +284,7 @@ def test_gpu_gemv_three_shapes(shape, cfg):
     """Every method (and bf16) through the GEMV decode at T = 1 vs kernel=torch, bf16, the three shapes; block
     fp8 falls back to the tl.dot decode."""
     E, k, H, I = SHAPES[shape]
-    g = torch.Generator(device="cuda").manual_seed(0)
-    w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * H ** -0.5).to(torch.bfloat16)
-    w2 = (torch.randn(E, H, I, device="cuda", generator=g) * I ** -0.5).to(torch.bfloat16)
-    x = torch.randn(1, H, device="cuda", generator=g).to(torch.bfloat16)
-    tw, ids = torch.topk(torch.randn(1, E, device="cuda", generator=g).softmax(-1), k, dim=-1)
-    tw, ids = tw.float(), ids.to(torch.int32)
+    x, tw, ids, w13, w2, _, _ = make_case(1, E, k, H, I, torch.bfloat16, False, 0.0, seed=0, device="cuda")
     out = fused_experts(x, tw, ids, w13, w2, config=cfg)
     err = rel(out, oracle_experts(x, tw, ids, w13, w2, "silu"))
     print(f"[gemv-gpu] {shape} mma={cfg['gemm1'].get('mma', False)} bf16 T=1: rel err vs float64 oracle {err:.2e}")
@@ -315,13 +310,8 @@ def test_gpu_gemv_graph_replay():
     from composer.tasks.bench import capture_graph
 
     E, k, H, I = 8, 2, 1024, 512
-    g = torch.Generator(device="cuda").manual_seed(3)
-    w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * H ** -0.5).to(torch.bfloat16)
-    w2 = (torch.randn(E, H, I, device="cuda", generator=g) * I ** -0.5).to(torch.bfloat16)
+    x, tw, ids, w13, w2, _, _ = make_case(1, E, k, H, I, torch.bfloat16, False, 0.0, seed=3, device="cuda")
     w = quantize("int4_w4a16", w13, w2, group_size=128)
-    x = torch.randn(1, H, device="cuda", generator=g).to(torch.bfloat16)
-    tw, ids = torch.topk(torch.randn(1, E, device="cuda", generator=g).softmax(-1), k, dim=-1)
-    tw, ids = tw.float(), ids.to(torch.int32)
 
     def run(a):
         return fused_experts_quant(a, tw, ids, w.w13, w.w2, None, None, "silu", "int4_w4a16", w.w13_scale,
@@ -330,7 +320,7 @@ def test_gpu_gemv_graph_replay():
     eager = run(x)
     static_x = x.clone()
     graph, gout = capture_graph(lambda: run(static_x))
-    new_x = torch.randn(1, H, device="cuda", generator=g).to(torch.bfloat16)
+    new_x = torch.randn(x.shape, device="cuda").to(torch.bfloat16)
     static_x.copy_(new_x)
     graph.replay()
     torch.cuda.synchronize()

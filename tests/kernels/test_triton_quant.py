@@ -366,12 +366,7 @@ def test_gpu_quant_compile_and_graph():
     from composer.tasks.bench import capture_graph
 
     E, k, H, I = 16, 4, 512, 256
-    g = torch.Generator(device="cuda").manual_seed(1)
-    w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=g) * H ** -0.5).to(torch.bfloat16)
-    w2 = (torch.randn(E, H, I, device="cuda", generator=g) * I ** -0.5).to(torch.bfloat16)
-    x = torch.randn(64, H, device="cuda", generator=g).to(torch.bfloat16)
-    tw, ids = torch.topk(torch.randn(64, E, device="cuda", generator=g).softmax(-1), k, dim=-1)
-    tw, ids = tw.float(), ids.to(torch.int32)
+    x, tw, ids, w13, w2, _, _ = make_case(64, E, k, H, I, torch.bfloat16, False, 0.0, seed=1, device="cuda")
     close = dict(rtol=1e-2, atol=1e-3)
     for method, params in (("fp8_w8a8", {"granularity": "block", "block_shape": (128, 128)}),
                            ("int4_w4a16", {"group_size": 128})):
@@ -383,7 +378,7 @@ def test_gpu_quant_compile_and_graph():
         torch.testing.assert_close(f(x, tw, ids), eager, **close)
         static_x = x.clone()
         graph, gout = capture_graph(lambda: ex.apply(static_x, tw, ids, w, "silu"))
-        new_x = torch.randn(64, H, device="cuda", generator=g).to(torch.bfloat16)
+        new_x = torch.randn(x.shape, device="cuda").to(torch.bfloat16)
         static_x.copy_(new_x)
         graph.replay()
         torch.cuda.synchronize()

@@ -254,7 +254,7 @@ def fused_experts_quant(
     if x.stride(1) != 1:
         x = x.contiguous()
     r = _route(topk_weights, topk_ids, E, config)
-    if config.get("decode") == "gemv" and not (q1.wq == 3 and q1.ws == 2):  # block fp8 keeps the tl.dot path
+    if config.get("decode") == "gemv":  # (block fp8 was moved to the tl.dot decode above)
         aq = (2 if a13_scale is not None else 1, 2 if a2_scale is not None else 1) if act_q is not None else (0, 0)
         inter = torch.empty(T * k, I, dtype=x.dtype, device=x.device)
         return _decode_gemv(x, r, k, activation, config, w13, w2, w13_bias, w2_bias, inter, wq=q1.wq, ws=q1.ws,

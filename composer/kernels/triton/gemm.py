@@ -101,7 +101,8 @@ def _gemm1_kernel(
     ALPHA: tl.constexpr, LIMIT: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     WQ: tl.constexpr, WS: tl.constexpr, QBN: tl.constexpr, QBK: tl.constexpr, GROUP_TILE: tl.constexpr,
     HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr,
-    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr, AMAX_BLOCK: tl.constexpr, PROMOTE: tl.constexpr,
+    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
+    AMAX_BLOCK: tl.constexpr, PROMOTE: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_pids(tl.program_id(0), num_pid_m, N, BLOCK_N, GROUP_M)
 
@@ -313,7 +314,8 @@ def _gemm2_kernel(
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     WQ: tl.constexpr, WS: tl.constexpr, QBN: tl.constexpr, QBK: tl.constexpr, GROUP_TILE: tl.constexpr,
     HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr,
-    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr, AMAX_BLOCK: tl.constexpr, PROMOTE: tl.constexpr,
+    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
+    AMAX_BLOCK: tl.constexpr, PROMOTE: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_pids(tl.program_id(0), num_pid_m, N, BLOCK_N, GROUP_M)
 

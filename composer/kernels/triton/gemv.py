@@ -100,6 +100,10 @@ def _gemv_kernel(
     if AQ != 0:  # FUSED_AQ: the row's quantization scale (amax pass over the whole row, or static)
         a_scale = _row_quant_scale(x_row, K, 1, as_ptr, AMAX_BLOCK, AQ, QMAX, EPS)
 
+    if WQ == 2 and HAS_ZERO:  # int4 zero points, packed two per byte along the channel dim
+        z_ptrs = wz_ptr + expert.to(tl.int64) * stride_wze + (ch // 2) * stride_wzn
+        z_shift = (ch % 2) * 4
+
     if WQ == 2 and INT4_MODE == 3:  # "planes": int32 words [ROWS, BLOCK_K / 8], one LOP3 + FADD per nibble
         # nibble j of a 16-bit half sits at bits 4j..4j+3. Masked and OR-ed with the bits of 2^(23 - 4j) (whose
         # mantissa bit b weighs 2^(b - 4j)), it reads as the float 2^(23 - 4j) + q exactly; subtracting
@@ -109,9 +113,6 @@ def _gemv_kernel(
         # several groups (a word never straddles one: the group is a multiple of 8).
         kw = tl.arange(0, BLOCK_K // 8)
         w_ptrs = w_rows[:, None] + kw[None, :]
-        if HAS_ZERO:
-            z_ptrs = wz_ptr + expert.to(tl.int64) * stride_wze + (ch // 2) * stride_wzn
-            z_shift = (ch % 2) * 4
         acc2 = tl.full((ROWS, BLOCK_K // 8), 0.0, tl.float32)
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL):
             ke = k0 + 8 * kw
@@ -149,9 +150,6 @@ def _gemv_kernel(
     elif WQ == 2 and INT4_MODE == 2:  # int32 words [ROWS, BLOCK_K / 8], the tile inside one group (NG = 1)
         kw = tl.arange(0, BLOCK_K // 8)
         w_ptrs = w_rows[:, None] + kw[None, :]
-        if HAS_ZERO:
-            z_ptrs = wz_ptr + expert.to(tl.int64) * stride_wze + (ch // 2) * stride_wzn
-            z_shift = (ch % 2) * 4
         acc = tl.full((ROWS,), 0.0, tl.float32)
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL):
             ke = k0 + 8 * kw
@@ -181,9 +179,6 @@ def _gemv_kernel(
             acc += s * (16.0 * p - (16.0 + z) * sx)
     elif WQ == 2:  # packed int4, low nibble first: bytes (INT4_MODE 0) or int32 words (1); NG groups per tile
         # GK = BLOCK_K // NG: elements of one scale group inside the tile
-        if HAS_ZERO:  # zero points packed two per byte along the channel dim
-            z_ptrs = wz_ptr + expert.to(tl.int64) * stride_wze + (ch // 2) * stride_wzn
-            z_shift = (ch % 2) * 4
         if INT4_MODE == 0:
             kb = tl.arange(0, NG)[:, None] * (GK // 2) + tl.arange(0, GK // 2)[None, :]  # [NG, GK/2] byte offsets
             w_ptrs = w_rows[:, None, None] + kb[None, :, :]

@@ -244,8 +244,6 @@ def gemv_candidates(name: str, method: str = "") -> list[dict[str, Any]]:
 
 GEMV_START = {"BLOCK_M": 16, "decode": "gemv", "reduce": "atomic", "gemm1": _gv(16, 256, 4, 2),
               "gemm2": _gv(16, 256, 4, 2, 4)}
-GEMV_MMA_START = {"BLOCK_M": 16, "decode": "gemv", "reduce": "atomic", "gemm1": _gv(32, 128, 4, 3, 1, True),
-                  "gemm2": _gv(64, 128, 4, 3, 4, True)}
 
 
 def tune_quant_decode(weights, x: torch.Tensor, tw: torch.Tensor, ids: torch.Tensor, base: dict[str, Any],
