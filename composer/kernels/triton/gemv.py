@@ -347,16 +347,14 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
     bn = cfg["BLOCK_N"]
     bk, ng = gemv_tile(cfg, wq, group)
     mode = (INT4_READS[cfg["int4_read"]] if "int4_read" in cfg else INT4_MODE) if wq == 2 else 0
+    if mode == 3 and group % 8:
+        mode = 2  # planes need words that never straddle a group
     if mode == 3:
-        bk, ng = cfg["BLOCK_K"], 1  # any power-of-two tile: words never straddle a group (group % 8 == 0)
-        if group % 8:
-            mode = 2
-    if mode == 2:
-        bk, ng = gemv_tile(cfg, wq, group)
-        bk, ng = bk // ng, 1  # mode 2 keeps the tile inside one group
+        bk, ng = cfg["BLOCK_K"], 1  # any power-of-two tile, across groups
+    elif mode == 2:
+        bk, ng = bk // ng, 1  # the tile inside one group
     if mode and ((bk // ng) % 8 or w.shape[2] % 4 or not w.is_contiguous() or w.data_ptr() % 4):
-        mode = 0  # words need whole words per group slice and 4-byte aligned rows
-        bk, ng = gemv_tile(cfg, wq, group)
+        mode, (bk, ng) = 0, gemv_tile(cfg, wq, group)  # words need whole words per group slice, 4-byte aligned rows
     if mode:
         w = w.view(torch.int32)
     mma = bool(cfg.get("mma", False)) and wq != 2  # (int4 keeps the FMA GEMV)
