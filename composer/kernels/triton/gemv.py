@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import lazy_jit
+from ._jit import lazy_helper, lazy_jit
 from .configs import INT4_READ_NAMES
 from .gemm import _activate, _quant_act, _row_quant_scale, amax_block
 from .quant import _RNE_MAGIC, AMAX_EPS, FP8_MAX, INT8_MAX
@@ -41,59 +41,19 @@ from .quant import _RNE_MAGIC, AMAX_EPS, FP8_MAX, INT8_MAX
 # makes the float 1 + q / 16.
 
 
-@lazy_jit
-def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, tw_ptr, out_ptr, ids_ptr, as_ptr, ws_ptr, wz_ptr, cnt_ptr, acc_ptr, y_ptr,
-    N, K, top_k, k_split, zero_numel, cnt_numel, n_tiles_out, arrivals,
-    stride_xm, stride_we, stride_wn, stride_be, stride_om,
-    stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, ROWS: tl.constexpr, GK: tl.constexpr,
-    INT4_MODE: tl.constexpr, MMA: tl.constexpr, ACC_INT: tl.constexpr, PRECISION: tl.constexpr,
-    GATED: tl.constexpr, X_PER_TOKEN: tl.constexpr,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, ATOMIC: tl.constexpr,
-    WQ: tl.constexpr, WS: tl.constexpr, QBK: tl.constexpr, HAS_ZERO: tl.constexpr,
-    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
-    AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr, LOOP_STAGES: tl.constexpr,
-    FUSE_EPI: tl.constexpr, ZBLOCK: tl.constexpr,
+@lazy_helper
+def _gemv_acc(
+    x_row, w_ptr, as_ptr, ws_ptr, wz_ptr, expert, ch, k_lo, k_hi, K,
+    stride_we, stride_wn, stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
+    BLOCK_K: tl.constexpr, NG: tl.constexpr, ROWS: tl.constexpr, GK: tl.constexpr, INT4_MODE: tl.constexpr,
+    MMA: tl.constexpr, ACC_INT: tl.constexpr, PRECISION: tl.constexpr, WQ: tl.constexpr, WS: tl.constexpr,
+    QBK: tl.constexpr, HAS_ZERO: tl.constexpr, AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr,
+    EPS: tl.constexpr, RNE: tl.constexpr, AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
 ):
-    pair = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    if FUSE_EPI and GATED:  # GEMM1 zeroes GEMM2's fp32 sums and arrival counters (GEMM2 runs after it)
-        nprog = tl.num_programs(0) * tl.num_programs(1)
-        lin = pair * tl.num_programs(1) + pid_n
-        zc = (zero_numel + nprog - 1) // nprog
-        z_end = tl.minimum(zero_numel, lin * zc + zc)
-        for z0 in range(lin * zc, z_end, ZBLOCK):
-            offs_z = z0 + tl.arange(0, ZBLOCK)
-            tl.store(acc_ptr + offs_z, tl.full((ZBLOCK,), 0.0, tl.float32), mask=offs_z < z_end)
-        cc = (cnt_numel + nprog - 1) // nprog
-        c_end = tl.minimum(cnt_numel, lin * cc + cc)
-        for c0 in range(lin * cc, c_end, ZBLOCK):
-            offs_c = c0 + tl.arange(0, ZBLOCK)
-            tl.store(cnt_ptr + offs_c, tl.full((ZBLOCK,), 0, tl.int32), mask=offs_c < c_end)
-    expert = tl.load(ids_ptr + pair)
-    live = expert >= 0
-    if FUSE_EPI and not GATED:  # a dropped pair reads nothing but still arrives at its token's tiles
-        expert = tl.maximum(expert, 0)
-    elif expert < 0:
-        return
-    if X_PER_TOKEN:  # GEMM1 reads the token's row of x, GEMM2 the pair's row of the intermediate
-        x_row = x_ptr + (pair // top_k).to(tl.int64) * stride_xm
-    else:
-        x_row = x_ptr + pair.to(tl.int64) * stride_xm
-    k_lo = pid_s * k_split
-    k_hi = tl.minimum(K, k_lo + k_split)
-    if FUSE_EPI and not GATED:
-        k_hi = tl.where(live, k_hi, k_lo)  # dropped: an empty K loop
-
-    r = tl.arange(0, ROWS)  # ROWS = 2 * BLOCK_N when GATED
-    if GATED:
-        n = pid_n * BLOCK_N + r // 2
-        ch = (n % N) + (r % 2) * N  # interleaved gate / up channels (n % N: in-bounds loads past the edge)
-    else:
-        n = pid_n * BLOCK_N + r
-        ch = n % N
+    """One GEMV tile's fp32 sums ``[ROWS]``: weight rows ``ch`` of ``expert`` times the activation row over K in
+    ``[k_lo, k_hi)``, with the weight and activation scales applied (not the bias). Shared by the two-launch
+    kernel and the one-launch decode, so both read every weight format the same way."""
     w_rows = w_ptr + expert.to(tl.int64) * stride_we + ch.to(tl.int64) * stride_wn
     ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
 
@@ -241,8 +201,8 @@ def _gemv_kernel(
                 if WQ == 3:  # the quantized values on both sides (fp8 / int8)
                     xt = tl.where(col0, xv[:, None], 0.0).to(w_ptr.dtype.element_ty)
                 else:  # the activations' dtype on both sides (int8 weights are exact in bf16 / fp16)
-                    xt = tl.where(col0, xv[:, None], 0.0).to(x_ptr.dtype.element_ty)
-                    wv = wv.to(x_ptr.dtype.element_ty)
+                    xt = tl.where(col0, xv[:, None], 0.0).to(x_row.dtype.element_ty)
+                    wv = wv.to(x_row.dtype.element_ty)
                 if ACC_INT:
                     acc2 = tl.dot(wv, xt, acc2, out_dtype=tl.int32)
                 elif WQ == 3:  # fp8: promoted to fp32 after every K tile (gemm.py, FP8_PROMOTE)
@@ -261,6 +221,68 @@ def _gemv_kernel(
                 acc = acc * (a_scale * tl.load(ws_base).to(tl.float32))
             else:
                 acc = acc * a_scale * tl.load(ws_base + ch * stride_wsn).to(tl.float32)
+    return acc
+
+
+@lazy_jit
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, tw_ptr, out_ptr, ids_ptr, as_ptr, ws_ptr, wz_ptr, cnt_ptr, acc_ptr, y_ptr,
+    N, K, top_k, k_split, zero_numel, cnt_numel, n_tiles_out, arrivals,
+    stride_xm, stride_we, stride_wn, stride_be, stride_om,
+    stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, ROWS: tl.constexpr, GK: tl.constexpr,
+    INT4_MODE: tl.constexpr, MMA: tl.constexpr, ACC_INT: tl.constexpr, PRECISION: tl.constexpr,
+    GATED: tl.constexpr, X_PER_TOKEN: tl.constexpr,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, ATOMIC: tl.constexpr,
+    WQ: tl.constexpr, WS: tl.constexpr, QBK: tl.constexpr, HAS_ZERO: tl.constexpr,
+    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
+    AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    FUSE_EPI: tl.constexpr, ZBLOCK: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    if FUSE_EPI and GATED:  # GEMM1 zeroes GEMM2's fp32 sums and arrival counters (GEMM2 runs after it)
+        nprog = tl.num_programs(0) * tl.num_programs(1)
+        lin = pair * tl.num_programs(1) + pid_n
+        zc = (zero_numel + nprog - 1) // nprog
+        z_end = tl.minimum(zero_numel, lin * zc + zc)
+        for z0 in range(lin * zc, z_end, ZBLOCK):
+            offs_z = z0 + tl.arange(0, ZBLOCK)
+            tl.store(acc_ptr + offs_z, tl.full((ZBLOCK,), 0.0, tl.float32), mask=offs_z < z_end)
+        cc = (cnt_numel + nprog - 1) // nprog
+        c_end = tl.minimum(cnt_numel, lin * cc + cc)
+        for c0 in range(lin * cc, c_end, ZBLOCK):
+            offs_c = c0 + tl.arange(0, ZBLOCK)
+            tl.store(cnt_ptr + offs_c, tl.full((ZBLOCK,), 0, tl.int32), mask=offs_c < c_end)
+    expert = tl.load(ids_ptr + pair)
+    live = expert >= 0
+    if FUSE_EPI and not GATED:  # a dropped pair reads nothing but still arrives at its token's tiles
+        expert = tl.maximum(expert, 0)
+    elif expert < 0:
+        return
+    if X_PER_TOKEN:  # GEMM1 reads the token's row of x, GEMM2 the pair's row of the intermediate
+        x_row = x_ptr + (pair // top_k).to(tl.int64) * stride_xm
+    else:
+        x_row = x_ptr + pair.to(tl.int64) * stride_xm
+    k_lo = pid_s * k_split
+    k_hi = tl.minimum(K, k_lo + k_split)
+    if FUSE_EPI and not GATED:
+        k_hi = tl.where(live, k_hi, k_lo)  # dropped: an empty K loop
+
+    r = tl.arange(0, ROWS)  # ROWS = 2 * BLOCK_N when GATED
+    if GATED:
+        n = pid_n * BLOCK_N + r // 2
+        ch = (n % N) + (r % 2) * N  # interleaved gate / up channels (n % N: in-bounds loads past the edge)
+    else:
+        n = pid_n * BLOCK_N + r
+        ch = n % N
+    acc = _gemv_acc(
+        x_row, w_ptr, as_ptr, ws_ptr, wz_ptr, expert, ch, k_lo, k_hi, K,
+        stride_we, stride_wn, stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
+        BLOCK_K, NG, ROWS, GK, INT4_MODE, MMA, ACC_INT, PRECISION, WQ, WS, QBK, HAS_ZERO,
+        AQ, QMAX, AQ_INT8, EPS, RNE, AMAX_BLOCK, UNROLL, LOOP_STAGES,
+    )
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + expert.to(tl.int64) * stride_be + ch).to(tl.float32)
