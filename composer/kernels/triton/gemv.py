@@ -344,6 +344,33 @@ def gemv_tile(g: dict[str, Any], wq: int, group: int) -> tuple[int, int]:
     return gk, 1
 
 
+def gemv_plan(K: int, w: torch.Tensor, cfg: dict[str, Any], wq: int, group: int, gated: bool, atomic: bool
+              ) -> tuple[torch.Tensor, int, int, int, bool, int, int]:
+    """How one GEMM runs as GEMVs: ``(w, BLOCK_K, NG, int4 mode, mma, SPLIT_K, k_split)``, ``w`` viewed as int32
+    words where the int4 read takes words."""
+    bn = cfg["BLOCK_N"]
+    bk, ng = gemv_tile(cfg, wq, group)
+    mode = (INT4_READS[cfg["int4_read"]] if "int4_read" in cfg else INT4_MODE) if wq == 2 else 0
+    if mode == 3 and group % 8:
+        mode = 2  # planes need words that never straddle a group
+    if mode == 3:
+        bk, ng = cfg["BLOCK_K"], 1  # any power-of-two tile, across groups
+    elif mode == 2:
+        bk, ng = bk // ng, 1  # the tile inside one group
+    if mode and ((bk // ng) % 8 or w.shape[2] % 4 or not w.is_contiguous() or w.data_ptr() % 4):
+        mode, (bk, ng) = 0, gemv_tile(cfg, wq, group)  # words need whole words per group slice, 4-byte aligned rows
+    if mode:
+        w = w.view(torch.int32)
+    mma = bool(cfg.get("mma", False)) and wq != 2  # (int4 keeps the FMA GEMV)
+    if mma and (2 * bn if gated else bn) < 16 or mma and bk < 32:
+        raise ValueError(f"a GEMV with mma=true needs at least 16 rows (gemm1: BLOCK_N >= 8, gemm2: BLOCK_N >= 16) "
+                         f"and BLOCK_K >= 32, got BLOCK_N={bn}, BLOCK_K={bk}")
+    split = max(1, int(cfg.get("SPLIT_K", 1))) if (not gated and atomic) else 1
+    k_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
+    split = triton.cdiv(K, k_split)
+    return w, bk, ng, mode, mma, split, k_split
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, ids_flat: torch.Tensor,
          top_k: int, cfg: dict[str, Any], *, gated: bool, activation_code: int = 0, tw: torch.Tensor | None = None,
          atomic: bool = True, wq: int = 0, ws: int = 1, group: int = 1, a_scale: torch.Tensor | None = None,
@@ -367,25 +394,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
     if bias is not None and bias.stride(1) != 1:
         bias = bias.contiguous()
     bn = cfg["BLOCK_N"]
-    bk, ng = gemv_tile(cfg, wq, group)
-    mode = (INT4_READS[cfg["int4_read"]] if "int4_read" in cfg else INT4_MODE) if wq == 2 else 0
-    if mode == 3 and group % 8:
-        mode = 2  # planes need words that never straddle a group
-    if mode == 3:
-        bk, ng = cfg["BLOCK_K"], 1  # any power-of-two tile, across groups
-    elif mode == 2:
-        bk, ng = bk // ng, 1  # the tile inside one group
-    if mode and ((bk // ng) % 8 or w.shape[2] % 4 or not w.is_contiguous() or w.data_ptr() % 4):
-        mode, (bk, ng) = 0, gemv_tile(cfg, wq, group)  # words need whole words per group slice, 4-byte aligned rows
-    if mode:
-        w = w.view(torch.int32)
-    mma = bool(cfg.get("mma", False)) and wq != 2  # (int4 keeps the FMA GEMV)
-    if mma and (2 * bn if gated else bn) < 16 or mma and bk < 32:
-        raise ValueError(f"a GEMV with mma=true needs at least 16 rows (gemm1: BLOCK_N >= 8, gemm2: BLOCK_N >= 16) "
-                         f"and BLOCK_K >= 32, got BLOCK_N={bn}, BLOCK_K={bk}")
-    split = max(1, int(cfg.get("SPLIT_K", 1))) if (not gated and atomic) else 1
-    k_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
-    split = triton.cdiv(K, k_split)
+    w, bk, ng, mode, mma, split, k_split = gemv_plan(K, w, cfg, wq, group, gated, atomic)
     fb = w
     wss = list(w_scale.stride()) + [0] * 3 if w_scale is not None else [0, 0, 0]
     wzs = list(w_zero.stride()) + [0] * 3 if w_zero is not None else [0, 0, 0]
