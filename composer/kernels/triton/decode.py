@@ -46,7 +46,8 @@ def _decode_kernel(
     ACC_INT: tl.constexpr, PRECISION: tl.constexpr, WQ: tl.constexpr, WS: tl.constexpr, HAS_ZERO: tl.constexpr,
     QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
     ACT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, ZBLOCK: tl.constexpr,
-    PF_LINES: tl.constexpr, PF_STEP: tl.constexpr,
+    PF_LINES: tl.constexpr, PF_STEP: tl.constexpr, KSP: tl.constexpr, RCH: tl.constexpr,
+    WAIT_LOAD: tl.constexpr,
 ):
     # sync words: [0] ticket, [1] GEMM2 programs done, [2, 2 + P) GEMM1 tiles done per pair, then one arrival
     # counter per (token, GEMM2 tile)
@@ -91,6 +92,10 @@ def _decode_kernel(
                       + lines[None, :])
                 tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [pf], dtype=tl.int32,
                                           is_pure=False, pack=1)
+            if WAIT_LOAD:  # poll with plain loads (no read-modify-write queueing at the flag), then acquire once
+                c = tl.load(flags + pair, volatile=True)
+                while c < n_tiles1:
+                    c = tl.load(flags + pair, volatile=True)
             c = tl.atomic_add(flags + pair, 0, sem="acquire")
             while c < n_tiles1:
                 c = tl.atomic_add(flags + pair, 0, sem="acquire")
@@ -113,10 +118,15 @@ def _decode_kernel(
         cnt = sync_ptr + 2 + P + token * n_tiles2 + pid_n
         arrived = tl.atomic_add(cnt, 1, sem="acq_rel")
         if arrived == top_k * split - 1:  # the last of the token's partials for this tile: sum them in order
+            # (RCH rows per load, all loads of the unrolled loop in flight together: a loop of one-row loads
+            # waits one L2 round trip per partial, which cost up to 60 us)
             s = tl.full((BN2,), 0.0, tl.float32)
-            rows = part_ptr + (token * top_k * split).to(tl.int64) * H + n
-            for j in range(0, top_k * split):
-                s += tl.load(rows + j * H, mask=n < H, other=0.0, cache_modifier=".cg")
+            rows = part_ptr + (token * top_k * split).to(tl.int64) * H
+            for j0 in tl.static_range(0, KSP, RCH):
+                j = j0 + tl.arange(0, RCH)
+                v = tl.load(rows + j[:, None].to(tl.int64) * H + n[None, :],
+                            mask=(j < top_k * split)[:, None] & (n < H)[None, :], other=0.0, cache_modifier=".cg")
+                s += tl.reduce(v, 0, tl.standard._sum_combine)
             tl.store(y_ptr + token.to(tl.int64) * stride_ym + n, s.to(y_ptr.dtype.element_ty), mask=n < H)
             tl.store(cnt, 0)
         done = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel")
@@ -130,6 +140,7 @@ def _decode_kernel(
 # for their pair's GEMM1 tiles (compiled kernels only: the interpreter has no inline assembly)
 PREFETCH_L2 = True
 PREFETCH_MAX_LINES = 16  # per row: the first 2 KB of a long K split
+WAIT_LOAD = False  # GEMM2 polls its flag with volatile loads before the acquiring atomic (A/B switch)
 
 _SYNC: dict[tuple, torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []  # outgrown sync buffers: a CUDA graph captured with one still points at it
@@ -190,6 +201,7 @@ def decode_one_launch(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, top_
     pf_lines = min(triton.next_power_of_2(triton.cdiv(k_split_units, step)), PREFETCH_MAX_LINES)
     if not PREFETCH_L2 or interpreting():
         pf_lines = 0
+    ksp = triton.next_power_of_2(top_k * split)  # partial rows per (token, tile), padded
     _decode_kernel[(n1 + P * n_tiles2 * split,)](
         x, w1v, w2v, opt(b13), opt(b2), tw, ids, inter, part, y, sync,
         opt(act_scales[0]), opt(scales[0]), opt(zeros[0]), opt(act_scales[1]), opt(scales[1]), opt(zeros[1]),
@@ -204,7 +216,7 @@ def decode_one_launch(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, top_
         ACC_INT=(mma1 or mma2) and wq == 3 and acc_int8, PRECISION="ieee" if x.dtype == torch.float32 else None,
         WQ=wq, WS=ws, HAS_ZERO=zeros[0] is not None, QMAX=INT8_MAX if acc_int8 else FP8_MAX, AQ_INT8=acc_int8,
         EPS=AMAX_EPS, RNE=_RNE_MAGIC, ACT=activation_code, HAS_B1=b13 is not None, HAS_B2=b2 is not None, ALPHA=alpha, LIMIT=limit,
-        ZBLOCK=256, PF_LINES=pf_lines, PF_STEP=step,
+        ZBLOCK=256, PF_LINES=pf_lines, PF_STEP=step, KSP=ksp, RCH=min(ksp, 16), WAIT_LOAD=WAIT_LOAD,
         num_warps=cfg1.get("num_warps", 4), num_stages=cfg1.get("num_stages", 2),
     )
     return y
