@@ -124,9 +124,9 @@ def _decode_kernel(
             rows = part_ptr + (token * top_k * split).to(tl.int64) * H
             for j0 in tl.static_range(0, KSP, RCH):
                 j = j0 + tl.arange(0, RCH)
-                v = tl.load(rows + j[:, None].to(tl.int64) * H + n[None, :],
+                pv = tl.load(rows + j[:, None].to(tl.int64) * H + n[None, :],
                             mask=(j < top_k * split)[:, None] & (n < H)[None, :], other=0.0, cache_modifier=".cg")
-                s += tl.reduce(v, 0, tl.standard._sum_combine)
+                s += tl.reduce(pv, 0, tl.standard._sum_combine)
             tl.store(y_ptr + token.to(tl.int64) * stride_ym + n, s.to(y_ptr.dtype.element_ty), mask=n < H)
             tl.store(cnt, 0)
         done = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel")
