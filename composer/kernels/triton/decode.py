@@ -47,9 +47,9 @@ def _decode_kernel(
     QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
     ACT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, ZBLOCK: tl.constexpr,
     PF_LINES: tl.constexpr, PF_STEP: tl.constexpr, KSP: tl.constexpr, RCH: tl.constexpr,
-    WAIT_LOAD: tl.constexpr,
+    WAIT_LOAD: tl.constexpr, SLEEP_NS: tl.constexpr, FLAG_STRIDE: tl.constexpr,
 ):
-    # sync words: [0] ticket, [1] GEMM2 programs done, [2, 2 + P) GEMM1 tiles done per pair, then one arrival
+    # sync words: [0] ticket, [1] GEMM2 programs done, 2 + FLAG_STRIDE * pair: GEMM1 tiles done, then one arrival
     # counter per (token, GEMM2 tile)
     t = tl.atomic_add(sync_ptr, 1, sem="relaxed")
     flags = sync_ptr + 2
@@ -75,7 +75,7 @@ def _decode_kernel(
             offs = pid_n * BN1 + tl.arange(0, BN1)
             tl.store(inter_ptr + pair.to(tl.int64) * I + offs, h.to(inter_ptr.dtype.element_ty), mask=offs < I)
             tl.debug_barrier()  # every thread's stores before the release
-            tl.atomic_add(flags + pair, 1, sem="release")
+            tl.atomic_add(flags + pair * FLAG_STRIDE, 1, sem="release")
     else:  # GEMM2: rows [n0, n0 + BN2) of w2 over one K split of one pair, times its routing weight
         v = t - n1
         pair = v // (n_tiles2 * split)
@@ -92,13 +92,18 @@ def _decode_kernel(
                       + lines[None, :])
                 tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [pf], dtype=tl.int32,
                                           is_pure=False, pack=1)
+            flag = flags + pair * FLAG_STRIDE
             if WAIT_LOAD:  # poll with plain loads (no read-modify-write queueing at the flag), then acquire once
-                c = tl.load(flags + pair, volatile=True)
+                c = tl.load(flag, volatile=True)
                 while c < n_tiles1:
-                    c = tl.load(flags + pair, volatile=True)
-            c = tl.atomic_add(flags + pair, 0, sem="acquire")
+                    c = tl.load(flag, volatile=True)
+            c = tl.atomic_add(flag, 0, sem="acquire")
             while c < n_tiles1:
-                c = tl.atomic_add(flags + pair, 0, sem="acquire")
+                if SLEEP_NS > 0:  # back off: hundreds of waiting programs polling one L2 slice slow everyone
+                    tl.inline_asm_elementwise("nanosleep.u32 $1; mov.u32 $0, 0;", "=r,r",
+                                              [tl.full((1,), SLEEP_NS, tl.int32)], dtype=tl.int32, is_pure=False,
+                                              pack=1)
+                c = tl.atomic_add(flag, 0, sem="acquire")
             tl.debug_barrier()
             k_lo = pid_s * k_split
             acc = _gemv_acc(
@@ -115,7 +120,7 @@ def _decode_kernel(
         tl.store(part_ptr + (pair * split + pid_s).to(tl.int64) * H + n, acc, mask=n < H)
         tl.debug_barrier()
         token = pair // top_k
-        cnt = sync_ptr + 2 + P + token * n_tiles2 + pid_n
+        cnt = sync_ptr + 2 + P * FLAG_STRIDE + token * n_tiles2 + pid_n
         arrived = tl.atomic_add(cnt, 1, sem="acq_rel")
         if arrived == top_k * split - 1:  # the last of the token's partials for this tile: sum them in order
             # (RCH rows per load, all loads of the unrolled loop in flight together: a loop of one-row loads
@@ -131,15 +136,17 @@ def _decode_kernel(
             tl.store(cnt, 0)
         done = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel")
         if done == tl.num_programs(0) - n1 - 1:  # the last program: every ticket is taken, every flag read
-            for z0 in range(0, P + 2, ZBLOCK):
+            for z0 in range(0, P * FLAG_STRIDE + 2, ZBLOCK):
                 offs_z = z0 + tl.arange(0, ZBLOCK)
-                tl.store(sync_ptr + offs_z, tl.full((ZBLOCK,), 0, tl.int32), mask=offs_z < P + 2)
+                tl.store(sync_ptr + offs_z, tl.full((ZBLOCK,), 0, tl.int32), mask=offs_z < P * FLAG_STRIDE + 2)
 
 
 # GEMM2 programs prefetch their w2 tile into L2 (PTX prefetch.global.L2, one per 128-byte line) before waiting
 # for their pair's GEMM1 tiles (compiled kernels only: the interpreter has no inline assembly)
 PREFETCH_L2 = True
 PREFETCH_MAX_LINES = 16  # per row: the first 2 KB of a long K split
+SLEEP_NS = 256  # a waiting GEMM2 program sleeps this long between polls of its flag
+FLAG_STRIDE = 32  # int32 words between two pairs' flags: one 128-byte line each
 WAIT_LOAD = False  # GEMM2 polls its flag with volatile loads before the acquiring atomic (A/B switch)
 
 _SYNC: dict[tuple, torch.Tensor] = {}
@@ -180,7 +187,7 @@ def decode_one_launch(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, top_
     inter = torch.empty(P, I, dtype=x.dtype, device=x.device)
     part = torch.empty(P * split, H, dtype=torch.float32, device=x.device)
     y = torch.empty_like(x)
-    sync = _sync_words(x.device, 2 + P + T * n_tiles2)
+    sync = _sync_words(x.device, 2 + P * FLAG_STRIDE + T * n_tiles2)
     if b13 is not None and b13.stride(1) != 1:
         b13 = b13.contiguous()
     if b2 is not None and b2.stride(1) != 1:
@@ -217,6 +224,7 @@ def decode_one_launch(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, top_
         WQ=wq, WS=ws, HAS_ZERO=zeros[0] is not None, QMAX=INT8_MAX if acc_int8 else FP8_MAX, AQ_INT8=acc_int8,
         EPS=AMAX_EPS, RNE=_RNE_MAGIC, ACT=activation_code, HAS_B1=b13 is not None, HAS_B2=b2 is not None, ALPHA=alpha, LIMIT=limit,
         ZBLOCK=256, PF_LINES=pf_lines, PF_STEP=step, KSP=ksp, RCH=min(ksp, 16), WAIT_LOAD=WAIT_LOAD,
+        SLEEP_NS=0 if interpreting() else SLEEP_NS, FLAG_STRIDE=FLAG_STRIDE,
         num_warps=cfg1.get("num_warps", 4), num_stages=cfg1.get("num_stages", 2),
     )
     return y
