@@ -2,21 +2,21 @@
 a small batch in a single kernel.
 
 At T = 1 the two GEMV launches leave the GPU idle between them (the second kernel starts only when the last
-program of the first has finished, then ramps up), and on small experts (qwen3_30b_a3b: eight 4.5 MB int4 or 9 MB
-fp8 experts) that gap and the launch are a large part of the call. Here every program first takes a *ticket*
-from a counter: tickets ``[0, n1)`` are GEMM1 tiles (``_gemv_acc`` + bias + activation, stored to the
-intermediate, then a release-add to their pair's flag), the rest GEMM2 tiles, which wait (acquire) until their
-pair's flag counts every GEMM1 tile of that pair and then stream their ``w2`` tile. Handing out tickets in the
-order programs *start* makes the wait safe: a GEMM2 program holds a ticket above every GEMM1 ticket, so all the
-GEMM1 programs it can wait on are already running and never wait themselves (no deadlock, whatever order the
-hardware schedules the grid in). A pair's GEMM2 tiles start as soon as its own GEMM1 tiles are done.
+program of the first has finished, then ramps up). Here one persistent grid works through a list of items: GEMM1
+tiles first (``_gemv_acc`` + bias + activation, stored to the intermediate, then a release-add to their pair's
+flag), then GEMM2 tiles, which wait (acquire) until their pair's flag counts every GEMM1 tile of that pair. Every
+program takes its items in increasing order, so it finishes all its GEMM1 items before it waits for anything; the
+grid is no larger than what runs on the GPU at once (``resident_programs``), so every GEMM1 item belongs to a
+running program that never waits, and no wait can deadlock.
 
-GEMM2 stores each program's fp32 partial ``[BLOCK_N]`` (routing weight applied) to its own row of a
-``[P * SPLIT_K, H]`` buffer; the last program to arrive at a (token, tile) sums that token's ``top_k * SPLIT_K``
+GEMM2 stores each item's fp32 partial ``[BLOCK_N]`` (routing weight applied) to its own row of a
+``[P * SPLIT_K, H]`` buffer; the last item to arrive at a (token, tile) sums that token's ``top_k * SPLIT_K``
 partials in a fixed order and writes ``y`` in the model dtype, so the result is deterministic and no memset is
-needed. The int32 sync words (ticket, a done count, one flag per pair, one arrival counter per (token, tile)) are
-reset by the programs that used them last, so they are zero again when the kernel ends: they live in a zeroed
-buffer kept per (device, stream) (``_sync_words``) and must not be shared by two launches running at once.
+needed. The int32 sync words (one flag per pair, one arrival counter per (token, tile), one count of finished tiles
+per token) are reset by the last item that reads them, so they are zero again when the kernel ends: they live in a
+zeroed buffer kept per (device, stream) (``_sync_words``) and must not be shared by two launches running at once.
+
+Measured against two launches: docs/performance.md (fifth session).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from .quant import _RNE_MAGIC, AMAX_EPS, FP8_MAX, INT8_MAX
 def _decode_kernel(
     x_ptr, w1_ptr, w2_ptr, b1_ptr, b2_ptr, tw_ptr, ids_ptr, inter_ptr, part_ptr, y_ptr, sync_ptr,
     as1_ptr, ws1_ptr, wz1_ptr, as2_ptr, ws2_ptr, wz2_ptr,
-    P, H, I, top_k, n1, n_tiles1, n_tiles2, split, k_split, k_split_units, row_units,
+    P, H, I, top_k, n1, n_items, n_tiles1, n_tiles2, split, k_split,
     stride_xm, stride_w1e, stride_w1n, stride_w2e, stride_w2n, stride_b1e, stride_b2e, stride_ym,
     s1_e, s1_n, s1_k, z1_e, z1_n, z1_k, s2_e, s2_n, s2_k, z2_e, z2_n, z2_k,
     BN1: tl.constexpr, BK1: tl.constexpr, NG1: tl.constexpr, MODE1: tl.constexpr, MMA1: tl.constexpr,
@@ -45,109 +45,89 @@ def _decode_kernel(
     UNROLL2: tl.constexpr, STAGES2: tl.constexpr, AQ2: tl.constexpr, AMAX2: tl.constexpr, QBK2: tl.constexpr,
     ACC_INT: tl.constexpr, PRECISION: tl.constexpr, WQ: tl.constexpr, WS: tl.constexpr, HAS_ZERO: tl.constexpr,
     QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
-    ACT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, ZBLOCK: tl.constexpr,
-    PF_LINES: tl.constexpr, PF_STEP: tl.constexpr, KSP: tl.constexpr, RCH: tl.constexpr,
-    WAIT_LOAD: tl.constexpr, SLEEP_NS: tl.constexpr, FLAG_STRIDE: tl.constexpr,
+    ACT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
+    KSP: tl.constexpr, RCH: tl.constexpr, STRIDE: tl.constexpr,
 ):
-    # sync words: [0] ticket, [1] GEMM2 programs done, 2 + FLAG_STRIDE * pair: GEMM1 tiles done, then one arrival
-    # counter per (token, GEMM2 tile)
-    t = tl.atomic_add(sync_ptr, 1, sem="relaxed")
-    flags = sync_ptr + 2
-    if t < n1:  # GEMM1: channels [n0, n0 + BN1) of one pair, gate and up rows interleaved
-        pair = t // n_tiles1
-        pid_n = t % n_tiles1
-        expert = tl.load(ids_ptr + pair)
-        if expert >= 0:  # (a dropped pair's GEMM2 tiles do not wait for it)
-            r = tl.arange(0, 2 * BN1)
-            n = pid_n * BN1 + r // 2
-            ch = (n % I) + (r % 2) * I
-            x_row = x_ptr + (pair // top_k).to(tl.int64) * stride_xm
-            acc = _gemv_acc(
-                x_row, w1_ptr, as1_ptr, ws1_ptr, wz1_ptr, expert, ch, 0, H, H,
-                stride_w1e, stride_w1n, s1_e, s1_n, s1_k, z1_e, z1_n, z1_k,
-                BK1, NG1, 2 * BN1, BK1 // NG1, MODE1, MMA1, ACC_INT, PRECISION, WQ, WS, QBK1, HAS_ZERO,
-                AQ1, QMAX, AQ_INT8, EPS, RNE, AMAX1, UNROLL1, STAGES1,
-            )
-            if HAS_B1:
-                acc += tl.load(b1_ptr + expert.to(tl.int64) * stride_b1e + ch).to(tl.float32)
-            g, u = tl.split(tl.reshape(acc, (BN1, 2)))
-            h = _activate(g, u, ACT, ALPHA, LIMIT)
-            offs = pid_n * BN1 + tl.arange(0, BN1)
-            tl.store(inter_ptr + pair.to(tl.int64) * I + offs, h.to(inter_ptr.dtype.element_ty), mask=offs < I)
-            tl.debug_barrier()  # every thread's stores before the release
-            tl.atomic_add(flags + pair * FLAG_STRIDE, 1, sem="release")
-    else:  # GEMM2: rows [n0, n0 + BN2) of w2 over one K split of one pair, times its routing weight
-        v = t - n1
-        pair = v // (n_tiles2 * split)
-        pid_n = (v // split) % n_tiles2
-        pid_s = v % split
-        n = pid_n * BN2 + tl.arange(0, BN2)
-        expert = tl.load(ids_ptr + pair)
-        acc = tl.full((BN2,), 0.0, tl.float32)
-        if expert >= 0:
-            if PF_LINES > 0:  # pull this program's w2 tile into L2 while GEMM1 still runs
-                lines = pid_s * k_split_units + tl.arange(0, PF_LINES) * PF_STEP
-                lines = tl.minimum(lines, tl.minimum(pid_s * k_split_units + k_split_units, row_units) - 1)
-                pf = (w2_ptr + expert.to(tl.int64) * stride_w2e + (n % H).to(tl.int64)[:, None] * stride_w2n
-                      + lines[None, :])
-                tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [pf], dtype=tl.int32,
-                                          is_pure=False, pack=1)
-            flag = flags + pair * FLAG_STRIDE
-            if WAIT_LOAD:  # poll with plain loads (no read-modify-write queueing at the flag), then acquire once
-                c = tl.load(flag, volatile=True)
+    # sync words (STRIDE apart, one 128-byte line each): per pair the GEMM1 tiles done, per token the GEMM2 tiles
+    # summed; then one arrival counter per (token, GEMM2 tile)
+    flags = sync_ptr
+    tok_done = sync_ptr + P * STRIDE
+    counters = tok_done + (P // top_k) * STRIDE
+    for item in range(tl.program_id(0), n_items, tl.num_programs(0)):  # GEMM1 items first in every program
+        if item < n1:  # GEMM1: channels [n0, n0 + BN1) of one pair, gate and up rows interleaved
+            pair = item // n_tiles1
+            pid_n = item % n_tiles1
+            expert = tl.load(ids_ptr + pair)
+            if expert >= 0:  # (a dropped pair's GEMM2 tiles do not wait for it)
+                r = tl.arange(0, 2 * BN1)
+                n = pid_n * BN1 + r // 2
+                ch = (n % I) + (r % 2) * I
+                x_row = x_ptr + (pair // top_k).to(tl.int64) * stride_xm
+                acc = _gemv_acc(
+                    x_row, w1_ptr, as1_ptr, ws1_ptr, wz1_ptr, expert, ch, 0, H, H,
+                    stride_w1e, stride_w1n, s1_e, s1_n, s1_k, z1_e, z1_n, z1_k,
+                    BK1, NG1, 2 * BN1, BK1 // NG1, MODE1, MMA1, ACC_INT, PRECISION, WQ, WS, QBK1, HAS_ZERO,
+                    AQ1, QMAX, AQ_INT8, EPS, RNE, AMAX1, UNROLL1, STAGES1,
+                )
+                if HAS_B1:
+                    acc += tl.load(b1_ptr + expert.to(tl.int64) * stride_b1e + ch).to(tl.float32)
+                g, u = tl.split(tl.reshape(acc, (BN1, 2)))
+                h = _activate(g, u, ACT, ALPHA, LIMIT)
+                offs = pid_n * BN1 + tl.arange(0, BN1)
+                tl.store(inter_ptr + pair.to(tl.int64) * I + offs, h.to(inter_ptr.dtype.element_ty), mask=offs < I)
+                tl.debug_barrier()  # every thread's stores before the release
+                tl.atomic_add(flags + pair * STRIDE, 1, sem="release")
+        else:  # GEMM2: rows [n0, n0 + BN2) of w2 over one K split of one pair, times its routing weight
+            v = item - n1
+            pair = v // (n_tiles2 * split)
+            pid_n = (v // split) % n_tiles2
+            pid_s = v % split
+            n = pid_n * BN2 + tl.arange(0, BN2)
+            expert = tl.load(ids_ptr + pair)
+            acc = tl.full((BN2,), 0.0, tl.float32)
+            if expert >= 0:
+                c = tl.atomic_add(flags + pair * STRIDE, 0, sem="acquire")
                 while c < n_tiles1:
-                    c = tl.load(flag, volatile=True)
-            c = tl.atomic_add(flag, 0, sem="acquire")
-            while c < n_tiles1:
-                if SLEEP_NS > 0:  # back off: hundreds of waiting programs polling one L2 slice slow everyone
-                    tl.inline_asm_elementwise("nanosleep.u32 $1; mov.u32 $0, 0;", "=r,r",
-                                              [tl.full((1,), SLEEP_NS, tl.int32)], dtype=tl.int32, is_pure=False,
-                                              pack=1)
-                c = tl.atomic_add(flag, 0, sem="acquire")
+                    c = tl.atomic_add(flags + pair * STRIDE, 0, sem="acquire")
+                tl.debug_barrier()
+                k_lo = pid_s * k_split
+                acc = _gemv_acc(
+                    inter_ptr + pair.to(tl.int64) * I, w2_ptr, as2_ptr, ws2_ptr, wz2_ptr, expert, n % H,
+                    k_lo, tl.minimum(I, k_lo + k_split), I,
+                    stride_w2e, stride_w2n, s2_e, s2_n, s2_k, z2_e, z2_n, z2_k,
+                    BK2, NG2, BN2, BK2 // NG2, MODE2, MMA2, ACC_INT, PRECISION, WQ, WS, QBK2, HAS_ZERO,
+                    AQ2, QMAX, AQ_INT8, EPS, RNE, AMAX2, UNROLL2, STAGES2,
+                )
+                if HAS_B2:  # once, by the first K split
+                    acc += tl.where(pid_s == 0,
+                                    tl.load(b2_ptr + expert.to(tl.int64) * stride_b2e + n % H).to(tl.float32), 0.0)
+                acc = acc * tl.load(tw_ptr + pair)
+            tl.store(part_ptr + (pair * split + pid_s).to(tl.int64) * H + n, acc, mask=n < H)
             tl.debug_barrier()
-            k_lo = pid_s * k_split
-            acc = _gemv_acc(
-                inter_ptr + pair.to(tl.int64) * I, w2_ptr, as2_ptr, ws2_ptr, wz2_ptr, expert, n % H,
-                k_lo, tl.minimum(I, k_lo + k_split), I,
-                stride_w2e, stride_w2n, s2_e, s2_n, s2_k, z2_e, z2_n, z2_k,
-                BK2, NG2, BN2, BK2 // NG2, MODE2, MMA2, ACC_INT, PRECISION, WQ, WS, QBK2, HAS_ZERO,
-                AQ2, QMAX, AQ_INT8, EPS, RNE, AMAX2, UNROLL2, STAGES2,
-            )
-            if HAS_B2:  # once, by the first K split
-                acc += tl.where(pid_s == 0, tl.load(b2_ptr + expert.to(tl.int64) * stride_b2e + n % H).to(tl.float32),
-                                0.0)
-            acc = acc * tl.load(tw_ptr + pair)
-        tl.store(part_ptr + (pair * split + pid_s).to(tl.int64) * H + n, acc, mask=n < H)
-        tl.debug_barrier()
-        token = pair // top_k
-        cnt = sync_ptr + 2 + P * FLAG_STRIDE + token * n_tiles2 + pid_n
-        arrived = tl.atomic_add(cnt, 1, sem="acq_rel")
-        if arrived == top_k * split - 1:  # the last of the token's partials for this tile: sum them in order
-            # (RCH rows per load, all loads of the unrolled loop in flight together: a loop of one-row loads
-            # waits one L2 round trip per partial, which cost up to 60 us)
-            s = tl.full((BN2,), 0.0, tl.float32)
-            rows = part_ptr + (token * top_k * split).to(tl.int64) * H
-            for j0 in tl.static_range(0, KSP, RCH):
-                j = j0 + tl.arange(0, RCH)
-                pv = tl.load(rows + j[:, None].to(tl.int64) * H + n[None, :],
-                            mask=(j < top_k * split)[:, None] & (n < H)[None, :], other=0.0, cache_modifier=".cg")
-                s += tl.reduce(pv, 0, tl.standard._sum_combine)
-            tl.store(y_ptr + token.to(tl.int64) * stride_ym + n, s.to(y_ptr.dtype.element_ty), mask=n < H)
-            tl.store(cnt, 0)
-        done = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel")
-        if done == tl.num_programs(0) - n1 - 1:  # the last program: every ticket is taken, every flag read
-            for z0 in range(0, P * FLAG_STRIDE + 2, ZBLOCK):
-                offs_z = z0 + tl.arange(0, ZBLOCK)
-                tl.store(sync_ptr + offs_z, tl.full((ZBLOCK,), 0, tl.int32), mask=offs_z < P * FLAG_STRIDE + 2)
+            token = pair // top_k
+            cnt = counters + token * n_tiles2 + pid_n
+            arrived = tl.atomic_add(cnt, 1, sem="acq_rel")
+            if arrived == top_k * split - 1:  # the last of the token's partials for this tile: sum them in order
+                # (RCH rows per load, the loads of the unrolled loop in flight together: a loop of one-row loads
+                # waits one L2 round trip per partial)
+                s = tl.full((BN2,), 0.0, tl.float32)
+                rows = part_ptr + (token * top_k * split).to(tl.int64) * H
+                for j0 in tl.static_range(0, KSP, RCH):
+                    j = j0 + tl.arange(0, RCH)
+                    pv = tl.load(rows + j[:, None].to(tl.int64) * H + n[None, :],
+                                 mask=(j < top_k * split)[:, None] & (n < H)[None, :], other=0.0,
+                                 cache_modifier=".cg")
+                    s += tl.reduce(pv, 0, tl.standard._sum_combine)
+                tl.store(y_ptr + token.to(tl.int64) * stride_ym + n, s.to(y_ptr.dtype.element_ty), mask=n < H)
+                tl.store(cnt, 0)
+                d = tl.atomic_add(tok_done + token * STRIDE, 1, sem="acq_rel")
+                if d == n_tiles2 - 1:  # the token's last tile: its pairs' flags are read by no one any more
+                    for slot in range(0, top_k):
+                        tl.store(flags + (token * top_k + slot) * STRIDE, 0)
+                    tl.store(tok_done + token * STRIDE, 0)
 
 
-# GEMM2 programs prefetch their w2 tile into L2 (PTX prefetch.global.L2, one per 128-byte line) before waiting
-# for their pair's GEMM1 tiles (compiled kernels only: the interpreter has no inline assembly)
-PREFETCH_L2 = True
-PREFETCH_MAX_LINES = 16  # per row: the first 2 KB of a long K split
-SLEEP_NS = 256  # a waiting GEMM2 program sleeps this long between polls of its flag
-FLAG_STRIDE = 32  # int32 words between two pairs' flags: one 128-byte line each
-WAIT_LOAD = False  # GEMM2 polls its flag with volatile loads before the acquiring atomic (A/B switch)
+STRIDE = 32  # int32 words between two flags: one 128-byte line each (one L2 sector polled by many programs)
 
 _SYNC: dict[tuple, torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []  # outgrown sync buffers: a CUDA graph captured with one still points at it
@@ -163,6 +143,32 @@ def _sync_words(device: torch.device, numel: int) -> torch.Tensor:
             _RETIRED.append(buf)
         buf = _SYNC[key] = torch.zeros(max(numel, 1024), dtype=torch.int32, device=device)
     return buf
+
+
+_RESIDENT: dict[tuple, int] = {}
+
+
+def resident_programs(device: torch.device, args: tuple, meta: dict[str, Any]) -> int:
+    """How many programs of this kernel specialization run on the GPU at once (registers, shared memory, warps and
+    blocks per SM, times the SMs): the one-launch grid, so that every program is running while others wait on it.
+    The interpreter runs programs one by one in order, which is safe for any count."""
+    if interpreting() or device.type != "cuda":
+        return 1 << 30
+    key = (device.index, tuple(sorted((k, str(v)) for k, v in meta.items())),
+           tuple(str(a.dtype) if isinstance(a, torch.Tensor) else "" for a in args))
+    n = _RESIDENT.get(key)
+    if n is None:
+        kernel = _decode_kernel.jitted().warmup(*args, grid=(1,), **meta)
+        kernel._init_handles()
+        props = torch.cuda.get_device_properties(device)
+        warps = meta["num_warps"]
+        regs_per_warp = -(-max(kernel.n_regs, 1) * 32 // 256) * 256  # allocated per warp in units of 256
+        by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * warps)
+        by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)
+        smem = kernel.metadata.shared
+        by_smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024) // smem if smem else 32
+        n = _RESIDENT[key] = max(1, min(by_regs, by_threads, by_smem, 32)) * props.multi_processor_count
+    return n
 
 
 def decode_one_launch(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, top_k: int, w13: torch.Tensor,
@@ -187,7 +193,7 @@ def decode_one_launch(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, top_
     inter = torch.empty(P, I, dtype=x.dtype, device=x.device)
     part = torch.empty(P * split, H, dtype=torch.float32, device=x.device)
     y = torch.empty_like(x)
-    sync = _sync_words(x.device, 2 + P * FLAG_STRIDE + T * n_tiles2)
+    sync = _sync_words(x.device, (P + T) * STRIDE + T * n_tiles2)
     if b13 is not None and b13.stride(1) != 1:
         b13 = b13.contiguous()
     if b2 is not None and b2.stride(1) != 1:
@@ -202,29 +208,26 @@ def decode_one_launch(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, top_
     def opt(t: torch.Tensor | None) -> torch.Tensor:
         return t if t is not None else fb
 
-    row_units = w2v.shape[2]  # w2's row in the units the kernel reads (int4: words or bytes)
-    k_split_units = k_split * row_units // I
-    step = max(1, 128 // w2v.element_size())  # one prefetch per 128-byte line
-    pf_lines = min(triton.next_power_of_2(triton.cdiv(k_split_units, step)), PREFETCH_MAX_LINES)
-    if not PREFETCH_L2 or interpreting():
-        pf_lines = 0
     ksp = triton.next_power_of_2(top_k * split)  # partial rows per (token, tile), padded
-    _decode_kernel[(n1 + P * n_tiles2 * split,)](
+    n_items = n1 + P * n_tiles2 * split
+    args = (
         x, w1v, w2v, opt(b13), opt(b2), tw, ids, inter, part, y, sync,
         opt(act_scales[0]), opt(scales[0]), opt(zeros[0]), opt(act_scales[1]), opt(scales[1]), opt(zeros[1]),
-        P, H, I, top_k, n1, n_tiles1, n_tiles2, split, k_split, k_split_units, row_units,
+        P, H, I, top_k, n1, n_items, n_tiles1, n_tiles2, split, k_split,
         x.stride(0), w1v.stride(0), w1v.stride(1), w2v.stride(0), w2v.stride(1),
         b13.stride(0) if b13 is not None else 0, b2.stride(0) if b2 is not None else 0, y.stride(0),
         s1[0], s1[1], s1[2], z1[0], z1[1], z1[2], s2[0], s2[1], s2[2], z2[0], z2[1], z2[2],
+    )
+    meta = dict(
         BN1=bn1, BK1=bk1, NG1=ng1, MODE1=mode1, MMA1=mma1, UNROLL1=int(cfg1.get("unroll", 1)),
         STAGES1=cfg1.get("loop_stages"), AQ1=aq[0], AMAX1=amax_block(H), QBK1=groups[0],
         BN2=bn2, BK2=bk2, NG2=ng2, MODE2=mode2, MMA2=mma2, UNROLL2=int(cfg2.get("unroll", 1)),
         STAGES2=cfg2.get("loop_stages"), AQ2=aq[1], AMAX2=amax_block(I), QBK2=groups[1],
         ACC_INT=(mma1 or mma2) and wq == 3 and acc_int8, PRECISION="ieee" if x.dtype == torch.float32 else None,
         WQ=wq, WS=ws, HAS_ZERO=zeros[0] is not None, QMAX=INT8_MAX if acc_int8 else FP8_MAX, AQ_INT8=acc_int8,
-        EPS=AMAX_EPS, RNE=_RNE_MAGIC, ACT=activation_code, HAS_B1=b13 is not None, HAS_B2=b2 is not None, ALPHA=alpha, LIMIT=limit,
-        ZBLOCK=256, PF_LINES=pf_lines, PF_STEP=step, KSP=ksp, RCH=min(ksp, 16), WAIT_LOAD=WAIT_LOAD,
-        SLEEP_NS=0 if interpreting() else SLEEP_NS, FLAG_STRIDE=FLAG_STRIDE,
+        EPS=AMAX_EPS, RNE=_RNE_MAGIC, ACT=activation_code, HAS_B1=b13 is not None, HAS_B2=b2 is not None,
+        ALPHA=alpha, LIMIT=limit, KSP=ksp, RCH=min(ksp, 16), STRIDE=STRIDE,
         num_warps=cfg1.get("num_warps", 4), num_stages=cfg1.get("num_stages", 2),
     )
+    _decode_kernel[(min(n_items, resident_programs(x.device, args, meta)),)](*args, **meta)
     return y
