@@ -46,7 +46,7 @@ def _decode_kernel(
     ACC_INT: tl.constexpr, PRECISION: tl.constexpr, WQ: tl.constexpr, WS: tl.constexpr, HAS_ZERO: tl.constexpr,
     QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
     ACT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
-    KSP: tl.constexpr, RCH: tl.constexpr, STRIDE: tl.constexpr,
+    KSP: tl.constexpr, RCH: tl.constexpr, STRIDE: tl.constexpr, POLL_SEM: tl.constexpr,
 ):
     # sync words (STRIDE apart, one 128-byte line each): per pair the GEMM1 tiles done, per token the GEMM2 tiles
     # summed; then one arrival counter per (token, GEMM2 tile)
@@ -86,9 +86,12 @@ def _decode_kernel(
             expert = tl.load(ids_ptr + pair)
             acc = tl.full((BN2,), 0.0, tl.float32)
             if expert >= 0:
-                c = tl.atomic_add(flags + pair * STRIDE, 0, sem="acquire")
+                # poll relaxed (an acquire at GPU scope invalidates the SM's L1, where the GEMM1 programs beside this
+                # one keep the activation row), then acquire once
+                c = tl.atomic_add(flags + pair * STRIDE, 0, sem=POLL_SEM)
                 while c < n_tiles1:
-                    c = tl.atomic_add(flags + pair * STRIDE, 0, sem="acquire")
+                    c = tl.atomic_add(flags + pair * STRIDE, 0, sem=POLL_SEM)
+                c = tl.atomic_add(flags + pair * STRIDE, 0, sem="acquire")
                 tl.debug_barrier()
                 k_lo = pid_s * k_split
                 acc = _gemv_acc(
@@ -127,6 +130,7 @@ def _decode_kernel(
                     tl.store(tok_done + token * STRIDE, 0)
 
 
+POLL_SEM = "relaxed"
 STRIDE = 32  # int32 words between two flags: one 128-byte line each (one L2 sector polled by many programs)
 
 _SYNC: dict[tuple, torch.Tensor] = {}
@@ -226,7 +230,7 @@ def decode_one_launch(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, top_
         ACC_INT=(mma1 or mma2) and wq == 3 and acc_int8, PRECISION="ieee" if x.dtype == torch.float32 else None,
         WQ=wq, WS=ws, HAS_ZERO=zeros[0] is not None, QMAX=INT8_MAX if acc_int8 else FP8_MAX, AQ_INT8=acc_int8,
         EPS=AMAX_EPS, RNE=_RNE_MAGIC, ACT=activation_code, HAS_B1=b13 is not None, HAS_B2=b2 is not None,
-        ALPHA=alpha, LIMIT=limit, KSP=ksp, RCH=min(ksp, 16), STRIDE=STRIDE,
+        ALPHA=alpha, LIMIT=limit, KSP=ksp, RCH=min(ksp, 16), STRIDE=STRIDE, POLL_SEM=POLL_SEM,
         num_warps=cfg1.get("num_warps", 4), num_stages=cfg1.get("num_stages", 2),
     )
     _decode_kernel[(min(n_items, resident_programs(x.device, args, meta)),)](*args, **meta)
