@@ -114,21 +114,6 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
             problems.append(f"{g}: unknown keys {sorted(unknown)}; allowed: {', '.join(GEMM_KEYS)}")
     if entry.get("reduce", "atomic") not in ("atomic", "buffer"):
         problems.append(f"reduce must be 'atomic' or 'buffer', got {entry.get('reduce')!r}")
-    launches = entry.get("launches", 2)
-    if launches not in (1, 2) or isinstance(launches, bool):
-        problems.append(f"launches must be 1 (GEMM1, GEMM2 and the top-k sum in one kernel) or 2, got {launches!r}")
-    elif launches == 1:
-        if not gemv:
-            problems.append(f"launches 1 needs decode \"gemv\" (the one-launch decode runs GEMV tiles), "
-                            f"got decode {decode!r}")
-        if entry.get("reduce", "atomic") != "atomic":
-            problems.append("launches 1 sums the top-k partials in its last program; drop reduce 'buffer'")
-        subs = [entry.get(g) if isinstance(entry.get(g), dict) else {} for g in ("gemm1", "gemm2")]
-        warps = [sub.get("num_warps", 4) for sub in subs]
-        stages = [sub.get("num_stages", 2) for sub in subs]
-        if warps[0] != warps[1] or stages[0] != stages[1]:
-            problems.append(f"launches 1 runs both GEMMs in one kernel: gemm1 and gemm2 need the same num_warps and "
-                            f"num_stages, got {warps[0]}/{warps[1]} and {stages[0]}/{stages[1]}")
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems))
     return entry

@@ -10,7 +10,6 @@ import triton
 from .align import max_blocks, moe_align
 from .configs import fit_smem, get_config, heuristic_config
 from .gemm import ACT_CODES, SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, QuantSpec, gemm1, gemm2, zero_dropped_rows
-from .decode import decode_one_launch
 from .gemv import _pow2_divisor, gemv
 
 
@@ -80,14 +79,8 @@ def _decode_gemv(x, r: _Routing, k: int, activation: str, config: dict[str, Any]
                  scales: tuple = (None, None), act_scales: tuple = (None, None), zeros: tuple = (None, None),
                  aq: tuple[int, int] = (0, 0), acc_int8: bool = False) -> torch.Tensor:
     """T = 1 with ``"decode": "gemv"``: both GEMMs as GEMVs (gemv.py). With atomic reduction the top-k epilogue
-    (zeroing the fp32 sums, the final cast) rides in the two GEMV launches (``GEMV_FUSED_EPILOGUE``); with
-    ``"launches": 1`` GEMM1, GEMM2 and the top-k sum run as one kernel (decode.py)."""
+    (zeroing the fp32 sums, the final cast) rides in the two GEMV launches (``GEMV_FUSED_EPILOGUE``)."""
     T, H = x.shape
-    if config.get("launches", 2) == 1:
-        return decode_one_launch(x, r.ids, r.tw, k, w13, w2, w13_bias, w2_bias, config["gemm1"], config["gemm2"],
-                                 activation_code=ACT_CODES[activation], wq=wq, ws=ws, groups=groups, scales=scales,
-                                 act_scales=act_scales, zeros=zeros, aq=aq, acc_int8=acc_int8,
-                                 alpha=SWIGLUOAI_ALPHA, limit=SWIGLUOAI_LIMIT)
     epi = None
     if r.atomic and GEMV_FUSED_EPILOGUE:
         sums = torch.empty(T, H, dtype=torch.float32, device=x.device)
