@@ -52,8 +52,8 @@ def _gemv_acc(
     LOOP_STAGES: tl.constexpr,
 ):
     """One GEMV tile's fp32 sums ``[ROWS]``: weight rows ``ch`` of ``expert`` times the activation row over K in
-    ``[k_lo, k_hi)``, with the weight and activation scales applied (not the bias). Shared by the two-launch
-    kernel and the one-launch decode, so both read every weight format the same way."""
+    ``[k_lo, k_hi)``, with the weight and activation scales applied (not the bias). Kept apart from the kernel's
+    epilogue so that any kernel running GEMV tiles reads every weight format with the same code."""
     w_rows = w_ptr + expert.to(tl.int64) * stride_we + ch.to(tl.int64) * stride_wn
     ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
 
