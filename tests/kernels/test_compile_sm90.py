@@ -1,0 +1,102 @@
+"""Every kernel path compiles for an H100 (sm_90) on this CPU machine: the compiler's checks the interpreter lacks
+(tests/kernels/_sm90.py). Each case runs the real wrapper with its launches recorded, then compiles every launch
+with its own arguments, constexprs and options: the GEMV decode in each int4 read and with mma, the tl.dot decode,
+the align + grouped GEMMs, every quant method, fp32 / fp16 / bf16."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from composer.kernels.triton._jit import lazy_jit  # noqa: E402
+from composer.kernels.triton.fused import fused_experts, fused_experts_quant  # noqa: E402
+
+from ._interpreter import interpreter  # noqa: E402
+from ._sm90 import compile_sm90, recorded_launches  # noqa: E402
+from .test_triton_experts import make_case  # noqa: E402
+from .test_triton_quant import quantize  # noqa: E402
+
+
+def gemv_cfg(g1: dict | None = None, g2: dict | None = None) -> dict:
+    return {"BLOCK_M": 16, "decode": "gemv", "reduce": "atomic",
+            "gemm1": {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2, **(g1 or {})},
+            "gemm2": {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2, "SPLIT_K": 2, **(g2 or {})}}
+
+
+PLANES = {"int4_read": "planes", "unroll": 2}
+CASES = [  # name, T, dtype, method, quant params, config (None: the heuristic / tuned tiles), activation, bias
+    ("bf16-gemv", 1, torch.bfloat16, None, {}, gemv_cfg(), "silu", True),
+    ("bf16-gemv-mma", 1, torch.bfloat16, None, {}, gemv_cfg({"mma": True}, {"mma": True}), "swigluoai", False),
+    ("fp32-dot-decode", 1, torch.float32, None, {}, None, "gelu", True),
+    ("fp16-grouped", 16, torch.float16, None, {}, None, "silu", True),
+    ("bf16-grouped-buffer", 16, torch.bfloat16, None, {}, "buffer", "silu", False),
+    ("int4-planes", 1, torch.bfloat16, "int4_w4a16", {"group_size": 128}, gemv_cfg(PLANES, PLANES), "silu", False),
+    ("int4-planes-zero-stages", 1, torch.float16, "int4_w4a16", {"group_size": 64, "zero_point": True},
+     gemv_cfg({**PLANES, "BLOCK_K": 256, "loop_stages": 3}, PLANES), "silu", False),
+    ("int4-words", 1, torch.bfloat16, "int4_w4a16", {"group_size": 128}, gemv_cfg({"int4_read": "words"},
+                                                                                 {"int4_read": "bytes"}), "silu", False),
+    ("int4-words_4d", 1, torch.bfloat16, "int4_w4a16", {"group_size": 32}, gemv_cfg({"int4_read": "words_4d"}),
+     "silu", False),
+    ("int4-grouped", 16, torch.bfloat16, "int4_w4a16", {"group_size": 128, "zero_point": True}, None, "silu", False),
+    ("int8_w8a16-gemv", 1, torch.bfloat16, "int8_w8a16", {}, gemv_cfg(), "silu", False),
+    ("int8_w8a8-gemv-mma", 1, torch.bfloat16, "int8_w8a8", {}, gemv_cfg(None, {"mma": True}), "silu", False),
+    ("int8_w8a8-grouped", 16, torch.bfloat16, "int8_w8a8", {}, None, "silu", False),
+    ("fp8-pc-gemv", 1, torch.bfloat16, "fp8_w8a8", {"granularity": "per_token_channel"},
+     gemv_cfg({"BLOCK_K": 512, "unroll": 2}, {"mma": True}), "silu", False),
+    ("fp8-static-decode", 1, torch.bfloat16, "fp8_w8a8", {"granularity": "per_tensor", "activation_scheme": "static"},
+     None, "silu", False),
+    ("fp8-block-grouped", 16, torch.bfloat16, "fp8_w8a8", {"granularity": "block", "block_shape": (128, 128)}, None,
+     "silu", False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_kernels_compile_for_sm90(case):
+    name, T, dtype, method, params, cfg, act, bias = case
+    x, tw, ids, w13, w2, b13, b2 = make_case(T, 8, 2, 256, 256, dtype, bias, 0.0, seed=1)
+    if cfg == "buffer":  # the heuristic's tiles with per-pair rows summed by torch
+        from composer.kernels.triton.configs import get_config
+
+        cfg = {**get_config(T, 8, 256, 256, 2, dtype, x.device), "reduce": "buffer"}
+    with recorded_launches() as calls:
+        if method is None:
+            fused_experts(x, tw, ids, w13, w2, b13, b2, act, config=cfg)
+        else:
+            w = quantize(method, w13, w2, b13, b2, **params)
+            ex = w.extra or {}
+            fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, act, method, w.w13_scale, w.w2_scale,
+                                w.a13_scale, w.a2_scale, w.w13_zero, w.w2_zero,
+                                ex.get("granularity", "per_token_channel"), *ex.get("block_shape", (128, 128)),
+                                config=cfg)
+    names = {kernel.__name__ for kernel, _, _ in calls}
+    expected = "_gemv_kernel" if isinstance(cfg, dict) and cfg.get("decode") == "gemv" else "_gemm1_kernel"
+    assert expected in names, names  # the path the case is named for ran
+    for kernel, args, kwargs in calls:
+        compiled = compile_sm90(kernel, args, kwargs)
+        assert compiled.asm["cubin"], kernel.__name__
+
+
+@lazy_jit
+def _retyped_kernel(x_ptr, o_ptr, n, BLOCK: tl.constexpr):
+    v = n * 2
+    offs = tl.arange(0, BLOCK)
+    if n > 0:
+        v = tl.load(x_ptr + offs)  # a scalar name given a tensor inside an if: the interpreter runs it
+    tl.store(o_ptr + offs, v + 0.0)
+
+
+def test_compile_check_catches_what_the_interpreter_runs():
+    """The bug class this check exists for: fine under the interpreter, a compile error for the GPU."""
+    x = torch.randn(16)
+    out = torch.empty(16)
+    with interpreter():
+        _retyped_kernel[(1,)](x, out, 3, BLOCK=16)
+    assert torch.equal(out, x)
+    with recorded_launches() as calls:
+        _retyped_kernel[(1,)](x, out, 3, BLOCK=16)
+    with pytest.raises(triton.CompilationError):
+        compile_sm90(*calls[0])
