@@ -4,7 +4,8 @@ The interpreter runs kernel code as Python, so it misses what only the compiler 
 across an ``if`` (Triton keeps one type per name), a constexpr where a tensor is needed, a layout the backend
 cannot lower. Triton's front end, LLVM and the ``ptxas`` bundled with the wheel need no GPU: ``recorded_launches``
 catches the launches a wrapper makes (without running them) and ``compile_sm90`` compiles each one for sm_90 with
-its real arguments, constexprs and launch options.
+its real arguments, constexprs and launch options, specialized as a launch would be (16-byte aligned
+pointers and ints divisible by 16 marked so, ints equal to 1 made constants).
 """
 from __future__ import annotations
 
@@ -51,13 +52,20 @@ def compile_sm90(kernel: LazyKernel, args: tuple, kwargs: dict) -> Any:
     params = list(inspect.signature(fn.fn).parameters)
     const = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
     sig: dict[str, str] = {}
+    aligned = []  # what a launch specializes on: pointers and ints divisible by 16 (ints equal to 1 become constexprs)
     for name, value in zip(params, args):
         if isinstance(value, torch.Tensor):
             sig[name] = "*" + _TRITON_DTYPES[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                aligned.append(name)
         elif isinstance(value, bool):
             sig[name] = "i1"
+        elif isinstance(value, int) and value == 1:
+            sig[name], const[name] = "constexpr", 1
         elif isinstance(value, int):
             sig[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                aligned.append(name)
         elif isinstance(value, float):
             sig[name] = "fp32"
         elif value is None:  # (an unused descriptor or pointer: Triton makes None a constexpr)
@@ -69,6 +77,7 @@ def compile_sm90(kernel: LazyKernel, args: tuple, kwargs: dict) -> Any:
             raise TypeError(f"{kernel.__name__}: parameter {name} was not passed")
         sig[name] = "constexpr"
     src = triton.compiler.ASTSource(fn=fn, signature=sig,
-                                    constexprs={(params.index(k),): v for k, v in const.items()})
+                                    constexprs={(params.index(k),): v for k, v in const.items()},
+                                    attrs={(params.index(k),): [["tt.divisibility", 16]] for k in aligned})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={k: kwargs[k] for k in _OPTIONS if k in kwargs})

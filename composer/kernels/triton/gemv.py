@@ -49,7 +49,7 @@ def _gemv_acc(
     MMA: tl.constexpr, ACC_INT: tl.constexpr, PRECISION: tl.constexpr, WQ: tl.constexpr, WS: tl.constexpr,
     QBK: tl.constexpr, HAS_ZERO: tl.constexpr, AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr,
     EPS: tl.constexpr, RNE: tl.constexpr, AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr,
-    LOOP_STAGES: tl.constexpr,
+    LOOP_STAGES: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """One GEMV tile's fp32 sums ``[ROWS]``: weight rows ``ch`` of ``expert`` times the activation row over K in
     ``[k_lo, k_hi)``, with the weight and activation scales applied (not the bias). Kept apart from the kernel's
@@ -77,7 +77,10 @@ def _gemv_acc(
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL):
             ke = k0 + 8 * kw
             k_ok = ke < k_hi
-            wu = tl.load(w_ptrs + k0 // 8, mask=k_ok[None, :], other=0)
+            if EVEN_K:  # whole tiles: no mask, so the word loads can be 128-bit vectors
+                wu = tl.load(w_ptrs + k0 // 8)
+            else:
+                wu = tl.load(w_ptrs + k0 // 8, mask=k_ok[None, :], other=0)
             if QBK % BLOCK_K != 0:  # the tile spans groups: a group per word column
                 grp = (ke // QBK)[None, :]
                 s = tl.load(ws_base + ch[:, None] * stride_wsn + grp * stride_wsk, mask=k_ok[None, :],
@@ -97,7 +100,10 @@ def _gemv_acc(
             wh = wu >> 16  # nibbles 4..7 to bits 0..15 (the sign-extended top is masked off below)
             p2 = tl.full((ROWS, BLOCK_K // 8), 0.0, tl.float32)
             for m in tl.static_range(8):
-                xm = tl.load(x_row + ke + m, mask=k_ok, other=0.0).to(tl.float32)
+                if EVEN_K:
+                    xm = tl.load(x_row + ke + m).to(tl.float32)
+                else:
+                    xm = tl.load(x_row + ke + m, mask=k_ok, other=0.0).to(tl.float32)
                 j = m % 4
                 magic = (150 - 4 * j) << 23  # the bits of 2^(23 - 4j)
                 if m < 4:
@@ -236,7 +242,7 @@ def _gemv_kernel(
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, ATOMIC: tl.constexpr,
     WQ: tl.constexpr, WS: tl.constexpr, QBK: tl.constexpr, HAS_ZERO: tl.constexpr,
     AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
-    AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr, LOOP_STAGES: tl.constexpr, EVEN_K: tl.constexpr,
     FUSE_EPI: tl.constexpr, ZBLOCK: tl.constexpr,
 ):
     pair = tl.program_id(0)
@@ -265,7 +271,7 @@ def _gemv_kernel(
         x_row = x_ptr + (pair // top_k).to(tl.int64) * stride_xm
     else:
         x_row = x_ptr + pair.to(tl.int64) * stride_xm
-    k_lo = pid_s * k_split
+    k_lo = tl.multiple_of(pid_s * k_split, BLOCK_K)  # (k_split is whole K tiles: aligned tile loads)
     k_hi = tl.minimum(K, k_lo + k_split)
     if FUSE_EPI and not GATED:
         k_hi = tl.where(live, k_hi, k_lo)  # dropped: an empty K loop
@@ -281,7 +287,7 @@ def _gemv_kernel(
         x_row, w_ptr, as_ptr, ws_ptr, wz_ptr, expert, ch, k_lo, k_hi, K,
         stride_we, stride_wn, stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
         BLOCK_K, NG, ROWS, GK, INT4_MODE, MMA, ACC_INT, PRECISION, WQ, WS, QBK, HAS_ZERO,
-        AQ, QMAX, AQ_INT8, EPS, RNE, AMAX_BLOCK, UNROLL, LOOP_STAGES,
+        AQ, QMAX, AQ_INT8, EPS, RNE, AMAX_BLOCK, UNROLL, LOOP_STAGES, EVEN_K,
     )
 
     if HAS_BIAS:
@@ -320,6 +326,9 @@ def _gemv_kernel(
 # 224 us (1, layout conversions through shared memory in every iteration).
 INT4_READS = {name: code for code, name in enumerate(INT4_READ_NAMES)}  # bytes 0, words_4d 1, words 2, planes 3
 INT4_MODE = 2
+# whole K tiles (K a multiple of BLOCK_K): the planes read loads without masks, which lets Triton make its int32 word
+# loads 128-bit (with a mask it stops at 64-bit); False for A/B runs
+GEMV_EVEN_K = True
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -416,5 +425,5 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         WQ=wq, WS=ws, QBK=group, HAS_ZERO=w_zero is not None,
         AQ=aq, QMAX=INT8_MAX if acc_int8 else FP8_MAX, AQ_INT8=acc_int8, EPS=AMAX_EPS, RNE=_RNE_MAGIC,
         AMAX_BLOCK=amax_block(K), UNROLL=int(cfg.get("unroll", 1)), LOOP_STAGES=cfg.get("loop_stages"),
-        FUSE_EPI=fuse, ZBLOCK=256, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
+        EVEN_K=GEMV_EVEN_K and K % bk == 0, FUSE_EPI=fuse, ZBLOCK=256, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )
