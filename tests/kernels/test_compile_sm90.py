@@ -1,5 +1,5 @@
 """Every kernel path compiles for an H100 (sm_90) on this CPU machine: the compiler's checks the interpreter lacks
-(tests/kernels/_sm90.py). Each case runs the real wrapper with its launches recorded, then compiles every launch
+(composer/kernels/triton/cross_compile.py). Each case runs the real wrapper with its launches recorded, then compiles every launch
 with its own arguments, constexprs and options: the GEMV decode in each int4 read and with mma, the tl.dot decode,
 the align + grouped GEMMs, every quant method, fp32 / fp16 / bf16."""
 from __future__ import annotations
@@ -13,10 +13,10 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from composer.kernels.triton._jit import lazy_jit  # noqa: E402
+from composer.kernels.triton.cross_compile import compile_sm90, recorded_launches, registers  # noqa: E402
 from composer.kernels.triton.fused import fused_experts, fused_experts_quant  # noqa: E402
 
 from ._interpreter import interpreter  # noqa: E402
-from ._sm90 import compile_sm90, recorded_launches  # noqa: E402
 from .test_triton_experts import make_case  # noqa: E402
 from .test_triton_quant import quantize  # noqa: E402
 
@@ -100,3 +100,12 @@ def test_compile_check_catches_what_the_interpreter_runs():
         _retyped_kernel[(1,)](x, out, 3, BLOCK=16)
     with pytest.raises(triton.CompilationError):
         compile_sm90(*calls[0])
+
+
+def test_registers_reads_ptxas():
+    """registers(): what ptxas says about a compiled launch (registers in range, no spill in a small GEMV)."""
+    x, tw, ids, w13, w2, _, _ = make_case(1, 4, 2, 64, 64, torch.bfloat16, False, 0.0, seed=2)
+    with recorded_launches() as calls:
+        fused_experts(x, tw, ids, w13, w2, config=gemv_cfg())
+    regs, spills = registers(compile_sm90(*calls[0]))
+    assert 16 <= regs <= 255 and spills == 0

@@ -1,30 +1,45 @@
-"""Compile composer's Triton kernels for an H100 (sm_90) on a machine without a GPU.
+"""Compile composer's Triton kernels for an H100 (sm_90) on a machine without a GPU (tests and scripts only).
 
 The interpreter runs kernel code as Python, so it misses what only the compiler checks: a name given two types
 across an ``if`` (Triton keeps one type per name), a constexpr where a tensor is needed, a layout the backend
 cannot lower. Triton's front end, LLVM and the ``ptxas`` bundled with the wheel need no GPU: ``recorded_launches``
 catches the launches a wrapper makes (without running them) and ``compile_sm90`` compiles each one for sm_90 with
 its real arguments, constexprs and launch options, specialized as a launch would be (16-byte aligned
-pointers and ints divisible by 16 marked so, ints equal to 1 made constants).
+pointers and ints divisible by 16 marked so, ints equal to 1 made constants); ``registers`` reads the registers
+and spill bytes ``ptxas`` reports for the result (``scripts/table_registers.py`` lists them for every shipped
+tile config).
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+import re
+import subprocess
+import tempfile
 from typing import Any, Iterator
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from composer.kernels.triton._jit import LazyKernel
-
-from ._interpreter import interpreter
+from ._jit import LazyKernel
 
 _TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
                   torch.int8: "i8", torch.uint8: "u8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64",
                   torch.float8_e4m3fn: "fp8e4nv", torch.bool: "i1"}
 _OPTIONS = ("num_warps", "num_stages")
+
+
+@contextlib.contextmanager
+def _compiled_mode() -> Iterator[None]:
+    """TRITON_INTERPRET off inside (the lazily jitted kernels then bind their compiled form)."""
+    old = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ["TRITON_INTERPRET"] = old
 
 
 @contextlib.contextmanager
@@ -39,7 +54,7 @@ def recorded_launches() -> Iterator[list[tuple[LazyKernel, tuple, dict]]]:
 
     LazyKernel.__getitem__ = record
     try:
-        with interpreter(False):
+        with _compiled_mode():
             yield calls
     finally:
         LazyKernel.__getitem__ = real
@@ -47,7 +62,7 @@ def recorded_launches() -> Iterator[list[tuple[LazyKernel, tuple, dict]]]:
 
 def compile_sm90(kernel: LazyKernel, args: tuple, kwargs: dict) -> Any:
     """Triton's CompiledKernel for sm_90 (its ``asm`` holds ttir / ttgir / llir / ptx / cubin)."""
-    with interpreter(False):
+    with _compiled_mode():
         fn = kernel.jitted()
     params = list(inspect.signature(fn.fn).parameters)
     const = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
@@ -68,6 +83,9 @@ def compile_sm90(kernel: LazyKernel, args: tuple, kwargs: dict) -> Any:
                 aligned.append(name)
         elif isinstance(value, float):
             sig[name] = "fp32"
+        elif type(value).__name__ == "TensorDescriptor":  # a host TMA descriptor (triton.tools.tensor_descriptor)
+            shape = ", ".join(str(b) for b in value.block_shape)
+            sig[name] = f"tensordesc<{_TRITON_DTYPES[value.base.dtype]}[{shape}]>"
         elif value is None:  # (an unused descriptor or pointer: Triton makes None a constexpr)
             sig[name], const[name] = "constexpr", None
         else:
@@ -81,3 +99,18 @@ def compile_sm90(kernel: LazyKernel, args: tuple, kwargs: dict) -> Any:
                                     attrs={(params.index(k),): [["tt.divisibility", 16]] for k in aligned})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={k: kwargs[k] for k in _OPTIONS if k in kwargs})
+
+
+def registers(compiled: Any) -> tuple[int, int]:
+    """(registers per thread, spill-store bytes) of a ``compile_sm90`` result, as ``ptxas -v`` reports them."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as d:
+        ptx = os.path.join(d, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        info = subprocess.run([get_ptxas(90).path, "-v", "-arch=sm_90a", ptx, "-o", os.devnull],
+                              capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", info)
+    spills = re.search(r"(\d+) bytes spill stores", info)
+    return int(regs.group(1)) if regs else 0, int(spills.group(1)) if spills else 0
