@@ -109,3 +109,28 @@ def test_registers_reads_ptxas():
         fused_experts(x, tw, ids, w13, w2, config=gemv_cfg())
     regs, spills = registers(compile_sm90(*calls[0]))
     assert 16 <= regs <= 255 and spills == 0
+
+
+def test_table_registers_script(tmp_path):
+    """scripts/table_registers.py on a small table folder: one line per entry and kernel, and the spill count."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    entry = {**gemv_cfg(), "_us": 1.0}
+    grouped = {"BLOCK_M": 16, "decode": False, "reduce": "atomic",
+               "gemm1": {"BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 2},
+               "gemm2": {"BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 2}}
+    name = "E=4,N=64,K=128,device_name=NVIDIA_H100_80GB_HBM3,dtype=bfloat16.json"
+    (tmp_path / name).write_text(json.dumps({"_note": "test", "1": entry, "16": grouped}))
+    script = Path(__file__).resolve().parents[2] / "scripts" / "table_registers.py"
+    out = subprocess.run([sys.executable, str(script), "--dir", str(tmp_path)], capture_output=True, text=True,
+                         timeout=600, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"# {name}"
+    assert lines[1].startswith("T=1 ") and "gemm1" in lines[1] and "gemm2" in lines[1] and "regs" in lines[1]
+    assert lines[2].startswith("T=16 ")
+    assert lines[-1] == "# 0 entries spill"
