@@ -63,8 +63,9 @@ def torch_experts(
     float32 sums; the gated activation runs on GEMM1's float32 result and is rounded to the activations' dtype
     once, as a fused kernel writing its intermediate does (composer's Triton GEMM1 epilogue); GEMM2's result
     and the sum over top-k stay float32 until the output is cast. (Rounding GEMM1's output and the activation
-    separately, as a chain of model-dtype ops would, put ~1e-2 of bf16 error on tiny layers.) ``quant_act(t, stage)`` (w8a8 methods) quantize-dequantizes the input of
-    GEMM1 (stage ``a13``) and of GEMM2 (stage ``a2``) as the quantized kernel does.
+    separately, as a chain of model-dtype ops would, put ~1e-2 of bf16 error on tiny layers.)
+    ``quant_act(t, stage)`` (w8a8 methods) quantize-dequantizes the input of GEMM1 (stage ``a13``) and of GEMM2
+    (stage ``a2``) as the quantized kernel does.
     """
     _check_inputs(x, topk_weights, topk_ids, w13, w2)
     T, H = x.shape

@@ -566,9 +566,15 @@ def _quant_args(q: QuantSpec, a_scale, w_scale, w_zero, block_k: int, K: int, fa
     magic, moff = INT4_MAGIC.get(fallback_dtype, (0, 0.0)) if q.wq == 2 else (0, 0.0)
     meta = dict(WQ=q.wq, WS=q.ws, QBN=q.qbn, QBK=q.qbk, GROUP_TILE=q.wq == 2 and q.qbk % block_k == 0 and K % block_k == 0,
                 HAS_ZERO=w_zero is not None, ACC_INT=q.acc_int, MAGIC=magic, MOFF=moff,
-                AQ=aq, QMAX=INT8_MAX if q.acc_int else FP8_MAX, AQ_INT8=q.acc_int, EPS=AMAX_EPS, RNE=_RNE_MAGIC,
-                AMAX_BLOCK=amax_block(K))
+                **aq_meta(aq, q.acc_int, K))
     return args, strides, meta
+
+
+def aq_meta(aq: int, acc_int: bool, K: int) -> dict:
+    """FUSED_AQ's constexprs, shared by the GEMMs and the GEMV: the mode (0 off, 1 dynamic, 2 static scale), the
+    quantized range (int8 or fp8 e4m3), the rounding constants and the amax pass's step."""
+    return dict(AQ=aq, QMAX=INT8_MAX if acc_int else FP8_MAX, AQ_INT8=acc_int, EPS=AMAX_EPS, RNE=_RNE_MAGIC,
+                AMAX_BLOCK=amax_block(K))
 
 
 AMAX_BLOCK_MAX = 4096

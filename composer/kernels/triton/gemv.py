@@ -32,28 +32,67 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import lazy_helper, lazy_jit
+from ._jit import lazy_jit
 from .configs import INT4_READ_NAMES
-from .gemm import _activate, _quant_act, _row_quant_scale, amax_block
-from .quant import _RNE_MAGIC, AMAX_EPS, FP8_MAX, INT8_MAX
+from .gemm import _activate, _quant_act, _row_quant_scale, aq_meta
 
 # int4 -> fp32 in the kernel: (q << 19) & 0x780000 puts the nibble in mantissa bits 19..22, | 0x3F800000 (1.0f)
 # makes the float 1 + q / 16.
 
 
-@lazy_helper
-def _gemv_acc(
-    x_row, w_ptr, as_ptr, ws_ptr, wz_ptr, expert, ch, k_lo, k_hi, K,
-    stride_we, stride_wn, stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
-    BLOCK_K: tl.constexpr, NG: tl.constexpr, ROWS: tl.constexpr, GK: tl.constexpr, INT4_MODE: tl.constexpr,
-    MMA: tl.constexpr, ACC_INT: tl.constexpr, PRECISION: tl.constexpr, WQ: tl.constexpr, WS: tl.constexpr,
-    QBK: tl.constexpr, HAS_ZERO: tl.constexpr, AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr,
-    EPS: tl.constexpr, RNE: tl.constexpr, AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr,
-    LOOP_STAGES: tl.constexpr, EVEN_K: tl.constexpr,
+@lazy_jit
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, tw_ptr, out_ptr, ids_ptr, as_ptr, ws_ptr, wz_ptr, cnt_ptr, acc_ptr, y_ptr,
+    N, K, top_k, k_split, zero_numel, cnt_numel, n_tiles_out, arrivals,
+    stride_xm, stride_we, stride_wn, stride_be, stride_om,
+    stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, ROWS: tl.constexpr, GK: tl.constexpr,
+    INT4_MODE: tl.constexpr, MMA: tl.constexpr, ACC_INT: tl.constexpr, PRECISION: tl.constexpr,
+    GATED: tl.constexpr, X_PER_TOKEN: tl.constexpr,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, ATOMIC: tl.constexpr,
+    WQ: tl.constexpr, WS: tl.constexpr, QBK: tl.constexpr, HAS_ZERO: tl.constexpr,
+    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
+    AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr, LOOP_STAGES: tl.constexpr, EVEN_K: tl.constexpr,
+    FUSE_EPI: tl.constexpr, ZBLOCK: tl.constexpr,
 ):
-    """One GEMV tile's fp32 sums ``[ROWS]``: weight rows ``ch`` of ``expert`` times the activation row over K in
-    ``[k_lo, k_hi)``, with the weight and activation scales applied (not the bias). Kept apart from the kernel's
-    epilogue so that any kernel running GEMV tiles reads every weight format with the same code."""
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    if FUSE_EPI and GATED:  # GEMM1 zeroes GEMM2's fp32 sums and arrival counters (GEMM2 runs after it)
+        nprog = tl.num_programs(0) * tl.num_programs(1)
+        lin = pair * tl.num_programs(1) + pid_n
+        zc = (zero_numel + nprog - 1) // nprog
+        z_end = tl.minimum(zero_numel, lin * zc + zc)
+        for z0 in range(lin * zc, z_end, ZBLOCK):
+            offs_z = z0 + tl.arange(0, ZBLOCK)
+            tl.store(acc_ptr + offs_z, tl.full((ZBLOCK,), 0.0, tl.float32), mask=offs_z < z_end)
+        cc = (cnt_numel + nprog - 1) // nprog
+        c_end = tl.minimum(cnt_numel, lin * cc + cc)
+        for c0 in range(lin * cc, c_end, ZBLOCK):
+            offs_c = c0 + tl.arange(0, ZBLOCK)
+            tl.store(cnt_ptr + offs_c, tl.full((ZBLOCK,), 0, tl.int32), mask=offs_c < c_end)
+    expert = tl.load(ids_ptr + pair)
+    live = expert >= 0
+    if FUSE_EPI and not GATED:  # a dropped pair reads nothing but still arrives at its token's tiles
+        expert = tl.maximum(expert, 0)
+    elif expert < 0:
+        return
+    if X_PER_TOKEN:  # GEMM1 reads the token's row of x, GEMM2 the pair's row of the intermediate
+        x_row = x_ptr + (pair // top_k).to(tl.int64) * stride_xm
+    else:
+        x_row = x_ptr + pair.to(tl.int64) * stride_xm
+    k_lo = tl.multiple_of(pid_s * k_split, BLOCK_K)  # (k_split is whole K tiles: aligned tile loads)
+    k_hi = tl.minimum(K, k_lo + k_split)
+    if FUSE_EPI and not GATED:
+        k_hi = tl.where(live, k_hi, k_lo)  # dropped: an empty K loop
+
+    r = tl.arange(0, ROWS)  # ROWS = 2 * BLOCK_N when GATED
+    if GATED:
+        n = pid_n * BLOCK_N + r // 2
+        ch = (n % N) + (r % 2) * N  # interleaved gate / up channels (n % N: in-bounds loads past the edge)
+    else:
+        n = pid_n * BLOCK_N + r
+        ch = n % N
     w_rows = w_ptr + expert.to(tl.int64) * stride_we + ch.to(tl.int64) * stride_wn
     ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
 
@@ -207,8 +246,8 @@ def _gemv_acc(
                 if WQ == 3:  # the quantized values on both sides (fp8 / int8)
                     xt = tl.where(col0, xv[:, None], 0.0).to(w_ptr.dtype.element_ty)
                 else:  # the activations' dtype on both sides (int8 weights are exact in bf16 / fp16)
-                    xt = tl.where(col0, xv[:, None], 0.0).to(x_row.dtype.element_ty)
-                    wv = wv.to(x_row.dtype.element_ty)
+                    xt = tl.where(col0, xv[:, None], 0.0).to(x_ptr.dtype.element_ty)
+                    wv = wv.to(x_ptr.dtype.element_ty)
                 if ACC_INT:
                     acc2 = tl.dot(wv, xt, acc2, out_dtype=tl.int32)
                 elif WQ == 3:  # fp8: promoted to fp32 after every K tile (gemm.py, FP8_PROMOTE)
@@ -227,68 +266,6 @@ def _gemv_acc(
                 acc = acc * (a_scale * tl.load(ws_base).to(tl.float32))
             else:
                 acc = acc * a_scale * tl.load(ws_base + ch * stride_wsn).to(tl.float32)
-    return acc
-
-
-@lazy_jit
-def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, tw_ptr, out_ptr, ids_ptr, as_ptr, ws_ptr, wz_ptr, cnt_ptr, acc_ptr, y_ptr,
-    N, K, top_k, k_split, zero_numel, cnt_numel, n_tiles_out, arrivals,
-    stride_xm, stride_we, stride_wn, stride_be, stride_om,
-    stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, ROWS: tl.constexpr, GK: tl.constexpr,
-    INT4_MODE: tl.constexpr, MMA: tl.constexpr, ACC_INT: tl.constexpr, PRECISION: tl.constexpr,
-    GATED: tl.constexpr, X_PER_TOKEN: tl.constexpr,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, ATOMIC: tl.constexpr,
-    WQ: tl.constexpr, WS: tl.constexpr, QBK: tl.constexpr, HAS_ZERO: tl.constexpr,
-    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
-    AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr, LOOP_STAGES: tl.constexpr, EVEN_K: tl.constexpr,
-    FUSE_EPI: tl.constexpr, ZBLOCK: tl.constexpr,
-):
-    pair = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    if FUSE_EPI and GATED:  # GEMM1 zeroes GEMM2's fp32 sums and arrival counters (GEMM2 runs after it)
-        nprog = tl.num_programs(0) * tl.num_programs(1)
-        lin = pair * tl.num_programs(1) + pid_n
-        zc = (zero_numel + nprog - 1) // nprog
-        z_end = tl.minimum(zero_numel, lin * zc + zc)
-        for z0 in range(lin * zc, z_end, ZBLOCK):
-            offs_z = z0 + tl.arange(0, ZBLOCK)
-            tl.store(acc_ptr + offs_z, tl.full((ZBLOCK,), 0.0, tl.float32), mask=offs_z < z_end)
-        cc = (cnt_numel + nprog - 1) // nprog
-        c_end = tl.minimum(cnt_numel, lin * cc + cc)
-        for c0 in range(lin * cc, c_end, ZBLOCK):
-            offs_c = c0 + tl.arange(0, ZBLOCK)
-            tl.store(cnt_ptr + offs_c, tl.full((ZBLOCK,), 0, tl.int32), mask=offs_c < c_end)
-    expert = tl.load(ids_ptr + pair)
-    live = expert >= 0
-    if FUSE_EPI and not GATED:  # a dropped pair reads nothing but still arrives at its token's tiles
-        expert = tl.maximum(expert, 0)
-    elif expert < 0:
-        return
-    if X_PER_TOKEN:  # GEMM1 reads the token's row of x, GEMM2 the pair's row of the intermediate
-        x_row = x_ptr + (pair // top_k).to(tl.int64) * stride_xm
-    else:
-        x_row = x_ptr + pair.to(tl.int64) * stride_xm
-    k_lo = tl.multiple_of(pid_s * k_split, BLOCK_K)  # (k_split is whole K tiles: aligned tile loads)
-    k_hi = tl.minimum(K, k_lo + k_split)
-    if FUSE_EPI and not GATED:
-        k_hi = tl.where(live, k_hi, k_lo)  # dropped: an empty K loop
-
-    r = tl.arange(0, ROWS)  # ROWS = 2 * BLOCK_N when GATED
-    if GATED:
-        n = pid_n * BLOCK_N + r // 2
-        ch = (n % N) + (r % 2) * N  # interleaved gate / up channels (n % N: in-bounds loads past the edge)
-    else:
-        n = pid_n * BLOCK_N + r
-        ch = n % N
-    acc = _gemv_acc(
-        x_row, w_ptr, as_ptr, ws_ptr, wz_ptr, expert, ch, k_lo, k_hi, K,
-        stride_we, stride_wn, stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
-        BLOCK_K, NG, ROWS, GK, INT4_MODE, MMA, ACC_INT, PRECISION, WQ, WS, QBK, HAS_ZERO,
-        AQ, QMAX, AQ_INT8, EPS, RNE, AMAX_BLOCK, UNROLL, LOOP_STAGES, EVEN_K,
-    )
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + expert.to(tl.int64) * stride_be + ch).to(tl.float32)
@@ -353,33 +330,6 @@ def gemv_tile(g: dict[str, Any], wq: int, group: int) -> tuple[int, int]:
     return gk, 1
 
 
-def gemv_plan(K: int, w: torch.Tensor, cfg: dict[str, Any], wq: int, group: int, gated: bool, atomic: bool
-              ) -> tuple[torch.Tensor, int, int, int, bool, int, int]:
-    """How one GEMM runs as GEMVs: ``(w, BLOCK_K, NG, int4 mode, mma, SPLIT_K, k_split)``, ``w`` viewed as int32
-    words where the int4 read takes words."""
-    bn = cfg["BLOCK_N"]
-    bk, ng = gemv_tile(cfg, wq, group)
-    mode = (INT4_READS[cfg["int4_read"]] if "int4_read" in cfg else INT4_MODE) if wq == 2 else 0
-    if mode == 3 and group % 8:
-        mode = 2  # planes need words that never straddle a group
-    if mode == 3:
-        bk, ng = cfg["BLOCK_K"], 1  # any power-of-two tile, across groups
-    elif mode == 2:
-        bk, ng = bk // ng, 1  # the tile inside one group
-    if mode and ((bk // ng) % 8 or w.shape[2] % 4 or not w.is_contiguous() or w.data_ptr() % 4):
-        mode, (bk, ng) = 0, gemv_tile(cfg, wq, group)  # words need whole words per group slice, 4-byte aligned rows
-    if mode:
-        w = w.view(torch.int32)
-    mma = bool(cfg.get("mma", False)) and wq != 2  # (int4 keeps the FMA GEMV)
-    if mma and (2 * bn if gated else bn) < 16 or mma and bk < 32:
-        raise ValueError(f"a GEMV with mma=true needs at least 16 rows (gemm1: BLOCK_N >= 8, gemm2: BLOCK_N >= 16) "
-                         f"and BLOCK_K >= 32, got BLOCK_N={bn}, BLOCK_K={bk}")
-    split = max(1, int(cfg.get("SPLIT_K", 1))) if (not gated and atomic) else 1
-    k_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
-    split = triton.cdiv(K, k_split)
-    return w, bk, ng, mode, mma, split, k_split
-
-
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, ids_flat: torch.Tensor,
          top_k: int, cfg: dict[str, Any], *, gated: bool, activation_code: int = 0, tw: torch.Tensor | None = None,
          atomic: bool = True, wq: int = 0, ws: int = 1, group: int = 1, a_scale: torch.Tensor | None = None,
@@ -403,7 +353,25 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
     if bias is not None and bias.stride(1) != 1:
         bias = bias.contiguous()
     bn = cfg["BLOCK_N"]
-    w, bk, ng, mode, mma, split, k_split = gemv_plan(K, w, cfg, wq, group, gated, atomic)
+    bk, ng = gemv_tile(cfg, wq, group)
+    mode = (INT4_READS[cfg["int4_read"]] if "int4_read" in cfg else INT4_MODE) if wq == 2 else 0
+    if mode == 3 and group % 8:
+        mode = 2  # planes need words that never straddle a group
+    if mode == 3:
+        bk, ng = cfg["BLOCK_K"], 1  # any power-of-two tile, across groups
+    elif mode == 2:
+        bk, ng = bk // ng, 1  # the tile inside one group
+    if mode and ((bk // ng) % 8 or w.shape[2] % 4 or not w.is_contiguous() or w.data_ptr() % 4):
+        mode, (bk, ng) = 0, gemv_tile(cfg, wq, group)  # words need whole words per group slice, 4-byte aligned rows
+    if mode:
+        w = w.view(torch.int32)
+    mma = bool(cfg.get("mma", False)) and wq != 2  # (int4 keeps the FMA GEMV)
+    if mma and (2 * bn if gated else bn) < 16 or mma and bk < 32:
+        raise ValueError(f"a GEMV with mma=true needs at least 16 rows (gemm1: BLOCK_N >= 8, gemm2: BLOCK_N >= 16) "
+                         f"and BLOCK_K >= 32, got BLOCK_N={bn}, BLOCK_K={bk}")
+    split = max(1, int(cfg.get("SPLIT_K", 1))) if (not gated and atomic) else 1
+    k_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
+    split = triton.cdiv(K, k_split)
     fb = w
     wss = list(w_scale.stride()) + [0] * 3 if w_scale is not None else [0, 0, 0]
     wzs = list(w_zero.stride()) + [0] * 3 if w_zero is not None else [0, 0, 0]
@@ -423,7 +391,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         PRECISION="ieee" if x.dtype == torch.float32 else None, GATED=gated, X_PER_TOKEN=gated, ACT=activation_code,
         HAS_BIAS=bias is not None, ALPHA=alpha, LIMIT=limit, ATOMIC=atomic,
         WQ=wq, WS=ws, QBK=group, HAS_ZERO=w_zero is not None,
-        AQ=aq, QMAX=INT8_MAX if acc_int8 else FP8_MAX, AQ_INT8=acc_int8, EPS=AMAX_EPS, RNE=_RNE_MAGIC,
-        AMAX_BLOCK=amax_block(K), UNROLL=int(cfg.get("unroll", 1)), LOOP_STAGES=cfg.get("loop_stages"),
+        **aq_meta(aq, acc_int8, K), UNROLL=int(cfg.get("unroll", 1)), LOOP_STAGES=cfg.get("loop_stages"),
         EVEN_K=GEMV_EVEN_K and K % bk == 0, FUSE_EPI=fuse, ZBLOCK=256, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )
