@@ -153,7 +153,7 @@ def test_interpreter_w8a8_gemv_matches_dot_decode():
     assert rel(a, b.double()) < 1e-6
 
 
-@pytest.mark.parametrize("mode", [0, 1, 2, 3], ids=["bytes", "words_4d", "words_unrolled", "planes"])
+@pytest.mark.parametrize("mode", [0, 1, 2, 3, 4], ids=["bytes", "words_4d", "words_unrolled", "planes", "subnormal"])
 def test_interpreter_int4_read_modes(mode, monkeypatch):
     """Each way of reading int4 (gemv.INT4_MODE) vs kernel=torch (zero points, 2 groups per K tile)."""
     from composer.kernels.triton import gemv
@@ -167,10 +167,11 @@ def test_interpreter_int4_read_modes(mode, monkeypatch):
     assert rel(out, TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[torch.float16]
 
 
-# group, gemm1 / gemm2 BLOCK_K, zero points, dtype, H, I: tiles inside a group, spanning groups, groups of 48 (not a
-# power of two: tiles of 32 straddle them), one group per row (-1), split-K over 3 programs
-# (unroll: K iterations unrolled, 3 = more than some programs' loops have)
+# group, gemm1 / gemm2 BLOCK_K, zero points, dtype, H, I: tiles inside a group (with and without zero points),
+# spanning groups, groups of 48 (not a power of two: tiles of 32 straddle them), one group per row (-1), split-K
+# over 3 programs (unroll: K iterations unrolled, 3 = more than some programs' loops have)
 PLANES_CASES = [(16, 32, True, torch.float16, 64, 32, 1), (64, 32, False, torch.float32, 128, 64, 2),
+                (64, 32, True, torch.float16, 128, 64, 1),
                 (48, 32, True, torch.float16, 96, 48, 1), (-1, 16, False, torch.float32, 48, 40, 3),
                 (32, 64, True, torch.float32, 64, 96, 2)]
 
@@ -185,7 +186,7 @@ def test_interpreter_int4_planes(case, gemv_calls):
     w = quantize("int4_w4a16", w13, w2, group_size=group, zero_point=zero)
     outs = []
     with interpreter():
-        for read in ("planes", "words"):
+        for read in ("planes", "words", "subnormal"):
             cfg = gemv_cfg(8, bk, 8, bk, 3)
             for g in ("gemm1", "gemm2"):
                 cfg[g]["int4_read"] = read
@@ -194,9 +195,41 @@ def test_interpreter_int4_planes(case, gemv_calls):
                     cfg[g]["loop_stages"] = unroll + 1
             outs.append(fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", "int4_w4a16", w.w13_scale,
                                             w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=validate_entry(cfg)))
-    assert len(gemv_calls) == 4
+    assert len(gemv_calls) == 6
     assert rel(outs[0], TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[dtype]
     assert rel(outs[0], outs[1].double()) < (1e-5 if dtype == torch.float32 else 2e-3)
+    assert rel(outs[2], outs[0].double()) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("read", ["planes", "subnormal"])
+def test_interpreter_int4_reads_over_the_activation_range(read, dtype):
+    """GEMM2's GEMV on activations from tiny to huge, row by row against the float64 product with the dequantized
+    weights: "subnormal" scales the activations by powers of two (docs/quantization.md gives its exact range,
+    |q x| in [2^-62, 2^43) for fp32 / bf16, every fp16 value), so a row of tiny or of huge activations must come
+    out as right as a row of ordinary ones."""
+    from composer.kernels.triton.gemv import gemv
+    from composer.quant.utils import dequant_int4
+
+    g = torch.Generator().manual_seed(5)
+    E, N, K, group = 3, 16, 64, 32
+    w = torch.randn(E, N, K, generator=g)
+    q, s, z = __import__("composer.quant.utils", fromlist=["quant_int4"]).quant_int4(w, group, True, torch.float32)
+    wd = dequant_int4(q, s, z).double()
+    if dtype == torch.float32:
+        exps = [0.0, 40.0, -50.0]  # rows of ordinary, huge and tiny activations
+    else:
+        exps = [0.0, 8.0, -14.0]  # fp16: up to ~1e3 (sums stay finite), down to subnormals
+    x = torch.cat([torch.randn(1, K, generator=g) * 2.0 ** e for e in exps]).to(dtype)
+    ids = torch.tensor([0, 2, 1], dtype=torch.int32)
+    out = torch.empty(3, N, dtype=dtype)
+    cfg = {"BLOCK_N": 8, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "int4_read": read}
+    with interpreter():
+        gemv(x, q, None, out, ids, 1, cfg, gated=False, tw=torch.ones(3), atomic=False, wq=2, group=group,
+             w_scale=s, w_zero=z)
+    ref = torch.einsum("pnk,pk->pn", wd[ids.long()], x.double())
+    for p in range(3):
+        assert rel(out[p], ref[p]) < (1e-6 if dtype == torch.float32 else 1e-3), (read, exps[p])
 
 
 @pytest.mark.parametrize("split", [1, 3])
@@ -249,7 +282,7 @@ def test_config_validation_of_gemv_entries():
         validate_entry(dot)
     bad = gemv_cfg()
     bad["gemm2"] = {**bad["gemm2"], "int4_read": "nibbles"}
-    with pytest.raises(ValueError, match="gemm2.int4_read must be one of bytes, words_4d, words, planes"):
+    with pytest.raises(ValueError, match="gemm2.int4_read must be one of bytes, words_4d, words, planes, subnormal"):
         validate_entry(bad)
     for unroll, where in ((0, "gemv"), (True, "gemv"), (2, "dot")):
         bad = gemv_cfg(16, 32, 16, 32, 1) if where == "gemv" else {**gemv_cfg(16, 32, 16, 32, 1), "decode": True}
@@ -276,9 +309,14 @@ GPU_GEMV_PLANES = {**GPU_GEMV, "gemm1": {**GPU_GEMV["gemm1"], "int4_read": "plan
                    "gemm2": {**GPU_GEMV["gemm2"], "int4_read": "planes", "unroll": 2, "loop_stages": 3}}
 
 
+GPU_GEMV_SUB = {**GPU_GEMV, "gemm1": {**GPU_GEMV["gemm1"], "int4_read": "subnormal", "unroll": 2},
+                "gemm2": {**GPU_GEMV["gemm2"], "int4_read": "subnormal"}}
+
+
 @gpu
 @cuda
-@pytest.mark.parametrize("cfg", [GPU_GEMV, GPU_GEMV_MMA, GPU_GEMV_PLANES], ids=["fma", "mma", "planes"])
+@pytest.mark.parametrize("cfg", [GPU_GEMV, GPU_GEMV_MMA, GPU_GEMV_PLANES, GPU_GEMV_SUB],
+                         ids=["fma", "mma", "planes", "subnormal"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_gpu_gemv_three_shapes(shape, cfg):
     """Every method (and bf16) through the GEMV decode at T = 1 vs kernel=torch, bf16, the three shapes; block

@@ -11,8 +11,8 @@ A file is named ``E={E},N={I},K={H},device_name={device},dtype={dtype}.json`` (d
 pair per program, FMA GEMVs in registers, ``gemv.py``; there ``BLOCK_N`` may be as small as 4 and GEMM2 takes
 ``SPLIT_K``, the number of programs that share one tile's K range; ``mma: true`` runs the GEMV's products on
 tensor cores with the weights as the MMA's A operand; ``int4_read``: how the GEMV unpacks int4, one of
-``"words"``, ``"planes"``, ``"bytes"``, ``"words_4d"``, gemv.py; ``unroll``: K-loop iterations the GEMV
-unrolls, so one warp has several weight loads in flight; ``loop_stages``: software-pipeline stages of that loop,
+``"words"``, ``"planes"``, ``"subnormal"``, ``"bytes"``, ``"words_4d"``, gemv.py; ``unroll``: K-loop iterations
+the GEMV unrolls, so one warp has several weight loads in flight; ``loop_stages``: software-pipeline stages of that loop,
 ``tl.range(num_stages=...)``, which pipelines every load of the loop through shared memory, where the kernel's
 ``num_stages`` only pipelines ``tl.dot`` operands). ``fp8_promote`` (fp8 per-tensor / per-channel): K tiles
 accumulated in the tensor core between additions to the fp32 accumulator (default ``gemm.FP8_PROMOTE_TILES``).
@@ -35,7 +35,7 @@ _extra_dirs: list[Path] = []
 
 GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma", "SPLIT_K", "mma", "fp8_promote",
              "int4_read", "unroll", "loop_stages")
-INT4_READ_NAMES = ("bytes", "words_4d", "words", "planes")  # gemv.INT4_READS: their codes in this order
+INT4_READ_NAMES = ("bytes", "words_4d", "words", "planes", "subnormal")  # gemv.INT4_READS: their codes in this order
 
 
 def add_config_dir(path: str | os.PathLike) -> None:

@@ -53,7 +53,7 @@ def _gemv_kernel(
     WQ: tl.constexpr, WS: tl.constexpr, QBK: tl.constexpr, HAS_ZERO: tl.constexpr,
     AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
     AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr, LOOP_STAGES: tl.constexpr, EVEN_K: tl.constexpr,
-    FUSE_EPI: tl.constexpr, ZBLOCK: tl.constexpr,
+    FUSE_EPI: tl.constexpr, ZBLOCK: tl.constexpr, SUB_X: tl.constexpr,
 ):
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -103,13 +103,17 @@ def _gemv_kernel(
         z_ptrs = wz_ptr + expert.to(tl.int64) * stride_wze + (ch // 2) * stride_wzn
         z_shift = (ch % 2) * 4
 
-    if WQ == 2 and INT4_MODE == 3:  # "planes": int32 words [ROWS, BLOCK_K / 8], one LOP3 + FADD per nibble
-        # nibble j of a 16-bit half sits at bits 4j..4j+3. Masked and OR-ed with the bits of 2^(23 - 4j) (whose
-        # mantissa bit b weighs 2^(b - 4j)), it reads as the float 2^(23 - 4j) + q exactly; subtracting
-        # 2^(23 - 4j) + z leaves q - z exactly: no shift per nibble (one per word for the high half) and no
-        # sum(x) correction. The products (q - z) * x are exact in fp32 for bf16 / fp16 x; the group scale
-        # multiplies a [ROWS, words] accumulator, reduced across threads once after the loop. K tiles may span
-        # several groups (a word never straddles one: the group is a multiple of 8).
+    if WQ == 2 and INT4_MODE >= 3:  # "planes" (3) / "subnormal" (4): int32 words [ROWS, BLOCK_K / 8]
+        # nibble j of a 16-bit half sits at bits 4j..4j+3 (one shift per word brings the high half down).
+        # planes: masked and OR-ed with the bits of 2^(23 - 4j) (whose mantissa bit b weighs 2^(b - 4j)), it reads
+        # as the float 2^(23 - 4j) + q exactly; subtracting 2^(23 - 4j) + z leaves q - z exactly (LOP3 + FADD +
+        # FFMA per nibble, but the LOP3's second constant takes a register move about every other nibble).
+        # subnormal: masked only, the bits read as the subnormal float q * 2^(4j - 149) (exact: fp32 math here
+        # keeps subnormals, no .ftz); each activation is scaled once by the power of two 2^(SUB_X - 4j), so every
+        # product is q * x * 2^(SUB_X - 149), exact and normal for 2^-62 <= |q x| and |x| < 2^43 (LOP3 with one
+        # immediate + FFMA per nibble); z * sum(x) is taken off per word and 2^(149 - SUB_X) put back at the end.
+        # The group scale multiplies a [ROWS, words] accumulator, reduced across threads once after the loop. K
+        # tiles may span several groups (a word never straddles one: the group is a multiple of 8).
         kw = tl.arange(0, BLOCK_K // 8)
         w_ptrs = w_rows[:, None] + kw[None, :]
         acc2 = tl.full((ROWS, BLOCK_K // 8), 0.0, tl.float32)
@@ -136,22 +140,34 @@ def _gemv_kernel(
                     z = ((tl.load(z_ptrs + grp * stride_wzk) >> z_shift) & 0xF).to(tl.float32)[:, None]
                 else:
                     z = 8.0
-            wh = wu >> 16  # nibbles 4..7 to bits 0..15 (the sign-extended top is masked off below)
+            wh = (wu.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)  # nibbles 4..7 to bits 0..15
             p2 = tl.full((ROWS, BLOCK_K // 8), 0.0, tl.float32)
+            sxv = tl.full((BLOCK_K // 8,), 0.0, tl.float32)
             for m in tl.static_range(8):
                 if EVEN_K:
                     xm = tl.load(x_row + ke + m).to(tl.float32)
                 else:
                     xm = tl.load(x_row + ke + m, mask=k_ok, other=0.0).to(tl.float32)
                 j = m % 4
-                magic = (150 - 4 * j) << 23  # the bits of 2^(23 - 4j)
                 if m < 4:
-                    f = ((wu & (0xF << (4 * j))) | magic).to(tl.float32, bitcast=True)
+                    t = wu & (0xF << (4 * j))
                 else:
-                    f = ((wh & (0xF << (4 * j))) | magic).to(tl.float32, bitcast=True)
-                p2 += (f - (tl.full((), magic, tl.int32).to(tl.float32, bitcast=True) + z)) * xm[None, :]
+                    t = wh & (0xF << (4 * j))
+                if INT4_MODE == 4:
+                    sxv += xm
+                    x_pow = tl.full((), (SUB_X - 4 * j + 127) << 23, tl.int32).to(tl.float32, bitcast=True)
+                    p2 += t.to(tl.float32, bitcast=True) * (xm * x_pow)[None, :]
+                else:
+                    magic = (150 - 4 * j) << 23  # the bits of 2^(23 - 4j)
+                    f = (t | magic).to(tl.float32, bitcast=True)
+                    p2 += (f - (tl.full((), magic, tl.int32).to(tl.float32, bitcast=True) + z)) * xm[None, :]
+            if INT4_MODE == 4:  # take z * sum(x) off, at the products' scale 2^(SUB_X - 149)
+                sx_pow = tl.full((), (SUB_X - 149 + 127) << 23, tl.int32).to(tl.float32, bitcast=True)
+                p2 -= z * (sxv * sx_pow)[None, :]
             acc2 += s * p2
         acc = tl.reduce(acc2, 1, tl.standard._sum_combine)
+        if INT4_MODE == 4:
+            acc = acc * tl.full((), (149 - SUB_X + 127) << 23, tl.int32).to(tl.float32, bitcast=True)
     elif WQ == 2 and INT4_MODE == 2:  # int32 words [ROWS, BLOCK_K / 8], the tile inside one group (NG = 1)
         kw = tl.arange(0, BLOCK_K // 8)
         w_ptrs = w_rows[:, None] + kw[None, :]
@@ -298,14 +314,18 @@ def _gemv_kernel(
 # How the GEMV reads int4 (all are tested; a tile config picks one with "int4_read", else INT4_MODE). "words" (2):
 # int32 words with an unrolled loop over the 8 nibbles (shift + LOP3 each, 1 + q/16), the K tile inside one scale
 # group; "planes" (3): int32 words, LOP3 + FADD per nibble giving q - z directly (see the kernel), K tiles across
-# groups; "bytes" (0): bytes with the even / odd activations loaded apart; "words_4d" (1): int32 words as a 4D
-# [rows, groups, words, 8] tile. H100, mixtral T = 1 GEMM1 (bench timing, 2026-11-27): 81 us (2), 115 us (0),
-# 224 us (1, layout conversions through shared memory in every iteration).
-INT4_READS = {name: code for code, name in enumerate(INT4_READ_NAMES)}  # bytes 0, words_4d 1, words 2, planes 3
+# groups; "subnormal" (4): as planes, the nibbles read as subnormal floats (LOP3 + FFMA per nibble, one power-of-two
+# scale per activation; see the kernel); "bytes" (0): bytes with the even / odd activations loaded apart;
+# "words_4d" (1): int32 words as a 4D [rows, groups, words, 8] tile. H100, mixtral T = 1 GEMM1 (bench timing,
+# 2026-11-27): 81 us (2), 115 us (0), 224 us (1, layout conversions through shared memory in every iteration).
+INT4_READS = {name: code for code, name in enumerate(INT4_READ_NAMES)}  # bytes 0 .. subnormal 4
 INT4_MODE = 2
 # whole K tiles (K a multiple of BLOCK_K): the planes read loads without masks, which lets Triton make its int32 word
 # loads 128-bit (with a mask it stops at 64-bit); False for A/B runs
 GEMV_EVEN_K = True
+# "subnormal": the activations' power-of-two scale 2^(SUBNORMAL_X_EXP - 4j); products come out at 2^(85 - 149) =
+# 2^-64 of their value, exact and normal for 2^-62 <= |q x| and |x| < 2^43 (fp32 range: 2^-126 .. 2^128)
+SUBNORMAL_X_EXP = 85
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -355,9 +375,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
     bn = cfg["BLOCK_N"]
     bk, ng = gemv_tile(cfg, wq, group)
     mode = (INT4_READS[cfg["int4_read"]] if "int4_read" in cfg else INT4_MODE) if wq == 2 else 0
-    if mode == 3 and group % 8:
-        mode = 2  # planes need words that never straddle a group
-    if mode == 3:
+    if mode >= 3 and group % 8:
+        mode = 2  # planes / subnormal need words that never straddle a group
+    if mode >= 3:
         bk, ng = cfg["BLOCK_K"], 1  # any power-of-two tile, across groups
     elif mode == 2:
         bk, ng = bk // ng, 1  # the tile inside one group
@@ -392,5 +412,5 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         HAS_BIAS=bias is not None, ALPHA=alpha, LIMIT=limit, ATOMIC=atomic,
         WQ=wq, WS=ws, QBK=group, HAS_ZERO=w_zero is not None,
         **aq_meta(aq, acc_int8, K), UNROLL=int(cfg.get("unroll", 1)), LOOP_STAGES=cfg.get("loop_stages"),
-        EVEN_K=GEMV_EVEN_K and K % bk == 0, FUSE_EPI=fuse, ZBLOCK=256, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
+        EVEN_K=GEMV_EVEN_K and K % bk == 0, FUSE_EPI=fuse, ZBLOCK=256, SUB_X=SUBNORMAL_X_EXP, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )
