@@ -219,16 +219,20 @@ def gemv_candidates(name: str, method: str = "") -> list[dict[str, Any]]:
     also splits K over programs so that enough of them stream the weights. int4's K tile stays inside one scale
     group (128 at the benchmark's group size), so its candidates vary the rows, warps and splits instead."""
     if method == "int4_w4a16":
-        # "planes" (fewer integer ops per nibble) with 1 or 2 K iterations unrolled, then the "words" read;
-        # H100, fourth session: planes + unroll 2 took mixtral 119 -> 107 us, deepseek_v3 126 -> 113; deeper
-        # pipelines (num_stages) never changed the GEMV (its loads are not software-pipelined: no such candidates),
-        # unroll 4+ was slower
-        planes = [{**g, "int4_read": "planes", **({"unroll": u} if u > 1 else {})} for u in (1, 2) for g in (
-            [_gv(bn, 128, w, 2) for bn, w in ((16, 4), (32, 4), (64, 4), (64, 8))] if name == "gemm1" else
+        # "subnormal" and "planes" (fewer integer ops per nibble) with 1 or 2 K iterations unrolled, then the
+        # "words" read. H100: planes + unroll 2 took mixtral 119 -> 107 us, deepseek_v3 126 -> 113 (fourth
+        # session); subnormal 1-2% faster than planes, with 256-wide K tiles deepseek_v3 119 -> 112.5 and qwen3
+        # 21.8 -> 19.6 (sixth session, where 512 / 1024-wide K tiles were 10-80% slower); deeper pipelines
+        # (num_stages) never changed the GEMV (its loads are not software-pipelined: no such candidates), unroll 4+
+        # was slower
+        fast = [{**g, "int4_read": read, **({"unroll": u} if u > 1 else {})}
+                for read in ("subnormal", "planes") for u in (1, 2) for g in (
+            [_gv(bn, bk, w, 2) for bn, bk, w in ((16, 128, 4), (32, 128, 4), (64, 128, 4), (64, 128, 8),
+                                                  (16, 256, 2), (32, 256, 4))] if name == "gemm1" else
             [_gv(bn, 128, 4, 2, sp) for bn, sp in ((64, 2), (128, 8), (128, 16), (128, 32))])]
         if name == "gemm1":
-            return planes + [_gv(bn, 128, w, 2) for bn in (8, 16, 32, 64, 128) for w in (4, 8)]
-        return planes + [_gv(bn, 128, 4, 2, sp) for bn in (16, 32, 64, 128) for sp in (2, 4, 8, 16, 32)]
+            return fast + [_gv(bn, 128, w, 2) for bn in (8, 16, 32, 64, 128) for w in (4, 8)]
+        return fast + [_gv(bn, 128, 4, 2, sp) for bn in (16, 32, 64, 128) for sp in (2, 4, 8, 16, 32)]
     if name == "gemm1":
         return _gemv_mma_candidates(name) + [_gv(bn, bk, w, st) for bn, bk, w, st in (
             (8, 256, 4, 2), (16, 256, 4, 2), (32, 256, 4, 2), (8, 512, 4, 2), (16, 512, 4, 2), (16, 128, 4, 2),
