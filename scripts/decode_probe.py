@@ -85,10 +85,11 @@ def profile(fn, label: str) -> None:
         for _ in range(20):
             fn()
         torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / max(1, e.count), e.count) for e in p.key_averages()
-            if e.device_time_total > 0]
-    print(f"  [profile] {label}: " + "; ".join(f"{k[:60]} {t:.1f} us x{c // 20}" for k, t, c in
-                                                 sorted(rows, key=lambda r: -r[1])))
+    kernels = sorted((e for e in p.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    per_call = len(kernels) // 20  # the launches of one call, in order (both GEMVs are _gemv_kernel)
+    rows = [(kernels[i].name, sum(kernels[c * per_call + i].time_range.elapsed_us() for c in range(20)) / 20)
+            for i in range(per_call)]
+    print(f"  [profile] {label}: " + "; ".join(f"#{i} {k[:40]} {t:.1f} us" for i, (k, t) in enumerate(rows)))
 
 
 def main() -> int:
