@@ -209,12 +209,12 @@ def test_interpreter_int4_reads_over_the_activation_range(read, dtype):
     |q x| in [2^-62, 2^43) for fp32 / bf16, every fp16 value), so a row of tiny or of huge activations must come
     out as right as a row of ordinary ones."""
     from composer.kernels.triton.gemv import gemv
-    from composer.quant.utils import dequant_int4
+    from composer.quant.utils import dequant_int4, quant_int4
 
     g = torch.Generator().manual_seed(5)
     E, N, K, group = 3, 16, 64, 32
     w = torch.randn(E, N, K, generator=g)
-    q, s, z = __import__("composer.quant.utils", fromlist=["quant_int4"]).quant_int4(w, group, True, torch.float32)
+    q, s, z = quant_int4(w, group, True, torch.float32)
     wd = dequant_int4(q, s, z).double()
     if dtype == torch.float32:
         exps = [0.0, 40.0, -50.0]  # rows of ordinary, huge and tiny activations

@@ -12,8 +12,8 @@ pair per program, FMA GEMVs in registers, ``gemv.py``; there ``BLOCK_N`` may be 
 ``SPLIT_K``, the number of programs that share one tile's K range; ``mma: true`` runs the GEMV's products on
 tensor cores with the weights as the MMA's A operand; ``int4_read``: how the GEMV unpacks int4, one of
 ``"words"``, ``"planes"``, ``"subnormal"``, ``"bytes"``, ``"words_4d"``, gemv.py; ``unroll``: K-loop iterations
-the GEMV unrolls, so one warp has several weight loads in flight; ``loop_stages``: software-pipeline stages of that loop,
-``tl.range(num_stages=...)``, which pipelines every load of the loop through shared memory, where the kernel's
+the GEMV unrolls, so one warp has several weight loads in flight; ``loop_stages``: software-pipeline stages of that
+loop, ``tl.range(num_stages=...)``, which pipelines every load of the loop through shared memory, where the kernel's
 ``num_stages`` only pipelines ``tl.dot`` operands). ``fp8_promote`` (fp8 per-tensor / per-channel): K tiles
 accumulated in the tensor core between additions to the fp32 accumulator (default ``gemm.FP8_PROMOTE_TILES``).
 

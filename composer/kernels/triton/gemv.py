@@ -6,9 +6,12 @@ tile through shared memory into the MMA operand layout: on an H100 that round tr
 decode (0.9x-1.4x of bf16, docs/performance.md). Here each weight tile is loaded into registers, turned into
 fp32 with integer ops, multiplied by the activation row with FMAs and reduced along K in registers:
 
-* int4 (``WQ=2``): a nibble shifted into the top of an fp32 mantissa and OR-ed with 1.0's bits *is*
-  ``1 + q/16`` (exact, two integer ops, no int -> float conversion). Per scale group,
-  ``sum(x * (q - z)) = 16 * sum(x * (1 + q/16)) - (16 + z) * sum(x)``, times the group's scale.
+* int4 (``WQ=2``), the "subnormal" read of the shipped tables: a nibble masked in place *is* the subnormal
+  float ``q * 2^(4j - 149)``; activations scaled by powers of two make every product exact at one scale, so a
+  nibble costs one LOP3 and one FFMA (the kernel has the range). The "words" read (the default without a config
+  key): a nibble shifted into the top of an fp32 mantissa and OR-ed with 1.0's bits *is* ``1 + q/16``; per scale
+  group, ``sum(x * (q - z)) = 16 * sum(x * (1 + q/16)) - (16 + z) * sum(x)``, times the group's scale. Neither
+  converts int -> float.
 * int8 / fp8 weights are converted and multiplied in fp32; w8a8 quantizes the activation row inside
   the kernel (FUSED_AQ, bit for bit ``quant_rows``' rule), so the products are those of the quantized
   values, exact in fp32, and the scales are applied once per output channel.
@@ -320,11 +323,11 @@ def _gemv_kernel(
 # 2026-11-27): 81 us (2), 115 us (0), 224 us (1, layout conversions through shared memory in every iteration).
 INT4_READS = {name: code for code, name in enumerate(INT4_READ_NAMES)}  # bytes 0 .. subnormal 4
 INT4_MODE = 2
-# whole K tiles (K a multiple of BLOCK_K): the planes read loads without masks, which lets Triton make its int32 word
+# whole K tiles (K a multiple of BLOCK_K): the planes / subnormal reads load without masks, so Triton makes its word
 # loads 128-bit (with a mask it stops at 64-bit); False for A/B runs
 GEMV_EVEN_K = True
-# "subnormal": the activations' power-of-two scale 2^(SUBNORMAL_X_EXP - 4j); products come out at 2^(85 - 149) =
-# 2^-64 of their value, exact and normal for 2^-62 <= |q x| and |x| < 2^43 (fp32 range: 2^-126 .. 2^128)
+# "subnormal": activations are scaled by 2^(SUBNORMAL_X_EXP - 4j), so products are q x 2^(SUBNORMAL_X_EXP - 149) =
+# q x 2^-64, exact and normal (fp32: 2^-126 .. 2^128) for 2^-62 <= |q x| and |x| < 2^43, every fp16 value included
 SUBNORMAL_X_EXP = 85
 
 
@@ -412,5 +415,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         HAS_BIAS=bias is not None, ALPHA=alpha, LIMIT=limit, ATOMIC=atomic,
         WQ=wq, WS=ws, QBK=group, HAS_ZERO=w_zero is not None,
         **aq_meta(aq, acc_int8, K), UNROLL=int(cfg.get("unroll", 1)), LOOP_STAGES=cfg.get("loop_stages"),
-        EVEN_K=GEMV_EVEN_K and K % bk == 0, FUSE_EPI=fuse, ZBLOCK=256, SUB_X=SUBNORMAL_X_EXP, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
+        EVEN_K=GEMV_EVEN_K and K % bk == 0, FUSE_EPI=fuse, ZBLOCK=256, SUB_X=SUBNORMAL_X_EXP,
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )
