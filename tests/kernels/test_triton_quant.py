@@ -145,7 +145,7 @@ def test_interpreter_int4_group_tile_fp16(T, decode, zero_point):
 
     x, tw, ids, w13, w2, b13, b2 = make_case(T, 5, 2, 64, 96, torch.float16, True, 0.0, seed=40 + T)
     w = quantize("int4_w4a16", w13, w2, b13, b2, group_size=32, zero_point=zero_point)
-    meta = _quant_args(QuantSpec(wq=2, qbk=32), None, w.w13_scale, w.w13_zero, 32, 64, w.w13, torch.float16)[2]
+    meta = _quant_args(QuantSpec(wq=2, qbk=32), None, w.w13_scale, w.w13_zero, 16, 32, 64, w.w13, torch.float16)[2]
     assert meta["GROUP_TILE"] and meta["MAGIC"] == 0x6400  # the path under test
     cfg = _cfg(decode)
     with interpreter():
@@ -155,6 +155,30 @@ def test_interpreter_int4_group_tile_fp16(T, decode, zero_point):
     oracle = oracle_experts(x, tw, ids, d.w13, d.w2, "silu", b13, b2)
     assert rel(out, oracle) < 2e-3  # fp16's tolerance vs the float64 oracle
     assert rel(out, TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_interpreter_int4_large_row_blocks_dequantize(zero_point):
+    """Row blocks above gemm.INT4_MAGIC_MAX_BLOCK_M dequantize the weight tile ((q - zero) * scale from the bits of
+    2^23 + q, rounded to the model dtype) and accumulate in the MMA: kernel=torch's arithmetic, so the two agree to
+    fp32 summation order, and the float64 oracle to fp16's tolerance."""
+    from composer.kernels.reference import oracle_experts
+    from composer.kernels.triton.fused import QuantSpec, fused_experts_quant
+    from composer.kernels.triton.gemm import INT4_MAGIC_MAX_BLOCK_M, _quant_args
+    from composer.quant.int4 import Int4W4A16
+
+    x, tw, ids, w13, w2, b13, b2 = make_case(40, 5, 2, 64, 96, torch.float16, True, 0.0, seed=47)
+    w = quantize("int4_w4a16", w13, w2, b13, b2, group_size=32, zero_point=zero_point)
+    bm = 2 * INT4_MAGIC_MAX_BLOCK_M
+    meta = _quant_args(QuantSpec(wq=2, qbk=32), None, w.w13_scale, w.w13_zero, bm, 32, 64, w.w13, torch.float16)[2]
+    assert meta["GROUP_TILE"] and meta["MAGIC"] == 0  # the path under test
+    cfg = {**_cfg(False), "BLOCK_M": bm}
+    with interpreter():
+        out = fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int4_w4a16", w.w13_scale,
+                                  w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=cfg)
+    d = Int4W4A16.dequantize(w, torch.float64)
+    assert rel(out, oracle_experts(x, tw, ids, d.w13, d.w2, "silu", b13, b2)) < 2e-3
+    assert rel(out, TorchExperts().apply(x, tw, ids, w, "silu").double()) < 1e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

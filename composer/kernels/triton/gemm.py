@@ -65,6 +65,13 @@ def _row_quant_scale(row_ptr, K, stride, as_ptr, AMAX_BLOCK: tl.constexpr, AQ: t
 
 
 @lazy_helper
+def _int4_biased(q):
+    """Nibbles (0..15, any integer type) as the fp32 numbers 2^23 + q: their bits OR-ed into 2^23's, where an int ->
+    float conversion runs at a quarter of the integer rate on sm90. Less 2^23 + zero, exactly q - zero."""
+    return (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@lazy_helper
 def _quant_act(v, scale, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, RNE: tl.constexpr):
     """Activation values (fp32) divided by their row's ``scale`` (broadcast to v's shape) with a correctly rounded
     division, clamped to +-QMAX; int8 also rounded half to even (the 1.5 * 2^23 trick). fp8 callers cast."""
@@ -212,11 +219,12 @@ def _gemm1_kernel(
                 acc_g += (pg - (MOFF + z_g) * rs) * s_g
                 acc_u += (pu - (MOFF + z_u) * rs) * s_u
             else:
-                # ((q - zero) * scale) in fp32, rounded to the model dtype: kernel=torch's dequantization
-                g_lo = (((gb & 0xF).to(tl.float32) - z_g) * s_g).to(x_ptr.dtype.element_ty)
-                g_hi = (((gb >> 4).to(tl.float32) - z_g) * s_g).to(x_ptr.dtype.element_ty)
-                u_lo = (((ub & 0xF).to(tl.float32) - z_u) * s_u).to(x_ptr.dtype.element_ty)
-                u_hi = (((ub >> 4).to(tl.float32) - z_u) * s_u).to(x_ptr.dtype.element_ty)
+                # ((q - zero) * scale) in fp32, rounded to the model dtype: kernel=torch's dequantization (q - zero
+                # exact from the float 2^23 + q, _int4_biased: no int -> float conversion)
+                g_lo = ((_int4_biased(gb & 0xF) - (8388608.0 + z_g)) * s_g).to(x_ptr.dtype.element_ty)
+                g_hi = ((_int4_biased(gb >> 4) - (8388608.0 + z_g)) * s_g).to(x_ptr.dtype.element_ty)
+                u_lo = ((_int4_biased(ub & 0xF) - (8388608.0 + z_u)) * s_u).to(x_ptr.dtype.element_ty)
+                u_hi = ((_int4_biased(ub >> 4) - (8388608.0 + z_u)) * s_u).to(x_ptr.dtype.element_ty)
                 acc_g = tl.dot(ae, g_lo, acc_g, input_precision=PRECISION)
                 acc_g = tl.dot(ao, g_hi, acc_g, input_precision=PRECISION)
                 acc_u = tl.dot(ae, u_lo, acc_u, input_precision=PRECISION)
@@ -400,8 +408,8 @@ def _gemm2_kernel(
                 p = tl.dot(ao, w_hi, p)
                 acc += (p - (MOFF + z_w) * rs) * s_w
             else:
-                w_lo = (((wb & 0xF).to(tl.float32) - z_w) * s_w).to(a_ptr.dtype.element_ty)
-                w_hi = (((wb >> 4).to(tl.float32) - z_w) * s_w).to(a_ptr.dtype.element_ty)
+                w_lo = ((_int4_biased(wb & 0xF) - (8388608.0 + z_w)) * s_w).to(a_ptr.dtype.element_ty)
+                w_hi = ((_int4_biased(wb >> 4) - (8388608.0 + z_w)) * s_w).to(a_ptr.dtype.element_ty)
                 acc = tl.dot(ae, w_lo, acc, input_precision=PRECISION)
                 acc = tl.dot(ao, w_hi, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
@@ -543,6 +551,11 @@ def _strides(t: torch.Tensor | None, n: int) -> list[int]:
 # group scale, is sum(a * (q - zero) * scale) with the products exact and fp32 sums; kernel=torch instead rounds
 # each dequantized weight to the model dtype, ~2^-9 relative (the float64 oracle does not round).
 INT4_MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
+# ...for row blocks of at most this many pairs. The dot's partial sum has to meet the scale per K tile outside the
+# MMA, so the kernel holds two [BLOCK_M, BLOCK_N] fp32 tiles per accumulator: at prefill's 128 x 128 tiles that
+# spilled (255 registers) and ran at ~50 TFLOP/s. Larger blocks dequantize the weight tile instead (its cost
+# shared by BLOCK_M rows) and accumulate inside the MMA.
+INT4_MAGIC_MAX_BLOCK_M = 32
 
 
 # FP8_PROMOTE_TILES: how many K tiles an fp8 dot (per-tensor / per-channel) accumulates in the tensor core before
@@ -558,12 +571,13 @@ def _promote(q: QuantSpec, cfg: dict) -> int:
     return int(cfg.get("fp8_promote", FP8_PROMOTE_TILES))
 
 
-def _quant_args(q: QuantSpec, a_scale, w_scale, w_zero, block_k: int, K: int, fallback: torch.Tensor,
+def _quant_args(q: QuantSpec, a_scale, w_scale, w_zero, block_m: int, block_k: int, K: int, fallback: torch.Tensor,
                 fallback_dtype: torch.dtype | None = None, aq: int = 0):
     args = [a_scale if a_scale is not None else fallback, w_scale if w_scale is not None else fallback,
             w_zero if w_zero is not None else fallback]
     strides = _strides(a_scale, 2) + _strides(w_scale, 3) + _strides(w_zero, 3)
-    magic, moff = INT4_MAGIC.get(fallback_dtype, (0, 0.0)) if q.wq == 2 else (0, 0.0)
+    use_magic = q.wq == 2 and block_m <= INT4_MAGIC_MAX_BLOCK_M
+    magic, moff = INT4_MAGIC.get(fallback_dtype, (0, 0.0)) if use_magic else (0, 0.0)
     meta = dict(WQ=q.wq, WS=q.ws, QBN=q.qbn, QBK=q.qbk, GROUP_TILE=q.wq == 2 and q.qbk % block_k == 0 and K % block_k == 0,
                 HAS_ZERO=w_zero is not None, ACC_INT=q.acc_int, MAGIC=magic, MOFF=moff,
                 **aq_meta(aq, q.acc_int, K))
@@ -595,7 +609,7 @@ def gemm1(x, w13, w13_bias, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, 
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     b = w13_bias if w13_bias is not None else w13  # any pointer; unused without HAS_BIAS
     desc = _weight_desc(w13, bn, bk) if cfg.get("tma") and q.wq in (0, 3) else None  # (w8a8: no dequantization)
-    qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, bk, H, w13, x.dtype, aq)
+    qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, block_m, bk, H, w13, x.dtype, aq)
     _gemm1_kernel[_grid(num_pid_m, I, bn)](
         x, w13, desc, b, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, *qargs,
         P, I, H, top_k, num_pid_m,
@@ -617,7 +631,7 @@ def gemm2(inter, w2, w2_bias, topk_weights_flat, out, sorted_ids, expert_ids, nt
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     b = w2_bias if w2_bias is not None else w2
     desc = _weight_desc(w2, bn, bk) if cfg.get("tma") and q.wq in (0, 3) else None
-    qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, bk, I, w2, inter.dtype, aq)
+    qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, block_m, bk, I, w2, inter.dtype, aq)
     _gemm2_kernel[_grid(num_pid_m, H, bn)](
         inter, w2, desc, b, topk_weights_flat, out, sorted_ids, expert_ids, ntpp, topk_ids_flat, *qargs,
         P, H, I, top_k, num_pid_m,
