@@ -136,8 +136,9 @@ def test_interpreter_int4_group_spans_tiles():
 @pytest.mark.parametrize("zero_point", [False, True])
 @pytest.mark.parametrize("T,decode", [(1, True), (9, False)])
 def test_interpreter_int4_group_tile_fp16(T, decode, zero_point):
-    """int4 in fp16 with the K tile inside one group: the INT4_MAGIC path (M + q from the bits, zero and scale
-    applied after the dot) vs the float64 oracle of the dequantized weights and vs kernel=torch."""
+    """int4 in fp16 with the K tile inside one group: the decode's INT4_MAGIC path (M + q from the bits, zero and
+    scale applied after the dot) and the sorted blocks' dequantized tiles vs the float64 oracle of the dequantized
+    weights and vs kernel=torch."""
     from composer.kernels.reference import oracle_experts
     from composer.kernels.triton.fused import QuantSpec, fused_experts_quant
     from composer.kernels.triton.gemm import _quant_args
@@ -145,8 +146,8 @@ def test_interpreter_int4_group_tile_fp16(T, decode, zero_point):
 
     x, tw, ids, w13, w2, b13, b2 = make_case(T, 5, 2, 64, 96, torch.float16, True, 0.0, seed=40 + T)
     w = quantize("int4_w4a16", w13, w2, b13, b2, group_size=32, zero_point=zero_point)
-    meta = _quant_args(QuantSpec(wq=2, qbk=32), None, w.w13_scale, w.w13_zero, 16, 32, 64, w.w13, torch.float16)[2]
-    assert meta["GROUP_TILE"] and meta["MAGIC"] == 0x6400  # the path under test
+    meta = _quant_args(QuantSpec(wq=2, qbk=32), None, w.w13_scale, w.w13_zero, decode, 32, 64, w.w13, torch.float16)[2]
+    assert meta["GROUP_TILE"] and meta["MAGIC"] == (0x6400 if decode else 0)  # the paths under test
     cfg = _cfg(decode)
     with interpreter():
         out = fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int4_w4a16", w.w13_scale,
@@ -158,21 +159,22 @@ def test_interpreter_int4_group_tile_fp16(T, decode, zero_point):
 
 
 @pytest.mark.parametrize("zero_point", [False, True])
-def test_interpreter_int4_large_row_blocks_dequantize(zero_point):
-    """Row blocks above gemm.INT4_MAGIC_MAX_BLOCK_M dequantize the weight tile ((q - zero) * scale from the bits of
-    2^23 + q, rounded to the model dtype) and accumulate in the MMA: kernel=torch's arithmetic, so the two agree to
-    fp32 summation order, and the float64 oracle to fp16's tolerance."""
+@pytest.mark.parametrize("H,bk", [(64, 32), (72, 32)], ids=["even_k", "ragged_k"])
+def test_interpreter_int4_sorted_blocks_dequantize(zero_point, H, bk):
+    """Expert-sorted int4 blocks dequantize the weight tile ((q - zero) * scale from the bits of 2^23 + q, rounded
+    to the model dtype), interleave the nibbles back into K order and accumulate in the MMA: kernel=torch's
+    arithmetic, so the two agree to fp32 summation order, and the float64 oracle to fp16's tolerance."""
     from composer.kernels.reference import oracle_experts
     from composer.kernels.triton.fused import QuantSpec, fused_experts_quant
-    from composer.kernels.triton.gemm import INT4_MAGIC_MAX_BLOCK_M, _quant_args
+    from composer.kernels.triton.gemm import _quant_args
     from composer.quant.int4 import Int4W4A16
 
-    x, tw, ids, w13, w2, b13, b2 = make_case(40, 5, 2, 64, 96, torch.float16, True, 0.0, seed=47)
-    w = quantize("int4_w4a16", w13, w2, b13, b2, group_size=32, zero_point=zero_point)
-    bm = 2 * INT4_MAGIC_MAX_BLOCK_M
-    meta = _quant_args(QuantSpec(wq=2, qbk=32), None, w.w13_scale, w.w13_zero, bm, 32, 64, w.w13, torch.float16)[2]
-    assert meta["GROUP_TILE"] and meta["MAGIC"] == 0  # the path under test
-    cfg = {**_cfg(False), "BLOCK_M": bm}
+    x, tw, ids, w13, w2, b13, b2 = make_case(40, 5, 2, H, 96, torch.float16, True, 0.0, seed=47)
+    w = quantize("int4_w4a16", w13, w2, b13, b2, group_size=8 if H % 32 else 32, zero_point=zero_point)
+    meta = _quant_args(QuantSpec(wq=2, qbk=32), None, w.w13_scale, w.w13_zero, False, bk, 64, w.w13, torch.float16)[2]
+    assert meta["MAGIC"] == 0  # the path under test
+    cfg = {**_cfg(False), "BLOCK_M": 64}
+    cfg = {**cfg, "gemm1": {**cfg["gemm1"], "BLOCK_K": bk}, "gemm2": {**cfg["gemm2"], "BLOCK_K": bk}}
     with interpreter():
         out = fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int4_w4a16", w.w13_scale,
                                   w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=cfg)
