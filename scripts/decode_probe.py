@@ -1,16 +1,19 @@
-"""Time T = 1 decode tile configs of the quantized experts on one GPU, the way ``task=bench`` times them.
+"""Time tile configs of the quantized experts on one GPU, the way ``task=bench`` times them (T = 1 by default).
 
-For each benchmark shape: composer bf16 (its shipped config, the speed-up's baseline), the method's shipped config,
-and every variant of ``--variants`` (a JSON list; each item is merged into the shipped entry: top-level keys
-replace, ``gemm1`` / ``gemm2`` objects update the shipped GEMM tiles; ``"name"`` labels the row). Each time is the
-median of CUDA-graph replays of the whole experts call (one replay per CUDA-event pair), with the error against
-kernel=torch on the same quantized weights. ``--profile`` adds the per-kernel device times of the shipped config
-(torch.profiler), to see where a decode spends its microseconds.
+For each benchmark shape and T of ``--tokens``: composer bf16 (its shipped config, the speed-up's baseline), the
+method's shipped entry for that T, and every variant of ``--variants`` (a JSON list; each item is merged into the
+shipped entry: top-level keys replace, ``gemm1`` / ``gemm2`` objects update the shipped GEMM tiles; ``"name"``
+labels the row). Each time is the median of CUDA-graph replays of the whole experts call (one replay per CUDA-event
+pair). The error is against kernel=torch on the same quantized weights at T = 1 (the active experts only), and
+against the shipped entry's output at larger T (kernel=torch would dequantize every expert). ``--profile`` adds
+the per-launch device times of the shipped entry (torch.profiler), to see where a call spends its microseconds.
 
 Example (repo root, GPU machine)::
 
     python3 scripts/decode_probe.py --method int4_w4a16 --variants '[{"name": "planes",
         "gemm1": {"int4_read": "planes"}, "gemm2": {"int4_read": "planes"}}]'
+    python3 scripts/decode_probe.py --method int4_w4a16 --tokens 1024,4096 --variants '[{"name": "bk128",
+        "gemm1": {"BLOCK_K": 128}, "gemm2": {"BLOCK_K": 128}}]'
 """
 from __future__ import annotations
 
@@ -96,7 +99,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="int4_w4a16", choices=[m for m, _ in QUANT_TUNE_METHODS])
     ap.add_argument("--shapes", default=",".join(QUANT_TUNE_SHAPES))
-    ap.add_argument("--variants", default="[]", help="JSON list of entries merged into the shipped T = 1 entry")
+    ap.add_argument("--tokens", default="1", help="comma-separated T values (default 1)")
+    ap.add_argument("--variants", default="[]", help="JSON list of entries merged into the shipped entry of each T")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
                     help="set a module constant of composer.kernels.triton for an A/B run, e.g. gemm.AMAX_BLOCK_MAX=512")
@@ -128,50 +132,61 @@ def main() -> int:
         w = make_weights(shape, dev, gen)
         shape.quant, shape.quant_params = args.method, params
         qw = quantize_weights(shape, w)
-        x = torch.randn(1, H, device=dev, generator=gen).to(torch.bfloat16)
-        tw, ids = torch.topk(torch.randn(1, E, device=dev, generator=gen).softmax(-1), k, dim=-1)
-        tw, ids = tw.float(), ids.to(torch.int32)
         ex = qw.extra or {}
-        # kernel=torch on the active experts only (dequantizing all of deepseek_v3's 256 does not fit in memory)
-        used, local = torch.unique(ids, return_inverse=True)
-        ref = TorchExperts().apply(x, tw, local.to(torch.int32), expert_subset(qw, used), "silu").double()
-
-        def quant_run(cfg):
-            return lambda: fused_experts_quant(
-                x, tw, ids, qw.w13, qw.w2, None, None, "silu", args.method, qw.w13_scale, qw.w2_scale, qw.a13_scale,
-                qw.a2_scale, qw.w13_zero, qw.w2_zero, ex.get("granularity", "per_token_channel"),
-                *ex.get("block_shape", (128, 128)), config=cfg)
-
-        bf_cfg = get_config(1, E, I, H, k, torch.bfloat16, dev)
-        bf16 = graph_us(lambda: fused_experts(x, tw, ids, w.w13, w.w2, config=bf_cfg), dev)
-        shipped = quant_config(1, E, I, H, k, args.method, torch.bfloat16, dev)
-        print(f"{name} T=1: bf16 {bf16:.1f} us")
-        rows = [("shipped", shipped)] + [(v.get("name", json.dumps(v)), v) for v in variants]
-        best = None
-        for label, v in rows:
-            try:
-                cfg = merge(shipped, {} if label == "shipped" else v)
-                fn = quant_run(cfg)
-                err = rel_err(fn(), ref)
-                us = graph_us(fn, dev)
-                print(f"  {args.method} {label}: {us:.1f} us ({bf16 / us:.2f}x bf16), err {err:.1e}  "
-                      f"{json.dumps({g: cfg[g] for g in ('gemm1', 'gemm2')})}")
-                if err <= args.max_err and (best is None or us < best[0]):
-                    best = (us, label, cfg)
-                if args.profile and label == "shipped":
-                    profile(fn, label)
-                if args.op and label == "shipped":
-                    op = lambda: TritonExperts().apply(x, tw, ids, qw, "silu")  # noqa: E731
-                    print(f"  {args.method} shipped via torch.ops.composer: {graph_us(op, dev):.1f} us")
-                    if args.profile:
-                        profile(op, "via op")
-            except Exception as exc:  # noqa: BLE001 - report and go on with the next variant
-                print(f"  {args.method} {label}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
-        if args.write and best is not None:
-            print(f"  best: {best[1]} {best[0]:.1f} us -> {write_table(args.write, args.method, E, I, H, best)}")
+        for T in (int(t) for t in args.tokens.split(",")):
+            best = probe(args, name, T, E, k, H, I, w, qw, ex, variants, dev, gen)
+            if args.write and best is not None and T == 1:
+                print(f"  best: {best[1]} {best[0]:.1f} us -> {write_table(args.write, args.method, E, I, H, best)}")
         del w, qw
         torch.cuda.empty_cache()
     return 0
+
+
+def probe(args, name, T, E, k, H, I, w, qw, ex, variants, dev, gen):
+    """One shape and T: bf16, the shipped entry and the variants; returns the fastest (us, label, cfg) in bounds."""
+    x = torch.randn(T, H, device=dev, generator=gen).to(torch.bfloat16)
+    tw, ids = torch.topk(torch.randn(T, E, device=dev, generator=gen).softmax(-1), k, dim=-1)
+    tw, ids = tw.float(), ids.to(torch.int32)
+
+    def quant_run(cfg):
+        return lambda: fused_experts_quant(
+            x, tw, ids, qw.w13, qw.w2, None, None, "silu", args.method, qw.w13_scale, qw.w2_scale, qw.a13_scale,
+            qw.a2_scale, qw.w13_zero, qw.w2_zero, ex.get("granularity", "per_token_channel"),
+            *ex.get("block_shape", (128, 128)), config=cfg)
+
+    bf_cfg = get_config(T, E, I, H, k, torch.bfloat16, dev)
+    bf16 = graph_us(lambda: fused_experts(x, tw, ids, w.w13, w.w2, config=bf_cfg), dev)
+    shipped = quant_config(T, E, I, H, k, args.method, torch.bfloat16, dev)
+    if T == 1:  # kernel=torch on the active experts only (all of deepseek_v3's 256 dequantized do not fit)
+        used, local = torch.unique(ids, return_inverse=True)
+        ref = TorchExperts().apply(x, tw, local.to(torch.int32), expert_subset(qw, used), "silu").double()
+        against = "kernel=torch"
+    else:
+        ref = quant_run(merge(shipped, {}))().double()
+        against = "shipped"
+    print(f"{name} T={T}: bf16 {bf16:.1f} us (errors against {against})")
+    rows = [("shipped", shipped)] + [(v.get("name", json.dumps(v)), v) for v in variants]
+    best = None
+    for label, v in rows:
+        try:
+            cfg = merge(shipped, {} if label == "shipped" else v)
+            fn = quant_run(cfg)
+            err = rel_err(fn(), ref)
+            us = graph_us(fn, dev)
+            print(f"  {args.method} {label}: {us:.1f} us ({bf16 / us:.2f}x bf16), err {err:.1e}  "
+                  f"{json.dumps({g: cfg[g] for g in ('gemm1', 'gemm2')})}")
+            if err <= args.max_err and (best is None or us < best[0]):
+                best = (us, label, cfg)
+            if args.profile and label == "shipped":
+                profile(fn, label)
+            if args.op and label == "shipped":
+                op = lambda: TritonExperts().apply(x, tw, ids, qw, "silu")  # noqa: E731
+                print(f"  {args.method} shipped via torch.ops.composer: {graph_us(op, dev):.1f} us")
+                if args.profile:
+                    profile(op, "via op")
+        except Exception as exc:  # noqa: BLE001 - report and go on with the next variant
+            print(f"  {args.method} {label}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+    return best
 
 
 if __name__ == "__main__":
