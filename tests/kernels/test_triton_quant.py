@@ -169,9 +169,11 @@ def test_interpreter_int4_sorted_blocks_dequantize(zero_point, H, bk):
     from composer.kernels.triton.gemm import _quant_args
     from composer.quant.int4 import Int4W4A16
 
+    group = 8 if H % 32 else 32  # (ragged K: groups smaller than the K tile, scales gathered per K pair)
     x, tw, ids, w13, w2, b13, b2 = make_case(40, 5, 2, H, 96, torch.float16, True, 0.0, seed=47)
-    w = quantize("int4_w4a16", w13, w2, b13, b2, group_size=8 if H % 32 else 32, zero_point=zero_point)
-    meta = _quant_args(QuantSpec(wq=2, qbk=32), None, w.w13_scale, w.w13_zero, False, bk, 64, w.w13, torch.float16)[2]
+    w = quantize("int4_w4a16", w13, w2, b13, b2, group_size=group, zero_point=zero_point)
+    meta = _quant_args(QuantSpec(wq=2, qbk=group), None, w.w13_scale, w.w13_zero, False, bk, H, w.w13,
+                       torch.float16)[2]
     assert meta["MAGIC"] == 0  # the path under test
     cfg = {**_cfg(False), "BLOCK_M": 64}
     cfg = {**cfg, "gemm1": {**cfg["gemm1"], "BLOCK_K": bk}, "gemm2": {**cfg["gemm2"], "BLOCK_K": bk}}

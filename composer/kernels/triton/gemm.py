@@ -233,9 +233,9 @@ def _gemm1_kernel(
                 acc_u += (pu - (MOFF + z_u) * rs) * s_u
             else:
                 # ((q - zero) * scale) in fp32, rounded to the model dtype: kernel=torch's dequantization (q - zero
-                # exact from the float 2^23 + q, _int4_biased: no int -> float conversion)
-                # The low / high nibbles interleave back into [BLOCK_K, BLOCK_N] (row 2j + i), so A stays one
-                # contiguous tile (vector loads the pipeline can stage) and each dot is BLOCK_K deep.
+                # exact from the float 2^23 + q, no int -> float conversion). The low / high nibbles interleave
+                # back into [BLOCK_K, BLOCK_N] (row 2j + i), so A stays one contiguous tile (vector loads the
+                # pipeline can stage) and each dot is BLOCK_K deep.
                 g_lo = ((_int4_biased(gb & 0xF) - (8388608.0 + z_g)) * s_g).to(x_ptr.dtype.element_ty)
                 g_hi = ((_int4_biased(gb >> 4) - (8388608.0 + z_g)) * s_g).to(x_ptr.dtype.element_ty)
                 u_lo = ((_int4_biased(ub & 0xF) - (8388608.0 + z_u)) * s_u).to(x_ptr.dtype.element_ty)
@@ -427,7 +427,7 @@ def _gemm2_kernel(
                 p = tl.dot(ae, w_lo)
                 p = tl.dot(ao, w_hi, p)
                 acc += (p - (MOFF + z_w) * rs) * s_w
-            else:
+            else:  # dequantized as kernel=torch does, nibbles back in K order (as in _gemm1_kernel)
                 w_lo = ((_int4_biased(wb & 0xF) - (8388608.0 + z_w)) * s_w).to(a_ptr.dtype.element_ty)
                 w_hi = ((_int4_biased(wb >> 4) - (8388608.0 + z_w)) * s_w).to(a_ptr.dtype.element_ty)
                 acc = tl.dot(a, _interleave_k(w_lo, w_hi, BLOCK_K, BLOCK_N), acc, input_precision=PRECISION)

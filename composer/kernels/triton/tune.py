@@ -216,8 +216,8 @@ def _gemv_mma_candidates(name: str) -> list[dict[str, Any]]:
 
 def gemv_candidates(name: str, method: str = "") -> list[dict[str, Any]]:
     """``"decode": "gemv"`` tiles: GEMM1's rows are gate and up (2 x BLOCK_N); GEMM2 (short N = H, long K = I)
-    also splits K over programs so that enough of them stream the weights. int4's K tile stays inside one scale
-    group (128 at the benchmark's group size), so its candidates vary the rows, warps and splits instead."""
+    also splits K over programs so that enough of them stream the weights. int4's candidates vary the read, rows,
+    warps and splits, with K tiles of one or two scale groups (128 / 256 at the benchmark's group size)."""
     if method == "int4_w4a16":
         # "subnormal" and "planes" (fewer integer ops per nibble) with 1 or 2 K iterations unrolled, then the
         # "words" read. H100: planes + unroll 2 took mixtral 119 -> 107 us, deepseek_v3 126 -> 113 (fourth
