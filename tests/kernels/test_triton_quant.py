@@ -424,3 +424,37 @@ def test_triton_refuses_an_fp8_k_block_it_cannot_tile_at_validation():
     assert any("quant.block_shape[1]" in p and "got 40" in p for p in problems), problems
     assert not any("block_shape" in p for p in
                    TritonExperts.check(quant="fp8_w8a8", dtype="bfloat16", device="cuda", quant_params=good))
+
+
+def test_decode_probe_probes_any_T(monkeypatch, capsys):
+    """scripts/decode_probe.py at T = 9 (``--tokens``): bf16, the shipped entry and each variant get a row, errors
+    are against the shipped entry's output, and the fastest row within bounds comes back (under the interpreter,
+    with the GPU timer replaced by fixed times: the interpreter's bf16 values are not what is checked here)."""
+    import importlib.util
+    import types
+    from pathlib import Path
+
+    from composer.tasks.bench import Shape, make_weights, quantize_weights
+
+    spec = importlib.util.spec_from_file_location(
+        "decode_probe", Path(__file__).resolve().parents[2] / "scripts" / "decode_probe.py")
+    dp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dp)
+    times = iter([10.0, 5.0, 4.0])  # bf16, shipped, the variant
+    monkeypatch.setattr(dp, "graph_us", lambda fn, dev: (fn(), next(times))[1])
+    dev = torch.device("cpu")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    E, k, H, I = 4, 2, 64, 32
+    shape = Shape("tiny", E, k, H, I, torch.bfloat16)
+    w = make_weights(shape, dev, gen)
+    shape.quant, shape.quant_params = "int4_w4a16", {"group_size": 32}
+    qw = quantize_weights(shape, w)
+    args = types.SimpleNamespace(method="int4_w4a16", max_err=1e-2, profile=False, op=False)
+    with interpreter():
+        best = dp.probe(args, "tiny", 9, E, k, H, I, w, qw, qw.extra or {},
+                        [{"name": "bn32", "gemm1": {"BLOCK_N": 32}}], dev, gen)
+    out = capsys.readouterr().out
+    assert "tiny T=9: bf16 10.0 us (errors against shipped)" in out
+    assert "int4_w4a16 shipped: 5.0 us (2.00x bf16), err 0.0e+00" in out
+    assert "int4_w4a16 bn32: 4.0 us (2.50x bf16)" in out
+    assert best[1] == "bn32" and best[2]["gemm1"]["BLOCK_N"] == 32
