@@ -65,10 +65,10 @@ def _row_quant_scale(row_ptr, K, stride, as_ptr, AMAX_BLOCK: tl.constexpr, AQ: t
 
 
 @lazy_helper
-def _int4_biased(q):
-    """Nibbles (0..15, any integer type) as the fp32 numbers 2^23 + q: their bits OR-ed into 2^23's, where an int ->
-    float conversion runs at a quarter of the integer rate on sm90. Less 2^23 + zero, exactly q - zero."""
-    return (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
+def _int4_minus_zero(q, z):
+    """``q - z`` in fp32 for nibbles q (0..15, any integer type), exactly: q OR-ed into the bits of 2^23 is the float
+    2^23 + q, less 2^23 + z. An int -> float conversion would run at a quarter of the integer rate on sm90."""
+    return (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + z)
 
 
 @lazy_helper
@@ -143,7 +143,7 @@ def _gemm1_kernel(
     w_base = w_ptr + expert.to(tl.int64) * stride_we
     if WQ == 2:  # int4: byte j of a row holds k = 2j (low nibble) and 2j + 1 (high)
         offs_kh = tl.arange(0, BLOCK_K // 2)
-        if GROUP_TILE and MAGIC != 0:  # INT4_MAGIC: even/odd halves of A against the low/high nibbles
+        if MAGIC != 0:  # INT4_MAGIC: even/odd halves of A against the low/high nibbles
             a_ptrs = x_ptr + tokens[:, None] * stride_xm + (2 * offs_kh)[None, :] * stride_xk
         g_ptrs = w_base + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_kh[:, None] * stride_wk
     else:
@@ -183,7 +183,7 @@ def _gemm1_kernel(
             if EVEN_K:
                 gb = tl.load(g_ptrs)
                 ub = tl.load(u_ptrs)
-                if GROUP_TILE and MAGIC != 0:
+                if MAGIC != 0:
                     ae = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
                     ao = tl.load(a_ptrs + stride_xk, mask=row_mask[:, None], other=0.0)
                 else:
@@ -192,7 +192,7 @@ def _gemm1_kernel(
                 kh_ok = offs_kh < (K - kk * BLOCK_K) // 2
                 gb = tl.load(g_ptrs, mask=kh_ok[:, None], other=0)
                 ub = tl.load(u_ptrs, mask=kh_ok[:, None], other=0)
-                if GROUP_TILE and MAGIC != 0:
+                if MAGIC != 0:
                     ae = tl.load(a_ptrs, mask=row_mask[:, None] & kh_ok[None, :], other=0.0)
                     ao = tl.load(a_ptrs + stride_xk, mask=row_mask[:, None] & kh_ok[None, :], other=0.0)
                 else:
@@ -218,7 +218,7 @@ def _gemm1_kernel(
                 else:
                     z_g = 8.0
                     z_u = 8.0
-            if GROUP_TILE and MAGIC != 0:  # INT4_MAGIC: M + q from the bits, scale and zero after the dot
+            if MAGIC != 0:  # INT4_MAGIC: M + q from the bits, scale and zero after the dot
                 g_lo = ((gb & 0xF).to(tl.int16) | MAGIC).to(x_ptr.dtype.element_ty, bitcast=True)
                 g_hi = ((gb >> 4).to(tl.int16) | MAGIC).to(x_ptr.dtype.element_ty, bitcast=True)
                 u_lo = ((ub & 0xF).to(tl.int16) | MAGIC).to(x_ptr.dtype.element_ty, bitcast=True)
@@ -236,10 +236,10 @@ def _gemm1_kernel(
                 # exact from the float 2^23 + q, no int -> float conversion). The low / high nibbles interleave
                 # back into [BLOCK_K, BLOCK_N] (row 2j + i), so A stays one contiguous tile (vector loads the
                 # pipeline can stage) and each dot is BLOCK_K deep.
-                g_lo = ((_int4_biased(gb & 0xF) - (8388608.0 + z_g)) * s_g).to(x_ptr.dtype.element_ty)
-                g_hi = ((_int4_biased(gb >> 4) - (8388608.0 + z_g)) * s_g).to(x_ptr.dtype.element_ty)
-                u_lo = ((_int4_biased(ub & 0xF) - (8388608.0 + z_u)) * s_u).to(x_ptr.dtype.element_ty)
-                u_hi = ((_int4_biased(ub >> 4) - (8388608.0 + z_u)) * s_u).to(x_ptr.dtype.element_ty)
+                g_lo = (_int4_minus_zero(gb & 0xF, z_g) * s_g).to(x_ptr.dtype.element_ty)
+                g_hi = (_int4_minus_zero(gb >> 4, z_g) * s_g).to(x_ptr.dtype.element_ty)
+                u_lo = (_int4_minus_zero(ub & 0xF, z_u) * s_u).to(x_ptr.dtype.element_ty)
+                u_hi = (_int4_minus_zero(ub >> 4, z_u) * s_u).to(x_ptr.dtype.element_ty)
                 acc_g = tl.dot(a, _interleave_k(g_lo, g_hi, BLOCK_K, BLOCK_N), acc_g, input_precision=PRECISION)
                 acc_u = tl.dot(a, _interleave_k(u_lo, u_hi, BLOCK_K, BLOCK_N), acc_u, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_xk
@@ -367,7 +367,7 @@ def _gemm2_kernel(
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     if WQ == 2:  # int4: INT4_MAGIC takes even/odd halves of A against the low/high nibbles
         offs_kh = tl.arange(0, BLOCK_K // 2)
-        if GROUP_TILE and MAGIC != 0:
+        if MAGIC != 0:
             a_ptrs = a_ptr + rows[:, None] * stride_am + (2 * offs_kh)[None, :] * stride_ak
         w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_kh[:, None] * stride_wk
     else:
@@ -391,7 +391,7 @@ def _gemm2_kernel(
         if WQ == 2:
             if EVEN_K:
                 wb = tl.load(w_ptrs)
-                if GROUP_TILE and MAGIC != 0:
+                if MAGIC != 0:
                     ae = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
                     ao = tl.load(a_ptrs + stride_ak, mask=row_mask[:, None], other=0.0)
                 else:
@@ -399,7 +399,7 @@ def _gemm2_kernel(
             else:
                 kh_ok = offs_kh < (K - kk * BLOCK_K) // 2
                 wb = tl.load(w_ptrs, mask=kh_ok[:, None], other=0)
-                if GROUP_TILE and MAGIC != 0:
+                if MAGIC != 0:
                     ae = tl.load(a_ptrs, mask=row_mask[:, None] & kh_ok[None, :], other=0.0)
                     ao = tl.load(a_ptrs + stride_ak, mask=row_mask[:, None] & kh_ok[None, :], other=0.0)
                 else:
@@ -419,7 +419,7 @@ def _gemm2_kernel(
                     z_w = ((tl.load(z_ptrs[None, :] + grp * stride_wzk, mask=k_in, other=0) >> z_shift[None, :]) & 0xF).to(tl.float32)
                 else:
                     z_w = 8.0
-            if GROUP_TILE and MAGIC != 0:
+            if MAGIC != 0:
                 w_lo = ((wb & 0xF).to(tl.int16) | MAGIC).to(a_ptr.dtype.element_ty, bitcast=True)
                 w_hi = ((wb >> 4).to(tl.int16) | MAGIC).to(a_ptr.dtype.element_ty, bitcast=True)
                 rs = (tl.reduce(ae.to(tl.float32), 1, tl.standard._sum_combine)
@@ -428,8 +428,8 @@ def _gemm2_kernel(
                 p = tl.dot(ao, w_hi, p)
                 acc += (p - (MOFF + z_w) * rs) * s_w
             else:  # dequantized as kernel=torch does, nibbles back in K order (as in _gemm1_kernel)
-                w_lo = ((_int4_biased(wb & 0xF) - (8388608.0 + z_w)) * s_w).to(a_ptr.dtype.element_ty)
-                w_hi = ((_int4_biased(wb >> 4) - (8388608.0 + z_w)) * s_w).to(a_ptr.dtype.element_ty)
+                w_lo = (_int4_minus_zero(wb & 0xF, z_w) * s_w).to(a_ptr.dtype.element_ty)
+                w_hi = (_int4_minus_zero(wb >> 4, z_w) * s_w).to(a_ptr.dtype.element_ty)
                 acc = tl.dot(a, _interleave_k(w_lo, w_hi, BLOCK_K, BLOCK_N), acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += (BLOCK_K // 2) * stride_wk
@@ -596,9 +596,10 @@ def _quant_args(q: QuantSpec, a_scale, w_scale, w_zero, direct: bool, block_k: i
     args = [a_scale if a_scale is not None else fallback, w_scale if w_scale is not None else fallback,
             w_zero if w_zero is not None else fallback]
     strides = _strides(a_scale, 2) + _strides(w_scale, 3) + _strides(w_zero, 3)
-    use_magic = q.wq == 2 and direct
-    magic, moff = INT4_MAGIC.get(fallback_dtype, (0, 0.0)) if use_magic else (0, 0.0)
-    meta = dict(WQ=q.wq, WS=q.ws, QBN=q.qbn, QBK=q.qbk, GROUP_TILE=q.wq == 2 and q.qbk % block_k == 0 and K % block_k == 0,
+    group_tile = q.wq == 2 and q.qbk % block_k == 0 and K % block_k == 0
+    # MAGIC != 0 is the INT4_MAGIC path itself: the one-pair decode with the K tile inside one group
+    magic, moff = INT4_MAGIC.get(fallback_dtype, (0, 0.0)) if direct and group_tile else (0, 0.0)
+    meta = dict(WQ=q.wq, WS=q.ws, QBN=q.qbn, QBK=q.qbk, GROUP_TILE=group_tile,
                 HAS_ZERO=w_zero is not None, ACC_INT=q.acc_int, MAGIC=magic, MOFF=moff,
                 **aq_meta(aq, q.acc_int, K))
     return args, strides, meta

@@ -35,12 +35,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import lazy_jit
+from ._jit import lazy_helper, lazy_jit
 from .configs import INT4_READ_NAMES
 from .gemm import _activate, _quant_act, _row_quant_scale, aq_meta
 
 # int4 -> fp32 in the kernel: (q << 19) & 0x780000 puts the nibble in mantissa bits 19..22, | 0x3F800000 (1.0f)
 # makes the float 1 + q / 16.
+
+
+@lazy_helper
+def _pow2(E: tl.constexpr):
+    """The fp32 number 2^E (-126 <= E <= 127), from its bits: an exact power-of-two scale."""
+    return tl.full((), (E + 127) << 23, tl.int32).to(tl.float32, bitcast=True)
 
 
 @lazy_jit
@@ -158,19 +164,16 @@ def _gemv_kernel(
                     t = wh & (0xF << (4 * j))
                 if INT4_MODE == 4:
                     sxv += xm
-                    x_pow = tl.full((), (SUB_X - 4 * j + 127) << 23, tl.int32).to(tl.float32, bitcast=True)
-                    p2 += t.to(tl.float32, bitcast=True) * (xm * x_pow)[None, :]
+                    p2 += t.to(tl.float32, bitcast=True) * (xm * _pow2(SUB_X - 4 * j))[None, :]
                 else:
-                    magic = (150 - 4 * j) << 23  # the bits of 2^(23 - 4j)
-                    f = (t | magic).to(tl.float32, bitcast=True)
-                    p2 += (f - (tl.full((), magic, tl.int32).to(tl.float32, bitcast=True) + z)) * xm[None, :]
+                    f = (t | ((150 - 4 * j) << 23)).to(tl.float32, bitcast=True)  # OR-ed with 2^(23 - 4j)'s bits
+                    p2 += (f - (_pow2(23 - 4 * j) + z)) * xm[None, :]
             if INT4_MODE == 4:  # take z * sum(x) off, at the products' scale 2^(SUB_X - 149)
-                sx_pow = tl.full((), (SUB_X - 149 + 127) << 23, tl.int32).to(tl.float32, bitcast=True)
-                p2 -= z * (sxv * sx_pow)[None, :]
+                p2 -= z * (sxv * _pow2(SUB_X - 149))[None, :]
             acc2 += s * p2
         acc = tl.reduce(acc2, 1, tl.standard._sum_combine)
         if INT4_MODE == 4:
-            acc = acc * tl.full((), (149 - SUB_X + 127) << 23, tl.int32).to(tl.float32, bitcast=True)
+            acc = acc * _pow2(149 - SUB_X)
     elif WQ == 2 and INT4_MODE == 2:  # int32 words [ROWS, BLOCK_K / 8], the tile inside one group (NG = 1)
         kw = tl.arange(0, BLOCK_K // 8)
         w_ptrs = w_rows[:, None] + kw[None, :]
