@@ -6,7 +6,8 @@ shipped entry: top-level keys replace, ``gemm1`` / ``gemm2`` objects update the 
 labels the row). Each time is the median of CUDA-graph replays of the whole experts call (one replay per CUDA-event
 pair). The error is against kernel=torch on the same quantized weights at T = 1 (the active experts only), and
 against the shipped entry's output at larger T (kernel=torch would dequantize every expert). ``--profile`` adds
-the per-launch device times of the shipped entry (torch.profiler), to see where a call spends its microseconds.
+the per-launch device times of bf16 and of the shipped entry (torch.profiler), to see where a call spends its
+microseconds.
 
 Example (repo root, GPU machine)::
 
@@ -156,6 +157,8 @@ def probe(args, name, T, E, k, H, I, w, qw, ex, variants, dev, gen):
 
     bf_cfg = get_config(T, E, I, H, k, torch.bfloat16, dev)
     bf16 = graph_us(lambda: fused_experts(x, tw, ids, w.w13, w.w2, config=bf_cfg), dev)
+    if args.profile:
+        profile(lambda: fused_experts(x, tw, ids, w.w13, w.w2, config=bf_cfg), f"{name} T={T} bf16")
     shipped = quant_config(T, E, I, H, k, args.method, torch.bfloat16, dev)
     if T == 1:  # kernel=torch on the active experts only (all of deepseek_v3's 256 dequantized do not fit)
         used, local = torch.unique(ids, return_inverse=True)

@@ -168,12 +168,14 @@ def test_interpreter_int4_read_modes(mode, monkeypatch):
 
 
 # group, gemm1 / gemm2 BLOCK_K, zero points, dtype, H, I: tiles inside a group (with and without zero points),
-# spanning groups, groups of 48 (not a power of two: tiles of 32 straddle them), one group per row (-1), split-K
-# over 3 programs (unroll: K iterations unrolled, 3 = more than some programs' loops have)
+# spanning whole groups (a [rows] scale load per group: 2 and 4 per tile), groups of 48 (not a power of two:
+# tiles of 32 straddle them), one group per row (-1), split-K over 3 programs (unroll: K iterations unrolled,
+# 3 = more than some programs' loops have)
 PLANES_CASES = [(16, 32, True, torch.float16, 64, 32, 1), (64, 32, False, torch.float32, 128, 64, 2),
                 (64, 32, True, torch.float16, 128, 64, 1),
                 (48, 32, True, torch.float16, 96, 48, 1), (-1, 16, False, torch.float32, 48, 40, 3),
-                (32, 64, True, torch.float32, 64, 96, 2)]
+                (32, 64, True, torch.float32, 64, 96, 2),
+                (8, 32, True, torch.float16, 40, 24, 1)]  # 4 groups per tile, ragged K: the last tile's groups masked
 
 
 @pytest.mark.parametrize("case", PLANES_CASES,
