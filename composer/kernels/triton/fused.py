@@ -9,7 +9,7 @@ import triton
 
 from .align import max_blocks, moe_align
 from .configs import fit_smem, get_config, heuristic_config
-from .gemm import ACT_CODES, SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, QuantSpec, gemm1, gemm2, zero_dropped_rows
+from .gemm import ACT_CODES, SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, QuantSpec, gemm1, gemm2, moe_sum
 from .gemv import _pow2_divisor, gemv
 
 
@@ -55,17 +55,15 @@ def _route(topk_weights: torch.Tensor, topk_ids: torch.Tensor, E: int, config: d
 
 def _out_buffer(r: _Routing, x: torch.Tensor, H: int) -> torch.Tensor:
     """GEMM2's output: fp32 ``[T, H]`` for atomic adds, or one row per pair in the activations' dtype (as vLLM's
-    moe_sum; rows of dropped pairs zeroed here), summed over top-k by ``_reduce``."""
+    moe_sum; rows of dropped pairs are left unwritten), summed over top-k by ``_reduce``."""
     if r.atomic:
         return torch.zeros(x.shape[0], H, dtype=torch.float32, device=x.device)
-    out = torch.empty(r.ids.numel(), H, dtype=x.dtype, device=x.device)
-    zero_dropped_rows(r.ids, out)
-    return out
+    return torch.empty(r.ids.numel(), H, dtype=x.dtype, device=x.device)
 
 
 def _reduce(out: torch.Tensor, r: _Routing, x: torch.Tensor) -> torch.Tensor:
     if not r.atomic:
-        out = out.view(x.shape[0], -1, out.shape[1]).sum(dim=1)  # one pass; torch sums bf16/fp16 in fp32
+        return moe_sum(out, r.ids, r.ids.numel() // x.shape[0] if x.shape[0] else 1)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from .align import max_blocks, moe_align
 from .configs import SMEM_LIMIT, smem_bytes
-from .gemm import gemm1, gemm2, zero_dropped_rows
+from .gemm import gemm1, gemm2, moe_sum
 
 
 def _g(bn: int, bk: int, warps: int, stages: int, group_m: int = 1) -> dict[str, int]:
@@ -112,13 +112,12 @@ def tune_tokens(T: int, E: int, k: int, H: int, I: int, w13: torch.Tensor, w2: t
         if len(best) < 2:
             continue
         g2 = best["gemm2"][1]
-        # the top-k reduction: atomics into fp32 [T, H] (+ zeroing and the cast), or a [P, H] buffer + torch sum
+        # the top-k reduction: atomics into fp32 [T, H] (+ zeroing and the cast), or a [P, H] buffer + moe_sum
         t_atomic = best["gemm2"][0] + _bench(lambda: (out32.zero_(), out32.to(dt)), rep_ms)
         try:
-            t_buf = _bench(lambda: (zero_dropped_rows(ids_flat, buf),
-                                    gemm2(inter, w2, None, tw, buf, sorted_ids, expert_ids, ntpp, ids_flat, npm, k, direct,
+            t_buf = _bench(lambda: (gemm2(inter, w2, None, tw, buf, sorted_ids, expert_ids, ntpp, ids_flat, npm, k, direct,
                                           False, bm, g2),
-                                    buf.view(T, k, H).sum(1)), rep_ms)
+                                    moe_sum(buf, ids_flat, k)), rep_ms)
         except Exception:  # noqa: BLE001
             t_buf = float("inf")
         reduce = "atomic" if t_atomic <= t_buf else "buffer"
