@@ -221,14 +221,16 @@ def gemv_candidates(name: str, method: str = "") -> list[dict[str, Any]]:
         # "subnormal" and "planes" (fewer integer ops per nibble) with 1 or 2 K iterations unrolled, then the
         # "words" read. H100: planes + unroll 2 took mixtral 119 -> 107 us, deepseek_v3 126 -> 113 (fourth
         # session); subnormal 1-2% faster than planes, with 256-wide K tiles deepseek_v3 119 -> 112.5 and qwen3
-        # 21.8 -> 19.6 (sixth session, where 512 / 1024-wide K tiles were 10-80% slower); deeper pipelines
-        # (num_stages) never changed the GEMV (its loads are not software-pipelined: no such candidates), unroll 4+
-        # was slower
+        # 21.8 -> 19.6 (sixth session, where 512 / 1024-wide K tiles were 10-80% slower); once a tile of whole
+        # groups loaded one scale vector per group, 256-wide K tiles won for both GEMVs (mixtral 103.5 -> 86.2 us,
+        # deepseek_v3 113.8 -> 90.7; seventh session); deeper pipelines (num_stages) never changed the GEMV (its
+        # loads are not software-pipelined: no such candidates), unroll 4+ was slower
         fast = [{**g, "int4_read": read, **({"unroll": u} if u > 1 else {})}
                 for read in ("subnormal", "planes") for u in (1, 2) for g in (
             [_gv(bn, bk, w, 2) for bn, bk, w in ((16, 128, 4), (32, 128, 4), (64, 128, 4), (64, 128, 8),
                                                   (16, 256, 2), (32, 256, 4))] if name == "gemm1" else
-            [_gv(bn, 128, 4, 2, sp) for bn, sp in ((64, 2), (128, 8), (128, 16), (128, 32))])]
+            [_gv(bn, bk, 4, 2, sp) for bn, bk, sp in ((64, 128, 2), (128, 128, 8), (128, 128, 16), (128, 128, 32),
+                                                      (64, 256, 16), (128, 256, 8), (128, 256, 16))])]
         if name == "gemm1":
             return fast + [_gv(bn, 128, w, 2) for bn in (8, 16, 32, 64, 128) for w in (4, 8)]
         return fast + [_gv(bn, 128, 4, 2, sp) for bn in (16, 32, 64, 128) for sp in (2, 4, 8, 16, 32)]
