@@ -62,7 +62,7 @@ CASES = [  # name, T, dtype, method, quant params, config (None: the heuristic /
 def test_kernels_compile_for_sm90(case):
     name, T, dtype, method, params, cfg, act, bias = case
     x, tw, ids, w13, w2, b13, b2 = make_case(T, 8, 2, 256, 256, dtype, bias, 0.0, seed=1)
-    if cfg == "buffer":  # the heuristic's tiles with per-pair rows summed by torch
+    if cfg == "buffer":  # the heuristic's tiles with per-pair rows summed by moe_sum
         from composer.kernels.triton.configs import get_config
 
         cfg = {**get_config(T, 8, 256, 256, 2, dtype, x.device), "reduce": "buffer"}

@@ -6,7 +6,7 @@ GEMM1: ``act(x[token] @ w13[e, :I]^T + b) * (x[token] @ w13[e, I:]^T + b)`` -> `
   ``[P, 2I]`` pre-activation never exists in memory.
 GEMM2: ``(inter[pair] @ w2[e]^T + b) * topk_weight[pair]``, reduced over top-k straight into an fp32
   ``[T, H]`` output with atomic adds (``reduce="atomic"``), or written per pair to a ``[P, H]`` buffer
-  in the activations' dtype and summed by torch (``reduce="buffer"``, deterministic).
+  in the activations' dtype and summed over top-k by ``moe_sum`` (``reduce="buffer"``, deterministic).
 
 Both take ``DIRECT=True`` for decode: one pair per program (BLOCK_M rows, only the first one live), the
 expert read straight from ``topk_ids``, so no align launch is needed.
