@@ -133,14 +133,23 @@ def _gemv_kernel(
                 wu = tl.load(w_ptrs + k0 // 8)
             else:
                 wu = tl.load(w_ptrs + k0 // 8, mask=k_ok[None, :], other=0)
-            if QBK < BLOCK_K and BLOCK_K % QBK == 0:  # whole groups: a [ROWS] load per group, chosen per column
+            if QBK % BLOCK_K != 0 and BLOCK_K % QBK != 0:  # the tile cuts groups: a [ROWS, words] gather
+                grp = (ke // QBK)[None, :]
+                s = tl.load(ws_base + ch[:, None] * stride_wsn + grp * stride_wsk, mask=k_ok[None, :],
+                            other=0.0).to(tl.float32)
+                if HAS_ZERO:
+                    z = ((tl.load(z_ptrs[:, None] + grp * stride_wzk, mask=k_ok[None, :], other=0)
+                          >> z_shift[:, None]) & 0xF).to(tl.float32)
+                else:
+                    z = 8.0
+            else:  # the tile inside one group, or whole groups: a [ROWS] load per group, selected per word column
                 g0 = k0 // QBK
                 s = tl.load(ws_base + ch * stride_wsn + g0 * stride_wsk).to(tl.float32)[:, None]
                 if HAS_ZERO:
                     z = ((tl.load(z_ptrs + g0 * stride_wzk) >> z_shift) & 0xF).to(tl.float32)[:, None]
                 else:
                     z = 8.0
-                for g in tl.static_range(1, BLOCK_K // QBK):
+                for g in tl.static_range(1, BLOCK_K // QBK):  # (none when the tile lies inside one group)
                     in_g = (kw >= g * (QBK // 8))[None, :]
                     g_ok = ch * 0 + (k0 + g * QBK) < k_hi  # (the group lies in K; a [ROWS] mask)
                     sg = tl.load(ws_base + ch * stride_wsn + (g0 + g) * stride_wsk, mask=g_ok,
@@ -150,22 +159,6 @@ def _gemv_kernel(
                         zg = ((tl.load(z_ptrs + (g0 + g) * stride_wzk, mask=g_ok, other=0) >> z_shift)
                               & 0xF).to(tl.float32)[:, None]
                         z = tl.where(in_g, zg, z)
-            elif QBK % BLOCK_K != 0:  # the tile spans parts of groups: a [ROWS, words] gather, a group per column
-                grp = (ke // QBK)[None, :]
-                s = tl.load(ws_base + ch[:, None] * stride_wsn + grp * stride_wsk, mask=k_ok[None, :],
-                            other=0.0).to(tl.float32)
-                if HAS_ZERO:
-                    z = ((tl.load(z_ptrs[:, None] + grp * stride_wzk, mask=k_ok[None, :], other=0)
-                          >> z_shift[:, None]) & 0xF).to(tl.float32)
-                else:
-                    z = 8.0
-            else:  # the tile inside one group
-                grp = k0 // QBK
-                s = tl.load(ws_base + ch * stride_wsn + grp * stride_wsk).to(tl.float32)[:, None]
-                if HAS_ZERO:
-                    z = ((tl.load(z_ptrs + grp * stride_wzk) >> z_shift) & 0xF).to(tl.float32)[:, None]
-                else:
-                    z = 8.0
             wh = (wu.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)  # nibbles 4..7 to bits 0..15
             p2 = tl.full((ROWS, BLOCK_K // 8), 0.0, tl.float32)
             sxv = tl.full((BLOCK_K // 8,), 0.0, tl.float32)
