@@ -96,22 +96,37 @@ def test_all_pairs_dropped_gives_zeros():
 @pytest.mark.parametrize("T, k, H", [(0, 2, 40), (1, 1, 16), (5, 3, 1030), (4, 6, 24)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_moe_sum_skips_dropped_rows(T, k, H, dtype):
-    """moe_sum (reduce="buffer"): the fp32 top-k sum of the per-pair rows, cast once; a dropped pair's row is never
-    written by GEMM2, so it holds garbage (NaN here) that must not reach the output. H = 1030 spans two blocks."""
+    """moe_sum (reduce="buffer"): the fp32 top-k sum of the per-pair rows, cast once; a dropped pair's row (id -1
+    or >= E) is never written by GEMM2, so it holds garbage (NaN here) that must not reach the output. H = 1030
+    spans two blocks."""
     from composer.kernels.triton.gemm import moe_sum
 
     g = torch.Generator().manual_seed(T * 100 + k)
     buf = torch.randn(T * k, H, generator=g).to(dtype)
     ids = torch.randint(0, 8, (T * k,), generator=g, dtype=torch.int32)
     ids[::3] = -1
-    buf[ids < 0] = float("nan")
+    ids[1::4] = 8 + ids[1::4] % 3  # out of range for E = 8: skipped like -1
+    buf[(ids < 0) | (ids >= 8)] = float("nan")
     with interpreter():
-        out = moe_sum(buf, ids, k)
-    keep = (ids >= 0).view(T, k, 1)
+        out = moe_sum(buf, ids, k, 8)
+    keep = ((ids >= 0) & (ids < 8)).view(T, k, 1)
     ref = torch.where(keep, buf.view(T, k, H).double(), 0.0).sum(1)
     assert out.shape == (T, H) and out.dtype == dtype
     assert torch.isfinite(out).all()
     assert rel(out, ref) < (1e-6 if dtype == torch.float32 else 1e-3)  # fp32 sums, one rounding to the dtype
+
+
+@pytest.mark.parametrize("decode", [True, False])
+@pytest.mark.parametrize("reduce", ["atomic", "buffer"])
+def test_out_of_range_ids_are_skipped(decode, reduce):
+    """An expert id outside [0, E) is skipped like the -1 of another rank's expert, as the reference does: no
+    out-of-bounds weight read in the decode path, no unwritten row summed with reduce="buffer"."""
+    x, tw, ids, w13, w2, _, _ = make_case(3, 4, 2, 16, 16, torch.float32, False, 0.0, 2)
+    ids[0, 1], ids[1, 0], ids[2, 1] = 4, 9, -1
+    ref = oracle_experts(x, tw, ids, w13, w2, "silu")
+    with interpreter():
+        out = fused_experts(x, tw, ids, w13, w2, None, None, "silu", config=tiny_config(decode, reduce, 16, 16, 16, 16))
+    assert torch.isfinite(out).all() and rel(out, ref) < TOL[torch.float32]
 
 
 def test_unknown_activation():

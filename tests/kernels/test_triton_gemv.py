@@ -106,6 +106,20 @@ def test_interpreter_quant_vs_torch(method, params, dtype, gemv_calls):
     assert gemv_calls == [True, False, True, False]
 
 
+@pytest.mark.parametrize("reduce", ["atomic", "buffer"])
+def test_interpreter_gemv_out_of_range_ids_are_skipped(reduce, gemv_calls):
+    """Expert ids outside [0, E) are skipped by both GEMVs (no weight read past the last expert) and by the
+    fused epilogue's arrival count, like -1 and like the reference."""
+    x, tw, ids, w13, w2, _, _ = make_case(1, 4, 3, 32, 16, torch.float32, False, 0.0, seed=3)
+    ids[0, 1] = 4
+    ids[0, 2] = 11
+    ref = oracle_experts(x, tw, ids, w13, w2, "silu")
+    with interpreter():
+        out = fused_experts(x, tw, ids, w13, w2, None, None, "silu", config=gemv_cfg(reduce=reduce))
+    assert gemv_calls == [True, False]
+    assert torch.isfinite(out).all() and rel(out, ref) < TOL[torch.float32]
+
+
 MMA_CASES = [  # method, dtype: the swapped-operand GEMV on tensor cores (mma: true)
     ("none", torch.float32), ("none", torch.float16), ("int8_w8a16", torch.float16), ("int8_w8a8", torch.float32),
     ("int8_w8a8", torch.float16),

@@ -61,9 +61,9 @@ def _out_buffer(r: _Routing, x: torch.Tensor, H: int) -> torch.Tensor:
     return torch.empty(r.ids.numel(), H, dtype=x.dtype, device=x.device)
 
 
-def _reduce(out: torch.Tensor, r: _Routing, x: torch.Tensor) -> torch.Tensor:
+def _reduce(out: torch.Tensor, r: _Routing, x: torch.Tensor, num_experts: int) -> torch.Tensor:
     if not r.atomic:
-        return moe_sum(out, r.ids, r.ids.numel() // x.shape[0] if x.shape[0] else 1)
+        return moe_sum(out, r.ids, r.ids.numel() // x.shape[0] if x.shape[0] else 1, num_experts)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -91,7 +91,7 @@ def _decode_gemv(x, r: _Routing, k: int, activation: str, config: dict[str, Any]
     gemv(inter, w2, w2_bias, out, r.ids, k, config["gemm2"], gated=False, tw=r.tw, atomic=r.atomic, wq=wq, ws=ws,
          group=groups[1], a_scale=act_scales[1], w_scale=scales[1], w_zero=zeros[1], aq=aq[1], acc_int8=acc_int8,
          epilogue=epi)
-    return epi[2] if epi else _reduce(out, r, x)
+    return epi[2] if epi else _reduce(out, r, x, w2.shape[0])
 
 
 def fused_experts(
@@ -133,7 +133,7 @@ def fused_experts(
     out = _out_buffer(r, x, H)
     gemm2(inter, w2, w2_bias, r.tw, out, r.sorted_ids, r.expert_ids, r.ntpp, r.ids, r.num_pid_m, k,
           r.direct, r.atomic, r.block_m, config["gemm2"])
-    return _reduce(out, r, x)
+    return _reduce(out, r, x, w2.shape[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,4 +278,4 @@ def fused_experts_quant(
     out = _out_buffer(r, x, H)
     gemm2(a2, w2, w2_bias, r.tw, out, r.sorted_ids, r.expert_ids, r.ntpp, r.ids, r.num_pid_m, k,
           r.direct, r.atomic, r.block_m, c2, q2, s2, w2_scale, w2_zero, aq=aq2)
-    return _reduce(out, r, x)
+    return _reduce(out, r, x, w2.shape[0])

@@ -106,7 +106,7 @@ def _gemm1_kernel(
     x_ptr, w_ptr, w_desc, b_ptr, out_ptr,
     sorted_ids_ptr, expert_ids_ptr, ntpp_ptr, topk_ids_ptr,
     as_ptr, ws_ptr, wz_ptr,
-    num_pairs, N, K, top_k, num_pid_m,
+    num_pairs, N, K, top_k, num_pid_m, num_experts,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om, stride_on,
     stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -131,7 +131,7 @@ def _gemm1_kernel(
         expert = tl.load(expert_ids_ptr + pid_m)
         pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + offs_m)
         row_mask = pairs < num_pairs
-    if expert < 0:
+    if (expert < 0) | (expert >= num_experts):  # dropped (-1, another rank's expert) or out of range: skipped
         return
     tokens = (pairs // top_k).to(tl.int64)
 
@@ -327,7 +327,7 @@ def _gemm2_kernel(
     a_ptr, w_ptr, w_desc, b_ptr, tw_ptr, out_ptr,
     sorted_ids_ptr, expert_ids_ptr, ntpp_ptr, topk_ids_ptr,
     as_ptr, ws_ptr, wz_ptr,
-    num_pairs, N, K, top_k, num_pid_m,
+    num_pairs, N, K, top_k, num_pid_m, num_experts,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om, stride_on,
     stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -352,7 +352,7 @@ def _gemm2_kernel(
         expert = tl.load(expert_ids_ptr + pid_m)
         pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + offs_m)
         row_mask = pairs < num_pairs
-    if expert < 0:
+    if (expert < 0) | (expert >= num_experts):  # dropped (-1, another rank's expert) or out of range: skipped
         return
     rows = tl.where(row_mask, pairs, 0).to(tl.int64)
     if AQ != 0:  # FUSED_AQ: this pair's intermediate row quantized here
@@ -498,16 +498,18 @@ def _gemm2_kernel(
 
 
 @lazy_jit
-def _moe_sum_kernel(buf_ptr, ids_ptr, out_ptr, H, stride_b, stride_o, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[t] = sum_j buf[t * k + j] in fp32, cast once; the rows of dropped pairs (id -1, never written by GEMM2)
-    are skipped, so the per-pair buffer needs no zeroing launch."""
+def _moe_sum_kernel(buf_ptr, ids_ptr, out_ptr, H, num_experts, stride_b, stride_o, TOP_K: tl.constexpr,
+                    BLOCK_H: tl.constexpr):
+    """out[t] = sum_j buf[t * k + j] in fp32, cast once; the rows of dropped pairs (id outside [0, E), never
+    written by GEMM2) are skipped, so the per-pair buffer needs no zeroing launch."""
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = offs < H
     acc = tl.full((BLOCK_H,), 0.0, tl.float32)
     for j in tl.range(0, TOP_K):
         pair = t * TOP_K + j
-        if tl.load(ids_ptr + pair) >= 0:
+        e = tl.load(ids_ptr + pair)
+        if (e >= 0) & (e < num_experts):
             acc += tl.load(buf_ptr + pair * stride_b + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * stride_o + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -515,16 +517,16 @@ def _moe_sum_kernel(buf_ptr, ids_ptr, out_ptr, H, stride_b, stride_o, TOP_K: tl.
 MOE_SUM_BLOCK_H = 1024
 
 
-def moe_sum(buf: torch.Tensor, ids_flat: torch.Tensor, top_k: int) -> torch.Tensor:
+def moe_sum(buf: torch.Tensor, ids_flat: torch.Tensor, top_k: int, num_experts: int) -> torch.Tensor:
     """The top-k sum of GEMM2's per-pair rows ``buf [T * k, H]`` -> ``[T, H]`` in buf's dtype (fp32 sums, like
-    vLLM's moe_sum and torch's sum), dropped pairs skipped. One launch, where a zeroing launch and torch's sum were
-    two (qwen3 T = 4096 on an H100: 21 + 61 us)."""
+    vLLM's moe_sum and torch's sum); pairs whose id is outside ``[0, num_experts)`` are skipped. One launch, where
+    a zeroing launch and torch's sum were two (qwen3 T = 4096 on an H100: 21 + 61 us)."""
     P, H = buf.shape
     T = P // top_k
     out = torch.empty(T, H, dtype=buf.dtype, device=buf.device)
     if T and H:
-        _moe_sum_kernel[(T, triton.cdiv(H, MOE_SUM_BLOCK_H))](buf, ids_flat, out, H, buf.stride(0), out.stride(0),
-                                                                TOP_K=top_k, BLOCK_H=MOE_SUM_BLOCK_H)
+        _moe_sum_kernel[(T, triton.cdiv(H, MOE_SUM_BLOCK_H))](buf, ids_flat, out, H, num_experts, buf.stride(0),
+                                                                out.stride(0), TOP_K=top_k, BLOCK_H=MOE_SUM_BLOCK_H)
     return out
 
 
@@ -645,7 +647,7 @@ def gemm1(x, w13, w13_bias, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, 
     qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, direct, bk, H, w13, x.dtype, aq)
     _gemm1_kernel[_grid(num_pid_m, I, bn)](
         x, w13, desc, b, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, *qargs,
-        P, I, H, top_k, num_pid_m,
+        P, I, H, top_k, num_pid_m, w13.shape[0],
         x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
         w13_bias.stride(0) if w13_bias is not None else 0, w13_bias.stride(1) if w13_bias is not None else 0,
         inter.stride(0), inter.stride(1), *qstrides,
@@ -667,7 +669,7 @@ def gemm2(inter, w2, w2_bias, topk_weights_flat, out, sorted_ids, expert_ids, nt
     qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, direct, bk, I, w2, inter.dtype, aq)
     _gemm2_kernel[_grid(num_pid_m, H, bn)](
         inter, w2, desc, b, topk_weights_flat, out, sorted_ids, expert_ids, ntpp, topk_ids_flat, *qargs,
-        P, H, I, top_k, num_pid_m,
+        P, H, I, top_k, num_pid_m, w2.shape[0],
         inter.stride(0), inter.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
         w2_bias.stride(0) if w2_bias is not None else 0, w2_bias.stride(1) if w2_bias is not None else 0,
         out.stride(0), out.stride(1), *qstrides,

@@ -52,7 +52,7 @@ def _pow2(E: tl.constexpr):
 @lazy_jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, tw_ptr, out_ptr, ids_ptr, as_ptr, ws_ptr, wz_ptr, cnt_ptr, acc_ptr, y_ptr,
-    N, K, top_k, k_split, zero_numel, cnt_numel, n_tiles_out, arrivals,
+    N, K, top_k, num_experts, k_split, zero_numel, cnt_numel, n_tiles_out, arrivals,
     stride_xm, stride_we, stride_wn, stride_be, stride_om,
     stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, ROWS: tl.constexpr, GK: tl.constexpr,
@@ -81,10 +81,10 @@ def _gemv_kernel(
             offs_c = c0 + tl.arange(0, ZBLOCK)
             tl.store(cnt_ptr + offs_c, tl.full((ZBLOCK,), 0, tl.int32), mask=offs_c < c_end)
     expert = tl.load(ids_ptr + pair)
-    live = expert >= 0
+    live = (expert >= 0) & (expert < num_experts)  # else dropped (-1: another rank's expert) or out of range
     if FUSE_EPI and not GATED:  # a dropped pair reads nothing but still arrives at its token's tiles
-        expert = tl.maximum(expert, 0)
-    elif expert < 0:
+        expert = tl.where(live, expert, 0)
+    elif (expert < 0) | (expert >= num_experts):
         return
     if X_PER_TOKEN:  # GEMM1 reads the token's row of x, GEMM2 the pair's row of the intermediate
         x_row = x_ptr + (pair // top_k).to(tl.int64) * stride_xm
@@ -420,7 +420,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         x, w, bias if bias is not None else fb, tw if tw is not None else fb, out, ids_flat,
         a_scale if a_scale is not None else fb, w_scale if w_scale is not None else fb,
         w_zero if w_zero is not None else fb, counters, sums, y,
-        N, K, top_k, k_split, sums.numel() if fuse else 0, counters.numel() if fuse else 0, grid[1], top_k * split,
+        N, K, top_k, w.shape[0], k_split, sums.numel() if fuse else 0, counters.numel() if fuse else 0, grid[1],
+        top_k * split,
         x.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0, out.stride(0),
         wss[0], wss[1], wss[2], wzs[0], wzs[1], wzs[2],
         BLOCK_N=bn, BLOCK_K=bk, NG=ng, ROWS=2 * bn if gated else bn, GK=bk // ng, INT4_MODE=mode, MMA=mma, ACC_INT=mma and wq == 3 and acc_int8,

@@ -115,9 +115,9 @@ def tune_tokens(T: int, E: int, k: int, H: int, I: int, w13: torch.Tensor, w2: t
         # the top-k reduction: atomics into fp32 [T, H] (+ zeroing and the cast), or a [P, H] buffer + moe_sum
         t_atomic = best["gemm2"][0] + _bench(lambda: (out32.zero_(), out32.to(dt)), rep_ms)
         try:
-            t_buf = _bench(lambda: (gemm2(inter, w2, None, tw, buf, sorted_ids, expert_ids, ntpp, ids_flat, npm, k, direct,
-                                          False, bm, g2),
-                                    moe_sum(buf, ids_flat, k)), rep_ms)
+            t_buf = _bench(lambda: (gemm2(inter, w2, None, tw, buf, sorted_ids, expert_ids, ntpp, ids_flat, npm, k,
+                                          direct, False, bm, g2),
+                                    moe_sum(buf, ids_flat, k, E)), rep_ms)
         except Exception:  # noqa: BLE001
             t_buf = float("inf")
         reduce = "atomic" if t_atomic <= t_buf else "buffer"
