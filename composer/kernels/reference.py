@@ -57,7 +57,8 @@ def torch_experts(
     w2_bias: torch.Tensor | None = None,
     quant_act: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """sum_k topk_weights[t, k] * expert_{ids[t,k]}(x[t]); ids of -1 are skipped. Returns ``[T, H]`` in x.dtype.
+    """sum_k topk_weights[t, k] * expert_{ids[t,k]}(x[t]); ids outside [0, E) (-1: dropped) are skipped.
+    Returns ``[T, H]`` in x.dtype.
 
     The GEMMs multiply the weights' values in float32 (products of bf16 / fp16 values are exact there) with
     float32 sums; the gated activation runs on GEMM1's float32 result and is rounded to the activations' dtype

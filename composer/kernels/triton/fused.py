@@ -105,7 +105,8 @@ def fused_experts(
     activation: str = "silu",
     config: dict[str, Any] | None = None,
 ) -> torch.Tensor:
-    """``sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])`` -> ``[T, H]`` in x.dtype; ids of -1 skipped.
+    """``sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])`` -> ``[T, H]`` in x.dtype; ids outside
+    ``[0, E)`` (the -1 of dropped pairs) are skipped.
 
     ``config`` overrides the tile config (see ``configs.py``); by default the tuned file or heuristic.
     """
