@@ -26,14 +26,14 @@ def _stream(w_ptr, out_ptr, n_words, stride_row, ROWS: tl.constexpr, WORDS: tl.c
     ptrs = w_ptr + r[:, None].to(tl.int64) * stride_row + tl.arange(0, WORDS)[None, :]
     n_t = n_words // WORDS
     rot = (pid * ROT) % n_t
-    acc = tl.zeros((ROWS, WORDS), tl.int32)
+    acc = tl.full((ROWS, WORDS), 0, tl.int32)
     for it in tl.range(0, n_t, num_stages=STAGES):
         if ROT != 0:
             kk = (it + rot) % n_t
         else:
             kk = it
         acc += tl.load(ptrs + kk * WORDS)
-    tl.store(out_ptr + r, tl.sum(acc, 1))
+    tl.store(out_ptr + r, tl.reduce(acc, 1, tl.standard._sum_combine))  # (tl.reduce, tl.full: no jit helpers, so the test interprets it)
 
 
 def main() -> int:
