@@ -33,7 +33,8 @@ def _stream(w_ptr, out_ptr, n_words, stride_row, ROWS: tl.constexpr, WORDS: tl.c
         else:
             kk = it
         acc += tl.load(ptrs + kk * WORDS)
-    tl.store(out_ptr + r, tl.reduce(acc, 1, tl.standard._sum_combine))  # (tl.reduce, tl.full: no jit helpers, so the test interprets it)
+    # (tl.reduce and tl.full, not tl.sum and tl.zeros: jit helpers, which the CPU test could not interpret)
+    tl.store(out_ptr + r, tl.reduce(acc, 1, tl.standard._sum_combine))
 
 
 def main() -> int:
