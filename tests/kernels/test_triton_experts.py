@@ -263,3 +263,25 @@ def test_gpu_small_all_features(dtype, act, bias):
                 out = fused_experts(x, tw, ids, w13, w2, b13, b2, act, config=c)
                 tol = 1e-5 if dtype == torch.float32 else TOL[dtype]
                 assert rel(out, ref) < tol, f"T={T} {reduce}: {rel(out, ref):.2e}"
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_out_of_range_ids_are_skipped(dtype):
+    """Expert ids E and E + 1000 next to -1, on the GPU: the tl.dot decode, the GEMV decode and the sorted blocks,
+    each with both reductions, match the oracle (which skips them), with no read past the last expert."""
+    with interpreter(False):
+        for T in (1, 7, 300):
+            x, tw, ids, w13, w2, _, _ = make_case(T, 12, 4, 200, 72, dtype, False, 0.2, T, device="cuda")
+            ids[0, 1] = 12
+            ids[-1, 0] = 1012
+            ref = oracle_experts(x, tw, ids, w13, w2, "silu")
+            for decode in ((True, "gemv") if T == 1 else (False,)):
+                for reduce in ("atomic", "buffer"):
+                    c = dict(cfgs.heuristic_config(T, 12, 72, 200, 4), decode=decode, reduce=reduce)
+                    if decode == "gemv":
+                        c["gemm1"] = {"BLOCK_N": 8, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+                        c["gemm2"] = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "SPLIT_K": 2}
+                    out = fused_experts(x, tw, ids, w13, w2, None, None, "silu", config=cfgs.validate_entry(c))
+                    assert torch.isfinite(out).all() and rel(out, ref) < TOL[dtype], (T, decode, reduce)
