@@ -120,6 +120,68 @@ def test_interpreter_gemv_out_of_range_ids_are_skipped(reduce, gemv_calls):
     assert torch.isfinite(out).all() and rel(out, ref) < TOL[torch.float32]
 
 
+# method, params, dtype, int4 read, gemm1 SPLIT_K, activation: GEMM1 split over K leaves fp32 partial sums that GEMM2
+# adds up, activates and rounds as it loads them (3 splits of K = 96 in tiles of 32; 2 of K = 72 unquantized: a
+# ragged split)
+SPLIT_CASES = [("none", {}, torch.float32, None, 2, "silu"), ("none", {}, torch.float16, None, 3, "swigluoai"),
+               ("int8_w8a16", {}, torch.float16, None, 2, "gelu"),
+               ("int4_w4a16", {"group_size": 32, "zero_point": True}, torch.float16, "subnormal", 3, "silu"),
+               ("int4_w4a16", {"group_size": 16}, torch.float32, "planes", 2, "swigluoai"),
+               ("int4_w4a16", {"group_size": 32}, torch.float16, "words", 2, "gelu"),
+               ("int4_w4a16", {"group_size": 32, "zero_point": True}, torch.float16, "bytes", 3, "silu")]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"{c[0]}-{c[3]}-{str(c[2])[6:]}-s{c[4]}-{c[5]}")
+def test_interpreter_gemm1_split_k(case, gemv_calls):
+    """gemm1.SPLIT_K > 1 against kernel=torch (dropped pairs, bias, both top-k reductions), and equal to the
+    unsplit GEMM1 up to the order of its fp32 sums."""
+    method, params, dtype, read, split, act = case
+    H = 72 if split == 2 and method != "int4_w4a16" else 96
+    x, tw, ids, w13, w2, b13, b2 = make_case(1, 5, 3, H, 64, dtype, True, 0.3, seed=split)
+    if method == "none":
+        ref = oracle_experts(x, tw, ids, w13, w2, act, b13, b2)
+    else:
+        w = quantize(method, w13, w2, b13, b2, **params)
+        ref = TorchExperts().apply(x, tw, ids, w, act).double()
+    outs = []
+    with interpreter():
+        for s, reduce in ((1, "atomic"), (split, "atomic"), (split, "buffer")):
+            cfg = gemv_cfg(8, 32, 8, 32, 2, reduce)
+            cfg["gemm1"]["SPLIT_K"] = s
+            if read:
+                cfg["gemm1"]["int4_read"] = cfg["gemm2"]["int4_read"] = read
+            if method == "none":
+                outs.append(fused_experts(x, tw, ids, w13, w2, b13, b2, act, config=validate_entry(cfg)))
+            else:
+                outs.append(fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, act, method,
+                                                w.w13_scale, w.w2_scale, None, None, w.w13_zero, w.w2_zero,
+                                                config=validate_entry(cfg)))
+    assert len(gemv_calls) == 6
+    for out in outs:
+        assert torch.isfinite(out).all() and rel(out, ref) < TOL[dtype]
+    for out in outs[1:]:
+        assert rel(out, outs[0].double()) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_gemm1_split_k_refuses_what_it_cannot_do():
+    """A split GEMM1 needs fp32 partial sums of the right shape, and does not combine with w8a8's in-kernel
+    activation quantization or mma=true; the tile config allows SPLIT_K only in "gemv" entries."""
+    from composer.kernels.triton.gemv import gemv
+
+    x, tw, ids, w13, w2, _, _ = make_case(1, 4, 2, 64, 32, torch.float32, False, 0.0, seed=1)
+    cfg = gemv_cfg(8, 32, 8, 32, 2)
+    cfg["gemm1"]["SPLIT_K"] = 2
+    with pytest.raises(ValueError, match=r"fp32 partial sums \[2, 2, 64\]"):
+        gemv(x, w13, None, torch.empty(2, 64), ids.view(-1), 2, cfg["gemm1"], gated=True)
+    w = quantize("int8_w8a8", w13, w2)
+    with pytest.raises(ValueError, match="use gemm1.SPLIT_K = 1"):
+        fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", "int8_w8a8", w.w13_scale, w.w2_scale,
+                            config=validate_entry(cfg))
+    with pytest.raises(ValueError, match="gemm1.SPLIT_K must be an integer >= 1, and > 1 only with decode 'gemv'"):
+        validate_entry({"BLOCK_M": 16, "decode": False, "gemm1": {**cfg["gemm1"], "SPLIT_K": 2},
+                        "gemm2": {"BLOCK_N": 16, "BLOCK_K": 16}})
+
+
 MMA_CASES = [  # method, dtype: the swapped-operand GEMV on tensor cores (mma: true)
     ("none", torch.float32), ("none", torch.float16), ("int8_w8a16", torch.float16), ("int8_w8a8", torch.float32),
     ("int8_w8a8", torch.float16),
@@ -285,10 +347,13 @@ def test_gemv_tile_for_int4_groups():
 
 def test_config_validation_of_gemv_entries():
     validate_entry(gemv_cfg(4, 16, 4, 16, 8))
-    bad = gemv_cfg()
-    bad["gemm1"] = {**bad["gemm1"], "SPLIT_K": 2}
+    split1 = gemv_cfg()
+    split1["gemm1"] = {**split1["gemm1"], "SPLIT_K": 2}  # a GEMM1 GEMV may split K too (partial sums for GEMM2)
+    validate_entry(split1)
+    with pytest.raises(ValueError, match="gemm1.SPLIT_K must be an integer >= 1"):
+        validate_entry({**split1, "gemm1": {**split1["gemm1"], "SPLIT_K": True}})
     with pytest.raises(ValueError, match="gemm1.SPLIT_K"):
-        validate_entry(bad)
+        validate_entry({**split1, "decode": False, "gemm1": {**split1["gemm1"], "BLOCK_N": 16, "BLOCK_K": 16}})
     with pytest.raises(ValueError, match="decode must be"):
         validate_entry({**gemv_cfg(), "decode": "gemm"})
     with pytest.raises(ValueError, match="gemm1.mma applies to decode"):

@@ -8,8 +8,9 @@ A file is named ``E={E},N={I},K={H},device_name={device},dtype={dtype}.json`` (d
      "gemm2": {...}}
 
 ``decode``: false (expert-sorted blocks), true (T = 1: one pair per program, tl.dot), or ``"gemv"`` (T = 1: one
-pair per program, FMA GEMVs in registers, ``gemv.py``; there ``BLOCK_N`` may be as small as 4 and GEMM2 takes
-``SPLIT_K``, the number of programs that share one tile's K range; ``mma: true`` runs the GEMV's products on
+pair per program, FMA GEMVs in registers, ``gemv.py``; there ``BLOCK_N`` may be as small as 4 and both GEMMs take
+``SPLIT_K``, the number of programs that share one tile's K range (GEMM1's then leave fp32 partial sums that GEMM2
+activates as it loads them); ``mma: true`` runs the GEMV's products on
 tensor cores with the weights as the MMA's A operand; ``int4_read``: how the GEMV unpacks int4, one of
 ``"words"``, ``"planes"``, ``"subnormal"``, ``"bytes"``, ``"words_4d"``, gemv.py; ``unroll``: K-loop iterations
 the GEMV unrolls, so one warp has several weight loads in flight; ``loop_stages``: software-pipeline stages of that
@@ -89,9 +90,8 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
         if not isinstance(promote, int) or isinstance(promote, bool) or promote < 1:
             problems.append(f"{g}.fp8_promote must be an integer >= 1 (K tiles per fp32 promotion), got {promote!r}")
         split = sub.get("SPLIT_K", 1)
-        if not isinstance(split, int) or split < 1 or (split > 1 and not (gemv and g == "gemm2")):
-            problems.append(f"{g}.SPLIT_K must be an integer >= 1, and > 1 only for gemm2 with decode 'gemv'; "
-                            f"got {split!r}")
+        if not isinstance(split, int) or isinstance(split, bool) or split < 1 or (split > 1 and not gemv):
+            problems.append(f"{g}.SPLIT_K must be an integer >= 1, and > 1 only with decode 'gemv'; got {split!r}")
         for key in ("tma", "mma"):
             if not isinstance(sub.get(key, False), bool):
                 problems.append(f"{g}.{key} must be true or false, got {sub.get(key)!r}")

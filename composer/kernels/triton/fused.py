@@ -10,7 +10,7 @@ import triton
 from .align import max_blocks, moe_align
 from .configs import fit_smem, get_config, heuristic_config
 from .gemm import ACT_CODES, SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, QuantSpec, gemm1, gemm2, moe_sum
-from .gemv import _pow2_divisor, gemv
+from .gemv import _pow2_divisor, gemm1_parts, gemv
 
 
 @dataclass
@@ -84,13 +84,16 @@ def _decode_gemv(x, r: _Routing, k: int, activation: str, config: dict[str, Any]
         sums = torch.empty(T, H, dtype=torch.float32, device=x.device)
         counters = torch.empty(T * triton.cdiv(H, config["gemm2"]["BLOCK_N"]), dtype=torch.int32, device=x.device)
         epi = (sums, counters, torch.empty_like(x))
-    gemv(x, w13, w13_bias, inter, r.ids, k, config["gemm1"], gated=True, activation_code=ACT_CODES[activation],
-         wq=wq, ws=ws, group=groups[0], a_scale=act_scales[0], w_scale=scales[0], w_zero=zeros[0], aq=aq[0],
-         acc_int8=acc_int8, alpha=SWIGLUOAI_ALPHA, limit=SWIGLUOAI_LIMIT, epilogue=epi)
+    parts = gemm1_parts(config["gemm1"], H, w13, wq, groups[0])
+    if parts > 1:  # GEMM1 split over K leaves fp32 partial (gate, up) sums; GEMM2 activates them as it loads
+        inter = torch.empty(parts, r.ids.numel(), w13.shape[1], dtype=torch.float32, device=x.device)
+    act = dict(activation_code=ACT_CODES[activation], alpha=SWIGLUOAI_ALPHA, limit=SWIGLUOAI_LIMIT)
+    gemv(x, w13, w13_bias, inter, r.ids, k, config["gemm1"], gated=True, wq=wq, ws=ws, group=groups[0],
+         a_scale=act_scales[0], w_scale=scales[0], w_zero=zeros[0], aq=aq[0], acc_int8=acc_int8, epilogue=epi, **act)
     out = epi[0] if epi else _out_buffer(r, x, H)
     gemv(inter, w2, w2_bias, out, r.ids, k, config["gemm2"], gated=False, tw=r.tw, atomic=r.atomic, wq=wq, ws=ws,
          group=groups[1], a_scale=act_scales[1], w_scale=scales[1], w_zero=zeros[1], aq=aq[1], acc_int8=acc_int8,
-         epilogue=epi)
+         epilogue=epi, x_parts=parts if parts > 1 else 0, h_dtype=x.dtype, **act)
     return epi[2] if epi else _reduce(out, r, x, w2.shape[0])
 
 

@@ -49,12 +49,45 @@ def _pow2(E: tl.constexpr):
     return tl.full((), (E + 127) << 23, tl.int32).to(tl.float32, bitcast=True)
 
 
+@lazy_helper
+def _x_load(ptrs, x_row, offs, mask, X_PARTS: tl.constexpr, stride_xp, ACT: tl.constexpr, ALPHA: tl.constexpr,
+            LIMIT: tl.constexpr, RND: tl.constexpr):
+    """The activation values at ``offs`` of the row (fp32). X_PARTS = 0: a plain row, read at ``ptrs`` (= x_row +
+    offs, written out by the caller so that constant offsets fold into the loads). X_PARTS = S (GEMM2 after a GEMM1
+    split over K): S fp32 partial rows of interleaved (gate, up) sums ``stride_xp`` apart are added, activated and
+    rounded to the model dtype (RND: 1 fp16, 2 bf16) here, as GEMM1's epilogue would have done."""
+    if X_PARTS == 0:
+        if mask is None:
+            v = tl.load(ptrs).to(tl.float32)
+        else:
+            v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        if mask is None:
+            g = tl.load(x_row + 2 * offs)
+            u = tl.load(x_row + 2 * offs + 1)
+            for s in tl.static_range(1, X_PARTS):
+                g += tl.load(x_row + s * stride_xp + 2 * offs)
+                u += tl.load(x_row + s * stride_xp + 2 * offs + 1)
+        else:
+            g = tl.load(x_row + 2 * offs, mask=mask, other=0.0)
+            u = tl.load(x_row + 2 * offs + 1, mask=mask, other=0.0)
+            for s in tl.static_range(1, X_PARTS):
+                g += tl.load(x_row + s * stride_xp + 2 * offs, mask=mask, other=0.0)
+                u += tl.load(x_row + s * stride_xp + 2 * offs + 1, mask=mask, other=0.0)
+        v = _activate(g, u, ACT, ALPHA, LIMIT)
+        if RND == 1:
+            v = v.to(tl.float16).to(tl.float32)
+        elif RND == 2:
+            v = v.to(tl.bfloat16).to(tl.float32)
+    return v
+
+
 @lazy_jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, tw_ptr, out_ptr, ids_ptr, as_ptr, ws_ptr, wz_ptr, cnt_ptr, acc_ptr, y_ptr,
     N, K, top_k, num_experts, k_split, zero_numel, cnt_numel, n_tiles_out, arrivals,
     stride_xm, stride_we, stride_wn, stride_be, stride_om,
-    stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
+    stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk, stride_xp,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, ROWS: tl.constexpr, GK: tl.constexpr,
     INT4_MODE: tl.constexpr, MMA: tl.constexpr, ACC_INT: tl.constexpr, PRECISION: tl.constexpr,
     GATED: tl.constexpr, X_PER_TOKEN: tl.constexpr,
@@ -63,11 +96,13 @@ def _gemv_kernel(
     AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
     AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr, LOOP_STAGES: tl.constexpr, EVEN_K: tl.constexpr,
     FUSE_EPI: tl.constexpr, ZBLOCK: tl.constexpr, SUB_X: tl.constexpr,
+    X_PARTS: tl.constexpr, RND: tl.constexpr, PARTS_OUT: tl.constexpr,
 ):
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
-    if FUSE_EPI and GATED:  # GEMM1 zeroes GEMM2's fp32 sums and arrival counters (GEMM2 runs after it)
+    if FUSE_EPI and GATED:  # GEMM1 zeroes GEMM2's fp32 sums and arrival counters (GEMM2 runs after it; a GEMM1
+        # split over K has each split write the same zeros)
         nprog = tl.num_programs(0) * tl.num_programs(1)
         lin = pair * tl.num_programs(1) + pid_n
         zc = (zero_numel + nprog - 1) // nprog
@@ -164,9 +199,9 @@ def _gemv_kernel(
             sxv = tl.full((BLOCK_K // 8,), 0.0, tl.float32)
             for m in tl.static_range(8):
                 if EVEN_K:
-                    xm = tl.load(x_row + ke + m).to(tl.float32)
+                    xm = _x_load(x_row + ke + m, x_row, ke + m, None, X_PARTS, stride_xp, ACT, ALPHA, LIMIT, RND)
                 else:
-                    xm = tl.load(x_row + ke + m, mask=k_ok, other=0.0).to(tl.float32)
+                    xm = _x_load(x_row + ke + m, x_row, ke + m, k_ok, X_PARTS, stride_xp, ACT, ALPHA, LIMIT, RND)
                 j = m % 4
                 if m < 4:
                     t = wu & (0xF << (4 * j))
@@ -195,7 +230,7 @@ def _gemv_kernel(
             p2 = tl.full((ROWS, BLOCK_K // 8), 0.0, tl.float32)
             sxv = tl.full((BLOCK_K // 8,), 0.0, tl.float32)
             for m in tl.static_range(8):  # nibble m of every word: elements ke + m
-                xm = tl.load(x_row + ke + m, mask=k_ok, other=0.0).to(tl.float32)
+                xm = _x_load(x_row + ke + m, x_row, ke + m, k_ok, X_PARTS, stride_xp, ACT, ALPHA, LIMIT, RND)
                 # nibble m (bits 4m..4m+3) moved to mantissa bits 19..22 in one shift, masked and OR-ed with 1.0f
                 # (one LOP3): 1 + q / 16
                 if 4 * m <= 19:
@@ -228,8 +263,8 @@ def _gemv_kernel(
             if INT4_MODE == 0:
                 ke = k0 + 2 * kb  # element index of each byte's low nibble
                 k_ok = ke < k_hi
-                xe = tl.load(x_row + ke, mask=k_ok, other=0.0).to(tl.float32)
-                xo = tl.load(x_row + ke + 1, mask=k_ok, other=0.0).to(tl.float32)
+                xe = _x_load(x_row + ke, x_row, ke, k_ok, X_PARTS, stride_xp, ACT, ALPHA, LIMIT, RND)
+                xo = _x_load(x_row + ke + 1, x_row, ke + 1, k_ok, X_PARTS, stride_xp, ACT, ALPHA, LIMIT, RND)
                 wb = tl.load(w_ptrs + k0 // 2, mask=k_ok[None, :, :], other=0).to(tl.int32)
                 f_lo = (((wb << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q_lo / 16
                 f_hi = (((wb << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q_hi / 16
@@ -238,7 +273,7 @@ def _gemv_kernel(
             else:
                 ke = k0 + 8 * ku
                 kx = ke[:, :, None] + tl.arange(0, 8)[None, None, :]  # [NG, GK/8, 8], contiguous along K
-                xv = tl.load(x_row + kx, mask=kx < k_hi, other=0.0).to(tl.float32)
+                xv = _x_load(x_row + kx, x_row, kx, kx < k_hi, X_PARTS, stride_xp, ACT, ALPHA, LIMIT, RND)
                 wu = tl.load(w_ptrs + k0 // 8, mask=(ke < k_hi)[None, :, :], other=0)
                 q = (wu[:, :, :, None] >> shifts[None, None, None, :]) & 0xF
                 f = ((q << 19) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q / 16
@@ -268,7 +303,7 @@ def _gemv_kernel(
                 acc2 = tl.full((ROWS, 16), 0.0, tl.float32)
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL):
             k_ok = k0 + offs_k < k_hi
-            xv = tl.load(x_row + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            xv = _x_load(x_row + k0 + offs_k, x_row, k0 + offs_k, k_ok, X_PARTS, stride_xp, ACT, ALPHA, LIMIT, RND)
             if AQ != 0:  # quantize the activations (quant_rows: x / scale, clamp, int8: round half to even)
                 xv = _quant_act(xv, a_scale + offs_k * 0.0, QMAX, AQ_INT8, RNE)
                 if not AQ_INT8:
@@ -301,11 +336,15 @@ def _gemv_kernel(
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + expert.to(tl.int64) * stride_be + ch).to(tl.float32)
-        if GATED:
+        if GATED and not PARTS_OUT:
             acc += bias
         else:
             acc += tl.where(pid_s == 0, bias, 0.0)  # once, by the first K split
-    if GATED:
+    if PARTS_OUT:  # GEMM1 split over K: this split's fp32 (gate, up) sums, interleaved; GEMM2 activates on load
+        offs_p = pid_n * ROWS + r
+        tl.store(out_ptr + pid_s.to(tl.int64) * stride_xp + pair.to(tl.int64) * stride_om + offs_p, acc,
+                 mask=n < N)
+    elif GATED:
         g, u = tl.split(tl.reshape(acc, (BLOCK_N, 2)))
         h = _activate(g, u, ACT, ALPHA, LIMIT)
         offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -366,29 +405,8 @@ def gemv_tile(g: dict[str, Any], wq: int, group: int) -> tuple[int, int]:
     return gk, 1
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, ids_flat: torch.Tensor,
-         top_k: int, cfg: dict[str, Any], *, gated: bool, activation_code: int = 0, tw: torch.Tensor | None = None,
-         atomic: bool = True, wq: int = 0, ws: int = 1, group: int = 1, a_scale: torch.Tensor | None = None,
-         w_scale: torch.Tensor | None = None, w_zero: torch.Tensor | None = None, aq: int = 0,
-         acc_int8: bool = False, alpha: float = 1.702, limit: float = 7.0,
-         epilogue: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> Any:
-    """One GEMM of the decode path as GEMVs. ``gated``: GEMM1 (``out[P, N]`` in the model dtype, activation
-    applied); otherwise GEMM2 (``out`` fp32 ``[T, H]`` with ``atomic``, else the per-pair buffer ``[P, H]``).
-
-    ``epilogue = (sums, counters, y)`` fuses the top-k epilogue into the two launches: GEMM1 zeroes the fp32
-    ``sums [T, H]`` and the int32 ``counters [T, cdiv(H, gemm2 BLOCK_N)]``; GEMM2 (``out`` = ``sums``) adds into
-    them atomically and the last program to arrive at a (token, tile) writes ``y`` in the model dtype, so no
-    memset and no cast launch remain. Returns Triton's launch handle (``n_regs``, ``n_spills``, ``asm``)."""
-    P = ids_flat.numel()
-    N = w.shape[1] // 2 if gated else w.shape[1]
-    K = x.shape[1]
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if w.stride(2) != 1:
-        raise ValueError("the GEMV decode path reads weight rows contiguous along K")
-    if bias is not None and bias.stride(1) != 1:
-        bias = bias.contiguous()
-    bn = cfg["BLOCK_N"]
+def _read_mode(cfg: dict[str, Any], wq: int, group: int, w: torch.Tensor) -> tuple[int, int, int]:
+    """(INT4_MODE, BLOCK_K, NG) of a GEMV launch: how int4 is read (gemv.INT4_READS) and the K tile it reads."""
     bk, ng = gemv_tile(cfg, wq, group)
     mode = (INT4_READS[cfg["int4_read"]] if "int4_read" in cfg else INT4_MODE) if wq == 2 else 0
     if mode >= 3 and group % 8:
@@ -399,15 +417,75 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         bk, ng = bk // ng, 1  # the tile inside one group
     if mode and ((bk // ng) % 8 or w.shape[2] % 4 or not w.is_contiguous() or w.data_ptr() % 4):
         mode, (bk, ng) = 0, gemv_tile(cfg, wq, group)  # words need whole words per group slice, 4-byte aligned rows
+    return mode, bk, ng
+
+
+def _k_split(K: int, split: int, bk: int) -> tuple[int, int]:
+    """(K per split, number of splits): ranges of whole K tiles, so fewer than asked where K is short."""
+    k_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
+    return k_split, triton.cdiv(K, k_split)
+
+
+def gemm1_parts(cfg: dict[str, Any], K: int, w13: torch.Tensor, wq: int = 0, group: int = 1) -> int:
+    """How many fp32 partial rows per pair a GEMM1 GEMV with ``SPLIT_K`` leaves (1: not split, the activation is
+    applied in its epilogue). GEMM2 adds them up and applies the activation where it loads its input."""
+    split = max(1, int(cfg.get("SPLIT_K", 1)))
+    return 1 if split == 1 else _k_split(K, split, _read_mode(cfg, wq, group, w13)[1])[1]
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, ids_flat: torch.Tensor,
+         top_k: int, cfg: dict[str, Any], *, gated: bool, activation_code: int = 0, tw: torch.Tensor | None = None,
+         atomic: bool = True, wq: int = 0, ws: int = 1, group: int = 1, a_scale: torch.Tensor | None = None,
+         w_scale: torch.Tensor | None = None, w_zero: torch.Tensor | None = None, aq: int = 0,
+         acc_int8: bool = False, alpha: float = 1.702, limit: float = 7.0,
+         epilogue: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, x_parts: int = 0,
+         h_dtype: torch.dtype | None = None) -> Any:
+    """One GEMM of the decode path as GEMVs. ``gated``: GEMM1 (``out[P, N]`` in the model dtype, activation
+    applied); otherwise GEMM2 (``out`` fp32 ``[T, H]`` with ``atomic``, else the per-pair buffer ``[P, H]``).
+
+    ``epilogue = (sums, counters, y)`` fuses the top-k epilogue into the two launches: GEMM1 zeroes the fp32
+    ``sums [T, H]`` and the int32 ``counters [T, cdiv(H, gemm2 BLOCK_N)]``; GEMM2 (``out`` = ``sums``) adds into
+    them atomically and the last program to arrive at a (token, tile) writes ``y`` in the model dtype, so no
+    memset and no cast launch remain.
+
+    ``SPLIT_K`` > 1 in GEMM1's tile: ``out`` is fp32 ``[S, P, 2N]`` (S from ``gemm1_parts``), each K split's
+    (gate, up) sums interleaved, no activation; GEMM2 then takes ``x_parts=S`` with ``x`` = those sums and
+    ``h_dtype`` = the model dtype, adds the parts, applies the activation and rounds to ``h_dtype`` as it loads.
+    Returns Triton's launch handle (``n_regs``, ``n_spills``, ``asm``)."""
+    P = ids_flat.numel()
+    N = w.shape[1] // 2 if gated else w.shape[1]
+    stride_xp = out.stride(0) if gated and out.dim() == 3 else 0
+    if x_parts:  # GEMM2 on GEMM1's fp32 partial sums [S, P, 2K]: activated where loaded
+        if gated or x.dim() != 3 or x.shape[0] != x_parts or x.dtype != torch.float32 or x.stride(2) != 1:
+            raise ValueError(f"x_parts={x_parts} needs GEMM2 on fp32 partial sums [{x_parts}, P, 2K], got "
+                             f"{x.dtype} {tuple(x.shape)}")
+        stride_xp, x = x.stride(0), x[0]
+        K = x.shape[1] // 2
+    else:
+        K = x.shape[1]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if w.stride(2) != 1:
+        raise ValueError("the GEMV decode path reads weight rows contiguous along K")
+    if bias is not None and bias.stride(1) != 1:
+        bias = bias.contiguous()
+    bn = cfg["BLOCK_N"]
+    mode, bk, ng = _read_mode(cfg, wq, group, w)
     if mode:
         w = w.view(torch.int32)
     mma = bool(cfg.get("mma", False)) and wq != 2  # (int4 keeps the FMA GEMV)
     if mma and (2 * bn if gated else bn) < 16 or mma and bk < 32:
         raise ValueError(f"a GEMV with mma=true needs at least 16 rows (gemm1: BLOCK_N >= 8, gemm2: BLOCK_N >= 16) "
                          f"and BLOCK_K >= 32, got BLOCK_N={bn}, BLOCK_K={bk}")
-    split = max(1, int(cfg.get("SPLIT_K", 1))) if (not gated and atomic) else 1
-    k_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
-    split = triton.cdiv(K, k_split)
+    split = max(1, int(cfg.get("SPLIT_K", 1))) if (gated or atomic) else 1
+    k_split, split = _k_split(K, split, bk)
+    parts_out = gated and split > 1
+    if parts_out and (out.dim() != 3 or tuple(out.shape) != (split, P, 2 * N) or out.dtype != torch.float32):
+        raise ValueError(f"a GEMM1 GEMV split {split} ways over K writes fp32 partial sums [{split}, {P}, {2 * N}] "
+                         f"(gemm1_parts tells the count), got {out.dtype} {tuple(out.shape)}")
+    if (parts_out or x_parts) and (aq or mma):
+        raise ValueError("gemm1.SPLIT_K > 1 (GEMM2 activating GEMM1's partial sums) does not combine with "
+                         "activations quantized in the kernel (w8a8) or mma=true; use gemm1.SPLIT_K = 1")
     fb = w
     wss = list(w_scale.stride()) + [0] * 3 if w_scale is not None else [0, 0, 0]
     wzs = list(w_zero.stride()) + [0] * 3 if w_zero is not None else [0, 0, 0]
@@ -422,13 +500,16 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         w_zero if w_zero is not None else fb, counters, sums, y,
         N, K, top_k, w.shape[0], k_split, sums.numel() if fuse else 0, counters.numel() if fuse else 0, grid[1],
         top_k * split,
-        x.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0, out.stride(0),
-        wss[0], wss[1], wss[2], wzs[0], wzs[1], wzs[2],
+        x.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0,
+        out.stride(1) if parts_out else out.stride(0),
+        wss[0], wss[1], wss[2], wzs[0], wzs[1], wzs[2], stride_xp,
         BLOCK_N=bn, BLOCK_K=bk, NG=ng, ROWS=2 * bn if gated else bn, GK=bk // ng, INT4_MODE=mode, MMA=mma, ACC_INT=mma and wq == 3 and acc_int8,
         PRECISION="ieee" if x.dtype == torch.float32 else None, GATED=gated, X_PER_TOKEN=gated, ACT=activation_code,
         HAS_BIAS=bias is not None, ALPHA=alpha, LIMIT=limit, ATOMIC=atomic,
         WQ=wq, WS=ws, QBK=group, HAS_ZERO=w_zero is not None,
         **aq_meta(aq, acc_int8, K), UNROLL=int(cfg.get("unroll", 1)), LOOP_STAGES=cfg.get("loop_stages"),
         EVEN_K=GEMV_EVEN_K and K % bk == 0, FUSE_EPI=fuse, ZBLOCK=256, SUB_X=SUBNORMAL_X_EXP,
+        X_PARTS=x_parts, PARTS_OUT=parts_out,
+        RND={torch.float16: 1, torch.bfloat16: 2}.get(h_dtype, 0) if x_parts else 0,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )
