@@ -511,3 +511,31 @@ def test_stream_probe_reads_every_word(rot, stages):
         spec.loader.exec_module(sp)  # (a plain @triton.jit kernel is interpreted if defined under the interpreter)
         sp._stream[(2,)](w, out, 64, w.stride(0), ROWS=4, WORDS=16, ROT=rot, STAGES=stages)
     assert torch.equal(out, w[:, :64].sum(1).to(torch.int32))
+
+
+@gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_gemm1_split_k(dtype):
+    """gemm1.SPLIT_K 2 and 4 on the GPU (bf16 included, which the interpreter cannot check): int4 subnormal and
+    unquantized, both reductions, against kernel=torch / the oracle and the unsplit GEMM1."""
+    x, tw, ids, w13, w2, b13, b2 = make_case(1, 8, 4, 512, 256, dtype, True, 0.2, seed=7, device="cuda")
+    w = quantize("int4_w4a16", w13, w2, b13, b2, group_size=128)
+    refs = {"int4_w4a16": TorchExperts().apply(x, tw, ids, w, "silu").double(),
+            "none": oracle_experts(x, tw, ids, w13, w2, "silu", b13, b2)}
+    with interpreter(False):
+        for method, ref in refs.items():
+            outs = []
+            for split in (1, 2, 4):
+                for reduce in ("atomic", "buffer"):
+                    cfg = gemv_cfg(16, 128, 32, 128, 2, reduce)
+                    cfg["gemm1"]["SPLIT_K"] = split
+                    if method == "none":
+                        outs.append(fused_experts(x, tw, ids, w13, w2, b13, b2, "silu", config=validate_entry(cfg)))
+                        continue
+                    cfg["gemm1"]["int4_read"] = cfg["gemm2"]["int4_read"] = "subnormal"
+                    outs.append(fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", method,
+                                                    w.w13_scale, w.w2_scale, config=validate_entry(cfg)))
+            for out in outs:
+                assert torch.isfinite(out).all() and rel(out, ref) < 1e-2, (method, rel(out, ref))
+                assert rel(out, outs[0].double()) < 1e-2, method
