@@ -141,7 +141,16 @@ def _gemv_kernel(
     ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
 
     if AQ != 0:  # FUSED_AQ: the row's quantization scale (amax pass over the whole row, or static)
-        a_scale = _row_quant_scale(x_row, K, 1, as_ptr, AMAX_BLOCK, AQ, QMAX, EPS)
+        if X_PARTS == 0 or AQ == 2:
+            a_scale = _row_quant_scale(x_row, K, 1, as_ptr, AMAX_BLOCK, AQ, QMAX, EPS)
+        else:  # the amax of the activated row, built from GEMM1's partial sums as the K loop will load it
+            offs_a = tl.arange(0, AMAX_BLOCK)
+            amax = tl.full((AMAX_BLOCK,), 0.0, tl.float32)
+            for a0 in range(0, K, AMAX_BLOCK):
+                v = _x_load(x_row + a0 + offs_a, x_row, a0 + offs_a, a0 + offs_a < K, X_PARTS, stride_xp, ACT, ALPHA,
+                            LIMIT, RND)
+                amax = tl.maximum(amax, tl.abs(v))
+            a_scale = tl.maximum(tl.reduce(amax, 0, tl.standard._elementwise_max), EPS) / QMAX
 
     if WQ == 2 and HAS_ZERO:  # int4 zero points, packed two per byte along the channel dim
         z_ptrs = wz_ptr + expert.to(tl.int64) * stride_wze + (ch // 2) * stride_wzn
@@ -350,7 +359,9 @@ def _gemv_kernel(
         offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         tl.store(out_ptr + pair.to(tl.int64) * stride_om + offs, h.to(out_ptr.dtype.element_ty), mask=offs < N)
     else:
-        acc = acc * tl.where(live, tl.load(tw_ptr + pair), 0.0)
+        # a dropped pair adds exact zeros: its row of the intermediate was never written (its garbage may reach acc
+        # through w8a8's amax pass even though its K loop is empty, and 0 * inf is NaN)
+        acc = tl.where(live, acc * tl.load(tw_ptr + pair), 0.0)
         if ATOMIC:
             token = (pair // top_k).to(tl.int64)
             o_ptrs = out_ptr + token * stride_om + n
@@ -483,9 +494,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
     if parts_out and (out.dim() != 3 or tuple(out.shape) != (split, P, 2 * N) or out.dtype != torch.float32):
         raise ValueError(f"a GEMM1 GEMV split {split} ways over K writes fp32 partial sums [{split}, {P}, {2 * N}] "
                          f"(gemm1_parts tells the count), got {out.dtype} {tuple(out.shape)}")
-    if (parts_out or x_parts) and (aq or mma):
-        raise ValueError("gemm1.SPLIT_K > 1 (GEMM2 activating GEMM1's partial sums) does not combine with "
-                         "activations quantized in the kernel (w8a8) or mma=true; use gemm1.SPLIT_K = 1")
+    if x_parts and mma and wq != 3:
+        raise ValueError("gemm1.SPLIT_K > 1 (GEMM2 activating GEMM1's partial sums) combines with gemm2.mma=true "
+                         "only for w8a8 methods; use gemm1.SPLIT_K = 1 or gemm2.mma = false")
     fb = w
     wss = list(w_scale.stride()) + [0] * 3 if w_scale is not None else [0, 0, 0]
     wzs = list(w_zero.stride()) + [0] * 3 if w_zero is not None else [0, 0, 0]
