@@ -85,6 +85,9 @@ def _decode_gemv(x, r: _Routing, k: int, activation: str, config: dict[str, Any]
         counters = torch.empty(T * triton.cdiv(H, config["gemm2"]["BLOCK_N"]), dtype=torch.int32, device=x.device)
         epi = (sums, counters, torch.empty_like(x))
     parts = gemm1_parts(config["gemm1"], H, w13, wq, groups[0])
+    if parts > 1 and config["gemm2"].get("mma") and wq not in (2, 3):  # (before any launch; int4 ignores mma)
+        raise ValueError("gemm1.SPLIT_K > 1 (GEMM2 activating GEMM1's partial sums) combines with gemm2.mma=true "
+                         "only for w8a8 methods; use gemm1.SPLIT_K = 1 or gemm2.mma = false")
     if parts > 1:  # GEMM1 split over K leaves fp32 partial (gate, up) sums; GEMM2 activates them as it loads
         inter = torch.empty(parts, r.ids.numel(), w13.shape[1], dtype=torch.float32, device=x.device)
     act = dict(activation_code=ACT_CODES[activation], alpha=SWIGLUOAI_ALPHA, limit=SWIGLUOAI_LIMIT)

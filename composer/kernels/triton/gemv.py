@@ -494,9 +494,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
     if parts_out and (out.dim() != 3 or tuple(out.shape) != (split, P, 2 * N) or out.dtype != torch.float32):
         raise ValueError(f"a GEMM1 GEMV split {split} ways over K writes fp32 partial sums [{split}, {P}, {2 * N}] "
                          f"(gemm1_parts tells the count), got {out.dtype} {tuple(out.shape)}")
-    if x_parts and mma and wq != 3:
-        raise ValueError("gemm1.SPLIT_K > 1 (GEMM2 activating GEMM1's partial sums) combines with gemm2.mma=true "
-                         "only for w8a8 methods; use gemm1.SPLIT_K = 1 or gemm2.mma = false")
     fb = w
     wss = list(w_scale.stride()) + [0] * 3 if w_scale is not None else [0, 0, 0]
     wzs = list(w_zero.stride()) + [0] * 3 if w_zero is not None else [0, 0, 0]
