@@ -63,17 +63,14 @@ def _x_load(ptrs, x_row, offs, mask, X_PARTS: tl.constexpr, stride_xp, ACT: tl.c
             v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     else:
         if mask is None:
-            g = tl.load(x_row + 2 * offs)
-            u = tl.load(x_row + 2 * offs + 1)
-            for s in tl.static_range(1, X_PARTS):
-                g += tl.load(x_row + s * stride_xp + 2 * offs)
-                u += tl.load(x_row + s * stride_xp + 2 * offs + 1)
+            ok = offs >= 0  # (all true: one masked load form serves both callers)
         else:
-            g = tl.load(x_row + 2 * offs, mask=mask, other=0.0)
-            u = tl.load(x_row + 2 * offs + 1, mask=mask, other=0.0)
-            for s in tl.static_range(1, X_PARTS):
-                g += tl.load(x_row + s * stride_xp + 2 * offs, mask=mask, other=0.0)
-                u += tl.load(x_row + s * stride_xp + 2 * offs + 1, mask=mask, other=0.0)
+            ok = mask
+        g = tl.full(offs.shape, 0.0, tl.float32)
+        u = tl.full(offs.shape, 0.0, tl.float32)
+        for s in tl.static_range(X_PARTS):
+            g += tl.load(x_row + s * stride_xp + 2 * offs, mask=ok, other=0.0)
+            u += tl.load(x_row + s * stride_xp + 2 * offs + 1, mask=ok, other=0.0)
         v = _activate(g, u, ACT, ALPHA, LIMIT)
         if RND == 1:
             v = v.to(tl.float16).to(tl.float32)
