@@ -58,11 +58,12 @@ def merge(base: dict, variant: dict) -> dict:
 
 def write_table(out_dir: str, method: str, E: int, I: int, H: int, best: tuple) -> str:
     """The shipped table of ``method`` for this shape with ``best`` as its T = 1 entry, written into out_dir."""
-    from composer.kernels.triton.configs import PACKAGE_DIR, config_file_name, device_name
+    from composer.kernels.triton.configs import config_file_name, device_capability, device_name, tuned_table
 
     name = config_file_name(E, I, H, device_name(), method)
-    src = PACKAGE_DIR / name
-    table = json.loads(src.read_text()) if src.is_file() else {}
+    src = tuned_table(E, I, H, device_name(), method, device_capability())  # ours, else a same-capability GPU's
+    table = json.loads(Path(src[0]).read_text()) if src else {}
+    table["_capability"] = device_capability()
     us, label, cfg = best
     table["1"] = {**{k: v for k, v in cfg.items() if k not in ("source", "_us")}, "_us": round(us, 1)}
     table["_note"] = (table.get("_note", "") + f" T=1: {label} picked by scripts/decode_probe.py on one "

@@ -189,6 +189,40 @@ def test_config_dir_env_override(tmp_path, monkeypatch):
     assert cfgs.get_config(3, 4, 24, 40, 2, torch.float32, "cpu")["source"] == "heuristic"
 
 
+def test_config_file_of_a_same_capability_gpu_is_borrowed(tmp_path, monkeypatch):
+    def write(device, bn1, capability=None):  # gemm1.BLOCK_N tells the files apart
+        table = {"1": tiny_config(False, "atomic", bn1, 16, 16, 32)}
+        if capability:
+            table["_capability"] = capability
+        (tmp_path / cfgs.config_file_name(4, 24, 40, device, "float16")).write_text(json.dumps(table))
+
+    write("GPU_A", 16, "9.0")
+    write("GPU_B", 32, "8.0")
+    write("GPU_OLD", 64)  # tuned before files said their capability: only its own GPU uses it
+    monkeypatch.setenv(cfgs.ENV_VAR, str(tmp_path))
+
+    def config(device, capability):
+        monkeypatch.setattr(cfgs, "device_name", lambda d=None: device)
+        monkeypatch.setattr(cfgs, "device_capability", lambda d=None: capability)
+        return cfgs.get_config(1, 4, 24, 40, 2, torch.float16, "cpu")
+
+    c = config("GPU_H", "9.0")
+    assert c["gemm1"]["BLOCK_N"] == 16 and "device_name=GPU_A," in c["source"]
+    c = config("GPU_C", "8.0")
+    assert c["gemm1"]["BLOCK_N"] == 32 and "device_name=GPU_B," in c["source"]
+    assert config("GPU_D", "8.9")["source"] == "heuristic"  # no file of that capability
+    assert config("GPU_E", None)["source"] == "heuristic"  # off CUDA: no capability, no borrowed file
+    c = config("GPU_OLD", "9.0")
+    assert c["gemm1"]["BLOCK_N"] == 64 and "device_name=GPU_OLD," in c["source"]  # a GPU's own file comes first
+    # the shipped tables say they were tuned on sm_90, so an H200 runs the H100's tiles
+    monkeypatch.delenv(cfgs.ENV_VAR)
+    monkeypatch.setattr(cfgs, "device_name", lambda d=None: "NVIDIA_H200")
+    monkeypatch.setattr(cfgs, "device_capability", lambda d=None: "9.0")
+    for dtype in (torch.bfloat16, "fp8_w8a8", "int4_w4a16"):
+        c = cfgs.get_config(1, 8, 14336, 4096, 2, dtype, "cpu")
+        assert "device_name=NVIDIA_H100_80GB_HBM3," in c["source"], (dtype, c["source"])
+
+
 def test_bad_config_file_names_the_problem(tmp_path, monkeypatch):
     name = cfgs.config_file_name(2, 8, 16, cfgs.device_name("cpu"), "float16")
     (tmp_path / name).write_text(json.dumps({"1": {"BLOCK_M": 24, "gemm1": {"BLOCK_N": 16, "BLOCK_K": 16}}}))

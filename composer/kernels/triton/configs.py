@@ -21,6 +21,11 @@ accumulated in the tensor core between additions to the fp32 accumulator (defaul
 For a run with T tokens the entry with the nearest key is used (as vLLM does). Folders searched, first
 match wins: ``$COMPOSER_KERNEL_CONFIGS`` (a folder, or several joined by ``:``), folders added with
 ``add_config_dir`` (the ``kernel.config_dir`` key), then the files shipped in ``composer/kernels/configs``.
+
+A GPU with no file of its own name takes a file tuned on another GPU of the same compute capability (the file's
+``"_capability"`` key, e.g. ``"9.0"``, which ``task=tune`` writes): the same shared memory, registers and
+instructions, so every tile is valid, and on an H200 an H100's tiles start far closer than the heuristic. The
+config's ``source`` names the file, so a bench table shows which GPU's tiles ran; tune your own GPU to do better.
 """
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ def add_config_dir(path: str | os.PathLike) -> None:
     p = Path(path)
     if p not in _extra_dirs:
         _extra_dirs.append(p)
-        _load_file.cache_clear()
+        clear_cache()
 
 
 def config_dirs() -> list[Path]:
@@ -61,6 +66,15 @@ def device_name(device: Any = None) -> str:
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         return torch.cuda.get_device_name(device).replace(" ", "_")
     return "cpu"
+
+
+def device_capability(device: Any = None) -> str | None:
+    """``"major.minor"`` of a CUDA device (the ``_capability`` of the tables tuned on it); None off CUDA."""
+    import torch
+
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        return "{}.{}".format(*torch.cuda.get_device_capability(device))
+    return None
 
 
 def config_file_name(E: int, N: int, K: int, device: str, dtype: str) -> str:
@@ -130,8 +144,26 @@ def _load_file(name: str, dirs: tuple[Path, ...]) -> tuple[str, dict[int, dict[s
     return None
 
 
-def tuned_table(E: int, N: int, K: int, device: str, dtype: str) -> tuple[str, dict[int, dict[str, Any]]] | None:
-    return _load_file(config_file_name(E, N, K, device, dtype), tuple(config_dirs()))
+@functools.lru_cache(maxsize=None)
+def _same_capability_file(E: int, N: int, K: int, dtype: str, capability: str,
+                          dirs: tuple[Path, ...]) -> tuple[str, dict[int, dict[str, Any]]] | None:
+    """The first file (folder order, then name) for this shape and dtype whose ``_capability`` is ours."""
+    pattern = config_file_name(E, N, K, "*", dtype)
+    for d in dirs:
+        for f in sorted(d.glob(pattern)) if d.is_dir() else ():
+            if str(json.loads(f.read_text()).get("_capability")) == capability:
+                return _load_file(f.name, (d,))
+    return None
+
+
+def tuned_table(E: int, N: int, K: int, device: str, dtype: str,
+                capability: str | None = None) -> tuple[str, dict[int, dict[str, Any]]] | None:
+    """The file tuned on ``device``, else (given ``capability``) one tuned on a GPU of that capability."""
+    dirs = tuple(config_dirs())
+    found = _load_file(config_file_name(E, N, K, device, dtype), dirs)
+    if found is None and capability is not None:
+        found = _same_capability_file(E, N, K, dtype, capability, dirs)
+    return found
 
 
 def heuristic_config(T: int, E: int, N: int, K: int, top_k: int) -> dict[str, Any]:
@@ -159,13 +191,16 @@ def heuristic_config(T: int, E: int, N: int, K: int, top_k: int) -> dict[str, An
 
 def get_config(T: int, E: int, N: int, K: int, top_k: int, dtype: Any, device: Any = None) -> dict[str, Any]:
     """The tile config for T tokens: the nearest tuned entry if a file matches, else the heuristic."""
-    return _get_config(T, E, N, K, top_k, dtype_name(dtype), device_name(device), tuple(config_dirs()))
+    return _get_config(T, E, N, K, top_k, dtype_name(dtype), device_name(device), device_capability(device),
+                       tuple(config_dirs()))
 
 
 @functools.lru_cache(maxsize=4096)
-def _get_config(T: int, E: int, N: int, K: int, top_k: int, dtype: str, device: str,
+def _get_config(T: int, E: int, N: int, K: int, top_k: int, dtype: str, device: str, capability: str | None,
                 dirs: tuple[Path, ...]) -> dict[str, Any]:
     found = _load_file(config_file_name(E, N, K, device, dtype), dirs)
+    if found is None and capability is not None:
+        found = _same_capability_file(E, N, K, dtype, capability, dirs)
     if found and found[1]:
         table = found[1]
         key = min(table, key=lambda m: abs(m - T))
@@ -210,4 +245,5 @@ def fit_smem(cfg: dict[str, Any], elt: int, limit: int = SMEM_LIMIT) -> dict[str
 
 def clear_cache() -> None:
     _load_file.cache_clear()
+    _same_capability_file.cache_clear()
     _get_config.cache_clear()

@@ -145,7 +145,9 @@ def tune_shape(E: int, k: int, H: int, I: int, dtype: torch.dtype, tokens: list[
     for e in range(E):
         w13[e] = (torch.randn(2 * I, H, device=dev, generator=gen) * H ** -0.5).to(dtype)
         w2[e] = (torch.randn(H, I, device=dev, generator=gen) * I ** -0.5).to(dtype)
-    table: dict[str, Any] = {}
+    from .configs import device_capability
+
+    table: dict[str, Any] = {"_capability": device_capability()}  # lets GPUs of this capability use the file
     for T in tokens:
         entry, total = tune_tokens(T, E, k, H, I, w13, w2, activation, rep_ms, gen, log, tma)
         table[str(T)] = {**entry, "_us": round(total * 1e3, 1)}
@@ -170,6 +172,8 @@ def merge_tables(new_dir: str, base_dir: str, out_dir: str) -> list[str]:
         base_file = Path(base_dir) / f.name
         cur = json.loads(base_file.read_text()) if base_file.exists() else {}
         for T, e in new.items():
+            if T == "_capability":
+                cur[T] = e
             if T.startswith("_"):
                 continue
             if T not in cur or e.get("_us", 1e18) < cur[T].get("_us", 1e18):
@@ -318,9 +322,10 @@ def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]]
     (``methods=("int4_w4a16",)`` retunes one method; scripts/quant_gpu_bench.sh does that with TUNE=...)."""
     import json
     import os
+    from pathlib import Path
 
     from ...tasks.bench import Shape, make_weights, quantize_weights
-    from .configs import PACKAGE_DIR, config_file_name, device_name, get_config
+    from .configs import config_file_name, device_capability, device_name, get_config, tuned_table
     from .fused import w8a8_tiles
 
     os.makedirs(out_dir, exist_ok=True)
@@ -350,9 +355,10 @@ def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]]
                 f"{method}: T=1 tuned by composer.kernels.triton.tune.tune_quant_decode on one "
                 f"{torch.cuda.get_device_name()} (_us: CUDA-graph median of the whole quantized experts call); "
                 "other T: the bfloat16 table's tiles (w8a8: K tiles of at least 128, fused.w8a8_tiles)")}
-            bf = PACKAGE_DIR / config_file_name(E, I, H, device_name(), "bfloat16")
-            if bf.is_file():
-                for T, e in json.loads(bf.read_text()).items():
+            table["_capability"] = device_capability()
+            bf = tuned_table(E, I, H, device_name(), "bfloat16", device_capability())
+            if bf:
+                for T, e in json.loads(Path(bf[0]).read_text()).items():
                     if not T.startswith("_") and T != "1":
                         e = {kk: v for kk, v in e.items() if kk != "_us"}
                         table[T] = w8a8_tiles(e) if method in ("fp8_w8a8", "int8_w8a8") else e
