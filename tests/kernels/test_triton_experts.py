@@ -214,13 +214,13 @@ def test_config_file_of_a_same_capability_gpu_is_borrowed(tmp_path, monkeypatch)
     assert config("GPU_E", None)["source"] == "heuristic"  # off CUDA: no capability, no borrowed file
     c = config("GPU_OLD", "9.0")
     assert c["gemm1"]["BLOCK_N"] == 64 and "device_name=GPU_OLD," in c["source"]  # a GPU's own file comes first
-    # the shipped tables say they were tuned on sm_90, so an H200 runs the H100's tiles
+    # the shipped tables say they were tuned on sm_90, so an H200 runs the H100's tiles where it has no file of its own
     monkeypatch.delenv(cfgs.ENV_VAR)
     monkeypatch.setattr(cfgs, "device_name", lambda d=None: "NVIDIA_H200")
     monkeypatch.setattr(cfgs, "device_capability", lambda d=None: "9.0")
-    for dtype in (torch.bfloat16, "fp8_w8a8", "int4_w4a16"):
+    for dtype, tuned_on in ((torch.bfloat16, "H100_80GB_HBM3"), ("fp8_w8a8", "H100_80GB_HBM3"), ("int4_w4a16", "H200")):
         c = cfgs.get_config(1, 8, 14336, 4096, 2, dtype, "cpu")
-        assert "device_name=NVIDIA_H100_80GB_HBM3," in c["source"], (dtype, c["source"])
+        assert f"device_name=NVIDIA_{tuned_on}," in c["source"], (dtype, c["source"])
 
 
 def test_bad_config_file_names_the_problem(tmp_path, monkeypatch):
