@@ -28,11 +28,6 @@ def gemv_cfg(g1: dict | None = None, g2: dict | None = None) -> dict:
 
 
 PLANES = {"int4_read": "planes", "unroll": 2}
-# qwen3's T = 4096 tiles (128-row blocks, TMA weights in GEMM2) with the TAIL_M branch in both GEMMs
-TAIL = {"BLOCK_M": 128, "decode": False, "reduce": "buffer",
-        "gemm1": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4, "TAIL_M": 32},
-        "gemm2": {"BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4, "tma": True,
-                  "TAIL_M": 64}}
 CASES = [  # name, T, dtype, method, quant params, config (None: the heuristic / tuned tiles), activation, bias
     ("bf16-gemv", 1, torch.bfloat16, None, {}, gemv_cfg(), "silu", True),
     ("bf16-gemv-mma", 1, torch.bfloat16, None, {}, gemv_cfg({"mma": True}, {"mma": True}), "swigluoai", False),
@@ -55,10 +50,6 @@ CASES = [  # name, T, dtype, method, quant params, config (None: the heuristic /
     ("int4-words_4d", 1, torch.bfloat16, "int4_w4a16", {"group_size": 32}, gemv_cfg({"int4_read": "words_4d"}),
      "silu", False),
     ("int4-grouped", 16, torch.bfloat16, "int4_w4a16", {"group_size": 128, "zero_point": True}, None, "silu", False),
-    ("bf16-grouped-tail", 16, torch.bfloat16, None, {}, TAIL, "silu", False),
-    ("int4-grouped-tail", 16, torch.bfloat16, "int4_w4a16", {"group_size": 128}, TAIL, "silu", False),
-    ("fp8-pc-grouped-tail", 16, torch.bfloat16, "fp8_w8a8", {"granularity": "per_token_channel"},
-     {**TAIL, "gemm1": {**TAIL["gemm1"], "BLOCK_K": 128}, "gemm2": {**TAIL["gemm2"], "BLOCK_K": 128}}, "silu", False),
     ("int8_w8a16-gemv", 1, torch.bfloat16, "int8_w8a16", {}, gemv_cfg(), "silu", False),
     ("int8_w8a8-gemv-mma", 1, torch.bfloat16, "int8_w8a8", {}, gemv_cfg(None, {"mma": True}), "silu", False),
     ("int8_w8a8-grouped", 16, torch.bfloat16, "int8_w8a8", {}, None, "silu", False),

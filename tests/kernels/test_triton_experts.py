@@ -129,39 +129,6 @@ def test_out_of_range_ids_are_skipped(decode, reduce):
     assert torch.isfinite(out).all() and rel(out, ref) < TOL[torch.float32]
 
 
-def tail_routing_ok(ids, E, block_m, tail_m):
-    """Some expert's last block holds 1..tail_m rows (the TAIL_M branch) and some expert's more (the full one)."""
-    n = torch.bincount(ids[ids >= 0].long().flatten(), minlength=E) % block_m
-    return bool(((n > 0) & (n <= tail_m)).any()) and bool(((n == 0) | (n > tail_m)).any())
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("reduce", ["atomic", "buffer"])
-@pytest.mark.parametrize("H,I,drop", [(32, 32, 0.0), (40, 20, 0.2)], ids=["even", "ragged_dropped"])
-def test_tail_m_blocks_match_the_full_blocks(dtype, reduce, H, I, drop):
-    """gemm1/gemm2 TAIL_M: a block with at most TAIL_M valid rows (an expert's last) computes only those rows.
-    Every row must come out as with the full block, and as the oracle has it."""
-    x, tw, ids, w13, w2, b13, b2 = make_case(40, 5, 2, H, I, dtype, True, drop, 1)
-    assert tail_routing_ok(ids, 5, 32, 16)  # both branches run
-    cfg = {**tiny_config(False, reduce, 16, 16, 16, 16), "BLOCK_M": 32}
-    tail = {**cfg, "gemm1": {**cfg["gemm1"], "TAIL_M": 16}, "gemm2": {**cfg["gemm2"], "TAIL_M": 16}}
-    with interpreter():
-        full = fused_experts(x, tw, ids, w13, w2, b13, b2, "silu", config=cfgs.validate_entry(cfg))
-        out = fused_experts(x, tw, ids, w13, w2, b13, b2, "silu", config=cfgs.validate_entry(tail))
-    ref = oracle_experts(x, tw, ids, w13, w2, "silu", b13, b2)
-    assert torch.isfinite(out).all() and rel(out, ref) < TOL[dtype], rel(out, ref)
-    assert rel(out, full.double()) < (1e-6 if dtype == torch.float32 else 1e-3), rel(out, full.double())
-
-
-def test_tail_m_is_checked():
-    cfg = {**tiny_config(False, "atomic", 16, 16, 16, 16), "BLOCK_M": 32}
-    for bad in (32, 8, 24, True):
-        with pytest.raises(ValueError, match="TAIL_M must be a power of two >= 16 and < BLOCK_M"):
-            cfgs.validate_entry({**cfg, "gemm1": {**cfg["gemm1"], "TAIL_M": bad}})
-    with pytest.raises(ValueError, match="decode false"):
-        cfgs.validate_entry({**cfg, "decode": True, "gemm2": {**cfg["gemm2"], "TAIL_M": 16}})
-
-
 def test_unknown_activation():
     x, tw, ids, w13, w2, _, _ = make_case(2, 2, 1, 16, 16, torch.float32, False, 0.0, 1)
     with pytest.raises(ValueError, match="unknown activation"):

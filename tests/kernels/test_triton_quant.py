@@ -185,28 +185,6 @@ def test_interpreter_int4_sorted_blocks_dequantize(zero_point, H, bk):
     assert rel(out, TorchExperts().apply(x, tw, ids, w, "silu").double()) < 1e-3
 
 
-@pytest.mark.parametrize("method,params", CPU_VARIANTS[:4], ids=lambda v: str(v))
-def test_interpreter_tail_m_blocks(method, params):
-    """TAIL_M on quantized weights: an expert's last block with at most TAIL_M rows computes only those rows; the
-    result matches kernel=torch (and the full blocks) as closely as the full blocks do."""
-    from composer.kernels.triton.fused import fused_experts_quant
-
-    x, tw, ids, w13, w2, b13, b2 = make_case(40, 5, 2, 64, 32, torch.float16, True, 0.1, seed=5)
-    n = torch.bincount(ids[ids >= 0].long().flatten(), minlength=5) % 32
-    assert ((n > 0) & (n <= 16)).any() and ((n == 0) | (n > 16)).any()  # both branches run
-    w = quantize(method, w13, w2, b13, b2, **params)
-    ref = TorchExperts().apply(x, tw, ids, w, "silu").double()
-    full = {**_cfg(False), "BLOCK_M": 32}
-    tail = {**full, "gemm1": {**full["gemm1"], "TAIL_M": 16}, "gemm2": {**full["gemm2"], "TAIL_M": 16}}
-    outs = []
-    with interpreter():
-        for cfg in (full, tail):
-            outs.append(fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", method,
-                                            w.w13_scale, w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=cfg))
-    tol = (TOL_W8A8 if method == "int8_w8a8" else TOL)[torch.float16]
-    assert rel(outs[1], ref) < tol and rel(outs[1], outs[0].double()) < tol
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_interpreter_fused_activation_quant_matches_quant_rows(dtype):
     """Decode (one pair per program) quantizes each activation row inside the GEMMs (FUSED_AQ); the result must

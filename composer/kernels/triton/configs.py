@@ -40,7 +40,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "configs"
 _extra_dirs: list[Path] = []
 
 GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma", "SPLIT_K", "mma", "fp8_promote",
-             "int4_read", "unroll", "loop_stages", "TAIL_M")
+             "int4_read", "unroll", "loop_stages")
 INT4_READ_NAMES = ("bytes", "words_4d", "words", "planes", "subnormal")  # gemv.INT4_READS: their codes in this order
 
 
@@ -120,11 +120,6 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
                 or ("loop_stages" in sub and not gemv)):
             problems.append(f"{g}.loop_stages must be an integer >= 1 (software-pipeline stages of the GEMV's K loop), "
                             f"in a decode \"gemv\" tile only; got {stages!r}")
-        tail = sub.get("TAIL_M", 0)
-        if "TAIL_M" in sub and (decode is not False or not isinstance(tail, int) or isinstance(tail, bool)
-                                or tail < 16 or tail & (tail - 1) or not isinstance(bm, int) or tail >= bm):
-            problems.append(f"{g}.TAIL_M must be a power of two >= 16 and < BLOCK_M ({bm!r}), in an expert-sorted tile "
-                            f"(decode false) only; got {tail!r}" + ("" if decode is False else f" with decode {decode!r}"))
         if "int4_read" in sub and (not gemv or sub["int4_read"] not in INT4_READ_NAMES):
             problems.append(f"{g}.int4_read must be one of {', '.join(INT4_READ_NAMES)} in a decode \"gemv\" tile, "
                             f"got {sub['int4_read']!r}" + ("" if gemv else " with decode " + repr(decode)))

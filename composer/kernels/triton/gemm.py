@@ -101,8 +101,8 @@ def _activate(g, u, ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr)
     return h
 
 
-@lazy_helper
-def _gemm1_rows(
+@lazy_jit
+def _gemm1_kernel(
     x_ptr, w_ptr, w_desc, b_ptr, out_ptr,
     sorted_ids_ptr, expert_ids_ptr, ntpp_ptr, topk_ids_ptr,
     as_ptr, ws_ptr, wz_ptr,
@@ -116,16 +116,23 @@ def _gemm1_rows(
     HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr,
     AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
     AMAX_BLOCK: tl.constexpr, PROMOTE: tl.constexpr,
-    pid_m, pid_n, expert, BM: tl.constexpr,
 ):
-    """GEMM1 (x @ w13, activation) for BM rows of one block of one expert: the kernel's body, BM = BLOCK_M or TAIL_M."""
-    offs_m = tl.arange(0, BM)
+    pid_m, pid_n = _grouped_pids(tl.program_id(0), num_pid_m, N, BLOCK_N, GROUP_M)
+
+    offs_m = tl.arange(0, BLOCK_M)
     if DIRECT:
+        expert = tl.load(topk_ids_ptr + pid_m)
         pairs = pid_m + offs_m * 0
         row_mask = offs_m == 0
-    else:  # (block starts stay BLOCK_M apart: BM < BLOCK_M reads the block's first BM rows)
+    else:
+        ntpp = tl.load(ntpp_ptr)
+        if pid_m * BLOCK_M >= ntpp:
+            return
+        expert = tl.load(expert_ids_ptr + pid_m)
         pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + offs_m)
         row_mask = pairs < num_pairs
+    if (expert < 0) | (expert >= num_experts):  # dropped (-1, another rank's expert) or out of range: skipped
+        return
     tokens = (pairs // top_k).to(tl.int64)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -160,14 +167,14 @@ def _gemm1_rows(
         a_scale = _row_quant_scale(x_row, K, stride_xk, as_ptr, AMAX_BLOCK, AQ, QMAX, EPS)
 
     if ACC_INT:
-        acc_g = tl.full((BM, BLOCK_N), 0, tl.int32)
-        acc_u = tl.full((BM, BLOCK_N), 0, tl.int32)
+        acc_g = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+        acc_u = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
     else:
-        acc_g = tl.full((BM, BLOCK_N), 0.0, tl.float32)
-        acc_u = tl.full((BM, BLOCK_N), 0.0, tl.float32)
+        acc_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        acc_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     if PROMOTE > 1:  # fp8: the tensor core accumulates PROMOTE tiles, then they are added in fp32
-        part_g = tl.full((BM, BLOCK_N), 0.0, tl.float32)
-        part_u = tl.full((BM, BLOCK_N), 0.0, tl.float32)
+        part_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        part_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     # TMA: the weights of expert e are rows [e * 2N, (e + 1) * 2N) of w13 viewed as [E * 2N, K]; a tile that
     # runs past N reads the next rows (or zeros past the end), and those columns are masked at the store.
     row_g = expert * (2 * N) + pid_n * BLOCK_N
@@ -276,8 +283,8 @@ def _gemm1_rows(
                 if kk % PROMOTE == PROMOTE - 1:
                     acc_g += part_g
                     acc_u += part_u
-                    part_g = tl.full((BM, BLOCK_N), 0.0, tl.float32)
-                    part_u = tl.full((BM, BLOCK_N), 0.0, tl.float32)
+                    part_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+                    part_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
             elif WQ == 3:  # fp8: promote to the fp32 accumulator after every K tile (see FP8_PROMOTE)
                 acc_g = tl.dot(a, g, acc_g, max_num_imprecise_acc=BLOCK_K)
                 acc_u = tl.dot(a, u, acc_u, max_num_imprecise_acc=BLOCK_K)
@@ -315,72 +322,8 @@ def _gemm1_rows(
     tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
-
-
 @lazy_jit
-def _gemm1_kernel(
-    x_ptr, w_ptr, w_desc, b_ptr, out_ptr,
-    sorted_ids_ptr, expert_ids_ptr, ntpp_ptr, topk_ids_ptr,
-    as_ptr, ws_ptr, wz_ptr,
-    num_pairs, N, K, top_k, num_pid_m, num_experts,
-    stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om, stride_on,
-    stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, EVEN_K: tl.constexpr,
-    ALPHA: tl.constexpr, LIMIT: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    WQ: tl.constexpr, WS: tl.constexpr, QBN: tl.constexpr, QBK: tl.constexpr, GROUP_TILE: tl.constexpr,
-    HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr,
-    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
-    AMAX_BLOCK: tl.constexpr, PROMOTE: tl.constexpr,
-    TAIL_M: tl.constexpr,
-):
-    pid_m, pid_n = _grouped_pids(tl.program_id(0), num_pid_m, N, BLOCK_N, GROUP_M)
-    if DIRECT:
-        expert = tl.load(topk_ids_ptr + pid_m)
-    else:
-        ntpp = tl.load(ntpp_ptr)
-        if pid_m * BLOCK_M >= ntpp:
-            return
-        expert = tl.load(expert_ids_ptr + pid_m)
-    if (expert < 0) | (expert >= num_experts):  # dropped (-1, another rank's expert) or out of range: skipped
-        return
-    if TAIL_M > 0:  # a block whose row TAIL_M is padding has at most TAIL_M rows (valid rows come first)
-        if tl.load(sorted_ids_ptr + pid_m * BLOCK_M + TAIL_M) >= num_pairs:
-            _gemm1_rows(
-                x_ptr, w_ptr, w_desc, b_ptr, out_ptr, sorted_ids_ptr, expert_ids_ptr, ntpp_ptr,
-                topk_ids_ptr, as_ptr, ws_ptr, wz_ptr, num_pairs, N, K, top_k, num_pid_m, num_experts,
-                stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om,
-                stride_on, stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk, stride_wze,
-                stride_wzn, stride_wzk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, ACT, HAS_BIAS, DIRECT,
-                EVEN_K, ALPHA, LIMIT, PRECISION, USE_TMA, WQ, WS, QBN, QBK, GROUP_TILE, HAS_ZERO,
-                ACC_INT, MAGIC, MOFF, AQ, QMAX, AQ_INT8, EPS, RNE, AMAX_BLOCK, PROMOTE, pid_m, pid_n,
-                expert,
-                TAIL_M)
-        else:
-            _gemm1_rows(
-                x_ptr, w_ptr, w_desc, b_ptr, out_ptr, sorted_ids_ptr, expert_ids_ptr, ntpp_ptr,
-                topk_ids_ptr, as_ptr, ws_ptr, wz_ptr, num_pairs, N, K, top_k, num_pid_m, num_experts,
-                stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om,
-                stride_on, stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk, stride_wze,
-                stride_wzn, stride_wzk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, ACT, HAS_BIAS, DIRECT,
-                EVEN_K, ALPHA, LIMIT, PRECISION, USE_TMA, WQ, WS, QBN, QBK, GROUP_TILE, HAS_ZERO,
-                ACC_INT, MAGIC, MOFF, AQ, QMAX, AQ_INT8, EPS, RNE, AMAX_BLOCK, PROMOTE, pid_m, pid_n,
-                expert,
-                BLOCK_M)
-    else:
-        _gemm1_rows(
-            x_ptr, w_ptr, w_desc, b_ptr, out_ptr, sorted_ids_ptr, expert_ids_ptr, ntpp_ptr, topk_ids_ptr,
-            as_ptr, ws_ptr, wz_ptr, num_pairs, N, K, top_k, num_pid_m, num_experts, stride_xm, stride_xk,
-            stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om, stride_on, stride_asm,
-            stride_ask, stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk, BLOCK_M,
-            BLOCK_N, BLOCK_K, GROUP_M, ACT, HAS_BIAS, DIRECT, EVEN_K, ALPHA, LIMIT, PRECISION, USE_TMA, WQ,
-            WS, QBN, QBK, GROUP_TILE, HAS_ZERO, ACC_INT, MAGIC, MOFF, AQ, QMAX, AQ_INT8, EPS, RNE,
-            AMAX_BLOCK, PROMOTE, pid_m, pid_n, expert,
-            BLOCK_M)
-
-
-@lazy_helper
-def _gemm2_rows(
+def _gemm2_kernel(
     a_ptr, w_ptr, w_desc, b_ptr, tw_ptr, out_ptr,
     sorted_ids_ptr, expert_ids_ptr, ntpp_ptr, topk_ids_ptr,
     as_ptr, ws_ptr, wz_ptr,
@@ -394,16 +337,23 @@ def _gemm2_rows(
     HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr,
     AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
     AMAX_BLOCK: tl.constexpr, PROMOTE: tl.constexpr,
-    pid_m, pid_n, expert, BM: tl.constexpr,
 ):
-    """GEMM2 (inter @ w2, routing weight, reduction) for BM rows of one block: the kernel's body, BM = BLOCK_M or TAIL_M."""
-    offs_m = tl.arange(0, BM)
+    pid_m, pid_n = _grouped_pids(tl.program_id(0), num_pid_m, N, BLOCK_N, GROUP_M)
+
+    offs_m = tl.arange(0, BLOCK_M)
     if DIRECT:
+        expert = tl.load(topk_ids_ptr + pid_m)
         pairs = pid_m + offs_m * 0
         row_mask = offs_m == 0
-    else:  # (block starts stay BLOCK_M apart: BM < BLOCK_M reads the block's first BM rows)
+    else:
+        ntpp = tl.load(ntpp_ptr)
+        if pid_m * BLOCK_M >= ntpp:
+            return
+        expert = tl.load(expert_ids_ptr + pid_m)
         pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + offs_m)
         row_mask = pairs < num_pairs
+    if (expert < 0) | (expert >= num_experts):  # dropped (-1, another rank's expert) or out of range: skipped
+        return
     rows = tl.where(row_mask, pairs, 0).to(tl.int64)
     if AQ != 0:  # FUSED_AQ: this pair's intermediate row quantized here
         a_row = a_ptr + pid_m.to(tl.int64) * stride_am
@@ -431,11 +381,11 @@ def _gemm2_rows(
             z_shift = (offs_n_safe % 2) * 4
 
     if ACC_INT:
-        acc = tl.full((BM, BLOCK_N), 0, tl.int32)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
     else:
-        acc = tl.full((BM, BLOCK_N), 0.0, tl.float32)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     if PROMOTE > 1:
-        part = tl.full((BM, BLOCK_N), 0.0, tl.float32)
+        part = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     row_w = expert * N + pid_n * BLOCK_N  # w2 viewed as [E * N, K]
     for kk in range(0, (K + BLOCK_K - 1) // BLOCK_K):
         if WQ == 2:
@@ -512,7 +462,7 @@ def _gemm2_rows(
                 part = tl.dot(a, w, part)
                 if kk % PROMOTE == PROMOTE - 1:
                     acc += part
-                    part = tl.full((BM, BLOCK_N), 0.0, tl.float32)
+                    part = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
             elif WQ == 3:
                 acc = tl.dot(a, w, acc, max_num_imprecise_acc=BLOCK_K)
             else:
@@ -545,68 +495,6 @@ def _gemm2_rows(
     else:
         o_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-
-
-@lazy_jit
-def _gemm2_kernel(
-    a_ptr, w_ptr, w_desc, b_ptr, tw_ptr, out_ptr,
-    sorted_ids_ptr, expert_ids_ptr, ntpp_ptr, topk_ids_ptr,
-    as_ptr, ws_ptr, wz_ptr,
-    num_pairs, N, K, top_k, num_pid_m, num_experts,
-    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om, stride_on,
-    stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
-    PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    WQ: tl.constexpr, WS: tl.constexpr, QBN: tl.constexpr, QBK: tl.constexpr, GROUP_TILE: tl.constexpr,
-    HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr,
-    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
-    AMAX_BLOCK: tl.constexpr, PROMOTE: tl.constexpr,
-    TAIL_M: tl.constexpr,
-):
-    pid_m, pid_n = _grouped_pids(tl.program_id(0), num_pid_m, N, BLOCK_N, GROUP_M)
-    if DIRECT:
-        expert = tl.load(topk_ids_ptr + pid_m)
-    else:
-        ntpp = tl.load(ntpp_ptr)
-        if pid_m * BLOCK_M >= ntpp:
-            return
-        expert = tl.load(expert_ids_ptr + pid_m)
-    if (expert < 0) | (expert >= num_experts):  # dropped (-1, another rank's expert) or out of range: skipped
-        return
-    if TAIL_M > 0:  # a block whose row TAIL_M is padding has at most TAIL_M rows (valid rows come first)
-        if tl.load(sorted_ids_ptr + pid_m * BLOCK_M + TAIL_M) >= num_pairs:
-            _gemm2_rows(
-                a_ptr, w_ptr, w_desc, b_ptr, tw_ptr, out_ptr, sorted_ids_ptr, expert_ids_ptr, ntpp_ptr,
-                topk_ids_ptr, as_ptr, ws_ptr, wz_ptr, num_pairs, N, K, top_k, num_pid_m, num_experts,
-                stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om,
-                stride_on, stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk, stride_wze,
-                stride_wzn, stride_wzk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, HAS_BIAS, DIRECT, EVEN_K,
-                ATOMIC, PRECISION, USE_TMA, WQ, WS, QBN, QBK, GROUP_TILE, HAS_ZERO, ACC_INT, MAGIC,
-                MOFF, AQ, QMAX, AQ_INT8, EPS, RNE, AMAX_BLOCK, PROMOTE, pid_m, pid_n, expert,
-                TAIL_M)
-        else:
-            _gemm2_rows(
-                a_ptr, w_ptr, w_desc, b_ptr, tw_ptr, out_ptr, sorted_ids_ptr, expert_ids_ptr, ntpp_ptr,
-                topk_ids_ptr, as_ptr, ws_ptr, wz_ptr, num_pairs, N, K, top_k, num_pid_m, num_experts,
-                stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om,
-                stride_on, stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk, stride_wze,
-                stride_wzn, stride_wzk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, HAS_BIAS, DIRECT, EVEN_K,
-                ATOMIC, PRECISION, USE_TMA, WQ, WS, QBN, QBK, GROUP_TILE, HAS_ZERO, ACC_INT, MAGIC,
-                MOFF, AQ, QMAX, AQ_INT8, EPS, RNE, AMAX_BLOCK, PROMOTE, pid_m, pid_n, expert,
-                BLOCK_M)
-    else:
-        _gemm2_rows(
-            a_ptr, w_ptr, w_desc, b_ptr, tw_ptr, out_ptr, sorted_ids_ptr, expert_ids_ptr, ntpp_ptr,
-            topk_ids_ptr, as_ptr, ws_ptr, wz_ptr, num_pairs, N, K, top_k, num_pid_m, num_experts, stride_am,
-            stride_ak, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_om, stride_on,
-            stride_asm, stride_ask, stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk,
-            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, HAS_BIAS, DIRECT, EVEN_K, ATOMIC, PRECISION, USE_TMA, WQ,
-            WS, QBN, QBK, GROUP_TILE, HAS_ZERO, ACC_INT, MAGIC, MOFF, AQ, QMAX, AQ_INT8, EPS, RNE,
-            AMAX_BLOCK, PROMOTE, pid_m, pid_n, expert,
-            BLOCK_M)
 
 
 @lazy_jit
@@ -766,8 +654,7 @@ def gemm1(x, w13, w13_bias, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, 
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 1),
         ACT=ACT_CODES[activation], HAS_BIAS=w13_bias is not None, DIRECT=direct, EVEN_K=H % bk == 0,
         ALPHA=SWIGLUOAI_ALPHA, LIMIT=SWIGLUOAI_LIMIT, PRECISION=_precision(x.dtype), USE_TMA=desc is not None,
-        **qmeta, PROMOTE=_promote(q, cfg), TAIL_M=0 if direct else cfg.get("TAIL_M", 0),
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        **qmeta, PROMOTE=_promote(q, cfg), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
 
 
@@ -789,6 +676,5 @@ def gemm2(inter, w2, w2_bias, topk_weights_flat, out, sorted_ids, expert_ids, nt
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 1),
         HAS_BIAS=w2_bias is not None, DIRECT=direct, EVEN_K=I % bk == 0, ATOMIC=atomic,
         PRECISION=_precision(inter.dtype), USE_TMA=desc is not None,
-        **qmeta, PROMOTE=_promote(q, cfg), TAIL_M=0 if direct else cfg.get("TAIL_M", 0),
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        **qmeta, PROMOTE=_promote(q, cfg), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
