@@ -447,6 +447,31 @@ def floor_ms(T: int, topk_ids: torch.Tensor, shape: Shape, ceilings: dict[str, f
     return d
 
 
+def tile_source(shape: Shape, T: int, device: torch.device) -> str:
+    """Which tile config composer's Triton kernels run at T: the file's name and entry, or "heuristic" (a GPU with
+    no file of its own name borrows one tuned on a GPU of the same compute capability; this says whose)."""
+    from ..kernels.triton.configs import get_config
+    from ..kernels.triton.fused import quant_config
+
+    if shape.quant != "none":
+        cfg = quant_config(T, shape.E, shape.I, shape.H, shape.k, shape.quant, shape.dtype, device)
+    else:
+        cfg = get_config(T, shape.E, shape.I, shape.H, shape.k, shape.dtype, device)
+    return Path(cfg["source"]).name
+
+
+def tile_sources_line(result: dict[str, Any]) -> str | None:
+    """One line naming the tile config files of the run, each with the T it served."""
+    by_file: dict[str, list[str]] = {}
+    for row in result["rows"]:
+        if row.get("tiles"):
+            f, _, entry = row["tiles"].partition(" [")
+            by_file.setdefault(f, []).append(f"T = {row['T']}" + (f" (entry {entry.rstrip(']')})" if entry else ""))
+    if not by_file:
+        return None
+    return "Tile configs: " + "; ".join(f"{f}: {', '.join(ts)}" for f, ts in by_file.items()) + "."
+
+
 def run_bench(shape: Shape, tokens: list[int], kernel: str, device: torch.device, params: BenchParams,
               seed: int = 0, console: Any = None) -> dict[str, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -481,6 +506,8 @@ def run_bench(shape: Shape, tokens: list[int], kernel: str, device: torch.device
         for T in tokens:
             x, tw, ids = make_routing(T, shape, device, gen)
             row: dict[str, Any] = {"T": T, **floor_ms(T, ids, shape, ceilings, per_expert), "impls": {}}
+            if cuda and kernel == "triton":
+                row["tiles"] = tile_source(shape, T, device)
             ref = reference_fp32(x, tw, ids, qweights if qweights is not None else weights,
                                  shape.activation) if params.accuracy else None
             for impl in impls:
@@ -610,6 +637,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     lines += ["| " + " | ".join(r) + " |" for r in body]
+    tiles = tile_sources_line(result)
+    if tiles:
+        lines += ["", tiles]
     notes = {**meta.get("notes", {})}
     for row in result["rows"]:
         for n, r in row["impls"].items():
@@ -640,6 +670,9 @@ def print_table(result: dict[str, Any], console: Any) -> None:
     for r in body:
         t.add_row(*r)
     console.print(t)
+    tiles = tile_sources_line(result)
+    if tiles:
+        console.print(f"[dim]{tiles}[/dim]")
     for k, v in result["meta"].get("notes", {}).items():
         console.print(f"[dim]{k}: {v}[/dim]")
 

@@ -25,7 +25,7 @@ match wins: ``$COMPOSER_KERNEL_CONFIGS`` (a folder, or several joined by ``:``),
 A GPU with no file of its own name takes a file tuned on another GPU of the same compute capability (the file's
 ``"_capability"`` key, e.g. ``"9.0"``, which ``task=tune`` writes): the same shared memory, registers and
 instructions, so every tile is valid, and on an H200 an H100's tiles start far closer than the heuristic. The
-config's ``source`` names the file, so a bench table shows which GPU's tiles ran; tune your own GPU to do better.
+config's ``source`` names the file (``task=bench`` prints it under its table); tune your own GPU to do better.
 """
 from __future__ import annotations
 

@@ -1,0 +1,39 @@
+"""task=bench names the tile config files composer's Triton kernels ran, so a table says whose tiles it measured."""
+from __future__ import annotations
+
+import torch
+
+from composer.kernels.triton import configs as cfgs
+from composer.tasks.bench import Shape, tile_source, tile_sources_line, to_markdown
+
+MIXTRAL = dict(name="mixtral_8x7b", E=8, k=2, H=4096, I=14336, dtype=torch.bfloat16)
+
+
+def on_an_h200(monkeypatch):
+    monkeypatch.setattr(cfgs, "device_name", lambda d=None: "NVIDIA_H200")
+    monkeypatch.setattr(cfgs, "device_capability", lambda d=None: "9.0")
+
+
+def test_tile_source_names_the_file_and_entry(monkeypatch):
+    on_an_h200(monkeypatch)
+    cpu = torch.device("cpu")
+    assert tile_source(Shape(**MIXTRAL), 1000, cpu) == (
+        "E=8,N=14336,K=4096,device_name=NVIDIA_H100_80GB_HBM3,dtype=bfloat16.json [T=1024]")  # borrowed, nearest T
+    int4 = Shape(**MIXTRAL, quant="int4_w4a16", quant_params={"group_size": 128})
+    assert tile_source(int4, 1, cpu) == "E=8,N=14336,K=4096,device_name=NVIDIA_H200,dtype=int4_w4a16.json [T=1]"
+    assert tile_source(Shape("odd", 3, 2, 48, 40, torch.bfloat16), 1, cpu) == "heuristic"
+
+
+def test_markdown_lists_each_file_with_the_tokens_it_served(monkeypatch):
+    on_an_h200(monkeypatch)
+    shape = Shape(**MIXTRAL)
+    rows = [{"T": T, "tiles": tile_source(shape, T, torch.device("cpu")), "impls": {}} for T in (1, 16, 4096)]
+    result = {"meta": {"shape": {"name": "mixtral_8x7b", "E": 8, "top_k": 2, "H": 4096, "I": 14336,
+                                 "dtype": "bfloat16", "activation": "silu", "has_bias": False},
+                       "kernel": "triton", "device": "NVIDIA H200", "date": "d", "versions": {}, "timer": "t"},
+              "rows": rows}
+    line = tile_sources_line(result)
+    assert line == ("Tile configs: E=8,N=14336,K=4096,device_name=NVIDIA_H100_80GB_HBM3,dtype=bfloat16.json: "
+                    "T = 1 (entry T=1), T = 16 (entry T=16), T = 4096 (entry T=4096).")
+    assert line in to_markdown(result)
+    assert tile_sources_line({"rows": [{"T": 1, "impls": {}}]}) is None  # CPU runs: no Triton tiles, no line
