@@ -103,6 +103,58 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int
     return statistics.median(times)
 
 
+# clocks_throttle_reasons bits (nvidia-smi -q -d PERFORMANCE) that slow a sustained run down
+_THROTTLE = {0x4: "power cap", 0x8: "hardware slowdown", 0x20: "thermal", 0x40: "thermal", 0x80: "power brake"}
+
+
+def gpu_clocks(device: torch.device) -> dict[str, Any] | None:
+    """The SM clock and what holds it down, read right after a timed loop (``nvidia-smi``). A back-to-back graph
+    replay at T = 4096 runs into the power cap (700 W on an H100 / H200: 1980 -> about 1700 MHz) where eager calls,
+    with the GPU idle between launches, do not; a table is only readable with that next to it. None where
+    nvidia-smi is missing or its GPUs cannot be matched to ``device``."""
+    import subprocess
+
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=uuid,clocks.sm,clocks.max.sm,power.draw,clocks_throttle_reasons.active",
+                            "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rows = [[c.strip() for c in line.split(",")] for line in q.stdout.splitlines() if line.count(",") == 4]
+    if q.returncode != 0 or not rows:
+        return None
+    uuid = str(getattr(torch.cuda.get_device_properties(device), "uuid", "")).lower()
+    mine = [r for r in rows if uuid and uuid in r[0].lower()] or (rows if len(rows) == 1 else [])
+    if not mine:
+        return None
+    _, sm, sm_max, power, reasons = mine[0]
+    try:
+        bits = int(reasons, 16)
+        out = {"sm_mhz": int(float(sm)), "sm_max_mhz": int(float(sm_max)),
+               "limits": sorted({name for bit, name in _THROTTLE.items() if bits & bit})}
+    except ValueError:
+        return None
+    try:
+        out["power_w"] = float(power)
+    except ValueError:
+        pass
+    return out
+
+
+def clocks_line(result: dict[str, Any], impl: str) -> str | None:
+    """One line: the SM clock after each T's graph replays of ``impl``, and what capped it."""
+    parts = []
+    for row in result["rows"]:
+        c = row["impls"].get(impl, {}).get("graph_clocks")
+        if c:
+            limit = f" ({', '.join(c['limits'])})" if c["limits"] else ""
+            parts.append(f"T = {row['T']} {c['sm_mhz']}{limit}")
+    if not parts:
+        return None
+    max_mhz = next(row["impls"][impl]["graph_clocks"]["sm_max_mhz"] for row in result["rows"]
+                   if row["impls"].get(impl, {}).get("graph_clocks"))
+    return f"SM clock (MHz, of {max_mhz}) right after {impl}'s graph replays: " + ", ".join(parts) + "."
+
+
 def capture_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Warm ``fn`` on a side stream, then capture one call into a CUDA graph."""
     s = torch.cuda.Stream()
@@ -531,6 +583,9 @@ def run_bench(shape: Shape, tokens: list[int], kernel: str, device: torch.device
                                 r["graph_rel_err"] = rel_err(gout, ref)
                             r["graph_ms"] = time_fn(g.replay, device, params.warmup, params.iters, params.min_iters,
                                                     params.budget_s)
+                            clocks = gpu_clocks(device) if impl.name == f"composer {kernel}" else None
+                            if clocks:
+                                r["graph_clocks"] = clocks
                             del g, gout
                         except Exception as exc:  # noqa: BLE001 - a peer that cannot capture is a table note
                             r["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
@@ -640,6 +695,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     tiles = tile_sources_line(result)
     if tiles:
         lines += ["", tiles]
+    clocks = clocks_line(result, f"composer {meta['kernel']}")
+    if clocks:
+        lines += ["", clocks]
     notes = {**meta.get("notes", {})}
     for row in result["rows"]:
         for n, r in row["impls"].items():
@@ -670,9 +728,9 @@ def print_table(result: dict[str, Any], console: Any) -> None:
     for r in body:
         t.add_row(*r)
     console.print(t)
-    tiles = tile_sources_line(result)
-    if tiles:
-        console.print(f"[dim]{tiles}[/dim]")
+    for line in (tile_sources_line(result), clocks_line(result, f"composer {result['meta']['kernel']}")):
+        if line:
+            console.print(f"[dim]{line}[/dim]")
     for k, v in result["meta"].get("notes", {}).items():
         console.print(f"[dim]{k}: {v}[/dim]")
 

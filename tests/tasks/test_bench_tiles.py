@@ -37,3 +37,51 @@ def test_markdown_lists_each_file_with_the_tokens_it_served(monkeypatch):
                     "T = 1 (entry T=1), T = 16 (entry T=16), T = 4096 (entry T=4096).")
     assert line in to_markdown(result)
     assert tile_sources_line({"rows": [{"T": 1, "impls": {}}]}) is None  # CPU runs: no Triton tiles, no line
+
+
+class _Smi:
+    def __init__(self, stdout, returncode=0):
+        self.stdout, self.returncode = stdout, returncode
+
+
+def fake_smi(monkeypatch, stdout=None, error=None, uuid="abcd-1234"):
+    import subprocess
+    import types
+
+    def run(*a, **kw):
+        if error:
+            raise error
+        return _Smi(stdout)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: types.SimpleNamespace(uuid=uuid))
+
+
+def test_gpu_clocks_reads_the_clock_and_what_caps_it(monkeypatch):
+    from composer.tasks.bench import gpu_clocks
+
+    dev = torch.device("cuda")
+    fake_smi(monkeypatch, "GPU-abcd-1234, 1710, 1980, 677.86, 0x0000000000000004\n")
+    assert gpu_clocks(dev) == {"sm_mhz": 1710, "sm_max_mhz": 1980, "limits": ["power cap"], "power_w": 677.86}
+    two = ("GPU-ffff-0000, 1980, 1980, 80.00, 0x0000000000000001\n"
+           "GPU-ABCD-1234, 1500, 1980, [N/A], 0x0000000000000060\n")
+    fake_smi(monkeypatch, two)  # the device's own line, by uuid; a power reading it cannot give is left out
+    assert gpu_clocks(dev) == {"sm_mhz": 1500, "sm_max_mhz": 1980, "limits": ["thermal"]}
+    fake_smi(monkeypatch, two, uuid="")  # several GPUs and none matched: no guess
+    assert gpu_clocks(dev) is None
+    fake_smi(monkeypatch, error=FileNotFoundError("nvidia-smi"))
+    assert gpu_clocks(dev) is None
+    fake_smi(monkeypatch, "NVIDIA-SMI has failed\n")
+    assert gpu_clocks(dev) is None
+
+
+def test_clocks_line_lists_each_t():
+    from composer.tasks.bench import clocks_line
+
+    c = lambda mhz, limits: {"graph_clocks": {"sm_mhz": mhz, "sm_max_mhz": 1980, "limits": limits}}  # noqa: E731
+    result = {"rows": [{"T": 1, "impls": {"composer triton": c(1980, [])}},
+                       {"T": 4096, "impls": {"composer triton": c(1710, ["power cap"])}},
+                       {"T": 16, "impls": {"composer triton": {}}}]}
+    assert clocks_line(result, "composer triton") == (
+        "SM clock (MHz, of 1980) right after composer triton's graph replays: T = 1 1980, T = 4096 1710 (power cap).")
+    assert clocks_line(result, "composer torch") is None
