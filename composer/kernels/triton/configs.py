@@ -156,14 +156,18 @@ def _same_capability_file(E: int, N: int, K: int, dtype: str, capability: str,
     return None
 
 
-def tuned_table(E: int, N: int, K: int, device: str, dtype: str,
-                capability: str | None = None) -> tuple[str, dict[int, dict[str, Any]]] | None:
-    """The file tuned on ``device``, else (given ``capability``) one tuned on a GPU of that capability."""
-    dirs = tuple(config_dirs())
+def _find_table(E: int, N: int, K: int, device: str, dtype: str, capability: str | None,
+                dirs: tuple[Path, ...]) -> tuple[str, dict[int, dict[str, Any]]] | None:
     found = _load_file(config_file_name(E, N, K, device, dtype), dirs)
     if found is None and capability is not None:
         found = _same_capability_file(E, N, K, dtype, capability, dirs)
     return found
+
+
+def tuned_table(E: int, N: int, K: int, device: str, dtype: str,
+                capability: str | None = None) -> tuple[str, dict[int, dict[str, Any]]] | None:
+    """The file tuned on ``device``, else (given ``capability``) one tuned on a GPU of that capability."""
+    return _find_table(E, N, K, device, dtype, capability, tuple(config_dirs()))
 
 
 def heuristic_config(T: int, E: int, N: int, K: int, top_k: int) -> dict[str, Any]:
@@ -198,9 +202,7 @@ def get_config(T: int, E: int, N: int, K: int, top_k: int, dtype: Any, device: A
 @functools.lru_cache(maxsize=4096)
 def _get_config(T: int, E: int, N: int, K: int, top_k: int, dtype: str, device: str, capability: str | None,
                 dirs: tuple[Path, ...]) -> dict[str, Any]:
-    found = _load_file(config_file_name(E, N, K, device, dtype), dirs)
-    if found is None and capability is not None:
-        found = _same_capability_file(E, N, K, dtype, capability, dirs)
+    found = _find_table(E, N, K, device, dtype, capability, dirs)
     if found and found[1]:
         table = found[1]
         key = min(table, key=lambda m: abs(m - T))
