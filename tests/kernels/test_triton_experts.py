@@ -319,3 +319,24 @@ def test_gpu_out_of_range_ids_are_skipped(dtype):
                         c["gemm2"] = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "SPLIT_K": 2}
                     out = fused_experts(x, tw, ids, w13, w2, None, None, "silu", config=cfgs.validate_entry(c))
                     assert torch.isfinite(out).all() and rel(out, ref) < TOL[dtype], (T, decode, reduce)
+
+
+def test_merged_tables_keep_the_capability_they_were_tuned_on(tmp_path):
+    """tune.merge_tables (new tuning results over the shipped files): faster entries replace, slower ones do not, and
+    the new file's _capability is kept, so other GPUs of that capability can borrow the merged file."""
+    from composer.kernels.triton.tune import merge_tables
+
+    name = cfgs.config_file_name(4, 24, 40, "GPU_A", "bfloat16")
+    entry = tiny_config(False, "atomic", 16, 16, 16, 32)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "new").mkdir()
+    (tmp_path / "base" / name).write_text(json.dumps({"_note": "old", "1": {**entry, "_us": 10.0},
+                                                      "16": {**entry, "_us": 20.0}}))
+    (tmp_path / "new" / name).write_text(json.dumps({"_capability": "9.0", "1": {**entry, "BLOCK_M": 32, "_us": 8.0},
+                                                     "16": {**entry, "BLOCK_M": 64, "_us": 25.0}}))
+    changes = merge_tables(str(tmp_path / "new"), str(tmp_path / "base"), str(tmp_path / "out"))
+    merged = json.loads((tmp_path / "out" / name).read_text())
+    assert changes == [f"{name}: T=1 10.0 -> 8.0 us"]
+    assert merged["_capability"] == "9.0" and merged["_note"] == "old"
+    assert merged["1"]["BLOCK_M"] == 32 and merged["16"]["BLOCK_M"] == 16
+    assert cfgs._same_capability_file(4, 24, 40, "bfloat16", "9.0", (tmp_path / "out",))[0].endswith(name)

@@ -458,3 +458,30 @@ def test_decode_probe_probes_any_T(monkeypatch, capsys):
     assert "int4_w4a16 shipped: 5.0 us (2.00x bf16), err 0.0e+00" in out
     assert "int4_w4a16 bn32: 4.0 us (2.50x bf16)" in out
     assert best[1] == "bn32" and best[2]["gemm1"]["BLOCK_N"] == 32
+
+
+def test_decode_probe_writes_a_table_for_this_gpu_from_a_same_capability_one(tmp_path, monkeypatch):
+    """decode_probe --write on a GPU with no file of its own (an H200): the H100 table it ran, with the probe's
+    T = 1 entry, saved under this GPU's name and capability."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from composer.kernels.triton import configs as cfgs
+
+    spec = importlib.util.spec_from_file_location(
+        "decode_probe", Path(__file__).resolve().parents[2] / "scripts" / "decode_probe.py")
+    dp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dp)
+    monkeypatch.setattr(cfgs, "device_name", lambda d=None: "NVIDIA_H200")
+    monkeypatch.setattr(cfgs, "device_capability", lambda d=None: "9.0")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H200")
+    shipped = json.loads((cfgs.PACKAGE_DIR / cfgs.config_file_name(256, 2048, 7168, "NVIDIA_H100_80GB_HBM3",
+                                                                    "int4_w4a16")).read_text())
+    best = {**shipped["1"], "gemm1": {**shipped["1"]["gemm1"], "BLOCK_N": 64}, "source": "x", "_us": 1.0}
+    path = dp.write_table(str(tmp_path), "int4_w4a16", 256, 2048, 7168, (80.04, "n64", best))
+    assert Path(path).name == cfgs.config_file_name(256, 2048, 7168, "NVIDIA_H200", "int4_w4a16")
+    table = json.loads(Path(path).read_text())
+    assert table["_capability"] == "9.0" and "n64 picked by scripts/decode_probe.py on one NVIDIA H200" in table["_note"]
+    assert table["1"]["gemm1"]["BLOCK_N"] == 64 and table["1"]["_us"] == 80.0 and "source" not in table["1"]
+    assert table["4096"] == shipped["4096"]  # the other entries are the borrowed table's
