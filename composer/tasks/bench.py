@@ -115,8 +115,9 @@ def gpu_clocks(device: torch.device) -> dict[str, Any] | None:
     import subprocess
 
     try:
-        q = subprocess.run(["nvidia-smi", "--query-gpu=uuid,clocks.sm,clocks.max.sm,power.draw,clocks_throttle_reasons.active",
-                            "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+        fields = "uuid,clocks.sm,clocks.max.sm,power.draw,clocks_throttle_reasons.active"
+        q = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     rows = [[c.strip() for c in line.split(",")] for line in q.stdout.splitlines() if line.count(",") == 4]

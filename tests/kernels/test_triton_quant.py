@@ -482,6 +482,7 @@ def test_decode_probe_writes_a_table_for_this_gpu_from_a_same_capability_one(tmp
     path = dp.write_table(str(tmp_path), "int4_w4a16", 256, 2048, 7168, (80.04, "n64", best))
     assert Path(path).name == cfgs.config_file_name(256, 2048, 7168, "NVIDIA_H200", "int4_w4a16")
     table = json.loads(Path(path).read_text())
-    assert table["_capability"] == "9.0" and "n64 picked by scripts/decode_probe.py on one NVIDIA H200" in table["_note"]
+    assert table["_capability"] == "9.0"
+    assert "n64 picked by scripts/decode_probe.py on one NVIDIA H200" in table["_note"]
     assert table["1"]["gemm1"]["BLOCK_N"] == 64 and table["1"]["_us"] == 80.0 and "source" not in table["1"]
     assert table["4096"] == shipped["4096"]  # the other entries are the borrowed table's
