@@ -212,6 +212,10 @@ def test_config_file_of_a_same_capability_gpu_is_borrowed(tmp_path, monkeypatch)
     assert c["gemm1"]["BLOCK_N"] == 32 and "device_name=GPU_B," in c["source"]
     assert config("GPU_D", "8.9")["source"] == "heuristic"  # no file of that capability
     assert config("GPU_E", None)["source"] == "heuristic"  # off CUDA: no capability, no borrowed file
+    write("GPU_TYPO", 8, 9.0)  # a number, not "9.0": refused with the file named, not silently never borrowed
+    with pytest.raises(ValueError, match=r"GPU_TYPO.*_capability must be a string \"major.minor\""):
+        config("GPU_I", "7.5")  # (no file of 7.5: every file is read)
+    (tmp_path / cfgs.config_file_name(4, 24, 40, "GPU_TYPO", "float16")).unlink()
     c = config("GPU_OLD", "9.0")
     assert c["gemm1"]["BLOCK_N"] == 64 and "device_name=GPU_OLD," in c["source"]  # a GPU's own file comes first
     # the shipped tables say they were tuned on sm_90, so an H200 runs the H100's tiles where it has no file of its own

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -133,12 +134,23 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
     return entry
 
 
+def _capability_of(raw: dict[str, Any], f: Path) -> str | None:
+    """A file's ``_capability`` ("major.minor", as ``device_capability`` gives it), refused if it is anything else:
+    a mistyped one would silently keep the file from the GPUs it was meant for."""
+    cap = raw.get("_capability")
+    if cap is not None and not (isinstance(cap, str) and re.fullmatch(r"\d+\.\d+", cap)):
+        raise ValueError(f"{f}: _capability must be a string \"major.minor\" such as \"9.0\" (the compute capability "
+                         f"of the GPU it was tuned on), got {cap!r}")
+    return cap
+
+
 @functools.lru_cache(maxsize=None)
 def _load_file(name: str, dirs: tuple[Path, ...]) -> tuple[str, dict[int, dict[str, Any]]] | None:
     for d in dirs:
         f = d / name
         if f.is_file():
             raw = json.loads(f.read_text())
+            _capability_of(raw, f)
             table = {int(k): validate_entry(v, f"{f} [T={k}]") for k, v in raw.items() if not k.startswith("_")}
             return str(f), table
     return None
@@ -151,7 +163,7 @@ def _same_capability_file(E: int, N: int, K: int, dtype: str, capability: str,
     pattern = config_file_name(E, N, K, "*", dtype)
     for d in dirs:
         for f in sorted(d.glob(pattern)) if d.is_dir() else ():
-            if str(json.loads(f.read_text()).get("_capability")) == capability:
+            if _capability_of(json.loads(f.read_text()), f) == capability:
                 return _load_file(f.name, (d,))
     return None
 
