@@ -88,6 +88,22 @@ def test_kernels_compile_for_sm90(case):
         assert compiled.asm["cubin"], kernel.__name__
 
 
+def test_x_vec_compiles_for_sm90(monkeypatch):
+    """gemv.GEMV_X_VEC (an A/B switch for the GEMV's activation loads) compiles in both GEMMs of the subnormal read."""
+    from composer.kernels.triton import gemv
+
+    monkeypatch.setattr(gemv, "GEMV_X_VEC", True)
+    x, tw, ids, w13, w2, _, _ = make_case(1, 8, 2, 256, 256, torch.bfloat16, False, 0.0, seed=1)
+    w = quantize("int4_w4a16", w13, w2, group_size=128)
+    sub = {"int4_read": "subnormal", "BLOCK_K": 256}
+    with recorded_launches() as calls:
+        fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", "int4_w4a16", w.w13_scale, w.w2_scale,
+                            config=gemv_cfg({**sub, "unroll": 2}, sub))
+    assert len(calls) == 2 and all(kw.get("X_VEC") for _, _, kw in calls), [kw.get("X_VEC") for _, _, kw in calls]
+    for kernel, args, kwargs in calls:
+        assert compile_sm90(kernel, args, kwargs).asm["cubin"]
+
+
 @lazy_jit
 def _retyped_kernel(x_ptr, o_ptr, n, BLOCK: tl.constexpr):
     v = n * 2

@@ -92,7 +92,7 @@ def _gemv_kernel(
     WQ: tl.constexpr, WS: tl.constexpr, QBK: tl.constexpr, HAS_ZERO: tl.constexpr,
     AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
     AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr, LOOP_STAGES: tl.constexpr, EVEN_K: tl.constexpr,
-    FUSE_EPI: tl.constexpr, ZBLOCK: tl.constexpr, SUB_X: tl.constexpr,
+    FUSE_EPI: tl.constexpr, ZBLOCK: tl.constexpr, SUB_X: tl.constexpr, X_VEC: tl.constexpr,
     X_PARTS: tl.constexpr, RND: tl.constexpr, PARTS_OUT: tl.constexpr,
 ):
     pair = tl.program_id(0)
@@ -203,8 +203,21 @@ def _gemv_kernel(
             wh = (wu.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)  # nibbles 4..7 to bits 0..15
             p2 = tl.full((ROWS, BLOCK_K // 8), 0.0, tl.float32)
             sxv = tl.full((BLOCK_K // 8,), 0.0, tl.float32)
+            if X_VEC:  # one 16-byte load of a word column's eight activations, split in registers
+                x8 = tl.load(x_row + ke[:, None] + tl.arange(0, 8)[None, :]).to(tl.float32)
+                q4 = tl.reshape(x8, (BLOCK_K // 8, 2, 2, 2))  # [w, i, j, l]: element 4i + 2j + l
+                e_, o_ = tl.split(q4)
+                e0, e1 = tl.split(e_)
+                o0, o1 = tl.split(o_)
+                x0, x4 = tl.split(e0)
+                x2, x6 = tl.split(e1)
+                x1, x5 = tl.split(o0)
+                x3, x7 = tl.split(o1)
+                xs = (x0, x1, x2, x3, x4, x5, x6, x7)
             for m in tl.static_range(8):
-                if EVEN_K:
+                if X_VEC:
+                    xm = xs[m]
+                elif EVEN_K:
                     xm = _x_load(x_row + ke + m, x_row, ke + m, None, X_PARTS, stride_xp, ACT, ALPHA, LIMIT, RND)
                 else:
                     xm = _x_load(x_row + ke + m, x_row, ke + m, k_ok, X_PARTS, stride_xp, ACT, ALPHA, LIMIT, RND)
@@ -386,6 +399,9 @@ INT4_MODE = 2
 # whole K tiles (K a multiple of BLOCK_K): the planes / subnormal reads load without masks, so Triton makes its word
 # loads 128-bit (with a mask it stops at 64-bit); False for A/B runs
 GEMV_EVEN_K = True
+# planes / subnormal reads: the eight activations of a word column in one 16-byte load, split in registers, instead of
+# eight 2-byte loads (80 of the 88 loads of mixtral's gemm1 loop on sm_90); an A/B switch, not yet measured on a GPU
+GEMV_X_VEC = False
 # "subnormal": activations are scaled by 2^(SUBNORMAL_X_EXP - 4j), so products are q x 2^(SUBNORMAL_X_EXP - 149) =
 # q x 2^-64, exact and normal (fp32: 2^-126 .. 2^128) for 2^-62 <= |q x| and |x| < 2^43, every fp16 value included
 SUBNORMAL_X_EXP = 85
@@ -514,6 +530,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         WQ=wq, WS=ws, QBK=group, HAS_ZERO=w_zero is not None,
         **aq_meta(aq, acc_int8, K), UNROLL=int(cfg.get("unroll", 1)), LOOP_STAGES=cfg.get("loop_stages"),
         EVEN_K=GEMV_EVEN_K and K % bk == 0, FUSE_EPI=fuse, ZBLOCK=256, SUB_X=SUBNORMAL_X_EXP,
+        X_VEC=GEMV_X_VEC and mode >= 3 and not x_parts and GEMV_EVEN_K and K % bk == 0,
         X_PARTS=x_parts, PARTS_OUT=parts_out,
         RND={torch.float16: 1, torch.bfloat16: 2}.get(h_dtype, 0) if x_parts else 0,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
