@@ -143,17 +143,17 @@ def gpu_clocks(device: torch.device) -> dict[str, Any] | None:
 
 def clocks_line(result: dict[str, Any], impl: str) -> str | None:
     """One line: the SM clock after each T's graph replays of ``impl``, and what capped it."""
-    parts = []
-    for row in result["rows"]:
-        c = row["impls"].get(impl, {}).get("graph_clocks")
-        if c:
-            limit = f" ({', '.join(c['limits'])})" if c["limits"] else ""
-            parts.append(f"T = {row['T']} {c['sm_mhz']}{limit}")
-    if not parts:
+    clocks = [(row["T"], c) for row in result["rows"] if (c := row["impls"].get(impl, {}).get("graph_clocks"))]
+    if not clocks:
         return None
-    max_mhz = next(row["impls"][impl]["graph_clocks"]["sm_max_mhz"] for row in result["rows"]
-                   if row["impls"].get(impl, {}).get("graph_clocks"))
-    return f"SM clock (MHz, of {max_mhz}) right after {impl}'s graph replays: " + ", ".join(parts) + "."
+    parts = [f"T = {T} {c['sm_mhz']}" + (f" ({', '.join(c['limits'])})" if c["limits"] else "") for T, c in clocks]
+    return f"SM clock (MHz, of {clocks[0][1]['sm_max_mhz']}) right after {impl}'s graph replays: {', '.join(parts)}."
+
+
+def run_notes(result: dict[str, Any]) -> list[str]:
+    """The lines under a bench table: the tile config files composer's Triton rows ran, and the SM clock."""
+    lines = (tile_sources_line(result), clocks_line(result, f"composer {result['meta']['kernel']}"))
+    return [line for line in lines if line]
 
 
 def capture_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
@@ -693,12 +693,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     lines += ["| " + " | ".join(r) + " |" for r in body]
-    tiles = tile_sources_line(result)
-    if tiles:
-        lines += ["", tiles]
-    clocks = clocks_line(result, f"composer {meta['kernel']}")
-    if clocks:
-        lines += ["", clocks]
+    for line in run_notes(result):
+        lines += ["", line]
     notes = {**meta.get("notes", {})}
     for row in result["rows"]:
         for n, r in row["impls"].items():
@@ -729,9 +725,8 @@ def print_table(result: dict[str, Any], console: Any) -> None:
     for r in body:
         t.add_row(*r)
     console.print(t)
-    for line in (tile_sources_line(result), clocks_line(result, f"composer {result['meta']['kernel']}")):
-        if line:
-            console.print(f"[dim]{line}[/dim]")
+    for line in run_notes(result):
+        console.print(f"[dim]{line}[/dim]")
     for k, v in result["meta"].get("notes", {}).items():
         console.print(f"[dim]{k}: {v}[/dim]")
 

@@ -507,6 +507,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
     if parts_out and (out.dim() != 3 or tuple(out.shape) != (split, P, 2 * N) or out.dtype != torch.float32):
         raise ValueError(f"a GEMM1 GEMV split {split} ways over K writes fp32 partial sums [{split}, {P}, {2 * N}] "
                          f"(gemm1_parts tells the count), got {out.dtype} {tuple(out.shape)}")
+    even_k = GEMV_EVEN_K and K % bk == 0
     fb = w
     wss = list(w_scale.stride()) + [0] * 3 if w_scale is not None else [0, 0, 0]
     wzs = list(w_zero.stride()) + [0] * 3 if w_zero is not None else [0, 0, 0]
@@ -529,8 +530,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         HAS_BIAS=bias is not None, ALPHA=alpha, LIMIT=limit, ATOMIC=atomic,
         WQ=wq, WS=ws, QBK=group, HAS_ZERO=w_zero is not None,
         **aq_meta(aq, acc_int8, K), UNROLL=int(cfg.get("unroll", 1)), LOOP_STAGES=cfg.get("loop_stages"),
-        EVEN_K=GEMV_EVEN_K and K % bk == 0, FUSE_EPI=fuse, ZBLOCK=256, SUB_X=SUBNORMAL_X_EXP,
-        X_VEC=GEMV_X_VEC and mode >= 3 and not x_parts and GEMV_EVEN_K and K % bk == 0,
+        EVEN_K=even_k, FUSE_EPI=fuse, ZBLOCK=256, SUB_X=SUBNORMAL_X_EXP,
+        X_VEC=GEMV_X_VEC and mode >= 3 and not x_parts and even_k,
         X_PARTS=x_parts, PARTS_OUT=parts_out,
         RND={torch.float16: 1, torch.bfloat16: 2}.get(h_dtype, 0) if x_parts else 0,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
