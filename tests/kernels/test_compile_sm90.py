@@ -13,6 +13,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from composer.kernels.triton._jit import lazy_jit  # noqa: E402
+from composer.kernels.triton.configs import validate_entry  # noqa: E402
 from composer.kernels.triton.cross_compile import compile_sm90, recorded_launches, registers  # noqa: E402
 from composer.kernels.triton.fused import fused_experts, fused_experts_quant  # noqa: E402
 
@@ -88,14 +89,11 @@ def test_kernels_compile_for_sm90(case):
         assert compiled.asm["cubin"], kernel.__name__
 
 
-def test_x_vec_compiles_for_sm90(monkeypatch):
-    """gemv.GEMV_X_VEC (an A/B switch for the GEMV's activation loads) compiles in both GEMMs of the subnormal read."""
-    from composer.kernels.triton import gemv
-
-    monkeypatch.setattr(gemv, "GEMV_X_VEC", True)
+def test_x_vec_compiles_for_sm90():
+    """``x_vec`` (the GEMV's 16-byte activation loads) compiles in both GEMMs of the subnormal read."""
     x, tw, ids, w13, w2, _, _ = make_case(1, 8, 2, 256, 256, torch.bfloat16, False, 0.0, seed=1)
     w = quantize("int4_w4a16", w13, w2, group_size=128)
-    sub = {"int4_read": "subnormal", "BLOCK_K": 256}
+    sub = {"int4_read": "subnormal", "BLOCK_K": 256, "x_vec": True}
     with recorded_launches() as calls:
         fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", "int4_w4a16", w.w13_scale, w.w2_scale,
                             config=gemv_cfg({**sub, "unroll": 2}, sub))
@@ -158,3 +156,28 @@ def test_table_registers_script(tmp_path):
     assert lines[1].startswith("T=1 ") and "gemm1" in lines[1] and "gemm2" in lines[1] and "regs" in lines[1]
     assert lines[2].startswith("T=16 ")
     assert lines[-1] == "# 0 entries spill"
+
+
+@pytest.mark.parametrize("method", ["int4_w4a16", None])
+def test_pdl_decode_compiles_for_sm90(method, monkeypatch):
+    """A "pdl" decode: GEMM1 lets its dependent start (griddepcontrol.launch_dependents), GEMM2 is launched with
+    launch_pdl, asks L2 for its weight slice and waits for GEMM1 (griddepcontrol.wait) before reading its input."""
+    from composer.kernels.triton import fused
+
+    monkeypatch.setattr(fused, "pdl_supported", lambda device: True)  # (this machine has no sm_90 GPU)
+    x, tw, ids, w13, w2, _, _ = make_case(1, 8, 2, 256, 256, torch.bfloat16, False, 0.0, seed=1)
+    cfg = {**gemv_cfg({"BLOCK_K": 256}, {"BLOCK_K": 128}), "pdl": True}
+    with recorded_launches() as calls:
+        if method:
+            w = quantize(method, w13, w2, group_size=128)
+            fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", method, w.w13_scale, w.w2_scale,
+                                config=validate_entry(cfg))
+        else:
+            fused_experts(x, tw, ids, w13, w2, config=validate_entry(cfg))
+    assert [kw["PDL"] for _, _, kw in calls] == [1, 2]
+    assert "launch_pdl" not in calls[0][2] and calls[1][2]["launch_pdl"] is True
+    ptx = [compile_sm90(kernel, args, kwargs).asm["ptx"] for kernel, args, kwargs in calls]
+    assert "griddepcontrol.launch_dependents" in ptx[0] and "griddepcontrol.wait" not in ptx[0]
+    assert "griddepcontrol.wait" in ptx[1] and "prefetch.global.L2" in ptx[1]
+    # the wait comes before the first read of GEMM1's output (the fused epilogue's atomics come later still)
+    assert ptx[1].index("griddepcontrol.wait") < ptx[1].index("atom.")

@@ -285,23 +285,44 @@ def test_interpreter_int4_planes(case, gemv_calls):
 @pytest.mark.parametrize("read", ["planes", "subnormal"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_interpreter_x_vec_reads_the_same_activations(read, dtype, monkeypatch):
-    """GEMV_X_VEC (a word column's eight activations in one load, split in registers) feeds every nibble the same
-    activation as eight separate loads do: the outputs are identical, bit for bit, in both GEMMs."""
+    """``x_vec`` (a word column's eight activations in one load, split in registers) feeds every nibble the same
+    activation as eight separate loads do: the outputs are identical, bit for bit, with it in either GEMM's tile,
+    in both, and through the module default gemv.GEMV_X_VEC."""
     from composer.kernels.triton import gemv
 
     x, tw, ids, w13, w2, b13, b2 = make_case(2, 4, 2, 128, 64, dtype, True, 0.0, seed=29)
     w = quantize("int4_w4a16", w13, w2, b13, b2, group_size=32, zero_point=True)
-    cfg = gemv_cfg(8, 64, 8, 32, 2)
-    for g in ("gemm1", "gemm2"):
-        cfg[g]["int4_read"] = read
+    vec_runs = []
+    real = gemv._gemv_kernel
+
+    def run(vec1, vec2):
+        cfg = gemv_cfg(8, 64, 8, 32, 2)
+        for g, vec in (("gemm1", vec1), ("gemm2", vec2)):
+            cfg[g]["int4_read"] = read
+            if vec is not None:
+                cfg[g]["x_vec"] = vec
+        return fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int4_w4a16",
+                                   w.w13_scale, w.w2_scale, None, None, w.w13_zero, w.w2_zero,
+                                   config=validate_entry(cfg))
+
+    class Spy:  # records which launches took the 16-byte activation load
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                vec_runs[-1].append(kw["X_VEC"])
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(gemv, "_gemv_kernel", Spy())
     outs = []
     with interpreter():
-        for vec in (False, True):
-            monkeypatch.setattr(gemv, "GEMV_X_VEC", vec)
-            outs.append(fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int4_w4a16",
-                                            w.w13_scale, w.w2_scale, None, None, w.w13_zero, w.w2_zero,
-                                            config=validate_entry(cfg)))
-    assert torch.equal(outs[0], outs[1])
+        for vec1, vec2, default in ((False, False, False), (True, False, False), (False, True, False),
+                                    (True, True, False), (None, None, True)):
+            monkeypatch.setattr(gemv, "GEMV_X_VEC", default)
+            vec_runs.append([])
+            outs.append(run(vec1, vec2))
+    assert vec_runs == [[False, False], [True, False], [False, True], [True, True], [True, True]]
+    for o in outs[1:]:
+        assert torch.equal(outs[0], o)
     assert rel(outs[1], TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[dtype]
 
 
@@ -399,6 +420,22 @@ def test_config_validation_of_gemv_entries():
         bad["gemm1"] = {**bad["gemm1"], "unroll": 1, "loop_stages": unroll}
         with pytest.raises(ValueError, match="gemm1.loop_stages must be an integer >= 1"):
             validate_entry(bad)
+    ok = gemv_cfg()
+    ok["gemm2"] = {**ok["gemm2"], "int4_read": "subnormal", "x_vec": True}
+    assert validate_entry(ok)["gemm2"]["x_vec"] is True
+    for sub, where in (({"int4_read": "subnormal", "x_vec": 1}, "gemv"), ({"x_vec": True}, "gemv"),
+                       ({"int4_read": "words", "x_vec": True}, "gemv"), ({"x_vec": True}, "dot")):
+        bad = gemv_cfg(16, 32, 16, 32, 1) if where == "gemv" else {**gemv_cfg(16, 32, 16, 32, 1), "decode": True}
+        bad["gemm2"] = {**bad["gemm2"], **sub}
+        with pytest.raises(ValueError, match="gemm2.x_vec must be true or false, and true only in a decode"):
+            validate_entry(bad)
+    assert validate_entry({**gemv_cfg(), "pdl": True})["pdl"] is True
+    for bad in ({**gemv_cfg(), "pdl": "yes"}, {**gemv_cfg(16, 32, 16, 32, 1), "decode": True, "pdl": True}):
+        with pytest.raises(ValueError, match="pdl must be true or false, and true only with decode \"gemv\""):
+            validate_entry(bad)
+    from composer.kernels.triton.gemv import pdl_supported
+
+    assert not pdl_supported(torch.device("cpu"))  # (the interpreter and CPUs run the two launches in order)
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -471,6 +508,55 @@ def test_gpu_gemv_graph_replay():
     torch.cuda.synchronize()
     torch.testing.assert_close(gout, run(new_x), rtol=1e-2, atol=1e-3)
     assert not torch.equal(gout, eager)
+
+
+GPU_GEMV_PDL = {**GPU_GEMV_SUB, "pdl": True, "gemm2": {**GPU_GEMV_SUB["gemm2"], "x_vec": True}}
+
+
+@gpu
+@cuda
+@pytest.mark.parametrize("shape", ["qwen3_30b_a3b", "mixtral_8x7b"])
+def test_gpu_pdl_decode_replays_right(shape):
+    """A "pdl" decode (GEMM2 a programmatic dependent of GEMM1, prefetching its weights before it waits) gives the
+    two-launch results, eager and over many CUDA-graph replays on new inputs: a GEMM2 that read GEMM1's output
+    before it was written would show as a wrong replay."""
+    from composer.kernels.triton.gemv import pdl_supported
+    from composer.tasks.bench import capture_graph
+
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert pdl_supported(torch.device("cuda"))  # (this Triton has grid dependency control)
+    E, k, H, I = SHAPES[shape]
+    x, tw, ids, w13, w2, _, _ = make_case(1, E, k, H, I, torch.bfloat16, False, 0.0, seed=11, device="cuda")
+    for method, params in (("int4_w4a16", {"group_size": 128}), (None, {}),
+                           ("fp8_w8a8", {"granularity": "per_token_channel"})):
+        if method:
+            w = quantize(method, w13, w2, **params)
+            ex = w.extra or {}
+
+            def run(a, cfg, w=w, method=method, ex=ex):
+                return fused_experts_quant(a, tw, ids, w.w13, w.w2, None, None, "silu", method, w.w13_scale,
+                                           w.w2_scale, w.a13_scale, w.a2_scale, w.w13_zero, w.w2_zero,
+                                           ex.get("granularity", "per_token_channel"), config=cfg)
+            ref = TorchExperts().apply(x, tw, ids, w, "silu").double()
+        else:
+            def run(a, cfg):
+                return fused_experts(a, tw, ids, w13, w2, config=cfg)
+            ref = oracle_experts(x, tw, ids, w13, w2, "silu")
+        cfg = {**GPU_GEMV_PDL} if method == "int4_w4a16" else {**GPU_GEMV, "pdl": True}
+        plain = {**cfg, "pdl": False}
+        out = run(x, cfg)
+        assert rel(out, ref) < GPU_TOL.get(method, 1e-2), (shape, method, rel(out, ref))
+        assert rel(out, run(x, plain).double()) < 2e-3  # (fp32 atomics add in any order: not bit for bit)
+        static_x = x.clone()
+        graph, gout = capture_graph(lambda: run(static_x, cfg))
+        g = torch.Generator(device="cuda").manual_seed(5)
+        for i in range(40):
+            new_x = torch.randn(x.shape, device="cuda", generator=g).to(torch.bfloat16)
+            static_x.copy_(new_x)
+            graph.replay()
+            want = run(new_x, plain)
+            torch.cuda.synchronize()
+            assert rel(gout, want.double()) < 2e-3, (shape, method, i, rel(gout, want.double()))
 
 
 @lazy_helper

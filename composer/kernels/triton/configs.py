@@ -12,11 +12,16 @@ pair per program, FMA GEMVs in registers, ``gemv.py``; there ``BLOCK_N`` may be 
 ``SPLIT_K``, the number of programs that share one tile's K range (GEMM1's then leave fp32 partial sums that GEMM2
 activates as it loads them); ``mma: true`` runs the GEMV's products on
 tensor cores with the weights as the MMA's A operand; ``int4_read``: how the GEMV unpacks int4, one of
-``"words"``, ``"planes"``, ``"subnormal"``, ``"bytes"``, ``"words_4d"``, gemv.py; ``unroll``: K-loop iterations
+``"words"``, ``"planes"``, ``"subnormal"``, ``"bytes"``, ``"words_4d"``, gemv.py; ``x_vec: true`` (with the planes or
+subnormal read): a word column's eight activations come in one 16-byte load, split in registers, instead of eight
+2-byte loads (faster for some tiles, slower for others: measured per entry); ``unroll``: K-loop iterations
 the GEMV unrolls, so one warp has several weight loads in flight; ``loop_stages``: software-pipeline stages of that
 loop, ``tl.range(num_stages=...)``, which pipelines every load of the loop through shared memory, where the kernel's
 ``num_stages`` only pipelines ``tl.dot`` operands). ``fp8_promote`` (fp8 per-tensor / per-channel): K tiles
 accumulated in the tensor core between additions to the fp32 accumulator (default ``gemm.FP8_PROMOTE_TILES``).
+``pdl: true`` (decode ``"gemv"``): GEMM2's launch is a programmatic dependent of GEMM1's (Hopper and later; ignored
+before sm_90 and under the interpreter): its programs start while GEMM1 runs, ask L2 for their weight slices and
+wait for GEMM1's results (gemv.py).
 
 For a run with T tokens the entry with the nearest key is used (as vLLM does). Folders searched, first
 match wins: ``$COMPOSER_KERNEL_CONFIGS`` (a folder, or several joined by ``:``), folders added with
@@ -41,7 +46,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "configs"
 _extra_dirs: list[Path] = []
 
 GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma", "SPLIT_K", "mma", "fp8_promote",
-             "int4_read", "unroll", "loop_stages")
+             "int4_read", "x_vec", "unroll", "loop_stages")
 INT4_READ_NAMES = ("bytes", "words_4d", "words", "planes", "subnormal")  # gemv.INT4_READS: their codes in this order
 
 
@@ -124,9 +129,17 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
         if "int4_read" in sub and (not gemv or sub["int4_read"] not in INT4_READ_NAMES):
             problems.append(f"{g}.int4_read must be one of {', '.join(INT4_READ_NAMES)} in a decode \"gemv\" tile, "
                             f"got {sub['int4_read']!r}" + ("" if gemv else " with decode " + repr(decode)))
+        if not isinstance(sub.get("x_vec", False), bool) or sub.get("x_vec") and (
+                not gemv or sub.get("int4_read") not in ("planes", "subnormal")):
+            problems.append(f"{g}.x_vec must be true or false, and true only in a decode \"gemv\" tile with int4_read "
+                            f"\"planes\" or \"subnormal\" (the reads it feeds); got {sub.get('x_vec')!r} with "
+                            f"int4_read {sub.get('int4_read')!r}")
         unknown = set(sub) - set(GEMM_KEYS)
         if unknown:
             problems.append(f"{g}: unknown keys {sorted(unknown)}; allowed: {', '.join(GEMM_KEYS)}")
+    if not isinstance(entry.get("pdl", False), bool) or entry.get("pdl") and not gemv:
+        problems.append(f"pdl must be true or false, and true only with decode \"gemv\" (GEMM2's GEMV launched as a "
+                        f"programmatic dependent of GEMM1's); got {entry.get('pdl')!r} with decode {decode!r}")
     if entry.get("reduce", "atomic") not in ("atomic", "buffer"):
         problems.append(f"reduce must be 'atomic' or 'buffer', got {entry.get('reduce')!r}")
     if problems:

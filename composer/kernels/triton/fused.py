@@ -10,7 +10,7 @@ import triton
 from .align import max_blocks, moe_align
 from .configs import fit_smem, get_config, heuristic_config
 from .gemm import ACT_CODES, SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, QuantSpec, gemm1, gemm2, moe_sum
-from .gemv import _pow2_divisor, gemm1_parts, gemv
+from .gemv import _pow2_divisor, gemm1_parts, gemv, pdl_supported
 
 
 @dataclass
@@ -91,12 +91,14 @@ def _decode_gemv(x, r: _Routing, k: int, activation: str, config: dict[str, Any]
     if parts > 1:  # GEMM1 split over K leaves fp32 partial (gate, up) sums; GEMM2 activates them as it loads
         inter = torch.empty(parts, r.ids.numel(), w13.shape[1], dtype=torch.float32, device=x.device)
     act = dict(activation_code=ACT_CODES[activation], alpha=SWIGLUOAI_ALPHA, limit=SWIGLUOAI_LIMIT)
+    out = epi[0] if epi else _out_buffer(r, x, H)  # (before GEMM1: nothing may launch between a "pdl" pair)
+    pdl = bool(config.get("pdl")) and pdl_supported(x.device)
     gemv(x, w13, w13_bias, inter, r.ids, k, config["gemm1"], gated=True, wq=wq, ws=ws, group=groups[0],
-         a_scale=act_scales[0], w_scale=scales[0], w_zero=zeros[0], aq=aq[0], acc_int8=acc_int8, epilogue=epi, **act)
-    out = epi[0] if epi else _out_buffer(r, x, H)
+         a_scale=act_scales[0], w_scale=scales[0], w_zero=zeros[0], aq=aq[0], acc_int8=acc_int8, epilogue=epi,
+         pdl=1 if pdl else 0, **act)
     gemv(inter, w2, w2_bias, out, r.ids, k, config["gemm2"], gated=False, tw=r.tw, atomic=r.atomic, wq=wq, ws=ws,
          group=groups[1], a_scale=act_scales[1], w_scale=scales[1], w_zero=zeros[1], aq=aq[1], acc_int8=acc_int8,
-         epilogue=epi, x_parts=parts if parts > 1 else 0, h_dtype=x.dtype, **act)
+         epilogue=epi, x_parts=parts if parts > 1 else 0, h_dtype=x.dtype, pdl=2 if pdl else 0, **act)
     return epi[2] if epi else _reduce(out, r, x, w2.shape[0])
 
 

@@ -35,9 +35,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import lazy_helper, lazy_jit
+from ._jit import interpreting, lazy_helper, lazy_jit
 from .configs import INT4_READ_NAMES
 from .gemm import _activate, _quant_act, _row_quant_scale, aq_meta
+
+try:  # grid dependency control (programmatic dependent launch, sm_90+): the "pdl" tile-config key
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # (an older Triton: "pdl" is then not used)
+    gdc_launch_dependents = gdc_wait = None
 
 # int4 -> fp32 in the kernel: (q << 19) & 0x780000 puts the nibble in mantissa bits 19..22, | 0x3F800000 (1.0f)
 # makes the float 1 + q / 16.
@@ -47,6 +52,13 @@ from .gemm import _activate, _quant_act, _row_quant_scale, aq_meta
 def _pow2(E: tl.constexpr):
     """The fp32 number 2^E (-126 <= E <= 127), from its bits: an exact power-of-two scale."""
     return tl.full((), (E + 127) << 23, tl.int32).to(tl.float32, bitcast=True)
+
+
+@lazy_helper
+def _prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte lines at ``ptrs`` (the int32 result is a dummy: prefetch writes no register)."""
+    return tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                     is_pure=False, pack=1)
 
 
 @lazy_helper
@@ -94,10 +106,13 @@ def _gemv_kernel(
     AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr, LOOP_STAGES: tl.constexpr, EVEN_K: tl.constexpr,
     FUSE_EPI: tl.constexpr, ZBLOCK: tl.constexpr, SUB_X: tl.constexpr, X_VEC: tl.constexpr,
     X_PARTS: tl.constexpr, RND: tl.constexpr, PARTS_OUT: tl.constexpr,
+    PDL: tl.constexpr, PF_N: tl.constexpr, PF_STEP: tl.constexpr, EPW: tl.constexpr,
 ):
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
+    if PDL == 1:  # GEMM1 of a "pdl" decode: GEMM2's programs may start once every GEMM1 program got here
+        gdc_launch_dependents()
     if FUSE_EPI and GATED:  # GEMM1 zeroes GEMM2's fp32 sums and arrival counters (GEMM2 runs after it; a GEMM1
         # split over K has each split write the same zeros)
         nprog = tl.num_programs(0) * tl.num_programs(1)
@@ -136,6 +151,15 @@ def _gemv_kernel(
         ch = n % N
     w_rows = w_ptr + expert.to(tl.int64) * stride_we + ch.to(tl.int64) * stride_wn
     ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
+    if PDL == 2:  # GEMM2 launched as GEMM1's programmatic dependent, running while GEMM1 still computes: ask L2 for
+        # this program's weight slice (PF_N lines of 128 bytes per row, PF_STEP pointer units apart, EPW elements
+        # per unit), then wait until GEMM1 is done and its writes are visible. (ids, weights and routing were
+        # written before GEMM1 started.)
+        if PF_N > 0:
+            pf_last = tl.maximum((k_hi + EPW - 1) // EPW - 1, 0)
+            pf = tl.minimum(k_lo // EPW + tl.arange(0, PF_N) * PF_STEP, pf_last)
+            _prefetch_l2(w_rows[:, None] + pf[None, :])
+        gdc_wait()
 
     if AQ != 0:  # FUSED_AQ: the row's quantization scale (amax pass over the whole row, or static)
         if X_PARTS == 0 or AQ == 2:
@@ -400,8 +424,11 @@ INT4_MODE = 2
 # loads 128-bit (with a mask it stops at 64-bit); False for A/B runs
 GEMV_EVEN_K = True
 # planes / subnormal reads: the eight activations of a word column in one 16-byte load, split in registers, instead of
-# eight 2-byte loads (80 of the 88 loads of mixtral's gemm1 loop on sm_90); an A/B switch, not yet measured on a GPU
+# eight 2-byte loads (80 of the 88 loads of mixtral's gemm1 loop on sm_90). The default where a tile config has no
+# "x_vec" key; it pays for some tiles and costs for others (docs/quantization.md), so the tables say per GEMM
 GEMV_X_VEC = False
+# "pdl" decodes: GEMM2's programs prefetch their weight slice into L2 before waiting for GEMM1 (False: wait only)
+GEMV_PDL_PREFETCH = True
 # "subnormal": activations are scaled by 2^(SUBNORMAL_X_EXP - 4j), so products are q x 2^(SUBNORMAL_X_EXP - 149) =
 # q x 2^-64, exact and normal (fp32: 2^-126 .. 2^128) for 2^-62 <= |q x| and |x| < 2^43, every fp16 value included
 SUBNORMAL_X_EXP = 85
@@ -463,7 +490,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
          w_scale: torch.Tensor | None = None, w_zero: torch.Tensor | None = None, aq: int = 0,
          acc_int8: bool = False, alpha: float = 1.702, limit: float = 7.0,
          epilogue: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, x_parts: int = 0,
-         h_dtype: torch.dtype | None = None) -> Any:
+         h_dtype: torch.dtype | None = None, pdl: int = 0) -> Any:
     """One GEMM of the decode path as GEMVs. ``gated``: GEMM1 (``out[P, N]`` in the model dtype, activation
     applied); otherwise GEMM2 (``out`` fp32 ``[T, H]`` with ``atomic``, else the per-pair buffer ``[P, H]``).
 
@@ -475,6 +502,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
     ``SPLIT_K`` > 1 in GEMM1's tile: ``out`` is fp32 ``[S, P, 2N]`` (S from ``gemm1_parts``), each K split's
     (gate, up) sums interleaved, no activation; GEMM2 then takes ``x_parts=S`` with ``x`` = those sums and
     ``h_dtype`` = the model dtype, adds the parts, applies the activation and rounds to ``h_dtype`` as it loads.
+    ``pdl`` (``pdl_supported``): 1 on GEMM1, which lets its programmatic dependent start early; 2 on GEMM2, launched
+    as that dependent: it prefetches its weights into L2, then waits for GEMM1's results.
     Returns Triton's launch handle (``n_regs``, ``n_spills``, ``asm``)."""
     P = ids_flat.numel()
     N = w.shape[1] // 2 if gated else w.shape[1]
@@ -516,6 +545,11 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
     if fuse and not gated and not atomic:
         raise ValueError("the fused epilogue adds GEMM2's results atomically; it needs reduce='atomic'")
     sums, counters, y = epilogue if fuse else (fb, fb, fb)
+    unit = w.element_size()  # pointer unit of the weight rows; EPW elements of K per unit
+    epw = (8 if mode else 2) if wq == 2 else 1
+    pf_n = triton.next_power_of_2(triton.cdiv(triton.cdiv(k_split, epw) * unit, 128)) if pdl == 2 else 0
+    pf_n = pf_n if GEMV_PDL_PREFETCH else 0
+    extra = {"launch_pdl": True} if pdl == 2 else {}
     return _gemv_kernel[grid](
         x, w, bias if bias is not None else fb, tw if tw is not None else fb, out, ids_flat,
         a_scale if a_scale is not None else fb, w_scale if w_scale is not None else fb,
@@ -531,8 +565,17 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         WQ=wq, WS=ws, QBK=group, HAS_ZERO=w_zero is not None,
         **aq_meta(aq, acc_int8, K), UNROLL=int(cfg.get("unroll", 1)), LOOP_STAGES=cfg.get("loop_stages"),
         EVEN_K=even_k, FUSE_EPI=fuse, ZBLOCK=256, SUB_X=SUBNORMAL_X_EXP,
-        X_VEC=GEMV_X_VEC and mode >= 3 and not x_parts and even_k,
+        X_VEC=bool(cfg.get("x_vec", GEMV_X_VEC)) and mode >= 3 and not x_parts and even_k,
         X_PARTS=x_parts, PARTS_OUT=parts_out,
         RND={torch.float16: 1, torch.bfloat16: 2}.get(h_dtype, 0) if x_parts else 0,
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
+        PDL=pdl, PF_N=pf_n, PF_STEP=128 // unit, EPW=epw,
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **extra,
     )
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Whether a "pdl" tile config can launch GEMM2 as a programmatic dependent here: compiled (not interpreted)
+    kernels on an sm_90+ GPU, with a Triton that has grid dependency control. Elsewhere the two launches simply run
+    in order; the results are the same."""
+    return (device.type == "cuda" and not interpreting() and gdc_wait is not None
+            and torch.cuda.get_device_capability(device)[0] >= 9)
