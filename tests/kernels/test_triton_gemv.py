@@ -282,15 +282,14 @@ def test_interpreter_int4_planes(case, gemv_calls):
     assert rel(outs[2], outs[0].double()) < (1e-5 if dtype == torch.float32 else 2e-3)
 
 
-@pytest.mark.parametrize("read", ["planes", "subnormal"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("read,dtype", [("subnormal", torch.float16), ("planes", torch.float32)])
 def test_interpreter_x_vec_reads_the_same_activations(read, dtype, monkeypatch):
     """``x_vec`` (a word column's eight activations in one load, split in registers) feeds every nibble the same
     activation as eight separate loads do: the outputs are identical, bit for bit, with it in either GEMM's tile,
-    in both, and through the module default gemv.GEMV_X_VEC."""
+    and in both through the module default gemv.GEMV_X_VEC. (Each read with one dtype: 16- and 32-byte vectors.)"""
     from composer.kernels.triton import gemv
 
-    x, tw, ids, w13, w2, b13, b2 = make_case(2, 4, 2, 128, 64, dtype, True, 0.0, seed=29)
+    x, tw, ids, w13, w2, b13, b2 = make_case(1, 4, 2, 128, 64, dtype, True, 0.0, seed=29)
     w = quantize("int4_w4a16", w13, w2, b13, b2, group_size=32, zero_point=True)
     vec_runs = []
     real = gemv._gemv_kernel
@@ -316,11 +315,11 @@ def test_interpreter_x_vec_reads_the_same_activations(read, dtype, monkeypatch):
     outs = []
     with interpreter():
         for vec1, vec2, default in ((False, False, False), (True, False, False), (False, True, False),
-                                    (True, True, False), (None, None, True)):
+                                    (None, None, True)):
             monkeypatch.setattr(gemv, "GEMV_X_VEC", default)
             vec_runs.append([])
             outs.append(run(vec1, vec2))
-    assert vec_runs == [[False, False], [True, False], [False, True], [True, True], [True, True]]
+    assert vec_runs == [[False, False], [True, False], [False, True], [True, True]]
     for o in outs[1:]:
         assert torch.equal(outs[0], o)
     assert rel(outs[1], TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[dtype]
