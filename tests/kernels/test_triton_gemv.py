@@ -603,6 +603,8 @@ def test_tuner_gemv_candidates_are_valid_entries():
         for name in ("gemm1", "gemm2"):
             for g in gemv_candidates(name, method):
                 validate_entry({**gemv_cfg(), name: g}, f"{method} {name} {g}")
+            # int4 tiles are tried with and without x_vec, non-int4 ones never carry it
+            assert any(g.get("x_vec") for g in gemv_candidates(name, method)) == (method == "int4_w4a16")
 
 
 @pytest.mark.parametrize("rot, stages", [(0, 3), (7, 2)])

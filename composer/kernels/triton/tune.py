@@ -228,9 +228,10 @@ def gemv_candidates(name: str, method: str = "") -> list[dict[str, Any]]:
         # 21.8 -> 19.6 (sixth session, where 512 / 1024-wide K tiles were 10-80% slower); once a tile of whole
         # groups loaded one scale vector per group, 256-wide K tiles won for both GEMVs (mixtral 103.5 -> 86.2 us,
         # deepseek_v3 113.8 -> 90.7; seventh session); deeper pipelines (num_stages) never changed the GEMV (its
-        # loads are not software-pipelined: no such candidates), unroll 4+ was slower
-        fast = [{**g, "int4_read": read, **({"unroll": u} if u > 1 else {})}
-                for read in ("subnormal", "planes") for u in (1, 2) for g in (
+        # loads are not software-pipelined: no such candidates), unroll 4+ was slower; x_vec (one 16-byte load of a
+        # word column's activations) paid for narrow tiles and cost for 64-wide ones on an H200 (ninth session)
+        fast = [{**g, "int4_read": read, **({"unroll": u} if u > 1 else {}), **({"x_vec": True} if vec else {})}
+                for read in ("subnormal", "planes") for u in (1, 2) for vec in (False, True) for g in (
             [_gv(bn, bk, w, 2) for bn, bk, w in ((16, 128, 4), (32, 128, 4), (64, 128, 4), (64, 128, 8),
                                                   (16, 256, 2), (32, 256, 4))] if name == "gemm1" else
             [_gv(bn, bk, 4, 2, sp) for bn, bk, sp in ((64, 128, 2), (128, 128, 8), (128, 128, 16), (128, 128, 32),
@@ -303,6 +304,13 @@ def tune_quant_decode(weights, x: torch.Tensor, tw: torch.Tensor, ids: torch.Ten
                     best, best_t = cand, t
             if log:
                 log(f"  {weights.quant} decode={best['decode']} {name}: {best[name]} -> {best_t * 1e3:.1f} us")
+        if start["decode"] == "gemv":  # GEMM2 as GEMM1's programmatic dependent (H200: deepseek_v3 79.3 -> 76.7 us,
+            # qwen3 no gain; a no-op before sm_90, where it times the same as without)
+            t = timed({**best, "pdl": True})
+            if t < best_t:
+                best, best_t = {**best, "pdl": True}, t
+            if log:
+                log(f"  {weights.quant} decode=gemv pdl={best.get('pdl', False)} -> {best_t * 1e3:.1f} us")
         results.append((best_t, best))
     best_t, best = min(results, key=lambda r: r[0])
     return best, best_t
