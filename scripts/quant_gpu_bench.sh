@@ -3,7 +3,8 @@
 #   1. optional: TUNE="int4_w4a16 fp8_w8a8" retunes those methods' T = 1 decode tiles at the three shapes
 #      (composer.kernels.triton.tune.tune_quant_tables: the tl.dot decode and the GEMV decode; TUNE_DOT=0 times
 #      the shipped tl.dot entry instead of searching it again, TUNE_DOT=skip tunes the GEMV decode only) into $OUT/configs, which the benches then use
-#      (COMPOSER_KERNEL_CONFIGS); copy the files into composer/kernels/configs/ to ship them.
+#      (COMPOSER_KERNEL_CONFIGS); copy the files into composer/kernels/configs/ to ship them. TUNE_TIMEOUT (default
+#      450 s) bounds it: GEMV-only int4 tuning took 78-90 s per shape on an H200 (ninth session).
 #   2. `composer task=bench` (standalone driver) per shape for fp8_w8a8 per_token_channel (FP8_TOKENS, default
 #      1,16,128) and int4_w4a16 group 128 (INT4_TOKENS, default 1,16): composer quantized vs composer bf16 in the
 #      same run, torch._scaled_grouped_mm for fp8.
@@ -17,7 +18,7 @@ shapes=${*:-mixtral_8x7b qwen3_30b_a3b deepseek_v3}
 rc=0
 if [[ -n ${TUNE:-} ]]; then
   methods=$(python3 -c "import sys; print(tuple(sys.argv[1:]))" $TUNE)
-  timeout "${TUNE_TIMEOUT:-300}" python3 -c "from composer.kernels.triton.tune import tune_quant_tables as t; t('$OUT/configs', methods=$methods, dot={'0': False, 'skip': None}.get('${TUNE_DOT:-1}', True))" \
+  timeout "${TUNE_TIMEOUT:-450}" python3 -c "from composer.kernels.triton.tune import tune_quant_tables as t; t('$OUT/configs', methods=$methods, dot={'0': False, 'skip': None}.get('${TUNE_DOT:-1}', True))" \
     > "$OUT/tune.log" 2>&1 || rc=1
   tail -n 20 "$OUT/tune.log"
   export COMPOSER_KERNEL_CONFIGS=$OUT/configs
