@@ -2,8 +2,8 @@
 
 For each benchmark shape and T of ``--tokens``: composer bf16 (its shipped config, the speed-up's baseline), the
 method's shipped entry for that T, and every variant of ``--variants`` (a JSON list; each item is merged into the
-shipped entry: top-level keys replace, ``gemm1`` / ``gemm2`` objects update the shipped GEMM tiles; ``"name"``
-labels the row). Each time is the median of CUDA-graph replays of the whole experts call (one replay per CUDA-event
+shipped entry: top-level keys replace, ``gemm1`` / ``gemm2`` objects update the shipped GEMM tiles, or replace them
+whole with ``"replace": true``, e.g. to time an entry a tuner wrote; ``"name"`` labels the row). Each time is the median of CUDA-graph replays of the whole experts call (one replay per CUDA-event
 pair). The error is against kernel=torch on the same quantized weights at T = 1 (the active experts only), and
 against the shipped entry's output at larger T (kernel=torch would dequantize every expert). ``--profile`` adds
 the per-launch device times of bf16 and of the shipped entry (torch.profiler), to see where a call spends its
@@ -49,10 +49,11 @@ def expert_subset(w, used: torch.Tensor):
 
 def merge(base: dict, variant: dict) -> dict:
     out = {k: v for k, v in base.items() if k not in ("source", "_us")}
+    update = not variant.get("replace", False)
     for k, v in variant.items():
-        if k == "name":
+        if k in ("name", "replace"):
             continue
-        out[k] = {**out.get(k, {}), **v} if k in ("gemm1", "gemm2") and isinstance(v, dict) else v
+        out[k] = {**out.get(k, {}), **v} if update and k in ("gemm1", "gemm2") and isinstance(v, dict) else v
     return validate_entry(out, f"variant {variant.get('name', variant)}")
 
 

@@ -462,6 +462,28 @@ def test_decode_probe_probes_any_T(monkeypatch, capsys):
     assert best[1] == "bn32" and best[2]["gemm1"]["BLOCK_N"] == 32
 
 
+def test_decode_probe_variants_update_or_replace_the_shipped_tiles():
+    """A variant's gemm1 / gemm2 update the shipped tiles (a key such as unroll stays unless the variant says
+    otherwise); with "replace": true they replace them whole, so a tuner's entry is timed as it was written."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "decode_probe", Path(__file__).resolve().parents[2] / "scripts" / "decode_probe.py")
+    dp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dp)
+    shipped = {"BLOCK_M": 16, "decode": "gemv", "reduce": "atomic", "source": "f.json", "_us": 1.0,
+               "gemm1": {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2, "unroll": 2},
+               "gemm2": {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": 4}}
+    tile = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2}
+    updated = dp.merge(shipped, {"name": "n8", "gemm1": tile})
+    assert updated["gemm1"] == {**tile, "unroll": 2} and updated["gemm2"] == shipped["gemm2"]
+    assert "source" not in updated and "_us" not in updated
+    replaced = dp.merge(shipped, {"name": "tuned", "replace": True, "pdl": True, "gemm1": tile})
+    assert replaced["gemm1"] == tile and replaced["gemm2"] == shipped["gemm2"] and replaced["pdl"] is True
+    assert "replace" not in replaced and "name" not in replaced
+
+
 def test_decode_probe_writes_a_table_for_this_gpu_from_a_same_capability_one(tmp_path, monkeypatch):
     """decode_probe --write on a GPU with no file of its own (an H800, sm_90 like the H100): the H100 table it ran, with the probe's
     T = 1 entry, saved under this GPU's name and capability."""
