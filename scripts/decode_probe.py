@@ -3,8 +3,9 @@
 For each benchmark shape and T of ``--tokens``: composer bf16 (its shipped config, the speed-up's baseline), the
 method's shipped entry for that T, and every variant of ``--variants`` (a JSON list; each item is merged into the
 shipped entry: top-level keys replace, ``gemm1`` / ``gemm2`` objects update the shipped GEMM tiles, or replace them
-whole with ``"replace": true``, e.g. to time an entry a tuner wrote; ``"name"`` labels the row). Each time is the median of CUDA-graph replays of the whole experts call (one replay per CUDA-event
-pair). The error is against kernel=torch on the same quantized weights at T = 1 (the active experts only), and
+whole with ``"replace": true``, e.g. to time an entry a tuner wrote; ``"name"`` labels the row). Each time is the
+median of CUDA-graph replays of the whole experts call (one replay per CUDA-event pair); ``--rounds N`` times every
+row N times in turns and reports the median of those. The error is against kernel=torch on the same quantized weights at T = 1 (the active experts only), and
 against the shipped entry's output at larger T (kernel=torch would dequantize every expert). ``--profile`` adds
 the per-launch device times of bf16 and of the shipped entry (torch.profiler), to see where a call spends its
 microseconds.
@@ -120,7 +121,8 @@ def main() -> int:
                     "COMPOSER_KERNEL_CONFIGS=DIR)")
     ap.add_argument("--max-err", type=float, default=1e-2)
     ap.add_argument("--rounds", type=int, default=1, help="time bf16 and every row this many times, in turns "
-                    "(A B C, A B C, ...), and report the median: small calls drift by 10-20%% over a process")
+                    "(A B C, A B C, ...), and report the median: a small call (qwen3 T = 1) moves by up to 50%% "
+                    "between processes and between two levels within one")
     ap.add_argument("--op", action="store_true", help="also time the shipped config through torch.ops.composer "
                     "(the path task=bench times)")
     args = ap.parse_args()
