@@ -5,10 +5,10 @@ method's shipped entry for that T, and every variant of ``--variants`` (a JSON l
 shipped entry: top-level keys replace, ``gemm1`` / ``gemm2`` objects update the shipped GEMM tiles, or replace them
 whole with ``"replace": true``, e.g. to time an entry a tuner wrote; ``"name"`` labels the row). Each time is the
 median of CUDA-graph replays of the whole experts call (one replay per CUDA-event pair); ``--rounds N`` times every
-row N times in turns and reports the median of those. The error is against kernel=torch on the same quantized weights at T = 1 (the active experts only), and
-against the shipped entry's output at larger T (kernel=torch would dequantize every expert). ``--profile`` adds
-the per-launch device times of bf16 and of the shipped entry (torch.profiler), to see where a call spends its
-microseconds.
+row N times in turns and reports the median of those. The error is against kernel=torch on the same quantized
+weights at T = 1 (the active experts only), and against the shipped entry's output at larger T (kernel=torch would
+dequantize every expert). ``--profile`` adds the per-launch device times of bf16 and of the shipped entry
+(torch.profiler), to see where a call spends its microseconds.
 
 Example (repo root, GPU machine)::
 
