@@ -547,8 +547,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
     sums, counters, y = epilogue if fuse else (fb, fb, fb)
     unit = w.element_size()  # pointer unit of the weight rows; EPW elements of K per unit
     epw = (8 if mode else 2) if wq == 2 else 1
-    pf_n = triton.next_power_of_2(triton.cdiv(triton.cdiv(k_split, epw) * unit, 128)) if pdl == 2 else 0
-    pf_n = pf_n if GEMV_PDL_PREFETCH else 0
+    pf_n = (triton.next_power_of_2(triton.cdiv(triton.cdiv(k_split, epw) * unit, 128))
+            if pdl == 2 and GEMV_PDL_PREFETCH else 0)
     extra = {"launch_pdl": True} if pdl == 2 else {}
     return _gemv_kernel[grid](
         x, w, bias if bias is not None else fb, tw if tw is not None else fb, out, ids_flat,

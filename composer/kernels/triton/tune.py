@@ -330,7 +330,6 @@ def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]]
     (``methods=("int4_w4a16",)`` retunes one method; scripts/quant_gpu_bench.sh does that with TUNE=...)."""
     import json
     import os
-    from pathlib import Path
 
     from ...tasks.bench import Shape, make_weights, quantize_weights
     from .configs import config_file_name, device_capability, device_name, get_config, tuned_table
@@ -364,12 +363,11 @@ def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]]
                 f"{torch.cuda.get_device_name()} (_us: CUDA-graph median of the whole quantized experts call); "
                 "other T: the bfloat16 table's tiles (w8a8: K tiles of at least 128, fused.w8a8_tiles)")}
             table["_capability"] = device_capability()
-            bf = tuned_table(E, I, H, device_name(), "bfloat16", device_capability())
-            if bf:
-                for T, e in json.loads(Path(bf[0]).read_text()).items():
-                    if not T.startswith("_") and T != "1":
-                        e = {kk: v for kk, v in e.items() if kk != "_us"}
-                        table[T] = w8a8_tiles(e) if method in ("fp8_w8a8", "int8_w8a8") else e
+            bf = tuned_table(E, I, H, device_name(), "bfloat16", device_capability())  # (path, validated entries)
+            for T, e in (bf[1] if bf else {}).items():
+                if T != 1:
+                    e = {kk: v for kk, v in e.items() if kk != "_us"}
+                    table[str(T)] = w8a8_tiles(e) if method in ("fp8_w8a8", "int8_w8a8") else e
             table["1"] = {**entry, "_us": round(t * 1e3, 1)}
             table = dict(sorted(table.items(), key=lambda kv: -1 if kv[0].startswith("_") else int(kv[0])))
             path = os.path.join(out_dir, config_file_name(E, I, H, device_name(), method))
