@@ -102,6 +102,26 @@ def test_x_vec_compiles_for_sm90():
         assert compile_sm90(kernel, args, kwargs).asm["cubin"]
 
 
+def test_prefetch_compiles_for_sm90_with_loads_ahead():
+    """``prefetch`` compiles for sm_90 in both GEMMs, and each tile's 128-bit loads (weights, x_vec activations)
+    appear once more per tile ahead: a prologue of AHEAD tiles before the loop's one, so 1 : 2 : 3 for 0, 1, 2."""
+    import re
+
+    x, tw, ids, w13, w2, _, _ = make_case(1, 8, 2, 256, 256, torch.bfloat16, False, 0.0, seed=1)
+    w = quantize("int4_w4a16", w13, w2, group_size=128)
+    sub = {"int4_read": "subnormal", "BLOCK_K": 128, "x_vec": True}
+    counts = []
+    for pf in (0, 1, 2):
+        with recorded_launches() as calls:
+            fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", "int4_w4a16", w.w13_scale, w.w2_scale,
+                                config=gemv_cfg({**sub, "prefetch": pf}, {**sub, "prefetch": pf}))
+        assert [kw.get("AHEAD") for _, _, kw in calls] == [pf, pf]
+        ptx = [compile_sm90(kernel, args, kwargs).asm["ptx"] for kernel, args, kwargs in calls]
+        counts.append([len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", p)) for p in ptx])
+    for g in (0, 1):
+        assert counts[0][g] > 0 and [c[g] for c in counts] == [counts[0][g] * n for n in (1, 2, 3)], counts
+
+
 @lazy_jit
 def _retyped_kernel(x_ptr, o_ptr, n, BLOCK: tl.constexpr):
     v = n * 2

@@ -325,6 +325,48 @@ def test_interpreter_x_vec_reads_the_same_activations(read, dtype, monkeypatch):
     assert rel(outs[1], TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[dtype]
 
 
+# read, group, BLOCK_K, zero points, x_vec, dtype, H, I, gemm2 SPLIT_K: groups of 48 cut by 32-wide tiles (a
+# [rows, words] scale gather) with split-K; whole groups per tile with x_vec; a ragged K (the last tile masked)
+PREFETCH_CASES = [("planes", 48, 32, True, False, torch.float16, 96, 48, 3),
+                  ("subnormal", 32, 64, True, True, torch.float32, 128, 64, 2),
+                  ("subnormal", 8, 32, False, False, torch.float16, 40, 24, 1)]
+
+
+@pytest.mark.parametrize("case", PREFETCH_CASES, ids=lambda c: f"{c[0]}-g{c[1]}bk{c[2]}{'-xvec' if c[4] else ''}")
+def test_interpreter_prefetch_keeps_every_bit(case, monkeypatch):
+    """``prefetch`` (K tiles loaded into registers ahead of the one being multiplied) changes when the loads are
+    issued, not what is computed: outputs identical bit for bit to prefetch 0, with dropped pairs (their empty K
+    loops still issue the prologue's loads, which must stay in bounds) and loops shorter than the distance."""
+    from composer.kernels.triton import gemv
+
+    read, group, bk, zero, vec, dtype, H, I, split = case
+    x, tw, ids, w13, w2, b13, b2 = make_case(3, 4, 2, H, I, dtype, True, 0.3, seed=31)
+    w = quantize("int4_w4a16", w13, w2, b13, b2, group_size=group, zero_point=zero)
+    ahead = []
+    real = gemv._gemv_kernel
+
+    class Spy:  # records the distance each launch took
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                ahead.append(kw["AHEAD"])
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(gemv, "_gemv_kernel", Spy())
+    outs = []
+    with interpreter():
+        for pf in (0, 1, 2):
+            cfg = gemv_cfg(8, bk, 8, bk, split)
+            for g in ("gemm1", "gemm2"):
+                cfg[g].update({"int4_read": read, "x_vec": vec, "prefetch": pf})
+            outs.append(fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int4_w4a16",
+                                            w.w13_scale, w.w2_scale, None, None, w.w13_zero, w.w2_zero,
+                                            config=validate_entry(cfg)))
+    assert ahead == [0, 0, 1, 1, 2, 2]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert rel(outs[0], TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("read", ["planes", "subnormal"])
 def test_interpreter_int4_reads_over_the_activation_range(read, dtype):
@@ -428,6 +470,16 @@ def test_config_validation_of_gemv_entries():
         bad["gemm2"] = {**bad["gemm2"], **sub}
         with pytest.raises(ValueError, match="gemm2.x_vec must be true or false, and true only in a decode"):
             validate_entry(bad)
+    ok = gemv_cfg()
+    ok["gemm1"] = {**ok["gemm1"], "int4_read": "planes", "prefetch": 2}
+    assert validate_entry(ok)["gemm1"]["prefetch"] == 2
+    for sub, where in (({"int4_read": "subnormal", "prefetch": 3}, "gemv"), ({"prefetch": 1}, "gemv"),
+                       ({"int4_read": "words", "prefetch": 1}, "gemv"), ({"int4_read": "planes", "prefetch": True},
+                                                                         "gemv"), ({"prefetch": 1}, "dot")):
+        bad = gemv_cfg(16, 32, 16, 32, 1) if where == "gemv" else {**gemv_cfg(16, 32, 16, 32, 1), "decode": True}
+        bad["gemm1"] = {**bad["gemm1"], **sub}
+        with pytest.raises(ValueError, match="gemm1.prefetch must be 0, 1 or 2"):
+            validate_entry(bad)
     assert validate_entry({**gemv_cfg(), "pdl": True})["pdl"] is True
     for bad in ({**gemv_cfg(), "pdl": "yes"}, {**gemv_cfg(16, 32, 16, 32, 1), "decode": True, "pdl": True}):
         with pytest.raises(ValueError, match="pdl must be true or false, and true only with decode \"gemv\""):
@@ -456,10 +508,14 @@ GPU_GEMV_SUB = {**GPU_GEMV, "gemm1": {**GPU_GEMV["gemm1"], "int4_read": "subnorm
                 "gemm2": {**GPU_GEMV["gemm2"], "int4_read": "subnormal"}}
 
 
+GPU_GEMV_PREFETCH = {**GPU_GEMV, "gemm1": {**GPU_GEMV_SUB["gemm1"], "unroll": 1, "x_vec": True, "prefetch": 2},
+                     "gemm2": {**GPU_GEMV_SUB["gemm2"], "prefetch": 1}}
+
+
 @gpu
 @cuda
-@pytest.mark.parametrize("cfg", [GPU_GEMV, GPU_GEMV_MMA, GPU_GEMV_PLANES, GPU_GEMV_SUB],
-                         ids=["fma", "mma", "planes", "subnormal"])
+@pytest.mark.parametrize("cfg", [GPU_GEMV, GPU_GEMV_MMA, GPU_GEMV_PLANES, GPU_GEMV_SUB, GPU_GEMV_PREFETCH],
+                         ids=["fma", "mma", "planes", "subnormal", "prefetch"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_gpu_gemv_three_shapes(shape, cfg):
     """Every method (and bf16) through the GEMV decode at T = 1 vs kernel=torch, bf16, the three shapes; block
@@ -507,6 +563,29 @@ def test_gpu_gemv_graph_replay():
     torch.cuda.synchronize()
     torch.testing.assert_close(gout, run(new_x), rtol=1e-2, atol=1e-3)
     assert not torch.equal(gout, eager)
+
+
+@gpu
+@cuda
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_gpu_prefetch_keeps_every_bit(shape):
+    """Compiled for the GPU, ``prefetch`` 1 and 2 (either GEMM) give the outputs of prefetch 0 bit for bit: the loads
+    move, the arithmetic and its order do not (int4 g128 and with zero points, T = 1 and 3). GEMM2 writes per-pair
+    rows unsplit ("buffer"): atomic sums would add in a different order from run to run."""
+    E, k, H, I = SHAPES[shape]
+    base = {**GPU_GEMV_SUB, "reduce": "buffer", "gemm2": {**GPU_GEMV_SUB["gemm2"], "SPLIT_K": 1}}
+    for T, params in ((1, {"group_size": 128}), (3, {"group_size": 128, "zero_point": True})):
+        x, tw, ids, w13, w2, _, _ = make_case(T, E, k, H, I, torch.bfloat16, False, 0.0, seed=T, device="cuda")
+        w = quantize("int4_w4a16", w13, w2, **params)
+        outs = []
+        for pf in (0, 1, 2):
+            cfg = {**base, "gemm1": {**base["gemm1"], "prefetch": pf}, "gemm2": {**base["gemm2"], "prefetch": pf}}
+            outs.append(fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", "int4_w4a16", w.w13_scale,
+                                            w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=cfg))
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), (shape, T, params)
+        assert rel(outs[0], TorchExperts().apply(x, tw, ids, w, "silu").double()) < GPU_TOL["int4_w4a16"]
+        del w
+        torch.cuda.empty_cache()
 
 
 GPU_GEMV_PDL = {**GPU_GEMV_SUB, "pdl": True, "gemm2": {**GPU_GEMV_SUB["gemm2"], "x_vec": True}}

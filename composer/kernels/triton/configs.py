@@ -46,7 +46,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "configs"
 _extra_dirs: list[Path] = []
 
 GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma", "SPLIT_K", "mma", "fp8_promote",
-             "int4_read", "x_vec", "unroll", "loop_stages")
+             "int4_read", "x_vec", "unroll", "loop_stages", "prefetch")
 INT4_READ_NAMES = ("bytes", "words_4d", "words", "planes", "subnormal")  # gemv.INT4_READS: their codes in this order
 
 
@@ -134,6 +134,12 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
             problems.append(f"{g}.x_vec must be true or false, and true only in a decode \"gemv\" tile with int4_read "
                             f"\"planes\" or \"subnormal\" (the reads it feeds); got {sub.get('x_vec')!r} with "
                             f"int4_read {sub.get('int4_read')!r}")
+        ahead = sub.get("prefetch", 0)
+        if (not isinstance(ahead, int) or isinstance(ahead, bool) or not 0 <= ahead <= 2
+                or ahead and (not gemv or sub.get("int4_read") not in ("planes", "subnormal"))):
+            problems.append(f"{g}.prefetch must be 0, 1 or 2 (K tiles loaded into registers ahead of the one being "
+                            f"multiplied), > 0 only in a decode \"gemv\" tile with int4_read \"planes\" or "
+                            f"\"subnormal\"; got {ahead!r} with int4_read {sub.get('int4_read')!r}")
         unknown = set(sub) - set(GEMM_KEYS)
         if unknown:
             problems.append(f"{g}: unknown keys {sorted(unknown)}; allowed: {', '.join(GEMM_KEYS)}")

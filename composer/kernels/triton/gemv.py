@@ -91,6 +91,48 @@ def _x_load(ptrs, x_row, offs, mask, X_PARTS: tl.constexpr, stride_xp, ACT: tl.c
     return v
 
 
+@lazy_helper
+def _int4_tile(w_ptrs, x_row, ws_base, ch, z_ptrs, z_shift, kw, k, k_hi, stride_wsn, stride_wsk, stride_wzk,
+               BLOCK_K: tl.constexpr, QBK: tl.constexpr, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr,
+               X_VEC: tl.constexpr):
+    """The loads of the planes / subnormal read's K tile at ``k``: (int32 words [ROWS, words], fp32 scales and zero
+    points per (row, word column) or per row, the raw [words, 8] activations with X_VEC). Zero points and
+    activations are a dummy 0.0 where the launch has none."""
+    ke = k + 8 * kw
+    k_ok = ke < k_hi
+    if EVEN_K:  # whole tiles: no mask, so the word loads can be 128-bit vectors
+        wu = tl.load(w_ptrs + k // 8)
+    else:
+        wu = tl.load(w_ptrs + k // 8, mask=k_ok[None, :], other=0)
+    z = 0.0
+    if QBK % BLOCK_K != 0 and BLOCK_K % QBK != 0:  # the tile cuts groups: a [ROWS, words] gather
+        grp = (ke // QBK)[None, :]
+        s = tl.load(ws_base + ch[:, None] * stride_wsn + grp * stride_wsk, mask=k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            z = ((tl.load(z_ptrs[:, None] + grp * stride_wzk, mask=k_ok[None, :], other=0)
+                  >> z_shift[:, None]) & 0xF).to(tl.float32)
+    else:  # the tile inside one group, or whole groups: a [ROWS] load per group, selected per word column
+        g0 = k // QBK
+        s = tl.load(ws_base + ch * stride_wsn + g0 * stride_wsk).to(tl.float32)[:, None]
+        if HAS_ZERO:
+            z = ((tl.load(z_ptrs + g0 * stride_wzk) >> z_shift) & 0xF).to(tl.float32)[:, None]
+        for g in tl.static_range(1, BLOCK_K // QBK):  # (none when the tile lies inside one group)
+            in_g = (kw >= g * (QBK // 8))[None, :]
+            g_ok = ch * 0 + (k + g * QBK) < k_hi  # (the group lies in K; a [ROWS] mask)
+            sg = tl.load(ws_base + ch * stride_wsn + (g0 + g) * stride_wsk, mask=g_ok,
+                         other=0.0).to(tl.float32)[:, None]
+            s = tl.where(in_g, sg, s)
+            if HAS_ZERO:
+                zg = ((tl.load(z_ptrs + (g0 + g) * stride_wzk, mask=g_ok, other=0) >> z_shift)
+                      & 0xF).to(tl.float32)[:, None]
+                z = tl.where(in_g, zg, z)
+    xr = 0.0
+    if X_VEC:  # a word column's eight activations in one 16-byte load (EVEN_K only: no mask)
+        xr = tl.load(x_row + ke[:, None] + tl.arange(0, 8)[None, :])
+    return wu, s, z, xr
+
+
 @lazy_jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, tw_ptr, out_ptr, ids_ptr, as_ptr, ws_ptr, wz_ptr, cnt_ptr, acc_ptr, y_ptr,
@@ -106,7 +148,7 @@ def _gemv_kernel(
     AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr, LOOP_STAGES: tl.constexpr, EVEN_K: tl.constexpr,
     FUSE_EPI: tl.constexpr, ZBLOCK: tl.constexpr, SUB_X: tl.constexpr, X_VEC: tl.constexpr,
     X_PARTS: tl.constexpr, RND: tl.constexpr, PARTS_OUT: tl.constexpr,
-    PDL: tl.constexpr, PF_N: tl.constexpr, PF_STEP: tl.constexpr, EPW: tl.constexpr,
+    PDL: tl.constexpr, PF_N: tl.constexpr, PF_STEP: tl.constexpr, EPW: tl.constexpr, AHEAD: tl.constexpr,
 ):
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -173,9 +215,8 @@ def _gemv_kernel(
                 amax = tl.maximum(amax, tl.abs(v))
             a_scale = tl.maximum(tl.reduce(amax, 0, tl.standard._elementwise_max), EPS) / QMAX
 
-    if WQ == 2 and HAS_ZERO:  # int4 zero points, packed two per byte along the channel dim
-        z_ptrs = wz_ptr + expert.to(tl.int64) * stride_wze + (ch // 2) * stride_wzn
-        z_shift = (ch % 2) * 4
+    z_ptrs = wz_ptr + expert.to(tl.int64) * stride_wze + (ch // 2) * stride_wzn  # int4 zero points, packed two
+    z_shift = (ch % 2) * 4  # per byte along the channel dim (unused without them)
 
     if WQ == 2 and INT4_MODE >= 3:  # "planes" (3) / "subnormal" (4): int32 words [ROWS, BLOCK_K / 8]
         # nibble j of a 16-bit half sits at bits 4j..4j+3 (one shift per word brings the high half down).
@@ -191,44 +232,41 @@ def _gemv_kernel(
         kw = tl.arange(0, BLOCK_K // 8)
         w_ptrs = w_rows[:, None] + kw[None, :]
         acc2 = tl.full((ROWS, BLOCK_K // 8), 0.0, tl.float32)
+        # AHEAD > 0: the tiles AHEAD steps on are loaded into registers before this one is multiplied, so their
+        # latency overlaps this step's arithmetic (a load past the last tile reads the last tile again)
+        k_last = tl.multiple_of(tl.maximum((k_hi - 1) // BLOCK_K * BLOCK_K, k_lo), BLOCK_K)
+        if AHEAD >= 1:
+            wu_a, s_a, z_a, x_a = _int4_tile(w_ptrs, x_row, ws_base, ch, z_ptrs, z_shift, kw, k_lo, k_hi,
+                                             stride_wsn, stride_wsk, stride_wzk, BLOCK_K, QBK, HAS_ZERO, EVEN_K,
+                                             X_VEC)
+        if AHEAD >= 2:
+            wu_b, s_b, z_b, x_b = _int4_tile(w_ptrs, x_row, ws_base, ch, z_ptrs, z_shift, kw,
+                                             tl.minimum(k_lo + BLOCK_K, k_last), k_hi, stride_wsn, stride_wsk,
+                                             stride_wzk, BLOCK_K, QBK, HAS_ZERO, EVEN_K, X_VEC)
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL):
             ke = k0 + 8 * kw
             k_ok = ke < k_hi
-            if EVEN_K:  # whole tiles: no mask, so the word loads can be 128-bit vectors
-                wu = tl.load(w_ptrs + k0 // 8)
+            if AHEAD == 0:
+                wu, s, z, xr = _int4_tile(w_ptrs, x_row, ws_base, ch, z_ptrs, z_shift, kw, k0, k_hi, stride_wsn,
+                                          stride_wsk, stride_wzk, BLOCK_K, QBK, HAS_ZERO, EVEN_K, X_VEC)
+            elif AHEAD == 1:
+                wu, s, z, xr = wu_a, s_a, z_a, x_a
+                wu_a, s_a, z_a, x_a = _int4_tile(w_ptrs, x_row, ws_base, ch, z_ptrs, z_shift, kw,
+                                                 tl.minimum(k0 + BLOCK_K, k_last), k_hi, stride_wsn, stride_wsk,
+                                                 stride_wzk, BLOCK_K, QBK, HAS_ZERO, EVEN_K, X_VEC)
             else:
-                wu = tl.load(w_ptrs + k0 // 8, mask=k_ok[None, :], other=0)
-            if QBK % BLOCK_K != 0 and BLOCK_K % QBK != 0:  # the tile cuts groups: a [ROWS, words] gather
-                grp = (ke // QBK)[None, :]
-                s = tl.load(ws_base + ch[:, None] * stride_wsn + grp * stride_wsk, mask=k_ok[None, :],
-                            other=0.0).to(tl.float32)
-                if HAS_ZERO:
-                    z = ((tl.load(z_ptrs[:, None] + grp * stride_wzk, mask=k_ok[None, :], other=0)
-                          >> z_shift[:, None]) & 0xF).to(tl.float32)
-                else:
-                    z = 8.0
-            else:  # the tile inside one group, or whole groups: a [ROWS] load per group, selected per word column
-                g0 = k0 // QBK
-                s = tl.load(ws_base + ch * stride_wsn + g0 * stride_wsk).to(tl.float32)[:, None]
-                if HAS_ZERO:
-                    z = ((tl.load(z_ptrs + g0 * stride_wzk) >> z_shift) & 0xF).to(tl.float32)[:, None]
-                else:
-                    z = 8.0
-                for g in tl.static_range(1, BLOCK_K // QBK):  # (none when the tile lies inside one group)
-                    in_g = (kw >= g * (QBK // 8))[None, :]
-                    g_ok = ch * 0 + (k0 + g * QBK) < k_hi  # (the group lies in K; a [ROWS] mask)
-                    sg = tl.load(ws_base + ch * stride_wsn + (g0 + g) * stride_wsk, mask=g_ok,
-                                 other=0.0).to(tl.float32)[:, None]
-                    s = tl.where(in_g, sg, s)
-                    if HAS_ZERO:
-                        zg = ((tl.load(z_ptrs + (g0 + g) * stride_wzk, mask=g_ok, other=0) >> z_shift)
-                              & 0xF).to(tl.float32)[:, None]
-                        z = tl.where(in_g, zg, z)
+                wu, s, z, xr = wu_a, s_a, z_a, x_a
+                wu_a, s_a, z_a, x_a = wu_b, s_b, z_b, x_b
+                wu_b, s_b, z_b, x_b = _int4_tile(w_ptrs, x_row, ws_base, ch, z_ptrs, z_shift, kw,
+                                                 tl.minimum(k0 + 2 * BLOCK_K, k_last), k_hi, stride_wsn,
+                                                 stride_wsk, stride_wzk, BLOCK_K, QBK, HAS_ZERO, EVEN_K, X_VEC)
+            if not HAS_ZERO:
+                z = 8.0
             wh = (wu.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)  # nibbles 4..7 to bits 0..15
             p2 = tl.full((ROWS, BLOCK_K // 8), 0.0, tl.float32)
             sxv = tl.full((BLOCK_K // 8,), 0.0, tl.float32)
-            if X_VEC:  # one 16-byte load of a word column's eight activations, split in registers
-                x8 = tl.load(x_row + ke[:, None] + tl.arange(0, 8)[None, :]).to(tl.float32)
+            if X_VEC:  # one 16-byte load of a word column's eight activations (_int4_tile), split in registers
+                x8 = xr.to(tl.float32)
                 q4 = tl.reshape(x8, (BLOCK_K // 8, 2, 2, 2))  # [w, i, j, l]: element 4i + 2j + l
                 e_, o_ = tl.split(q4)
                 e0, e1 = tl.split(e_)
@@ -568,7 +606,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         X_VEC=bool(cfg.get("x_vec", GEMV_X_VEC)) and mode >= 3 and not x_parts and even_k,
         X_PARTS=x_parts, PARTS_OUT=parts_out,
         RND={torch.float16: 1, torch.bfloat16: 2}.get(h_dtype, 0) if x_parts else 0,
-        PDL=pdl, PF_N=pf_n, PF_STEP=128 // unit, EPW=epw,
+        PDL=pdl, PF_N=pf_n, PF_STEP=128 // unit, EPW=epw, AHEAD=int(cfg.get("prefetch", 0)) if mode >= 3 else 0,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **extra,
     )
 
