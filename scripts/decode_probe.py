@@ -3,12 +3,13 @@
 For each benchmark shape and T of ``--tokens``: composer bf16 (its shipped config, the speed-up's baseline), the
 method's shipped entry for that T, and every variant of ``--variants`` (a JSON list; each item is merged into the
 shipped entry: top-level keys replace, ``gemm1`` / ``gemm2`` objects update the shipped GEMM tiles, or replace them
-whole with ``"replace": true``, e.g. to time an entry a tuner wrote; ``"name"`` labels the row). Each time is the
-median of CUDA-graph replays of the whole experts call (one replay per CUDA-event pair); ``--rounds N`` times every
-row N times in turns and reports the median of those. The error is against kernel=torch on the same quantized
+whole with ``"replace": true``, e.g. to time an entry a tuner wrote; ``"name"`` labels the row). Each time is per
+call of the whole experts call, timed as ``task=bench`` times its graphs (composer/tasks/timing.py: up to 20 calls
+in one CUDA graph, an L2 flush before each, the flushes' own time subtracted); ``--rounds N`` times every row N
+times in turns and reports the median of those. The error is against kernel=torch on the same quantized
 weights at T = 1 (the active experts only), and against the shipped entry's output at larger T (kernel=torch would
-dequantize every expert). ``--profile`` adds the per-launch device times of bf16 and of the shipped entry
-(torch.profiler), to see where a call spends its microseconds.
+dequantize every expert). ``--profile`` adds the per-launch device times of bf16 and of every row (torch.profiler, each call
+after an L2 flush), to see where a call spends its microseconds.
 
 Example (repo root, GPU machine)::
 
@@ -33,7 +34,8 @@ from composer.kernels.triton_backend import TritonExperts  # noqa: E402
 from composer.kernels.triton.configs import get_config, validate_entry  # noqa: E402
 from composer.kernels.triton.fused import fused_experts, fused_experts_quant, quant_config  # noqa: E402
 from composer.kernels.triton.tune import QUANT_TUNE_METHODS, QUANT_TUNE_SHAPES  # noqa: E402
-from composer.tasks.bench import Shape, capture_graph, make_weights, quantize_weights, rel_err, time_fn  # noqa: E402
+from composer.tasks.bench import Shape, make_weights, quantize_weights, rel_err  # noqa: E402
+from composer.tasks.timing import L2Flush, capture_calls, capture_graph, graph_calls_for, time_fn  # noqa: E402
 
 
 def expert_subset(w, used: torch.Tensor):
@@ -80,27 +82,59 @@ def graph_us(fn, device) -> float:
     return replay_us(graph_of(fn), device)
 
 
+FLUSH: list = []  # the L2Flush of the run and its flush-only graphs per call count
+
+
 def graph_of(fn):
+    """``fn`` timed as task=bench times it: (a CUDA graph of calls, each after an L2 flush; the call count)."""
+    if not FLUSH:
+        FLUSH.extend([L2Flush(torch.device("cuda")), {}])
     fn()
-    graph, _ = capture_graph(fn)
-    return graph
+    single, _ = capture_graph(fn)
+    calls = graph_calls_for(time_fn(single.replay, torch.device("cuda"), 1, 3, 3, 0.0, warmup_s=0.0), 20)
+    del single
+    return capture_calls(fn, calls, FLUSH[0]), calls
 
 
-def replay_us(graph, device) -> float:
-    return 1e3 * time_fn(graph.replay, device, warmup=10, iters=400, min_iters=50, budget_s=0.3)
+def replay_us(graph_calls, device) -> float:
+    """Microseconds per call: the graph's replay less the same number of flushes alone, over the call count."""
+    graph, calls = graph_calls
+    flush, flush_graphs = FLUSH
+    if calls not in flush_graphs:
+        flush_graphs[calls] = capture_calls(None, calls, flush)
+
+    def ms(g):
+        return time_fn(g.replay, device, warmup=10, iters=400, min_iters=50, budget_s=0.3)
+
+    return 1e3 * (ms(graph) - ms(flush_graphs[calls])) / calls
 
 
 def profile(fn, label: str) -> None:
+    """Per-launch device times of ``fn``, each call after an L2 flush as in the timing (the flush is left out)."""
     from torch.profiler import ProfilerActivity, profile as prof
 
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with prof(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(20):
-            fn()
+    flush = L2Flush(torch.device("cuda"))
+
+    def kernels_of(run):
+        for _ in range(3):
+            run()
         torch.cuda.synchronize()
-    kernels = sorted((e for e in p.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            for _ in range(20):
+                run()
+            torch.cuda.synchronize()
+        return sorted((e for e in p.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+
+    def flushed():
+        torch.cuda.synchronize()
+        flush()
+        torch.cuda.synchronize()
+        fn()
+
+    n_flush = len(kernels_of(flush)) // 20  # the flush's own launches, dropped from each call's group below
+    both = kernels_of(flushed)
+    group = len(both) // 20
+    kernels = [e for c in range(20) for e in both[c * group + n_flush:(c + 1) * group]]
     per_call = len(kernels) // 20  # the launches of one call, in order (both GEMVs are _gemv_kernel)
     rows = [(kernels[i].name, sum(kernels[c * per_call + i].time_range.elapsed_us() for c in range(20)) / 20)
             for i in range(per_call)]
@@ -187,7 +221,7 @@ def probe(args, name, T, E, k, H, I, w, qw, ex, variants, dev, gen):
             cfg = merge(shipped, {} if label == "shipped" else v)
             fn = quant_run(cfg)
             rows.append((label, cfg, rel_err(fn(), ref), graph_of(fn)))
-            if args.profile and label == "shipped":
+            if args.profile:
                 profile(fn, label)
             if args.op and label == "shipped":
                 op = lambda: TritonExperts().apply(x, tw, ids, qw, "silu")  # noqa: E731

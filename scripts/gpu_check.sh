@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU check of the experts kernels, in one call on a GPU machine (see ../shared/DESIGN.md):
-#   1. pytest -m gpu on tests/kernels (bf16/fp16 at the benchmark shapes, compile + CUDA graphs, grouped_mm,
+#   1. pytest -m gpu on tests/kernels and tests/tasks (bf16/fp16 at the benchmark shapes, compile + CUDA graphs, grouped_mm,
 #      and the quantized Triton kernels: every quant method at the three shapes vs kernel=torch)
 #   2. the benchmark protocol for mixtral_8x7b, qwen3_30b_a3b and deepseek_v3 (JSON + markdown)
 # Outputs go under $OUT (default ./gpu_check_out): gpu.txt, pytest_gpu.log, bench_<model>.{json,md}.
@@ -20,7 +20,7 @@ models=${*:-mixtral_8x7b qwen3_30b_a3b deepseek_v3}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 rc=0
 if [[ $what == tests || $what == all ]]; then
-  timeout ${TESTS_TIMEOUT:-1800} python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/pytest_gpu.log"
+  timeout ${TESTS_TIMEOUT:-1800} python3 -m pytest -q -m gpu tests/kernels tests/tasks -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/pytest_gpu.log"
   rc=${PIPESTATUS[0]}
 fi
 if [[ $what == bench || $what == all ]]; then

@@ -24,8 +24,6 @@ import datetime as _dt
 import json
 import math
 import platform
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -37,6 +35,7 @@ from ..layers.activation import act_and_mul
 from ..layers.modular_kernel import ExpertWeights
 from ..registry import KERNELS, LAYERS
 from . import Task, TaskContext, TaskFailed, TaskParams, register_task
+from .timing import L2Flush, _sync, capture_graph, graph_calls_for, graph_time_ms, time_fn
 
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
 
@@ -47,7 +46,12 @@ class BenchParams(TaskParams):
     iters: int = Field(50, ge=1, description="timed calls at most (fewer for slow cases, see budget_s)")
     min_iters: int = Field(5, ge=1)
     budget_s: float = Field(0.5, gt=0, description="target seconds of timed calls per case")
-    cuda_graph: bool = Field(True, description="also time CUDA-graph replays (CUDA only)")
+    cuda_graph: bool = Field(True, description="also time CUDA graphs (CUDA only)")
+    graph_calls: int = Field(20, ge=1, description="calls captured in one timed CUDA graph, at most (as many as "
+                             "make 1 ms); the graph time is per call, without the host's launch of the replay")
+    l2_cold: bool = Field(True, description="before every timed call read a buffer twice the L2's size (the flush "
+                          "time is not counted), so a call never finds weights the previous call left in L2, as in "
+                          "a model whose other layers run in between (CUDA only)")
     peers: bool = Field(True, description="also time transformers' Qwen3MoeExperts and the torch reference")
     accuracy: bool = Field(True, description="relative Frobenius error vs a float32 reference")
     json_file: str = "bench.json"
@@ -56,51 +60,6 @@ class BenchParams(TaskParams):
 
 # ----------------------------------------------------------------------------------------------
 # timing
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# Warm-up by time as well as by count: five replays of a 150 us decode are under a millisecond, and with them the
-# first graph a quant bench timed after its eager phase read 12-15% slow on an H100 (the cause is not pinned
-# down; docs/performance.md, fourth session)
-WARMUP_S = 0.05
-
-
-def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int, min_iters: int = 3,
-            budget_s: float = 0.5, warmup_s: float | None = None) -> float:
-    """Median milliseconds of ``fn()``: CUDA events on GPU, perf_counter on CPU; ``warmup`` calls and at least
-    ``warmup_s`` seconds (default WARMUP_S) of calls before timing."""
-    for _ in range(max(1, warmup)):
-        fn()
-    _sync(device)
-    t_end = time.perf_counter() + (WARMUP_S if warmup_s is None else warmup_s)
-    while time.perf_counter() < t_end:
-        fn()
-        _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    est = max(time.perf_counter() - t0, 1e-6)
-    n = int(min(iters, max(min_iters, budget_s / est)))
-    times = []
-    if device.type == "cuda":
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        for i in range(n):
-            starts[i].record()
-            fn()
-            ends[i].record()
-        torch.cuda.synchronize(device)
-        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
-    else:
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 # clocks_throttle_reasons bits (nvidia-smi -q -d PERFORMANCE) that slow a sustained run down
@@ -154,20 +113,6 @@ def run_notes(result: dict[str, Any]) -> list[str]:
     """The lines under a bench table: the tile config files composer's Triton rows ran, and the SM clock."""
     lines = (tile_sources_line(result), clocks_line(result, f"composer {result['meta']['kernel']}"))
     return [line for line in lines if line]
-
-
-def capture_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
-    """Warm ``fn`` on a side stream, then capture one call into a CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    return g, out
 
 
 def measure_ceilings(device: torch.device) -> dict[str, float]:
@@ -540,7 +485,7 @@ def run_bench(shape: Shape, tokens: list[int], kernel: str, device: torch.device
         "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "versions": _versions(),
-        "timer": "CUDA events, median" if cuda else "perf_counter, median",
+        "timer": timer_text(params, cuda),
     }
     ceilings = measure_ceilings(device) if cuda else None
     meta["ceilings"] = ceilings
@@ -550,6 +495,9 @@ def run_bench(shape: Shape, tokens: list[int], kernel: str, device: torch.device
         meta["quant"] = {"method": shape.quant, "params": _quant_method(shape).params.model_dump(mode="json")}
     per_expert = expert_bytes(qweights) if qweights is not None else None
     impls = _impls(shape, weights, kernel, device, params.peers, params.cuda_graph, qweights)
+    flush = L2Flush(device) if cuda and params.l2_cold else None
+    if flush is not None:
+        meta["l2_flush_bytes"] = flush.nbytes
     meta["notes"] = {i.name: i.note for i in impls if i.note}
     rows: list[dict[str, Any]] = []
     ncases = len(tokens) * sum(1 for i in impls if i.fn is not None)
@@ -574,7 +522,8 @@ def run_bench(shape: Shape, tokens: list[int], kernel: str, device: torch.device
                     if ref is not None:
                         r["rel_err"] = rel_err(out, ref)
                     del out
-                    r["eager_ms"] = time_fn(fn, device, params.warmup, params.iters, params.min_iters, params.budget_s)
+                    r["eager_ms"] = time_fn(fn, device, params.warmup, params.iters, params.min_iters, params.budget_s,
+                                            before=flush)
                     if impl.graph:
                         try:
                             g, gout = capture_graph(fn)
@@ -582,12 +531,14 @@ def run_bench(shape: Shape, tokens: list[int], kernel: str, device: torch.device
                             if ref is not None:
                                 _sync(device)
                                 r["graph_rel_err"] = rel_err(gout, ref)
-                            r["graph_ms"] = time_fn(g.replay, device, params.warmup, params.iters, params.min_iters,
-                                                    params.budget_s)
+                            est = time_fn(g.replay, device, 1, 3, 3, 0.0, warmup_s=0.0)
+                            del g, gout
+                            r["graph_calls"] = calls = graph_calls_for(est, params.graph_calls)
+                            r["graph_ms"] = graph_time_ms(fn, device, calls, flush, params.iters, params.min_iters,
+                                                          params.budget_s, params.warmup)
                             clocks = gpu_clocks(device) if impl.name == f"composer {kernel}" else None
                             if clocks:
                                 r["graph_clocks"] = clocks
-                            del g, gout
                         except Exception as exc:  # noqa: BLE001 - a peer that cannot capture is a table note
                             r["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                             _sync(device)
@@ -602,6 +553,18 @@ def run_bench(shape: Shape, tokens: list[int], kernel: str, device: torch.device
                 row["composer_pct_of_floor"] = 100.0 * row["floor_ms"] / best
             rows.append(row)
     return {"meta": meta, "rows": rows}
+
+
+def timer_text(params: BenchParams, cuda: bool) -> str:
+    """How the run's times were taken, for the table's header line."""
+    if not cuda:
+        return "perf_counter, median"
+    text = "CUDA events, median"
+    if params.cuda_graph:
+        text += f"; graph: per call in a graph of up to {params.graph_calls} calls"
+    if params.l2_cold:
+        text += "; L2 flushed before every call (not timed)"
+    return text
 
 
 def _best_ms(r: dict[str, Any]) -> float | None:
@@ -808,6 +771,8 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--quant", default="none", help="a quant method (composer.quant)")
     ap.add_argument("--quant-params", default="{}", help="its params as JSON, e.g. '{\"granularity\": \"block\"}'")
+    ap.add_argument("--graph-calls", type=int, default=None, help="bench.graph_calls")
+    ap.add_argument("--warm-l2", action="store_true", help="bench.l2_cold=false")
     args = ap.parse_args(argv)
     conf = Path(__file__).resolve().parent.parent / "conf" / "model" / f"{args.model}.yaml"
     m = yaml.safe_load(conf.read_text())
@@ -822,6 +787,10 @@ def _main(argv: list[str] | None = None) -> None:
         kw["tokens"] = [int(t) for t in args.tokens.split(",")]
     if args.iters:
         kw["iters"] = args.iters
+    if args.graph_calls:
+        kw["graph_calls"] = args.graph_calls
+    if args.warm_l2:
+        kw["l2_cold"] = False
     p = BenchParams(**kw)
     from .. import registry
 

@@ -260,12 +260,15 @@ def tune_quant_decode(weights, x: torch.Tensor, tw: torch.Tensor, ids: torch.Ten
                       log: Callable[[str], None] | None = None, dot: bool | None = True
                       ) -> tuple[dict[str, Any], float]:
     """The decode (T = 1) config of the quantized experts, tl.dot decode (from ``base``; skipped when not ``dot``)
-    and GEMV decode: GEMM1's tile first, then GEMM2's, each timed as CUDA-graph replays of the whole quantized
-    experts call (the activation quantizer included); the faster of the two modes wins (``dot=None``: GEMV only)."""
+    and GEMV decode: GEMM1's tile first, then GEMM2's, each timed the way task=bench times graphs (per call of the
+    whole quantized experts call, the activation quantizer included, in a graph of calls, each after an L2 flush);
+    the faster of the two modes wins (``dot=None``: GEMV only)."""
+    from ...tasks.timing import L2Flush, capture_graph, graph_calls_for, graph_time_ms, time_fn
     from .fused import fused_experts_quant
 
     ex = weights.extra
     bn_q, bk_q = ex.get("block_shape", (128, 128))
+    flush = L2Flush(x.device) if x.device.type == "cuda" else None
 
     def run(cfg):
         return fused_experts_quant(x, tw, ids, weights.w13, weights.w2, weights.w13_bias, weights.w2_bias, activation,
@@ -274,14 +277,13 @@ def tune_quant_decode(weights, x: torch.Tensor, tw: torch.Tensor, ids: torch.Ten
                                    ex.get("granularity", "per_token_channel"), bn_q, bk_q, config=cfg)
 
     def timed(cfg) -> float:
-        # as task=bench times it (one CUDA-graph replay per CUDA-event pair): do_bench_cudagraph replays many calls
-        # per graph, which hid ~20 us per call at mixtral's T = 1 and ranked configs differently
-        from ...tasks.bench import capture_graph, time_fn
-
+        # as task=bench times it: per call inside a CUDA graph of calls, each after an L2 flush (tasks/timing.py)
         try:
             run(cfg)
             graph, _ = capture_graph(lambda: run(cfg))
-            return time_fn(graph.replay, x.device, warmup=5, iters=200, min_iters=20, budget_s=rep_ms * 1e-3)
+            calls = graph_calls_for(time_fn(graph.replay, x.device, 1, 3, 3, 0.0, warmup_s=0.0), 20)
+            del graph
+            return graph_time_ms(lambda: run(cfg), x.device, calls, flush, 200, 20, rep_ms * 1e-3)
         except Exception as exc:  # noqa: BLE001 - a candidate that does not compile or fit is skipped
             if log:
                 log(f"  skipped {cfg['gemm1']} {cfg['gemm2']}: {type(exc).__name__}")

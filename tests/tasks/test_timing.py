@@ -1,0 +1,71 @@
+"""The bench's timers (composer/tasks/timing.py)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from composer.tasks.bench import BenchParams, timer_text
+from composer.tasks.timing import graph_calls_for, time_fn
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_graph_calls_cover_a_millisecond_within_the_cap():
+    assert graph_calls_for(0.017, 20) == 20  # a qwen3 decode call: capped
+    assert graph_calls_for(0.3, 20) == 4
+    assert graph_calls_for(0.25, 20) == 4
+    assert graph_calls_for(5.0, 20) == 1  # a long call: one per graph
+    assert graph_calls_for(0.0, 7) == 7
+    assert graph_calls_for(0.001, 1) == 1
+
+
+def test_time_fn_runs_before_ahead_of_every_timed_call_outside_the_timing():
+    """``before`` (the L2 flush) precedes each timed call and is not counted (CPU: perf_counter)."""
+    log = []
+    ms = time_fn(lambda: log.append("fn"), torch.device("cpu"), warmup=1, iters=6, min_iters=6, budget_s=1e-3,
+                 warmup_s=0.0, before=lambda: (log.append("before"), time.sleep(0.02)))
+    timed = log[log.index("before"):]
+    assert timed == ["before", "fn"] * 6
+    assert ms < 10.0  # the 20 ms sleeps are outside
+
+
+def test_bench_params_and_timer_line():
+    p = BenchParams()
+    assert p.graph_calls == 20 and p.l2_cold
+    assert timer_text(p, True) == ("CUDA events, median; graph: per call in a graph of up to 20 calls; "
+                                   "L2 flushed before every call (not timed)")
+    assert timer_text(BenchParams(l2_cold=False, cuda_graph=False), True) == "CUDA events, median"
+    assert timer_text(p, False) == "perf_counter, median"
+    with pytest.raises(ValueError, match="graph_calls"):
+        BenchParams(graph_calls=0)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_graph_of_calls_runs_each_call_after_its_flush():
+    """capture_calls puts ``calls`` calls in one graph (a replay adds them all up), the flush-only graph runs none,
+    and graph_time_ms gives a positive time per call with and without the flush."""
+    from composer.tasks.timing import L2Flush, capture_calls, graph_time_ms
+
+    dev = torch.device("cuda")
+    flush = L2Flush(dev)
+    assert flush.nbytes >= 2 * (1 << 20)
+    acc = torch.zeros(1024, device=dev)
+    step = torch.rand(1024, device=dev) + 0.5
+
+    def fn():
+        acc.add_(step)
+
+    g = capture_calls(fn, 5, flush)
+    acc.zero_()
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.allclose(acc, 5 * step)
+    gf = capture_calls(None, 5, flush)
+    gf.replay()
+    torch.cuda.synchronize()
+    assert torch.allclose(acc, 5 * step)
+    for f in (flush, None):
+        assert graph_time_ms(fn, dev, 5, f, 20, 5, 0.01) > 0
