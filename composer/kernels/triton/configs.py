@@ -17,7 +17,8 @@ subnormal read): a word column's eight activations come in one 16-byte load, spl
 2-byte loads (faster for some tiles, slower for others: measured per entry); ``unroll``: K-loop iterations
 the GEMV unrolls, so one warp has several weight loads in flight; ``loop_stages``: software-pipeline stages of that
 loop, ``tl.range(num_stages=...)``, which pipelines every load of the loop through shared memory, where the kernel's
-``num_stages`` only pipelines ``tl.dot`` operands). ``fp8_promote`` (fp8 per-tensor / per-channel): K tiles
+``num_stages`` only pipelines ``tl.dot`` operands; ``prefetch``: 0-2, with the planes or subnormal read, K tiles
+loaded into registers that many steps ahead of the one being multiplied). ``fp8_promote`` (fp8 per-tensor / per-channel): K tiles
 accumulated in the tensor core between additions to the fp32 accumulator (default ``gemm.FP8_PROMOTE_TILES``).
 ``pdl: true`` (decode ``"gemv"``): GEMM2's launch is a programmatic dependent of GEMM1's (Hopper and later; ignored
 before sm_90 and under the interpreter): its programs start while GEMM1 runs, ask L2 for their weight slices and
