@@ -15,8 +15,9 @@ for fp8 per_token_channel, ``torch._scaled_grouped_mm`` (fp8 row-wise) where tor
 quantized bytes (values, scales, zero points) and, for w8a8, the fp8 (``torch._scaled_mm``) or int8
 (``torch._int_mm``) matmul rate measured in the same run; the reference is the dequantized-weights oracle.
 
-Times are CUDA-event medians after warm-up (CPU: perf_counter medians, no floor, no graphs). Writes JSON and
-markdown into the run directory and prints a rich table.
+Times are CUDA-event medians after warm-up; a graph time is per call inside one CUDA graph of up to ``graph_calls``
+calls, and with ``l2_cold`` every timed call follows an L2 flush (timing.py says why). CPU: perf_counter medians,
+no floor, no graphs. Writes JSON and markdown into the run directory and prints a rich table.
 """
 from __future__ import annotations
 
