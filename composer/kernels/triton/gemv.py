@@ -606,7 +606,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         X_VEC=bool(cfg.get("x_vec", GEMV_X_VEC)) and mode >= 3 and not x_parts and even_k,
         X_PARTS=x_parts, PARTS_OUT=parts_out,
         RND={torch.float16: 1, torch.bfloat16: 2}.get(h_dtype, 0) if x_parts else 0,
-        PDL=pdl, PF_N=pf_n, PF_STEP=128 // unit, EPW=epw, AHEAD=int(cfg.get("prefetch", 0)) if mode >= 3 else 0,
+        PDL=pdl, PF_N=pf_n, PF_STEP=128 // unit, EPW=epw,
+        AHEAD=int(cfg.get("prefetch", 0)) if mode >= 3 else 0,  # (follows its read where _read_mode falls back)
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **extra,
     )
 
