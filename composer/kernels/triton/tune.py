@@ -307,18 +307,21 @@ def tune_quant_decode(weights, x: torch.Tensor, tw: torch.Tensor, ids: torch.Ten
             if log:
                 log(f"  {weights.quant} decode={best['decode']} {name}: {best[name]} -> {best_t * 1e3:.1f} us")
         for name in ("gemm1", "gemm2") if start["decode"] == "gemv" else ():
-            # K tiles loaded 1-2 steps ahead into registers (planes / subnormal reads only; H200, L2 flushed: qwen3's
-            # gemm1 with 4 warps 18.2 -> 16.2 us; mixtral's wide tiles lose occupancy to the registers, tenth session)
+            # K tiles loaded 1-2 steps ahead into registers (planes / subnormal reads only), also with twice the warps
+            # (H200, L2 flushed: qwen3's 2-warp gemm1 with prefetch 2 and 4 warps 18.2 -> 16.2 us, while prefetch on
+            # the 2-warp tile did not pay; mixtral's wide tiles lose occupancy to the registers; tenth session)
             if best[name].get("int4_read") not in ("planes", "subnormal"):
                 continue
-            for pf in (1, 2):
-                cand = {**best, name: {**best[name], "prefetch": pf}}
+            tile = best[name]
+            w = tile.get("num_warps", 4)
+            for pf, warps in ((1, w), (2, w), (2, 2 * w)):
+                cand = {**best, name: {**tile, "prefetch": pf, "num_warps": warps}}
                 t = timed(cand)
                 if t < best_t:
                     best, best_t = cand, t
             if log:
-                log(f"  {weights.quant} decode=gemv {name} prefetch={best[name].get('prefetch', 0)} -> "
-                    f"{best_t * 1e3:.1f} us")
+                log(f"  {weights.quant} decode=gemv {name} prefetch={best[name].get('prefetch', 0)} "
+                    f"num_warps={best[name].get('num_warps', 4)} -> {best_t * 1e3:.1f} us")
         if start["decode"] == "gemv":  # GEMM2 as GEMM1's programmatic dependent (H200: deepseek_v3 79.3 -> 76.7 us,
             # qwen3 15.3 with prefetch against 16.2 on a cold L2; a no-op before sm_90, where it times the same)
             t = timed({**best, "pdl": True})
