@@ -21,6 +21,7 @@ Example (repo root, GPU machine)::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ from composer.kernels.triton.configs import get_config, validate_entry  # noqa: 
 from composer.kernels.triton.fused import fused_experts, fused_experts_quant, quant_config  # noqa: E402
 from composer.kernels.triton.tune import QUANT_TUNE_METHODS, QUANT_TUNE_SHAPES  # noqa: E402
 from composer.tasks.bench import Shape, make_weights, quantize_weights, rel_err  # noqa: E402
-from composer.tasks.timing import L2Flush, capture_calls, capture_graph, graph_calls_for, time_fn  # noqa: E402
+from composer.tasks.timing import CallGraph, L2Flush  # noqa: E402
 
 
 def expert_subset(w, used: torch.Tensor):
@@ -82,38 +83,26 @@ def graph_us(fn, device) -> float:
     return replay_us(graph_of(fn), device)
 
 
-FLUSH: list = []  # the L2Flush of the run and its flush-only graphs per call count
+@functools.lru_cache(maxsize=None)
+def l2_flush() -> L2Flush:
+    return L2Flush(torch.device("cuda"))
 
 
-def graph_of(fn):
-    """``fn`` timed as task=bench times it: (a CUDA graph of calls, each after an L2 flush; the call count)."""
-    if not FLUSH:
-        FLUSH.extend([L2Flush(torch.device("cuda")), {}])
+def graph_of(fn) -> CallGraph:
+    """``fn`` captured the way task=bench times its graphs (composer/tasks/timing.py)."""
     fn()
-    single, _ = capture_graph(fn)
-    calls = graph_calls_for(time_fn(single.replay, torch.device("cuda"), 1, 3, 3, 0.0, warmup_s=0.0), 20)
-    del single
-    return capture_calls(fn, calls, FLUSH[0]), calls
+    return CallGraph(fn, torch.device("cuda"), 20, l2_flush())
 
 
-def replay_us(graph_calls, device) -> float:
-    """Microseconds per call: the graph's replay less the same number of flushes alone, over the call count."""
-    graph, calls = graph_calls
-    flush, flush_graphs = FLUSH
-    if calls not in flush_graphs:
-        flush_graphs[calls] = capture_calls(None, calls, flush)
-
-    def ms(g):
-        return time_fn(g.replay, device, warmup=10, iters=400, min_iters=50, budget_s=0.3)
-
-    return 1e3 * (ms(graph) - ms(flush_graphs[calls])) / calls
+def replay_us(graph: CallGraph, device) -> float:
+    return 1e3 * graph.ms(iters=400, min_iters=50, budget_s=0.3, warmup=10)
 
 
 def profile(fn, label: str) -> None:
     """Per-launch device times of ``fn``, each call after an L2 flush as in the timing (the flush is left out)."""
     from torch.profiler import ProfilerActivity, profile as prof
 
-    flush = L2Flush(torch.device("cuda"))
+    flush = l2_flush()
 
     def kernels_of(run):
         for _ in range(3):

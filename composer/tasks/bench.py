@@ -36,7 +36,7 @@ from ..layers.activation import act_and_mul
 from ..layers.modular_kernel import ExpertWeights
 from ..registry import KERNELS, LAYERS
 from . import Task, TaskContext, TaskFailed, TaskParams, register_task
-from .timing import L2Flush, _sync, capture_graph, graph_calls_for, graph_time_ms, time_fn
+from .timing import CallGraph, L2Flush, _sync, capture_graph, time_fn
 
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
 
@@ -532,11 +532,11 @@ def run_bench(shape: Shape, tokens: list[int], kernel: str, device: torch.device
                             if ref is not None:
                                 _sync(device)
                                 r["graph_rel_err"] = rel_err(gout, ref)
-                            est = time_fn(g.replay, device, 1, 3, 3, 0.0, warmup_s=0.0)
                             del g, gout
-                            r["graph_calls"] = calls = graph_calls_for(est, params.graph_calls)
-                            r["graph_ms"] = graph_time_ms(fn, device, calls, flush, params.iters, params.min_iters,
-                                                          params.budget_s, params.warmup)
+                            timed = CallGraph(fn, device, params.graph_calls, flush)
+                            r["graph_calls"] = timed.calls
+                            r["graph_ms"] = timed.ms(params.iters, params.min_iters, params.budget_s, params.warmup)
+                            del timed
                             clocks = gpu_clocks(device) if impl.name == f"composer {kernel}" else None
                             if clocks:
                                 r["graph_clocks"] = clocks

@@ -6,7 +6,7 @@ host launching the replay (on an H200, qwen3_30b_a3b T = 1 bf16: 30-38 us per re
 inside one graph), and back-to-back calls of one layer find its weights still in L2 (the int4 call: 12.9 us
 warm against 17.1 us with the weights rotated through four copies; docs/performance.md, tenth session).
 
-So ``graph_time_ms`` captures several calls in one graph and, with an ``L2Flush``, reads a buffer twice the L2's
+So a ``CallGraph`` captures several calls in one graph and, with an ``L2Flush``, reads a buffer twice the L2's
 size before each call; the same graph of flushes alone is timed too and subtracted.
 """
 from __future__ import annotations
@@ -122,12 +122,22 @@ def capture_calls(fn: Callable[[], Any] | None, calls: int, flush: L2Flush | Non
     return capture_graph(body)[0]
 
 
-def graph_time_ms(fn: Callable[[], Any], device: torch.device, calls: int, flush: L2Flush | None, iters: int,
-                  min_iters: int, budget_s: float, warmup: int = 3) -> float:
-    """Milliseconds per call of ``fn`` inside one CUDA graph of ``calls`` calls (replay time / calls, median of
-    CUDA-event pairs around replays). With ``flush``, each call follows an L2 flush, and a graph of the flushes
-    alone is timed the same way and subtracted."""
-    total = time_fn(capture_calls(fn, calls, flush).replay, device, warmup, iters, min_iters, budget_s)
-    if flush is not None:
-        total -= time_fn(capture_calls(None, calls, flush).replay, device, warmup, iters, min_iters, budget_s)
-    return total / calls
+class CallGraph:
+    """``fn`` as task=bench times a graph: as many calls as make GRAPH_MIN_MS (at most ``most``; one call's time
+    estimated from three replays of a graph of it) captured in one CUDA graph, each after ``flush`` where given.
+    ``ms()`` is the time per call, with the same graph of the flushes alone subtracted."""
+
+    def __init__(self, fn: Callable[[], Any], device: torch.device, most: int, flush: L2Flush | None):
+        self.device = device
+        single = capture_graph(fn)[0]
+        self.calls = graph_calls_for(time_fn(single.replay, device, 1, 3, 3, 0.0, warmup_s=0.0), most)
+        del single
+        self.graph = capture_calls(fn, self.calls, flush)
+        self.flushes = capture_calls(None, self.calls, flush) if flush is not None else None
+
+    def ms(self, iters: int = 200, min_iters: int = 20, budget_s: float = 0.3, warmup: int = 3) -> float:
+        """Milliseconds per call: the median replay (CUDA events) less that of the flushes, over the calls."""
+        total = time_fn(self.graph.replay, self.device, warmup, iters, min_iters, budget_s)
+        if self.flushes is not None:
+            total -= time_fn(self.flushes.replay, self.device, warmup, iters, min_iters, budget_s)
+        return total / self.calls

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from composer.tasks.bench import BenchParams, timer_text
-from composer.tasks.timing import graph_calls_for, time_fn
+from composer.tasks import timing
+from composer.tasks.timing import CallGraph, graph_calls_for, time_fn
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -42,12 +43,37 @@ def test_bench_params_and_timer_line():
         BenchParams(graph_calls=0)
 
 
+def test_call_graph_counts_its_calls_and_subtracts_the_flushes(monkeypatch):
+    """CallGraph's arithmetic, with a graph that replays its body and a timer that charges 0.5 ms per call and 2 ms
+    per flush: one call's 0.5 ms asks for 2 calls per graph (GRAPH_MIN_MS = 1), and the time per call leaves the
+    flushes out."""
+    class Replayed:
+        def __init__(self, body):
+            self.replay = body
+
+    ran = []
+
+    def charged(fn, device, *args, **kwargs):
+        ran.clear()
+        fn()
+        return 0.5 * ran.count("call") + 2.0 * ran.count("flush")
+
+    monkeypatch.setattr(timing, "capture_graph", lambda body: (Replayed(body), None))
+    monkeypatch.setattr(timing, "time_fn", charged)
+    assert timing.GRAPH_MIN_MS == 1.0
+    for flush in (lambda: ran.append("flush"), None):
+        timed = CallGraph(lambda: ran.append("call"), torch.device("cpu"), 20, flush)
+        assert timed.calls == 2 and (timed.flushes is None) == (flush is None)
+        assert timed.ms() == 0.5
+    assert CallGraph(lambda: ran.append("call"), torch.device("cpu"), 1, None).calls == 1  # capped
+
+
 @pytest.mark.gpu
 @cuda
 def test_gpu_graph_of_calls_runs_each_call_after_its_flush():
     """capture_calls puts ``calls`` calls in one graph (a replay adds them all up), the flush-only graph runs none,
-    and graph_time_ms gives a positive time per call with and without the flush."""
-    from composer.tasks.timing import L2Flush, capture_calls, graph_time_ms
+    and a CallGraph gives a positive time per call with and without the flush."""
+    from composer.tasks.timing import L2Flush, capture_calls
 
     dev = torch.device("cuda")
     flush = L2Flush(dev)
@@ -68,4 +94,4 @@ def test_gpu_graph_of_calls_runs_each_call_after_its_flush():
     torch.cuda.synchronize()
     assert torch.allclose(acc, 5 * step)
     for f in (flush, None):
-        assert graph_time_ms(fn, dev, 5, f, 20, 5, 0.01) > 0
+        assert CallGraph(fn, dev, 5, f).ms(20, 5, 0.01) > 0

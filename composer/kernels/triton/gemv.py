@@ -96,15 +96,15 @@ def _int4_tile(w_ptrs, x_row, ws_base, ch, z_ptrs, z_shift, kw, k, k_hi, stride_
                BLOCK_K: tl.constexpr, QBK: tl.constexpr, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr,
                X_VEC: tl.constexpr):
     """The loads of the planes / subnormal read's K tile at ``k``: (int32 words [ROWS, words], fp32 scales and zero
-    points per (row, word column) or per row, the raw [words, 8] activations with X_VEC). Zero points and
-    activations are a dummy 0.0 where the launch has none."""
+    points per (row, word column) or per row, the raw [words, 8] activations with X_VEC). Without zero points the
+    zero point is 8 (symmetric int4); without X_VEC the activations are a dummy 0.0."""
     ke = k + 8 * kw
     k_ok = ke < k_hi
     if EVEN_K:  # whole tiles: no mask, so the word loads can be 128-bit vectors
         wu = tl.load(w_ptrs + k // 8)
     else:
         wu = tl.load(w_ptrs + k // 8, mask=k_ok[None, :], other=0)
-    z = 0.0
+    z = 8.0
     if QBK % BLOCK_K != 0 and BLOCK_K % QBK != 0:  # the tile cuts groups: a [ROWS, words] gather
         grp = (ke // QBK)[None, :]
         s = tl.load(ws_base + ch[:, None] * stride_wsn + grp * stride_wsk, mask=k_ok[None, :],
@@ -246,22 +246,23 @@ def _gemv_kernel(
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL):
             ke = k0 + 8 * kw
             k_ok = ke < k_hi
+            # this step's loads (AHEAD 0), or those of the tile AHEAD steps on, the current tile's coming from the
+            # registers they were loaded into AHEAD steps ago
             if AHEAD == 0:
-                wu, s, z, xr = _int4_tile(w_ptrs, x_row, ws_base, ch, z_ptrs, z_shift, kw, k0, k_hi, stride_wsn,
-                                          stride_wsk, stride_wzk, BLOCK_K, QBK, HAS_ZERO, EVEN_K, X_VEC)
+                kn = k0
+            else:
+                kn = tl.minimum(k0 + AHEAD * BLOCK_K, k_last)
+            wu_n, s_n, z_n, x_n = _int4_tile(w_ptrs, x_row, ws_base, ch, z_ptrs, z_shift, kw, kn, k_hi, stride_wsn,
+                                             stride_wsk, stride_wzk, BLOCK_K, QBK, HAS_ZERO, EVEN_K, X_VEC)
+            if AHEAD == 0:
+                wu, s, z, xr = wu_n, s_n, z_n, x_n
             elif AHEAD == 1:
                 wu, s, z, xr = wu_a, s_a, z_a, x_a
-                wu_a, s_a, z_a, x_a = _int4_tile(w_ptrs, x_row, ws_base, ch, z_ptrs, z_shift, kw,
-                                                 tl.minimum(k0 + BLOCK_K, k_last), k_hi, stride_wsn, stride_wsk,
-                                                 stride_wzk, BLOCK_K, QBK, HAS_ZERO, EVEN_K, X_VEC)
+                wu_a, s_a, z_a, x_a = wu_n, s_n, z_n, x_n
             else:
                 wu, s, z, xr = wu_a, s_a, z_a, x_a
                 wu_a, s_a, z_a, x_a = wu_b, s_b, z_b, x_b
-                wu_b, s_b, z_b, x_b = _int4_tile(w_ptrs, x_row, ws_base, ch, z_ptrs, z_shift, kw,
-                                                 tl.minimum(k0 + 2 * BLOCK_K, k_last), k_hi, stride_wsn,
-                                                 stride_wsk, stride_wzk, BLOCK_K, QBK, HAS_ZERO, EVEN_K, X_VEC)
-            if not HAS_ZERO:
-                z = 8.0
+                wu_b, s_b, z_b, x_b = wu_n, s_n, z_n, x_n
             wh = (wu.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)  # nibbles 4..7 to bits 0..15
             p2 = tl.full((ROWS, BLOCK_K // 8), 0.0, tl.float32)
             sxv = tl.full((BLOCK_K // 8,), 0.0, tl.float32)

@@ -263,7 +263,7 @@ def tune_quant_decode(weights, x: torch.Tensor, tw: torch.Tensor, ids: torch.Ten
     and GEMV decode: GEMM1's tile first, then GEMM2's, each timed the way task=bench times graphs (per call of the
     whole quantized experts call, the activation quantizer included, in a graph of calls, each after an L2 flush);
     the faster of the two modes wins (``dot=None``: GEMV only)."""
-    from ...tasks.timing import L2Flush, capture_graph, graph_calls_for, graph_time_ms, time_fn
+    from ...tasks.timing import CallGraph, L2Flush
     from .fused import fused_experts_quant
 
     ex = weights.extra
@@ -280,10 +280,7 @@ def tune_quant_decode(weights, x: torch.Tensor, tw: torch.Tensor, ids: torch.Ten
         # as task=bench times it: per call inside a CUDA graph of calls, each after an L2 flush (tasks/timing.py)
         try:
             run(cfg)
-            graph, _ = capture_graph(lambda: run(cfg))
-            calls = graph_calls_for(time_fn(graph.replay, x.device, 1, 3, 3, 0.0, warmup_s=0.0), 20)
-            del graph
-            return graph_time_ms(lambda: run(cfg), x.device, calls, flush, 200, 20, rep_ms * 1e-3)
+            return CallGraph(lambda: run(cfg), x.device, 20, flush).ms(200, 20, rep_ms * 1e-3)
         except Exception as exc:  # noqa: BLE001 - a candidate that does not compile or fit is skipped
             if log:
                 log(f"  skipped {cfg['gemm1']} {cfg['gemm2']}: {type(exc).__name__}")
