@@ -9,7 +9,9 @@ in one CUDA graph, an L2 flush before each, the flushes' own time subtracted); `
 times in turns and reports the median of those. The error is against kernel=torch on the same quantized
 weights at T = 1 (the active experts only), and against the shipped entry's output at larger T (kernel=torch would
 dequantize every expert). ``--profile`` adds the per-launch device times of bf16 and of every row (torch.profiler, each call
-after an L2 flush), to see where a call spends its microseconds.
+after an L2 flush), to see where a call spends its microseconds. ``--read-floor`` adds how long the call's expert
+weights take to read and do nothing else, bf16 and quantized, one read-only launch per GEMM timed the same way
+(``stream_probe.read_alone_us``): for a small call this, not the copy rate, is what two launches cannot go below.
 
 Example (repo root, GPU machine)::
 
@@ -98,6 +100,32 @@ def replay_us(graph: CallGraph, device) -> float:
     return 1e3 * graph.ms(iters=400, min_iters=50, budget_s=0.3, warmup=10)
 
 
+METHOD_BYTES = {"int4_w4a16": 0.5, "fp8_w8a8": 1.0}  # bytes per weight element (scales left out)
+
+
+def read_us(fn) -> float:
+    """How ``--read-floor`` times a call (a module function, so a CPU test can replace the GPU timer)."""
+    return graph_us(fn, torch.device("cuda"))
+
+
+def read_floor(method: str, ids: torch.Tensor, H: int, I: int, dev) -> str:
+    """The line ``--read-floor`` prints: the active experts' w13 and w2 read by one read-only launch each (no
+    arithmetic), as bf16 and as ``method`` stores them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stream_probe", Path(__file__).resolve().parent / "stream_probe.py")
+    sp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sp)  # (loaded here: its kernel is jitted or interpreted as the caller runs now)
+    n = torch.unique(ids).numel()
+    parts = []
+    for label, bpe in (("bf16", 2.0), (method, METHOD_BYTES[method])):
+        mats = [(n * 2 * I, int(H * bpe)), (n * H, int(I * bpe))]
+        us, per = sp.read_alone_us(mats, dev, read_us)
+        mb = sum(r * b for r, b in mats) / 1e6
+        parts.append(f"{label} {us:.1f} us for {mb:.1f} MB (gemm1 {per[0][0]:.1f}, gemm2 {per[1][0]:.1f})")
+    return f"  read alone, the {n} experts' weights, one launch per GEMM: " + "; ".join(parts)
+
+
 def profile(fn, label: str) -> None:
     """Per-launch device times of ``fn``, each call after an L2 flush as in the timing (the flush is left out)."""
     from torch.profiler import ProfilerActivity, profile as prof
@@ -148,6 +176,8 @@ def main() -> int:
                     "between processes and between two levels within one")
     ap.add_argument("--op", action="store_true", help="also time the shipped config through torch.ops.composer "
                     "(the path task=bench times)")
+    ap.add_argument("--read-floor", action="store_true", help="also time reading the active experts' weights "
+                    "alone (bf16 and the method's bytes; one read-only launch per GEMM, timed the same way)")
     args = ap.parse_args()
     for item in args.set:
         import importlib
@@ -234,6 +264,8 @@ def probe(args, name, T, E, k, H, I, w, qw, ex, variants, dev, gen):
 
     bf16 = median(bf_times)
     print(f"{name} T={T}: bf16 {bf16:.1f} us{spread(bf_times)} (errors against {against})")
+    if args.read_floor:
+        print(read_floor(args.method, ids, H, I, dev))
     best = None
     for label, cfg, err, _ in rows:
         us = median(times[label])

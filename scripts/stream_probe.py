@@ -8,10 +8,14 @@ and the order of the K steps (``rot``: program p starts at tile ``p * rot``) sep
 gives a tile shape from what the GEMV's arithmetic costs.
 
     python3 scripts/stream_probe.py            # mixtral's int4 gemm1: 57344 rows of 2048 bytes
+
+``read_alone_us`` times the weights of one experts call read this way, one launch per GEMM with its fastest tile
+(``decode_probe.py --read-floor``): what two launches cost before they compute anything.
 """
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 import torch
 import triton
@@ -35,6 +39,55 @@ def _stream(w_ptr, out_ptr, n_words, stride_row, ROWS: tl.constexpr, WORDS: tl.c
         acc += tl.load(ptrs + kk * WORDS)
     # (tl.reduce and tl.full, not tl.sum and tl.zeros: jit helpers, which the CPU test could not interpret)
     tl.store(out_ptr + r, tl.reduce(acc, 1, tl.standard._sum_combine))
+
+
+# (rows per program, int32 words per step) tried by read_alone_us: the GEMVs' tile shapes and a few longer rows
+READ_TILES = ((64, 16), (32, 32), (16, 64), (64, 32), (32, 64), (8, 128), (16, 128), (8, 256), (4, 512))
+
+
+def fitting_tiles(rows: int, row_bytes: int, tiles=READ_TILES) -> list[tuple[int, int]]:
+    """The tiles that cover a ``rows x row_bytes`` matrix exactly (the kernel skips a partial tile or row group, which
+    would leave bytes unread and the time too short)."""
+    if row_bytes % 4:
+        raise ValueError(f"rows of {row_bytes} bytes: the read-only kernel reads int32 words, so a row must be a "
+                         f"multiple of 4 bytes")
+    words = row_bytes // 4
+    fit = [(r, w) for r, w in tiles if rows % r == 0 and words % w == 0]
+    if not fit:
+        raise ValueError(f"no tile of {list(tiles)} (rows per program, words per step) divides {rows} rows x "
+                         f"{words} words")
+    return fit
+
+
+def read_alone_us(matrices: list[tuple[int, int]], device: torch.device, time_call: Callable[[Callable], float],
+                  tiles=READ_TILES, stages: int = 3, warps: int = 4) -> tuple[float, list[tuple[float, tuple[int, int]]]]:
+    """(µs per call, [(µs, tile) per launch]) of reading ``matrices`` (``(rows, row_bytes)`` each, one launch each, in
+    order) and nothing else. Each launch gets the fastest of its ``fitting_tiles``, timed alone; then the launches
+    are timed together as one call. ``time_call(fn)`` times a call of ``fn`` (decode_probe: as task=bench does).
+    Every launch's row sums are checked after the timing, so a time never covers fewer bytes than asked."""
+    bufs = [torch.randint(-2**31, 2**31 - 1, (rows, row_bytes // 4), dtype=torch.int32, device=device)
+            for rows, row_bytes in matrices]
+    outs = [torch.empty(b.shape[0], dtype=torch.int32, device=device) for b in bufs]
+
+    def launch(i: int, tile: tuple[int, int]) -> None:
+        b = bufs[i]
+        _stream[(b.shape[0] // tile[0],)](b, outs[i], b.shape[1], b.stride(0), ROWS=tile[0], WORDS=tile[1], ROT=0,
+                                          STAGES=stages, num_warps=warps)
+
+    per_launch = []
+    for i, (rows, row_bytes) in enumerate(matrices):
+        timed = [(time_call(lambda t=t: launch(i, t)), t) for t in fitting_tiles(rows, row_bytes, tiles)]
+        per_launch.append(min(timed, key=lambda r: r[0]))
+
+    def call() -> None:
+        for i, (_, tile) in enumerate(per_launch):
+            launch(i, tile)
+
+    us = time_call(call)
+    for i, (b, o) in enumerate(zip(bufs, outs)):  # (int32 sums wrap in the kernel as they do after the cast here)
+        if not torch.equal(o, b.sum(1).to(torch.int32)):
+            raise RuntimeError(f"read_alone_us: launch {i} with tile {per_launch[i][1]} did not read every word")
+    return us, per_launch
 
 
 def main() -> int:

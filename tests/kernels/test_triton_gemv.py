@@ -705,6 +705,37 @@ def test_stream_probe_reads_every_word(rot, stages):
     assert torch.equal(out, w[:, :64].sum(1).to(torch.int32))
 
 
+def test_stream_probe_read_alone_takes_each_launchs_fastest_fitting_tile():
+    """stream_probe.read_alone_us under the interpreter, with a fake timer: only tiles that divide a matrix are
+    tried, each launch keeps its fastest, the launches are timed together last, and every word is read (the row
+    sums are checked inside); a row that is no whole number of words, or a matrix no tile divides, is refused."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "stream_probe", Path(__file__).resolve().parents[2] / "scripts" / "stream_probe.py")
+    sp = importlib.util.module_from_spec(spec)
+    times = iter([3.0, 1.0, 2.0, 4.0, 9.0])  # matrix 0: two fitting tiles; matrix 1: two; then the call
+    calls = []
+    tiles = ((4, 16), (2, 8), (8, 4), (2, 16), (16, 64))  # (rows per program, words per step)
+
+    def fake(fn):
+        fn()
+        calls.append(1)
+        return next(times)
+
+    with interpreter():
+        spec.loader.exec_module(sp)
+        assert sp.fitting_tiles(8, 64, tiles) == [(4, 16), (2, 8), (8, 4), (2, 16)]  # 16 words: not 16 rows
+        # 8 rows of 8 words: (2, 8) and (8, 4); 6 rows of 16 words: (2, 8) and (2, 16)
+        us, per = sp.read_alone_us([(8, 32), (6, 64)], torch.device("cpu"), fake, tiles=tiles)
+    assert us == 9.0 and per == [(1.0, (8, 4)), (2.0, (2, 8))] and len(calls) == 5
+    with pytest.raises(ValueError, match="multiple of 4 bytes"):
+        sp.fitting_tiles(8, 62, tiles)
+    with pytest.raises(ValueError, match="no tile"):
+        sp.fitting_tiles(7, 60, tiles)
+
+
 @gpu
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

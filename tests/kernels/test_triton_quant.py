@@ -451,7 +451,7 @@ def test_decode_probe_probes_any_T(monkeypatch, capsys):
     w = make_weights(shape, dev, gen)
     shape.quant, shape.quant_params = "int4_w4a16", {"group_size": 32}
     qw = quantize_weights(shape, w)
-    args = types.SimpleNamespace(method="int4_w4a16", max_err=1e-2, profile=False, op=False, rounds=3)
+    args = types.SimpleNamespace(method="int4_w4a16", max_err=1e-2, profile=False, op=False, rounds=3, read_floor=False)
     with interpreter():
         best = dp.probe(args, "tiny", 9, E, k, H, I, w, qw, qw.extra or {},
                         [{"name": "bn32", "gemm1": {"BLOCK_N": 32}}], dev, gen)
@@ -460,6 +460,28 @@ def test_decode_probe_probes_any_T(monkeypatch, capsys):
     assert "int4_w4a16 shipped: 6.0 us (1.83x bf16) (rounds: 5.0, 7.0, 6.0), err 0.0e+00" in out
     assert "int4_w4a16 bn32: 4.0 us (2.75x bf16) (rounds: 4.0, 3.0, 4.5)" in out
     assert best[1] == "bn32" and best[2]["gemm1"]["BLOCK_N"] == 32
+
+
+def test_decode_probe_read_floor_reads_the_active_experts(monkeypatch):
+    """decode_probe --read-floor: w13 and w2 of the experts the routing touches, at bf16's and the method's bytes per
+    weight, one read-only launch each (under the interpreter, the timer replaced: each call is run once and counted)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "decode_probe", Path(__file__).resolve().parents[2] / "scripts" / "decode_probe.py")
+    dp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dp)
+    calls = []
+    monkeypatch.setattr(dp, "read_us", lambda fn: (fn(), calls.append(1), 2.0 * len(calls))[2])
+    ids = torch.tensor([[3, 1], [1, 3], [3, 1]], dtype=torch.int32)  # two experts of four
+    with interpreter():
+        line = dp.read_floor("int4_w4a16", ids, 256, 128, torch.device("cpu"))
+    # bf16: 2 x 256 rows of 512 B + 2 x 256 rows of 256 B; int4: a quarter of it. Each launch's first fitting tile is
+    # its fastest (the fake times grow), timed before the two launches together
+    assert "the 2 experts' weights" in line
+    assert "bf16 " in line and "for 0.4 MB (gemm1 2.0, " in line
+    assert "int4_w4a16 " in line and "for 0.1 MB" in line
 
 
 def test_decode_probe_variants_update_or_replace_the_shipped_tiles():
