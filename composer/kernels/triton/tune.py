@@ -229,13 +229,14 @@ def gemv_candidates(name: str, method: str = "") -> list[dict[str, Any]]:
         # groups loaded one scale vector per group, 256-wide K tiles won for both GEMVs (mixtral 103.5 -> 86.2 us,
         # deepseek_v3 113.8 -> 90.7; seventh session); deeper pipelines (num_stages) never changed the GEMV (its
         # loads are not software-pipelined: no such candidates), unroll 4+ was slower; x_vec (one 16-byte load of a
-        # word column's activations) paid for narrow tiles and cost for 64-wide ones on an H200 (ninth session)
+        # word column's activations) paid for narrow tiles and cost for 64-wide ones on an H200 (ninth session);
+        # deepseek_v3's gemm2 128 x 256 split 4 beat 128 x 128 split 8 by 0.5-1.0 us on an H200 (eleventh session)
         fast = [{**g, "int4_read": read, **({"unroll": u} if u > 1 else {}), **({"x_vec": True} if vec else {})}
                 for read in ("subnormal", "planes") for u in (1, 2) for vec in (False, True) for g in (
             [_gv(bn, bk, w, 2) for bn, bk, w in ((16, 128, 4), (32, 128, 4), (64, 128, 4), (64, 128, 8),
                                                   (16, 256, 2), (32, 256, 4))] if name == "gemm1" else
             [_gv(bn, bk, 4, 2, sp) for bn, bk, sp in ((64, 128, 2), (128, 128, 8), (128, 128, 16), (128, 128, 32),
-                                                      (64, 256, 16), (128, 256, 8), (128, 256, 16))])]
+                                                      (64, 256, 16), (128, 256, 4), (128, 256, 8), (128, 256, 16))])]
         if name == "gemm1":
             return fast + [_gv(bn, 128, w, 2) for bn in (8, 16, 32, 64, 128) for w in (4, 8)]
         return fast + [_gv(bn, 128, 4, 2, sp) for bn in (16, 32, 64, 128) for sp in (2, 4, 8, 16, 32)]
