@@ -8,7 +8,11 @@
 #   2. `composer task=bench` (standalone driver) per shape for fp8_w8a8 per_token_channel (FP8_TOKENS, default
 #      1,16,128) and int4_w4a16 group 128 (INT4_TOKENS, default 1,16): composer quantized vs composer bf16 in the
 #      same run, torch._scaled_grouped_mm for fp8.
-# Outputs under $OUT (default ./quant_gpu_bench_out): tune.log, configs/*.json, bench_<shape>_<method>.{md,json}.
+#   3. optional: READ_FLOOR=1 adds scripts/decode_probe.py --read-floor at T = 1 for both methods: each shipped call
+#      beside its weights read alone, bf16 and quantized, one read-only launch per GEMM (what two launches cannot
+#      go below; docs/performance.md, eleventh session).
+# Outputs under $OUT (default ./quant_gpu_bench_out): tune.log, configs/*.json, bench_<shape>_<method>.{md,json},
+# read_floor_<method>.log.
 # Usage (repo root): scripts/quant_gpu_bench.sh [shape ...]   (default: mixtral_8x7b qwen3_30b_a3b deepseek_v3)
 set -uo pipefail
 source "$(dirname "$0")/_env.sh" || exit 1
@@ -32,4 +36,11 @@ for s in $shapes; do
     > "$OUT/bench_${s}_int4.log" 2>&1 || rc=1; }
 done
 for f in "$OUT"/bench_*.md; do [[ -f $f ]] && { echo "== $f"; grep "^|" "$f"; }; done
+if [[ ${READ_FLOOR:-0} == 1 ]]; then
+  for m in int4_w4a16 fp8_w8a8; do
+    timeout "${BENCH_TIMEOUT:-300}" python3 scripts/decode_probe.py --method "$m" --shapes "$(echo $shapes | tr ' ' ,)" \
+      --rounds 2 --read-floor > "$OUT/read_floor_$m.log" 2>&1 || rc=1
+    grep -v -i warn "$OUT/read_floor_$m.log" | cut -c1-200
+  done
+fi
 exit $rc
