@@ -36,7 +36,7 @@ from ..layers.activation import act_and_mul
 from ..layers.modular_kernel import ExpertWeights
 from ..registry import KERNELS, LAYERS
 from . import Task, TaskContext, TaskFailed, TaskParams, register_task
-from .timing import CallGraph, L2Flush, _sync, capture_graph, time_fn
+from .timing import CallGraph, L2Flush, capture_graph, sync, time_fn
 
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
 
@@ -530,7 +530,7 @@ def run_bench(shape: Shape, tokens: list[int], kernel: str, device: torch.device
                             g, gout = capture_graph(fn)
                             g.replay()
                             if ref is not None:
-                                _sync(device)
+                                sync(device)
                                 r["graph_rel_err"] = rel_err(gout, ref)
                             del g, gout
                             timed = CallGraph(fn, device, params.graph_calls, flush)
@@ -542,7 +542,7 @@ def run_bench(shape: Shape, tokens: list[int], kernel: str, device: torch.device
                                 r["graph_clocks"] = clocks
                         except Exception as exc:  # noqa: BLE001 - a peer that cannot capture is a table note
                             r["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                            _sync(device)
+                            sync(device)
                 except Exception as exc:  # noqa: BLE001
                     r["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
                 row["impls"][impl.name] = r

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -40,14 +40,14 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int
     timed call, outside its events."""
     for _ in range(max(1, warmup)):
         fn()
-    _sync(device)
+    sync(device)
     t_end = time.perf_counter() + (WARMUP_S if warmup_s is None else warmup_s)
     while time.perf_counter() < t_end:
         fn()
-        _sync(device)
+        sync(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     est = max(time.perf_counter() - t0, 1e-6)
     n = int(min(iters, max(min_iters, budget_s / est)))
     times = []

@@ -49,19 +49,13 @@ def _route(topk_weights: torch.Tensor, topk_ids: torch.Tensor, E: int, config: d
     else:
         sorted_ids, expert_ids, ntpp = moe_align(ids.view(T, k), E, block_m)
         num_pid_m = max_blocks(T * k, E, block_m)
-    return _Routing(ids, tw, sorted_ids, expert_ids, ntpp, num_pid_m, direct,
-                    config.get("reduce", "atomic") == "atomic", block_m)
-
-
-def _deterministic(config: dict[str, Any]) -> dict[str, Any]:
-    """Under ``torch.use_deterministic_algorithms(True)``, ``reduce: "buffer"``: GEMM2 writes one row per pair and
-    ``moe_sum`` adds them in top-k order, where atomic fp32 adds (and a GEMV GEMM2's split-K programs) sum in
-    whatever order they land, so repeated calls could differ in the last bits. A GEMV GEMM2 then runs unsplit;
-    GEMM1's split-K partial sums are added in a fixed order already. Nothing else changes: every row of a GEMM is
-    computed alike wherever the align kernel's atomics placed it."""
-    if config.get("reduce", "atomic") == "buffer" or not torch.are_deterministic_algorithms_enabled():
-        return config
-    return {**config, "reduce": "buffer"}
+    # reduce "atomic" adds GEMM2's fp32 results (and a GEMV GEMM2's split-K partials) in whatever order they land, so
+    # two calls can differ in the last bits; under torch.use_deterministic_algorithms(True) every config reduces as
+    # "buffer" instead: one row per pair, added by moe_sum in top-k order, a GEMV GEMM2 unsplit (GEMM1's split-K
+    # partials are added in a fixed order already, and every GEMM row is computed alike wherever the align kernel's
+    # atomics placed it)
+    atomic = config.get("reduce", "atomic") == "atomic" and not torch.are_deterministic_algorithms_enabled()
+    return _Routing(ids, tw, sorted_ids, expert_ids, ntpp, num_pid_m, direct, atomic, block_m)
 
 
 def _out_buffer(r: _Routing, x: torch.Tensor, H: int) -> torch.Tensor:
@@ -142,7 +136,6 @@ def fused_experts(
         config = get_config(T, E, I, H, k, x.dtype, x.device)
     if x.element_size() > 2:
         config = fit_smem(config, x.element_size())
-    config = _deterministic(config)
     if x.stride(1) != 1:
         x = x.contiguous()
     r = _route(topk_weights, topk_ids, E, config)
@@ -268,7 +261,6 @@ def fused_experts_quant(
         act_q = (torch.float8_e4m3fn, block_k if ws == 2 else None)
     if config.get("decode") == "gemv" and q1.wq == 3 and q1.ws == 2:  # block fp8: the tl.dot decode path
         config = heuristic_config(1, E, I, H, k)
-    config = _deterministic(config)
     c1 = _shape_gemm(config["gemm1"], q1)
     c2 = _shape_gemm(config["gemm2"], q2)
     if x.stride(1) != 1:
