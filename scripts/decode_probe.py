@@ -3,7 +3,8 @@
 For each benchmark shape and T of ``--tokens``: composer bf16 (its shipped config, the speed-up's baseline), the
 method's shipped entry for that T, and every variant of ``--variants`` (a JSON list; each item is merged into the
 shipped entry: top-level keys replace, ``gemm1`` / ``gemm2`` objects update the shipped GEMM tiles, or replace them
-whole with ``"replace": true``, e.g. to time an entry a tuner wrote; ``"name"`` labels the row). Each time is per
+whole with ``"replace": true``, e.g. to time an entry a tuner wrote; ``"entry_of": N`` starts from the method's shipped
+entry for T = N instead, e.g. the T = 1 GEMV decode run at larger T; ``"name"`` labels the row). Each time is per
 call of the whole experts call, timed as ``task=bench`` times its graphs (composer/tasks/timing.py: up to 20 calls
 in one CUDA graph, an L2 flush before each, the flushes' own time subtracted); ``--rounds N`` times every row N
 times in turns and reports the median of those. The error is against kernel=torch on the same quantized
@@ -57,7 +58,7 @@ def merge(base: dict, variant: dict) -> dict:
     out = {k: v for k, v in base.items() if k not in ("source", "_us")}
     update = not variant.get("replace", False)
     for k, v in variant.items():
-        if k in ("name", "replace"):
+        if k in ("name", "replace", "entry_of"):
             continue
         out[k] = {**out.get(k, {}), **v} if update and k in ("gemm1", "gemm2") and isinstance(v, dict) else v
     return validate_entry(out, f"variant {variant.get('name', variant)}")
@@ -237,7 +238,9 @@ def probe(args, name, T, E, k, H, I, w, qw, ex, variants, dev, gen):
     rows = []  # (label, cfg, err, graph)
     for label, v in [("shipped", shipped)] + [(v.get("name", json.dumps(v)), v) for v in variants]:
         try:
-            cfg = merge(shipped, {} if label == "shipped" else v)
+            base = shipped if "entry_of" not in v else quant_config(int(v["entry_of"]), E, I, H, k, args.method,
+                                                                     torch.bfloat16, dev)
+            cfg = merge(base, {} if label == "shipped" else v)
             fn = quant_run(cfg)
             rows.append((label, cfg, rel_err(fn(), ref), graph_of(fn)))
             if args.profile:

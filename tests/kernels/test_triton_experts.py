@@ -189,6 +189,34 @@ def test_config_dir_env_override(tmp_path, monkeypatch):
     assert cfgs.get_config(3, 4, 24, 40, 2, torch.float32, "cpu")["source"] == "heuristic"
 
 
+def test_t1_decode_entry_serves_t1_only(tmp_path, monkeypatch):
+    """A T = 1 decode entry's tiles were measured for one pair per program: T = 2 takes the nearest other key (not
+    the T = 1 GEMV tile run as expert-sorted blocks, as before), or the heuristic when the table has no other key;
+    a decode entry a table keys at T > 1 is used there as written."""
+    name = cfgs.config_file_name(4, 24, 40, cfgs.device_name("cpu"), "float32")
+    gemv = {"BLOCK_M": 16, "decode": "gemv", "reduce": "atomic",
+            "gemm1": {"BLOCK_N": 8, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "unroll": 2},
+            "gemm2": {"BLOCK_N": 8, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "SPLIT_K": 2}}
+    sorted_ = tiny_config(False, "buffer", 32, 16, 16, 32)
+    monkeypatch.setenv(cfgs.ENV_VAR, str(tmp_path))
+    (tmp_path / name).write_text(json.dumps({"1": gemv, "4": {**gemv, "pdl": True}, "64": sorted_}))
+    cfgs.clear_cache()
+    at = {T: cfgs.get_config(T, 4, 24, 40, 2, torch.float32, "cpu") for T in (1, 2, 3, 30, 40)}
+    assert at[1]["decode"] == "gemv" and at[1]["source"].endswith("[T=1]")
+    for T in (2, 3):
+        assert at[T]["decode"] == "gemv" and at[T].get("pdl") and at[T]["source"].endswith("[T=4]"), at[T]
+    assert at[30]["source"].endswith("[T=4]") and at[40]["source"].endswith("[T=64]") and not at[40]["decode"]
+    (tmp_path / name).write_text(json.dumps({"1": gemv, "64": sorted_}))
+    cfgs.clear_cache()
+    c = cfgs.get_config(2, 4, 24, 40, 2, torch.float32, "cpu")
+    assert c["source"].endswith("[T=64]") and c["decode"] is False and c["BLOCK_M"] == 16
+    (tmp_path / name).write_text(json.dumps({"1": gemv}))
+    cfgs.clear_cache()
+    assert cfgs.get_config(2, 4, 24, 40, 2, torch.float32, "cpu")["source"] == "heuristic"
+    assert cfgs.get_config(1, 4, 24, 40, 2, torch.float32, "cpu")["decode"] == "gemv"
+    cfgs.clear_cache()
+
+
 def test_config_file_of_a_same_capability_gpu_is_borrowed(tmp_path, monkeypatch):
     def write(device, bn1, capability=None):  # gemm1.BLOCK_N tells the files apart
         table = {"1": tiny_config(False, "atomic", bn1, 16, 16, 32)}

@@ -106,6 +106,37 @@ def test_interpreter_quant_vs_torch(method, params, dtype, gemv_calls):
     assert gemv_calls == [True, False, True, False]
 
 
+def test_interpreter_table_gemv_entry_at_small_t(tmp_path, monkeypatch, gemv_calls):
+    """A method table keyed with a "gemv" entry at T = 4 (as the int4 tables now are, up to T = 8-64): T = 3 and 5
+    run both GEMMs as GEMVs, one pair per program, and match kernel=torch; T = 12 takes the expert-sorted entry."""
+    import json
+
+    from composer.kernels.triton import configs as cfgs
+
+    E, k, H, I = 5, 2, 96, 48
+    gemv = gemv_cfg(16, 32, 8, 32, 2)
+    sorted_ = {"BLOCK_M": 16, "decode": False, "reduce": "atomic",
+               "gemm1": {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+               "gemm2": {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}}
+    name = cfgs.config_file_name(E, I, H, cfgs.device_name("cpu"), "int4_w4a16")
+    (tmp_path / name).write_text(json.dumps({"1": gemv, "4": gemv, "16": sorted_}))
+    monkeypatch.setenv(cfgs.ENV_VAR, str(tmp_path))
+    cfgs.clear_cache()
+    try:
+        for T, launches in ((3, [True, False]), (5, [True, False]), (12, [])):
+            x, tw, ids, w13, w2, b13, b2 = make_case(T, E, k, H, I, torch.float16, True, 0.2, seed=T)
+            w = quantize("int4_w4a16", w13, w2, b13, b2, group_size=16)
+            ref = TorchExperts().apply(x, tw, ids, w, "silu").double()
+            gemv_calls.clear()
+            with interpreter():
+                out = fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int4_w4a16",
+                                          w.w13_scale, w.w2_scale, None, None, w.w13_zero, w.w2_zero)
+            assert gemv_calls == launches, T
+            assert rel(out, ref) < TOL[torch.float16], (T, rel(out, ref))
+    finally:
+        cfgs.clear_cache()
+
+
 @pytest.mark.parametrize("reduce", ["atomic", "buffer"])
 def test_interpreter_gemv_out_of_range_ids_are_skipped(reduce, gemv_calls):
     """Expert ids outside [0, E) are skipped by both GEMVs (no weight read past the last expert) and by the

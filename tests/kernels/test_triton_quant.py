@@ -7,6 +7,8 @@ benchmark shapes, T in {1, 128, 4096}, and the activation quantizer bit for bit 
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -441,7 +443,7 @@ def test_decode_probe_probes_any_T(monkeypatch, capsys):
         "decode_probe", Path(__file__).resolve().parents[2] / "scripts" / "decode_probe.py")
     dp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(dp)
-    times = iter([10.0, 5.0, 4.0, 12.0, 7.0, 3.0, 11.0, 6.0, 4.5])  # rounds of bf16, shipped, the variant
+    times = iter([10.0, 5.0, 4.0, 9.0, 12.0, 7.0, 3.0, 9.5, 11.0, 6.0, 4.5, 8.0])  # rounds: bf16, shipped, variants
     monkeypatch.setattr(dp, "graph_of", lambda fn: fn)
     monkeypatch.setattr(dp, "replay_us", lambda graph, dev: (graph(), next(times))[1])
     dev = torch.device("cpu")
@@ -454,8 +456,10 @@ def test_decode_probe_probes_any_T(monkeypatch, capsys):
     args = types.SimpleNamespace(method="int4_w4a16", max_err=1e-2, profile=False, op=False, rounds=3, read_floor=False)
     with interpreter():
         best = dp.probe(args, "tiny", 9, E, k, H, I, w, qw, qw.extra or {},
-                        [{"name": "bn32", "gemm1": {"BLOCK_N": 32}}], dev, gen)
+                        [{"name": "bn32", "gemm1": {"BLOCK_N": 32}}, {"name": "t1", "entry_of": 1}], dev, gen)
     out = capsys.readouterr().out
+    # "entry_of": 1 runs the T = 1 entry (here the heuristic's one pair per program, 256-wide K tiles) at T = 9
+    assert re.search(r"int4_w4a16 t1: 9\.0 us \(1\.22x bf16\) .*\"BLOCK_N\": 32, \"BLOCK_K\": 256", out), out
     assert "tiny T=9: bf16 11.0 us (rounds: 10.0, 12.0, 11.0) (errors against shipped)" in out
     assert "int4_w4a16 shipped: 6.0 us (1.83x bf16) (rounds: 5.0, 7.0, 6.0), err 0.0e+00" in out
     assert "int4_w4a16 bn32: 4.0 us (2.75x bf16) (rounds: 4.0, 3.0, 4.5)" in out

@@ -24,7 +24,11 @@ accumulated in the tensor core between additions to the fp32 accumulator (defaul
 before sm_90 and under the interpreter): its programs start while GEMM1 runs, ask L2 for their weight slices and
 wait for GEMM1's results (gemv.py).
 
-For a run with T tokens the entry with the nearest key is used (as vLLM does). Folders searched, first
+For a run with T tokens the entry with the nearest key is used (as vLLM does), except that a T = 1 entry with
+``decode`` set serves T = 1 only (T = 2 takes the nearest other key, or the heuristic): one pair per program
+re-reads an expert's weights for each of its pairs, so a table says where that still pays with a ``decode``
+entry at that T (int4 GEMVs up to T = 8-16, where the expert-sorted int4 ``tl.dot`` is bound by its dequantize).
+Folders searched, first
 match wins: ``$COMPOSER_KERNEL_CONFIGS`` (a folder, or several joined by ``:``), folders added with
 ``add_config_dir`` (the ``kernel.config_dir`` key), then the files shipped in ``composer/kernels/configs``.
 
@@ -235,8 +239,10 @@ def get_config(T: int, E: int, N: int, K: int, top_k: int, dtype: Any, device: A
 def _get_config(T: int, E: int, N: int, K: int, top_k: int, dtype: str, device: str, capability: str | None,
                 dirs: tuple[Path, ...]) -> dict[str, Any]:
     found = _find_table(E, N, K, device, dtype, capability, dirs)
-    if found and found[1]:
-        table = found[1]
+    table = found[1] if found else {}
+    if T > 1:  # a T = 1 decode entry's tiles were measured for one pair per program, not for expert-sorted blocks
+        table = {m: e for m, e in table.items() if m > 1 or not e.get("decode", False)}
+    if table:
         key = min(table, key=lambda m: abs(m - T))
         cfg = dict(table[key])
         cfg["source"] = f"{found[0]} [T={key}]"
@@ -245,8 +251,6 @@ def _get_config(T: int, E: int, N: int, K: int, top_k: int, dtype: str, device: 
         cfg["source"] = "heuristic"
     cfg.setdefault("decode", False)
     cfg.setdefault("reduce", "atomic")
-    if cfg["decode"] and T > 1:
-        cfg["decode"] = False  # one pair per program pays off only when every pair has its own expert
     return cfg
 
 
