@@ -571,6 +571,49 @@ def test_gpu_gemv_three_shapes(shape, cfg):
         torch.cuda.empty_cache()
 
 
+SMALL_T_SHAPES = {"mixtral_8x7b": (8, 2, 4096, 14336), "qwen3_30b_a3b": (128, 8, 2048, 768),
+                  "deepseek_v3": (256, 8, 7168, 2048)}
+
+
+@gpu
+@cuda
+@pytest.mark.parametrize("shape", list(SMALL_T_SHAPES))
+def test_gpu_shipped_tables_at_small_t(shape):
+    """The shipped tables at small T (int4: GEMV entries at T = 2-64 on the H100 and H200 tables; fp8 qwen3 at
+    T = 2-4) vs kernel=torch on the experts the routing touches (all 256 of deepseek_v3 dequantized would not fit),
+    at the benchmark shapes with their real expert counts."""
+    import dataclasses
+
+    from composer.kernels.triton.fused import quant_config
+    from composer.kernels.triton_backend import TritonExperts
+    from composer.tasks.bench import Shape, make_weights, quantize_weights
+
+    E, k, H, I = SMALL_T_SHAPES[shape]
+    sh = Shape(shape, E, k, H, I, torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = make_weights(sh, torch.device("cuda"), gen)
+    for method, params, tokens in (("int4_w4a16", {"group_size": 128}, (2, 5, 8, 24, 48)),
+                                   ("fp8_w8a8", {"granularity": "per_token_channel"}, (2, 4))):
+        sh.quant, sh.quant_params = method, params
+        qw = quantize_weights(sh, w)
+        for T in tokens:
+            x = torch.randn(T, H, device="cuda", generator=gen).to(torch.bfloat16)
+            tw, ids = torch.topk(torch.randn(T, E, device="cuda", generator=gen).softmax(-1), k, dim=-1)
+            tw, ids = tw.float(), ids.to(torch.int32)
+            used, local = torch.unique(ids, return_inverse=True)
+            sub = {f.name: getattr(qw, f.name) for f in dataclasses.fields(qw)}
+            sub = {n: v.index_select(0, used) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == E else v
+                   for n, v in sub.items()}
+            ref = TorchExperts().apply(x, tw, local.to(torch.int32), type(qw)(**sub), "silu").double()
+            err = rel(TritonExperts().apply(x, tw, ids, qw, "silu"), ref)
+            cfg = quant_config(T, E, I, H, k, method, torch.bfloat16, x.device)
+            print(f"[small-T] {shape} {method} T={T} decode={cfg['decode']} ({cfg['source'].rsplit('/', 1)[-1]}): "
+                  f"rel err vs kernel=torch {err:.2e}")
+            assert err < GPU_TOL[method], (shape, method, T, err)
+        del qw
+        torch.cuda.empty_cache()
+
+
 @gpu
 @cuda
 def test_gpu_gemv_graph_replay():
@@ -715,6 +758,51 @@ def test_tuner_gemv_candidates_are_valid_entries():
                 validate_entry({**gemv_cfg(), name: g}, f"{method} {name} {g}")
             # int4 tiles are tried with and without x_vec, non-int4 ones never carry it
             assert any(g.get("x_vec") for g in gemv_candidates(name, method)) == (method == "int4_w4a16")
+
+
+def test_tuner_small_t_keys_gemvs_until_sorted_blocks_win():
+    """tune.small_t_entries: a GEMV key at each T while one pair per program is faster (the fastest GEMM2 split
+    kept), then the expert-sorted entry at the first T where it wins, and nothing past it (a fake timer: GEMVs grow
+    with the pairs, the sorted blocks barely). A tl.dot T = 1 entry gets no keys."""
+    from composer.kernels.triton.tune import small_t_entries
+
+    t1 = {**gemv_cfg(16, 32, 8, 32, 4), "_us": 9.0}
+    srt = {"BLOCK_M": 16, "decode": False, "reduce": "atomic", "source": "table [T=16]",
+           "gemm1": {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+           "gemm2": {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}}
+    per_split = {4: 2.0, 2: 1.9, 1: 1.95}
+    calls = []
+
+    def timed(T, cfg):
+        calls.append(T)
+        return 10.0 + T if not cfg["decode"] else per_split[cfg["gemm2"]["SPLIT_K"]] * T
+
+    keys = small_t_entries(t1, lambda T: srt, timed, tokens=(2, 4, 8, 16, 24))
+    assert list(keys) == [2, 4, 8, 16] and 24 not in calls
+    for T in (2, 4, 8):
+        assert keys[T]["decode"] == "gemv" and keys[T]["gemm2"]["SPLIT_K"] == 2 and keys[T]["_us"] == round(1.9 * T * 1e3, 1)
+        validate_entry({k: v for k, v in keys[T].items() if k != "_us"})
+    assert keys[16]["decode"] is False and keys[16]["_us"] == 26000.0 and "source" not in keys[16]
+    assert small_t_entries({**srt, "decode": True}, lambda T: srt, timed) == {}
+
+
+def test_tuner_small_t_times_real_calls_on_cpu():
+    """small_t_entries with quant_timer, the tuner's timer, on a tiny int4 shape under the interpreter: both
+    candidates run (each call checked finite) and the result is a valid key."""
+    from composer.kernels.triton.tune import quant_timer, small_t_entries
+
+    E, k, H, I = 4, 2, 64, 32
+    x, tw, ids, w13, w2, _, _ = make_case(3, E, k, H, I, torch.float16, False, 0.0, seed=11)
+    w = quantize("int4_w4a16", w13, w2, group_size=32)
+    srt = {"BLOCK_M": 16, "decode": False, "reduce": "atomic",
+           "gemm1": {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+           "gemm2": {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}}
+    with interpreter():
+        timer = quant_timer(w, rep_ms=1)
+        keys = small_t_entries(gemv_cfg(16, 32, 8, 32, 1), lambda T: srt,
+                               lambda T, cfg: timer(x[:T], tw[:T], ids[:T], cfg), tokens=(2,))
+    assert list(keys) == [2] and 0 < keys[2]["_us"] < float("inf")
+    validate_entry({kk: v for kk, v in keys[2].items() if kk != "_us"})
 
 
 @pytest.mark.parametrize("rot, stages", [(0, 3), (7, 2)])

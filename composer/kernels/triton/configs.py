@@ -7,8 +7,8 @@ A file is named ``E={E},N={I},K={H},device_name={device},dtype={dtype}.json`` (d
      "gemm1": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4, "tma": false},
      "gemm2": {...}}
 
-``decode``: false (expert-sorted blocks), true (T = 1: one pair per program, tl.dot), or ``"gemv"`` (T = 1: one
-pair per program, FMA GEMVs in registers, ``gemv.py``; there ``BLOCK_N`` may be as small as 4 and both GEMMs take
+``decode``: false (expert-sorted blocks), true (one pair per program, tl.dot), or ``"gemv"`` (one pair per
+program, FMA GEMVs in registers, ``gemv.py``; there ``BLOCK_N`` may be as small as 4 and both GEMMs take
 ``SPLIT_K``, the number of programs that share one tile's K range (GEMM1's then leave fp32 partial sums that GEMM2
 activates as it loads them); ``mma: true`` runs the GEMV's products on
 tensor cores with the weights as the MMA's A operand; ``int4_read``: how the GEMV unpacks int4, one of

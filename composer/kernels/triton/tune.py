@@ -252,6 +252,40 @@ def gemv_candidates(name: str, method: str = "") -> list[dict[str, Any]]:
         (64, 128, 4, 2, 16), (64, 128, 4, 2, 32))]
 
 
+def quant_timer(weights, activation: str = "silu", rep_ms: int = 30, log: Callable[[str], None] | None = None
+                ) -> Callable[..., float]:
+    """``timed(x, tw, ids, cfg)``: ms per call of the quantized experts with tile config ``cfg``, as task=bench times
+    it (per call inside a CUDA graph of calls, each after an L2 flush; tasks/timing.py; off CUDA, eager calls); inf
+    for a candidate that does not compile or fit."""
+    from ...tasks.timing import CallGraph, L2Flush, time_fn
+    from .fused import fused_experts_quant
+
+    ex = weights.extra or {}
+    bn_q, bk_q = ex.get("block_shape", (128, 128))
+    flush = {}
+
+    def timed(x, tw, ids, cfg) -> float:
+        def run():
+            return fused_experts_quant(x, tw, ids, weights.w13, weights.w2, weights.w13_bias, weights.w2_bias,
+                                       activation, weights.quant, weights.w13_scale, weights.w2_scale,
+                                       weights.a13_scale, weights.a2_scale, weights.w13_zero, weights.w2_zero,
+                                       ex.get("granularity", "per_token_channel"), bn_q, bk_q, config=cfg)
+
+        try:
+            run()
+            if x.device.type != "cuda":
+                return time_fn(run, x.device, 1, 3, 1, rep_ms * 1e-3, 0.0)
+            if "f" not in flush:
+                flush["f"] = L2Flush(x.device)
+            return CallGraph(run, x.device, 20, flush["f"]).ms(200, 20, rep_ms * 1e-3)
+        except Exception as exc:  # noqa: BLE001 - a candidate that does not compile or fit is skipped
+            if log:
+                log(f"  skipped {cfg['gemm1']} {cfg['gemm2']}: {type(exc).__name__}")
+            return float("inf")
+
+    return timed
+
+
 GEMV_START = {"BLOCK_M": 16, "decode": "gemv", "reduce": "atomic", "gemm1": _gv(16, 256, 4, 2),
               "gemm2": _gv(16, 256, 4, 2, 4)}
 
@@ -264,28 +298,10 @@ def tune_quant_decode(weights, x: torch.Tensor, tw: torch.Tensor, ids: torch.Ten
     and GEMV decode: GEMM1's tile first, then GEMM2's, each timed the way task=bench times graphs (per call of the
     whole quantized experts call, the activation quantizer included, in a graph of calls, each after an L2 flush);
     the faster of the two modes wins (``dot=None``: GEMV only)."""
-    from ...tasks.timing import CallGraph, L2Flush
-    from .fused import fused_experts_quant
-
-    ex = weights.extra
-    bn_q, bk_q = ex.get("block_shape", (128, 128))
-    flush = L2Flush(x.device) if x.device.type == "cuda" else None
-
-    def run(cfg):
-        return fused_experts_quant(x, tw, ids, weights.w13, weights.w2, weights.w13_bias, weights.w2_bias, activation,
-                                   weights.quant, weights.w13_scale, weights.w2_scale, weights.a13_scale,
-                                   weights.a2_scale, weights.w13_zero, weights.w2_zero,
-                                   ex.get("granularity", "per_token_channel"), bn_q, bk_q, config=cfg)
+    timer = quant_timer(weights, activation, rep_ms, log)
 
     def timed(cfg) -> float:
-        # as task=bench times it: per call inside a CUDA graph of calls, each after an L2 flush (tasks/timing.py)
-        try:
-            run(cfg)
-            return CallGraph(lambda: run(cfg), x.device, 20, flush).ms(200, 20, rep_ms * 1e-3)
-        except Exception as exc:  # noqa: BLE001 - a candidate that does not compile or fit is skipped
-            if log:
-                log(f"  skipped {cfg['gemm1']} {cfg['gemm2']}: {type(exc).__name__}")
-            return float("inf")
+        return timer(x, tw, ids, cfg)
 
     results = []
     for start, cands in (({**base, "decode": True, "BLOCK_M": 16}, lambda n: quant_decode_candidates(weights.quant)),
@@ -332,6 +348,38 @@ def tune_quant_decode(weights, x: torch.Tensor, tw: torch.Tensor, ids: torch.Ten
     return best, best_t
 
 
+SMALL_T = (2, 4, 8, 16, 24, 32, 48, 64, 96)  # the T the quant tuner tries one pair per program at
+
+
+def small_t_entries(t1: dict[str, Any], sorted_at: Callable[[int], dict[str, Any]],
+                    timed: Callable[[int, dict[str, Any]], float], tokens: tuple[int, ...] = SMALL_T,
+                    log: Callable[[str], None] | None = None) -> dict[int, dict[str, Any]]:
+    """Table keys above T = 1 for a GEMV decode entry ``t1``: at each T of ``tokens`` in turn, ``t1`` run one pair
+    per program (GEMM2 split as tuned, 2 ways or unsplit) against the table's expert-sorted entry ``sorted_at(T)``.
+    Each T where a GEMV is faster gets it; the first T where the sorted entry wins gets that entry, so that nearest-
+    key lookups past it leave the GEMVs (which re-read an expert's weights for each of its pairs), and the search
+    stops. ``timed(T, cfg)`` is milliseconds per call. (H200, int4: the GEMVs won up to T = 8 for mixtral_8x7b, 24 for
+    qwen3_30b_a3b, 64 for deepseek_v3, by up to 2.3x over expert-sorted int4 blocks bound by their dequantize.)"""
+    out: dict[int, dict[str, Any]] = {}
+    if t1.get("decode") != "gemv":
+        return out
+    t1 = {k: v for k, v in t1.items() if k != "_us"}
+    split = t1["gemm2"].get("SPLIT_K", 1)
+    cands = [t1] + [{**t1, "gemm2": {**t1["gemm2"], "SPLIT_K": sp}} for sp in (2, 1) if sp < split]
+    for T in tokens:
+        srt = {k: v for k, v in sorted_at(T).items() if k not in ("_us", "source")}
+        t_sorted = timed(T, srt)
+        t_gemv, best = min(((timed(T, c), c) for c in cands), key=lambda r: r[0])
+        won = t_gemv < t_sorted
+        out[T] = {**(best if won else srt), "_us": round((t_gemv if won else t_sorted) * 1e3, 1)}
+        if log:
+            log(f"  T={T}: GEMVs {t_gemv * 1e3:.1f} us, expert-sorted {t_sorted * 1e3:.1f} us -> "
+                f"{'GEMV, split ' + str(best['gemm2'].get('SPLIT_K', 1)) if won else 'expert-sorted'}")
+        if not won:
+            break
+    return out
+
+
 QUANT_TUNE_SHAPES = {"mixtral_8x7b": (8, 2, 4096, 14336), "qwen3_30b_a3b": (128, 8, 2048, 768),
                      "deepseek_v3": (256, 8, 7168, 2048)}
 QUANT_TUNE_METHODS = (("fp8_w8a8", {"granularity": "per_token_channel"}), ("int4_w4a16", {"group_size": 128}))
@@ -341,14 +389,15 @@ def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]]
                       log: Callable[[str], None] = print, methods: tuple[str, ...] | None = None,
                       dot: bool | None = True) -> list[str]:
     """The config tables of the quantized experts (``dtype=<method>`` files) for the benchmark shapes: T = 1 tuned
-    by ``tune_quant_decode``, every other T the bfloat16 table's tiles. How the shipped tables were made:
+    by ``tune_quant_decode``, every other T the bfloat16 table's tiles, and where T = 1 got GEMVs, small T keys
+    where those beat the expert-sorted tiles one pair per program (``small_t_entries``). How the shipped tables were made:
     ``python -c "from composer.kernels.triton.tune import tune_quant_tables as t; t('DIR')"`` on the GPU
     (``methods=("int4_w4a16",)`` retunes one method; scripts/quant_gpu_bench.sh does that with TUNE=...)."""
     import json
     import os
 
     from ...tasks.bench import Shape, make_weights, quantize_weights
-    from .configs import config_file_name, device_capability, device_name, get_config, tuned_table
+    from .configs import config_file_name, device_capability, device_name, get_config, heuristic_config, tuned_table
     from .fused import w8a8_tiles
 
     os.makedirs(out_dir, exist_ok=True)
@@ -385,6 +434,23 @@ def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]]
                     e = {kk: v for kk, v in e.items() if kk != "_us"}
                     table[str(T)] = w8a8_tiles(e) if method in ("fp8_w8a8", "int8_w8a8") else e
             table["1"] = {**entry, "_us": round(t * 1e3, 1)}
+            if entry.get("decode") == "gemv":  # one pair per program at small T where that beats expert-sorted blocks
+                timer = quant_timer(qw, log=log)
+                rows = {int(kk): v for kk, v in table.items() if not kk.startswith("_") and kk != "1"}
+
+                def sorted_at(T, rows=rows):
+                    return rows[min(rows, key=lambda m: abs(m - T))] if rows else heuristic_config(T, E, I, H, k)
+
+                def timed_at(T, cfg, g=gen, E=E, H=H, k=k, timer=timer):
+                    xs = torch.randn(T, H, device=dev, generator=g).to(torch.bfloat16)
+                    tws, idss = torch.topk(torch.randn(T, E, device=dev, generator=g).softmax(-1), k, dim=-1)
+                    return timer(xs, tws.float(), idss.to(torch.int32), cfg)
+
+                for T, e in small_t_entries(entry, sorted_at, timed_at, log=log).items():
+                    table[str(T)] = e
+                table["_note"] += ("; T = 2-96: the T=1 GEMVs one pair per program where they measured faster than "
+                                   "the expert-sorted entry, which holds the first T where they did not "
+                                   "(tune.small_t_entries)")
             table = dict(sorted(table.items(), key=lambda kv: -1 if kv[0].startswith("_") else int(kv[0])))
             path = os.path.join(out_dir, config_file_name(E, I, H, device_name(), method))
             with open(path, "w") as f:
