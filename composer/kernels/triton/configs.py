@@ -51,7 +51,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "configs"
 _extra_dirs: list[Path] = []
 
 GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma", "SPLIT_K", "mma", "fp8_promote",
-             "int4_read", "x_vec", "unroll", "loop_stages", "prefetch", "fma")
+             "int4_read", "x_vec", "unroll", "loop_stages", "prefetch")
 INT4_READ_NAMES = ("bytes", "words_4d", "words", "planes", "subnormal")  # gemv.INT4_READS: their codes in this order
 
 
@@ -95,12 +95,9 @@ def config_file_name(E: int, N: int, K: int, device: str, dtype: str) -> str:
 def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, Any]:
     problems = []
     bm = entry.get("BLOCK_M")
+    if not isinstance(bm, int) or bm < 16 or bm & (bm - 1):
+        problems.append(f"BLOCK_M must be a power of two >= 16, got {bm!r}")
     decode = entry.get("decode", False)
-    # both GEMMs int4 GEMVs over the blocks ("fma"): any power-of-two block (no MMA tile to fill)
-    all_fma = all(isinstance(entry.get(g), dict) and entry[g].get("fma") is True for g in ("gemm1", "gemm2"))
-    if not isinstance(bm, int) or isinstance(bm, bool) or bm < (1 if all_fma else 16) or bm & (bm - 1):
-        problems.append(f"BLOCK_M must be a power of two >= 16 (>= 1 when both GEMMs have \"fma\": true), got "
-                        f"{bm!r}")
     if decode not in (True, False, "gemv"):
         problems.append(f"decode must be true, false or \"gemv\", got {decode!r}")
     gemv = decode == "gemv"
@@ -109,32 +106,26 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
         if not isinstance(sub, dict):
             problems.append(f"{g} must be an object with {', '.join(GEMM_KEYS)}")
             continue
-        fma = sub.get("fma", False)
-        if not isinstance(fma, bool) or fma and decode is not False:
-            problems.append(f"{g}.fma must be true or false, and true only with decode false (int4 GEMVs over "
-                            f"expert-sorted blocks); got {fma!r} with decode {decode!r}")
         for key in ("BLOCK_N", "BLOCK_K"):
             v = sub.get(key)
-            least = 4 if (gemv or fma) and key == "BLOCK_N" else 16
+            least = 4 if gemv and key == "BLOCK_N" else 16
             if not isinstance(v, int) or v < least or v & (v - 1):
                 problems.append(f"{g}.{key} must be a power of two >= {least}, got {v!r}")
         promote = sub.get("fp8_promote", 1)
         if not isinstance(promote, int) or isinstance(promote, bool) or promote < 1:
             problems.append(f"{g}.fp8_promote must be an integer >= 1 (K tiles per fp32 promotion), got {promote!r}")
         split = sub.get("SPLIT_K", 1)
-        split_ok = gemv or (fma and g == "gemm2")
-        if not isinstance(split, int) or isinstance(split, bool) or split < 1 or (split > 1 and not split_ok):
-            problems.append(f"{g}.SPLIT_K must be an integer >= 1, and > 1 only with decode 'gemv' (or in an fma "
-                            f"gemm2); got {split!r}")
+        if not isinstance(split, int) or isinstance(split, bool) or split < 1 or (split > 1 and not gemv):
+            problems.append(f"{g}.SPLIT_K must be an integer >= 1, and > 1 only with decode 'gemv'; got {split!r}")
         for key in ("tma", "mma"):
             if not isinstance(sub.get(key, False), bool):
                 problems.append(f"{g}.{key} must be true or false, got {sub.get(key)!r}")
         if sub.get("mma") and not gemv:
             problems.append(f"{g}.mma applies to decode \"gemv\" tiles only")
         unroll = sub.get("unroll", 1)
-        if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 1 or (unroll > 1 and not (gemv or fma)):
+        if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 1 or (unroll > 1 and not gemv):
             problems.append(f"{g}.unroll must be an integer >= 1 (K-loop iterations unrolled), > 1 only in a decode "
-                            f"\"gemv\" or an fma tile; got {unroll!r}")
+                            f"\"gemv\" tile; got {unroll!r}")
         stages = sub.get("loop_stages", 1)
         if (not isinstance(stages, int) or isinstance(stages, bool) or stages < 1
                 or ("loop_stages" in sub and not gemv)):

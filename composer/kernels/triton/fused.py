@@ -11,7 +11,6 @@ from .align import max_blocks, moe_align
 from .configs import fit_smem, get_config, heuristic_config
 from .gemm import ACT_CODES, SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, QuantSpec, gemm1, gemm2, moe_sum
 from .gemv import _pow2_divisor, gemm1_parts, gemv, pdl_supported
-from .group_gemv import group_gemv
 
 
 @dataclass
@@ -139,9 +138,6 @@ def fused_experts(
         config = fit_smem(config, x.element_size())
     if x.stride(1) != 1:
         x = x.contiguous()
-    if config["gemm1"].get("fma") or config["gemm2"].get("fma"):
-        raise ValueError('"fma": true (int4 GEMVs over expert-sorted blocks) applies to int4_w4a16 weights, not '
-                         f"{x.dtype} ones; set it to false in the tile config")
     r = _route(topk_weights, topk_ids, E, config)
     inter = torch.empty(T * k, I, dtype=x.dtype, device=x.device)
     if config.get("decode") == "gemv":
@@ -250,10 +246,6 @@ def fused_experts_quant(
         config = quant_config(T, E, I, H, k, method, x.dtype, x.device)
     if x.element_size() > 2:
         config = fit_smem(config, x.element_size())
-    fma = (config["gemm1"].get("fma", False), config["gemm2"].get("fma", False))
-    if any(fma) and method != "int4_w4a16":
-        raise ValueError(f'"fma": true (int4 GEMVs over expert-sorted blocks) applies to int4_w4a16 weights, not '
-                         f"{method}; set it to false in the tile config")
     act_q = None
     if method == "int8_w8a16":
         q1 = q2 = QuantSpec(wq=1)
@@ -292,22 +284,12 @@ def fused_experts_quant(
     if act_q is not None and not fuse:
         a1, s1 = quant_rows(x, act_q[0], act_q[1], a13_scale)
     inter = torch.empty(T * k, I, dtype=x.dtype, device=x.device)
-    if fma[0]:
-        group_gemv(x, w13, w13_bias, inter, r.sorted_ids, r.expert_ids, r.ntpp, r.num_pid_m, r.ids.numel(), k,
-                   r.block_m, config["gemm1"], gated=True, group=q1.qbk, w_scale=w13_scale, w_zero=w13_zero,
-                   activation_code=ACT_CODES[activation], alpha=SWIGLUOAI_ALPHA, limit=SWIGLUOAI_LIMIT)
-    else:
-        gemm1(a1, w13, w13_bias, inter, r.sorted_ids, r.expert_ids, r.ntpp, r.ids, r.num_pid_m, k,
-              activation, r.direct, r.block_m, c1, q1, s1, w13_scale, w13_zero, aq=aq1)
+    gemm1(a1, w13, w13_bias, inter, r.sorted_ids, r.expert_ids, r.ntpp, r.ids, r.num_pid_m, k,
+          activation, r.direct, r.block_m, c1, q1, s1, w13_scale, w13_zero, aq=aq1)
     a2, s2 = inter, (a2_scale.reshape(1).float() if aq2 == 2 else None)
     if act_q is not None and not fuse:
         a2, s2 = quant_rows(inter, act_q[0], act_q[1], a2_scale)
     out = _out_buffer(r, x, H)
-    if fma[1]:
-        group_gemv(inter, w2, w2_bias, out, r.sorted_ids, r.expert_ids, r.ntpp, r.num_pid_m, r.ids.numel(), k,
-                   r.block_m, config["gemm2"], gated=False, group=q2.qbk, w_scale=w2_scale, w_zero=w2_zero,
-                   tw=r.tw, atomic=r.atomic)
-    else:
-        gemm2(a2, w2, w2_bias, r.tw, out, r.sorted_ids, r.expert_ids, r.ntpp, r.ids, r.num_pid_m, k,
-              r.direct, r.atomic, r.block_m, c2, q2, s2, w2_scale, w2_zero, aq=aq2)
+    gemm2(a2, w2, w2_bias, r.tw, out, r.sorted_ids, r.expert_ids, r.ntpp, r.ids, r.num_pid_m, k,
+          r.direct, r.atomic, r.block_m, c2, q2, s2, w2_scale, w2_zero, aq=aq2)
     return _reduce(out, r, x, w2.shape[0])
