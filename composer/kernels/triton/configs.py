@@ -27,7 +27,8 @@ wait for GEMM1's results (gemv.py).
 For a run with T tokens the entry with the nearest key is used (as vLLM does), except that a T = 1 entry with
 ``decode`` set serves T = 1 only (T = 2 takes the nearest other key, or the heuristic): one pair per program
 re-reads an expert's weights for each of its pairs, so a table says where that still pays with a ``decode``
-entry at that T (int4 GEMVs up to T = 8-16, where the expert-sorted int4 ``tl.dot`` is bound by its dequantize).
+entry at that T (the H200's int4 GEMVs up to T = 8-64, where the expert-sorted int4 ``tl.dot`` is bound by its
+dequantize).
 Folders searched, first
 match wins: ``$COMPOSER_KERNEL_CONFIGS`` (a folder, or several joined by ``:``), folders added with
 ``add_config_dir`` (the ``kernel.config_dir`` key), then the files shipped in ``composer/kernels/configs``.

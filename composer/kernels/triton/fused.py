@@ -81,8 +81,9 @@ def _decode_gemv(x, r: _Routing, k: int, activation: str, config: dict[str, Any]
                  inter: torch.Tensor, wq: int = 0, ws: int = 1, groups: tuple[int, int] = (1, 1),
                  scales: tuple = (None, None), act_scales: tuple = (None, None), zeros: tuple = (None, None),
                  aq: tuple[int, int] = (0, 0), acc_int8: bool = False) -> torch.Tensor:
-    """``"decode": "gemv"`` (T = 1, or a table's small-T key): both GEMMs as GEMVs, one pair per program (gemv.py). With atomic reduction the top-k epilogue
-    (zeroing the fp32 sums, the final cast) rides in the two GEMV launches (``GEMV_FUSED_EPILOGUE``)."""
+    """``"decode": "gemv"`` (T = 1, or a table's small-T key): both GEMMs as GEMVs, one pair per program (gemv.py).
+    With atomic reduction the top-k epilogue (zeroing the fp32 sums, the final cast) rides in the two GEMV launches
+    (``GEMV_FUSED_EPILOGUE``)."""
     T, H = x.shape
     epi = None
     if r.atomic and GEMV_FUSED_EPILOGUE:

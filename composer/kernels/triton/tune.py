@@ -262,9 +262,11 @@ def quant_timer(weights, activation: str = "silu", rep_ms: int = 30, log: Callab
 
     ex = weights.extra or {}
     bn_q, bk_q = ex.get("block_shape", (128, 128))
-    flush = {}
+    flush = None
 
     def timed(x, tw, ids, cfg) -> float:
+        nonlocal flush
+
         def run():
             return fused_experts_quant(x, tw, ids, weights.w13, weights.w2, weights.w13_bias, weights.w2_bias,
                                        activation, weights.quant, weights.w13_scale, weights.w2_scale,
@@ -274,10 +276,9 @@ def quant_timer(weights, activation: str = "silu", rep_ms: int = 30, log: Callab
         try:
             run()
             if x.device.type != "cuda":
-                return time_fn(run, x.device, 1, 3, 1, rep_ms * 1e-3, 0.0)
-            if "f" not in flush:
-                flush["f"] = L2Flush(x.device)
-            return CallGraph(run, x.device, 20, flush["f"]).ms(200, 20, rep_ms * 1e-3)
+                return time_fn(run, x.device, warmup=1, iters=3, min_iters=1, budget_s=rep_ms * 1e-3, warmup_s=0.0)
+            flush = flush or L2Flush(x.device)
+            return CallGraph(run, x.device, 20, flush).ms(200, 20, rep_ms * 1e-3)
         except Exception as exc:  # noqa: BLE001 - a candidate that does not compile or fit is skipped
             if log:
                 log(f"  skipped {cfg['gemm1']} {cfg['gemm2']}: {type(exc).__name__}")
@@ -390,8 +391,8 @@ def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]]
                       dot: bool | None = True) -> list[str]:
     """The config tables of the quantized experts (``dtype=<method>`` files) for the benchmark shapes: T = 1 tuned
     by ``tune_quant_decode``, every other T the bfloat16 table's tiles, and where T = 1 got GEMVs, small T keys
-    where those beat the expert-sorted tiles one pair per program (``small_t_entries``). How the shipped tables were made:
-    ``python -c "from composer.kernels.triton.tune import tune_quant_tables as t; t('DIR')"`` on the GPU
+    where those beat the expert-sorted tiles one pair per program (``small_t_entries``). How the shipped tables were
+    made: ``python -c "from composer.kernels.triton.tune import tune_quant_tables as t; t('DIR')"`` on the GPU
     (``methods=("int4_w4a16",)`` retunes one method; scripts/quant_gpu_bench.sh does that with TUNE=...)."""
     import json
     import os
