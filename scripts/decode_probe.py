@@ -42,18 +42,6 @@ from composer.tasks.bench import Shape, make_weights, quantize_weights, rel_err 
 from composer.tasks.timing import CallGraph, L2Flush  # noqa: E402
 
 
-def expert_subset(w, used: torch.Tensor):
-    """The experts ``used`` of ``w`` (every tensor whose first dim is the expert count is indexed)."""
-    import dataclasses
-
-    E = w.w13.shape[0]
-    sub = {f.name: getattr(w, f.name) for f in dataclasses.fields(w)}
-    for k, v in sub.items():
-        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == E:
-            sub[k] = v.index_select(0, used)
-    return type(w)(**sub)
-
-
 def merge(base: dict, variant: dict) -> dict:
     out = {k: v for k, v in base.items() if k not in ("source", "_us")}
     update = not variant.get("replace", False)
@@ -230,7 +218,7 @@ def probe(args, name, T, E, k, H, I, w, qw, ex, variants, dev, gen):
     shipped = quant_config(T, E, I, H, k, args.method, torch.bfloat16, dev)
     if T == 1:  # kernel=torch on the active experts only (all of deepseek_v3's 256 dequantized do not fit)
         used, local = torch.unique(ids, return_inverse=True)
-        ref = TorchExperts().apply(x, tw, local.to(torch.int32), expert_subset(qw, used), "silu").double()
+        ref = TorchExperts().apply(x, tw, local.to(torch.int32), qw.select(used), "silu").double()
         against = "kernel=torch"
     else:
         ref = quant_run(merge(shipped, {}))().double()

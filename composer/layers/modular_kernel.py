@@ -7,7 +7,7 @@ pair whose expert lives on another rank, and the experts kernel skips it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -37,6 +37,17 @@ class ExpertWeights:
     @property
     def num_experts(self) -> int:
         return self.w13.shape[0]
+
+    def select(self, experts: torch.Tensor) -> "ExpertWeights":
+        """These weights for ``experts`` only (every tensor whose first dim is the expert count indexed, in that
+        order): kernel=torch on the experts a routing touches, remapped to ``0..len - 1``, checks a call without
+        dequantizing all of them (deepseek_v3's 256 would not fit)."""
+        E = self.num_experts
+        picked = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, v in picked.items():
+            if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == E:
+                picked[name] = v.index_select(0, experts.to(v.device))
+        return ExpertWeights(**picked)
 
 
 @dataclass

@@ -536,3 +536,16 @@ def test_decode_probe_writes_a_table_for_this_gpu_from_a_same_capability_one(tmp
     assert "n64 picked by scripts/decode_probe.py on one NVIDIA H800" in table["_note"]
     assert table["1"]["gemm1"]["BLOCK_N"] == 64 and table["1"]["_us"] == 80.0 and "source" not in table["1"]
     assert table["4096"] == shipped["4096"]  # the other entries are the borrowed table's
+
+
+def test_expert_weights_select_keeps_what_the_routed_experts_compute():
+    """ExpertWeights.select: kernel=torch on the experts a routing touches (ids remapped to 0..n-1) gives the same
+    output as on all of them, for int4 with zero points and bias (every per-expert field indexed, in order)."""
+    x, tw, ids, w13, w2, b13, b2 = make_case(5, 6, 2, 64, 32, torch.float32, True, 0.0, seed=4)
+    w = quantize("int4_w4a16", w13, w2, b13, b2, group_size=16, zero_point=True)
+    used, local = torch.unique(ids, return_inverse=True)
+    sub = w.select(used)
+    assert sub.num_experts == used.numel() < 6 and sub.quant == w.quant and sub.extra == w.extra
+    assert torch.equal(sub.w13_zero, w.w13_zero[used]) and torch.equal(sub.w2_bias, w.w2_bias[used])
+    full = TorchExperts().apply(x, tw, ids, w, "silu")
+    assert torch.equal(TorchExperts().apply(x, tw, local.to(torch.int32), sub, "silu"), full)
