@@ -89,6 +89,29 @@ def test_kernels_compile_for_sm90(case):
         assert compiled.asm["cubin"], kernel.__name__
 
 
+@pytest.mark.parametrize("dtype,params", [(torch.bfloat16, {"group_size": 128}),
+                                          (torch.float16, {"group_size": 32, "zero_point": True})], ids=str)
+def test_int4_pairs_compile_for_sm90(dtype, params):
+    """The expert-sorted int4 blocks of a bf16 / fp16 model take INT4_PAIRS (packed-pair dequantize in inline PTX,
+    which only the GPU runs: test_gpu_int4_pairs_equal_the_fp32_dequantize checks its values); ptxas accepts it,
+    without spills, with the K tile inside a group (128) and across groups (32)."""
+    x, tw, ids, w13, w2, _, _ = make_case(40, 8, 2, 256, 384, dtype, False, 0.0, seed=3)
+    w = quantize("int4_w4a16", w13, w2, **params)
+    g = {"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+    with recorded_launches() as calls:
+        fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", "int4_w4a16", w.w13_scale, w.w2_scale,
+                            None, None, w.w13_zero, w.w2_zero,
+                            config={"BLOCK_M": 64, "decode": False, "reduce": "atomic", "gemm1": g, "gemm2": g})
+    gemms = [(k, a, kw) for k, a, kw in calls if k.__name__ in ("_gemm1_kernel", "_gemm2_kernel")]
+    assert len(gemms) == 2
+    op = "fma.rn.bf16x2" if dtype == torch.bfloat16 else "fma.rn.f16x2"
+    for kernel, args, kwargs in gemms:
+        assert kwargs["PAIRS"] == (1 if dtype == torch.bfloat16 else 2), kernel.__name__
+        compiled = compile_sm90(kernel, args, kwargs)
+        assert op in compiled.asm["ptx"], kernel.__name__
+        assert registers(compiled)[1] == 0, (kernel.__name__, registers(compiled))
+
+
 def test_x_vec_compiles_for_sm90():
     """``x_vec`` (the GEMV's 16-byte activation loads) compiles in both GEMMs of the subnormal read."""
     x, tw, ids, w13, w2, _, _ = make_case(1, 8, 2, 256, 256, torch.bfloat16, False, 0.0, seed=1)

@@ -187,6 +187,30 @@ def test_interpreter_int4_sorted_blocks_dequantize(zero_point, H, bk):
     assert rel(out, TorchExperts().apply(x, tw, ids, w, "silu").double()) < 1e-3
 
 
+def test_int4_pairs_only_where_its_rounding_is_kernel_torchs(monkeypatch):
+    """INT4_PAIRS runs for bf16 / fp16 models whose scales are stored in the model dtype (the packed multiply rounds
+    (q - z) * s once, as kernel=torch's fp32 product rounded to that dtype does), in blocks of 64 rows or more; not
+    for fp32 models, fp32 scales, smaller blocks, the INT4_MAGIC decode, or under the interpreter (no inline PTX)."""
+    from composer.kernels.triton import gemm
+
+    spec = gemm.QuantSpec(wq=2, qbk=64)
+
+    def pairs(dtype, scale_dtype=None, direct=False, block_m=64):
+        s = torch.ones(2, 4, 2, dtype=scale_dtype or dtype)
+        return gemm._quant_args(spec, None, s, None, direct, 64, 128, s, dtype, block_m=block_m)[2]["PAIRS"]
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert pairs(torch.bfloat16) == 1 and pairs(torch.float16) == 2
+    assert pairs(torch.float32) == 0 and pairs(torch.bfloat16, torch.float32) == 0
+    assert pairs(torch.float16, direct=True) == 0  # the one-pair decode's INT4_MAGIC path
+    assert pairs(torch.bfloat16, block_m=32) == 0 and pairs(torch.bfloat16, block_m=128) == 1  # mma.sync blocks: no
+    monkeypatch.setattr(gemm, "INT4_PAIRS_ON", False)
+    assert pairs(torch.bfloat16) == 0
+    monkeypatch.setattr(gemm, "INT4_PAIRS_ON", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert pairs(torch.bfloat16) == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_interpreter_fused_activation_quant_matches_quant_rows(dtype):
     """Decode (one pair per program) quantizes each activation row inside the GEMMs (FUSED_AQ); the result must
@@ -362,6 +386,41 @@ def test_gpu_k_not_multiple_of_tile(method, params):
                                   w.w2_scale, None, None, None, None, params.get("granularity", "per_token_channel"),
                                   128, 128, config=cfg)
         assert rel(out, ref.double()) < GPU_TOL[method], (method, T)
+
+
+@gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("params", [{"group_size": 128}, {"group_size": 64, "zero_point": True},
+                                    {"group_size": -1, "zero_point": True}], ids=str)
+def test_gpu_int4_pairs_equal_the_fp32_dequantize(monkeypatch, dtype, params):
+    """INT4_PAIRS (both nibbles of a byte dequantized as one bf16x2 / f16x2 pair, inline PTX) gives bit for bit the
+    output of the fp32 dequantize it replaces: the same weights rounded once, the same dots. Expert-sorted blocks,
+    deterministic reduce; K tiles inside one group (group 128, one per row) and across groups (64), zero points,
+    bias, K not a multiple of the tile (384 with 256-deep tiles), dropped pairs, T = 1 to 300, 64- and 128-row
+    blocks (the wgmma path INT4_PAIRS serves)."""
+    from composer.kernels.triton import gemm
+    from composer.kernels.triton.fused import fused_experts_quant
+
+    for T, bm, bk in ((1, 64, 128), (33, 64, 256), (300, 128, 128)):
+        x, tw, ids, w13, w2, b13, b2 = make_case(T, 8, 3, 384, 384, dtype, True, 0.1, seed=T, device="cuda")
+        w = quantize("int4_w4a16", w13, w2, b13, b2, **params)
+        g = {"BLOCK_N": 64, "BLOCK_K": bk, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+        cfg = {"BLOCK_M": bm, "decode": False, "reduce": "buffer", "gemm1": dict(g), "gemm2": dict(g)}
+
+        def run():
+            return fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int4_w4a16",
+                                       w.w13_scale, w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=cfg)
+
+        assert gemm.INT4_PAIRS_ON and gemm._quant_args(gemm.QuantSpec(wq=2, qbk=128), None, w.w13_scale, None, False,
+                                                       bk, 384, x, dtype, block_m=bm)[2]["PAIRS"] == gemm.INT4_PAIRS[dtype]
+        pairs = run()
+        monkeypatch.setattr(gemm, "INT4_PAIRS_ON", False)
+        fp32 = run()
+        monkeypatch.setattr(gemm, "INT4_PAIRS_ON", True)
+        assert torch.equal(pairs, fp32), (T, dtype, params, (pairs.float() - fp32.float()).abs().max())
+        ref = TorchExperts().apply(x, tw, ids, w, "silu").double()
+        assert rel(pairs, ref) < GPU_TOL["int4_w4a16"], (T, dtype, params, rel(pairs, ref))
 
 
 @gpu

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import lazy_helper, lazy_jit
+from ._jit import interpreting, lazy_helper, lazy_jit
 from .quant import _RNE_MAGIC, AMAX_EPS, FP8_MAX, INT8_MAX
 
 # Only builtins and @lazy_helper functions inside kernels: triton.language's own @jit helpers (tl.cdiv, tl.zeros,
@@ -78,6 +78,85 @@ def _interleave_k(lo, hi, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @lazy_helper
+def _pair_bits(v, DT: tl.constexpr):
+    """The 16 bits of v (fp32, exactly representable in DT) in both halves of an int32: a bf16x2 / f16x2 operand."""
+    b = v.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return b | (b << 16)
+
+
+@lazy_helper
+def _int4_tile(wb, s, z, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PAIRS: tl.constexpr):
+    """The dequantized [BLOCK_K, BLOCK_N] tile of bytes ``wb [BLOCK_K / 2, BLOCK_N]`` (k = 2j low nibble, 2j + 1
+    high), scales s and zeros z (fp32, broadcast to wb), rounded as kernel=torch rounds ``(q - z) * s``.
+
+    PAIRS (INT4_PAIRS): both nibbles of a byte become one bf16x2 (1) or f16x2 (2) register, the pair the MMA
+    operand holds: one LOP3 sets them into the mantissa of M = 128 (fp16 1024) with its ulp of 1, one packed FMA
+    subtracts M + z (exact) and one multiplies by the scale, rounding once as the fp32 product rounded to the
+    model dtype does (``q - z`` has 5 bits, the scale 8 or 11: the product is exact before rounding). Needs the
+    scales stored in the model dtype. Otherwise: ``q - z`` from the bits of the float 2^23 + q, times s in fp32."""
+    if PAIRS != 0:
+        # four bytes per asm call (one 32-bit register): $4 the bytes, $5-$8 their scales and $9-$12 their
+        # -(M + zero) as pairs; each output register is one byte's (low, high) pair, in the low / high half
+        s2 = _pair_bits(s, DT)
+        if PAIRS == 1:
+            p = tl.inline_asm_elementwise(
+                """{
+                .reg .b32 u, t, one, nz;
+                mov.b32 one, 0x3F803F80;
+                mov.b32 nz, 0x80008000;
+                shr.u32 u, $4, 4;
+                prmt.b32 t, $4, u, 0x4400;
+                lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
+                fma.rn.bf16x2 t, t, one, $9;
+                fma.rn.bf16x2 $0, t, $5, nz;
+                prmt.b32 t, $4, u, 0x5511;
+                lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
+                fma.rn.bf16x2 t, t, one, $10;
+                fma.rn.bf16x2 $1, t, $6, nz;
+                prmt.b32 t, $4, u, 0x6622;
+                lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
+                fma.rn.bf16x2 t, t, one, $11;
+                fma.rn.bf16x2 $2, t, $7, nz;
+                prmt.b32 t, $4, u, 0x7733;
+                lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
+                fma.rn.bf16x2 t, t, one, $12;
+                fma.rn.bf16x2 $3, t, $8, nz;
+                }""",
+                "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [wb, s2, _pair_bits(-(128.0 + z), DT)], tl.int32, True, 4)
+        else:
+            p = tl.inline_asm_elementwise(
+                """{
+                .reg .b32 u, t, one, nz;
+                mov.b32 one, 0x3C003C00;
+                mov.b32 nz, 0x80008000;
+                shr.u32 u, $4, 4;
+                prmt.b32 t, $4, u, 0x4400;
+                lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
+                fma.rn.f16x2 t, t, one, $9;
+                fma.rn.f16x2 $0, t, $5, nz;
+                prmt.b32 t, $4, u, 0x5511;
+                lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
+                fma.rn.f16x2 t, t, one, $10;
+                fma.rn.f16x2 $1, t, $6, nz;
+                prmt.b32 t, $4, u, 0x6622;
+                lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
+                fma.rn.f16x2 t, t, one, $11;
+                fma.rn.f16x2 $2, t, $7, nz;
+                prmt.b32 t, $4, u, 0x7733;
+                lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
+                fma.rn.f16x2 t, t, one, $12;
+                fma.rn.f16x2 $3, t, $8, nz;
+                }""",
+                "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [wb, s2, _pair_bits(-(1024.0 + z), DT)], tl.int32, True, 4)
+        lo = p.to(tl.int16).to(DT, bitcast=True)
+        hi = (p >> 16).to(tl.int16).to(DT, bitcast=True)
+    else:
+        lo = (_int4_minus_zero(wb & 0xF, z) * s).to(DT)
+        hi = (_int4_minus_zero(wb >> 4, z) * s).to(DT)
+    return _interleave_k(lo, hi, BLOCK_K, BLOCK_N)
+
+
+@lazy_helper
 def _quant_act(v, scale, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, RNE: tl.constexpr):
     """Activation values (fp32) divided by their row's ``scale`` (broadcast to v's shape) with a correctly rounded
     division, clamped to +-QMAX; int8 also rounded half to even (the 1.5 * 2^23 trick). fp8 callers cast."""
@@ -113,7 +192,7 @@ def _gemm1_kernel(
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, EVEN_K: tl.constexpr,
     ALPHA: tl.constexpr, LIMIT: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     WQ: tl.constexpr, WS: tl.constexpr, QBN: tl.constexpr, QBK: tl.constexpr, GROUP_TILE: tl.constexpr,
-    HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr,
+    HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr, PAIRS: tl.constexpr,
     AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
     AMAX_BLOCK: tl.constexpr, PROMOTE: tl.constexpr,
 ):
@@ -236,12 +315,10 @@ def _gemm1_kernel(
                 # exact from the float 2^23 + q, no int -> float conversion). The low / high nibbles interleave
                 # back into [BLOCK_K, BLOCK_N] (row 2j + i), so A stays one contiguous tile (vector loads the
                 # pipeline can stage) and each dot is BLOCK_K deep.
-                g_lo = (_int4_minus_zero(gb & 0xF, z_g) * s_g).to(x_ptr.dtype.element_ty)
-                g_hi = (_int4_minus_zero(gb >> 4, z_g) * s_g).to(x_ptr.dtype.element_ty)
-                u_lo = (_int4_minus_zero(ub & 0xF, z_u) * s_u).to(x_ptr.dtype.element_ty)
-                u_hi = (_int4_minus_zero(ub >> 4, z_u) * s_u).to(x_ptr.dtype.element_ty)
-                acc_g = tl.dot(a, _interleave_k(g_lo, g_hi, BLOCK_K, BLOCK_N), acc_g, input_precision=PRECISION)
-                acc_u = tl.dot(a, _interleave_k(u_lo, u_hi, BLOCK_K, BLOCK_N), acc_u, input_precision=PRECISION)
+                g = _int4_tile(gb, s_g, z_g, BLOCK_K, BLOCK_N, x_ptr.dtype.element_ty, PAIRS)
+                u = _int4_tile(ub, s_u, z_u, BLOCK_K, BLOCK_N, x_ptr.dtype.element_ty, PAIRS)
+                acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+                acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_xk
             g_ptrs += (BLOCK_K // 2) * stride_wk
             u_ptrs += (BLOCK_K // 2) * stride_wk
@@ -334,7 +411,7 @@ def _gemm2_kernel(
     HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     WQ: tl.constexpr, WS: tl.constexpr, QBN: tl.constexpr, QBK: tl.constexpr, GROUP_TILE: tl.constexpr,
-    HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr,
+    HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr, PAIRS: tl.constexpr,
     AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
     AMAX_BLOCK: tl.constexpr, PROMOTE: tl.constexpr,
 ):
@@ -428,9 +505,8 @@ def _gemm2_kernel(
                 p = tl.dot(ao, w_hi, p)
                 acc += (p - (MOFF + z_w) * rs) * s_w
             else:  # dequantized as kernel=torch does, nibbles back in K order (as in _gemm1_kernel)
-                w_lo = (_int4_minus_zero(wb & 0xF, z_w) * s_w).to(a_ptr.dtype.element_ty)
-                w_hi = (_int4_minus_zero(wb >> 4, z_w) * s_w).to(a_ptr.dtype.element_ty)
-                acc = tl.dot(a, _interleave_k(w_lo, w_hi, BLOCK_K, BLOCK_N), acc, input_precision=PRECISION)
+                w = _int4_tile(wb, s_w, z_w, BLOCK_K, BLOCK_N, a_ptr.dtype.element_ty, PAIRS)
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += (BLOCK_K // 2) * stride_wk
         else:
@@ -592,6 +668,20 @@ INT4_MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
 # 1.05x (BLOCK_M 16, qwen3 T = 16) to 5.6x (mixtral T = 4096: 57.6 -> 10.2 ms) faster.
 
 
+# INT4_PAIRS: expert-sorted blocks of INT4_PAIRS_MIN_BLOCK_M rows or more dequantize both nibbles of a byte as one
+# packed pair (_int4_tile) when the model is bf16 (1) or fp16 (2) and the scales are stored in its dtype; compiled
+# code only (inline PTX, which the interpreter cannot run; the fp32 dequantization computes the same values).
+# Why 64 rows: there sm90's dot is a wgmma whose weight operand is read from shared memory, so the dequantized tile
+# is stored there either way, and the pairs halve the loop (mixtral's 64 x 64 gemm1 tile: 982 -> 541 SASS per K
+# tile). Smaller blocks run mma.sync with the weights in registers: Triton loads the bytes straight into the MMA's
+# register layout and dequantizes there only through ops it knows to be elementwise (arith, one-operand inline
+# asm), and this asm takes the scales too, so the tile went through shared memory again: fewer instructions but
+# 29% slower (mixtral T = 16, H200: 722 against 558 us). INT4_PAIRS_ON = False turns it off (A/B timing).
+INT4_PAIRS = {torch.bfloat16: 1, torch.float16: 2}
+INT4_PAIRS_MIN_BLOCK_M = 64
+INT4_PAIRS_ON = True
+
+
 # FP8_PROMOTE_TILES: how many K tiles an fp8 dot (per-tensor / per-channel) accumulates in the tensor core before
 # the partial sum is added to the fp32 accumulator; a tile config's "fp8_promote" overrides it. 1 is
 # max_num_imprecise_acc = BLOCK_K (the most precise); every promotion makes the MMA wait, which cost prefill
@@ -606,15 +696,17 @@ def _promote(q: QuantSpec, cfg: dict) -> int:
 
 
 def _quant_args(q: QuantSpec, a_scale, w_scale, w_zero, direct: bool, block_k: int, K: int, fallback: torch.Tensor,
-                fallback_dtype: torch.dtype | None = None, aq: int = 0):
+                fallback_dtype: torch.dtype | None = None, aq: int = 0, block_m: int = 0):
     args = [a_scale if a_scale is not None else fallback, w_scale if w_scale is not None else fallback,
             w_zero if w_zero is not None else fallback]
     strides = _strides(a_scale, 2) + _strides(w_scale, 3) + _strides(w_zero, 3)
     group_tile = q.wq == 2 and q.qbk % block_k == 0 and K % block_k == 0
     # MAGIC != 0 is the INT4_MAGIC path itself: the one-pair decode with the K tile inside one group
     magic, moff = INT4_MAGIC.get(fallback_dtype, (0, 0.0)) if direct and group_tile else (0, 0.0)
+    pairs = (INT4_PAIRS.get(fallback_dtype, 0) if q.wq == 2 and magic == 0 and INT4_PAIRS_ON and not interpreting()
+             and block_m >= INT4_PAIRS_MIN_BLOCK_M and w_scale is not None and w_scale.dtype == fallback_dtype else 0)
     meta = dict(WQ=q.wq, WS=q.ws, QBN=q.qbn, QBK=q.qbk, GROUP_TILE=group_tile,
-                HAS_ZERO=w_zero is not None, ACC_INT=q.acc_int, MAGIC=magic, MOFF=moff,
+                HAS_ZERO=w_zero is not None, ACC_INT=q.acc_int, MAGIC=magic, MOFF=moff, PAIRS=pairs,
                 **aq_meta(aq, q.acc_int, K))
     return args, strides, meta
 
@@ -644,7 +736,7 @@ def gemm1(x, w13, w13_bias, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, 
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     b = w13_bias if w13_bias is not None else w13  # any pointer; unused without HAS_BIAS
     desc = _weight_desc(w13, bn, bk) if cfg.get("tma") and q.wq in (0, 3) else None  # (w8a8: no dequantization)
-    qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, direct, bk, H, w13, x.dtype, aq)
+    qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, direct, bk, H, w13, x.dtype, aq, block_m)
     _gemm1_kernel[_grid(num_pid_m, I, bn)](
         x, w13, desc, b, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, *qargs,
         P, I, H, top_k, num_pid_m, w13.shape[0],
@@ -666,7 +758,7 @@ def gemm2(inter, w2, w2_bias, topk_weights_flat, out, sorted_ids, expert_ids, nt
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     b = w2_bias if w2_bias is not None else w2
     desc = _weight_desc(w2, bn, bk) if cfg.get("tma") and q.wq in (0, 3) else None
-    qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, direct, bk, I, w2, inter.dtype, aq)
+    qargs, qstrides, qmeta = _quant_args(q, a_scale, w_scale, w_zero, direct, bk, I, w2, inter.dtype, aq, block_m)
     _gemm2_kernel[_grid(num_pid_m, H, bn)](
         inter, w2, desc, b, topk_weights_flat, out, sorted_ids, expert_ids, ntpp, topk_ids_flat, *qargs,
         P, H, I, top_k, num_pid_m, w2.shape[0],
