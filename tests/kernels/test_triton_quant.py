@@ -187,6 +187,70 @@ def test_interpreter_int4_sorted_blocks_dequantize(zero_point, H, bk):
     assert rel(out, TorchExperts().apply(x, tw, ids, w, "silu").double()) < 1e-3
 
 
+def _run_pairs_ptx(text: str, args: list[int], dtype: torch.dtype) -> list[int]:
+    """The PTX of INT4_PAIRS run in Python: mov, shr.u32, prmt.b32, lop3.b32 and packed fma.rn (each half rounded
+    once: the products and sums here are exact in float32, so float32 then one cast to the dtype is that)."""
+    regs = {f"${i}": v for i, v in enumerate([0, 0, 0, 0] + args)}
+
+    def val(tok):
+        return regs[tok] if tok in regs else int(tok, 0)
+
+    def halves(x):
+        return torch.tensor([x & 0xFFFF, x >> 16], dtype=torch.int32).to(torch.int16).view(dtype).float()
+
+    for line in text.replace("{", "").replace("}", "").splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        d, *src = [t.strip() for t in rest.split(",")]
+        a = [val(t) for t in src]
+        if op == "mov.b32":
+            r = a[0]
+        elif op == "shr.u32":
+            r = a[0] >> a[1]
+        elif op == "prmt.b32":
+            pool = [(a[0] >> 8 * i) & 0xFF for i in range(4)] + [(a[1] >> 8 * i) & 0xFF for i in range(4)]
+            r = sum(pool[(a[2] >> 4 * i) & 7] << 8 * i for i in range(4))
+        elif op == "lop3.b32":
+            r = sum(((a[3] >> ((((a[0] >> i) & 1) << 2) | (((a[1] >> i) & 1) << 1) | ((a[2] >> i) & 1))) & 1) << i
+                    for i in range(32))
+        elif op.startswith("fma.rn."):
+            h = (halves(a[0]) * halves(a[1]) + halves(a[2])).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+            r = int(h[0]) | int(h[1]) << 16
+        else:
+            raise AssertionError(f"unexpected PTX op {op}")
+        regs[d] = r & 0xFFFFFFFF
+    return [regs[f"${i}"] for i in range(4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_int4_pairs_ptx_gives_kernel_torchs_weights(dtype):
+    """INT4_PAIRS' inline PTX (which only a GPU runs; test_gpu_int4_pairs_equal_the_fp32_dequantize checks it there)
+    run instruction by instruction on the CPU: for random bytes, scales and zeros, each output register holds the
+    byte's low and high nibble dequantized as kernel=torch does, ``((q - z) * s)`` in float32 rounded to the
+    dtype, bit for bit."""
+    from composer.kernels.triton import gemm
+
+    text, M = (gemm._PAIRS_BF16.value, 128.0) if dtype == torch.bfloat16 else (gemm._PAIRS_F16.value, 1024.0)
+    g = torch.Generator().manual_seed(5)
+
+    def pair_bits(v):
+        b = int(torch.tensor([v]).to(dtype).view(torch.int16)) & 0xFFFF
+        return b | b << 16
+
+    for _ in range(64):
+        q = torch.randint(0, 256, (4,), generator=g)
+        s = (torch.randn(4, generator=g) * 0.02).to(dtype).float()
+        z = torch.randint(0, 16, (4,), generator=g).float()
+        out = _run_pairs_ptx(text, [int(sum(int(q[i]) << 8 * i for i in range(4)))]
+                             + [pair_bits(float(v)) for v in s] + [pair_bits(-(M + float(v))) for v in z], dtype)
+        for i in range(4):
+            want = ((torch.tensor([int(q[i]) & 0xF, int(q[i]) >> 4]).float() - z[i]) * s[i]).to(dtype)
+            got = torch.tensor([out[i] & 0xFFFF, out[i] >> 16], dtype=torch.int32).to(torch.int16).view(dtype)
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (q[i], s[i], z[i], got, want)
+
+
 def test_int4_pairs_only_where_its_rounding_is_kernel_torchs(monkeypatch):
     """INT4_PAIRS runs for bf16 / fp16 models whose scales are stored in the model dtype (the packed multiply rounds
     (q - z) * s once, as kernel=torch's fp32 product rounded to that dtype does), in blocks of 64 rows or more; not

@@ -84,6 +84,26 @@ def _pair_bits(v, DT: tl.constexpr):
     return b | (b << 16)
 
 
+def _pairs_asm(magic: int, one: int, packed: str) -> str:
+    """INT4_PAIRS' PTX for four bytes per call (one 32-bit register): $4 the bytes, $5-$8 their scales and $9-$12
+    their -(M + zero), each as a pair in both halves; $0-$3 one byte's (low, high) nibble pair each. The byte and
+    the byte shifted right by 4 are permuted into the two halves (PRMT), the two nibbles OR-ed into the bits of
+    M, M (LOP3: the numbers M + q), then q - zero and (q - zero) * scale by packed FMAs (PTX takes no immediates
+    there: 1.0 and -0.0 sit in registers; adding -0.0 keeps the product's sign of zero)."""
+    lines = [".reg .b32 u, t, one, nz;", f"mov.b32 one, 0x{one:04X}{one:04X};", "mov.b32 nz, 0x80008000;",
+             "shr.u32 u, $4, 4;"]
+    for b in range(4):  # output b: byte b of $4 (low nibble) into the low half, byte b of u (high) into the high
+        lines += [f"prmt.b32 t, $4, u, {0x4400 + 0x1111 * b:#06x};",
+                  f"lop3.b32 t, t, 0x000F000F, 0x{magic:04X}{magic:04X}, 0xEA;",
+                  f"fma.rn.{packed} t, t, one, ${9 + b};", f"fma.rn.{packed} ${b}, t, ${5 + b}, nz;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_PAIRS_BF16 = tl.constexpr(_pairs_asm(0x4300, 0x3F80, "bf16x2"))  # M = 128
+_PAIRS_F16 = tl.constexpr(_pairs_asm(0x6400, 0x3C00, "f16x2"))  # M = 1024
+_PAIRS_IO = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 9))
+
+
 @lazy_helper
 def _int4_tile(wb, s, z, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PAIRS: tl.constexpr):
     """The dequantized [BLOCK_K, BLOCK_N] tile of bytes ``wb [BLOCK_K / 2, BLOCK_N]`` (k = 2j low nibble, 2j + 1
@@ -95,59 +115,13 @@ def _int4_tile(wb, s, z, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.co
     model dtype does (``q - z`` has 5 bits, the scale 8 or 11: the product is exact before rounding). Needs the
     scales stored in the model dtype. Otherwise: ``q - z`` from the bits of the float 2^23 + q, times s in fp32."""
     if PAIRS != 0:
-        # four bytes per asm call (one 32-bit register): $4 the bytes, $5-$8 their scales and $9-$12 their
-        # -(M + zero) as pairs; each output register is one byte's (low, high) pair, in the low / high half
         s2 = _pair_bits(s, DT)
         if PAIRS == 1:
-            p = tl.inline_asm_elementwise(
-                """{
-                .reg .b32 u, t, one, nz;
-                mov.b32 one, 0x3F803F80;
-                mov.b32 nz, 0x80008000;
-                shr.u32 u, $4, 4;
-                prmt.b32 t, $4, u, 0x4400;
-                lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
-                fma.rn.bf16x2 t, t, one, $9;
-                fma.rn.bf16x2 $0, t, $5, nz;
-                prmt.b32 t, $4, u, 0x5511;
-                lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
-                fma.rn.bf16x2 t, t, one, $10;
-                fma.rn.bf16x2 $1, t, $6, nz;
-                prmt.b32 t, $4, u, 0x6622;
-                lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
-                fma.rn.bf16x2 t, t, one, $11;
-                fma.rn.bf16x2 $2, t, $7, nz;
-                prmt.b32 t, $4, u, 0x7733;
-                lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
-                fma.rn.bf16x2 t, t, one, $12;
-                fma.rn.bf16x2 $3, t, $8, nz;
-                }""",
-                "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [wb, s2, _pair_bits(-(128.0 + z), DT)], tl.int32, True, 4)
+            p = tl.inline_asm_elementwise(_PAIRS_BF16, _PAIRS_IO, [wb, s2, _pair_bits(-(128.0 + z), DT)], tl.int32,
+                                          True, 4)
         else:
-            p = tl.inline_asm_elementwise(
-                """{
-                .reg .b32 u, t, one, nz;
-                mov.b32 one, 0x3C003C00;
-                mov.b32 nz, 0x80008000;
-                shr.u32 u, $4, 4;
-                prmt.b32 t, $4, u, 0x4400;
-                lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
-                fma.rn.f16x2 t, t, one, $9;
-                fma.rn.f16x2 $0, t, $5, nz;
-                prmt.b32 t, $4, u, 0x5511;
-                lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
-                fma.rn.f16x2 t, t, one, $10;
-                fma.rn.f16x2 $1, t, $6, nz;
-                prmt.b32 t, $4, u, 0x6622;
-                lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
-                fma.rn.f16x2 t, t, one, $11;
-                fma.rn.f16x2 $2, t, $7, nz;
-                prmt.b32 t, $4, u, 0x7733;
-                lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
-                fma.rn.f16x2 t, t, one, $12;
-                fma.rn.f16x2 $3, t, $8, nz;
-                }""",
-                "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [wb, s2, _pair_bits(-(1024.0 + z), DT)], tl.int32, True, 4)
+            p = tl.inline_asm_elementwise(_PAIRS_F16, _PAIRS_IO, [wb, s2, _pair_bits(-(1024.0 + z), DT)], tl.int32,
+                                          True, 4)
         lo = p.to(tl.int16).to(DT, bitcast=True)
         hi = (p >> 16).to(tl.int16).to(DT, bitcast=True)
     else:
