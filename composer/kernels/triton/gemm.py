@@ -285,10 +285,10 @@ def _gemm1_kernel(
                 acc_g += (pg - (MOFF + z_g) * rs) * s_g
                 acc_u += (pu - (MOFF + z_u) * rs) * s_u
             else:
-                # ((q - zero) * scale) in fp32, rounded to the model dtype: kernel=torch's dequantization (q - zero
-                # exact from the float 2^23 + q, no int -> float conversion). The low / high nibbles interleave
-                # back into [BLOCK_K, BLOCK_N] (row 2j + i), so A stays one contiguous tile (vector loads the
-                # pipeline can stage) and each dot is BLOCK_K deep.
+                # kernel=torch's dequantization, (q - zero) * scale rounded once to the model dtype (_int4_tile:
+                # fp32, or INT4_PAIRS' packed pairs). The low / high nibbles interleave back into [BLOCK_K,
+                # BLOCK_N] (row 2j + i), so A stays one contiguous tile (vector loads the pipeline can stage) and
+                # each dot is BLOCK_K deep.
                 g = _int4_tile(gb, s_g, z_g, BLOCK_K, BLOCK_N, x_ptr.dtype.element_ty, PAIRS)
                 u = _int4_tile(ub, s_u, z_u, BLOCK_K, BLOCK_N, x_ptr.dtype.element_ty, PAIRS)
                 acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
@@ -646,7 +646,7 @@ INT4_MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
 # packed pair (_int4_tile) when the model is bf16 (1) or fp16 (2) and the scales are stored in its dtype; compiled
 # code only (inline PTX, which the interpreter cannot run; the fp32 dequantization computes the same values).
 # Why 64 rows: there sm90's dot is a wgmma whose weight operand is read from shared memory, so the dequantized tile
-# is stored there either way, and the pairs halve the loop (mixtral's 64 x 64 gemm1 tile: 982 -> 541 SASS per K
+# is stored there either way, and the pairs halve the loop (mixtral's 64 x 64 gemm1 tile: 982 -> 493 SASS per K
 # tile). Smaller blocks run mma.sync with the weights in registers: Triton loads the bytes straight into the MMA's
 # register layout and dequantizes there only through ops it knows to be elementwise (arith, one-operand inline
 # asm), and this asm takes the scales too, so the tile went through shared memory again: fewer instructions but
