@@ -381,6 +381,50 @@ def small_t_entries(t1: dict[str, Any], sorted_at: Callable[[int], dict[str, Any
     return out
 
 
+PREFILL_T = 1024  # the quant tuner times prefill tiles at the table keys from here up
+
+
+def quant_prefill_candidates(method: str, bf16: dict[str, Any], shipped: dict[str, Any] | None
+                             ) -> list[dict[str, Any]]:
+    """Tiles the quant tuner times at a prefill key: the bfloat16 table's entry (w8a8: its K tiles widened,
+    fused.w8a8_tiles), the method's shipped entry there, and for int4 the blocks INT4_PAIRS serves (gemm.py) in the
+    shapes that won on an H200: 64 rows with gemm1 64 / gemm2 128 channels (64- and 128-deep K tiles: several
+    blocks per SM, so one dequantizes while another's wgmma runs) and 128 rows with 8 warps. Duplicates dropped."""
+    from .fused import w8a8_tiles
+
+    base = w8a8_tiles(bf16) if method in ("fp8_w8a8", "int8_w8a8") else bf16
+    cands = [base] + ([shipped] if shipped else [])
+    if method == "int4_w4a16":
+        cands += [{"BLOCK_M": 64, "decode": False, "reduce": "buffer", "gemm1": _g(64, bk, 4, st, 8),
+                   "gemm2": _g(128, bk, 4, st, 8)} for bk, st in ((64, 4), (128, 3))]
+        cands.append({"BLOCK_M": 128, "decode": False, "reduce": "buffer", "gemm1": _g(128, 128, 8, 3, 8),
+                      "gemm2": _g(128, 128, 8, 3, 8)})
+    out: list[dict[str, Any]] = []
+    for c in cands:
+        c = {k: v for k, v in c.items() if k not in ("_us", "source")}
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def prefill_entries(candidates_at: Callable[[int], list[dict[str, Any]]], timed: Callable[[int, dict[str, Any]], float],
+                    tokens: tuple[int, ...], log: Callable[[str], None] | None = None) -> dict[int, dict[str, Any]]:
+    """The fastest of ``candidates_at(T)`` at each prefill T of ``tokens`` (``timed(T, cfg)``: ms per call), with its
+    ``_us``; a T where none ran (every candidate inf) keeps the first candidate, untimed. The shipped entry is among
+    the candidates, so a retune keeps a measured tile unless another beats it: before, every T but 1 took the
+    bfloat16 table's tile, which for int4 prefill was up to 1.5x slower than the shipped one (H200, T = 1024)."""
+    out: dict[int, dict[str, Any]] = {}
+    for T in tokens:
+        cands = candidates_at(T)
+        times = [timed(T, c) for c in cands]
+        best = min(range(len(cands)), key=lambda i: times[i])
+        out[T] = dict(cands[best]) if times[best] == float("inf") else {**cands[best],
+                                                                          "_us": round(times[best] * 1e3, 1)}
+        if log:
+            log(f"  T={T}: " + ", ".join(f"{t * 1e3:.1f}" for t in times) + f" us -> candidate {best}")
+    return out
+
+
 QUANT_TUNE_SHAPES = {"mixtral_8x7b": (8, 2, 4096, 14336), "qwen3_30b_a3b": (128, 8, 2048, 768),
                      "deepseek_v3": (256, 8, 7168, 2048)}
 QUANT_TUNE_METHODS = (("fp8_w8a8", {"granularity": "per_token_channel"}), ("int4_w4a16", {"group_size": 128}))
@@ -388,12 +432,14 @@ QUANT_TUNE_METHODS = (("fp8_w8a8", {"granularity": "per_token_channel"}), ("int4
 
 def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]] | None = None,
                       log: Callable[[str], None] = print, methods: tuple[str, ...] | None = None,
-                      dot: bool | None = True) -> list[str]:
+                      dot: bool | None = True, device: str = "cuda") -> list[str]:
     """The config tables of the quantized experts (``dtype=<method>`` files) for the benchmark shapes: T = 1 tuned
-    by ``tune_quant_decode``, every other T the bfloat16 table's tiles, and where T = 1 got GEMVs, small T keys
-    where those beat the expert-sorted tiles one pair per program (``small_t_entries``). How the shipped tables were
-    made: ``python -c "from composer.kernels.triton.tune import tune_quant_tables as t; t('DIR')"`` on the GPU
-    (``methods=("int4_w4a16",)`` retunes one method; scripts/quant_gpu_bench.sh does that with TUNE=...)."""
+    by ``tune_quant_decode``, the bfloat16 table's keys with its tiles, where T = 1 got GEMVs small T keys where
+    those beat the expert-sorted tiles one pair per program (``small_t_entries``), and at the keys from T = 1024
+    up the fastest of the bfloat16 tile, the shipped tile and the method's candidates (``prefill_entries``).
+    How the shipped tables were made: ``python -c "from composer.kernels.triton.tune import tune_quant_tables as t;
+    t('DIR')"`` on the GPU (``methods=("int4_w4a16",)`` retunes one method; scripts/quant_gpu_bench.sh does that with
+    TUNE=...)."""
     import json
     import os
 
@@ -403,7 +449,7 @@ def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]]
 
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    dev = torch.device("cuda")
+    dev = torch.device(device)  # (another device only to test the table logic with fake timers)
     for name, (E, k, H, I) in (shapes or QUANT_TUNE_SHAPES).items():
         shape = Shape(name, E, k, H, I, torch.bfloat16)
         gen = torch.Generator(device=dev)
@@ -435,17 +481,29 @@ def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]]
                     e = {kk: v for kk, v in e.items() if kk != "_us"}
                     table[str(T)] = w8a8_tiles(e) if method in ("fp8_w8a8", "int8_w8a8") else e
             table["1"] = {**entry, "_us": round(t * 1e3, 1)}
+            timer = quant_timer(qw, log=log)
+
+            def timed_at(T, cfg, g=gen, E=E, H=H, k=k, timer=timer):
+                xs = torch.randn(T, H, device=dev, generator=g).to(torch.bfloat16)
+                tws, idss = torch.topk(torch.randn(T, E, device=dev, generator=g).softmax(-1), k, dim=-1)
+                return timer(xs, tws.float(), idss.to(torch.int32), cfg)
+
+            own = tuned_table(E, I, H, device_name(), method, device_capability())  # the shipped table, if any
+            prefill = [T for T in sorted(int(kk) for kk in table if not kk.startswith("_")) if T >= PREFILL_T]
+            if prefill:
+                def candidates_at(T, own=own, bf=bf, method=method):
+                    shipped = own[1].get(T) if own else None
+                    return quant_prefill_candidates(method, bf[1][T], shipped)
+
+                for T, e in prefill_entries(candidates_at, timed_at, tuple(prefill), log=log).items():
+                    table[str(T)] = e
+                table["_note"] += (f"; T >= {PREFILL_T}: the fastest of the bfloat16 tile, the shipped tile and the "
+                                   "method's own candidates (tune.prefill_entries)")
             if entry.get("decode") == "gemv":  # one pair per program at small T where that beats expert-sorted blocks
-                timer = quant_timer(qw, log=log)
                 rows = {int(kk): v for kk, v in table.items() if not kk.startswith("_") and kk != "1"}
 
                 def sorted_at(T, rows=rows):
                     return rows[min(rows, key=lambda m: abs(m - T))] if rows else heuristic_config(T, E, I, H, k)
-
-                def timed_at(T, cfg, g=gen, E=E, H=H, k=k, timer=timer):
-                    xs = torch.randn(T, H, device=dev, generator=g).to(torch.bfloat16)
-                    tws, idss = torch.topk(torch.randn(T, E, device=dev, generator=g).softmax(-1), k, dim=-1)
-                    return timer(xs, tws.float(), idss.to(torch.int32), cfg)
 
                 for T, e in small_t_entries(entry, sorted_at, timed_at, log=log).items():
                     table[str(T)] = e
