@@ -384,21 +384,25 @@ def small_t_entries(t1: dict[str, Any], sorted_at: Callable[[int], dict[str, Any
 PREFILL_T = 1024  # the quant tuner times prefill tiles at the table keys from here up
 
 
-def quant_prefill_candidates(method: str, bf16: dict[str, Any], shipped: dict[str, Any] | None
-                             ) -> list[dict[str, Any]]:
-    """Tiles the quant tuner times at a prefill key: the bfloat16 table's entry (w8a8: its K tiles widened,
-    fused.w8a8_tiles), the method's shipped entry there, and for int4 the blocks INT4_PAIRS serves (gemm.py) in the
-    shapes that won on an H200: 64 rows with gemm1 64 / gemm2 128 channels (64- and 128-deep K tiles: several
-    blocks per SM, so one dequantizes while another's wgmma runs) and 128 rows with 8 warps. Duplicates dropped."""
+def bf16_tile_for(method: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """A bfloat16 table entry as a quant method's tile: w8a8 gets K tiles of at least 128 (fused.w8a8_tiles)."""
     from .fused import w8a8_tiles
 
-    base = w8a8_tiles(bf16) if method in ("fp8_w8a8", "int8_w8a8") else bf16
-    cands = [base] + ([shipped] if shipped else [])
+    entry = {k: v for k, v in entry.items() if k not in ("_us", "source")}
+    return w8a8_tiles(entry) if method in ("fp8_w8a8", "int8_w8a8") else entry
+
+
+def quant_prefill_candidates(method: str, bf16: dict[str, Any], shipped: dict[str, Any] | None
+                             ) -> list[dict[str, Any]]:
+    """Tiles the quant tuner times at a prefill key: the bfloat16 table's entry (``bf16_tile_for``), the method's
+    shipped entry there, and for int4 the blocks INT4_PAIRS serves (gemm.py) in the shapes that won on an H200: 64
+    rows with gemm1 64 / gemm2 128 channels (64- and 128-deep K tiles: several blocks per SM, so one dequantizes
+    while another's wgmma runs) and 128 rows with 8 warps. Duplicates dropped."""
+    cands = [bf16_tile_for(method, bf16)] + ([shipped] if shipped else [])
     if method == "int4_w4a16":
-        cands += [{"BLOCK_M": 64, "decode": False, "reduce": "buffer", "gemm1": _g(64, bk, 4, st, 8),
-                   "gemm2": _g(128, bk, 4, st, 8)} for bk, st in ((64, 4), (128, 3))]
-        cands.append({"BLOCK_M": 128, "decode": False, "reduce": "buffer", "gemm1": _g(128, 128, 8, 3, 8),
-                      "gemm2": _g(128, 128, 8, 3, 8)})
+        cands += [{"BLOCK_M": bm, "decode": False, "reduce": "buffer", "gemm1": _g(n1, bk, w, st, 8),
+                   "gemm2": _g(128, bk, w, st, 8)}
+                  for bm, n1, bk, w, st in ((64, 64, 64, 4, 4), (64, 64, 128, 4, 3), (128, 128, 128, 8, 3))]
     out: list[dict[str, Any]] = []
     for c in cands:
         c = {k: v for k, v in c.items() if k not in ("_us", "source")}
@@ -445,7 +449,6 @@ def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]]
 
     from ...tasks.bench import Shape, make_weights, quantize_weights
     from .configs import config_file_name, device_capability, device_name, get_config, heuristic_config, tuned_table
-    from .fused import w8a8_tiles
 
     os.makedirs(out_dir, exist_ok=True)
     written = []
@@ -478,8 +481,7 @@ def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]]
             bf = tuned_table(E, I, H, device_name(), "bfloat16", device_capability())  # (path, validated entries)
             for T, e in (bf[1] if bf else {}).items():
                 if T != 1:
-                    e = {kk: v for kk, v in e.items() if kk != "_us"}
-                    table[str(T)] = w8a8_tiles(e) if method in ("fp8_w8a8", "int8_w8a8") else e
+                    table[str(T)] = bf16_tile_for(method, e)
             table["1"] = {**entry, "_us": round(t * 1e3, 1)}
             timer = quant_timer(qw, log=log)
 
