@@ -112,6 +112,29 @@ def test_int4_pairs_compile_for_sm90(dtype, params):
         assert registers(compiled)[1] == 0, (kernel.__name__, registers(compiled))
 
 
+@pytest.mark.parametrize("dtype,params", [(torch.bfloat16, {"group_size": 128}),
+                                          (torch.float16, {"group_size": 64, "zero_point": True})], ids=str)
+def test_int4_qpairs_compile_for_sm90(dtype, params):
+    """Expert-sorted int4 blocks of 16 rows (mma.sync) take INT4_QPAIRS: ptxas accepts its one-operand PTX without
+    spills, and the dot reads the weights from registers (no shared-memory store of the dequantized tile)."""
+    x, tw, ids, w13, w2, _, _ = make_case(16, 8, 2, 256, 384, dtype, False, 0.0, seed=3)
+    w = quantize("int4_w4a16", w13, w2, **params)
+    g = {"BLOCK_N": 32, "BLOCK_K": 256, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
+    with recorded_launches() as calls:
+        fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", "int4_w4a16", w.w13_scale, w.w2_scale,
+                            None, None, w.w13_zero, w.w2_zero,
+                            config={"BLOCK_M": 16, "decode": False, "reduce": "atomic", "gemm1": g, "gemm2": g})
+    gemms = [(k, a, kw) for k, a, kw in calls if k.__name__ in ("_gemm1_kernel", "_gemm2_kernel")]
+    assert len(gemms) == 2
+    op = "fma.rn.bf16x2" if dtype == torch.bfloat16 else "fma.rn.f16x2"
+    for kernel, args, kwargs in gemms:
+        assert kwargs["PAIRS"] == (3 if dtype == torch.bfloat16 else 4) and kwargs["BLOCK_K"] <= 128, kernel.__name__
+        compiled = compile_sm90(kernel, args, kwargs)
+        # (INT4_PAIRS' multi-operand PTX at 16 rows stored its tile to shared memory in st.shared.v4 vectors)
+        assert op in compiled.asm["ptx"] and "st.shared.v4" not in compiled.asm["ptx"], kernel.__name__
+        assert registers(compiled)[1] == 0, (kernel.__name__, registers(compiled))
+
+
 def test_x_vec_compiles_for_sm90():
     """``x_vec`` (the GEMV's 16-byte activation loads) compiles in both GEMMs of the subnormal read."""
     x, tw, ids, w13, w2, _, _ = make_case(1, 8, 2, 256, 256, torch.bfloat16, False, 0.0, seed=1)

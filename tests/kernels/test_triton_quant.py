@@ -251,6 +251,26 @@ def test_int4_pairs_ptx_gives_kernel_torchs_weights(dtype):
             assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (q[i], s[i], z[i], got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("zero", [False, True], ids=["symmetric", "zero-points"])
+def test_int4_qpairs_ptx_gives_exact_nibbles(dtype, zero):
+    """INT4_QPAIRS' one-operand PTX run instruction by instruction on the CPU: for random bytes, each output register
+    holds the byte's (low, high) nibbles as q - 8 (symmetric int4) or q (zero points, taken off after the dot),
+    exactly, in the dtype's halves; a wrong selector, mask, magic number or offset fails it."""
+    from composer.kernels.triton import gemm
+
+    name = ("_QPAIRS_BF16_" if dtype == torch.bfloat16 else "_QPAIRS_F16_") + ("Q" if zero else "SYM")
+    text = getattr(gemm, name).value
+    g = torch.Generator().manual_seed(7)
+    for _ in range(64):
+        q = torch.randint(0, 256, (4,), generator=g)
+        out = _run_pairs_ptx(text, [int(sum(int(q[i]) << 8 * i for i in range(4)))], dtype)
+        for i in range(4):
+            want = torch.tensor([int(q[i]) & 0xF, int(q[i]) >> 4]).float() - (0.0 if zero else 8.0)
+            got = torch.tensor([out[i] & 0xFFFF, out[i] >> 16], dtype=torch.int32).to(torch.int16).view(dtype)
+            assert torch.equal(got.float(), want), (q[i], got, want)
+
+
 def test_int4_pairs_only_where_its_rounding_is_kernel_torchs(monkeypatch):
     """INT4_PAIRS runs for bf16 / fp16 models whose scales are stored in the model dtype (the packed multiply rounds
     (q - z) * s once, as kernel=torch's fp32 product rounded to that dtype does), in blocks of 64 rows or more; not
@@ -267,12 +287,22 @@ def test_int4_pairs_only_where_its_rounding_is_kernel_torchs(monkeypatch):
     assert pairs(torch.bfloat16) == 1 and pairs(torch.float16) == 2
     assert pairs(torch.float32) == 0 and pairs(torch.bfloat16, torch.float32) == 0
     assert pairs(torch.float16, direct=True) == 0  # the one-pair decode's INT4_MAGIC path
-    assert pairs(torch.bfloat16, block_m=32) == 0 and pairs(torch.bfloat16, block_m=128) == 1  # mma.sync blocks: no
+    assert pairs(torch.bfloat16, block_m=128) == 1
+    # mma.sync blocks (under 64 rows) with the K tile inside a group take INT4_QPAIRS (3 bf16, 4 fp16), whatever the
+    # scales' dtype (they multiply the dot's result in fp32); not fp32 models, tiles across groups or the decode
+    assert pairs(torch.bfloat16, block_m=32) == 3 and pairs(torch.float16, torch.float32, block_m=16) == 4
+    assert pairs(torch.float32, block_m=16) == 0 and pairs(torch.float16, direct=True, block_m=16) == 0
+    across = gemm._quant_args(gemm.QuantSpec(wq=2, qbk=32), None, torch.ones(2, 4, 4, dtype=torch.bfloat16), None,
+                              False, 64, 128, torch.ones(1), torch.bfloat16, block_m=16)[2]
+    assert not across["GROUP_TILE"] and across["PAIRS"] == 0
+    monkeypatch.setattr(gemm, "INT4_QPAIRS_ON", False)
+    assert pairs(torch.bfloat16, block_m=32) == 0
+    monkeypatch.setattr(gemm, "INT4_QPAIRS_ON", True)
     monkeypatch.setattr(gemm, "INT4_PAIRS_ON", False)
     assert pairs(torch.bfloat16) == 0
     monkeypatch.setattr(gemm, "INT4_PAIRS_ON", True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert pairs(torch.bfloat16) == 0
+    assert pairs(torch.bfloat16) == 0 and pairs(torch.bfloat16, block_m=16) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -451,6 +481,43 @@ def test_gpu_k_not_multiple_of_tile(method, params):
                                   w.w2_scale, None, None, None, None, params.get("granularity", "per_token_channel"),
                                   128, 128, config=cfg)
         assert rel(out, ref.double()) < GPU_TOL[method], (method, T)
+
+
+@gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("params", [{"group_size": 128}, {"group_size": 64, "zero_point": True},
+                                    {"group_size": -1, "zero_point": True}], ids=str)
+def test_gpu_int4_qpairs_match_the_dequantized_weights(monkeypatch, dtype, params):
+    """INT4_QPAIRS (16- and 32-row blocks: q - 8 or q exact in inline PTX, the scale and zero point applied to the
+    dot's result) against kernel=torch, and next to the fp32 dequantize it replaces: both within the GPU
+    tolerance of kernel=torch, and within 1e-2 of each other (the dequantize rounds each weight to the dtype,
+    QPAIRS keeps the products exact). Zero points, one group per row, bias, dropped pairs, K = 384 with 128-deep
+    tiles, T = 1 to 40."""
+    from composer.kernels.triton import gemm
+    from composer.kernels.triton.fused import fused_experts_quant
+
+    for T, bm in ((1, 16), (16, 16), (40, 32)):
+        x, tw, ids, w13, w2, b13, b2 = make_case(T, 8, 3, 384, 384, dtype, True, 0.1, seed=T, device="cuda")
+        w = quantize("int4_w4a16", w13, w2, b13, b2, **params)
+        g = {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+        cfg = {"BLOCK_M": bm, "decode": False, "reduce": "buffer", "gemm1": dict(g), "gemm2": dict(g)}
+
+        def run():
+            return fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int4_w4a16",
+                                       w.w13_scale, w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=cfg)
+
+        qbk = 384 if params["group_size"] == -1 else params["group_size"]
+        assert gemm._quant_args(gemm.QuantSpec(wq=2, qbk=qbk), None, w.w13_scale, None, False, min(128, qbk), 384,
+                                x, dtype, block_m=bm)[2]["PAIRS"] == gemm.INT4_PAIRS[dtype] + 2
+        qpairs = run()
+        monkeypatch.setattr(gemm, "INT4_QPAIRS_ON", False)
+        fp32 = run()
+        monkeypatch.setattr(gemm, "INT4_QPAIRS_ON", True)
+        ref = TorchExperts().apply(x, tw, ids, w, "silu").double()
+        assert rel(qpairs, ref) < GPU_TOL["int4_w4a16"], (T, dtype, params, rel(qpairs, ref))
+        assert rel(fp32, ref) < GPU_TOL["int4_w4a16"], (T, dtype, params, rel(fp32, ref))
+        assert rel(qpairs, fp32.double()) < 1e-2, (T, dtype, params)
 
 
 @gpu

@@ -99,9 +99,47 @@ def _pairs_asm(magic: int, one: int, packed: str) -> str:
     return "{\n" + "\n".join(lines) + "\n}"
 
 
+def _qpairs_asm(magic: int, one: int, packed: str, neg: int) -> str:
+    """INT4_QPAIRS' PTX: as INT4_PAIRS' for four bytes per call, but one operand ($4, the bytes) and no scale: each
+    byte's (low, high) nibble pair becomes q - off exactly (``neg``: the bits of -(M + off), off 8 for symmetric
+    int4 and 0 with zero points, which come off after the dot)."""
+    lines = [".reg .b32 u, t, one, c;", f"mov.b32 one, 0x{one:04X}{one:04X};", f"mov.b32 c, 0x{neg:04X}{neg:04X};",
+             "shr.u32 u, $4, 4;"]
+    for b in range(4):
+        lines += [f"prmt.b32 t, $4, u, {0x4400 + 0x1111 * b:#06x};",
+                  f"lop3.b32 t, t, 0x000F000F, 0x{magic:04X}{magic:04X}, 0xEA;", f"fma.rn.{packed} ${b}, t, one, c;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
 _PAIRS_BF16 = tl.constexpr(_pairs_asm(0x4300, 0x3F80, "bf16x2"))  # M = 128
 _PAIRS_F16 = tl.constexpr(_pairs_asm(0x6400, 0x3C00, "f16x2"))  # M = 1024
 _PAIRS_IO = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 9))
+_QPAIRS_BF16_SYM = tl.constexpr(_qpairs_asm(0x4300, 0x3F80, "bf16x2", 0xC308))  # q - 8: -(128 + 8)
+_QPAIRS_BF16_Q = tl.constexpr(_qpairs_asm(0x4300, 0x3F80, "bf16x2", 0xC300))  # q
+_QPAIRS_F16_SYM = tl.constexpr(_qpairs_asm(0x6400, 0x3C00, "f16x2", 0xE408))  # -(1024 + 8)
+_QPAIRS_F16_Q = tl.constexpr(_qpairs_asm(0x6400, 0x3C00, "f16x2", 0xE400))
+_QPAIRS_IO = tl.constexpr("=r,=r,=r,=r,r")
+
+
+@lazy_helper
+def _int4_q_tile(wb, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PAIRS: tl.constexpr,
+                 HAS_ZERO: tl.constexpr):
+    """INT4_QPAIRS (PAIRS 3: bf16, 4: fp16): the [BLOCK_K, BLOCK_N] tile of q - 8 (symmetric) or q (zero points) of
+    the bytes ``wb``, exact in the model dtype, from one-operand inline PTX that Triton runs in the MMA's register
+    layout; the caller applies zero points and scales to the dot's result."""
+    if PAIRS == 3:
+        if HAS_ZERO:
+            p = tl.inline_asm_elementwise(_QPAIRS_BF16_Q, _QPAIRS_IO, [wb], tl.int32, True, 4)
+        else:
+            p = tl.inline_asm_elementwise(_QPAIRS_BF16_SYM, _QPAIRS_IO, [wb], tl.int32, True, 4)
+    else:
+        if HAS_ZERO:
+            p = tl.inline_asm_elementwise(_QPAIRS_F16_Q, _QPAIRS_IO, [wb], tl.int32, True, 4)
+        else:
+            p = tl.inline_asm_elementwise(_QPAIRS_F16_SYM, _QPAIRS_IO, [wb], tl.int32, True, 4)
+    lo = p.to(tl.int16).to(DT, bitcast=True)
+    hi = (p >> 16).to(tl.int16).to(DT, bitcast=True)
+    return _interleave_k(lo, hi, BLOCK_K, BLOCK_N)
 
 
 @lazy_helper
@@ -289,10 +327,20 @@ def _gemm1_kernel(
                 # fp32, or INT4_PAIRS' packed pairs). The low / high nibbles interleave back into [BLOCK_K,
                 # BLOCK_N] (row 2j + i), so A stays one contiguous tile (vector loads the pipeline can stage) and
                 # each dot is BLOCK_K deep.
-                g = _int4_tile(gb, s_g, z_g, BLOCK_K, BLOCK_N, x_ptr.dtype.element_ty, PAIRS)
-                u = _int4_tile(ub, s_u, z_u, BLOCK_K, BLOCK_N, x_ptr.dtype.element_ty, PAIRS)
-                acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
-                acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
+                if PAIRS >= 3:  # INT4_QPAIRS: the dot of q - 8 (or q), then zero points and the group scale
+                    pg = tl.dot(a, _int4_q_tile(gb, BLOCK_K, BLOCK_N, x_ptr.dtype.element_ty, PAIRS, HAS_ZERO))
+                    pu = tl.dot(a, _int4_q_tile(ub, BLOCK_K, BLOCK_N, x_ptr.dtype.element_ty, PAIRS, HAS_ZERO))
+                    if HAS_ZERO:
+                        rs = tl.reduce(a.to(tl.float32), 1, tl.standard._sum_combine)[:, None]
+                        pg -= z_g * rs
+                        pu -= z_u * rs
+                    acc_g += pg * s_g
+                    acc_u += pu * s_u
+                else:
+                    g = _int4_tile(gb, s_g, z_g, BLOCK_K, BLOCK_N, x_ptr.dtype.element_ty, PAIRS)
+                    u = _int4_tile(ub, s_u, z_u, BLOCK_K, BLOCK_N, x_ptr.dtype.element_ty, PAIRS)
+                    acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+                    acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_xk
             g_ptrs += (BLOCK_K // 2) * stride_wk
             u_ptrs += (BLOCK_K // 2) * stride_wk
@@ -479,8 +527,14 @@ def _gemm2_kernel(
                 p = tl.dot(ao, w_hi, p)
                 acc += (p - (MOFF + z_w) * rs) * s_w
             else:  # dequantized as kernel=torch does, nibbles back in K order (as in _gemm1_kernel)
-                w = _int4_tile(wb, s_w, z_w, BLOCK_K, BLOCK_N, a_ptr.dtype.element_ty, PAIRS)
-                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+                if PAIRS >= 3:  # INT4_QPAIRS (as in _gemm1_kernel)
+                    p = tl.dot(a, _int4_q_tile(wb, BLOCK_K, BLOCK_N, a_ptr.dtype.element_ty, PAIRS, HAS_ZERO))
+                    if HAS_ZERO:
+                        p -= z_w * tl.reduce(a.to(tl.float32), 1, tl.standard._sum_combine)[:, None]
+                    acc += p * s_w
+                else:
+                    w = _int4_tile(wb, s_w, z_w, BLOCK_K, BLOCK_N, a_ptr.dtype.element_ty, PAIRS)
+                    acc = tl.dot(a, w, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += (BLOCK_K // 2) * stride_wk
         else:
@@ -654,6 +708,11 @@ INT4_MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
 INT4_PAIRS = {torch.bfloat16: 1, torch.float16: 2}
 INT4_PAIRS_MIN_BLOCK_M = 64
 INT4_PAIRS_ON = True
+# INT4_QPAIRS: expert-sorted blocks under INT4_PAIRS_MIN_BLOCK_M rows (mma.sync, the weights in registers) with the
+# K tile inside one scale group: one-operand PTX makes each byte's nibble pair q - 8 (or q) exactly, in the MMA's
+# register layout, and the group scale (and zero point, through the rows' sums) multiply the dot's [BLOCK_M,
+# BLOCK_N] result, so the products are exact and nothing is rounded to the model dtype first (as the GEMV).
+INT4_QPAIRS_ON = True
 
 
 # FP8_PROMOTE_TILES: how many K tiles an fp8 dot (per-tensor / per-channel) accumulates in the tensor core before
@@ -679,6 +738,9 @@ def _quant_args(q: QuantSpec, a_scale, w_scale, w_zero, direct: bool, block_k: i
     magic, moff = INT4_MAGIC.get(fallback_dtype, (0, 0.0)) if direct and group_tile else (0, 0.0)
     pairs = (INT4_PAIRS.get(fallback_dtype, 0) if q.wq == 2 and magic == 0 and INT4_PAIRS_ON and not interpreting()
              and block_m >= INT4_PAIRS_MIN_BLOCK_M and w_scale is not None and w_scale.dtype == fallback_dtype else 0)
+    if (q.wq == 2 and magic == 0 and INT4_QPAIRS_ON and not interpreting() and group_tile
+            and block_m < INT4_PAIRS_MIN_BLOCK_M and fallback_dtype in INT4_PAIRS):
+        pairs = INT4_PAIRS[fallback_dtype] + 2  # INT4_QPAIRS: 3 bf16, 4 fp16
     meta = dict(WQ=q.wq, WS=q.ws, QBN=q.qbn, QBK=q.qbk, GROUP_TILE=group_tile,
                 HAS_ZERO=w_zero is not None, ACC_INT=q.acc_int, MAGIC=magic, MOFF=moff, PAIRS=pairs,
                 **aq_meta(aq, q.acc_int, K))
