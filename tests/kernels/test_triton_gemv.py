@@ -782,45 +782,51 @@ def test_tuner_small_t_keys_gemvs_until_sorted_blocks_win():
     assert small_t_entries({**srt, "decode": True}, lambda T: srt, timed) == {}
 
 
-def test_tuner_prefill_candidates_keep_the_shipped_tile():
-    """tune.quant_prefill_candidates: the bfloat16 tile (w8a8: K tiles widened), the method's shipped tile, and for
-    int4 the INT4_PAIRS blocks (64 rows, 64- and 128-deep K; 128 rows, 8 warps); valid entries, no duplicates."""
+def test_tuner_sorted_candidates_keep_the_shipped_tile():
+    """tune.quant_sorted_candidates: the bfloat16 tile (w8a8: K tiles widened), the method's shipped tile, and for
+    int4 the INT4_QPAIRS blocks below T = 1024 (16 and 32 rows) and the INT4_PAIRS blocks from T = 128 (64 rows,
+    64- and 128-deep K; 128 rows, 8 warps); valid entries, no duplicates."""
     from composer.kernels.triton.fused import w8a8_tiles
-    from composer.kernels.triton.tune import quant_prefill_candidates
+    from composer.kernels.triton.tune import quant_sorted_candidates
 
     g = {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
     bf = {"BLOCK_M": 128, "decode": False, "reduce": "buffer", "gemm1": dict(g), "gemm2": dict(g), "_us": 5.0}
     shipped = {"BLOCK_M": 64, "decode": False, "reduce": "buffer", "_us": 4.0,
                "gemm1": {"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
                "gemm2": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}}
-    c = quant_prefill_candidates("int4_w4a16", bf, shipped)
     strip = {k: v for k, v in bf.items() if k != "_us"}
-    assert c[0] == strip and len(c) == 4  # the shipped tile is one of the INT4_PAIRS tiles: listed once
-    assert {k: v for k, v in shipped.items() if k != "_us"} in c
-    assert {(e["BLOCK_M"], e["gemm1"]["BLOCK_K"], e["gemm1"]["num_warps"]) for e in c[1:]} == {
-        (64, 64, 4), (64, 128, 4), (128, 128, 8)}
-    for e in c:
-        validate_entry(e)
-    fp8 = quant_prefill_candidates("fp8_w8a8", bf, None)
+    blocks = {}
+    for T in (16, 128, 1024):
+        c = quant_sorted_candidates("int4_w4a16", T, bf, shipped)
+        assert c[0] == strip and {k: v for k, v in shipped.items() if k != "_us"} in c
+        for e in c:
+            validate_entry(e)
+        blocks[T] = sorted((e["BLOCK_M"], e["gemm1"]["BLOCK_N"], e["gemm1"]["BLOCK_K"]) for e in c[1:])
+    qpairs, pairs = [(16, 32, 256), (16, 64, 256), (32, 64, 256)], [(64, 64, 64), (64, 64, 128), (128, 128, 128)]
+    assert blocks[16] == sorted(qpairs + [(64, 64, 64)])  # (the shipped tile, listed once)
+    assert blocks[128] == sorted(qpairs + pairs) and blocks[1024] == pairs
+    fp8 = quant_sorted_candidates("fp8_w8a8", 128, bf, None)
     assert fp8 == [{k: v for k, v in w8a8_tiles(bf).items() if k != "_us"}]
 
 
-def test_tuner_prefill_takes_the_fastest_candidate():
-    """tune.prefill_entries: per T the fastest candidate with its _us (fake timer); where none runs, the first
+def test_tuner_sorted_keys_take_the_fastest_candidate():
+    """tune.sorted_entries: per T the fastest candidate with its _us (fake timer); where none runs, the first
     candidate, untimed."""
-    from composer.kernels.triton.tune import prefill_entries
+    from composer.kernels.triton.tune import sorted_entries
 
     a, b = {"name": "a"}, {"name": "b"}
     cost = {(1024, "a"): 2.0, (1024, "b"): 1.5, (4096, "a"): 3.0, (4096, "b"): 4.0}
-    out = prefill_entries(lambda T: [a, b], lambda T, c: cost[(T, c["name"])], (1024, 4096))
+    out = sorted_entries(lambda T: [a, b], lambda T, c: cost[(T, c["name"])], (1024, 4096))
     assert out == {1024: {"name": "b", "_us": 1500.0}, 4096: {"name": "a", "_us": 3000.0}}
-    assert prefill_entries(lambda T: [a, b], lambda T, c: float("inf"), (1024,)) == {1024: {"name": "a"}}
+    assert sorted_entries(lambda T: [a, b], lambda T, c: float("inf"), (1024,)) == {1024: {"name": "a"}}
 
 
-def test_tune_quant_tables_keeps_a_faster_shipped_prefill_tile(tmp_path, monkeypatch):
+def test_tune_quant_tables_keeps_the_fastest_sorted_tiles(tmp_path, monkeypatch):
     """tune_quant_tables end to end with fake timers (CPU; the GPU tuner times real calls the same way): the T = 1
-    entry from tune_quant_decode, the bfloat16 table's keys, and at T >= 1024 the fastest of the bfloat16 tile, the
-    shipped int4 tile and the INT4_PAIRS candidates; here the shipped tile at 1024 and a 64-row candidate at 4096."""
+    entry from tune_quant_decode, and at the bfloat16 table's keys from T = 16 up (and the shipped table's own
+    expert-sorted keys there) the fastest of the bfloat16 tile, the shipped int4 tile and the INT4_QPAIRS / INT4_PAIRS
+    candidates; here a 32-row block at 128, the shipped tile at 256 (a key only the int4 table has) and 1024, a
+    64-row block at 4096."""
     import json
 
     from composer.kernels.triton import configs, tune
@@ -831,14 +837,19 @@ def test_tune_quant_tables_keeps_a_faster_shipped_prefill_tile(tmp_path, monkeyp
              "gemm2": {**g, "num_warps": 4}}
     shipped_1024 = {"BLOCK_M": 32, "decode": False, "reduce": "atomic", "gemm1": {**g, "BLOCK_N": 64, "num_warps": 4},
                     "gemm2": {**g, "BLOCK_N": 64, "num_warps": 4}}
+    shipped_256 = {**bf16_entry, "BLOCK_M": 64}
     tables = {"bfloat16": {1: small, 128: small, 1024: bf16_entry, 4096: bf16_entry},
-              "int4_w4a16": {1: small, 1024: shipped_1024}}
+              "int4_w4a16": {1: small, 256: shipped_256, 1024: shipped_1024}}
     monkeypatch.setattr(configs, "tuned_table", lambda E, N, K, dev, dtype, cap=None: ("x", tables[dtype]))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
     t1 = {**small, "decode": True}
     monkeypatch.setattr(tune, "tune_quant_decode", lambda *a, **kw: (t1, 0.05))
 
     def cost(T, cfg):
+        if T == 128:
+            return 1.2 if cfg["BLOCK_M"] == 32 else 3.0
+        if T == 256:
+            return 1.1 if cfg == shipped_256 else 2.5
         if T == 1024:
             return 1.0 if cfg == shipped_1024 else 2.0
         return 1.5 if (cfg["BLOCK_M"], cfg["gemm1"]["BLOCK_K"]) == (64, 64) else 3.0
@@ -847,11 +858,12 @@ def test_tune_quant_tables_keeps_a_faster_shipped_prefill_tile(tmp_path, monkeyp
     (path,) = tune.tune_quant_tables(str(tmp_path), shapes={"tiny": (8, 2, 256, 128)}, methods=("int4_w4a16",),
                                      log=lambda m: None, device="cpu")
     table = json.loads(open(path).read())
-    assert [k for k in table if not k.startswith("_")] == ["1", "128", "1024", "4096"]
-    assert table["1"] == {**t1, "_us": 50.0} and table["128"] == small
-    assert table["1024"] == {**shipped_1024, "_us": 1000.0}
+    assert [k for k in table if not k.startswith("_")] == ["1", "128", "256", "1024", "4096"]
+    assert table["1"] == {**t1, "_us": 50.0}
+    assert table["128"]["BLOCK_M"] == 32 and table["128"]["_us"] == 1200.0
+    assert table["256"] == {**shipped_256, "_us": 1100.0} and table["1024"] == {**shipped_1024, "_us": 1000.0}
     assert table["4096"]["BLOCK_M"] == 64 and table["4096"]["gemm1"]["BLOCK_K"] == 64 and table["4096"]["_us"] == 1500.0
-    assert "prefill_entries" in table["_note"]
+    assert "sorted_entries" in table["_note"]
 
 
 def test_tuner_small_t_times_real_calls_on_cpu():

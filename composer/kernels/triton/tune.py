@@ -381,7 +381,8 @@ def small_t_entries(t1: dict[str, Any], sorted_at: Callable[[int], dict[str, Any
     return out
 
 
-PREFILL_T = 1024  # the quant tuner times prefill tiles at the table keys from here up
+SORTED_T = 16  # the quant tuner times expert-sorted tiles at the table keys from here up
+PREFILL_T = 1024  # from here up its int4 candidates are INT4_PAIRS blocks; below, INT4_QPAIRS blocks (from 128: both)
 
 
 def bf16_tile_for(method: str, entry: dict[str, Any]) -> dict[str, Any]:
@@ -392,17 +393,23 @@ def bf16_tile_for(method: str, entry: dict[str, Any]) -> dict[str, Any]:
     return w8a8_tiles(entry) if method in ("fp8_w8a8", "int8_w8a8") else entry
 
 
-def quant_prefill_candidates(method: str, bf16: dict[str, Any], shipped: dict[str, Any] | None
-                             ) -> list[dict[str, Any]]:
-    """Tiles the quant tuner times at a prefill key: the bfloat16 table's entry (``bf16_tile_for``), the method's
-    shipped entry there, and for int4 the blocks INT4_PAIRS serves (gemm.py) in the shapes that won on an H200: 64
-    rows with gemm1 64 / gemm2 128 channels (64- and 128-deep K tiles: several blocks per SM, so one dequantizes
-    while another's wgmma runs) and 128 rows with 8 warps. Duplicates dropped."""
+def quant_sorted_candidates(method: str, T: int, bf16: dict[str, Any], shipped: dict[str, Any] | None
+                            ) -> list[dict[str, Any]]:
+    """Tiles the quant tuner times at an expert-sorted key T: the bfloat16 table's entry (``bf16_tile_for``), the
+    method's shipped entry there, and for int4 the blocks that won on an H200 (gemm.py): below T = PREFILL_T the
+    16- and 32-row blocks INT4_QPAIRS serves (gemm1 32 or 64 channels, 128-deep K after the group fit, 4 stages),
+    from T = 128 the INT4_PAIRS blocks: 64 rows with gemm1 64 / gemm2 128 channels (64- and 128-deep K tiles:
+    several blocks per SM, so one dequantizes while another's wgmma runs) and 128 rows with 8 warps. Duplicates
+    dropped."""
     cands = [bf16_tile_for(method, bf16)] + ([shipped] if shipped else [])
     if method == "int4_w4a16":
-        cands += [{"BLOCK_M": bm, "decode": False, "reduce": "buffer", "gemm1": _g(n1, bk, w, st, 8),
-                   "gemm2": _g(128, bk, w, st, 8)}
-                  for bm, n1, bk, w, st in ((64, 64, 64, 4, 4), (64, 64, 128, 4, 3), (128, 128, 128, 8, 3))]
+        if T < PREFILL_T:
+            cands += [{"BLOCK_M": bm, "decode": False, "reduce": "atomic", "gemm1": _g(n1, 256, 4, 4),
+                       "gemm2": _g(64, 256, 4, 4)} for bm, n1 in ((16, 32), (16, 64), (32, 64))]
+        if T >= 128:
+            cands += [{"BLOCK_M": bm, "decode": False, "reduce": "buffer", "gemm1": _g(n1, bk, w, st, 8),
+                       "gemm2": _g(128, bk, w, st, 8)}
+                      for bm, n1, bk, w, st in ((64, 64, 64, 4, 4), (64, 64, 128, 4, 3), (128, 128, 128, 8, 3))]
     out: list[dict[str, Any]] = []
     for c in cands:
         c = {k: v for k, v in c.items() if k not in ("_us", "source")}
@@ -411,12 +418,13 @@ def quant_prefill_candidates(method: str, bf16: dict[str, Any], shipped: dict[st
     return out
 
 
-def prefill_entries(candidates_at: Callable[[int], list[dict[str, Any]]], timed: Callable[[int, dict[str, Any]], float],
+def sorted_entries(candidates_at: Callable[[int], list[dict[str, Any]]], timed: Callable[[int, dict[str, Any]], float],
                     tokens: tuple[int, ...], log: Callable[[str], None] | None = None) -> dict[int, dict[str, Any]]:
-    """The fastest of ``candidates_at(T)`` at each prefill T of ``tokens`` (``timed(T, cfg)``: ms per call), with its
+    """The fastest of ``candidates_at(T)`` at each expert-sorted T of ``tokens`` (``timed(T, cfg)``: ms per call), with its
     ``_us``; a T where none ran (every candidate inf) keeps the first candidate, untimed. The shipped entry is among
     the candidates, so a retune keeps a measured tile unless another beats it: before, every T but 1 took the
-    bfloat16 table's tile, which for int4 prefill was up to 1.5x slower than the shipped one (H200, T = 1024)."""
+    bfloat16 table's tile, which for int4 was up to 1.5x slower than the shipped one (H200, T = 1024) and up to 1.6x
+    slower than the INT4_QPAIRS blocks (T = 16-128)."""
     out: dict[int, dict[str, Any]] = {}
     for T in tokens:
         cands = candidates_at(T)
@@ -438,9 +446,10 @@ def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]]
                       log: Callable[[str], None] = print, methods: tuple[str, ...] | None = None,
                       dot: bool | None = True, device: str = "cuda") -> list[str]:
     """The config tables of the quantized experts (``dtype=<method>`` files) for the benchmark shapes: T = 1 tuned
-    by ``tune_quant_decode``, the bfloat16 table's keys with its tiles, where T = 1 got GEMVs small T keys where
-    those beat the expert-sorted tiles one pair per program (``small_t_entries``), and at the keys from T = 1024
-    up the fastest of the bfloat16 tile, the shipped tile and the method's candidates (``prefill_entries``).
+    by ``tune_quant_decode``; at the bfloat16 table's keys from T = SORTED_T up, and the shipped table's
+    expert-sorted keys there, the fastest of the bfloat16 tile, the shipped tile and the method's candidates
+    (``sorted_entries``); where T = 1 got GEMVs, small T keys where those beat the expert-sorted tiles one pair per
+    program (``small_t_entries``).
     How the shipped tables were made: ``python -c "from composer.kernels.triton.tune import tune_quant_tables as t;
     t('DIR')"`` on the GPU (``methods=("int4_w4a16",)`` retunes one method; scripts/quant_gpu_bench.sh does that with
     TUNE=...)."""
@@ -491,16 +500,20 @@ def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]]
                 return timer(xs, tws.float(), idss.to(torch.int32), cfg)
 
             own = tuned_table(E, I, H, device_name(), method, device_capability())  # the shipped table, if any
-            prefill = [T for T in sorted(int(kk) for kk in table if not kk.startswith("_")) if T >= PREFILL_T]
-            if prefill:
+            keys = {int(kk) for kk in table if not kk.startswith("_")} | {
+                T for T, e in (own[1] if own else {}).items() if e.get("decode") != "gemv"}
+            srt = sorted(T for T in keys if T >= SORTED_T)
+            if srt:
                 def candidates_at(T, own=own, bf=bf, method=method):
                     shipped = own[1].get(T) if own else None
-                    return quant_prefill_candidates(method, bf[1][T], shipped)
+                    bf_t = (bf[1][min((m for m in bf[1] if m != 1), key=lambda m: abs(m - T))] if bf and len(bf[1]) > 1
+                            else heuristic_config(T, E, I, H, k))
+                    return quant_sorted_candidates(method, T, bf_t, shipped)
 
-                for T, e in prefill_entries(candidates_at, timed_at, tuple(prefill), log=log).items():
+                for T, e in sorted_entries(candidates_at, timed_at, tuple(srt), log=log).items():
                     table[str(T)] = e
-                table["_note"] += (f"; T >= {PREFILL_T}: the fastest of the bfloat16 tile, the shipped tile and the "
-                                   "method's own candidates (tune.prefill_entries)")
+                table["_note"] += (f"; T >= {SORTED_T}: the fastest of the bfloat16 tile, the shipped tile and the "
+                                   "method's own candidates (tune.sorted_entries)")
             if entry.get("decode") == "gemv":  # one pair per program at small T where that beats expert-sorted blocks
                 rows = {int(kk): v for kk, v in table.items() if not kk.startswith("_") and kk != "1"}
 
