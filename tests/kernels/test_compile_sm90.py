@@ -89,49 +89,39 @@ def test_kernels_compile_for_sm90(case):
         assert compiled.asm["cubin"], kernel.__name__
 
 
-@pytest.mark.parametrize("dtype,params", [(torch.bfloat16, {"group_size": 128}),
-                                          (torch.float16, {"group_size": 32, "zero_point": True})], ids=str)
-def test_int4_pairs_compile_for_sm90(dtype, params):
-    """The expert-sorted int4 blocks of a bf16 / fp16 model take INT4_PAIRS (packed-pair dequantize in inline PTX,
-    which only the GPU runs: test_gpu_int4_pairs_equal_the_fp32_dequantize checks its values); ptxas accepts it,
-    without spills, with the K tile inside a group (128) and across groups (32)."""
-    x, tw, ids, w13, w2, _, _ = make_case(40, 8, 2, 256, 384, dtype, False, 0.0, seed=3)
+# rows per block, dtype, quant params, tile: 64 rows take INT4_PAIRS (K tile inside a group of 128, and across groups
+# of 32), 16 rows INT4_QPAIRS (the 256-deep tile fitted to the group of 128 / 64)
+PAIRS_COMPILE_CASES = [
+    (64, torch.bfloat16, {"group_size": 128}, {"BLOCK_N": 64, "BLOCK_K": 64, "num_stages": 3}),
+    (64, torch.float16, {"group_size": 32, "zero_point": True}, {"BLOCK_N": 64, "BLOCK_K": 64, "num_stages": 3}),
+    (16, torch.bfloat16, {"group_size": 128}, {"BLOCK_N": 32, "BLOCK_K": 256, "num_stages": 4}),
+    (16, torch.float16, {"group_size": 64, "zero_point": True}, {"BLOCK_N": 32, "BLOCK_K": 256, "num_stages": 4}),
+]
+
+
+@pytest.mark.parametrize("case", PAIRS_COMPILE_CASES, ids=lambda c: f"{c[0]}rows-{str(c[1])[6:]}-g{c[2]['group_size']}")
+def test_int4_pairs_compile_for_sm90(case):
+    """The expert-sorted int4 blocks of a bf16 / fp16 model take INT4_PAIRS (64+ rows) or INT4_QPAIRS (16-32 rows),
+    inline PTX that only the GPU runs (test_gpu_int4_pairs_equal_the_fp32_dequantize and
+    test_gpu_int4_qpairs_match_the_dequantized_weights check its values); ptxas accepts it without spills, and at 16
+    rows the dot reads the weights from registers (INT4_PAIRS' multi-operand PTX there stored its tile to shared
+    memory in st.shared.v4 vectors)."""
+    bm, dtype, params, tile = case
+    x, tw, ids, w13, w2, _, _ = make_case(40 if bm == 64 else 16, 8, 2, 256, 384, dtype, False, 0.0, seed=3)
     w = quantize("int4_w4a16", w13, w2, **params)
-    g = {"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+    g = {**tile, "GROUP_M": 1, "num_warps": 4}
     with recorded_launches() as calls:
         fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", "int4_w4a16", w.w13_scale, w.w2_scale,
                             None, None, w.w13_zero, w.w2_zero,
-                            config={"BLOCK_M": 64, "decode": False, "reduce": "atomic", "gemm1": g, "gemm2": g})
+                            config={"BLOCK_M": bm, "decode": False, "reduce": "atomic", "gemm1": g, "gemm2": g})
     gemms = [(k, a, kw) for k, a, kw in calls if k.__name__ in ("_gemm1_kernel", "_gemm2_kernel")]
     assert len(gemms) == 2
     op = "fma.rn.bf16x2" if dtype == torch.bfloat16 else "fma.rn.f16x2"
+    want = (1 if dtype == torch.bfloat16 else 2) + (2 if bm < 64 else 0)
     for kernel, args, kwargs in gemms:
-        assert kwargs["PAIRS"] == (1 if dtype == torch.bfloat16 else 2), kernel.__name__
-        compiled = compile_sm90(kernel, args, kwargs)
-        assert op in compiled.asm["ptx"], kernel.__name__
-        assert registers(compiled)[1] == 0, (kernel.__name__, registers(compiled))
-
-
-@pytest.mark.parametrize("dtype,params", [(torch.bfloat16, {"group_size": 128}),
-                                          (torch.float16, {"group_size": 64, "zero_point": True})], ids=str)
-def test_int4_qpairs_compile_for_sm90(dtype, params):
-    """Expert-sorted int4 blocks of 16 rows (mma.sync) take INT4_QPAIRS: ptxas accepts its one-operand PTX without
-    spills, and the dot reads the weights from registers (no shared-memory store of the dequantized tile)."""
-    x, tw, ids, w13, w2, _, _ = make_case(16, 8, 2, 256, 384, dtype, False, 0.0, seed=3)
-    w = quantize("int4_w4a16", w13, w2, **params)
-    g = {"BLOCK_N": 32, "BLOCK_K": 256, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
-    with recorded_launches() as calls:
-        fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", "int4_w4a16", w.w13_scale, w.w2_scale,
-                            None, None, w.w13_zero, w.w2_zero,
-                            config={"BLOCK_M": 16, "decode": False, "reduce": "atomic", "gemm1": g, "gemm2": g})
-    gemms = [(k, a, kw) for k, a, kw in calls if k.__name__ in ("_gemm1_kernel", "_gemm2_kernel")]
-    assert len(gemms) == 2
-    op = "fma.rn.bf16x2" if dtype == torch.bfloat16 else "fma.rn.f16x2"
-    for kernel, args, kwargs in gemms:
-        assert kwargs["PAIRS"] == (3 if dtype == torch.bfloat16 else 4) and kwargs["BLOCK_K"] <= 128, kernel.__name__
-        compiled = compile_sm90(kernel, args, kwargs)
-        # (INT4_PAIRS' multi-operand PTX at 16 rows stored its tile to shared memory in st.shared.v4 vectors)
-        assert op in compiled.asm["ptx"] and "st.shared.v4" not in compiled.asm["ptx"], kernel.__name__
+        assert kwargs["PAIRS"] == want, (kernel.__name__, kwargs["PAIRS"])
+        ptx = (compiled := compile_sm90(kernel, args, kwargs)).asm["ptx"]
+        assert op in ptx and (bm == 64 or "st.shared.v4" not in ptx), kernel.__name__
         assert registers(compiled)[1] == 0, (kernel.__name__, registers(compiled))
 
 

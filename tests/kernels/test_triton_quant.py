@@ -483,11 +483,32 @@ def test_gpu_k_not_multiple_of_tile(method, params):
         assert rel(out, ref.double()) < GPU_TOL[method], (method, T)
 
 
+# the int4 GPU path tests' weights: a K tile inside one group of 128, zero points with groups of 64, one per row
+INT4_PATH_PARAMS = [{"group_size": 128}, {"group_size": 64, "zero_point": True}, {"group_size": -1, "zero_point": True}]
+
+
+def _sorted_int4_call(T: int, bm: int, bk: int, dtype: torch.dtype, params: dict):
+    """(x, tw, ids, weights, run) for the int4 GPU path tests: E = 8, k = 3, H = I = 384 with bias and dropped pairs,
+    expert-sorted blocks of ``bm`` rows with ``bk``-deep K tiles, deterministic reduce; ``run()`` calls the Triton
+    experts under whatever gemm switches are set then."""
+    from composer.kernels.triton.fused import fused_experts_quant
+
+    x, tw, ids, w13, w2, b13, b2 = make_case(T, 8, 3, 384, 384, dtype, True, 0.1, seed=T, device="cuda")
+    w = quantize("int4_w4a16", w13, w2, b13, b2, **params)
+    g = {"BLOCK_N": 64, "BLOCK_K": bk, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+    cfg = {"BLOCK_M": bm, "decode": False, "reduce": "buffer", "gemm1": dict(g), "gemm2": dict(g)}
+
+    def run():
+        return fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int4_w4a16",
+                                   w.w13_scale, w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=cfg)
+
+    return x, tw, ids, w, run
+
+
 @gpu
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("params", [{"group_size": 128}, {"group_size": 64, "zero_point": True},
-                                    {"group_size": -1, "zero_point": True}], ids=str)
+@pytest.mark.parametrize("params", INT4_PATH_PARAMS, ids=str)
 def test_gpu_int4_qpairs_match_the_dequantized_weights(monkeypatch, dtype, params):
     """INT4_QPAIRS (16- and 32-row blocks: q - 8 or q exact in inline PTX, the scale and zero point applied to the
     dot's result) against kernel=torch, and next to the fp32 dequantize it replaces: both within the GPU
@@ -495,18 +516,9 @@ def test_gpu_int4_qpairs_match_the_dequantized_weights(monkeypatch, dtype, param
     QPAIRS keeps the products exact). Zero points, one group per row, bias, dropped pairs, K = 384 with 128-deep
     tiles, T = 1 to 40."""
     from composer.kernels.triton import gemm
-    from composer.kernels.triton.fused import fused_experts_quant
 
     for T, bm in ((1, 16), (16, 16), (40, 32)):
-        x, tw, ids, w13, w2, b13, b2 = make_case(T, 8, 3, 384, 384, dtype, True, 0.1, seed=T, device="cuda")
-        w = quantize("int4_w4a16", w13, w2, b13, b2, **params)
-        g = {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
-        cfg = {"BLOCK_M": bm, "decode": False, "reduce": "buffer", "gemm1": dict(g), "gemm2": dict(g)}
-
-        def run():
-            return fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int4_w4a16",
-                                       w.w13_scale, w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=cfg)
-
+        x, tw, ids, w, run = _sorted_int4_call(T, bm, 128, dtype, params)
         qbk = 384 if params["group_size"] == -1 else params["group_size"]
         assert gemm._quant_args(gemm.QuantSpec(wq=2, qbk=qbk), None, w.w13_scale, None, False, min(128, qbk), 384,
                                 x, dtype, block_m=bm)[2]["PAIRS"] == gemm.INT4_PAIRS[dtype] + 2
@@ -523,8 +535,7 @@ def test_gpu_int4_qpairs_match_the_dequantized_weights(monkeypatch, dtype, param
 @gpu
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("params", [{"group_size": 128}, {"group_size": 64, "zero_point": True},
-                                    {"group_size": -1, "zero_point": True}], ids=str)
+@pytest.mark.parametrize("params", INT4_PATH_PARAMS, ids=str)
 def test_gpu_int4_pairs_equal_the_fp32_dequantize(monkeypatch, dtype, params):
     """INT4_PAIRS (both nibbles of a byte dequantized as one bf16x2 / f16x2 pair, inline PTX) gives bit for bit the
     output of the fp32 dequantize it replaces: the same weights rounded once, the same dots. Expert-sorted blocks,
@@ -532,18 +543,9 @@ def test_gpu_int4_pairs_equal_the_fp32_dequantize(monkeypatch, dtype, params):
     bias, K not a multiple of the tile (384 with 256-deep tiles), dropped pairs, T = 1 to 300, 64- and 128-row
     blocks (the wgmma path INT4_PAIRS serves)."""
     from composer.kernels.triton import gemm
-    from composer.kernels.triton.fused import fused_experts_quant
 
     for T, bm, bk in ((1, 64, 128), (33, 64, 256), (300, 128, 128)):
-        x, tw, ids, w13, w2, b13, b2 = make_case(T, 8, 3, 384, 384, dtype, True, 0.1, seed=T, device="cuda")
-        w = quantize("int4_w4a16", w13, w2, b13, b2, **params)
-        g = {"BLOCK_N": 64, "BLOCK_K": bk, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
-        cfg = {"BLOCK_M": bm, "decode": False, "reduce": "buffer", "gemm1": dict(g), "gemm2": dict(g)}
-
-        def run():
-            return fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int4_w4a16",
-                                       w.w13_scale, w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=cfg)
-
+        x, tw, ids, w, run = _sorted_int4_call(T, bm, bk, dtype, params)
         assert gemm.INT4_PAIRS_ON and gemm._quant_args(gemm.QuantSpec(wq=2, qbk=128), None, w.w13_scale, None, False,
                                                        bk, 384, x, dtype, block_m=bm)[2]["PAIRS"] == gemm.INT4_PAIRS[dtype]
         pairs = run()
