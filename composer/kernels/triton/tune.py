@@ -419,10 +419,10 @@ def quant_sorted_candidates(method: str, T: int, bf16: dict[str, Any], shipped: 
 
 
 def sorted_entries(candidates_at: Callable[[int], list[dict[str, Any]]], timed: Callable[[int, dict[str, Any]], float],
-                    tokens: tuple[int, ...], log: Callable[[str], None] | None = None) -> dict[int, dict[str, Any]]:
-    """The fastest of ``candidates_at(T)`` at each expert-sorted T of ``tokens`` (``timed(T, cfg)``: ms per call), with its
-    ``_us``; a T where none ran (every candidate inf) keeps the first candidate, untimed. The shipped entry is among
-    the candidates, so a retune keeps a measured tile unless another beats it: before, every T but 1 took the
+                   tokens: tuple[int, ...], log: Callable[[str], None] | None = None) -> dict[int, dict[str, Any]]:
+    """The fastest of ``candidates_at(T)`` at each expert-sorted T of ``tokens`` (``timed(T, cfg)``: ms per call),
+    with its ``_us``; a T where none ran (every candidate inf) keeps the first candidate, untimed. The shipped entry
+    is among the candidates, so a retune keeps a measured tile unless another beats it: before, every T but 1 took the
     bfloat16 table's tile, which for int4 was up to 1.5x slower than the shipped one (H200, T = 1024) and up to 1.6x
     slower than the INT4_QPAIRS blocks (T = 16-128)."""
     out: dict[int, dict[str, Any]] = {}
