@@ -139,8 +139,8 @@ def test_interpreter_int4_group_spans_tiles():
 @pytest.mark.parametrize("T,decode", [(1, True), (9, False)])
 def test_interpreter_int4_group_tile_fp16(T, decode, zero_point):
     """int4 in fp16 with the K tile inside one group: the decode's INT4_MAGIC path (M + q from the bits, zero and
-    scale applied after the dot) and the sorted blocks' dequantized tiles vs the float64 oracle of the dequantized
-    weights and vs kernel=torch."""
+    scale applied after the dot) and the 16-row sorted blocks' INT4_QPAIRS (q - 8 or q, zero and scale after the
+    dot) vs the float64 oracle of the dequantized weights and vs kernel=torch."""
     from composer.kernels.reference import oracle_experts
     from composer.kernels.triton.fused import QuantSpec, fused_experts_quant
     from composer.kernels.triton.gemm import _quant_args
@@ -158,6 +158,46 @@ def test_interpreter_int4_group_tile_fp16(T, decode, zero_point):
     oracle = oracle_experts(x, tw, ids, d.w13, d.w2, "silu", b13, b2)
     assert rel(out, oracle) < 2e-3  # fp16's tolerance vs the float64 oracle
     assert rel(out, TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("zero_point", [False, True])
+@pytest.mark.parametrize("bm,T,k,group", [(16, 1, 2, 32), (16, 9, 5, -1), (32, 40, 2, 32)],
+                         ids=["T1", "T9-topk=E-per-row", "T40-32rows"])
+def test_interpreter_int4_qpairs(zero_point, bm, T, k, group, monkeypatch):
+    """INT4_QPAIRS in 16- and 32-row sorted blocks: under the interpreter the q - 8 (or q) tile comes from integer
+    ops instead of the PTX (whose instructions test_int4_qpairs_ptx_gives_exact_nibbles checks), and the rest of the
+    path runs as compiled: the dot of exact integers, the zero point through the rows' sums, the group scale on the
+    dot's result. Exact products, so the float64 oracle of the dequantized weights is met to fp32 sums, closer than
+    the fp32 dequantize (INT4_QPAIRS_ON = False), which rounds each weight to fp16 as kernel=torch does; top_k = E,
+    one group per row, a dropped pair, H and I not multiples of the N tile."""
+    from composer.kernels.reference import oracle_experts
+    from composer.kernels.triton import gemm
+    from composer.kernels.triton.fused import fused_experts_quant
+    from composer.quant.int4 import Int4W4A16
+
+    x, tw, ids, w13, w2, b13, b2 = make_case(T, 5, k, 64, 96, torch.float16, True, 0.2, seed=50 + T)
+    w = quantize("int4_w4a16", w13, w2, b13, b2, group_size=group, zero_point=zero_point)
+    cfg = {**_cfg(False), "BLOCK_M": bm}
+    cfg = {**cfg, "gemm1": {**cfg["gemm1"], "BLOCK_N": 32}, "gemm2": {**cfg["gemm2"], "BLOCK_N": 32}}
+    pairs, outs = [], []
+    real = gemm._quant_args
+
+    def spy(*a, **kw):
+        r = real(*a, **kw)
+        pairs.append(r[2]["PAIRS"])
+        return r
+
+    monkeypatch.setattr(gemm, "_quant_args", spy)
+    with interpreter():
+        for on in (True, False):
+            monkeypatch.setattr(gemm, "INT4_QPAIRS_ON", on)
+            outs.append(fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int4_w4a16",
+                                            w.w13_scale, w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=cfg))
+    assert pairs == [6, 6, 0, 0]  # (fp16, no PTX: INT4_QPAIRS' integer tile in both GEMMs, then the fp32 dequantize)
+    d = Int4W4A16.dequantize(w, torch.float64)
+    oracle = oracle_experts(x, tw, ids, d.w13, d.w2, "silu", b13, b2)
+    assert rel(outs[0], oracle) < 2e-3 and rel(outs[0], oracle) <= rel(outs[1], oracle) * 1.5
+    assert rel(outs[0], TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[torch.float16]
 
 
 @pytest.mark.parametrize("zero_point", [False, True])
@@ -302,7 +342,7 @@ def test_int4_pairs_only_where_its_rounding_is_kernel_torchs(monkeypatch):
     assert pairs(torch.bfloat16) == 0
     monkeypatch.setattr(gemm, "INT4_PAIRS_ON", True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert pairs(torch.bfloat16) == 0 and pairs(torch.bfloat16, block_m=16) == 0
+    assert pairs(torch.bfloat16) == 0 and pairs(torch.bfloat16, block_m=16) == 5  # (INT4_QPAIRS without PTX)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -126,7 +126,13 @@ def _int4_q_tile(wb, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.conste
                  HAS_ZERO: tl.constexpr):
     """INT4_QPAIRS (PAIRS 3: bf16, 4: fp16): the [BLOCK_K, BLOCK_N] tile of q - 8 (symmetric) or q (zero points) of
     the bytes ``wb``, exact in the model dtype, from one-operand inline PTX that Triton runs in the MMA's register
-    layout; the caller applies zero points and scales to the dot's result."""
+    layout; the caller applies zero points and scales to the dot's result. PAIRS 5 / 6: the same values from plain
+    integer ops, for the interpreter (which cannot run PTX), so that CPU tests run the rest of the path."""
+    if PAIRS >= 5:
+        off = 0 if HAS_ZERO else 8
+        lo = ((wb & 0xF).to(tl.int32) - off).to(DT)
+        hi = ((wb >> 4).to(tl.int32) - off).to(DT)
+        return _interleave_k(lo, hi, BLOCK_K, BLOCK_N)
     if PAIRS == 3:
         if HAS_ZERO:
             p = tl.inline_asm_elementwise(_QPAIRS_BF16_Q, _QPAIRS_IO, [wb], tl.int32, True, 4)
@@ -738,9 +744,9 @@ def _quant_args(q: QuantSpec, a_scale, w_scale, w_zero, direct: bool, block_k: i
     magic, moff = INT4_MAGIC.get(fallback_dtype, (0, 0.0)) if direct and group_tile else (0, 0.0)
     pairs = (INT4_PAIRS.get(fallback_dtype, 0) if q.wq == 2 and magic == 0 and INT4_PAIRS_ON and not interpreting()
              and block_m >= INT4_PAIRS_MIN_BLOCK_M and w_scale is not None and w_scale.dtype == fallback_dtype else 0)
-    if (q.wq == 2 and magic == 0 and INT4_QPAIRS_ON and not interpreting() and group_tile
-            and block_m < INT4_PAIRS_MIN_BLOCK_M and fallback_dtype in INT4_PAIRS):
-        pairs = INT4_PAIRS[fallback_dtype] + 2  # INT4_QPAIRS: 3 bf16, 4 fp16
+    if (q.wq == 2 and magic == 0 and INT4_QPAIRS_ON and group_tile and block_m < INT4_PAIRS_MIN_BLOCK_M
+            and fallback_dtype in INT4_PAIRS):
+        pairs = INT4_PAIRS[fallback_dtype] + (4 if interpreting() else 2)  # INT4_QPAIRS: 3 bf16, 4 fp16 (5, 6: no PTX)
     meta = dict(WQ=q.wq, WS=q.ws, QBN=q.qbn, QBK=q.qbk, GROUP_TILE=group_tile,
                 HAS_ZERO=w_zero is not None, ACC_INT=q.acc_int, MAGIC=magic, MOFF=moff, PAIRS=pairs,
                 **aq_meta(aq, q.acc_int, K))
