@@ -230,6 +230,18 @@ def heuristic_config(T: int, E: int, N: int, K: int, top_k: int) -> dict[str, An
     return {"BLOCK_M": 128, "decode": False, "reduce": "atomic", "gemm1": g1, "gemm2": g2}
 
 
+def nearest_entry(table: dict[int, dict[str, Any]], T: int) -> tuple[int, dict[str, Any]] | None:
+    """(key, entry) a run with T tokens takes from a table: the nearest key (as vLLM), except that a T = 1 entry with
+    ``decode`` set serves T = 1 only (its tiles were measured for one pair per program, not for expert-sorted
+    blocks); None for an empty table."""
+    if T > 1:
+        table = {m: e for m, e in table.items() if m > 1 or not e.get("decode", False)}
+    if not table:
+        return None
+    key = min(table, key=lambda m: abs(m - T))
+    return key, table[key]
+
+
 def get_config(T: int, E: int, N: int, K: int, top_k: int, dtype: Any, device: Any = None) -> dict[str, Any]:
     """The tile config for T tokens: the nearest tuned entry if a file matches, else the heuristic."""
     return _get_config(T, E, N, K, top_k, dtype_name(dtype), device_name(device), device_capability(device),
@@ -240,12 +252,9 @@ def get_config(T: int, E: int, N: int, K: int, top_k: int, dtype: Any, device: A
 def _get_config(T: int, E: int, N: int, K: int, top_k: int, dtype: str, device: str, capability: str | None,
                 dirs: tuple[Path, ...]) -> dict[str, Any]:
     found = _find_table(E, N, K, device, dtype, capability, dirs)
-    table = found[1] if found else {}
-    if T > 1:  # a T = 1 decode entry's tiles were measured for one pair per program, not for expert-sorted blocks
-        table = {m: e for m, e in table.items() if m > 1 or not e.get("decode", False)}
-    if table:
-        key = min(table, key=lambda m: abs(m - T))
-        cfg = dict(table[key])
+    hit = nearest_entry(found[1], T) if found else None
+    if hit:
+        key, cfg = hit[0], dict(hit[1])
         cfg["source"] = f"{found[0]} [T={key}]"
     else:
         cfg = heuristic_config(T, E, N, K, top_k)

@@ -84,40 +84,33 @@ def _pair_bits(v, DT: tl.constexpr):
     return b | (b << 16)
 
 
-def _pairs_asm(magic: int, one: int, packed: str) -> str:
-    """INT4_PAIRS' PTX for four bytes per call (one 32-bit register): $4 the bytes, $5-$8 their scales and $9-$12
-    their -(M + zero), each as a pair in both halves; $0-$3 one byte's (low, high) nibble pair each. The byte and
-    the byte shifted right by 4 are permuted into the two halves (PRMT), the two nibbles OR-ed into the bits of
-    M, M (LOP3: the numbers M + q), then q - zero and (q - zero) * scale by packed FMAs (PTX takes no immediates
-    there: 1.0 and -0.0 sit in registers; adding -0.0 keeps the product's sign of zero)."""
-    lines = [".reg .b32 u, t, one, nz;", f"mov.b32 one, 0x{one:04X}{one:04X};", "mov.b32 nz, 0x80008000;",
-             "shr.u32 u, $4, 4;"]
+def _pairs_asm(magic: int, one: int, packed: str, neg: int | None = None) -> str:
+    """The PTX of INT4_PAIRS and INT4_QPAIRS, four bytes per call (one 32-bit register, $4); $0-$3 one byte's (low,
+    high) nibble pair each. The byte and the byte shifted right by 4 are permuted into the two halves (PRMT), the
+    two nibbles OR-ed into the bits of M, M (LOP3: the numbers M + q), then a packed FMA adds -(M + zero).
+    INT4_PAIRS (``neg`` None): $5-$8 the bytes' scales and $9-$12 their -(M + zero), each as a pair in both halves,
+    and a second FMA multiplies by the scale (adding -0.0 keeps the product's sign of zero). INT4_QPAIRS: one
+    operand; ``neg`` holds the bits of -(M + off), off 8 (symmetric int4) or 0 (zero points, taken off after the
+    dot), and the pair stays q - off, exact. (PTX takes no immediates in packed FMAs: constants sit in registers.)"""
+    lines = [".reg .b32 u, t, one, c;", f"mov.b32 one, 0x{one:04X}{one:04X};",
+             "mov.b32 c, 0x80008000;" if neg is None else f"mov.b32 c, 0x{neg:04X}{neg:04X};", "shr.u32 u, $4, 4;"]
     for b in range(4):  # output b: byte b of $4 (low nibble) into the low half, byte b of u (high) into the high
         lines += [f"prmt.b32 t, $4, u, {0x4400 + 0x1111 * b:#06x};",
-                  f"lop3.b32 t, t, 0x000F000F, 0x{magic:04X}{magic:04X}, 0xEA;",
-                  f"fma.rn.{packed} t, t, one, ${9 + b};", f"fma.rn.{packed} ${b}, t, ${5 + b}, nz;"]
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-def _qpairs_asm(magic: int, one: int, packed: str, neg: int) -> str:
-    """INT4_QPAIRS' PTX: as INT4_PAIRS' for four bytes per call, but one operand ($4, the bytes) and no scale: each
-    byte's (low, high) nibble pair becomes q - off exactly (``neg``: the bits of -(M + off), off 8 for symmetric
-    int4 and 0 with zero points, which come off after the dot)."""
-    lines = [".reg .b32 u, t, one, c;", f"mov.b32 one, 0x{one:04X}{one:04X};", f"mov.b32 c, 0x{neg:04X}{neg:04X};",
-             "shr.u32 u, $4, 4;"]
-    for b in range(4):
-        lines += [f"prmt.b32 t, $4, u, {0x4400 + 0x1111 * b:#06x};",
-                  f"lop3.b32 t, t, 0x000F000F, 0x{magic:04X}{magic:04X}, 0xEA;", f"fma.rn.{packed} ${b}, t, one, c;"]
+                  f"lop3.b32 t, t, 0x000F000F, 0x{magic:04X}{magic:04X}, 0xEA;"]
+        if neg is None:
+            lines += [f"fma.rn.{packed} t, t, one, ${9 + b};", f"fma.rn.{packed} ${b}, t, ${5 + b}, c;"]
+        else:
+            lines += [f"fma.rn.{packed} ${b}, t, one, c;"]
     return "{\n" + "\n".join(lines) + "\n}"
 
 
 _PAIRS_BF16 = tl.constexpr(_pairs_asm(0x4300, 0x3F80, "bf16x2"))  # M = 128
 _PAIRS_F16 = tl.constexpr(_pairs_asm(0x6400, 0x3C00, "f16x2"))  # M = 1024
 _PAIRS_IO = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 9))
-_QPAIRS_BF16_SYM = tl.constexpr(_qpairs_asm(0x4300, 0x3F80, "bf16x2", 0xC308))  # q - 8: -(128 + 8)
-_QPAIRS_BF16_Q = tl.constexpr(_qpairs_asm(0x4300, 0x3F80, "bf16x2", 0xC300))  # q
-_QPAIRS_F16_SYM = tl.constexpr(_qpairs_asm(0x6400, 0x3C00, "f16x2", 0xE408))  # -(1024 + 8)
-_QPAIRS_F16_Q = tl.constexpr(_qpairs_asm(0x6400, 0x3C00, "f16x2", 0xE400))
+_QPAIRS_BF16_SYM = tl.constexpr(_pairs_asm(0x4300, 0x3F80, "bf16x2", 0xC308))  # q - 8: -(128 + 8)
+_QPAIRS_BF16_Q = tl.constexpr(_pairs_asm(0x4300, 0x3F80, "bf16x2", 0xC300))  # q
+_QPAIRS_F16_SYM = tl.constexpr(_pairs_asm(0x6400, 0x3C00, "f16x2", 0xE408))  # -(1024 + 8)
+_QPAIRS_F16_Q = tl.constexpr(_pairs_asm(0x6400, 0x3C00, "f16x2", 0xE400))
 _QPAIRS_IO = tl.constexpr("=r,=r,=r,=r,r")
 
 
@@ -143,6 +136,12 @@ def _int4_q_tile(wb, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.conste
             p = tl.inline_asm_elementwise(_QPAIRS_F16_Q, _QPAIRS_IO, [wb], tl.int32, True, 4)
         else:
             p = tl.inline_asm_elementwise(_QPAIRS_F16_SYM, _QPAIRS_IO, [wb], tl.int32, True, 4)
+    return _pairs_tile(p, BLOCK_K, BLOCK_N, DT)
+
+
+@lazy_helper
+def _pairs_tile(p, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile of int32 nibble pairs ``p [BLOCK_K / 2, BLOCK_N]`` (low half k = 2j, high 2j + 1)."""
     lo = p.to(tl.int16).to(DT, bitcast=True)
     hi = (p >> 16).to(tl.int16).to(DT, bitcast=True)
     return _interleave_k(lo, hi, BLOCK_K, BLOCK_N)
@@ -166,11 +165,9 @@ def _int4_tile(wb, s, z, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.co
         else:
             p = tl.inline_asm_elementwise(_PAIRS_F16, _PAIRS_IO, [wb, s2, _pair_bits(-(1024.0 + z), DT)], tl.int32,
                                           True, 4)
-        lo = p.to(tl.int16).to(DT, bitcast=True)
-        hi = (p >> 16).to(tl.int16).to(DT, bitcast=True)
-    else:
-        lo = (_int4_minus_zero(wb & 0xF, z) * s).to(DT)
-        hi = (_int4_minus_zero(wb >> 4, z) * s).to(DT)
+        return _pairs_tile(p, BLOCK_K, BLOCK_N, DT)
+    lo = (_int4_minus_zero(wb & 0xF, z) * s).to(DT)
+    hi = (_int4_minus_zero(wb >> 4, z) * s).to(DT)
     return _interleave_k(lo, hi, BLOCK_K, BLOCK_N)
 
 
@@ -329,10 +326,10 @@ def _gemm1_kernel(
                 acc_g += (pg - (MOFF + z_g) * rs) * s_g
                 acc_u += (pu - (MOFF + z_u) * rs) * s_u
             else:
-                # kernel=torch's dequantization, (q - zero) * scale rounded once to the model dtype (_int4_tile:
-                # fp32, or INT4_PAIRS' packed pairs). The low / high nibbles interleave back into [BLOCK_K,
-                # BLOCK_N] (row 2j + i), so A stays one contiguous tile (vector loads the pipeline can stage) and
-                # each dot is BLOCK_K deep.
+                # The low / high nibbles interleave back into [BLOCK_K, BLOCK_N] (row 2j + i), so A stays one
+                # contiguous tile (vector loads the pipeline can stage) and each dot is BLOCK_K deep. The tile is
+                # q - 8 (or q) under INT4_QPAIRS (_int4_q_tile); else kernel=torch's dequantization, (q - zero) *
+                # scale rounded once to the model dtype (_int4_tile: fp32, or INT4_PAIRS' packed pairs).
                 if PAIRS >= 3:  # INT4_QPAIRS: the dot of q - 8 (or q), then zero points and the group scale
                     pg = tl.dot(a, _int4_q_tile(gb, BLOCK_K, BLOCK_N, x_ptr.dtype.element_ty, PAIRS, HAS_ZERO))
                     pu = tl.dot(a, _int4_q_tile(ub, BLOCK_K, BLOCK_N, x_ptr.dtype.element_ty, PAIRS, HAS_ZERO))
@@ -734,6 +731,19 @@ def _promote(q: QuantSpec, cfg: dict) -> int:
     return int(cfg.get("fp8_promote", FP8_PROMOTE_TILES))
 
 
+def _int4_pairs(q: QuantSpec, magic: int, group_tile: bool, block_m: int, w_scale, dtype) -> int:
+    """The PAIRS constexpr of an int4 launch: 0 the fp32 dequantize, 1 / 2 INT4_PAIRS (bf16 / fp16 model; blocks of
+    INT4_PAIRS_MIN_BLOCK_M rows or more, scales in the model dtype, compiled), 3 / 4 INT4_QPAIRS (smaller blocks,
+    the K tile inside a group), 5 / 6 INT4_QPAIRS from integer ops under the interpreter (no PTX there)."""
+    base = INT4_PAIRS.get(dtype, 0)
+    if q.wq != 2 or magic or not base:
+        return 0
+    if block_m >= INT4_PAIRS_MIN_BLOCK_M:
+        ok = INT4_PAIRS_ON and not interpreting() and w_scale is not None and w_scale.dtype == dtype
+        return base if ok else 0
+    return base + (4 if interpreting() else 2) if INT4_QPAIRS_ON and group_tile else 0
+
+
 def _quant_args(q: QuantSpec, a_scale, w_scale, w_zero, direct: bool, block_k: int, K: int, fallback: torch.Tensor,
                 fallback_dtype: torch.dtype | None = None, aq: int = 0, block_m: int = 0):
     args = [a_scale if a_scale is not None else fallback, w_scale if w_scale is not None else fallback,
@@ -742,11 +752,7 @@ def _quant_args(q: QuantSpec, a_scale, w_scale, w_zero, direct: bool, block_k: i
     group_tile = q.wq == 2 and q.qbk % block_k == 0 and K % block_k == 0
     # MAGIC != 0 is the INT4_MAGIC path itself: the one-pair decode with the K tile inside one group
     magic, moff = INT4_MAGIC.get(fallback_dtype, (0, 0.0)) if direct and group_tile else (0, 0.0)
-    pairs = (INT4_PAIRS.get(fallback_dtype, 0) if q.wq == 2 and magic == 0 and INT4_PAIRS_ON and not interpreting()
-             and block_m >= INT4_PAIRS_MIN_BLOCK_M and w_scale is not None and w_scale.dtype == fallback_dtype else 0)
-    if (q.wq == 2 and magic == 0 and INT4_QPAIRS_ON and group_tile and block_m < INT4_PAIRS_MIN_BLOCK_M
-            and fallback_dtype in INT4_PAIRS):
-        pairs = INT4_PAIRS[fallback_dtype] + (4 if interpreting() else 2)  # INT4_QPAIRS: 3 bf16, 4 fp16 (5, 6: no PTX)
+    pairs = _int4_pairs(q, magic, group_tile, block_m, w_scale, fallback_dtype)
     meta = dict(WQ=q.wq, WS=q.ws, QBN=q.qbn, QBK=q.qbk, GROUP_TILE=group_tile,
                 HAS_ZERO=w_zero is not None, ACC_INT=q.acc_int, MAGIC=magic, MOFF=moff, PAIRS=pairs,
                 **aq_meta(aq, q.acc_int, K))

@@ -457,7 +457,8 @@ def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]]
     import os
 
     from ...tasks.bench import Shape, make_weights, quantize_weights
-    from .configs import config_file_name, device_capability, device_name, get_config, heuristic_config, tuned_table
+    from .configs import (config_file_name, device_capability, device_name, get_config, heuristic_config,
+                          nearest_entry, tuned_table)
 
     os.makedirs(out_dir, exist_ok=True)
     written = []
@@ -506,9 +507,9 @@ def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]]
             if srt:
                 def candidates_at(T, own=own, bf=bf, method=method):
                     shipped = own[1].get(T) if own else None
-                    bf_t = (bf[1][min((m for m in bf[1] if m != 1), key=lambda m: abs(m - T))] if bf and len(bf[1]) > 1
-                            else heuristic_config(T, E, I, H, k))
-                    return quant_sorted_candidates(method, T, bf_t, shipped)
+                    hit = nearest_entry(bf[1], T) if bf else None
+                    return quant_sorted_candidates(method, T, hit[1] if hit else heuristic_config(T, E, I, H, k),
+                                                   shipped)
 
                 for T, e in sorted_entries(candidates_at, timed_at, tuple(srt), log=log).items():
                     table[str(T)] = e
@@ -518,7 +519,8 @@ def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]]
                 rows = {int(kk): v for kk, v in table.items() if not kk.startswith("_") and kk != "1"}
 
                 def sorted_at(T, rows=rows):
-                    return rows[min(rows, key=lambda m: abs(m - T))] if rows else heuristic_config(T, E, I, H, k)
+                    hit = nearest_entry(rows, T)
+                    return hit[1] if hit else heuristic_config(T, E, I, H, k)
 
                 for T, e in small_t_entries(entry, sorted_at, timed_at, log=log).items():
                     table[str(T)] = e
