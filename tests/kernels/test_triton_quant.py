@@ -227,10 +227,11 @@ def test_interpreter_int4_sorted_blocks_dequantize(zero_point, H, bk):
     assert rel(out, TorchExperts().apply(x, tw, ids, w, "silu").double()) < 1e-3
 
 
-def _run_pairs_ptx(text: str, args: list[int], dtype: torch.dtype) -> list[int]:
-    """The PTX of INT4_PAIRS run in Python: mov, shr.u32, prmt.b32, lop3.b32 and packed fma.rn (each half rounded
-    once: the products and sums here are exact in float32, so float32 then one cast to the dtype is that)."""
-    regs = {f"${i}": v for i, v in enumerate([0, 0, 0, 0] + args)}
+def _run_pairs_ptx(text: str, args: list[int], dtype: torch.dtype, n_out: int = 4) -> list[int]:
+    """The PTX of INT4_PAIRS (and INT8_Q) run in Python: mov, shr.u32, and / xor.b32, prmt.b32, lop3.b32 and packed
+    fma.rn (each half rounded once: the products and sums here are exact in float32, so float32 then one cast to the
+    dtype is that). ``n_out`` outputs $0.. come before the inputs."""
+    regs = {f"${i}": v for i, v in enumerate([0] * n_out + args)}
 
     def val(tok):
         return regs[tok] if tok in regs else int(tok, 0)
@@ -249,6 +250,10 @@ def _run_pairs_ptx(text: str, args: list[int], dtype: torch.dtype) -> list[int]:
             r = a[0]
         elif op == "shr.u32":
             r = a[0] >> a[1]
+        elif op == "and.b32":
+            r = a[0] & a[1]
+        elif op == "xor.b32":
+            r = a[0] ^ a[1]
         elif op == "prmt.b32":
             pool = [(a[0] >> 8 * i) & 0xFF for i in range(4)] + [(a[1] >> 8 * i) & 0xFF for i in range(4)]
             r = sum(pool[(a[2] >> 4 * i) & 7] << 8 * i for i in range(4))
@@ -261,7 +266,7 @@ def _run_pairs_ptx(text: str, args: list[int], dtype: torch.dtype) -> list[int]:
         else:
             raise AssertionError(f"unexpected PTX op {op}")
         regs[d] = r & 0xFFFFFFFF
-    return [regs[f"${i}"] for i in range(4)]
+    return [regs[f"${i}"] for i in range(n_out)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -309,6 +314,81 @@ def test_int4_qpairs_ptx_gives_exact_nibbles(dtype, zero):
             want = torch.tensor([int(q[i]) & 0xF, int(q[i]) >> 4]).float() - (0.0 if zero else 8.0)
             got = torch.tensor([out[i] & 0xFFFF, out[i] >> 16], dtype=torch.int32).to(torch.int16).view(dtype)
             assert torch.equal(got.float(), want), (q[i], got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_int8_q_ptx_gives_exact_integers(dtype):
+    """INT8_Q's PTX run instruction by instruction on the CPU: for four int8 weights in one register (every byte value,
+    so -128, -1, 0 and 127 included), the two output registers hold them as the dtype's exact integers, bytes 0 / 1
+    in the first register's low / high half and 2 / 3 in the second's (the order Triton packs four outputs in); a
+    wrong selector, mask or magic number fails it."""
+    from composer.kernels.triton import gemm
+
+    text = (gemm._INT8_BF16 if dtype == torch.bfloat16 else gemm._INT8_F16).value
+    vals = torch.arange(-128, 128)
+    vals = torch.cat([vals, vals[torch.randperm(256, generator=torch.Generator().manual_seed(8))]]).view(-1, 4)
+    for q in vals.tolist():
+        out = _run_pairs_ptx(text, [sum((v & 0xFF) << 8 * i for i, v in enumerate(q))], dtype, n_out=2)
+        got = torch.tensor([out[0] & 0xFFFF, out[0] >> 16, out[1] & 0xFFFF, out[1] >> 16],
+                           dtype=torch.int32).to(torch.int16).view(dtype)
+        assert got.float().tolist() == [float(v) for v in q], (q, got)
+
+
+@pytest.mark.parametrize("T,bm,decode", [(1, 16, True), (9, 16, False), (40, 32, False)],
+                         ids=["T1-decode", "T9-16rows", "T40-32rows"])
+def test_interpreter_int8_q(T, bm, decode, monkeypatch):
+    """INT8_Q for int8_w8a16: the integers q enter the dot (under the interpreter through Triton's conversion; the
+    PTX's instructions are test_int8_q_ptx_gives_exact_integers') and the channel scales multiply its result once,
+    after the K loop. The products are exact, so the float64 oracle of the dequantized weights is met to fp32 sums,
+    closer than kernel=torch's dequantization (INT8_Q_ON = False), which rounds each q * scale to fp16; bias,
+    top_k = E at T = 9, a dropped pair, H and I not multiples of the tiles."""
+    from composer.kernels.reference import oracle_experts
+    from composer.kernels.triton import gemm
+    from composer.kernels.triton.fused import fused_experts_quant
+    from composer.quant.int8 import Int8W8A16
+
+    k = 5 if T == 9 else 2
+    x, tw, ids, w13, w2, b13, b2 = make_case(T, 5, k, 72, 80, torch.float16, True, 0.2, seed=60 + T)
+    w = quantize("int8_w8a16", w13, w2, b13, b2)
+    cfg = {**_cfg(decode), "BLOCK_M": bm}
+    modes, outs = [], []
+    real = gemm._quant_args
+
+    def spy(*a, **kw):
+        r = real(*a, **kw)
+        modes.append(r[2]["I8Q"])
+        return r
+
+    monkeypatch.setattr(gemm, "_quant_args", spy)
+    with interpreter():
+        for on in (True, False):
+            monkeypatch.setattr(gemm, "INT8_Q_ON", on)
+            outs.append(fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int8_w8a16",
+                                            w.w13_scale, w.w2_scale, None, None, config=cfg))
+    assert modes == [3, 3, 0, 0]  # (no PTX under the interpreter: Triton's conversion, then the dequantization)
+    d = Int8W8A16.dequantize(w, torch.float64)
+    oracle = oracle_experts(x, tw, ids, d.w13, d.w2, "silu", b13, b2)
+    assert rel(outs[0], oracle) < 2e-3 and rel(outs[0], oracle) <= rel(outs[1], oracle) * 1.5
+    assert rel(outs[0], TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[torch.float16]
+
+
+def test_int8_q_only_for_int8_w8a16_in_bf16_or_fp16(monkeypatch):
+    """I8Q: the PTX for bf16 (1) and fp16 (2) models compiled, Triton's conversion under the interpreter (3), and
+    kernel=torch's dequantization (0) for fp32 models, other methods, or with INT8_Q_ON off."""
+    from composer.kernels.triton import gemm
+
+    def mode(dtype, spec=gemm.QuantSpec(wq=1)):
+        s = torch.ones(2, 4, 1)
+        return gemm._quant_args(spec, None, s, None, False, 32, 64, s, dtype, block_m=16)[2]["I8Q"]
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert mode(torch.bfloat16) == 1 and mode(torch.float16) == 2 and mode(torch.float32) == 0
+    assert mode(torch.bfloat16, gemm.QuantSpec(wq=3, ws=1, acc_int=True)) == 0  # int8_w8a8: an int8 dot already
+    monkeypatch.setattr(gemm, "INT8_Q_ON", False)
+    assert mode(torch.bfloat16) == 0
+    monkeypatch.setattr(gemm, "INT8_Q_ON", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert mode(torch.bfloat16) == 3 and mode(torch.float32) == 0
 
 
 def test_int4_pairs_only_where_its_rounding_is_kernel_torchs(monkeypatch):
@@ -527,19 +607,20 @@ def test_gpu_k_not_multiple_of_tile(method, params):
 INT4_PATH_PARAMS = [{"group_size": 128}, {"group_size": 64, "zero_point": True}, {"group_size": -1, "zero_point": True}]
 
 
-def _sorted_int4_call(T: int, bm: int, bk: int, dtype: torch.dtype, params: dict):
-    """(x, tw, ids, weights, run) for the int4 GPU path tests: E = 8, k = 3, H = I = 384 with bias and dropped pairs,
-    expert-sorted blocks of ``bm`` rows with ``bk``-deep K tiles, deterministic reduce; ``run()`` calls the Triton
-    experts under whatever gemm switches are set then."""
+def _sorted_int4_call(T: int, bm: int, bk: int, dtype: torch.dtype, params: dict, method: str = "int4_w4a16",
+                      decode: bool = False):
+    """(x, tw, ids, weights, run) for the int4 (and int8) GPU path tests: E = 8, k = 3, H = I = 384 with bias and
+    dropped pairs, expert-sorted blocks of ``bm`` rows (or the one-pair decode) with ``bk``-deep K tiles,
+    deterministic reduce; ``run()`` calls the Triton experts under whatever gemm switches are set then."""
     from composer.kernels.triton.fused import fused_experts_quant
 
     x, tw, ids, w13, w2, b13, b2 = make_case(T, 8, 3, 384, 384, dtype, True, 0.1, seed=T, device="cuda")
-    w = quantize("int4_w4a16", w13, w2, b13, b2, **params)
+    w = quantize(method, w13, w2, b13, b2, **params)
     g = {"BLOCK_N": 64, "BLOCK_K": bk, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
-    cfg = {"BLOCK_M": bm, "decode": False, "reduce": "buffer", "gemm1": dict(g), "gemm2": dict(g)}
+    cfg = {"BLOCK_M": bm, "decode": decode, "reduce": "buffer", "gemm1": dict(g), "gemm2": dict(g)}
 
     def run():
-        return fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int4_w4a16",
+        return fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", method,
                                    w.w13_scale, w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=cfg)
 
     return x, tw, ids, w, run
@@ -570,6 +651,37 @@ def test_gpu_int4_qpairs_match_the_dequantized_weights(monkeypatch, dtype, param
         assert rel(qpairs, ref) < GPU_TOL["int4_w4a16"], (T, dtype, params, rel(qpairs, ref))
         assert rel(fp32, ref) < GPU_TOL["int4_w4a16"], (T, dtype, params, rel(fp32, ref))
         assert rel(qpairs, fp32.double()) < 1e-2, (T, dtype, params)
+
+
+@gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_int8_q_matches_the_dequantized_weights(monkeypatch, dtype):
+    """INT8_Q (int8_w8a16: the integers q from inline PTX into the dot, the channel scale on its result) against the
+    float64 oracle of the dequantized weights and kernel=torch, next to the dequantization it replaces (q * scale
+    rounded to the dtype, as kernel=torch): within the GPU tolerance of kernel=torch, at least as close to the
+    oracle (the products are exact), within 1e-2 of the old path. The one-pair decode, 16- / 32-row mma.sync blocks
+    with 256-deep K tiles (K = 384: a ragged last tile) and 64- / 128-row wgmma blocks with 128-deep ones (their
+    shared memory holds no 256-deep stages); bias, dropped pairs."""
+    from composer.kernels.reference import oracle_experts
+    from composer.kernels.triton import gemm
+    from composer.quant.int8 import Int8W8A16
+
+    for T, bm, bk, decode in ((1, 16, 256, True), (16, 16, 256, False), (40, 32, 256, False), (300, 64, 128, False),
+                              (700, 128, 128, False)):
+        x, tw, ids, w, run = _sorted_int4_call(T, bm, bk, dtype, {}, "int8_w8a16", decode)
+        assert gemm._quant_args(gemm.QuantSpec(wq=1), None, w.w13_scale, None, decode, bk, 384, x, dtype,
+                                block_m=bm)[2]["I8Q"] == gemm.INT8_Q_PTX[dtype]
+        q = run()
+        monkeypatch.setattr(gemm, "INT8_Q_ON", False)
+        old = run()
+        monkeypatch.setattr(gemm, "INT8_Q_ON", True)
+        d = Int8W8A16.dequantize(w, torch.float64)
+        oracle = oracle_experts(x, tw, ids, d.w13, d.w2, "silu", w.w13_bias, w.w2_bias)
+        ref = TorchExperts().apply(x, tw, ids, w, "silu").double()
+        assert rel(q, ref) < GPU_TOL["int8_w8a16"], (T, dtype, rel(q, ref))
+        assert rel(q, oracle) <= rel(old, oracle) * 1.25, (T, dtype, rel(q, oracle), rel(old, oracle))
+        assert rel(q, old.double()) < 1e-2, (T, dtype)
 
 
 @gpu

@@ -114,6 +114,44 @@ _QPAIRS_F16_Q = tl.constexpr(_pairs_asm(0x6400, 0x3C00, "f16x2", 0xE400))
 _QPAIRS_IO = tl.constexpr("=r,=r,=r,=r,r")
 
 
+def _int8_asm(dtype: str) -> str:
+    """The PTX of INT8_Q: four int8 weights ($2, one 32-bit register) as two bf16x2 / f16x2 registers ($0: bytes 0
+    and 1, $1: bytes 2 and 3), each value exactly the integer q. fp16: q + 128 (the byte XOR 0x80) permuted under the
+    bits 0x64 makes the number 1024 + q + 128 (fp16's ulp at 1024 is 1), and one packed FMA takes 1152 off. bf16 has 7
+    mantissa bits, so q = m - 128 s (m its low 7 bits, s its sign bit) is built from two halves: 0x43 over the byte
+    masked to m is 128 + m, masked to its sign bit 128 + 128 s (0x4380 is 256), and one packed FMA subtracts the
+    second from the first. (PTX takes no immediates in packed FMAs: constants sit in registers.)"""
+    if dtype == "bf16x2":
+        lines = [".reg .b32 c, k, t, s;", "mov.b32 c, 0x43434343;", "mov.b32 k, 0xBF80BF80;"]  # k: -1.0 pairs
+        for out, sel in ((0, 0x4140), (1, 0x4342)):  # bytes (0, 1) / (2, 3) into the low bytes of the two halves
+            lines += [f"prmt.b32 t, $2, c, {sel:#06x};", "and.b32 s, t, 0xFF80FF80;", "and.b32 t, t, 0xFF7FFF7F;",
+                      f"fma.rn.bf16x2 ${out}, s, k, t;"]
+    else:
+        lines = [".reg .b32 c, k, one, u, t;", "mov.b32 c, 0x64646464;", "mov.b32 k, 0xE480E480;",  # k: -1152
+                 "mov.b32 one, 0x3C003C00;", "xor.b32 u, $2, 0x80808080;"]
+        for out, sel in ((0, 0x4140), (1, 0x4342)):
+            lines += [f"prmt.b32 t, u, c, {sel:#06x};", f"fma.rn.f16x2 ${out}, t, one, k;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_INT8_BF16 = tl.constexpr(_int8_asm("bf16x2"))
+_INT8_F16 = tl.constexpr(_int8_asm("f16x2"))
+
+
+@lazy_helper
+def _int8_q_tile(w, DT: tl.constexpr, I8Q: tl.constexpr):
+    """INT8_Q: the int8 weight tile as the integers q in the model dtype (exact: |q| <= 128 needs 8 bits), for a dot
+    whose result the channel scales then multiply. I8Q 1 / 2: inline PTX (bf16 / fp16) at two integer ops and a
+    half packed FMA per weight, where Triton's int -> float conversion runs at a quarter of the integer rate on
+    sm90; 3: that conversion (the interpreter runs no PTX)."""
+    if I8Q == 1:
+        return tl.inline_asm_elementwise(_INT8_BF16, "=r,=r,r", [w], tl.bfloat16, True, 4)
+    elif I8Q == 2:
+        return tl.inline_asm_elementwise(_INT8_F16, "=r,=r,r", [w], tl.float16, True, 4)
+    else:
+        return w.to(DT)
+
+
 @lazy_helper
 def _int4_q_tile(wb, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PAIRS: tl.constexpr,
                  HAS_ZERO: tl.constexpr):
@@ -209,7 +247,7 @@ def _gemm1_kernel(
     WQ: tl.constexpr, WS: tl.constexpr, QBN: tl.constexpr, QBK: tl.constexpr, GROUP_TILE: tl.constexpr,
     HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr, PAIRS: tl.constexpr,
     AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
-    AMAX_BLOCK: tl.constexpr, PROMOTE: tl.constexpr,
+    AMAX_BLOCK: tl.constexpr, PROMOTE: tl.constexpr, I8Q: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_pids(tl.program_id(0), num_pid_m, N, BLOCK_N, GROUP_M)
 
@@ -366,7 +404,10 @@ def _gemm1_kernel(
                 v = tl.load(x_row + (kk * BLOCK_K + offs_k) * stride_xk, mask=offs_k < K - kk * BLOCK_K, other=0.0)
                 r = _quant_act(v.to(tl.float32), a_scale + offs_k * 0.0, QMAX, AQ_INT8, RNE)
                 a = tl.where(row_mask[:, None], r[None, :], 0.0).to(w_ptr.dtype.element_ty)
-            if WQ == 1:  # int8 weights, dequantized as kernel=torch does: (q * scale) rounded to the model dtype
+            if WQ == 1 and I8Q != 0:  # INT8_Q: the integers q; the channel scales multiply the dot's result
+                g = _int8_q_tile(g, x_ptr.dtype.element_ty, I8Q)
+                u = _int8_q_tile(u, x_ptr.dtype.element_ty, I8Q)
+            elif WQ == 1:  # int8 weights, dequantized as kernel=torch does: (q * scale) rounded to the model dtype
                 g = (g.to(tl.float32) * sg[None, :]).to(x_ptr.dtype.element_ty)
                 u = (u.to(tl.float32) * su[None, :]).to(x_ptr.dtype.element_ty)
             if WQ == 3 and WS == 2:  # block fp8: the K tile lies in one scale block; scale the partial products
@@ -400,6 +441,9 @@ def _gemm1_kernel(
     if PROMOTE > 1:
         acc_g += part_g
         acc_u += part_u
+    if WQ == 1 and I8Q != 0:
+        acc_g = acc_g * sg[None, :]
+        acc_u = acc_u * su[None, :]
     if WQ == 3 and WS != 2:  # w8a8: per-token activation scale x weight scale (per expert or channel)
         if AQ != 0:
             a_s = a_scale
@@ -438,7 +482,7 @@ def _gemm2_kernel(
     WQ: tl.constexpr, WS: tl.constexpr, QBN: tl.constexpr, QBK: tl.constexpr, GROUP_TILE: tl.constexpr,
     HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr, PAIRS: tl.constexpr,
     AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
-    AMAX_BLOCK: tl.constexpr, PROMOTE: tl.constexpr,
+    AMAX_BLOCK: tl.constexpr, PROMOTE: tl.constexpr, I8Q: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_pids(tl.program_id(0), num_pid_m, N, BLOCK_N, GROUP_M)
 
@@ -556,7 +600,9 @@ def _gemm2_kernel(
                 v = tl.load(a_row + (kk * BLOCK_K + offs_q) * stride_ak, mask=offs_q < K - kk * BLOCK_K, other=0.0)
                 r = _quant_act(v.to(tl.float32), a_scale + offs_q * 0.0, QMAX, AQ_INT8, RNE)
                 a = tl.where(row_mask[:, None], r[None, :], 0.0).to(w_ptr.dtype.element_ty)
-            if WQ == 1:
+            if WQ == 1 and I8Q != 0:  # INT8_Q (as in _gemm1_kernel)
+                w = _int8_q_tile(w, a_ptr.dtype.element_ty, I8Q)
+            elif WQ == 1:
                 w = (w.to(tl.float32) * sw[None, :]).to(a_ptr.dtype.element_ty)
             if WQ == 3 and WS == 2:
                 kb = (kk * BLOCK_K) // QBK
@@ -579,6 +625,8 @@ def _gemm2_kernel(
 
     if PROMOTE > 1:
         acc += part
+    if WQ == 1 and I8Q != 0:
+        acc = acc * sw[None, :]
     if WQ == 3 and WS != 2:
         if AQ != 0:
             a_s = a_scale
@@ -718,6 +766,15 @@ INT4_PAIRS_ON = True
 INT4_QPAIRS_ON = True
 
 
+# INT8_Q: int8_w8a16 weights enter the dot as the integers q (exact in bf16 / fp16), and the per-channel scale
+# multiplies the dot's fp32 result once, after the K loop: the products are exact and nothing is rounded to the model
+# dtype first (kernel=torch rounds each q * scale, ~2^-9 relative, which the float64 oracle does not). In place of
+# an int -> float conversion, an fp32 multiply and a conversion back per weight, PTX makes each pair of weights with
+# two integer ops and one packed FMA (_int8_asm). INT8_Q_ON = False restores the dequantization (A/B timing).
+INT8_Q_PTX = {torch.bfloat16: 1, torch.float16: 2}
+INT8_Q_ON = True
+
+
 # FP8_PROMOTE_TILES: how many K tiles an fp8 dot (per-tensor / per-channel) accumulates in the tensor core before
 # the partial sum is added to the fp32 accumulator; a tile config's "fp8_promote" overrides it. 1 is
 # max_num_imprecise_acc = BLOCK_K (the most precise); every promotion makes the MMA wait, which cost prefill
@@ -744,6 +801,14 @@ def _int4_pairs(q: QuantSpec, magic: int, group_tile: bool, block_m: int, w_scal
     return base + (4 if interpreting() else 2) if INT4_QPAIRS_ON and group_tile else 0
 
 
+def _int8_q(q: QuantSpec, dtype) -> int:
+    """The I8Q constexpr of an int8_w8a16 launch: 0 kernel=torch's dequantization (fp32 models, or INT8_Q_ON off),
+    1 / 2 INT8_Q's PTX (bf16 / fp16 models), 3 INT8_Q through Triton's conversion (the interpreter)."""
+    if q.wq != 1 or not INT8_Q_ON or dtype not in INT8_Q_PTX:
+        return 0
+    return 3 if interpreting() else INT8_Q_PTX[dtype]
+
+
 def _quant_args(q: QuantSpec, a_scale, w_scale, w_zero, direct: bool, block_k: int, K: int, fallback: torch.Tensor,
                 fallback_dtype: torch.dtype | None = None, aq: int = 0, block_m: int = 0):
     args = [a_scale if a_scale is not None else fallback, w_scale if w_scale is not None else fallback,
@@ -755,7 +820,7 @@ def _quant_args(q: QuantSpec, a_scale, w_scale, w_zero, direct: bool, block_k: i
     pairs = _int4_pairs(q, magic, group_tile, block_m, w_scale, fallback_dtype)
     meta = dict(WQ=q.wq, WS=q.ws, QBN=q.qbn, QBK=q.qbk, GROUP_TILE=group_tile,
                 HAS_ZERO=w_zero is not None, ACC_INT=q.acc_int, MAGIC=magic, MOFF=moff, PAIRS=pairs,
-                **aq_meta(aq, q.acc_int, K))
+                I8Q=_int8_q(q, fallback_dtype), **aq_meta(aq, q.acc_int, K))
     return args, strides, meta
 
 
