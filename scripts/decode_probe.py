@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from composer.kernels.torch_backend import TorchExperts  # noqa: E402
 from composer.kernels.triton_backend import TritonExperts  # noqa: E402
 from composer.kernels.triton.configs import get_config, validate_entry  # noqa: E402
-from composer.kernels.triton.fused import fused_experts, fused_experts_quant, quant_config  # noqa: E402
+from composer.kernels.triton.fused import QUANT_METHODS, fused_experts, fused_experts_quant, quant_config  # noqa: E402
 from composer.kernels.triton.tune import QUANT_TUNE_METHODS, QUANT_TUNE_SHAPES  # noqa: E402
 from composer.tasks.bench import Shape, make_weights, quantize_weights, rel_err  # noqa: E402
 from composer.tasks.timing import CallGraph, L2Flush  # noqa: E402
@@ -89,7 +89,7 @@ def replay_us(graph: CallGraph, device) -> float:
     return 1e3 * graph.ms(iters=400, min_iters=50, budget_s=0.3, warmup=10)
 
 
-METHOD_BYTES = {"int4_w4a16": 0.5, "fp8_w8a8": 1.0}  # bytes per weight element (scales left out)
+METHOD_BYTES = {"int4_w4a16": 0.5, "fp8_w8a8": 1.0, "int8_w8a16": 1.0, "int8_w8a8": 1.0}  # bytes per weight (scales left out)
 
 
 def read_us(fn) -> float:
@@ -149,7 +149,9 @@ def profile(fn, label: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--method", default="int4_w4a16", choices=[m for m, _ in QUANT_TUNE_METHODS])
+    ap.add_argument("--method", default="int4_w4a16", choices=QUANT_METHODS,
+                    help="a quant method: fp8_w8a8 per_token_channel and int4_w4a16 group 128 as the tuner quantizes "
+                    "them, the int8 methods with their defaults")
     ap.add_argument("--shapes", default=",".join(QUANT_TUNE_SHAPES))
     ap.add_argument("--tokens", default="1", help="comma-separated T values (default 1)")
     ap.add_argument("--variants", default="[]", help="JSON list of entries merged into the shipped entry of each T")
@@ -179,7 +181,7 @@ def main() -> int:
         setattr(m, attr, json.loads(value))
         print(f"# set {target} = {value}")
     variants = json.loads(args.variants)
-    params = dict(QUANT_TUNE_METHODS)[args.method]
+    params = dict(QUANT_TUNE_METHODS).get(args.method)  # (None: the method's defaults)
     dev = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}")
     for name in args.shapes.split(","):
