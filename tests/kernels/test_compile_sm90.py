@@ -125,6 +125,47 @@ def test_int4_pairs_compile_for_sm90(case):
         assert registers(compiled)[1] == 0, (kernel.__name__, registers(compiled))
 
 
+# rows per block, dtype, tile: 16 rows run mma.sync with the weights as the dot's B operand; 64 rows swap the operands
+# (SWAP_AB: the weights are wgmma's A, read from registers) unless the tile says "swap": false; 128 rows do not swap
+INT8_COMPILE_CASES = [
+    (16, torch.bfloat16, {"BLOCK_N": 32, "BLOCK_K": 256, "num_stages": 4}, False),
+    (64, torch.float16, {"BLOCK_N": 64, "BLOCK_K": 128, "num_stages": 3}, True),
+    (64, torch.bfloat16, {"BLOCK_N": 64, "BLOCK_K": 128, "num_stages": 3, "swap": False}, False),
+    (128, torch.bfloat16, {"BLOCK_N": 128, "BLOCK_K": 64, "num_stages": 3, "num_warps": 8}, False),
+]
+
+
+@pytest.mark.parametrize("case", INT8_COMPILE_CASES, ids=lambda c: f"{c[0]}rows-{str(c[1])[6:]}-swap{c[3]}")
+def test_int8_q_compiles_for_sm90(case):
+    """int8_w8a16's expert-sorted blocks take INT8_Q (the integers q from inline PTX, four weights per asm call into
+    mma.sync's operand, two per call into a swapped wgmma's register operand), which only the GPU runs
+    (test_gpu_int8_q_matches_the_dequantized_weights checks its values); ptxas accepts every form without spills,
+    the PTX's packed FMA is there, and the swapped form's wgmma reads its A operand from registers."""
+    bm, dtype, tile, swap = case
+    x, tw, ids, w13, w2, _, _ = make_case(bm, 8, 2, 256, 384, dtype, False, 0.0, seed=4)
+    w = quantize("int8_w8a16", w13, w2)
+    g = {"GROUP_M": 1, "num_warps": 4, **tile}
+    with recorded_launches() as calls:
+        fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", "int8_w8a16", w.w13_scale, w.w2_scale,
+                            config={"BLOCK_M": bm, "decode": False, "reduce": "atomic", "gemm1": g, "gemm2": g})
+    gemms = [(k, a, kw) for k, a, kw in calls if k.__name__ in ("_gemm1_kernel", "_gemm2_kernel")]
+    assert len(gemms) == 2
+    op = "fma.rn.bf16x2" if dtype == torch.bfloat16 else "fma.rn.f16x2"
+    for kernel, args, kwargs in gemms:
+        assert kwargs["I8Q"] == (1 if dtype == torch.bfloat16 else 2) and kwargs["SWAP"] == swap, kernel.__name__
+        ptx = (compiled := compile_sm90(kernel, args, kwargs)).asm["ptx"]
+        assert op in ptx and _wgmma_reg_a(ptx) == swap, kernel.__name__
+        assert registers(compiled)[1] == 0, (kernel.__name__, registers(compiled))
+
+
+def _wgmma_reg_a(ptx: str) -> bool:
+    """Whether a wgmma in ``ptx`` takes its A operand from registers: a ``{...}`` vector right after the accumulators'
+    (a shared-memory A is a 64-bit descriptor there)."""
+    import re
+
+    return bool(re.search(r"wgmma\.mma_async[^;]*\}\s*,\s*\{", ptx))
+
+
 def test_x_vec_compiles_for_sm90():
     """``x_vec`` (the GEMV's 16-byte activation loads) compiles in both GEMMs of the subnormal read."""
     x, tw, ids, w13, w2, _, _ = make_case(1, 8, 2, 256, 256, torch.bfloat16, False, 0.0, seed=1)

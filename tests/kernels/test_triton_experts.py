@@ -263,6 +263,16 @@ def test_bad_config_file_names_the_problem(tmp_path, monkeypatch):
         cfgs.get_config(1, 2, 8, 16, 1, torch.float16, "cpu")
 
 
+def test_swap_key_is_validated():
+    """A tile's "swap" (int8_w8a16's transposed product) is a boolean, and only where a tl.dot GEMM runs."""
+    g = {"BLOCK_N": 64, "BLOCK_K": 128}
+    cfgs.validate_entry({"BLOCK_M": 64, "gemm1": {**g, "swap": True}, "gemm2": {**g, "swap": False}})
+    with pytest.raises(ValueError, match="gemm1.swap must be true or false, got 'yes'"):
+        cfgs.validate_entry({"BLOCK_M": 64, "gemm1": {**g, "swap": "yes"}, "gemm2": g})
+    with pytest.raises(ValueError, match="gemm2.swap .* not to decode \"gemv\" ones"):
+        cfgs.validate_entry({"BLOCK_M": 16, "decode": "gemv", "gemm1": g, "gemm2": {**g, "swap": True}})
+
+
 def test_heuristic_covers_every_size():
     for T in (1, 2, 16, 128, 1024, 4096, 65536):
         for E, k in ((8, 2), (128, 8), (256, 8)):

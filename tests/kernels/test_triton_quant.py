@@ -334,13 +334,14 @@ def test_int8_q_ptx_gives_exact_integers(dtype):
         assert got.float().tolist() == [float(v) for v in q], (q, got)
 
 
-@pytest.mark.parametrize("T,bm,decode", [(1, 16, True), (9, 16, False), (40, 32, False)],
-                         ids=["T1-decode", "T9-16rows", "T40-32rows"])
+@pytest.mark.parametrize("T,bm,decode", [(1, 16, True), (9, 16, False), (40, 32, False), (40, 64, False)],
+                         ids=["T1-decode", "T9-16rows", "T40-32rows", "T40-64rows-swapped"])
 def test_interpreter_int8_q(T, bm, decode, monkeypatch):
     """INT8_Q for int8_w8a16: the integers q enter the dot (under the interpreter through Triton's conversion; the
     PTX's instructions are test_int8_q_ptx_gives_exact_integers') and the channel scales multiply its result once,
     after the K loop. The products are exact, so the float64 oracle of the dequantized weights is met to fp32 sums,
-    closer than kernel=torch's dequantization (INT8_Q_ON = False), which rounds each q * scale to fp16; bias,
+    closer than kernel=torch's dequantization (INT8_Q_ON = False), which rounds each q * scale to fp16. 64-row
+    blocks swap the operands (SWAP_AB: W x A^T, transposed back after the loop), with and without INT8_Q; bias,
     top_k = E at T = 9, a dropped pair, H and I not multiples of the tiles."""
     from composer.kernels.reference import oracle_experts
     from composer.kernels.triton import gemm
@@ -359,17 +360,21 @@ def test_interpreter_int8_q(T, bm, decode, monkeypatch):
         modes.append(r[2]["I8Q"])
         return r
 
+    real_swap, swaps = gemm._swap, []
     monkeypatch.setattr(gemm, "_quant_args", spy)
+    monkeypatch.setattr(gemm, "_swap", lambda *a: swaps.append(real_swap(*a)) or swaps[-1])
     with interpreter():
         for on in (True, False):
             monkeypatch.setattr(gemm, "INT8_Q_ON", on)
             outs.append(fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int8_w8a16",
                                             w.w13_scale, w.w2_scale, None, None, config=cfg))
     assert modes == [3, 3, 0, 0]  # (no PTX under the interpreter: Triton's conversion, then the dequantization)
+    assert swaps == [bm == 64] * 4
     d = Int8W8A16.dequantize(w, torch.float64)
     oracle = oracle_experts(x, tw, ids, d.w13, d.w2, "silu", b13, b2)
     assert rel(outs[0], oracle) < 2e-3 and rel(outs[0], oracle) <= rel(outs[1], oracle) * 1.5
-    assert rel(outs[0], TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[torch.float16]
+    ref = TorchExperts().apply(x, tw, ids, w, "silu").double()
+    assert rel(outs[0], ref) < TOL[torch.float16] and rel(outs[1], ref) < TOL[torch.float16]
 
 
 def test_int8_q_only_for_int8_w8a16_in_bf16_or_fp16(monkeypatch):
@@ -608,15 +613,16 @@ INT4_PATH_PARAMS = [{"group_size": 128}, {"group_size": 64, "zero_point": True},
 
 
 def _sorted_int4_call(T: int, bm: int, bk: int, dtype: torch.dtype, params: dict, method: str = "int4_w4a16",
-                      decode: bool = False):
+                      decode: bool = False, **tile):
     """(x, tw, ids, weights, run) for the int4 (and int8) GPU path tests: E = 8, k = 3, H = I = 384 with bias and
-    dropped pairs, expert-sorted blocks of ``bm`` rows (or the one-pair decode) with ``bk``-deep K tiles,
-    deterministic reduce; ``run()`` calls the Triton experts under whatever gemm switches are set then."""
+    dropped pairs, expert-sorted blocks of ``bm`` rows (or the one-pair decode) with ``bk``-deep K tiles (and the
+    tile keys ``tile``), deterministic reduce; ``run()`` calls the Triton experts under whatever gemm switches are
+    set then."""
     from composer.kernels.triton.fused import fused_experts_quant
 
     x, tw, ids, w13, w2, b13, b2 = make_case(T, 8, 3, 384, 384, dtype, True, 0.1, seed=T, device="cuda")
     w = quantize(method, w13, w2, b13, b2, **params)
-    g = {"BLOCK_N": 64, "BLOCK_K": bk, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+    g = {"BLOCK_N": 64, "BLOCK_K": bk, "GROUP_M": 1, "num_warps": 4, "num_stages": 3, **tile}
     cfg = {"BLOCK_M": bm, "decode": decode, "reduce": "buffer", "gemm1": dict(g), "gemm2": dict(g)}
 
     def run():
@@ -662,16 +668,19 @@ def test_gpu_int8_q_matches_the_dequantized_weights(monkeypatch, dtype):
     rounded to the dtype, as kernel=torch): within the GPU tolerance of kernel=torch, at least as close to the
     oracle (the products are exact), within 1e-2 of the old path. The one-pair decode, 16- / 32-row mma.sync blocks
     with 256-deep K tiles (K = 384: a ragged last tile) and 64- / 128-row wgmma blocks with 128-deep ones (their
-    shared memory holds no 256-deep stages); bias, dropped pairs."""
+    shared memory holds no 256-deep stages), 64 rows with and without SWAP_AB; bias, dropped pairs."""
     from composer.kernels.reference import oracle_experts
     from composer.kernels.triton import gemm
     from composer.quant.int8 import Int8W8A16
 
-    for T, bm, bk, decode in ((1, 16, 256, True), (16, 16, 256, False), (40, 32, 256, False), (300, 64, 128, False),
-                              (700, 128, 128, False)):
-        x, tw, ids, w, run = _sorted_int4_call(T, bm, bk, dtype, {}, "int8_w8a16", decode)
+    for T, bm, bk, decode, swap in ((1, 16, 256, True, False), (16, 16, 256, False, False), (40, 32, 256, False, False),
+                                    (300, 64, 128, False, True), (300, 64, 128, False, False),
+                                    (700, 128, 128, False, False)):
+        tile = {} if swap == (bm == 64) else {"swap": swap}
+        x, tw, ids, w, run = _sorted_int4_call(T, bm, bk, dtype, {}, "int8_w8a16", decode, **tile)
         assert gemm._quant_args(gemm.QuantSpec(wq=1), None, w.w13_scale, None, decode, bk, 384, x, dtype,
                                 block_m=bm)[2]["I8Q"] == gemm.INT8_Q_PTX[dtype]
+        assert gemm._swap(gemm.QuantSpec(wq=1), decode, bm, tile) == swap
         q = run()
         monkeypatch.setattr(gemm, "INT8_Q_ON", False)
         old = run()

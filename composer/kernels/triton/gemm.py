@@ -114,6 +114,23 @@ _QPAIRS_F16_Q = tl.constexpr(_pairs_asm(0x6400, 0x3C00, "f16x2", 0xE400))
 _QPAIRS_IO = tl.constexpr("=r,=r,=r,=r,r")
 
 
+def _int8_asm2(dtype: str) -> str:
+    """INT8_Q's PTX for two int8 weights ($1, a 16-bit register) -> one bf16x2 / f16x2 register ($0)."""
+    if dtype == "bf16x2":
+        lines = [".reg .b32 c, k, t, s;", "mov.b32 c, 0x43434343;", "mov.b32 k, 0xBF80BF80;", "cvt.u32.u16 t, $1;",
+                 "prmt.b32 t, t, c, 0x4140;", "and.b32 s, t, 0xFF80FF80;", "and.b32 t, t, 0xFF7FFF7F;",
+                 "fma.rn.bf16x2 $0, s, k, t;"]
+    else:
+        lines = [".reg .b32 c, k, one, t;", "mov.b32 c, 0x64646464;", "mov.b32 k, 0xE480E480;",
+                 "mov.b32 one, 0x3C003C00;", "cvt.u32.u16 t, $1;", "xor.b32 t, t, 0x8080;",
+                 "prmt.b32 t, t, c, 0x4140;", "fma.rn.f16x2 $0, t, one, k;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_INT8_BF16_2 = tl.constexpr(_int8_asm2("bf16x2"))
+_INT8_F16_2 = tl.constexpr(_int8_asm2("f16x2"))
+
+
 def _int8_asm(dtype: str) -> str:
     """The PTX of INT8_Q: four int8 weights ($2, one 32-bit register) as two bf16x2 / f16x2 registers ($0: bytes 0
     and 1, $1: bytes 2 and 3), each value exactly the integer q. fp16: q + 128 (the byte XOR 0x80) permuted under the
@@ -139,12 +156,16 @@ _INT8_F16 = tl.constexpr(_int8_asm("f16x2"))
 
 
 @lazy_helper
-def _int8_q_tile(w, DT: tl.constexpr, I8Q: tl.constexpr):
+def _int8_q_tile(w, DT: tl.constexpr, I8Q: tl.constexpr, PACK: tl.constexpr):
     """INT8_Q: the int8 weight tile as the integers q in the model dtype (exact: |q| <= 128 needs 8 bits), for a dot
     whose result the channel scales then multiply. I8Q 1 / 2: inline PTX (bf16 / fp16) at two integer ops and a
     half packed FMA per weight, where Triton's int -> float conversion runs at a quarter of the integer rate on
     sm90; 3: that conversion (the interpreter runs no PTX)."""
-    if I8Q == 1:
+    if I8Q == 1 and PACK == 2:
+        return tl.inline_asm_elementwise(_INT8_BF16_2, "=r,h", [w], tl.bfloat16, True, 2)
+    elif I8Q == 2 and PACK == 2:
+        return tl.inline_asm_elementwise(_INT8_F16_2, "=r,h", [w], tl.float16, True, 2)
+    elif I8Q == 1:
         return tl.inline_asm_elementwise(_INT8_BF16, "=r,=r,r", [w], tl.bfloat16, True, 4)
     elif I8Q == 2:
         return tl.inline_asm_elementwise(_INT8_F16, "=r,=r,r", [w], tl.float16, True, 4)
@@ -247,7 +268,7 @@ def _gemm1_kernel(
     WQ: tl.constexpr, WS: tl.constexpr, QBN: tl.constexpr, QBK: tl.constexpr, GROUP_TILE: tl.constexpr,
     HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr, PAIRS: tl.constexpr,
     AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
-    AMAX_BLOCK: tl.constexpr, PROMOTE: tl.constexpr, I8Q: tl.constexpr,
+    AMAX_BLOCK: tl.constexpr, PROMOTE: tl.constexpr, I8Q: tl.constexpr, SWAP: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_pids(tl.program_id(0), num_pid_m, N, BLOCK_N, GROUP_M)
 
@@ -280,6 +301,8 @@ def _gemm1_kernel(
         g_ptrs = w_base + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_kh[:, None] * stride_wk
     else:
         g_ptrs = w_base + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    if SWAP:  # the weight tile as the dot's A operand, [BLOCK_N, BLOCK_K] (SWAP_AB)
+        g_ptrs = w_base + offs_n_safe[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk
     u_ptrs = g_ptrs + N * stride_wn
     ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
     offs_nu = offs_n_safe + N
@@ -298,7 +321,10 @@ def _gemm1_kernel(
         x_row = x_ptr + (pid_m // top_k).to(tl.int64) * stride_xm
         a_scale = _row_quant_scale(x_row, K, stride_xk, as_ptr, AMAX_BLOCK, AQ, QMAX, EPS)
 
-    if ACC_INT:
+    if SWAP:  # (transposed: [BLOCK_N, BLOCK_M] until after the K loop)
+        acc_g = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
+        acc_u = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
+    elif ACC_INT:
         acc_g = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
         acc_u = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
     else:
@@ -385,6 +411,28 @@ def _gemm1_kernel(
             a_ptrs += BLOCK_K * stride_xk
             g_ptrs += (BLOCK_K // 2) * stride_wk
             u_ptrs += (BLOCK_K // 2) * stride_wk
+        elif SWAP:  # int8_w8a16: W [BLOCK_N, BLOCK_K] x A^T [BLOCK_K, BLOCK_M]
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+                g = tl.load(g_ptrs)
+                u = tl.load(u_ptrs)
+            else:
+                k_ok = offs_k < K - kk * BLOCK_K
+                a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
+                g = tl.load(g_ptrs, mask=k_ok[None, :], other=0)
+                u = tl.load(u_ptrs, mask=k_ok[None, :], other=0)
+            if I8Q != 0:
+                g = _int8_q_tile(g, x_ptr.dtype.element_ty, I8Q, 2 if SWAP else 4)
+                u = _int8_q_tile(u, x_ptr.dtype.element_ty, I8Q, 2 if SWAP else 4)
+            else:
+                g = (g.to(tl.float32) * sg[:, None]).to(x_ptr.dtype.element_ty)
+                u = (u.to(tl.float32) * su[:, None]).to(x_ptr.dtype.element_ty)
+            at = tl.trans(a)
+            acc_g = tl.dot(g, at, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(u, at, acc_u, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_xk
+            g_ptrs += BLOCK_K * stride_wk
+            u_ptrs += BLOCK_K * stride_wk
         else:
             if USE_TMA:
                 k_ok = offs_k < K - kk * BLOCK_K
@@ -405,8 +453,8 @@ def _gemm1_kernel(
                 r = _quant_act(v.to(tl.float32), a_scale + offs_k * 0.0, QMAX, AQ_INT8, RNE)
                 a = tl.where(row_mask[:, None], r[None, :], 0.0).to(w_ptr.dtype.element_ty)
             if WQ == 1 and I8Q != 0:  # INT8_Q: the integers q; the channel scales multiply the dot's result
-                g = _int8_q_tile(g, x_ptr.dtype.element_ty, I8Q)
-                u = _int8_q_tile(u, x_ptr.dtype.element_ty, I8Q)
+                g = _int8_q_tile(g, x_ptr.dtype.element_ty, I8Q, 2 if SWAP else 4)
+                u = _int8_q_tile(u, x_ptr.dtype.element_ty, I8Q, 2 if SWAP else 4)
             elif WQ == 1:  # int8 weights, dequantized as kernel=torch does: (q * scale) rounded to the model dtype
                 g = (g.to(tl.float32) * sg[None, :]).to(x_ptr.dtype.element_ty)
                 u = (u.to(tl.float32) * su[None, :]).to(x_ptr.dtype.element_ty)
@@ -441,6 +489,9 @@ def _gemm1_kernel(
     if PROMOTE > 1:
         acc_g += part_g
         acc_u += part_u
+    if SWAP:
+        acc_g = tl.trans(acc_g)
+        acc_u = tl.trans(acc_u)
     if WQ == 1 and I8Q != 0:
         acc_g = acc_g * sg[None, :]
         acc_u = acc_u * su[None, :]
@@ -482,7 +533,7 @@ def _gemm2_kernel(
     WQ: tl.constexpr, WS: tl.constexpr, QBN: tl.constexpr, QBK: tl.constexpr, GROUP_TILE: tl.constexpr,
     HAS_ZERO: tl.constexpr, ACC_INT: tl.constexpr, MAGIC: tl.constexpr, MOFF: tl.constexpr, PAIRS: tl.constexpr,
     AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
-    AMAX_BLOCK: tl.constexpr, PROMOTE: tl.constexpr, I8Q: tl.constexpr,
+    AMAX_BLOCK: tl.constexpr, PROMOTE: tl.constexpr, I8Q: tl.constexpr, SWAP: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_pids(tl.program_id(0), num_pid_m, N, BLOCK_N, GROUP_M)
 
@@ -518,6 +569,8 @@ def _gemm2_kernel(
         w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_kh[:, None] * stride_wk
     else:
         w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    if SWAP:  # (as in _gemm1_kernel)
+        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n_safe[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk
     ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
     if WQ == 1 or (WQ == 3 and WS == 1):
         sw = tl.load(ws_base + offs_n_safe * stride_wsn).to(tl.float32)
@@ -526,7 +579,9 @@ def _gemm2_kernel(
             z_ptrs = wz_ptr + expert.to(tl.int64) * stride_wze + (offs_n_safe // 2) * stride_wzn
             z_shift = (offs_n_safe % 2) * 4
 
-    if ACC_INT:
+    if SWAP:
+        acc = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
+    elif ACC_INT:
         acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
     else:
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
@@ -584,6 +639,21 @@ def _gemm2_kernel(
                     acc = tl.dot(a, w, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += (BLOCK_K // 2) * stride_wk
+        elif SWAP:  # (as in _gemm1_kernel)
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+                w = tl.load(w_ptrs)
+            else:
+                k_ok = offs_k < K - kk * BLOCK_K
+                a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
+            if I8Q != 0:
+                w = _int8_q_tile(w, a_ptr.dtype.element_ty, I8Q, 2 if SWAP else 4)
+            else:
+                w = (w.to(tl.float32) * sw[:, None]).to(a_ptr.dtype.element_ty)
+            acc = tl.dot(w, tl.trans(a), acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_wk
         else:
             if USE_TMA:
                 k_ok = offs_k < K - kk * BLOCK_K
@@ -601,7 +671,7 @@ def _gemm2_kernel(
                 r = _quant_act(v.to(tl.float32), a_scale + offs_q * 0.0, QMAX, AQ_INT8, RNE)
                 a = tl.where(row_mask[:, None], r[None, :], 0.0).to(w_ptr.dtype.element_ty)
             if WQ == 1 and I8Q != 0:  # INT8_Q (as in _gemm1_kernel)
-                w = _int8_q_tile(w, a_ptr.dtype.element_ty, I8Q)
+                w = _int8_q_tile(w, a_ptr.dtype.element_ty, I8Q, 2 if SWAP else 4)
             elif WQ == 1:
                 w = (w.to(tl.float32) * sw[None, :]).to(a_ptr.dtype.element_ty)
             if WQ == 3 and WS == 2:
@@ -625,6 +695,8 @@ def _gemm2_kernel(
 
     if PROMOTE > 1:
         acc += part
+    if SWAP:
+        acc = tl.trans(acc)
     if WQ == 1 and I8Q != 0:
         acc = acc * sw[None, :]
     if WQ == 3 and WS != 2:
@@ -773,6 +845,11 @@ INT4_QPAIRS_ON = True
 # two integer ops and one packed FMA (_int8_asm). INT8_Q_ON = False restores the dequantization (A/B timing).
 INT8_Q_PTX = {torch.bfloat16: 1, torch.float16: 2}
 INT8_Q_ON = True
+# SWAP_AB: int8_w8a16 blocks of SWAP_AB_BLOCK_M rows compute the transposed product W [N, K] x A^T: on
+# sm90 their dot is a wgmma, which reads its A operand from registers and B from shared memory, so the weight tile
+# dequantized in registers feeds the tensor core directly instead of being stored to shared memory first.
+SWAP_AB_BLOCK_M = 64
+SWAP_AB_ON = True
 
 
 # FP8_PROMOTE_TILES: how many K tiles an fp8 dot (per-tensor / per-channel) accumulates in the tensor core before
@@ -799,6 +876,14 @@ def _int4_pairs(q: QuantSpec, magic: int, group_tile: bool, block_m: int, w_scal
         ok = INT4_PAIRS_ON and not interpreting() and w_scale is not None and w_scale.dtype == dtype
         return base if ok else 0
     return base + (4 if interpreting() else 2) if INT4_QPAIRS_ON and group_tile else 0
+
+
+def _swap(q: QuantSpec, direct: bool, block_m: int, cfg: dict) -> bool:
+    """SWAP_AB for this launch: int8_w8a16 expert-sorted blocks, where the tile config's "swap" says so, else blocks
+    of SWAP_AB_BLOCK_M rows."""
+    if q.wq != 1 or direct:
+        return False
+    return bool(cfg.get("swap", SWAP_AB_ON and block_m == SWAP_AB_BLOCK_M))
 
 
 def _int8_q(q: QuantSpec, dtype) -> int:
@@ -859,7 +944,7 @@ def gemm1(x, w13, w13_bias, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, 
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 1),
         ACT=ACT_CODES[activation], HAS_BIAS=w13_bias is not None, DIRECT=direct, EVEN_K=H % bk == 0,
         ALPHA=SWIGLUOAI_ALPHA, LIMIT=SWIGLUOAI_LIMIT, PRECISION=_precision(x.dtype), USE_TMA=desc is not None,
-        **qmeta, PROMOTE=_promote(q, cfg), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        **qmeta, PROMOTE=_promote(q, cfg), SWAP=_swap(q, direct, block_m, cfg), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
 
 
@@ -881,5 +966,5 @@ def gemm2(inter, w2, w2_bias, topk_weights_flat, out, sorted_ids, expert_ids, nt
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 1),
         HAS_BIAS=w2_bias is not None, DIRECT=direct, EVEN_K=I % bk == 0, ATOMIC=atomic,
         PRECISION=_precision(inter.dtype), USE_TMA=desc is not None,
-        **qmeta, PROMOTE=_promote(q, cfg), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        **qmeta, PROMOTE=_promote(q, cfg), SWAP=_swap(q, direct, block_m, cfg), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
