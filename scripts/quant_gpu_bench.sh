@@ -8,13 +8,14 @@
 #      (COMPOSER_KERNEL_CONFIGS); copy the files into composer/kernels/configs/ to ship them. TUNE_TIMEOUT (default
 #      450 s) bounds it: GEMV-only int4 tuning took 78-90 s per shape on an H200 (ninth session).
 #   2. `composer task=bench` (standalone driver) per shape for fp8_w8a8 per_token_channel (FP8_TOKENS, default
-#      1,16,128) and int4_w4a16 group 128 (INT4_TOKENS, default 1,16): composer quantized vs composer bf16 in the
-#      same run, torch._scaled_grouped_mm for fp8.
+#      1,16,128), int4_w4a16 group 128 (INT4_TOKENS, default 1,16) and int8_w8a16 (INT8_TOKENS, default 1,16,128):
+#      composer quantized vs composer bf16 in the same run, torch._scaled_grouped_mm for fp8. An empty *_TOKENS
+#      skips that method.
 #   3. optional: READ_FLOOR=1 adds scripts/decode_probe.py --read-floor at T = 1 for both methods: each shipped call
 #      beside its weights read alone, bf16 and quantized, one read-only launch per GEMM (what two launches cannot
 #      go below; docs/performance.md, eleventh session).
-# Outputs under $OUT (default ./quant_gpu_bench_out): tune.log, configs/*.json, bench_<shape>_<method>.{md,json},
-# read_floor_<method>.log.
+# Outputs under $OUT (default ./quant_gpu_bench_out): tune.log, configs/*.json, bench_<shape>_<method>.{md,json}
+# with a bench_<shape>_<fp8|int4|int8>.log each, read_floor_<method>.log.
 # Usage (repo root): scripts/quant_gpu_bench.sh [shape ...]   (default: mixtral_8x7b qwen3_30b_a3b deepseek_v3)
 set -uo pipefail
 source "$(dirname "$0")/_env.sh" || exit 1
@@ -36,6 +37,8 @@ for s in $shapes; do
   [[ ${INT4_TOKENS-1,16} ]] && { timeout "${BENCH_TIMEOUT:-300}" python3 -c "from composer.tasks.bench import _main; _main()" \
     --model "$s" --out "$OUT" --tokens "${INT4_TOKENS:-1,16}" --quant int4_w4a16 --quant-params '{"group_size": 128}' \
     > "$OUT/bench_${s}_int4.log" 2>&1 || rc=1; }
+  [[ ${INT8_TOKENS-1,16,128} ]] && { timeout "${BENCH_TIMEOUT:-300}" python3 -c "from composer.tasks.bench import _main; _main()" \
+    --model "$s" --out "$OUT" --tokens "${INT8_TOKENS:-1,16,128}" --quant int8_w8a16 > "$OUT/bench_${s}_int8.log" 2>&1 || rc=1; }
 done
 for f in "$OUT"/bench_*.md; do [[ -f $f ]] && { echo "== $f"; grep "^|" "$f"; }; done
 if [[ ${READ_FLOOR:-0} == 1 ]]; then
