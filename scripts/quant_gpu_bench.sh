@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The quantized experts' benchmark on one GPU (issue 4's bars), in one call:
-#   1. optional: TUNE="int4_w4a16 fp8_w8a8" retunes those methods' T = 1 decode tiles at the three shapes, their
-#      small-T keys, and their expert-sorted keys from T = 16 up (the fastest of the bf16 tile, the shipped tile and,
-#      for int4, the INT4_QPAIRS and INT4_PAIRS blocks: tune.sorted_entries)
+#   1. optional: TUNE="int4_w4a16 fp8_w8a8" (or int8_w8a16) retunes those methods' T = 1 decode tiles at the three
+#      shapes, their small-T keys, and their expert-sorted keys from T = 16 up (the fastest of the bf16 tile, the
+#      shipped tile and, for int4, the INT4_QPAIRS and INT4_PAIRS blocks, for int8_w8a16 a 64-row SWAP_AB block:
+#      tune.sorted_entries)
 #      (composer.kernels.triton.tune.tune_quant_tables: the tl.dot decode and the GEMV decode; TUNE_DOT=0 times
 #      the shipped tl.dot entry instead of searching it again, TUNE_DOT=skip tunes the GEMV decode only) into $OUT/configs, which the benches then use
 #      (COMPOSER_KERNEL_CONFIGS); copy the files into composer/kernels/configs/ to ship them. TUNE_TIMEOUT (default

@@ -785,7 +785,8 @@ def test_tuner_small_t_keys_gemvs_until_sorted_blocks_win():
 def test_tuner_sorted_candidates_keep_the_shipped_tile():
     """tune.quant_sorted_candidates: the bfloat16 tile (w8a8: K tiles widened), the method's shipped tile, and for
     int4 the INT4_QPAIRS blocks below T = 1024 (16 and 32 rows) and the INT4_PAIRS blocks from T = 128 (64 rows,
-    64- and 128-deep K; 128 rows, 8 warps); valid entries, no duplicates."""
+    64- and 128-deep K; 128 rows, 8 warps), for int8_w8a16 a 64-row block from T = 128; valid entries, no
+    duplicates."""
     from composer.kernels.triton.fused import w8a8_tiles
     from composer.kernels.triton.tune import quant_sorted_candidates
 
@@ -807,6 +808,15 @@ def test_tuner_sorted_candidates_keep_the_shipped_tile():
     assert blocks[128] == sorted(qpairs + pairs) and blocks[1024] == pairs
     fp8 = quant_sorted_candidates("fp8_w8a8", 128, bf, None)
     assert fp8 == [{k: v for k, v in w8a8_tiles(bf).items() if k != "_us"}]
+    # int8_w8a16: from T = 128 also the 64-row block (SWAP_AB's default there); its T = 1 tiles take no TMA
+    from composer.kernels.triton.tune import quant_decode_candidates
+
+    assert quant_sorted_candidates("int8_w8a16", 16, bf, None) == [strip]
+    i8 = quant_sorted_candidates("int8_w8a16", 1024, bf, None)
+    assert i8[0] == strip and [(e["BLOCK_M"], e["gemm1"]["BLOCK_N"], e["gemm1"]["BLOCK_K"]) for e in i8[1:]] == [(64, 64, 128)]
+    validate_entry(i8[1])
+    assert not any(g.get("tma") for g in quant_decode_candidates("int8_w8a16"))
+    assert any(g.get("tma") for g in quant_decode_candidates("fp8_w8a8"))
 
 
 def test_tuner_sorted_keys_take_the_fastest_candidate():
@@ -864,6 +874,40 @@ def test_tune_quant_tables_keeps_the_fastest_sorted_tiles(tmp_path, monkeypatch)
     assert table["256"] == {**shipped_256, "_us": 1100.0} and table["1024"] == {**shipped_1024, "_us": 1000.0}
     assert table["4096"]["BLOCK_M"] == 64 and table["4096"]["gemm1"]["BLOCK_K"] == 64 and table["4096"]["_us"] == 1500.0
     assert "sorted_entries" in table["_note"]
+
+
+def test_tune_quant_tables_int8_w8a16(tmp_path, monkeypatch):
+    """tune_quant_tables for int8_w8a16, which ships no table of its own on most GPUs (fake timers): its T = 1 entry
+    from tune_quant_decode, the bfloat16 table's keys with the fastest of the bfloat16 tile and, from T = 128, the
+    64-row block; the note says how they were picked."""
+    import json
+
+    from composer.kernels.triton import configs, tune
+
+    g = {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    bf16_entry = {"BLOCK_M": 128, "decode": False, "reduce": "buffer", "gemm1": dict(g), "gemm2": dict(g)}
+    small = {"BLOCK_M": 16, "decode": False, "reduce": "atomic", "gemm1": {**g, "num_warps": 4},
+             "gemm2": {**g, "num_warps": 4}}
+    tables = {"bfloat16": {1: small, 16: small, 1024: bf16_entry, 4096: bf16_entry}}
+    monkeypatch.setattr(configs, "tuned_table",
+                        lambda E, N, K, dev, dtype, cap=None: ("x", tables[dtype]) if dtype in tables else None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    t1 = {**small, "decode": True}
+    monkeypatch.setattr(tune, "tune_quant_decode", lambda *a, **kw: (t1, 0.05))
+    cost = {1024: {64: 1.0, 128: 2.0}, 4096: {64: 5.0, 128: 4.0}}
+    monkeypatch.setattr(tune, "quant_timer", lambda *a, **kw: lambda x, tw, ids, cfg: (
+        cost[x.shape[0]][cfg["BLOCK_M"]] if x.shape[0] in cost else 1.0))
+    (path,) = tune.tune_quant_tables(str(tmp_path), shapes={"tiny": (8, 2, 256, 128)}, methods=("int8_w8a16",),
+                                     log=lambda m: None, device="cpu")
+    assert "dtype=int8_w8a16" in path
+    table = json.loads(open(path).read())
+    assert [k for k in table if not k.startswith("_")] == ["1", "16", "1024", "4096"]
+    assert table["1"] == {**t1, "_us": 50.0} and table["16"] == {**small, "_us": 1000.0}
+    assert table["1024"]["BLOCK_M"] == 64 and table["1024"]["_us"] == 1000.0
+    assert table["4096"] == {**bf16_entry, "_us": 4000.0}
+    for key, entry in table.items():
+        if not key.startswith("_"):
+            validate_entry({k: v for k, v in entry.items() if k != "_us"})
 
 
 def test_tuner_small_t_times_real_calls_on_cpu():

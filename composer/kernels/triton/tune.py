@@ -194,7 +194,10 @@ def quant_decode_candidates(method: str) -> list[dict[str, Any]]:
     # against 97% for bf16: also try 8 warps and wider N tiles (more bytes in flight per program)
     base = ([_g(bn, bk, 4, st) for bn in (32, 64) for bk in (256, 512) for st in (3, 5)]
             + [_g(bn, bk, 8, st) for bn, bk, st in ((64, 256, 4), (64, 512, 3), (128, 256, 3), (128, 128, 5))])
-    # w8a8 weights need no dequantization, so they can also come by TMA (as bf16's do)
+    # w8a8 weights need no dequantization, so they can also come by TMA (as bf16's do); int8_w8a16's are
+    # dequantized in registers, which TMA's shared-memory tiles do not serve (gemm1 / gemm2 ignore "tma" there)
+    if method == "int8_w8a16":
+        return base
     return base + [{**g, "tma": True} for g in base[:4] + base[8:10]]
 
 
@@ -399,8 +402,9 @@ def quant_sorted_candidates(method: str, T: int, bf16: dict[str, Any], shipped: 
     method's shipped entry there, and for int4 the blocks that won on an H200 (gemm.py): below T = PREFILL_T the
     16- and 32-row blocks INT4_QPAIRS serves (gemm1 32 or 64 channels, 128-deep K after the group fit, 4 stages),
     from T = 128 the INT4_PAIRS blocks: 64 rows with gemm1 64 / gemm2 128 channels (64- and 128-deep K tiles:
-    several blocks per SM, so one dequantizes while another's wgmma runs) and 128 rows with 8 warps. Duplicates
-    dropped."""
+    several blocks per SM, so one dequantizes while another's wgmma runs) and 128 rows with 8 warps; for int8_w8a16
+    from T = 128 the 64-row block 64 channels wide with 128-deep K tiles, whose operands SWAP_AB swaps (H200: qwen3
+    T = 1024 469.6 us against 555.1 for the 32-row tile). Duplicates dropped."""
     cands = [bf16_tile_for(method, bf16)] + ([shipped] if shipped else [])
     if method == "int4_w4a16":
         if T < PREFILL_T:
@@ -410,6 +414,9 @@ def quant_sorted_candidates(method: str, T: int, bf16: dict[str, Any], shipped: 
             cands += [{"BLOCK_M": bm, "decode": False, "reduce": "buffer", "gemm1": _g(n1, bk, w, st, 8),
                        "gemm2": _g(128, bk, w, st, 8)}
                       for bm, n1, bk, w, st in ((64, 64, 64, 4, 4), (64, 64, 128, 4, 3), (128, 128, 128, 8, 3))]
+    if method == "int8_w8a16" and T >= 128:
+        cands.append({"BLOCK_M": 64, "decode": False, "reduce": "atomic", "gemm1": _g(64, 128, 4, 3),
+                      "gemm2": _g(64, 128, 4, 3)})
     out: list[dict[str, Any]] = []
     for c in cands:
         c = {k: v for k, v in c.items() if k not in ("_us", "source")}
@@ -439,7 +446,8 @@ def sorted_entries(candidates_at: Callable[[int], list[dict[str, Any]]], timed: 
 
 QUANT_TUNE_SHAPES = {"mixtral_8x7b": (8, 2, 4096, 14336), "qwen3_30b_a3b": (128, 8, 2048, 768),
                      "deepseek_v3": (256, 8, 7168, 2048)}
-QUANT_TUNE_METHODS = (("fp8_w8a8", {"granularity": "per_token_channel"}), ("int4_w4a16", {"group_size": 128}))
+QUANT_TUNE_METHODS = (("fp8_w8a8", {"granularity": "per_token_channel"}), ("int4_w4a16", {"group_size": 128}),
+                      ("int8_w8a16", {}))
 
 
 def tune_quant_tables(out_dir: str, shapes: dict[str, tuple[int, int, int, int]] | None = None,
