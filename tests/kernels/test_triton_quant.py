@@ -250,6 +250,8 @@ def _run_pairs_ptx(text: str, args: list[int], dtype: torch.dtype, n_out: int = 
             r = a[0]
         elif op == "shr.u32":
             r = a[0] >> a[1]
+        elif op == "cvt.u32.u16":
+            r = a[0] & 0xFFFF
         elif op == "and.b32":
             r = a[0] & a[1]
         elif op == "xor.b32":
@@ -316,21 +318,22 @@ def test_int4_qpairs_ptx_gives_exact_nibbles(dtype, zero):
             assert torch.equal(got.float(), want), (q[i], got, want)
 
 
+@pytest.mark.parametrize("pack", [4, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_int8_q_ptx_gives_exact_integers(dtype):
-    """INT8_Q's PTX run instruction by instruction on the CPU: for four int8 weights in one register (every byte value,
-    so -128, -1, 0 and 127 included), the two output registers hold them as the dtype's exact integers, bytes 0 / 1
-    in the first register's low / high half and 2 / 3 in the second's (the order Triton packs four outputs in); a
-    wrong selector, mask or magic number fails it."""
+def test_int8_q_ptx_gives_exact_integers(dtype, pack):
+    """INT8_Q's PTX run instruction by instruction on the CPU: for four (or two: the swapped wgmma's form) int8
+    weights in one register (every byte value, so -128, -1, 0 and 127 included), the output registers hold them as
+    the dtype's exact integers, weights 0 / 1 in the first register's low / high half and 2 / 3 in the second's (the
+    order Triton packs the outputs in); a wrong selector, mask or magic number fails it."""
     from composer.kernels.triton import gemm
 
-    text = (gemm._INT8_BF16 if dtype == torch.bfloat16 else gemm._INT8_F16).value
+    text = getattr(gemm, ("_INT8_BF16" if dtype == torch.bfloat16 else "_INT8_F16") + ("_2" if pack == 2 else "")).value
     vals = torch.arange(-128, 128)
-    vals = torch.cat([vals, vals[torch.randperm(256, generator=torch.Generator().manual_seed(8))]]).view(-1, 4)
+    vals = torch.cat([vals, vals[torch.randperm(256, generator=torch.Generator().manual_seed(8))]]).view(-1, pack)
     for q in vals.tolist():
-        out = _run_pairs_ptx(text, [sum((v & 0xFF) << 8 * i for i, v in enumerate(q))], dtype, n_out=2)
-        got = torch.tensor([out[0] & 0xFFFF, out[0] >> 16, out[1] & 0xFFFF, out[1] >> 16],
-                           dtype=torch.int32).to(torch.int16).view(dtype)
+        out = _run_pairs_ptx(text, [sum((v & 0xFF) << 8 * i for i, v in enumerate(q))], dtype, n_out=pack // 2)
+        halves = [h for r in out for h in (r & 0xFFFF, r >> 16)]
+        got = torch.tensor(halves, dtype=torch.int32).to(torch.int16).view(dtype)
         assert got.float().tolist() == [float(v) for v in q], (q, got)
 
 

@@ -114,53 +114,49 @@ _QPAIRS_F16_Q = tl.constexpr(_pairs_asm(0x6400, 0x3C00, "f16x2", 0xE400))
 _QPAIRS_IO = tl.constexpr("=r,=r,=r,=r,r")
 
 
-def _int8_asm2(dtype: str) -> str:
-    """INT8_Q's PTX for two int8 weights ($1, a 16-bit register) -> one bf16x2 / f16x2 register ($0)."""
+def _int8_asm(dtype: str, pack: int) -> str:
+    """The PTX of INT8_Q: ``pack`` int8 weights (4: one 32-bit register, 2: a 16-bit one, after the outputs) as
+    bf16x2 / f16x2 registers ($0: weights 0 and 1, $1: 2 and 3), each value exactly the integer q. fp16: q + 128 (the
+    byte XOR 0x80) permuted under the bits 0x64 is the number 1024 + q + 128 (fp16's ulp at 1024 is 1), and one
+    packed FMA takes 1152 off. bf16 has 7 mantissa bits, so q = m - 128 s (m its low 7 bits, s its sign bit) comes
+    from two halves: 0x43 over the byte masked to m is 128 + m, masked to its sign bit 128 + 128 s (0x4380 is 256),
+    and one packed FMA subtracts the second from the first. (PTX takes no immediates in packed FMAs: constants sit
+    in registers.)"""
+    outs = pack // 2
+    src = f"${outs}"
+    lines = [".reg .b32 c, k, one, w, t, s;"]
+    if pack == 2:
+        lines += [f"cvt.u32.u16 w, {src};"]
+        src = "w"
     if dtype == "bf16x2":
-        lines = [".reg .b32 c, k, t, s;", "mov.b32 c, 0x43434343;", "mov.b32 k, 0xBF80BF80;", "cvt.u32.u16 t, $1;",
-                 "prmt.b32 t, t, c, 0x4140;", "and.b32 s, t, 0xFF80FF80;", "and.b32 t, t, 0xFF7FFF7F;",
-                 "fma.rn.bf16x2 $0, s, k, t;"]
+        lines += ["mov.b32 c, 0x43434343;", "mov.b32 k, 0xBF80BF80;"]  # k: -1.0 pairs
     else:
-        lines = [".reg .b32 c, k, one, t;", "mov.b32 c, 0x64646464;", "mov.b32 k, 0xE480E480;",
-                 "mov.b32 one, 0x3C003C00;", "cvt.u32.u16 t, $1;", "xor.b32 t, t, 0x8080;",
-                 "prmt.b32 t, t, c, 0x4140;", "fma.rn.f16x2 $0, t, one, k;"]
+        lines += ["mov.b32 c, 0x64646464;", "mov.b32 k, 0xE480E480;", "mov.b32 one, 0x3C003C00;",  # k: -1152
+                  f"xor.b32 w, {src}, {'0x8080' if pack == 2 else '0x80808080'};"]
+        src = "w"
+    for out, sel in ((0, 0x4140), (1, 0x4342))[:outs]:  # weights (0, 1) / (2, 3) into the two halves' low bytes
+        lines += [f"prmt.b32 t, {src}, c, {sel:#06x};"]
+        if dtype == "bf16x2":
+            lines += ["and.b32 s, t, 0xFF80FF80;", "and.b32 t, t, 0xFF7FFF7F;", f"fma.rn.bf16x2 ${out}, s, k, t;"]
+        else:
+            lines += [f"fma.rn.f16x2 ${out}, t, one, k;"]
     return "{\n" + "\n".join(lines) + "\n}"
 
 
-_INT8_BF16_2 = tl.constexpr(_int8_asm2("bf16x2"))
-_INT8_F16_2 = tl.constexpr(_int8_asm2("f16x2"))
-
-
-def _int8_asm(dtype: str) -> str:
-    """The PTX of INT8_Q: four int8 weights ($2, one 32-bit register) as two bf16x2 / f16x2 registers ($0: bytes 0
-    and 1, $1: bytes 2 and 3), each value exactly the integer q. fp16: q + 128 (the byte XOR 0x80) permuted under the
-    bits 0x64 makes the number 1024 + q + 128 (fp16's ulp at 1024 is 1), and one packed FMA takes 1152 off. bf16 has 7
-    mantissa bits, so q = m - 128 s (m its low 7 bits, s its sign bit) is built from two halves: 0x43 over the byte
-    masked to m is 128 + m, masked to its sign bit 128 + 128 s (0x4380 is 256), and one packed FMA subtracts the
-    second from the first. (PTX takes no immediates in packed FMAs: constants sit in registers.)"""
-    if dtype == "bf16x2":
-        lines = [".reg .b32 c, k, t, s;", "mov.b32 c, 0x43434343;", "mov.b32 k, 0xBF80BF80;"]  # k: -1.0 pairs
-        for out, sel in ((0, 0x4140), (1, 0x4342)):  # bytes (0, 1) / (2, 3) into the low bytes of the two halves
-            lines += [f"prmt.b32 t, $2, c, {sel:#06x};", "and.b32 s, t, 0xFF80FF80;", "and.b32 t, t, 0xFF7FFF7F;",
-                      f"fma.rn.bf16x2 ${out}, s, k, t;"]
-    else:
-        lines = [".reg .b32 c, k, one, u, t;", "mov.b32 c, 0x64646464;", "mov.b32 k, 0xE480E480;",  # k: -1152
-                 "mov.b32 one, 0x3C003C00;", "xor.b32 u, $2, 0x80808080;"]
-        for out, sel in ((0, 0x4140), (1, 0x4342)):
-            lines += [f"prmt.b32 t, u, c, {sel:#06x};", f"fma.rn.f16x2 ${out}, t, one, k;"]
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-_INT8_BF16 = tl.constexpr(_int8_asm("bf16x2"))
-_INT8_F16 = tl.constexpr(_int8_asm("f16x2"))
+_INT8_BF16 = tl.constexpr(_int8_asm("bf16x2", 4))
+_INT8_F16 = tl.constexpr(_int8_asm("f16x2", 4))
+_INT8_BF16_2 = tl.constexpr(_int8_asm("bf16x2", 2))
+_INT8_F16_2 = tl.constexpr(_int8_asm("f16x2", 2))
 
 
 @lazy_helper
 def _int8_q_tile(w, DT: tl.constexpr, I8Q: tl.constexpr, PACK: tl.constexpr):
     """INT8_Q: the int8 weight tile as the integers q in the model dtype (exact: |q| <= 128 needs 8 bits), for a dot
-    whose result the channel scales then multiply. I8Q 1 / 2: inline PTX (bf16 / fp16) at two integer ops and a
-    half packed FMA per weight, where Triton's int -> float conversion runs at a quarter of the integer rate on
-    sm90; 3: that conversion (the interpreter runs no PTX)."""
+    whose result the channel scales then multiply. I8Q 1 / 2: inline PTX (bf16 / fp16) at 1.5 (fp16: 0.75) integer
+    ops and half a packed FMA per weight, where Triton's int -> float conversion runs at a quarter of the integer
+    rate on sm90; PACK weights per call: 4 in mma.sync's operand layout, 2 in a swapped wgmma's register operand
+    (whose weight pairs come from separate 16-bit loads: four per call cost three PRMTs per pair to pack). 3: that
+    conversion (the interpreter runs no PTX)."""
     if I8Q == 1 and PACK == 2:
         return tl.inline_asm_elementwise(_INT8_BF16_2, "=r,h", [w], tl.bfloat16, True, 2)
     elif I8Q == 2 and PACK == 2:
@@ -422,8 +418,8 @@ def _gemm1_kernel(
                 g = tl.load(g_ptrs, mask=k_ok[None, :], other=0)
                 u = tl.load(u_ptrs, mask=k_ok[None, :], other=0)
             if I8Q != 0:
-                g = _int8_q_tile(g, x_ptr.dtype.element_ty, I8Q, 2 if SWAP else 4)
-                u = _int8_q_tile(u, x_ptr.dtype.element_ty, I8Q, 2 if SWAP else 4)
+                g = _int8_q_tile(g, x_ptr.dtype.element_ty, I8Q, 2)
+                u = _int8_q_tile(u, x_ptr.dtype.element_ty, I8Q, 2)
             else:
                 g = (g.to(tl.float32) * sg[:, None]).to(x_ptr.dtype.element_ty)
                 u = (u.to(tl.float32) * su[:, None]).to(x_ptr.dtype.element_ty)
@@ -453,8 +449,8 @@ def _gemm1_kernel(
                 r = _quant_act(v.to(tl.float32), a_scale + offs_k * 0.0, QMAX, AQ_INT8, RNE)
                 a = tl.where(row_mask[:, None], r[None, :], 0.0).to(w_ptr.dtype.element_ty)
             if WQ == 1 and I8Q != 0:  # INT8_Q: the integers q; the channel scales multiply the dot's result
-                g = _int8_q_tile(g, x_ptr.dtype.element_ty, I8Q, 2 if SWAP else 4)
-                u = _int8_q_tile(u, x_ptr.dtype.element_ty, I8Q, 2 if SWAP else 4)
+                g = _int8_q_tile(g, x_ptr.dtype.element_ty, I8Q, 4)
+                u = _int8_q_tile(u, x_ptr.dtype.element_ty, I8Q, 4)
             elif WQ == 1:  # int8 weights, dequantized as kernel=torch does: (q * scale) rounded to the model dtype
                 g = (g.to(tl.float32) * sg[None, :]).to(x_ptr.dtype.element_ty)
                 u = (u.to(tl.float32) * su[None, :]).to(x_ptr.dtype.element_ty)
@@ -570,7 +566,8 @@ def _gemm2_kernel(
     else:
         w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
     if SWAP:  # (as in _gemm1_kernel)
-        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n_safe[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk
+        w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + offs_n_safe[:, None].to(tl.int64) * stride_wn
+                  + offs_k[None, :] * stride_wk)
     ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
     if WQ == 1 or (WQ == 3 and WS == 1):
         sw = tl.load(ws_base + offs_n_safe * stride_wsn).to(tl.float32)
@@ -648,7 +645,7 @@ def _gemm2_kernel(
                 a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
             if I8Q != 0:
-                w = _int8_q_tile(w, a_ptr.dtype.element_ty, I8Q, 2 if SWAP else 4)
+                w = _int8_q_tile(w, a_ptr.dtype.element_ty, I8Q, 2)
             else:
                 w = (w.to(tl.float32) * sw[:, None]).to(a_ptr.dtype.element_ty)
             acc = tl.dot(w, tl.trans(a), acc, input_precision=PRECISION)
@@ -671,7 +668,7 @@ def _gemm2_kernel(
                 r = _quant_act(v.to(tl.float32), a_scale + offs_q * 0.0, QMAX, AQ_INT8, RNE)
                 a = tl.where(row_mask[:, None], r[None, :], 0.0).to(w_ptr.dtype.element_ty)
             if WQ == 1 and I8Q != 0:  # INT8_Q (as in _gemm1_kernel)
-                w = _int8_q_tile(w, a_ptr.dtype.element_ty, I8Q, 2 if SWAP else 4)
+                w = _int8_q_tile(w, a_ptr.dtype.element_ty, I8Q, 4)
             elif WQ == 1:
                 w = (w.to(tl.float32) * sw[None, :]).to(a_ptr.dtype.element_ty)
             if WQ == 3 and WS == 2:
@@ -842,7 +839,8 @@ INT4_QPAIRS_ON = True
 # multiplies the dot's fp32 result once, after the K loop: the products are exact and nothing is rounded to the model
 # dtype first (kernel=torch rounds each q * scale, ~2^-9 relative, which the float64 oracle does not). In place of
 # an int -> float conversion, an fp32 multiply and a conversion back per weight, PTX makes each pair of weights with
-# two integer ops and one packed FMA (_int8_asm). INT8_Q_ON = False restores the dequantization (A/B timing).
+# three integer ops (fp16: one and a half) and one packed FMA (_int8_asm). INT8_Q_ON = False restores the
+# dequantization (A/B timing).
 INT8_Q_PTX = {torch.bfloat16: 1, torch.float16: 2}
 INT8_Q_ON = True
 # SWAP_AB: int8_w8a16 blocks of SWAP_AB_BLOCK_M rows compute the transposed product W [N, K] x A^T: on
@@ -944,7 +942,8 @@ def gemm1(x, w13, w13_bias, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, 
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 1),
         ACT=ACT_CODES[activation], HAS_BIAS=w13_bias is not None, DIRECT=direct, EVEN_K=H % bk == 0,
         ALPHA=SWIGLUOAI_ALPHA, LIMIT=SWIGLUOAI_LIMIT, PRECISION=_precision(x.dtype), USE_TMA=desc is not None,
-        **qmeta, PROMOTE=_promote(q, cfg), SWAP=_swap(q, direct, block_m, cfg), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        **qmeta, PROMOTE=_promote(q, cfg), SWAP=_swap(q, direct, block_m, cfg), num_warps=cfg.get("num_warps", 4),
+        num_stages=cfg.get("num_stages", 3),
     )
 
 
@@ -966,5 +965,6 @@ def gemm2(inter, w2, w2_bias, topk_weights_flat, out, sorted_ids, expert_ids, nt
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.get("GROUP_M", 1),
         HAS_BIAS=w2_bias is not None, DIRECT=direct, EVEN_K=I % bk == 0, ATOMIC=atomic,
         PRECISION=_precision(inter.dtype), USE_TMA=desc is not None,
-        **qmeta, PROMOTE=_promote(q, cfg), SWAP=_swap(q, direct, block_m, cfg), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        **qmeta, PROMOTE=_promote(q, cfg), SWAP=_swap(q, direct, block_m, cfg), num_warps=cfg.get("num_warps", 4),
+        num_stages=cfg.get("num_stages", 3),
     )
