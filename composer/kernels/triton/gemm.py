@@ -407,28 +407,6 @@ def _gemm1_kernel(
             a_ptrs += BLOCK_K * stride_xk
             g_ptrs += (BLOCK_K // 2) * stride_wk
             u_ptrs += (BLOCK_K // 2) * stride_wk
-        elif SWAP:  # int8_w8a16: W [BLOCK_N, BLOCK_K] x A^T [BLOCK_K, BLOCK_M]
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
-                g = tl.load(g_ptrs)
-                u = tl.load(u_ptrs)
-            else:
-                k_ok = offs_k < K - kk * BLOCK_K
-                a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
-                g = tl.load(g_ptrs, mask=k_ok[None, :], other=0)
-                u = tl.load(u_ptrs, mask=k_ok[None, :], other=0)
-            if I8Q != 0:
-                g = _int8_q_tile(g, x_ptr.dtype.element_ty, I8Q, 2)
-                u = _int8_q_tile(u, x_ptr.dtype.element_ty, I8Q, 2)
-            else:
-                g = (g.to(tl.float32) * sg[:, None]).to(x_ptr.dtype.element_ty)
-                u = (u.to(tl.float32) * su[:, None]).to(x_ptr.dtype.element_ty)
-            at = tl.trans(a)
-            acc_g = tl.dot(g, at, acc_g, input_precision=PRECISION)
-            acc_u = tl.dot(u, at, acc_u, input_precision=PRECISION)
-            a_ptrs += BLOCK_K * stride_xk
-            g_ptrs += BLOCK_K * stride_wk
-            u_ptrs += BLOCK_K * stride_wk
         else:
             if USE_TMA:
                 k_ok = offs_k < K - kk * BLOCK_K
@@ -442,18 +420,19 @@ def _gemm1_kernel(
             else:
                 k_ok = offs_k < K - kk * BLOCK_K
                 a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
-                g = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
-                u = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
+                w_ok = k_ok[None, :] if SWAP else k_ok[:, None]  # (SWAP: the tile is [BLOCK_N, BLOCK_K])
+                g = tl.load(g_ptrs, mask=w_ok, other=0.0)
+                u = tl.load(u_ptrs, mask=w_ok, other=0.0)
             if AQ != 0:
                 v = tl.load(x_row + (kk * BLOCK_K + offs_k) * stride_xk, mask=offs_k < K - kk * BLOCK_K, other=0.0)
                 r = _quant_act(v.to(tl.float32), a_scale + offs_k * 0.0, QMAX, AQ_INT8, RNE)
                 a = tl.where(row_mask[:, None], r[None, :], 0.0).to(w_ptr.dtype.element_ty)
             if WQ == 1 and I8Q != 0:  # INT8_Q: the integers q; the channel scales multiply the dot's result
-                g = _int8_q_tile(g, x_ptr.dtype.element_ty, I8Q, 4)
-                u = _int8_q_tile(u, x_ptr.dtype.element_ty, I8Q, 4)
+                g = _int8_q_tile(g, x_ptr.dtype.element_ty, I8Q, 2 if SWAP else 4)
+                u = _int8_q_tile(u, x_ptr.dtype.element_ty, I8Q, 2 if SWAP else 4)
             elif WQ == 1:  # int8 weights, dequantized as kernel=torch does: (q * scale) rounded to the model dtype
-                g = (g.to(tl.float32) * sg[None, :]).to(x_ptr.dtype.element_ty)
-                u = (u.to(tl.float32) * su[None, :]).to(x_ptr.dtype.element_ty)
+                g = (g.to(tl.float32) * (sg[:, None] if SWAP else sg[None, :])).to(x_ptr.dtype.element_ty)
+                u = (u.to(tl.float32) * (su[:, None] if SWAP else su[None, :])).to(x_ptr.dtype.element_ty)
             if WQ == 3 and WS == 2:  # block fp8: the K tile lies in one scale block; scale the partial products
                 kb = (kk * BLOCK_K) // QBK
                 a_s = tl.load(as_ptr + tokens * stride_asm + kb * stride_ask, mask=a_row_ok, other=0.0)
@@ -475,6 +454,10 @@ def _gemm1_kernel(
             elif WQ == 3:  # fp8: promote to the fp32 accumulator after every K tile (see FP8_PROMOTE)
                 acc_g = tl.dot(a, g, acc_g, max_num_imprecise_acc=BLOCK_K)
                 acc_u = tl.dot(a, u, acc_u, max_num_imprecise_acc=BLOCK_K)
+            elif SWAP:  # int8_w8a16: W [BLOCK_N, BLOCK_K] x A^T [BLOCK_K, BLOCK_M]
+                at = tl.trans(a)
+                acc_g = tl.dot(g, at, acc_g, input_precision=PRECISION)
+                acc_u = tl.dot(u, at, acc_u, input_precision=PRECISION)
             else:
                 acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
                 acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
@@ -636,21 +619,6 @@ def _gemm2_kernel(
                     acc = tl.dot(a, w, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += (BLOCK_K // 2) * stride_wk
-        elif SWAP:  # (as in _gemm1_kernel)
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
-                w = tl.load(w_ptrs)
-            else:
-                k_ok = offs_k < K - kk * BLOCK_K
-                a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
-            if I8Q != 0:
-                w = _int8_q_tile(w, a_ptr.dtype.element_ty, I8Q, 2)
-            else:
-                w = (w.to(tl.float32) * sw[:, None]).to(a_ptr.dtype.element_ty)
-            acc = tl.dot(w, tl.trans(a), acc, input_precision=PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            w_ptrs += BLOCK_K * stride_wk
         else:
             if USE_TMA:
                 k_ok = offs_k < K - kk * BLOCK_K
@@ -662,15 +630,15 @@ def _gemm2_kernel(
             else:
                 k_ok = offs_k < K - kk * BLOCK_K
                 a = tl.load(a_ptrs, mask=row_mask[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+                w = tl.load(w_ptrs, mask=k_ok[None, :] if SWAP else k_ok[:, None], other=0.0)
             if AQ != 0:
                 v = tl.load(a_row + (kk * BLOCK_K + offs_q) * stride_ak, mask=offs_q < K - kk * BLOCK_K, other=0.0)
                 r = _quant_act(v.to(tl.float32), a_scale + offs_q * 0.0, QMAX, AQ_INT8, RNE)
                 a = tl.where(row_mask[:, None], r[None, :], 0.0).to(w_ptr.dtype.element_ty)
             if WQ == 1 and I8Q != 0:  # INT8_Q (as in _gemm1_kernel)
-                w = _int8_q_tile(w, a_ptr.dtype.element_ty, I8Q, 4)
+                w = _int8_q_tile(w, a_ptr.dtype.element_ty, I8Q, 2 if SWAP else 4)
             elif WQ == 1:
-                w = (w.to(tl.float32) * sw[None, :]).to(a_ptr.dtype.element_ty)
+                w = (w.to(tl.float32) * (sw[:, None] if SWAP else sw[None, :])).to(a_ptr.dtype.element_ty)
             if WQ == 3 and WS == 2:
                 kb = (kk * BLOCK_K) // QBK
                 a_s = tl.load(as_ptr + rows * stride_asm + kb * stride_ask, mask=row_mask, other=0.0)
@@ -685,6 +653,8 @@ def _gemm2_kernel(
                     part = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
             elif WQ == 3:
                 acc = tl.dot(a, w, acc, max_num_imprecise_acc=BLOCK_K)
+            elif SWAP:  # (as in _gemm1_kernel)
+                acc = tl.dot(w, tl.trans(a), acc, input_precision=PRECISION)
             else:
                 acc = tl.dot(a, w, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
