@@ -40,6 +40,20 @@ FP8_VARIANTS = [
 ]
 
 
+def _recorded(monkeypatch, module, name: str, pick) -> list:
+    """A list that receives ``pick(result)`` of every call of ``module.name`` from here on (the call is unchanged):
+    which path a launch chose."""
+    real, seen = getattr(module, name), []
+
+    def spy(*a, **kw):
+        r = real(*a, **kw)
+        seen.append(pick(r))
+        return r
+
+    monkeypatch.setattr(module, name, spy)
+    return seen
+
+
 def quantize(method: str, w13: torch.Tensor, w2: torch.Tensor, b13=None, b2=None, **p) -> ExpertWeights:
     """ExpertWeights as the quant method builds them (composer.quant's quantizers and layouts)."""
     kw: dict = {"w13_bias": b13, "w2_bias": b2, "quant": method}
@@ -179,15 +193,7 @@ def test_interpreter_int4_qpairs(zero_point, bm, T, k, group, monkeypatch):
     w = quantize("int4_w4a16", w13, w2, b13, b2, group_size=group, zero_point=zero_point)
     cfg = {**_cfg(False), "BLOCK_M": bm}
     cfg = {**cfg, "gemm1": {**cfg["gemm1"], "BLOCK_N": 32}, "gemm2": {**cfg["gemm2"], "BLOCK_N": 32}}
-    pairs, outs = [], []
-    real = gemm._quant_args
-
-    def spy(*a, **kw):
-        r = real(*a, **kw)
-        pairs.append(r[2]["PAIRS"])
-        return r
-
-    monkeypatch.setattr(gemm, "_quant_args", spy)
+    pairs, outs = _recorded(monkeypatch, gemm, "_quant_args", lambda r: r[2]["PAIRS"]), []
     with interpreter():
         for on in (True, False):
             monkeypatch.setattr(gemm, "INT4_QPAIRS_ON", on)
@@ -355,17 +361,8 @@ def test_interpreter_int8_q(T, bm, decode, monkeypatch):
     x, tw, ids, w13, w2, b13, b2 = make_case(T, 5, k, 72, 80, torch.float16, True, 0.2, seed=60 + T)
     w = quantize("int8_w8a16", w13, w2, b13, b2)
     cfg = {**_cfg(decode), "BLOCK_M": bm}
-    modes, outs = [], []
-    real = gemm._quant_args
-
-    def spy(*a, **kw):
-        r = real(*a, **kw)
-        modes.append(r[2]["I8Q"])
-        return r
-
-    real_swap, swaps = gemm._swap, []
-    monkeypatch.setattr(gemm, "_quant_args", spy)
-    monkeypatch.setattr(gemm, "_swap", lambda *a: swaps.append(real_swap(*a)) or swaps[-1])
+    modes, outs = _recorded(monkeypatch, gemm, "_quant_args", lambda r: r[2]["I8Q"]), []
+    swaps = _recorded(monkeypatch, gemm, "_swap", lambda r: r)
     with interpreter():
         for on in (True, False):
             monkeypatch.setattr(gemm, "INT8_Q_ON", on)
