@@ -233,7 +233,7 @@ def test_interpreter_int4_sorted_blocks_dequantize(zero_point, H, bk):
     assert rel(out, TorchExperts().apply(x, tw, ids, w, "silu").double()) < 1e-3
 
 
-def _run_pairs_ptx(text: str, args: list[int], dtype: torch.dtype, n_out: int = 4) -> list[int]:
+def _run_ptx(text: str, args: list[int], dtype: torch.dtype, n_out: int = 4) -> list[int]:
     """The PTX of INT4_PAIRS (and INT8_Q) run in Python: mov, shr.u32, and / xor.b32, prmt.b32, lop3.b32 and packed
     fma.rn (each half rounded once: the products and sums here are exact in float32, so float32 then one cast to the
     dtype is that). ``n_out`` outputs $0.. come before the inputs."""
@@ -296,7 +296,7 @@ def test_int4_pairs_ptx_gives_kernel_torchs_weights(dtype):
         q = torch.randint(0, 256, (4,), generator=g)
         s = (torch.randn(4, generator=g) * 0.02).to(dtype).float()
         z = torch.randint(0, 16, (4,), generator=g).float()
-        out = _run_pairs_ptx(text, [int(sum(int(q[i]) << 8 * i for i in range(4)))]
+        out = _run_ptx(text, [int(sum(int(q[i]) << 8 * i for i in range(4)))]
                              + [pair_bits(float(v)) for v in s] + [pair_bits(-(M + float(v))) for v in z], dtype)
         for i in range(4):
             want = ((torch.tensor([int(q[i]) & 0xF, int(q[i]) >> 4]).float() - z[i]) * s[i]).to(dtype)
@@ -317,7 +317,7 @@ def test_int4_qpairs_ptx_gives_exact_nibbles(dtype, zero):
     g = torch.Generator().manual_seed(7)
     for _ in range(64):
         q = torch.randint(0, 256, (4,), generator=g)
-        out = _run_pairs_ptx(text, [int(sum(int(q[i]) << 8 * i for i in range(4)))], dtype)
+        out = _run_ptx(text, [int(sum(int(q[i]) << 8 * i for i in range(4)))], dtype)
         for i in range(4):
             want = torch.tensor([int(q[i]) & 0xF, int(q[i]) >> 4]).float() - (0.0 if zero else 8.0)
             got = torch.tensor([out[i] & 0xFFFF, out[i] >> 16], dtype=torch.int32).to(torch.int16).view(dtype)
@@ -337,7 +337,7 @@ def test_int8_q_ptx_gives_exact_integers(dtype, pack):
     vals = torch.arange(-128, 128)
     vals = torch.cat([vals, vals[torch.randperm(256, generator=torch.Generator().manual_seed(8))]]).view(-1, pack)
     for q in vals.tolist():
-        out = _run_pairs_ptx(text, [sum((v & 0xFF) << 8 * i for i, v in enumerate(q))], dtype, n_out=pack // 2)
+        out = _run_ptx(text, [sum((v & 0xFF) << 8 * i for i, v in enumerate(q))], dtype, n_out=pack // 2)
         halves = [h for r in out for h in (r & 0xFFFF, r >> 16)]
         got = torch.tensor(halves, dtype=torch.int32).to(torch.int16).view(dtype)
         assert got.float().tolist() == [float(v) for v in q], (q, got)
@@ -612,9 +612,9 @@ def test_gpu_k_not_multiple_of_tile(method, params):
 INT4_PATH_PARAMS = [{"group_size": 128}, {"group_size": 64, "zero_point": True}, {"group_size": -1, "zero_point": True}]
 
 
-def _sorted_int4_call(T: int, bm: int, bk: int, dtype: torch.dtype, params: dict, method: str = "int4_w4a16",
+def _sorted_quant_call(T: int, bm: int, bk: int, dtype: torch.dtype, params: dict, method: str = "int4_w4a16",
                       decode: bool = False, **tile):
-    """(x, tw, ids, weights, run) for the int4 (and int8) GPU path tests: E = 8, k = 3, H = I = 384 with bias and
+    """(x, tw, ids, weights, run) for the int4 and int8 GPU path tests: E = 8, k = 3, H = I = 384 with bias and
     dropped pairs, expert-sorted blocks of ``bm`` rows (or the one-pair decode) with ``bk``-deep K tiles (and the
     tile keys ``tile``), deterministic reduce; ``run()`` calls the Triton experts under whatever gemm switches are
     set then."""
@@ -645,7 +645,7 @@ def test_gpu_int4_qpairs_match_the_dequantized_weights(monkeypatch, dtype, param
     from composer.kernels.triton import gemm
 
     for T, bm in ((1, 16), (16, 16), (40, 32)):
-        x, tw, ids, w, run = _sorted_int4_call(T, bm, 128, dtype, params)
+        x, tw, ids, w, run = _sorted_quant_call(T, bm, 128, dtype, params)
         qbk = 384 if params["group_size"] == -1 else params["group_size"]
         assert gemm._quant_args(gemm.QuantSpec(wq=2, qbk=qbk), None, w.w13_scale, None, False, min(128, qbk), 384,
                                 x, dtype, block_m=bm)[2]["PAIRS"] == gemm.INT4_PAIRS[dtype] + 2
@@ -677,7 +677,7 @@ def test_gpu_int8_q_matches_the_dequantized_weights(monkeypatch, dtype):
                                     (300, 64, 128, False, True), (300, 64, 128, False, False),
                                     (700, 128, 128, False, False)):
         tile = {} if swap == (bm == 64) else {"swap": swap}
-        x, tw, ids, w, run = _sorted_int4_call(T, bm, bk, dtype, {}, "int8_w8a16", decode, **tile)
+        x, tw, ids, w, run = _sorted_quant_call(T, bm, bk, dtype, {}, "int8_w8a16", decode, **tile)
         assert gemm._quant_args(gemm.QuantSpec(wq=1), None, w.w13_scale, None, decode, bk, 384, x, dtype,
                                 block_m=bm)[2]["I8Q"] == gemm.INT8_Q_PTX[dtype]
         assert gemm._swap(gemm.QuantSpec(wq=1), decode, bm, tile) == swap
@@ -706,7 +706,7 @@ def test_gpu_int4_pairs_equal_the_fp32_dequantize(monkeypatch, dtype, params):
     from composer.kernels.triton import gemm
 
     for T, bm, bk in ((1, 64, 128), (33, 64, 256), (300, 128, 128)):
-        x, tw, ids, w, run = _sorted_int4_call(T, bm, bk, dtype, params)
+        x, tw, ids, w, run = _sorted_quant_call(T, bm, bk, dtype, params)
         assert gemm.INT4_PAIRS_ON and gemm._quant_args(gemm.QuantSpec(wq=2, qbk=128), None, w.w13_scale, None, False,
                                                        bk, 384, x, dtype, block_m=bm)[2]["PAIRS"] == gemm.INT4_PAIRS[dtype]
         pairs = run()

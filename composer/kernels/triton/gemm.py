@@ -170,6 +170,20 @@ def _int8_q_tile(w, DT: tl.constexpr, I8Q: tl.constexpr, PACK: tl.constexpr):
 
 
 @lazy_helper
+def _int8_w_tile(w, s, DT: tl.constexpr, I8Q: tl.constexpr, SWAP: tl.constexpr):
+    """The int8_w8a16 weight tile as the dot takes it: INT8_Q's integers q (I8Q != 0; the caller scales the dot's
+    result), else kernel=torch's dequantization, (q * s) in fp32 rounded to DT. ``s``: the tile's channel scales;
+    SWAP: the tile is [BLOCK_N, BLOCK_K] (channels down the rows) and the PTX takes two weights per call."""
+    if I8Q != 0:
+        t = _int8_q_tile(w, DT, I8Q, 2 if SWAP else 4)
+    elif SWAP:
+        t = (w.to(tl.float32) * s[:, None]).to(DT)
+    else:
+        t = (w.to(tl.float32) * s[None, :]).to(DT)
+    return t
+
+
+@lazy_helper
 def _int4_q_tile(wb, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, PAIRS: tl.constexpr,
                  HAS_ZERO: tl.constexpr):
     """INT4_QPAIRS (PAIRS 3: bf16, 4: fp16): the [BLOCK_K, BLOCK_N] tile of q - 8 (symmetric) or q (zero points) of
@@ -427,12 +441,9 @@ def _gemm1_kernel(
                 v = tl.load(x_row + (kk * BLOCK_K + offs_k) * stride_xk, mask=offs_k < K - kk * BLOCK_K, other=0.0)
                 r = _quant_act(v.to(tl.float32), a_scale + offs_k * 0.0, QMAX, AQ_INT8, RNE)
                 a = tl.where(row_mask[:, None], r[None, :], 0.0).to(w_ptr.dtype.element_ty)
-            if WQ == 1 and I8Q != 0:  # INT8_Q: the integers q; the channel scales multiply the dot's result
-                g = _int8_q_tile(g, x_ptr.dtype.element_ty, I8Q, 2 if SWAP else 4)
-                u = _int8_q_tile(u, x_ptr.dtype.element_ty, I8Q, 2 if SWAP else 4)
-            elif WQ == 1:  # int8 weights, dequantized as kernel=torch does: (q * scale) rounded to the model dtype
-                g = (g.to(tl.float32) * (sg[:, None] if SWAP else sg[None, :])).to(x_ptr.dtype.element_ty)
-                u = (u.to(tl.float32) * (su[:, None] if SWAP else su[None, :])).to(x_ptr.dtype.element_ty)
+            if WQ == 1:  # int8 weights: INT8_Q's integers, or dequantized as kernel=torch does
+                g = _int8_w_tile(g, sg, x_ptr.dtype.element_ty, I8Q, SWAP)
+                u = _int8_w_tile(u, su, x_ptr.dtype.element_ty, I8Q, SWAP)
             if WQ == 3 and WS == 2:  # block fp8: the K tile lies in one scale block; scale the partial products
                 kb = (kk * BLOCK_K) // QBK
                 a_s = tl.load(as_ptr + tokens * stride_asm + kb * stride_ask, mask=a_row_ok, other=0.0)
@@ -635,10 +646,8 @@ def _gemm2_kernel(
                 v = tl.load(a_row + (kk * BLOCK_K + offs_q) * stride_ak, mask=offs_q < K - kk * BLOCK_K, other=0.0)
                 r = _quant_act(v.to(tl.float32), a_scale + offs_q * 0.0, QMAX, AQ_INT8, RNE)
                 a = tl.where(row_mask[:, None], r[None, :], 0.0).to(w_ptr.dtype.element_ty)
-            if WQ == 1 and I8Q != 0:  # INT8_Q (as in _gemm1_kernel)
-                w = _int8_q_tile(w, a_ptr.dtype.element_ty, I8Q, 2 if SWAP else 4)
-            elif WQ == 1:
-                w = (w.to(tl.float32) * (sw[:, None] if SWAP else sw[None, :])).to(a_ptr.dtype.element_ty)
+            if WQ == 1:  # (as in _gemm1_kernel)
+                w = _int8_w_tile(w, sw, a_ptr.dtype.element_ty, I8Q, SWAP)
             if WQ == 3 and WS == 2:
                 kb = (kk * BLOCK_K) // QBK
                 a_s = tl.load(as_ptr + rows * stride_asm + kb * stride_ask, mask=row_mask, other=0.0)
