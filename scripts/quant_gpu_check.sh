@@ -5,6 +5,8 @@
 #   TOKENS   default "1 128 4096";  SHAPES default "mixtral_8x7b qwen3_30b_a3b deepseek_v3"
 #   DS_EXPERTS  deepseek_v3 experts kept (default 64: the float64 oracle dequantizes every expert, 256 would
 #               need ~90 GB); the GEMM shapes (H=7168, I=2048) are the benchmark's.
+#   METHODS  a regular expression: only the methods below whose overrides match it (default: all), e.g.
+#            METHODS=int8_w8a16 or METHODS='fp8.*block'
 # Usage (repo root): scripts/quant_gpu_check.sh      Outputs: $OUT (default ./quant_gpu_check_out)/summary.txt
 set -uo pipefail
 source "$(dirname "$0")/_env.sh" || exit 1
@@ -16,7 +18,7 @@ TOKENS=${TOKENS:-"1 128 4096"}
 SHAPES=${SHAPES:-"mixtral_8x7b qwen3_30b_a3b deepseek_v3"}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader | tee "$OUT/gpu.txt"
-METHODS=(
+ALL_METHODS=(
   "quant=int8_w8a16"
   "quant=int8_w8a8"
   "quant=int4_w4a16 quant.group_size=128"
@@ -26,11 +28,13 @@ METHODS=(
   "quant=fp8_w8a8 quant.granularity=block quant.block_shape=[128,128]"
 )
 rc=0
+FILTER=${METHODS:-.}
 : > "$OUT/summary.txt"
 for shape in $SHAPES; do
   extra="model.num_layers=1"
   [[ $shape == deepseek_v3 ]] && extra="$extra model.num_experts=${DS_EXPERTS:-64}"
-  for method in "${METHODS[@]}"; do
+  for method in "${ALL_METHODS[@]}"; do
+    [[ $method =~ $FILTER ]] || continue
     for T in $TOKENS; do
       tag="${shape}_$(echo "$method" | tr ' =[],' '_____')_T$T"
       dir="$OUT/$tag"
