@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..checking import TOLERANCE, capture_experts, oracle_layer, oracle_model, rel_error
+from ..checking import capture_experts, oracle_layer, oracle_model, rel_error
 from ..config import ComposerConfig, validate_config
 
 
@@ -61,5 +61,8 @@ def compare_ep(model: torch.nn.Module, x: torch.Tensor, cfg: ComposerConfig) -> 
         for i, s in enumerate(stats):
             result["layers"][f"layers.{i}.mlp.experts"].update(s)
     result["model_ep_vs_single_rel_err"] = rel_error(out, ref_out)
-    result["tolerance"] = TOLERANCE[cfg.model.dtype]
+    from ..quant.checking import compare_unquantized, wants_unquantized
+
+    if wants_unquantized(cfg):  # also vs the unquantized float64 oracle (the single-rank model's, quant=none)
+        compare_unquantized(result, x, caps, out, ref_cfg, {"ep_rank": 0, "group": None})
     return result

@@ -22,18 +22,20 @@ def _unquantized_cfg(cfg: Any) -> Any:
     return cfg.model_copy(update={"quant": Named(name="none", params=QUANT_METHODS.get("none").Params())})
 
 
-def build_unquantized(cfg: Any) -> torch.nn.Module:
-    """The model of ``cfg`` with ``quant=none``, same seed: the weights before quantization."""
-    from ..factory import build
-
-    return build(_unquantized_cfg(cfg))
+def wants_unquantized(cfg: Any) -> bool:
+    """Whether a check of ``cfg`` also compares with the unquantized float64 oracle (``task.unquantized_oracle``)."""
+    return cfg.quant.name != "none" and getattr(cfg.task.params, "unquantized_oracle", False)
 
 
 @torch.no_grad()
-def compare_unquantized(result: dict[str, Any], model: torch.nn.Module, x: torch.Tensor, caps: dict[str, Any],
-                        out: torch.Tensor, cfg: Any) -> None:
-    """Add ``experts_rel_err_unquantized`` per layer and ``output_rel_err_unquantized`` to ``result``."""
-    ref = build_unquantized(cfg)
+def compare_unquantized(result: dict[str, Any], x: torch.Tensor, caps: dict[str, Any], out: torch.Tensor,
+                        cfg: Any, build_kwargs: dict[str, Any] | None = None) -> None:
+    """Add ``experts_rel_err_unquantized`` per layer and ``output_rel_err_unquantized`` to ``result``: the
+    recorded forward (``caps``, ``out``) against the oracle of ``cfg``'s model built with ``quant=none``. Under
+    expert or tensor parallelism ``cfg`` is the single-rank config (``build_kwargs`` as its reference is built)."""
+    from ..factory import build
+
+    ref = build(_unquantized_cfg(cfg), **(build_kwargs or {}))
     for name, cap in caps.items():
         result["layers"][name]["experts_rel_err_unquantized"] = rel_error(cap.out, oracle_layer(ref.get_submodule(name), cap))
     if hasattr(ref, "layers") and all(f"layers.{i}.mlp.experts" in caps for i in range(len(ref.layers))):
@@ -66,6 +68,12 @@ def tolerances(cfg: Any, given: float | None, tol: float) -> tuple[float, float,
     return layer_tol, max(tol, out_tol), bound
 
 
+def output_tolerance(cfg: Any, given: float | None = None) -> float:
+    """The tolerance ``task=check`` holds the model output to against the (dequantized) float64 oracle: ``given``,
+    else the dtype's, raised to the method's output tolerance for quantized methods (``tolerances``)."""
+    return tolerances(cfg, given, given if given is not None else TOLERANCE[cfg.model.dtype])[1]
+
+
 def failures(m: dict[str, Any], bound: float | None, console: Any = None) -> list[str]:
     """Failures of the unquantized-oracle bound; prints the two errors of a quantized check."""
     if bound is None:
@@ -74,12 +82,14 @@ def failures(m: dict[str, Any], bound: float | None, console: Any = None) -> lis
     for name, s in m["layers"].items():
         e = s.get("experts_rel_err_unquantized")
         if e is not None and e > bound:
-            out.append(f"{name}: experts rel. error vs the unquantized oracle {e:.3e} > documented bound {bound:.0e}")
+            out.append(f"{name}: experts rel. error vs the unquantized oracle {e:.3e} > documented bound {bound:.3g}")
     e = m.get("output_rel_err_unquantized")
     if e is not None and e > bound:
-        out.append(f"output rel. error vs the unquantized oracle {e:.3e} > documented bound {bound:.0e}")
+        out.append(f"output rel. error vs the unquantized oracle {e:.3e} > documented bound {bound:.3g}")
+    if e is None and not any("experts_rel_err_unquantized" in s for s in m["layers"].values()):
+        return out  # (not compared: task.unquantized_oracle=false)
     if console is not None and e is not None:
         console.print(f"quantized: output rel. error vs the dequantized oracle {m.get('output_rel_err', float('nan')):.2e}, "
-                      f"vs the unquantized float64 oracle {e:.2e} (bound {bound:.0e})")
+                      f"vs the unquantized float64 oracle {e:.2e} (bound {bound:.3g})")
     m["unquantized_bound"] = bound
     return out

@@ -742,7 +742,7 @@ class Bench(Task):
         ctx.console.print(f"wrote {run_dir / p.json_file} and {run_dir / p.markdown_file}")
         tol = tolerance(shape)
         main = f"composer {cfg.kernel.resolved}"
-        bad = [f"T={r['T']}: {key} {r['impls'][main][key]:.2e} > {tol:.0e}" for r in result["rows"]
+        bad = [f"T={r['T']}: {key} {r['impls'][main][key]:.2e} > {tol:.3g}" for r in result["rows"]
                for key in ("rel_err", "graph_rel_err")
                if main in r["impls"] and not math.isnan(r["impls"][main].get(key, 0.0) or 0.0)
                and r["impls"][main].get(key, 0.0) > tol]

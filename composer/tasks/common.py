@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from ..checking import TOLERANCE, capture_experts, oracle_layer, oracle_model, rel_error
+from ..checking import capture_experts, oracle_layer, oracle_model, rel_error
 from ..config import ComposerConfig
 from ..factory import _generator
 
@@ -48,11 +48,10 @@ def compare(model: torch.nn.Module, x: torch.Tensor, cfg: ComposerConfig) -> dic
         return compare_tp(model, x, cfg)
     out, caps = capture_experts(model, x)
     result = oracle_metrics(model, x, out, caps)
-    if cfg.quant.name != "none" and getattr(cfg.task.params, "unquantized_oracle", False):
-        from ..quant.checking import compare_unquantized  # also vs the unquantized float64 oracle
+    from ..quant.checking import compare_unquantized, wants_unquantized
 
-        compare_unquantized(result, model, x, caps, out, cfg)
-    result["tolerance"] = TOLERANCE[cfg.model.dtype]
+    if wants_unquantized(cfg):  # also vs the unquantized float64 oracle
+        compare_unquantized(result, x, caps, out, cfg)
     return result
 
 

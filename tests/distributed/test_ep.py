@@ -147,14 +147,19 @@ def torchrun(args: list[str], run_dir: Path, timeout: float) -> tuple[subprocess
 def test_torchrun_check_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     r, _ = torchrun(["-m", "composer", "all2all=all_to_all", "parallel.ep_size=2", "task=check",
-                     "parallel.placement=round_robin"], run_dir, 120)
+                     "parallel.placement=round_robin", "quant=int4_w4a16", "quant.group_size=16"], run_dir, 120)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "check passed" in r.stdout
     assert r.stdout.count("check passed") == 1  # only rank 0 prints
     res = json.loads((run_dir / "results.json").read_text())
     assert res["status"] == "ok" and res["metrics"]["world_size"] == 2
-    for name, s in res["metrics"]["layers"].items():
-        assert s["ep_vs_single_rel_err"] <= res["metrics"]["tolerance"], (name, s)
+    m = res["metrics"]
+    for name, s in m["layers"].items():
+        assert s["ep_vs_single_rel_err"] <= m["layer_tolerance"], (name, s)
+        # quantized: each layer also vs the unquantized float64 oracle (the single-rank model's, quant=none)
+        assert s["experts_rel_err"] < s["experts_rel_err_unquantized"] <= m["unquantized_bound"], (name, s)
+    assert m["output_rel_err"] < m["output_rel_err_unquantized"] <= m["unquantized_bound"]
+    assert "vs the unquantized float64 oracle" in r.stdout
     assert res["config"]["parallel"]["ep_size"] == 2
 
 

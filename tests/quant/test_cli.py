@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from composer.checking import TOLERANCE
+from composer.config import validate_config
+from composer.quant.checking import output_tolerance
+
 SWEEPS = [
     # (sweep overrides, expected jobs)
     (["quant=int8_w8a16,int8_w8a8,int4_w4a16"], 3),
@@ -25,6 +29,8 @@ def test_check_every_method_end_to_end(tmp_path):
         files = sorted(d.glob("*/results.json"))
         assert r.returncode == 0 and len(files) == n, r.stdout[-3000:] + r.stderr[-3000:]
         results += [json.loads(f.read_text()) for f in files]
+        for res in results[-n:]:  # each job's summary line names the tolerance its check applied
+            assert f"check passed (output tolerance {res['metrics']['tolerance']:.3g}, per layer " in r.stdout
     seen = set()
     for res in results:
         m = res["metrics"]
@@ -33,8 +39,10 @@ def test_check_every_method_end_to_end(tmp_path):
         assert res["status"] == "ok" and m["passed"], res
         # both oracles are reported; the dequantized one is far closer than the unquantized one
         assert 0 < m["output_rel_err"] < m["output_rel_err_unquantized"] <= m["unquantized_bound"]
+        # the tolerances printed and recorded are the ones applied: the method's output tolerance, the layers'
+        assert m["tolerance"] == output_tolerance(validate_config(res["config"])) >= TOLERANCE[res["config"]["model"]["dtype"]]
         for layer in m["layers"].values():
-            assert layer["experts_rel_err"] <= m["tolerance"]
+            assert layer["experts_rel_err"] <= m["layer_tolerance"] <= m["tolerance"]
             assert layer["experts_rel_err"] < layer["experts_rel_err_unquantized"] <= m["unquantized_bound"]
     assert seen == {("int8_w8a16", None), ("int8_w8a8", None), ("int4_w4a16", None), ("fp8_w8a8", "per_tensor"),
                     ("fp8_w8a8", "per_token_channel"), ("fp8_w8a8", "block")}
