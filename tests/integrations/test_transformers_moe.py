@@ -109,6 +109,30 @@ def test_the_check_can_fail():
     assert orig is None
 
 
+@pytest.mark.parametrize("replace", ["experts", "block"])
+def test_quantized_check_holds_composers_experts_to_the_oracle(replace, tmp_path, monkeypatch):
+    """Quantized, the swapped modules are held to the Hugging Face ones only within the method's loose bound, so
+    composer's experts must also meet the float64 oracle of their own dequantized weights: in a block swap too
+    (its FusedMoE is captured inside the block). A 1% error in one layer's experts output then fails the check."""
+    from composer.tasks import TaskFailed
+
+    from ._check import run_check
+
+    cfg = cfg_for("qwen3_moe", f"layer.replace={replace}", "quant=int4_w4a16", "quant.group_size=-1")
+    m = run_check(cfg, tmp_path, monkeypatch)
+    assert m["passed"] and len(m["layers"]) == 2
+    for e in m["layers"].values():
+        assert e["oracle_rel_err"] <= 1e-5 and e["hf_rel_err"] <= m["quant_bound"]
+
+    def off_by_one_percent(model):
+        inner = model.get_submodule(model.composer_swapped[1])
+        experts = inner.experts if replace == "block" else inner
+        experts.register_forward_hook(lambda mod, args, out: out * 1.01)
+
+    with pytest.raises(TaskFailed, match=r"rel. error vs composer's float64 oracle"):
+        run_check(cfg, tmp_path, monkeypatch, off_by_one_percent)
+
+
 def test_packed_weights_adopted_without_copy():
     cfg = cfg_for("qwen3_moe")
     model = load_hf_model(cfg)
