@@ -22,22 +22,27 @@ from .registry import ALL2ALL, KERNELS, LAYERS, QUANT_METHODS, build_settings
 
 
 def build(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any = None, init: bool = True,
-          tp_rank: int | None = None, tp_group: Any = None) -> nn.Module:
+          tp_rank: int | None = None, tp_group: Any = None, device: str | torch.device | None = None) -> nn.Module:
     """Build the module graph ``cfg`` describes, on ``cfg.device``, with seeded random weights.
 
     ``init=False`` leaves weights uninitialized for a checkpoint to be loaded; call
-    ``finish_loading(model)`` after loading so quant methods process their weights.
+    ``finish_loading(model)`` after loading so quant methods process their weights. ``device="meta"`` (with
+    ``init=False``) allocates nothing: the graph as it would run on ``cfg.device`` (each slot resolved for that
+    platform), with every tensor's shape and dtype but no storage, which is all ``task=show`` needs.
     Under expert parallelism ``ep_rank``/``group`` default to the distributed runtime's (init_from_env),
     under tensor parallelism ``tp_rank``/``tp_group`` likewise (composer.distributed.tp).
     """
+    if init and device is not None and torch.device(device).type == "meta":
+        raise ValueError("build(device='meta') holds no weights to initialize: pass init=False")
     ep_rank, group = _ep_place(cfg, ep_rank, group)
     tp = _tp_place(cfg, tp_rank, tp_group)
+    dev = cfg.device if device is None else device
     layer_cls = LAYERS.get(cfg.layer.name)
     custom_build = getattr(layer_cls, "build_model", None)
     with build_settings(cfg.custom_ops, cfg.device):
         if custom_build is not None:  # a layer that brings its own model (e.g. the Transformers backend)
             return custom_build(cfg, ep_rank=ep_rank, group=group, init=init)
-        model = MoEModel([_block(cfg, i, ep_rank, group, tp) for i in range(cfg.model.num_layers)])
+        model = MoEModel([_block(cfg, i, ep_rank, group, tp, dev) for i in range(cfg.model.num_layers)])
     if init:
         init_weights(model, cfg.seed)
         finish_loading(model)
@@ -45,9 +50,10 @@ def build(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any = None,
 
 
 def build_experts(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any = None,
-                  tp: tuple[int, int, Any] | None = None) -> FusedMoE:
+                  tp: tuple[int, int, Any] | None = None, device: str | torch.device | None = None) -> FusedMoE:
     """One FusedMoE layer as configured (the layer class from ``layer.name``, swapped if out-of-tree).
-    ``tp``: (tp_rank, tp_size, tp_group), by default the runtime's under tensor parallelism."""
+    ``tp``: (tp_rank, tp_size, tp_group), by default the runtime's under tensor parallelism; ``device``: where
+    its tensors live (default ``cfg.device``; ``build``'s ``device``)."""
     ep_rank, group = _ep_place(cfg, ep_rank, group)
     tp_rank, tp_size, tp_group = tp if tp is not None else _tp_place(cfg, None, None)
     m = cfg.model
@@ -59,7 +65,7 @@ def build_experts(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any
     experts = KERNELS.get(cfg.kernel.resolved)()
     layer = layer_cls(
         m.num_experts, m.top_k, m.hidden_size, m.intermediate_size,
-        activation=m.activation, has_bias=m.has_bias, dtype=m.torch_dtype, device=cfg.device,
+        activation=m.activation, has_bias=m.has_bias, dtype=m.torch_dtype, device=cfg.device if device is None else device,
         quant_method=quant, experts=experts, ep_rank=ep_rank, ep_size=ep_size,
         placement=cfg.parallel.placement, **({"tp_rank": tp_rank, "tp_size": tp_size, "tp_group": tp_group,
                                               "sequence_parallel": cfg.parallel.sequence_parallel}
@@ -95,8 +101,9 @@ def _tp_place(cfg: ComposerConfig, tp_rank: int | None, tp_group: Any) -> tuple[
 
 
 def _block(cfg: ComposerConfig, index: int, ep_rank: int, group: Any,
-           tp: tuple[int, int, Any] = (0, 1, None)) -> DecoderBlock:
-    m, r, dt, dev = cfg.model, cfg.model.router, cfg.model.torch_dtype, cfg.device
+           tp: tuple[int, int, Any] = (0, 1, None), dev: str | torch.device | None = None) -> DecoderBlock:
+    m, r, dt = cfg.model, cfg.model.router, cfg.model.torch_dtype
+    dev = cfg.device if dev is None else dev
     shared = None
     if m.num_shared_experts:
         size = (m.shared_expert_intermediate_size or m.intermediate_size) * m.num_shared_experts
@@ -107,7 +114,7 @@ def _block(cfg: ComposerConfig, index: int, ep_rank: int, group: Any,
         GateLinear(m.hidden_size, m.num_experts, dt, dev),
         Router(m.num_experts, m.top_k, r.scoring, r.renormalize, r.num_expert_group, r.topk_group,
                r.score_correction_bias, r.routed_scaling_factor, dev),
-        build_experts(cfg, ep_rank=ep_rank, group=group, tp=tp),
+        build_experts(cfg, ep_rank=ep_rank, group=group, tp=tp, device=dev),
         shared,
     )
     return DecoderBlock(RMSNorm(m.hidden_size, m.rms_norm_eps, dt, dev), mlp)
