@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, PositiveInt
 
-from ..errors import WeightLoadError
+from ..errors import ConfigError, Problem
 from ..layers.modular_kernel import ExpertWeights
 from .base import QuantParams, register_quant
 from .utils import (FP8_DTYPE, CkptTensor, QuantizedMethod, check_multiple, cuda_capability, expand_block_scale,
@@ -140,10 +140,10 @@ class Fp8W8A8(QuantizedMethod):
                 out[name], out[f"{name}_weight_scale_inv"] = quant_fp8_block(w, *p.block_shape)
         if p.activation_scheme == "static":
             if p.static_input_scale is None:
-                raise WeightLoadError(
-                    "fp8_w8a8 with activation_scheme=static takes its input scales from a pre-quantized checkpoint "
-                    "(w13_input_scale, w2_input_scale); to quantize online set quant.static_input_scale "
-                    "(e.g. max |activation| / 448) or use activation_scheme=dynamic")
+                raise ConfigError([Problem(  # (a config problem: online quantization has no input scale to use)
+                    "quant.static_input_scale", None, "fp8_w8a8 with activation_scheme=static takes its input "
+                    "scales from a pre-quantized checkpoint (w13_input_scale, w2_input_scale); to quantize online "
+                    "set quant.static_input_scale (e.g. max |activation| / 448) or use activation_scheme=dynamic")])
             E = layer.global_num_experts
             for name in ("w13_input_scale", "w2_input_scale"):
                 out[name] = torch.full((E,), p.static_input_scale, dtype=torch.float32, device=w13.device)

@@ -33,7 +33,7 @@ from typing import Any
 
 from pydantic import Field
 
-from ..errors import ConfigError, Problem
+from ..errors import ConfigError, Problem, did_you_mean
 from ..progress import track
 from ..results import RESULTS_SCHEMA
 from . import Task, TaskContext, TaskFailed, TaskParams, register_task
@@ -456,14 +456,23 @@ class Report(Task):
                                        f"report.dir=multirun/<date>/<time>{hint}")])
         root = user_path(p.dir)
         if not root.is_dir():
-            raise ConfigError([Problem("report.dir", p.dir, f"no such directory (looked in {Path.cwd()}); "
-                                       "give a sweep directory such as multirun/<date>/<time>")])
+            what = "a file, not a directory" if root.exists() else f"no such directory (looked in {Path.cwd()})"
+            raise ConfigError([Problem("report.dir", p.dir, f"{what}; give a sweep directory such as "
+                                       "multirun/<date>/<time>")])
+        out = user_path(p.out) if p.out else root / "report"
+        if out.exists() and not out.is_dir():
+            raise ConfigError([Problem("task.out", p.out, "is a file; the report writes several files into a "
+                                       "directory: give a directory (made if missing)")])
         records = collect(root)
         if not records:
-            raise TaskFailed(f"no results.json below {root}: give the directory of a composer run or sweep "
-                             "(multirun/<date>/<time>, or outputs/<date>/<time>)")
+            raise ConfigError([Problem("report.dir", p.dir, f"no results.json below {root}: give the directory of "
+                                       "a composer run or sweep (multirun/<date>/<time>, or outputs/<date>/<time>)")])
         keys = list(p.columns) if p.columns is not None else swept_keys(records)
-        out = user_path(p.out) if p.out else root / "report"
+        unknown = [k for k in keys if all(key_value(r, k) is None for r in records)]
+        if unknown:
+            known = sorted({k for r in records for k in (*r.overrides, *r.config, *r.metrics)})
+            raise ConfigError([Problem("task.columns", k, "no run has this key (a config key such as model.top_k, "
+                                       "an override, or a metric)" + did_you_mean(k, known)) for k in unknown])
         out.mkdir(parents=True, exist_ok=True)
 
         header, body = run_table(records, keys)

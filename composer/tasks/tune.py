@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from ..errors import ComposerError
+from ..errors import ConfigError, Problem
 from . import Task, TaskContext, TaskParams, register_task
 
 
@@ -30,13 +30,14 @@ class Tune(Task):
     def run(self, cfg: Any, ctx: TaskContext) -> dict[str, Any]:
         p: TuneParams = cfg.task.params
         if cfg.device != "cuda" or not torch.cuda.is_available():
-            raise ComposerError(
-                "task=tune measures Triton kernels on a CUDA GPU; none is visible here (device="
+            raise ConfigError([Problem(
+                "task.name", "tune", "measures Triton kernels on a CUDA GPU; none is visible here (device="
                 f"{cfg.device}). Run it on the GPU you will deploy on; on CPU the kernels run in the interpreter "
-                "and their times mean nothing"
-            )
+                "and their times mean nothing")])
         if cfg.quant.name != "none":
-            raise ComposerError(f"task=tune tunes the unquantized kernels for now; got quant={cfg.quant.name}")
+            raise ConfigError([Problem(
+                "quant.name", cfg.quant.name, "task=tune tunes the unquantized kernels; quantized tables come from "
+                "composer.kernels.triton.tune.tune_quant_tables or scripts/decode_probe.py --write (docs/quantization.md)")])
         from rich.progress import Progress
 
         from ..kernels.triton.configs import config_file_name, device_name, dtype_name

@@ -67,9 +67,10 @@ def test_unknown_quant_key_suggests():
 
 
 def test_static_online_needs_a_scale(compose):
+    """A config problem (exit code 2): online quantization has no input scale to use."""
     from composer import build
-    from composer.errors import WeightLoadError
+    from composer.errors import ConfigError
 
     cfg = compose("quant=fp8_w8a8", "quant.activation_scheme=static", "kernel=torch")
-    with pytest.raises(WeightLoadError, match="quant.static_input_scale"):
+    with pytest.raises(ConfigError, match="quant.static_input_scale = None: fp8_w8a8 with activation_scheme=static"):
         build(cfg)

@@ -229,8 +229,18 @@ def test_bad_report_inputs_say_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"report.dir = 'nowhere': no such directory"):
         run_report(["report.dir=nowhere"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(TaskFailed, match=r"no results.json below empty: give the directory of a composer run or sweep"):
+    with pytest.raises(ConfigError, match=r"report.dir = 'empty': no results.json below empty: give the directory"):
         run_report(["report.dir=empty"])
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match=r"report.dir = 'a_file': a file, not a directory"):
+        run_report(["report.dir=a_file"])
+    root = tmp_path / "sweep"
+    write_run(root / "0", ["model.top_k=1"], {"time_ms": 1.0})
+    with pytest.raises(ConfigError, match=r"task.out = 'a_file': is a file"):
+        run_report([f"report.dir={root}", "task.out=a_file"])
+    with pytest.raises(ConfigError, match=r"task.columns = 'model.top_kk': no run has this key .* Did you mean "
+                                          r"'model.top_k'\?"):
+        run_report([f"report.dir={root}", "task.columns=[model.top_kk]"])
     with pytest.raises(ConfigError, match=r"report.dirr = 'x': unknown key; allowed: dir. Did you mean 'dir'\?"):
         load_config(None, ["task=report", "++report.dirr=x"])
     with pytest.raises(ConfigError, match=r"only task=report reads report\.\*"):
