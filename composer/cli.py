@@ -61,7 +61,13 @@ def _precheck(argv: list[str]) -> None:
         problems = _unknown_keys(overrides)
     if problems:
         if _full_error():
-            raise ConfigError(problems, "command line")
+            import traceback
+
+            try:
+                raise ConfigError(problems, "command line")
+            except ConfigError:
+                traceback.print_exc()
+            sys.exit(2)
         _err.print(f"[red]error[/red]: {ConfigError(problems, 'command line')}", highlight=False)
         sys.exit(2)
 
@@ -130,27 +136,61 @@ def run_job(dcfg: DictConfig) -> dict[str, Any] | None:
                       config_hash=cfg.config_hash(), overrides=overrides, device=cfg.device,
                       resolved=cfg.resolved())
         return metrics
-    except ComposerError as exc:
-        code = 2 if isinstance(exc, ConfigError) else 1
+    except (KeyboardInterrupt, SystemExit) as exc:
         if job is not None:
+            job.fail(exc)
+        raise
+    except BaseException as exc:  # noqa: BLE001 - every failure is recorded in results.json
+        composer_error = isinstance(exc, ComposerError)
+        oom = None if composer_error else out_of_memory(exc, cfg)
+        code = 2 if isinstance(exc, ConfigError) else 1
+        message = str(exc) if composer_error else oom or f"{type(exc).__name__}: {exc}"
+        if job is not None:  # one rank failed: stop the others at once
             job.fail(exc)
         if job is None or job.rank == 0:
             write_results(run_dir, status="failed", task=task_name, metrics=getattr(exc, "metrics", None),
                           config=cfg.to_dict() if cfg else raw, config_hash=cfg.config_hash() if cfg else None,
-                          overrides=overrides, error=str(exc), device=cfg.device if cfg else "cpu")
+                          overrides=overrides, error=message, device=cfg.device if cfg else "cpu")
         if _full_error():
-            raise
-        from rich.markup import escape  # messages may quote paths like [/a/b.cc:12]
+            import traceback
 
-        _err.print(f"[red]error[/red]{'' if job is None else f' (rank {job.rank})'}: {escape(str(exc))}", highlight=False)
-        if sweeping:
+            traceback.print_exc()
+            sys.exit(code)
+        if not composer_error and oom is None:  # a bug or an environment problem: its traceback matters
+            import traceback
+
+            traceback.print_exc()
+            _err.print(f"[red]error[/red]{'' if job is None else f' (rank {job.rank})'}: unexpected "
+                       f"{type(exc).__name__} (above; recorded in {run_dir / 'results.json'})", highlight=False)
+        else:
+            from rich.markup import escape  # messages may quote paths like [/a/b.cc:12]
+
+            _err.print(f"[red]error[/red]{'' if job is None else f' (rank {job.rank})'}: {escape(message)}",
+                       highlight=False)
+        if sweeping:  # the other jobs still run; the sweep exits with the worst code at the end
             _failures.append(code)
             return None
         sys.exit(code)
-    except BaseException as exc:  # an unexpected error on one rank: stop the others at once
-        if job is not None:
-            job.fail(exc)
-        raise
+
+
+def out_of_memory(exc: BaseException, cfg: Any) -> str | None:
+    """What to tell a user whose run ran out of memory (host or GPU), or None for any other error."""
+    import torch
+
+    text = str(exc)
+    host = isinstance(exc, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in text
+    gpu = isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in text
+    if not (host or gpu):
+        return None
+    size = ""
+    if cfg is not None:
+        m = cfg.model
+        experts = 3 * m.hidden_size * m.intermediate_size * m.num_experts * m.num_layers
+        size = (f" {cfg.model.name} at these sizes holds about {experts / 1e9:.1f}B expert parameters "
+                f"({experts * torch.empty((), dtype=m.torch_dtype).element_size() / 2**30:.1f} GiB in {m.dtype}).")
+    return (f"out of {'GPU' if gpu else 'host'} memory ({text.splitlines()[0][:200] if text else type(exc).__name__})."
+            f"{size} Shrink the model (e.g. model.num_layers=1, fewer model.num_experts), use fewer task.tokens, or run "
+            "on a machine with more memory; task=show shows the full-size graph without allocating its weights.")
 
 
 def _yaml(d: dict[str, Any]) -> str:

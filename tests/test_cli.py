@@ -52,7 +52,39 @@ def test_bad_config_exits_2_without_traceback(tmp_path):
     typo = composer(["model.top_kk=3"], tmp_path)
     assert typo.returncode == 2 and "Did you mean 'top_k'?" in typo.stderr
     full = composer(["model.top_k=9", "hydra.run.dir=r2"], tmp_path, {"HYDRA_FULL_ERROR": "1"})
-    assert full.returncode != 0 and "Traceback" in full.stderr
+    assert full.returncode == 2 and "Traceback" in full.stderr  # the traceback, and still a config problem's code
+    late = composer(["quant=fp8_w8a8", "quant.activation_scheme=static", "hydra.run.dir=r3"], tmp_path)  # at build
+    assert late.returncode == 2 and "quant.static_input_scale = None" in late.stderr and "Traceback" not in late.stderr
+    assert json.loads((tmp_path / "r3" / "results.json").read_text())["status"] == "failed"
+
+
+BOOM = """from composer.kernels.torch_backend import TorchExperts
+from composer.registry import KERNELS
+
+
+@KERNELS.register("boom")
+class Boom(TorchExperts):
+    name = "boom"
+
+    def apply(self, *args, **kwargs):
+        raise RuntimeError("injected: a kernel bug")
+"""
+
+
+def test_unexpected_error_is_recorded_and_a_sweep_goes_on(tmp_path):
+    """A bug (not a ComposerError) shows its traceback and exits 1, and results.json records it; in a sweep the
+    other jobs still run and the summary names the failed one."""
+    (tmp_path / "boom_kernel.py").write_text(BOOM)
+    env = {"PYTHONPATH": str(tmp_path)}
+    one = composer(["plugins=[boom_kernel]", "kernel.name=boom", "hydra.run.dir=one"], tmp_path, env)
+    assert one.returncode == 1 and "Traceback" in one.stderr and "RuntimeError: injected: a kernel bug" in one.stderr
+    res = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert res["status"] == "failed" and res["error"] == "RuntimeError: injected: a kernel bug"
+    sweep = composer(["-m", "plugins=[boom_kernel]", "kernel.name=boom,torch", "hydra.sweep.dir=sw"], tmp_path, env)
+    assert sweep.returncode == 1, sweep.stderr[-3000:]
+    assert "1 ok, 1 not ok" in sweep.stdout and "injected: a kernel bug" in sweep.stdout + sweep.stderr
+    docs = {json.loads(f.read_text())["status"] for f in (tmp_path / "sw").glob("*/results.json")}
+    assert docs == {"ok", "failed"}
 
 
 def test_help_names_composer_and_its_groups(tmp_path):
@@ -79,3 +111,15 @@ def test_multirun_runs_one_job_each_and_records_failures(tmp_path):
     assert set(results) == {"model.top_k=1", "model.top_k=2", "model.top_k=9"}
     assert results["model.top_k=1"]["status"] == results["model.top_k=2"]["status"] == "ok"
     assert results["model.top_k=9"]["status"] == "failed" and "must be <= model.num_experts" in results["model.top_k=9"]["error"]
+
+
+def test_out_of_memory_says_how_big_and_what_to_do(compose):
+    from composer.cli import out_of_memory
+
+    cfg = compose("model=mixtral_8x7b")
+    msg = out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+                                     "you tried to allocate 939524096 bytes"), cfg)
+    assert msg.startswith("out of host memory (") and "45.1B expert parameters (84.0 GiB in bfloat16)" in msg
+    assert "model.num_layers=1" in msg and "task=show" in msg
+    assert out_of_memory(MemoryError(), None).startswith("out of host memory (MemoryError)")
+    assert out_of_memory(RuntimeError("injected: a kernel bug"), cfg) is None
