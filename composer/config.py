@@ -172,6 +172,8 @@ def _pydantic_problems(prefix: str, err: ValidationError, raw: Any) -> list[Prob
         loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
         msg = e["msg"]
         value = e.get("input")
+        if e["type"] == "value_error":  # a validator's own message, without pydantic's "Value error, " prefix
+            msg = str(e.get("ctx", {}).get("error", msg))
         if e["type"] == "extra_forbidden":
             parent = raw
             for p in e["loc"][:-1]:
@@ -351,8 +353,11 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
     if kernel is not None and kernel.resolved == "torch":
         for key in ("compile", "cuda_graph"):
             if scalars[key] is True:
+                where = ("use kernel=triton or kernel=grouped_mm" if device == "cuda" else
+                         "use kernel=triton, which runs on a CPU under TRITON_INTERPRET=1 (slowly; fp32 or fp16)"
+                         if key == "compile" else "CUDA graphs need a GPU")
                 problems.append(Problem(key, True, "the torch reference kernel syncs with the host and cannot be "
-                                        "compiled with fullgraph or captured; use kernel=triton or kernel=grouped_mm"))
+                                        f"compiled with fullgraph or captured; {where}"))
     if scalars["cuda_graph"] is True and device != "cuda":
         problems.append(Problem("cuda_graph", True, f"CUDA graphs need device=cuda (this run is on {device})"))
     if named["quant"] is not None and model is not None:

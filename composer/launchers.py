@@ -80,6 +80,9 @@ def launcher_problems(argv: Sequence[str]) -> list[Problem]:
         if arg.startswith("-") or "=" not in arg:
             continue
         key, _, value = arg.partition("=")
+        if key in OVERLAYS:  # an overlay adds to the defaults: Hydra wants it with "+", and says "++" otherwise
+            problems.append(Problem(key, value, f"{key} is an overlay (it adds to the defaults): write "
+                                    f"+{key}={value}"))
         key = key.lstrip("+~")
         names: list[str] = []
         if key == "hydra/launcher":

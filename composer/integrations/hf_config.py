@@ -142,6 +142,7 @@ def hf_config(path: str | None, arch: str | None, overrides: dict[str, Any] | No
 
             raise HFConfigError([("model.arch", arch, f"the installed transformers {transformers.__version__} has no "
                                   f"'{arch}'; this installation has: {', '.join(installed_archs())}")])
+        _check_override_keys(CONFIG_MAPPING[arch](), overrides, arch)
         kwargs = {**_TINY_COMMON, **ARCHS[arch].tiny, **overrides}
         if "num_hidden_layers" in overrides and "layer_types" not in overrides and "layer_types" in kwargs:
             n = overrides["num_hidden_layers"]
@@ -164,9 +165,25 @@ def hf_config(path: str | None, arch: str | None, overrides: dict[str, Any] | No
         raise HFConfigError([("model.path", path, f"model_type '{model_type}' is not a supported MoE architecture; "
                               f"supported: {supported_text()}")])
     try:
-        return AutoConfig.from_pretrained(str(p), local_files_only=True, **overrides)
+        loaded = AutoConfig.from_pretrained(str(p), local_files_only=True)
     except Exception as exc:
         raise HFConfigError([("model.path", path, f"transformers could not read the config: {exc}")]) from None
+    _check_override_keys(loaded, overrides, model_type)
+    try:
+        return AutoConfig.from_pretrained(str(p), local_files_only=True, **overrides)
+    except Exception as exc:
+        raise HFConfigError([("model.hf_overrides", overrides, f"the {model_type} config refused these values: "
+                              f"{exc}")]) from None
+
+
+def _check_override_keys(config: Any, overrides: dict[str, Any], arch: str) -> None:
+    """A misspelt ``model.hf_overrides`` key would become a new attribute no model reads (transformers configs take
+    any keyword): refuse keys the config class does not have, with a did-you-mean."""
+    known = set(config.to_dict()) | set(getattr(type(config), "attribute_map", {}))
+    unknown = [k for k in overrides if k not in known]
+    if unknown:
+        raise HFConfigError([(f"model.hf_overrides.{k}", overrides[k], f"the {arch} config has no such field."
+                              + did_you_mean(k, sorted(known))) for k in unknown])
 
 
 def derive_fields(c: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, field_validator
 
 from ..errors import ConfigError, Problem
 from ..layers.modular_kernel import ExpertWeights
@@ -38,6 +38,14 @@ class Fp8Params(QuantParams):
     block_shape: tuple[PositiveInt, PositiveInt] = (128, 128)
     activation_scheme: Literal["dynamic", "static"] = "dynamic"
     static_input_scale: float | None = Field(None, gt=0)
+
+    @field_validator("block_shape", mode="before")
+    @classmethod
+    def _two_sizes(cls, v: Any) -> Any:
+        if isinstance(v, (list, tuple)) and len(v) != 2:
+            raise ValueError(f"must be two sizes [block_n, block_k] (rows and columns of a scale block), got "
+                             f"{len(v)}: {list(v)}")
+        return v
 
 
 @register_quant("fp8_w8a8")

@@ -87,6 +87,11 @@ class Generate(Task):
         new = out[0, ids.shape[1]:].tolist()
         text = tok.decode(new, skip_special_tokens=True) if tok is not None else None
         ctx.console.print(f"prompt ids: {ids[0].tolist()}")
-        ctx.console.print(f"generated {len(new)} tokens in {seconds:.2f} s: " + (repr(text) if text is not None else str(new)))
+        eos = model.config.eos_token_id
+        eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+        stopped = len(new) < p.max_new_tokens and bool(new) and new[-1] in eos  # (generate stops at end of sequence)
+        why = f" (stopped at the end-of-sequence id {new[-1]}; task.max_new_tokens={p.max_new_tokens})" if stopped else ""
+        ctx.console.print(f"generated {len(new)} tokens in {seconds:.2f} s{why}: "
+                          + (repr(text) if text is not None else str(new)))
         return {"prompt_ids": ids[0].tolist(), "new_token_ids": new, "text": text, "seconds": seconds,
-                "tokens_per_second": len(new) / seconds if seconds > 0 else None}
+                "tokens_per_second": len(new) / seconds if seconds > 0 else None, "stopped_at_eos": stopped}

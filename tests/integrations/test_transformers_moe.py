@@ -369,6 +369,8 @@ def test_unsupported_model_error_names_experts_class_and_supported(tmp_path):
     (["model.path=/tmp"], "model.path", "no config.json"),
     (["model.arch=qwen3_moe", "++model.num_experts=4"], "model.num_experts", "hf_overrides.num_experts"),
     (["model.arch=qwen3_moe", "++model.router.renormalize=false"], "model.router.renormalize", "routing follows"),
+    (["model.arch=qwen3_moe", "+model.hf_overrides.num_hiden_layers=1"], "model.hf_overrides.num_hiden_layers",
+     "the qwen3_moe config has no such field. Did you mean 'num_hidden_layers'"),
 ])
 def test_bad_hf_model_configs(overrides, key, words):
     with pytest.raises(ConfigError) as exc:
@@ -426,6 +428,12 @@ def test_task_generate_with_token_ids_and_tokenizer(tmp_path):
     cfg = cfg_for("qwen3_moe", "task=generate", "task.token_ids=[5,6,7]", "task.max_new_tokens=4")
     m = Generate().run(cfg, ctx)
     assert m["prompt_ids"] == [5, 6, 7] and 1 <= len(m["new_token_ids"]) <= 4
+    # fewer tokens than asked only at the end-of-sequence id, and then the run says so
+    eos = load_hf_model(cfg).config.eos_token_id
+    for n in (4, 64):
+        r = Generate().run(cfg_for("qwen3_moe", "task=generate", "task.token_ids=[5,6,7]", f"task.max_new_tokens={n}"), ctx)
+        assert r["stopped_at_eos"] == (len(r["new_token_ids"]) < n)
+        assert not r["stopped_at_eos"] or r["new_token_ids"][-1] == eos
     with pytest.raises(ConfigError, match="no tokenizer"):
         Generate().run(cfg_for("qwen3_moe", "task=generate", "task.prompt=hello"), ctx)
 
@@ -453,3 +461,23 @@ def test_cli_check_end_to_end(tmp_path):
     assert res["status"] == "ok" and res["metrics"]["passed"]
     assert res["metrics"]["generate_identical_tokens"] == GENERATE_TOKENS
     assert res["metrics"]["logits_rel_err"] <= 1e-5
+
+
+def test_task_bench_holds_logits_to_the_dtype_or_the_quant_bound(tmp_path, monkeypatch):
+    """task=bench layer=transformers_moe on the CPU: every implementation's logits against hf eager, within the
+    dtype's tolerance, or a quant method's bound against the unquantized experts; a miss fails the task."""
+    from rich.console import Console
+
+    from composer.integrations import bench as hf_bench
+    from composer.tasks import TaskContext, TaskFailed
+
+    cfg = cfg_for("qwen3_moe", "task=bench", "task.tokens=[4]", "quant=int4_w4a16", "quant.group_size=-1")
+    ctx = TaskContext(run_dir=tmp_path, console=Console(quiet=True))
+    m = hf_bench.task_bench(cfg, ctx, cfg.task.params)
+    composer_row = next(r for r in m["rows"] if r["implementation"].startswith("composer"))
+    assert m["passed"] and composer_row["tolerance"] == 0.45 and 1e-3 < composer_row["rel_err_vs_eager"] <= 0.45
+    caption = f"median ms (host timer). rel. err: {cfg.model.dtype} logits vs hf eager (relative Frobenius, <= 0.45)"
+    assert caption in (tmp_path / "hf_bench.md").read_text()
+    monkeypatch.setattr(hf_bench, "logits_tolerance", lambda cfg: 1e-3)
+    with pytest.raises(TaskFailed, match=r"composer \(torch\) T=4: logits rel. error .* > 0.001"):
+        hf_bench.task_bench(cfg, ctx, cfg.task.params)

@@ -124,3 +124,12 @@ def test_unknown_overlay_names_the_choices():
     assert "choose one of: cpu_reference, h100_bf16, h100_fp8" in problems[0].message
     assert "Did you mean 'cpu_smoke'?" in problems[1].message
     assert launcher_problems(["+deploy=cpu_reference", "+experiment=cpu_smoke"]) == []
+
+
+def test_overlay_without_plus_says_to_add_it():
+    """Hydra's own error names "++deploy", which the user never typed."""
+    from composer.launchers import launcher_problems
+
+    problems = launcher_problems(["deploy=cpu_reference"])
+    assert [(p.key, p.value) for p in problems] == [("deploy", "cpu_reference")]
+    assert problems[0].message == "deploy is an overlay (it adds to the defaults): write +deploy=cpu_reference"
