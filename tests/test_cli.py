@@ -75,7 +75,7 @@ def test_unexpected_error_is_recorded_and_a_sweep_goes_on(tmp_path):
     """A bug (not a ComposerError) shows its traceback and exits 1, and results.json records it; in a sweep the
     other jobs still run and the summary names the failed one."""
     (tmp_path / "boom_kernel.py").write_text(BOOM)
-    env = {"PYTHONPATH": str(tmp_path)}
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
     one = composer(["plugins=[boom_kernel]", "kernel.name=boom", "hydra.run.dir=one"], tmp_path, env)
     assert one.returncode == 1 and "Traceback" in one.stderr and "RuntimeError: injected: a kernel bug" in one.stderr
     res = json.loads((tmp_path / "one" / "results.json").read_text())

@@ -20,11 +20,12 @@ COMMON = ["task=check", "kernel=torch", "device=cpu", "model.hidden_size=128", "
 
 def test_check_every_method_end_to_end(tmp_path):
     exe = Path(sys.executable).with_name("composer")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "composer"]  # (a checkout on PYTHONPATH)
     results = []
     for i, (sweep, n) in enumerate(SWEEPS):
         d = tmp_path / f"sweep{i}"
         dtype = "model.dtype=float32" if i == 0 else "model.dtype=bfloat16"
-        r = subprocess.run([str(exe), "-m", *COMMON, dtype, *sweep, f"hydra.sweep.dir={d}"],
+        r = subprocess.run([*cmd, "-m", *COMMON, dtype, *sweep, f"hydra.sweep.dir={d}"],
                            capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
         files = sorted(d.glob("*/results.json"))
         assert r.returncode == 0 and len(files) == n, r.stdout[-3000:] + r.stderr[-3000:]
