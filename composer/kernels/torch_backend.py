@@ -21,6 +21,7 @@ class TorchExperts(Experts):
               weights: ExpertWeights, activation: str) -> torch.Tensor:
         quant_act = None
         if weights.quant != "none":
+            weights, topk_ids = _touched(weights, topk_ids)  # dequantize only the experts this call routes to
             method = QUANT_METHODS.get(weights.quant)
             act_q = getattr(method, "activation_quantizer", lambda w: None)(weights)
             if act_q is None:
@@ -33,3 +34,17 @@ class TorchExperts(Experts):
                 weights = method.dequantize(weights, torch.float32)
         return torch_experts(x, topk_weights, topk_ids, weights.w13, weights.w2, activation,
                              weights.w13_bias, weights.w2_bias, quant_act=quant_act)
+
+
+def _touched(weights: ExpertWeights, topk_ids: torch.Tensor) -> tuple[ExpertWeights, torch.Tensor]:
+    """The weights of the experts ``topk_ids`` names, in id order, and the ids renumbered to them (an id outside
+    [0, E), which contributes nothing, stays outside): the same products in the same order as with all the
+    experts, without dequantizing the ones no token uses (a decode step of deepseek_v3 touches 8 of 256)."""
+    E = weights.num_experts
+    valid = (topk_ids >= 0) & (topk_ids < E)
+    used = torch.unique(topk_ids[valid])
+    if used.numel() == E:
+        return weights, topk_ids
+    local = torch.full((E,), -1, dtype=topk_ids.dtype, device=topk_ids.device)
+    local[used] = torch.arange(used.numel(), dtype=topk_ids.dtype, device=topk_ids.device)
+    return weights.select(used), torch.where(valid, local[topk_ids.clamp(0, E - 1)], -1)

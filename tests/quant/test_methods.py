@@ -87,3 +87,29 @@ def test_fp8_per_shard_scales_are_requantized_to_one(compose):
     assert layer.w13_weight_scale.shape == (E,)
     w_after = layer.quant_method.dequantize(layer.quant_method.expert_weights(layer), torch.float32).w13
     assert rel_error(w_after, w_before) < 2e-2 and torch.equal(layer.w13_weight_scale, s * 2)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_torch_backend_dequantizes_only_the_routed_experts(compose, method, monkeypatch):
+    """kernel=torch dequantizes the experts a call routes to, not all E: bit for bit what dequantizing every
+    expert gives, at T = 0 and 1, with dropped (-1) and out-of-range ids and with every pair dropped."""
+    from composer.kernels import torch_backend
+    from composer.kernels.torch_backend import TorchExperts
+
+    cfg = compose(*METHODS[method], *SIZES, "model.num_experts=8", "model.dtype=bfloat16")
+    w = layer_of(cfg).quant_method.expert_weights(layer_of(cfg))
+    seen = []
+    real = torch_backend._touched
+    monkeypatch.setattr(torch_backend, "_touched", lambda w_, ids: seen.append(real(w_, ids)[0].num_experts) or real(w_, ids))
+    k, H = cfg.model.top_k, cfg.model.hidden_size
+    cases = [(torch.empty(0, H, dtype=torch.bfloat16), torch.empty(0, k), torch.empty(0, k, dtype=torch.int32))]
+    cases += [inputs(cfg, T, seed) for T, seed in ((1, 2), (5, 3))]
+    x, tw, ids = inputs(cfg, 7, 4)
+    cases.append((x, tw, torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(5)) < 0.3,
+                                     torch.tensor([-1, 9], dtype=ids.dtype)[torch.randint(0, 2, ids.shape)], ids)))
+    cases.append((x, tw, torch.full_like(ids, -1)))
+    outs = [TorchExperts().apply(x, tw, ids, w, "silu") for x, tw, ids in cases]
+    monkeypatch.setattr(torch_backend, "_touched", lambda w_, ids: (w_, ids))
+    for (x, tw, ids), out in zip(cases, outs):
+        assert torch.equal(out, TorchExperts().apply(x, tw, ids, w, "silu"))
+    assert seen[0] == 0 and seen[1] == 2 and seen[-1] == 0 and max(seen) < 8
