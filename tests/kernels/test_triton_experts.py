@@ -129,6 +129,86 @@ def test_out_of_range_ids_are_skipped(decode, reduce):
     assert torch.isfinite(out).all() and rel(out, ref) < TOL[torch.float32]
 
 
+def test_int64_ids_outside_the_experts_do_not_wrap():
+    """int64 ids are narrowed to int32 for the kernels; one outside [0, E) is marked -1 first, so 2^32 + 1 does not
+    wrap to expert 1."""
+    x, tw, ids, w13, w2, _, _ = make_case(3, 4, 2, 16, 16, torch.float32, False, 0.0, 3)
+    wide = ids.long()
+    wide[0, 0], wide[2, 1] = (1 << 32) + 1, -(1 << 32) + 2
+    ref = oracle_experts(x, tw, torch.where((wide >= 0) & (wide < 4), wide, -1), w13, w2, "silu")
+    with interpreter():
+        out = fused_experts(x, tw, wide, w13, w2, None, None, "silu", config=tiny_config(False, "atomic", 16, 16, 16, 16))
+    assert rel(out, ref) < TOL[torch.float32]
+
+
+def _bad(case: str):
+    """A call with one mistake of a kind a user makes; every tensor otherwise fits (T=5, H=32, E=4, k=2, I=16)."""
+    T, H, E, k, I = 5, 32, 4, 2, 16
+    x, w, ids = torch.randn(T, H), torch.rand(T, k), torch.randint(0, E, (T, k), dtype=torch.int32)
+    w13, w2, b13, b2 = torch.randn(E, 2 * I, H), torch.randn(E, H, I), None, None
+    if case == "wrong H":
+        x = torch.randn(T, 20)
+    elif case == "routing rows":
+        w, ids = w[:3], ids[:3]
+    elif case == "weights vs ids":
+        w = w[:, :1]
+    elif case == "w2 I":
+        w2 = torch.randn(E, H, 8)
+    elif case == "w2 E":
+        w2 = torch.randn(2, H, I)
+    elif case == "bias":
+        b13 = torch.randn(E, 3 * I)
+    elif case == "float64":
+        x, w13, w2 = x.double(), w13.double(), w2.double()
+    elif case == "float ids":
+        ids = ids.float()
+    elif case == "3-D x":
+        x = x[None]
+    return x, w, ids, w13, w2, b13, b2
+
+
+@pytest.mark.parametrize("case, message", [
+    ("wrong H", r"weights do not fit x \(5, 20\): w13 \(4, 32, 32\) \(want \[E, 2I, H\] = \[4, 32, 20\]\)"),
+    ("routing rows", r"topk_ids \(3, 2\) and topk_weights \(3, 2\) must both be \[T=5, k\]"),
+    ("weights vs ids", r"topk_ids \(5, 2\) and topk_weights \(5, 1\) must both be \[T=5, k\]"),
+    ("w2 I", r"w2 \(4, 32, 8\) \(want \[E, H, I\] = \[4, 32, 16\]\)"),
+    ("w2 E", r"w2 \(2, 32, 16\) \(want \[E, H, I\] = \[4, 32, 16\]\)"),
+    ("bias", r"w13_bias must be \[4, 32\], got \(4, 48\)"),
+    ("float64", r"float16, bfloat16 or float32 activations, got torch.float64"),
+    ("float ids", r"topk_ids must be an integer tensor"),
+    ("3-D x", r"hidden states must be \[T, H\], got shape \(1, 5, 32\)"),
+])
+def test_bad_inputs_are_refused_before_any_kernel(case, message):
+    """The kernels index with these shapes unchecked: a mismatch must be refused up front (it read and wrote out
+    of bounds: garbage rows, or a corrupted heap), through the op as through fused_experts."""
+    import composer.kernels.ops  # noqa: F401  (registers torch.ops.composer)
+
+    x, w, ids, w13, w2, b13, b2 = _bad(case)
+    with interpreter():
+        with pytest.raises(ValueError, match=message):
+            fused_experts(x, w, ids, w13, w2, b13, b2, "silu")
+        with pytest.raises(ValueError, match=message):
+            torch.ops.composer.fused_experts(x, w, ids, w13, w2, b13, b2, "silu")
+
+
+def test_bad_quant_scales_are_refused():
+    from composer.kernels.triton.fused import fused_experts_quant
+
+    T, H, E, k, I = 3, 32, 4, 2, 16
+    x, w, ids = torch.randn(T, H), torch.rand(T, k), torch.randint(0, E, (T, k), dtype=torch.int32)
+    w13, w2 = torch.randint(0, 255, (E, 2 * I, H // 2), dtype=torch.uint8), torch.randint(0, 255, (E, H, I // 2), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"int4_w4a16: w13_scale must be \[E, 32, K / group\] with an even group "
+                                         r"dividing K = 32, got \(4, 32, 5\)"):
+        fused_experts_quant(x, w, ids, w13, w2, None, None, "silu", "int4_w4a16", torch.rand(E, 2 * I, 5),
+                            torch.rand(E, H, 1))
+    with pytest.raises(ValueError, match=r"weights do not fit .* \(2 weights per stored element along K\)"):
+        fused_experts_quant(x, w, ids, w13[..., :8], w2, None, None, "silu", "int4_w4a16", torch.rand(E, 2 * I, 2),
+                            torch.rand(E, H, 1))
+    w8 = torch.randint(-127, 127, (E, 2 * I, H), dtype=torch.int8), torch.randint(-127, 127, (E, H, I), dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"int8_w8a16: w2_scale must be \[4, 32, 1\] .* got \(4, 32\)"):
+        fused_experts_quant(x, w, ids, *w8, None, None, "silu", "int8_w8a16", torch.rand(E, 2 * I, 1), torch.rand(E, H))
+
+
 def test_unknown_activation():
     x, tw, ids, w13, w2, _, _ = make_case(2, 2, 1, 16, 16, torch.float32, False, 0.0, 1)
     with pytest.raises(ValueError, match="unknown activation"):

@@ -34,11 +34,51 @@ def _check_activation(activation: str) -> None:
         raise ValueError(f"unknown activation '{activation}'; choose one of {', '.join(ACT_CODES)}")
 
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_inputs(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
+                  w2: torch.Tensor, w13_bias: torch.Tensor | None, w2_bias: torch.Tensor | None,
+                  per_byte: int = 1) -> None:
+    """Shapes, dtypes and devices, before any kernel runs: the kernels index with them unchecked, so a mismatch
+    would read and write out of bounds. ``per_byte``: weight elements per stored element along K (2 for packed
+    int4). Metadata only (no host sync), so it holds under torch.compile and CUDA graphs as well."""
+    if x.dim() != 2:
+        raise ValueError(f"hidden states must be [T, H], got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"the Triton experts take float16, bfloat16 or float32 activations, got {x.dtype} "
+                         "(kernel=torch computes in any floating dtype)")
+    T, H = x.shape
+    if topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must both be "
+                         f"[T={T}, k] (x is {tuple(x.shape)})")
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise ValueError(f"topk_ids must be an integer tensor (int32 or int64), got {topk_ids.dtype}")
+    if not topk_weights.dtype.is_floating_point:
+        raise ValueError(f"topk_weights must be floating point, got {topk_weights.dtype}")
+    if w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"w13 and w2 must be [E, 2I, H] and [E, H, I], got {tuple(w13.shape)} and {tuple(w2.shape)}")
+    E, two_i = w13.shape[0], w13.shape[1]
+    I = two_i // 2
+    want13, want2 = (E, 2 * I, H // per_byte), (E, H, I // per_byte)
+    packed = f" ({per_byte} weights per stored element along K)" if per_byte > 1 else ""
+    if two_i % 2 or H % per_byte or I % per_byte or tuple(w13.shape) != want13 or tuple(w2.shape) != want2:
+        raise ValueError(f"weights do not fit x {tuple(x.shape)}: w13 {tuple(w13.shape)} (want [E, 2I, H] = "
+                         f"{list(want13)}), w2 {tuple(w2.shape)} (want [E, H, I] = {list(want2)}){packed}")
+    for name, b, want in (("w13_bias", w13_bias, (E, 2 * I)), ("w2_bias", w2_bias, (E, H))):
+        if b is not None and tuple(b.shape) != want:
+            raise ValueError(f"{name} must be {list(want)}, got {tuple(b.shape)}")
+    for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids), ("w13", w13), ("w2", w2),
+                    ("w13_bias", w13_bias), ("w2_bias", w2_bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, the hidden states on {x.device}: put them on one device")
+
+
 def _route(topk_weights: torch.Tensor, topk_ids: torch.Tensor, E: int, config: dict[str, Any]) -> _Routing:
     T, k = topk_ids.shape
     ids = topk_ids.reshape(-1)
-    if ids.dtype != torch.int32:
-        ids = ids.to(torch.int32)
+    if ids.dtype != torch.int32:  # (an id outside [0, E) contributes nothing: mark it -1 before it could wrap)
+        ids = torch.where((ids >= 0) & (ids < E), ids, -1).to(torch.int32)
     ids = ids.contiguous()
     tw = topk_weights.reshape(-1).to(torch.float32).contiguous()
     block_m = config["BLOCK_M"]
@@ -125,6 +165,7 @@ def fused_experts(
     ``config`` overrides the tile config (see ``configs.py``); by default the tuned file or heuristic.
     """
     _check_activation(activation)
+    _check_inputs(x, topk_weights, topk_ids, w13, w2, w13_bias, w2_bias)
     T, H = x.shape
     E, two_i, _ = w13.shape
     I = two_i // 2
@@ -204,6 +245,35 @@ def quant_config(T: int, E: int, I: int, H: int, k: int, method: str, dtype: tor
     return cfg
 
 
+def _check_scales(method: str, E: int, I: int, H: int, w13_scale, w2_scale, w13_zero, w2_zero, granularity: str,
+                  block_n: int, block_k: int) -> None:
+    """The scale (and zero-point) layouts ``composer.quant`` gives each method, checked against the weights."""
+    def want(name, t, shape):
+        if t is None or tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{method}: {name} must be {list(shape)} for these weights (E={E}, I={I}, H={H}), got "
+                             f"{None if t is None else tuple(t.shape)}")
+
+    if method == "int4_w4a16":
+        for name, t, rows, K in (("w13_scale", w13_scale, 2 * I, H), ("w2_scale", w2_scale, H, I)):
+            groups = t.shape[-1] if t is not None and t.dim() == 3 else 0
+            if not groups or K % groups or (K // groups) % 2:
+                raise ValueError(f"int4_w4a16: {name} must be [E, {rows}, K / group] with an even group dividing "
+                                 f"K = {K}, got {None if t is None else tuple(t.shape)}")
+            want(name, t, (E, rows, groups))
+        for name, z, s in (("w13_zero", w13_zero, w13_scale), ("w2_zero", w2_zero, w2_scale)):
+            if z is not None:
+                want(name, z, (E, (s.shape[1] + 1) // 2, s.shape[2]))
+    elif method in ("int8_w8a16", "int8_w8a8") or granularity == "per_token_channel":
+        want("w13_scale", w13_scale, (E, 2 * I, 1))
+        want("w2_scale", w2_scale, (E, H, 1))
+    elif granularity == "per_tensor":
+        want("w13_scale", w13_scale, (E,))
+        want("w2_scale", w2_scale, (E,))
+    else:
+        want("w13_scale", w13_scale, (E, -(-2 * I // block_n), -(-H // block_k)))
+        want("w2_scale", w2_scale, (E, -(-H // block_n), -(-I // block_k)))
+
+
 def fused_experts_quant(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -237,10 +307,12 @@ def fused_experts_quant(
     _check_activation(activation)
     if method not in QUANT_METHODS:
         raise ValueError(f"unknown quant method '{method}' for the Triton experts; choose one of {QUANT_METHODS}")
+    _check_inputs(x, topk_weights, topk_ids, w13, w2, w13_bias, w2_bias, 2 if method == "int4_w4a16" else 1)
     T, H = x.shape
     E, two_i, _ = w13.shape
     I = two_i // 2
     k = topk_ids.shape[1]
+    _check_scales(method, E, I, H, w13_scale, w2_scale, w13_zero, w2_zero, granularity, block_n, block_k)
     if T == 0 or k == 0:
         return torch.zeros_like(x)
     if config is None:
