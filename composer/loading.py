@@ -52,19 +52,65 @@ def _files(source: str | Path | Iterable[str | Path]) -> list[Path]:
 def load_checkpoint(model: nn.Module, source: str | Path | Iterable[str | Path], *, prefix: str = "",
                     strict: bool = True) -> LoadReport:
     """Load safetensors files into ``model``; with ``strict``, every parameter must be filled and every
-    key used. Quant methods then process the loaded weights (``finish_loading``)."""
+    key used. Quant methods then process the loaded weights (``finish_loading``).
+
+    A quantized model takes checkpoints only before its weights are processed (``build(cfg, init=False)``): a
+    processed one is refused before anything is read. If loading fails, the experts layers get back the
+    parameters and quantization state they had, so a corrected checkpoint loads into the same model (tensors
+    already copied are overwritten by that load)."""
+    experts = {n: m for n, m in model.named_modules() if isinstance(m, FusedMoE)}
+    files = _files(source)
+    _refuse_processed(experts, prefix, files)
+    saved = {n: (dict(m._parameters), getattr(m, "quant_state", None), getattr(m, "quant_loaded", None))
+             for n, m in experts.items()}
+    try:
+        return _load(model, experts, files, prefix, strict)
+    except BaseException:
+        for n, (params_before, state, loaded) in saved.items():  # undo set_param / the pre-quantized state
+            m = experts[n]
+            m._parameters.clear()
+            m._parameters.update(params_before)
+            if state is not None:
+                m.quant_state = state
+            if loaded is not None or hasattr(m, "quant_loaded"):
+                m.quant_loaded = loaded
+        raise
+
+
+def _refuse_processed(experts: dict[str, FusedMoE], prefix: str, files: list[Path]) -> None:
+    """A quantized experts layer whose weights are already processed cannot take checkpoint weights: float ones
+    would be truncated into its int8 / fp8 / packed tensors beside the old scales. Checked on the keys alone."""
+    from safetensors import safe_open
+
+    ready = {n: m for n, m in experts.items() if getattr(m, "quant_state", None) == "ready"}
+    if not ready:
+        return
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                name = key[len(prefix):] if prefix and key.startswith(prefix) else key
+                owner = next((n for n in ready if name.startswith(n + ".")), None)
+                if owner is not None:
+                    method = ready[owner].quant_method.name
+                    raise WeightLoadError(
+                        f"{key}: {owner} already holds processed {method} weights (quantized when the model was built "
+                        "or loaded), so checkpoint weights cannot go into it; build the model with init=False "
+                        "(composer.build(cfg, init=False)) and load into that: load_checkpoint quantizes once, after "
+                        "loading. Nothing was loaded.")
+
+
+def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], prefix: str, strict: bool) -> LoadReport:
     from safetensors import safe_open
 
     from .factory import finish_loading
 
-    experts = {n: m for n, m in model.named_modules() if isinstance(m, FusedMoE)}
     params = dict(model.named_parameters())
     expert_params = {f"{n}.{p}" for n, m in experts.items() for p, _ in m.named_parameters(recurse=False)}
     filled: dict[str, set] = {}  # param name -> filled (expert, shard) pairs or {"all"}
     unexpected: list[str] = []
     report = LoadReport()
 
-    for path in _files(source):
+    for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
                 name = key[len(prefix):] if prefix and key.startswith(prefix) else key
@@ -125,6 +171,9 @@ def load_checkpoint(model: nn.Module, source: str | Path | Iterable[str | Path],
                     if param is None:
                         unexpected.append(key)
                         continue
+                    if getattr(layer, "quant_state", None) == "prequantized" and pname in ("w13", "w2"):
+                        raise WeightLoadError(f"{key}: {owner} already took pre-quantized {pname} tensors from this "
+                                              "checkpoint; it holds both float and quantized copies: keep one")
                     sl = f.get_slice(key)
                     shape = tuple(sl.get_shape())
                     want = (layer.global_num_experts, *param.shape[1:])

@@ -111,6 +111,11 @@ class FusedMoE(PluggableLayer):
             raise WeightLoadError(f"{name}: shard_id must be one of {', '.join(SHARDS)}, got {shard_id!r}")
         if not 0 <= expert_id < self.global_num_experts:
             raise WeightLoadError(f"{name}: expert_id {expert_id} is out of range [0, {self.global_num_experts})")
+        state = getattr(self, "quant_state", None)
+        if state in ("ready", "prequantized") and name in ("w13", "w2"):  # (float weights into quantized tensors)
+            raise WeightLoadError(f"{name}: this layer holds {'processed' if state == 'ready' else 'pre-quantized'} "
+                                  f"{self.quant_method.name} weights; float weights load into a layer built with "
+                                  "init=False, before finish_loading quantizes them")
         local = self._global_to_local.get(int(expert_id))
         if local is None:
             return False

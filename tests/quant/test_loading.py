@@ -114,3 +114,49 @@ def test_online_quantization_of_a_bf16_checkpoint(tmp_path, compose):
     x = tokens(cfg)
     with torch.no_grad():
         assert torch.equal(model(x), direct(x))
+
+
+def test_float_checkpoint_into_a_processed_quantized_model_is_refused(tmp_path, compose):
+    """Float weights would be truncated into the int8 tensors beside the old scales (0.4 relative error, silently):
+    refused before anything is read, and the model is untouched."""
+    src = build(compose("quant=none", *SMALL))
+    path = save_checkpoint(src, tmp_path)
+    cfg = compose("quant=int8_w8a16", *SMALL)
+    model = build(cfg)  # init=True: already quantized
+    x = tokens(cfg)
+    with torch.no_grad():
+        before = model(x)
+    for strict in (True, False):
+        with pytest.raises(WeightLoadError, match=r"already holds processed int8_w8a16 weights .* init=False"):
+            load_checkpoint(model, path, strict=strict)
+    layer = model.get_submodule(P[:-1])
+    with pytest.raises(WeightLoadError, match=r"w13: this layer holds processed int8_w8a16 weights"):
+        layer.weight_loader(layer.w13, torch.randn(48, 32), "w1", 0)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    fresh = build(cfg, init=False)  # the right way: quantized once, after loading
+    load_checkpoint(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))  # (same seed, same weights, quantized the same way)
+
+
+def test_a_failed_load_leaves_the_model_loadable(tmp_path, compose):
+    """A pre-quantized load that fails halfway restores the layers' parameters and quantization state, so the
+    corrected checkpoint then loads into the same model (it reported false missing scales before)."""
+    cfg, path, sd = _saved(tmp_path, compose, ["quant=int8_w8a8"])
+    good = dict(sd)
+    sd[P + "w2_weight_scale"] = sd[P + "w2_weight_scale"].double()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(sd, str(bad / "model.safetensors"))
+    model = build(cfg, init=False)
+    layer = model.get_submodule(P[:-1])
+    params_before = dict(layer._parameters)
+    with pytest.raises(WeightLoadError, match=r"w2_weight_scale: checkpoint tensor has dtype torch.float64"):
+        load_checkpoint(model, bad)
+    assert layer._parameters == params_before and layer.quant_state == "unprocessed"
+    save_file(good, str(path))
+    load_checkpoint(model, path)
+    x = tokens(cfg)
+    with torch.no_grad():
+        assert torch.equal(model(x), build(cfg)(x))
