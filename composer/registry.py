@@ -20,12 +20,16 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+_REGISTRIES: list["Registry[Any]"] = []  # every registry, so a plugin that fails halfway can be undone
+
+
 class Registry(Generic[T]):
     """A name -> object table. Duplicate names are refused; unknown names suggest the closest one."""
 
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, T] = {}
+        _REGISTRIES.append(self)
 
     def register(self, name: str, obj: T | None = None) -> Any:
         def add(o: T) -> T:
@@ -280,29 +284,55 @@ def load_plugins(modules: list[str] | tuple[str, ...] = ()) -> list[str]:
     """
     global _PLUGINS_LOADED
     if not _PLUGINS_LOADED:
-        _PLUGINS_LOADED = True
+        _PLUGINS_LOADED = True  # (set first: the modules imported below look names up, which calls this again)
         importlib.import_module("composer.builtin")
         from importlib.metadata import entry_points
 
         for ep in entry_points(group="composer.plugins"):
+            if f"{ep.name} (entry point)" in _loaded_plugin_names:
+                continue
             try:
-                obj = ep.load()
-            except Exception as exc:  # a broken plugin must say which one it is
-                raise RegistryError(f"plugin entry point '{ep.name}' ({ep.value}) failed to load: {exc}") from exc
-            if callable(obj) and not isinstance(obj, type):
-                obj()
+                with _all_or_nothing():
+                    obj = ep.load()
+                    if callable(obj) and not isinstance(obj, type):
+                        obj()
+            except Exception as exc:  # a broken plugin must say which one it is, every time it is looked up
+                _PLUGINS_LOADED = False
+                raise RegistryError(f"plugin entry point '{ep.name}' ({ep.value}) failed to load: "
+                                    f"{type(exc).__name__}: {exc}. Fix or uninstall that package") from exc
             _loaded_plugin_names.append(f"{ep.name} (entry point)")
     for mod in modules:
         if mod in _loaded_plugin_names:
             continue
         try:
-            importlib.import_module(mod)
+            with _all_or_nothing():
+                importlib.import_module(mod)
         except ImportError as exc:
             raise RegistryError(
                 f"plugins: cannot import '{mod}': {exc}. Install the plugin package, or remove it from `plugins:`"
             ) from exc
+        except Exception as exc:  # its own code failed: what it registered before that is undone
+            raise RegistryError(f"plugins: importing '{mod}' failed: {type(exc).__name__}: {exc}. Fix the "
+                                "module, or remove it from `plugins:`") from exc
         _loaded_plugin_names.append(mod)
     return list(_loaded_plugin_names)
+
+
+@contextlib.contextmanager
+def _all_or_nothing() -> Iterator[None]:
+    """Undo every registration made inside if it raises, so that a plugin failing halfway through its import
+    leaves no half of itself behind (a retry would otherwise find its names taken)."""
+    saved = [(r, dict(r._items)) for r in _REGISTRIES]
+    oot = dict(PluggableLayer._oot)
+    try:
+        yield
+    except BaseException:
+        for r, items in saved:
+            r._items.clear()
+            r._items.update(items)
+        PluggableLayer._oot.clear()
+        PluggableLayer._oot.update(oot)
+        raise
 
 
 def default_platform() -> str:

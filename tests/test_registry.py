@@ -87,3 +87,36 @@ def test_custom_op_enabled_rules():
 def test_custom_ops_validation(entries, message):
     problems = check_custom_ops(entries)
     assert any(message in p for p in problems), problems
+
+
+HALF = """from composer.kernels.torch_backend import TorchExperts
+from composer.registry import KERNELS
+
+
+@KERNELS.register("{name}_torch")
+class Half(TorchExperts):
+    name = "{name}_torch"
+
+{fail}
+"""
+
+
+@pytest.mark.parametrize("name, fail, message", [
+    ("half_dep", "import composer_no_such_dependency", r"cannot import 'half_dep_plugin': No module named "
+                                                       r"'composer_no_such_dependency'"),
+    ("half_bug", "raise RuntimeError('a bug in the plugin')", r"importing 'half_bug_plugin' failed: RuntimeError: "
+                                                               r"a bug in the plugin"),
+])
+def test_plugin_failing_halfway_leaves_nothing_behind(tmp_path, monkeypatch, name, fail, message):
+    """What a plugin registered before its import failed is undone: the same error again on a retry (not 'already
+    registered'), and no half-plugin kernel to pick."""
+    from composer import load_config
+    from composer.errors import ConfigError
+    from composer.registry import KERNELS
+
+    (tmp_path / f"{name}_plugin.py").write_text(HALF.format(name=name, fail=fail))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for _ in range(2):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [f"plugins=[{name}_plugin]"])
+    assert f"{name}_torch" not in KERNELS
