@@ -502,6 +502,8 @@ def swap(model: nn.Module, cfg: Any, replace: str = "experts") -> list[str]:
     if replace == "block" and not ARCHS[arch].block_router:
         raise UnsupportedModelError(f"{arch}: composer's router does not reproduce this model's router (it adds a "
                                     "bias to the logits); use layer.replace=experts")
+    if replace == "block":
+        _check_routing_matches(model.config, cfg)
     swapped = []
     for path, experts in found:
         parent_path, _, attr = path.rpartition(".")
@@ -519,6 +521,30 @@ def swap(model: nn.Module, cfg: Any, replace: str = "experts") -> list[str]:
             swapped.append(path)
     _refuse_save_pretrained_upfront(model, swapped)
     return swapped
+
+
+def _check_routing_matches(hf_cfg: Any, cfg: Any) -> None:
+    """A block swap routes with composer's router, built from ``cfg``: its settings must be the model's own
+    (``derive_fields`` of its config), else every token may go elsewhere, silently (an experts swap keeps the
+    model's router and needs only the expert sizes, checked per layer)."""
+    from .hf_config import derive_fields
+
+    want = derive_fields(hf_cfg)
+    m = cfg.model
+    got = {"top_k": m.top_k, "num_experts": m.num_experts, "router": m.router.model_dump(),
+           "num_shared_experts": m.num_shared_experts, "shared_expert_gate": m.shared_expert_gate}
+    problems = []
+    for key in ("top_k", "num_experts", "num_shared_experts", "shared_expert_gate"):
+        if key in want and want[key] != got[key]:
+            problems.append(Problem(f"model.{key}", got[key], f"the model's config has {want[key]}"))
+    defaults = type(m.router)().model_dump()
+    for key, value in {**defaults, **want.get("router", {})}.items():
+        if got["router"].get(key) != value:
+            problems.append(Problem(f"model.router.{key}", got["router"].get(key), f"the model's config has {value}"))
+    if problems:
+        raise ConfigError(problems, f"layer.replace=block of a {hf_cfg.model_type} model (its router would route "
+                          "differently; derive the config from the model: model=hf with its model.path, or "
+                          "layer.replace=experts, which keeps the model's router)")
 
 
 def _refuse_save_pretrained_upfront(model: nn.Module, swapped: list[str]) -> None:

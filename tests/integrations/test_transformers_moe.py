@@ -481,3 +481,20 @@ def test_task_bench_holds_logits_to_the_dtype_or_the_quant_bound(tmp_path, monke
     monkeypatch.setattr(hf_bench, "logits_tolerance", lambda cfg: 1e-3)
     with pytest.raises(TaskFailed, match=r"composer \(torch\) T=4: logits rel. error .* > 0.001"):
         hf_bench.task_bench(cfg, ctx, cfg.task.params)
+
+
+def test_block_swap_refuses_a_config_that_routes_otherwise():
+    """composer's router in a block swap is built from the config: a model whose own config routes otherwise
+    (here norm_topk_prob=False, and top_k 4) is refused, naming each key; the experts swap keeps the model's router."""
+    from transformers import AutoModelForCausalLM
+
+    from composer.integrations.hf_config import hf_config
+
+    cfg = cfg_for("qwen3_moe", "layer.replace=block")
+    theirs = AutoModelForCausalLM.from_config(hf_config(None, "qwen3_moe", {"norm_topk_prob": False,
+                                                                             "num_experts_per_tok": 4}))
+    with pytest.raises(ConfigError) as err:
+        swap(theirs, cfg, "block")
+    assert {(p.key, p.value) for p in err.value.problems} == {("model.top_k", 2), ("model.router.renormalize", True)}
+    assert "the model's config has False" in str(err.value)
+    assert swap(theirs, cfg_for("qwen3_moe"), "experts")  # (its own router: only the expert sizes must match)
