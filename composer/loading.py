@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -25,6 +25,25 @@ from .quant import loading as quant_loading
 PER_EXPERT = re.compile(r"^(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.(weight|bias)$")
 SHARD = {"gate_proj": "w1", "w1": "w1", "up_proj": "w3", "w3": "w3", "down_proj": "w2", "w2": "w2"}
 PACKED = {"gate_up_proj": "w13", "down_proj": "w2", "gate_up_proj_bias": "w13_bias", "down_proj_bias": "w2_bias"}
+# Hugging Face names of the MoE block's other tensors where composer's differ (qwen2_moe's singular shared expert
+# and its gate, deepseek_v3's router bias on the gate, the pre-MLP norm), tried for a key that matches nothing
+HF_ALIASES = [(re.compile(p), r) for p, r in (
+    (r"^(.*\.mlp)\.shared_expert\.(.*)$", r"\1.shared_experts.\2"),
+    (r"^(.*\.mlp)\.shared_expert_gate\.weight$", r"\1.shared_experts.gate.weight"),
+    (r"^(.*\.mlp)\.gate\.e_score_correction_bias$", r"\1.router.e_score_correction_bias"),
+    (r"^(.*layers\.\d+)\.post_attention_layernorm\.weight$", r"\1.norm.weight"),
+)]
+
+
+def _alias(name: str, params: dict[str, Any]) -> str:
+    """``name``, or composer's name for the Hugging Face one (``HF_ALIASES``) where that is a parameter."""
+    if name in params:
+        return name
+    for pattern, repl in HF_ALIASES:
+        alias = pattern.sub(repl, name)
+        if alias != name and alias in params:
+            return alias
+    return name
 
 
 @dataclass
@@ -116,6 +135,7 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
                 name = key[len(prefix):] if prefix and key.startswith(prefix) else key
                 owner = next((n for n in experts if name.startswith(n + ".")), None)
                 if owner is None:
+                    name = _alias(name, params)
                     if name not in params:
                         unexpected.append(key)
                         continue

@@ -498,3 +498,36 @@ def test_block_swap_refuses_a_config_that_routes_otherwise():
     assert {(p.key, p.value) for p in err.value.problems} == {("model.top_k", 2), ("model.router.renormalize", True)}
     assert "the model's config has False" in str(err.value)
     assert swap(theirs, cfg_for("qwen3_moe"), "experts")  # (its own router: only the expert sizes must match)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3"])
+def test_load_checkpoint_maps_hugging_face_block_names(arch, tmp_path):
+    """A Hugging Face checkpoint loads into composer's own stack (model=hf layer=fused_moe) by name, including the
+    tensors whose names differ: qwen2_moe's shared_expert(_gate), deepseek_v3's gate.e_score_correction_bias, the
+    post-attention norm; each block then computes what the Hugging Face block does."""
+    from composer import build
+    from composer.integrations.transformers_moe import load_hf_model
+    from composer.loading import load_checkpoint
+
+    hf = load_hf_model(cfg_for(arch, "model.dtype=float32"))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():  # no zero-initialized tensor hides a name that was not loaded
+            if name.endswith("e_score_correction_bias"):
+                p.copy_(torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    own = load_config(None, ["device=cpu", "model=hf", f"model.arch={arch}", "model.dtype=float32", "kernel=torch"])
+    model = build(own, init=False)
+    report = load_checkpoint(model, tmp_path, prefix="model.", strict=False)  # (attention, embeddings: not composer's)
+    assert any("shared_expert" in k for k in report.loaded) and any("post_attention_layernorm" in k for k in report.loaded)
+    x = torch.randn(5, own.model.hidden_size, generator=torch.Generator().manual_seed(0))
+    for i, layer in enumerate(model.layers):
+        hf_mlp = hf.model.layers[i].mlp
+        if not hasattr(hf_mlp, "experts"):
+            continue  # a dense layer of the Hugging Face model (composer's stack is all MoE)
+        with torch.no_grad():
+            want = hf_mlp(x[None])
+            want = (want[0] if isinstance(want, tuple) else want)[0]
+            got = layer.mlp(x)
+            assert rel_error(got, want) < 1e-5, (i, rel_error(got, want))
+            norm = hf.model.layers[i].post_attention_layernorm
+            assert rel_error(layer.norm(x), norm(x)) < 1e-6
