@@ -104,6 +104,8 @@ def load_config(path_or_name: str | Path | None = None, overrides: Sequence[str]
     choose implementations by registry name), then applies ``overrides`` (``key=value``). Raises
     ConfigError naming every problem, with the file.
     """
+    if isinstance(overrides, (str, bytes)) or not all(isinstance(o, str) for o in overrides):
+        raise TypeError(f"overrides must be a list of 'key=value' strings, e.g. ['model.top_k=4'], got {overrides!r}")
     if path_or_name is None or (isinstance(path_or_name, str) and not path_or_name.endswith((".yaml", ".yml"))
                                 and "/" not in path_or_name):
         name = path_or_name or "config"
@@ -136,5 +138,9 @@ def build(cfg: ComposerConfig | dict[str, Any] | Any, **kwargs: Any) -> nn.Modul
     from .factory import build as _build
 
     if not isinstance(cfg, ComposerConfig):
-        cfg = validate_config(to_plain(cfg))
+        plain = to_plain(cfg) if cfg is not None and not isinstance(cfg, (str, bytes, Path)) else None
+        if not isinstance(plain, dict):
+            raise TypeError(f"build takes a config: composer.load_config(...) or a mapping of its keys, got "
+                            f"{type(cfg).__name__} {cfg!r:.80}")
+        cfg = validate_config(plain)
     return _build(cfg, **kwargs)

@@ -32,7 +32,10 @@ def build(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any = None,
     Under expert parallelism ``ep_rank``/``group`` default to the distributed runtime's (init_from_env),
     under tensor parallelism ``tp_rank``/``tp_group`` likewise (composer.distributed.tp).
     """
-    if init and device is not None and torch.device(device).type == "meta":
+    if device is not None and torch.device(device).type != "meta":
+        raise ValueError(f"build(device={device!r}): the device to run on is the config's (device=...); device= "
+                         "takes 'meta' only, to build without storage")
+    if init and device is not None:
         raise ValueError("build(device='meta') holds no weights to initialize: pass init=False")
     ep_rank, group = _ep_place(cfg, ep_rank, group)
     tp = _tp_place(cfg, tp_rank, tp_group)

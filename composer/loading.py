@@ -96,16 +96,25 @@ def load_checkpoint(model: nn.Module, source: str | Path | Iterable[str | Path],
         raise
 
 
+def _open(path: Path) -> Any:
+    """``safe_open`` of a checkpoint file, with the file named when it is not one."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as exc:  # (SafetensorError: header too small / invalid JSON / ...)
+        raise WeightLoadError(f"{path}: not a readable safetensors file ({exc}); composer reads *.safetensors "
+                              "(save_pretrained(..., safe_serialization=True) or save_checkpoint write them)") from None
+
+
 def _refuse_processed(experts: dict[str, FusedMoE], prefix: str, files: list[Path]) -> None:
     """A quantized experts layer whose weights are already processed cannot take checkpoint weights: float ones
     would be truncated into its int8 / fp8 / packed tensors beside the old scales. Checked on the keys alone."""
-    from safetensors import safe_open
-
     ready = {n: m for n, m in experts.items() if getattr(m, "quant_state", None) == "ready"}
     if not ready:
         return
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with _open(path) as f:
             for key in f.keys():
                 name = key[len(prefix):] if prefix and key.startswith(prefix) else key
                 owner = next((n for n in ready if name.startswith(n + ".")), None)
@@ -119,8 +128,6 @@ def _refuse_processed(experts: dict[str, FusedMoE], prefix: str, files: list[Pat
 
 
 def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], prefix: str, strict: bool) -> LoadReport:
-    from safetensors import safe_open
-
     from .factory import finish_loading
 
     params = dict(model.named_parameters())
@@ -130,7 +137,7 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
     report = LoadReport()
 
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with _open(path) as f:
             for key in f.keys():
                 name = key[len(prefix):] if prefix and key.startswith(prefix) else key
                 owner = next((n for n in experts if name.startswith(n + ".")), None)

@@ -94,3 +94,22 @@ def test_weight_loader_contract():
         layer.weight_loader(layer.w2, torch.randn(6, 5), "w2", 7)
     with pytest.raises(WeightLoadError, match="shard_id must be one of"):
         layer.weight_loader(layer.w2, torch.randn(6, 5), "down", 2)
+
+
+def test_api_misuse_says_what_to_pass(tmp_path, compose):
+    import composer
+    from composer.errors import WeightLoadError
+    from composer.loading import load_checkpoint
+
+    with pytest.raises(TypeError, match=r"build takes a config: composer.load_config\(...\) or a mapping"):
+        composer.build(None)
+    with pytest.raises(TypeError, match=r"build takes a config"):
+        composer.build("config")
+    with pytest.raises(TypeError, match=r"overrides must be a list of 'key=value' strings"):
+        composer.load_config("config", overrides="model.top_k=4")
+    cfg = compose()
+    with pytest.raises(ValueError, match=r"device= takes 'meta' only"):
+        composer.build(cfg, device="cuda")
+    (tmp_path / "model.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightLoadError, match=r"model.safetensors: not a readable safetensors file"):
+        load_checkpoint(composer.build(cfg, init=False), tmp_path)
