@@ -120,3 +120,14 @@ def test_plugin_failing_halfway_leaves_nothing_behind(tmp_path, monkeypatch, nam
         with pytest.raises(ConfigError, match=message):
             load_config(None, [f"plugins=[{name}_plugin]"])
     assert f"{name}_torch" not in KERNELS
+
+
+def test_import_composer_registers_its_custom_ops():
+    """``torch.ops.composer.*`` exist after ``import composer`` (a fresh process), as vLLM's ops do after import."""
+    import subprocess
+    import sys
+
+    code = ("import torch, composer; print(all(hasattr(torch.ops.composer, n) for n in "
+            "('fused_experts', 'moe_align', 'fused_experts_quant')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
