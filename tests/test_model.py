@@ -1,4 +1,5 @@
 """The built graph (router variants, shared experts, bias, activations) vs the float64 oracle."""
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -55,3 +56,13 @@ def test_weights_are_a_function_of_seed_and_expert(compose):
         assert not torch.equal(p, r), n
     x = make_tokens(compose("seed=3"), 5)
     assert torch.equal(a(x), b(x))
+
+
+def test_model_names_a_wrong_input(compose):
+    from composer import build
+
+    model = build(compose("model.dtype=float32"))
+    for x in (torch.randn(5, 20), torch.randn(5, 96, dtype=torch.float64), torch.randn(1, 5, 96)):
+        with pytest.raises(ValueError, match=r"MoEModel takes hidden states \[T, H=96\] in torch.float32 \(the config's "
+                                             r"model.hidden_size and model.dtype\), got"):
+            model(x)

@@ -63,6 +63,11 @@ class MoEModel(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layers:  # (metadata only: a user's mistake named here, not deep inside a norm or a matmul)
+            w = self.layers[0].norm.weight
+            if x.dim() != 2 or x.shape[1] != w.shape[0] or x.dtype != w.dtype:
+                raise ValueError(f"MoEModel takes hidden states [T, H={w.shape[0]}] in {w.dtype} (the config's "
+                                 f"model.hidden_size and model.dtype), got {list(x.shape)} in {x.dtype}")
         for layer in self.layers:
             x = layer(x)
         return x
