@@ -21,7 +21,13 @@ def check_group_choice(group: str, value: str) -> Problem | None:
     options = group_options(group)
     if value in options:
         return None
-    return Problem(group, value, f"no such {group} config; choose one of: {', '.join(options)}.{did_you_mean(value, options)}")
+    hint = did_you_mean(value, options)
+    if group in _REGISTRY_GROUPS:  # (an implementation a plugin registers has no file in conf/)
+        hint += f" A {group} registered without a config file (a plugin's) is chosen with {group}.name={value}"
+    return Problem(group, value, f"no such {group} config; choose one of: {', '.join(options)}.{hint}")
+
+
+_REGISTRY_GROUPS = ("kernel", "layer", "quant", "all2all", "task")
 
 
 def _compose(config_name: str, overrides: Sequence[str]) -> dict[str, Any]:

@@ -73,6 +73,9 @@ def test_every_problem_is_reported_at_once(compose):
 def test_unknown_group_choice_lists_options():
     with pytest.raises(ConfigError, match=r"quant = 'fp9': no such quant config; choose one of: .*none"):
         load_config(None, ["quant=fp9"])
+    with pytest.raises(ConfigError, match=r"kernel = 'example_torch': .* Did you mean 'torch'\? A kernel registered "
+                                          r"without a config file \(a plugin's\) is chosen with kernel.name=example_torch"):
+        load_config(None, ["kernel=example_torch"])
 
 
 def test_valid_config_roundtrip_and_hash(compose):
