@@ -504,6 +504,12 @@ def swap(model: nn.Module, cfg: Any, replace: str = "experts") -> list[str]:
                                     "bias to the logits); use layer.replace=experts")
     if replace == "block":
         _check_routing_matches(model.config, cfg)
+    theirs = hf_expert_tensors(found[0][1])["w1"](0).dtype
+    if theirs != cfg.model.torch_dtype:  # composer's experts compute in model.dtype, on the model's hidden states
+        name = str(theirs).removeprefix("torch.")
+        raise ConfigError([Problem("model.dtype", cfg.model.dtype, f"the model's expert weights are {name}: set "
+                                   f"model.dtype={name} (its hidden states reach the experts in that dtype, and an "
+                                   "unquantized swap then adopts the weights without a copy)")])
     swapped = []
     for path, experts in found:
         parent_path, _, attr = path.rpartition(".")

@@ -531,3 +531,16 @@ def test_load_checkpoint_maps_hugging_face_block_names(arch, tmp_path):
             assert rel_error(got, want) < 1e-5, (i, rel_error(got, want))
             norm = hf.model.layers[i].post_attention_layernorm
             assert rel_error(layer.norm(x), norm(x)) < 1e-6
+
+
+def test_swap_refuses_a_dtype_other_than_the_models():
+    """A bfloat16 model swapped with a float32 config would get float32 copies of its experts (or, on Triton, fail
+    on the first bfloat16 hidden states): refused, with the dtype to set."""
+    from transformers import AutoModelForCausalLM
+
+    from composer.integrations.hf_config import hf_config
+
+    theirs = AutoModelForCausalLM.from_config(hf_config(None, "qwen3_moe", {})).to(torch.bfloat16)
+    with pytest.raises(ConfigError, match=r"model.dtype = 'float32': the model's expert weights are bfloat16: set "
+                                          r"model.dtype=bfloat16"):
+        swap(theirs, cfg_for("qwen3_moe", "model.dtype=float32"), "experts")
