@@ -57,9 +57,13 @@ def handles(layer, rest: str, key: str) -> bool:
 
 
 def _params(layer) -> str:
+    """The quant.* settings that decide the checkpoint layout, as a user writes them (unset and unused ones left out:
+    a per-tensor fp8 layer does not show a block_shape)."""
     p = getattr(layer.quant_method, "params", None)
     items = p.model_dump() if p is not None else {}
-    return "".join(f" quant.{k}={v}" for k, v in items.items())
+    if items.get("granularity") not in (None, "block"):
+        items.pop("block_shape", None)
+    return "".join(f" quant.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in items.items() if v is not None)
 
 
 @torch.no_grad()
