@@ -120,6 +120,14 @@ def load_config(path_or_name: str | Path | None = None, overrides: Sequence[str]
     if not path.is_file():
         raise ConfigError([Problem("(file)", str(path), "no such config file")], str(path))
     data = _load_file(path)
+    from .launchers import OVERLAYS
+
+    overlays = [o for o in overrides if o.partition("=")[0].lstrip("+") in OVERLAYS]
+    bad = [o for o in overrides if "=" not in o]
+    if overlays or bad:
+        raise ConfigError([Problem("overrides", o, "an overlay applies to the shipped tree (load_config(None, "
+                                   f"['{o}', ...])); a deployment file holds its keys itself") for o in overlays]
+                          + [Problem("overrides", o, "must be key=value") for o in bad], str(path))
     group_overrides = [o for o in overrides if o.partition("=")[0] in GROUPS]
     other = [o for o in overrides if o not in group_overrides]
     merged = _merge_file(_compose("config", []), data)

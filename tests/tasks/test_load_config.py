@@ -87,3 +87,14 @@ def test_missing_and_malformed_files(tmp_path):
     lst = write(tmp_path, "- a\n- b\n", "list.yaml")
     with pytest.raises(ConfigError, match=r"must be a YAML mapping"):
         load_config(lst)
+
+
+def test_file_mode_overrides_must_be_key_value_and_no_overlay(tmp_path):
+    f = tmp_path / "dep.yaml"
+    f.write_text("schema_version: 1\nmodel: tiny\n")
+    with pytest.raises(ConfigError, match=r"overrides = '\+deploy=cpu_reference': an overlay applies to the shipped "
+                                          r"tree .* a deployment file holds its keys itself"):
+        load_config(str(f), overrides=["+deploy=cpu_reference"])
+    with pytest.raises(ConfigError, match=r"overrides = 'model.top_k': must be key=value"):
+        load_config(str(f), overrides=["model.top_k"])
+    assert load_config(str(f), overrides=["model.top_k=4"]).model.top_k == 4
