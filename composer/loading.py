@@ -240,7 +240,14 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
             if name in expert_params:
                 layer = experts[name.rsplit(".", 1)[0]]
                 shards = ("w1", "w3") if name.rsplit(".", 1)[1].startswith("w13") else ("w2",)
-                if all((g, s) in got for g in layer.local_to_global for s in shards):
+                lacking = [(g, s) for g in layer.local_to_global for s in shards if (g, s) not in got]
+                if not lacking:
+                    continue
+                if got:  # some experts came per expert: say which did not
+                    which = sorted({g for g, _ in lacking})
+                    shown = ", ".join(map(str, which[:8])) + (" ..." if len(which) > 8 else "")
+                    missing.append(f"{name} (expert{'s' if len(which) > 1 else ''} {shown}: "
+                                   f"{'/'.join(sorted({s for _, s in lacking}))})")
                     continue
             missing.append(name)
         if missing or unexpected:

@@ -113,3 +113,19 @@ def test_api_misuse_says_what_to_pass(tmp_path, compose):
     (tmp_path / "model.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightLoadError, match=r"model.safetensors: not a readable safetensors file"):
         load_checkpoint(composer.build(cfg, init=False), tmp_path)
+
+
+def test_a_missing_expert_is_named(tmp_path, compose):
+    from safetensors.torch import load_file, save_file
+
+    import composer
+    from composer.errors import WeightLoadError
+    from composer.loading import load_checkpoint, save_checkpoint
+
+    cfg = compose("model.num_layers=1")
+    path = save_checkpoint(composer.build(cfg), tmp_path, layout="per_expert")
+    sd = {k: v for k, v in load_file(str(path)).items() if ".experts.7." not in k}
+    save_file(sd, str(path))
+    with pytest.raises(WeightLoadError, match=r"layers.0.mlp.experts.w13 \(expert 7: w1/w3\), "
+                                              r"layers.0.mlp.experts.w2 \(expert 7: w2\)"):
+        load_checkpoint(composer.build(cfg, init=False), path)
