@@ -96,6 +96,14 @@ def load_checkpoint(model: nn.Module, source: str | Path | Iterable[str | Path],
         raise
 
 
+def _once(filled: dict[str, set], param: str, part: Any, key: str) -> None:
+    """Refuse a second copy of the same weights (packed and per expert, or twice): the later key would win, silently."""
+    got = filled.get(param, set())
+    if part in got or (part == "all" and got) or (part != "all" and "all" in got):
+        raise WeightLoadError(f"{key}: the checkpoint holds {param} {'' if part == 'all' else f'(expert {part[0]}, shard {part[1]}) '}"
+                              "twice (packed and per expert, or in two files); keep one copy")
+
+
 def _open(path: Path) -> Any:
     """``safe_open`` of a checkpoint file, with the file named when it is not one."""
     from safetensors import safe_open
@@ -175,6 +183,7 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
                     if param is None:
                         unexpected.append(key)
                         continue
+                    _once(filled, f"{owner}.{pname}", (e, shard), key)
                     tp = getattr(layer, "tp_size", 1) > 1
                     nbytes = None
                     if tp:  # tensor parallelism: read only this rank's slice
@@ -201,6 +210,7 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
                     if getattr(layer, "quant_state", None) == "prequantized" and pname in ("w13", "w2"):
                         raise WeightLoadError(f"{key}: {owner} already took pre-quantized {pname} tensors from this "
                                               "checkpoint; it holds both float and quantized copies: keep one")
+                    _once(filled, f"{owner}.{pname}", "all", key)
                     sl = f.get_slice(key)
                     shape = tuple(sl.get_shape())
                     want = (layer.global_num_experts, *param.shape[1:])

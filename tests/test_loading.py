@@ -129,3 +129,22 @@ def test_a_missing_expert_is_named(tmp_path, compose):
     with pytest.raises(WeightLoadError, match=r"layers.0.mlp.experts.w13 \(expert 7: w1/w3\), "
                                               r"layers.0.mlp.experts.w2 \(expert 7: w2\)"):
         load_checkpoint(composer.build(cfg, init=False), path)
+
+
+def test_two_copies_of_the_same_weights_are_refused(tmp_path, compose):
+    """Packed and per-expert copies in one checkpoint: the later key would win, silently."""
+    from safetensors.torch import load_file, save_file
+
+    import composer
+    from composer.errors import WeightLoadError
+    from composer.loading import load_checkpoint, save_checkpoint
+
+    cfg = compose("model.num_layers=1")
+    model = composer.build(cfg)
+    packed = load_file(str(save_checkpoint(model, tmp_path / "a")))
+    per_expert = load_file(str(save_checkpoint(model, tmp_path / "b", layout="per_expert")))
+    both = {**packed, **{k: v for k, v in per_expert.items() if ".experts.3." in k}}
+    (tmp_path / "both").mkdir()
+    save_file(both, str(tmp_path / "both" / "model.safetensors"))
+    with pytest.raises(WeightLoadError, match=r"the checkpoint holds layers.0.mlp.experts.w\w+ .*twice"):
+        load_checkpoint(composer.build(cfg, init=False), tmp_path / "both")
