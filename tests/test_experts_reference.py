@@ -84,6 +84,8 @@ def test_shape_errors_name_both_shapes():
     x, w, ids, w13, w2, _, _ = random_problem(2, 3, 1, 8, 4, torch.float32, False, 0)
     with pytest.raises(ValueError, match=r"w2 \(3, 8, 5\)"):
         torch_experts(x, w, ids, w13, torch.randn(3, 8, 5))
+    with pytest.raises(ValueError, match=r"topk_ids must be an integer tensor .* got torch.float32"):
+        torch_experts(x, w, ids.float(), w13, w2)  # (as the Triton experts refuse them)
 
 
 @pytest.mark.parametrize("T", [0, 1, 5, 64])
