@@ -43,7 +43,12 @@ def _fused_experts_fake(x, topk_weights, topk_ids, w13, w2, w13_bias, w2_bias, a
 def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
     from .triton.align import moe_align as impl
 
-    return impl(topk_ids, num_experts, block_m)
+    sorted_ids, expert_ids, ntpp = impl(topk_ids, num_experts, block_m)
+    # the slots past num_tokens_post_padded are left unwritten by the kernels (fused_experts never reads them); the
+    # op fills them with the padding sentinel, so that every call of the op returns defined values (opcheck
+    # compares eager with traced calls), without a host sync
+    slot = torch.arange(sorted_ids.numel(), device=sorted_ids.device, dtype=torch.int32)
+    return torch.where(slot < ntpp, sorted_ids, topk_ids.numel()).to(torch.int32), expert_ids, ntpp
 
 
 @moe_align.register_fake
