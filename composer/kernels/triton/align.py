@@ -11,7 +11,8 @@ Three small launches, no host synchronization (so the whole thing captures into 
 
 Outputs (the layout of vLLM's ``moe_align_block_size``):
 ``sorted_ids [max_blocks * BLOCK_M]`` flat pair indices ``t * top_k + j``, the padding slots hold
-``num_pairs``; entries at or past ``num_tokens_post_padded`` are undefined and never read.
+``num_pairs``; entries at or past ``num_tokens_post_padded`` are left unwritten here and never read by the GEMMs
+(the ``composer::moe_align`` op fills them with ``num_pairs`` too, so that the op's every output is defined).
 ``expert_ids [max_blocks]`` the expert of each block, -1 for blocks past the end.
 ``num_tokens_post_padded [1]``. Pairs whose id is -1 (or out of range) are left out.
 
