@@ -151,15 +151,14 @@ def run_job(dcfg: DictConfig) -> dict[str, Any] | None:
             write_results(run_dir, status="failed", task=task_name, metrics=getattr(exc, "metrics", None),
                           config=cfg.to_dict() if cfg else raw, config_hash=cfg.config_hash() if cfg else None,
                           overrides=overrides, error=message, device=cfg.device if cfg else "cpu")
+        unexpected = not composer_error and oom is None  # a bug or an environment problem: its traceback matters
+        if unexpected or _full_error():
+            import traceback
+
+            traceback.print_exc()
         if _full_error():
-            import traceback
-
-            traceback.print_exc()
             sys.exit(code)
-        if not composer_error and oom is None:  # a bug or an environment problem: its traceback matters
-            import traceback
-
-            traceback.print_exc()
+        if unexpected:
             _err.print(f"[red]error[/red]{'' if job is None else f' (rank {job.rank})'}: unexpected "
                        f"{type(exc).__name__} (above; recorded in {run_dir / 'results.json'})", highlight=False)
         else:

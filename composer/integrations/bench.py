@@ -26,15 +26,12 @@ import torch
 
 def logits_tolerance(cfg: Any) -> float:
     """What composer's logits are held to against ``hf eager``: the dtype's tolerance, or for a quant method (whose
-    experts are not the eager ones' weights) its documented bound against the unquantized experts."""
-    from ..checking import TOLERANCE
-    from ..registry import QUANT_METHODS
+    experts are not the eager ones' weights) its documented bound against the unquantized experts, as task=check
+    holds each swapped module."""
+    from .check import _tolerances
 
-    tol = TOLERANCE[cfg.model.dtype]
-    method = QUANT_METHODS.get(cfg.quant.name)
-    if cfg.quant.name != "none" and hasattr(method, "tolerances"):
-        return max(tol, method.tolerances(cfg.quant.params, cfg.model.dtype)[1])
-    return tol
+    tol, bound = _tolerances(cfg, None)
+    return tol if bound is None else max(tol, bound)
 
 
 def real_dims_config(arch: str, layers: int, kernel: str, dtype: str = "bfloat16", device: str = "cuda",

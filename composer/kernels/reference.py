@@ -16,21 +16,38 @@ import torch
 from ..layers.activation import act_and_mul
 
 
-def _check_inputs(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> None:
+def check_inputs(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
+                 w2: torch.Tensor, w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
+                 per_byte: int = 1) -> None:
+    """Shapes, id dtype and devices of an experts call, for every backend (the Triton kernels index with them
+    unchecked: a mismatch would read and write out of bounds). ``per_byte``: weight elements per stored element
+    along K (2 for packed int4). Metadata only (no host sync), so it holds under torch.compile and CUDA graphs."""
     if x.dim() != 2:
         raise ValueError(f"hidden states must be [T, H], got shape {tuple(x.shape)}")
+    T, H = x.shape
+    if topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must both be "
+                         f"[T={T}, k] (x is {tuple(x.shape)})")
     if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
         raise ValueError(f"topk_ids must be an integer tensor (int32 or int64), got {topk_ids.dtype}")
-    if topk_ids.shape != topk_weights.shape or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must both be [T={x.shape[0]}, k]"
-        )
-    E, two_i, H = w13.shape
-    if H != x.shape[1] or w2.shape != (E, H, two_i // 2):
-        raise ValueError(
-            f"weights do not fit: x {tuple(x.shape)}, w13 {tuple(w13.shape)} (want [E, 2I, H]), "
-            f"w2 {tuple(w2.shape)} (want [E, H, I])"
-        )
+    if not topk_weights.dtype.is_floating_point:
+        raise ValueError(f"topk_weights must be floating point, got {topk_weights.dtype}")
+    if w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"w13 and w2 must be [E, 2I, H] and [E, H, I], got {tuple(w13.shape)} and {tuple(w2.shape)}")
+    E, two_i = w13.shape[0], w13.shape[1]
+    I = two_i // 2
+    want13, want2 = (E, 2 * I, H // per_byte), (E, H, I // per_byte)
+    packed = f" ({per_byte} weights per stored element along K)" if per_byte > 1 else ""
+    if two_i % 2 or H % per_byte or I % per_byte or tuple(w13.shape) != want13 or tuple(w2.shape) != want2:
+        raise ValueError(f"weights do not fit x {tuple(x.shape)}: w13 {tuple(w13.shape)} (want [E, 2I, H] = "
+                         f"{list(want13)}), w2 {tuple(w2.shape)} (want [E, H, I] = {list(want2)}){packed}")
+    for name, b, want in (("w13_bias", w13_bias, (E, 2 * I)), ("w2_bias", w2_bias, (E, H))):
+        if b is not None and tuple(b.shape) != want:
+            raise ValueError(f"{name} must be {list(want)}, got {tuple(b.shape)}")
+    for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids), ("w13", w13), ("w2", w2),
+                    ("w13_bias", w13_bias), ("w2_bias", w2_bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, the hidden states on {x.device}: put them on one device")
 
 
 def sort_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,7 +87,7 @@ def torch_experts(
     ``quant_act(t, stage)`` (w8a8 methods) quantize-dequantizes the input of GEMM1 (stage ``a13``) and of GEMM2
     (stage ``a2``) as the quantized kernel does.
     """
-    _check_inputs(x, topk_weights, topk_ids, w13, w2)
+    check_inputs(x, topk_weights, topk_ids, w13, w2, w13_bias, w2_bias)
     T, H = x.shape
     E = w13.shape[0]
     out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
@@ -114,7 +131,7 @@ def oracle_experts(
     quant_act: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The float64 oracle: for every expert, every (token, slot) routed to it, in float64. Returns float64."""
-    _check_inputs(x, topk_weights, topk_ids, w13, w2)
+    check_inputs(x, topk_weights, topk_ids, w13, w2, w13_bias, w2_bias)
     d = torch.float64
     x64, w64 = x.to(d), topk_weights.to(d)
     out = torch.zeros(x.shape, dtype=d, device=x.device)

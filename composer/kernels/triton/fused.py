@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import triton
 
+from ..reference import check_inputs
 from .align import max_blocks, moe_align
 from .configs import fit_smem, get_config, heuristic_config
 from .gemm import ACT_CODES, SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, QuantSpec, gemm1, gemm2, moe_sum
@@ -40,38 +41,11 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _check_inputs(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
                   w2: torch.Tensor, w13_bias: torch.Tensor | None, w2_bias: torch.Tensor | None,
                   per_byte: int = 1) -> None:
-    """Shapes, dtypes and devices, before any kernel runs: the kernels index with them unchecked, so a mismatch
-    would read and write out of bounds. ``per_byte``: weight elements per stored element along K (2 for packed
-    int4). Metadata only (no host sync), so it holds under torch.compile and CUDA graphs as well."""
-    if x.dim() != 2:
-        raise ValueError(f"hidden states must be [T, H], got shape {tuple(x.shape)}")
+    """Every backend's input checks (``reference.check_inputs``), and the activation dtypes the kernels take."""
+    check_inputs(x, topk_weights, topk_ids, w13, w2, w13_bias, w2_bias, per_byte)
     if x.dtype not in _DTYPES:
         raise ValueError(f"the Triton experts take float16, bfloat16 or float32 activations, got {x.dtype} "
                          "(kernel=torch computes in any floating dtype)")
-    T, H = x.shape
-    if topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != T:
-        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must both be "
-                         f"[T={T}, k] (x is {tuple(x.shape)})")
-    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
-        raise ValueError(f"topk_ids must be an integer tensor (int32 or int64), got {topk_ids.dtype}")
-    if not topk_weights.dtype.is_floating_point:
-        raise ValueError(f"topk_weights must be floating point, got {topk_weights.dtype}")
-    if w13.dim() != 3 or w2.dim() != 3:
-        raise ValueError(f"w13 and w2 must be [E, 2I, H] and [E, H, I], got {tuple(w13.shape)} and {tuple(w2.shape)}")
-    E, two_i = w13.shape[0], w13.shape[1]
-    I = two_i // 2
-    want13, want2 = (E, 2 * I, H // per_byte), (E, H, I // per_byte)
-    packed = f" ({per_byte} weights per stored element along K)" if per_byte > 1 else ""
-    if two_i % 2 or H % per_byte or I % per_byte or tuple(w13.shape) != want13 or tuple(w2.shape) != want2:
-        raise ValueError(f"weights do not fit x {tuple(x.shape)}: w13 {tuple(w13.shape)} (want [E, 2I, H] = "
-                         f"{list(want13)}), w2 {tuple(w2.shape)} (want [E, H, I] = {list(want2)}){packed}")
-    for name, b, want in (("w13_bias", w13_bias, (E, 2 * I)), ("w2_bias", w2_bias, (E, H))):
-        if b is not None and tuple(b.shape) != want:
-            raise ValueError(f"{name} must be {list(want)}, got {tuple(b.shape)}")
-    for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids), ("w13", w13), ("w2", w2),
-                    ("w13_bias", w13_bias), ("w2_bias", w2_bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, the hidden states on {x.device}: put them on one device")
 
 
 def _route(topk_weights: torch.Tensor, topk_ids: torch.Tensor, E: int, config: dict[str, Any]) -> _Routing:
