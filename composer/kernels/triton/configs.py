@@ -53,8 +53,7 @@ _extra_dirs: list[Path] = []
 
 GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma", "SPLIT_K", "mma", "fp8_promote",
              "int4_read", "x_vec", "unroll", "loop_stages", "prefetch", "swap")
-# gemv.INT4_READS: their codes in this order; "mma" (gemv_mma.py) reads as "subnormal" where it cannot run
-INT4_READ_NAMES = ("bytes", "words_4d", "words", "planes", "subnormal", "mma")
+INT4_READ_NAMES = ("bytes", "words_4d", "words", "planes", "subnormal")  # gemv.INT4_READS: their codes in this order
 
 
 def add_config_dir(path: str | os.PathLike) -> None:
@@ -146,10 +145,10 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
                             f"int4_read {sub.get('int4_read')!r}")
         ahead = sub.get("prefetch", 0)
         if (not isinstance(ahead, int) or isinstance(ahead, bool) or not 0 <= ahead <= 2
-                or ahead and (not gemv or sub.get("int4_read") not in ("planes", "subnormal", "mma"))):
+                or ahead and (not gemv or sub.get("int4_read") not in ("planes", "subnormal"))):
             problems.append(f"{g}.prefetch must be 0, 1 or 2 (K tiles loaded into registers ahead of the one being "
-                            f"multiplied), > 0 only in a decode \"gemv\" tile with int4_read \"planes\", "
-                            f"\"subnormal\" or \"mma\"; got {ahead!r} with int4_read {sub.get('int4_read')!r}")
+                            f"multiplied), > 0 only in a decode \"gemv\" tile with int4_read \"planes\" or "
+                            f"\"subnormal\"; got {ahead!r} with int4_read {sub.get('int4_read')!r}")
         unknown = set(sub) - set(GEMM_KEYS)
         if unknown:
             problems.append(f"{g}: unknown keys {sorted(unknown)}; allowed: {', '.join(GEMM_KEYS)}")

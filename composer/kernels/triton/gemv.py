@@ -38,7 +38,6 @@ import triton.language as tl
 from ._jit import interpreting, lazy_helper, lazy_jit
 from .configs import INT4_READ_NAMES
 from .gemm import _activate, _quant_act, _row_quant_scale, aq_meta
-from .gemv_mma import gemv_mma, mma_supported
 
 try:  # grid dependency control (programmatic dependent launch, sm_90+): the "pdl" tile-config key
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -458,7 +457,7 @@ def _gemv_kernel(
 # scale per activation; see the kernel); "bytes" (0): bytes with the even / odd activations loaded apart;
 # "words_4d" (1): int32 words as a 4D [rows, groups, words, 8] tile. H100, mixtral T = 1 GEMM1 (bench timing,
 # 2026-11-27): 81 us (2), 115 us (0), 224 us (1, layout conversions through shared memory in every iteration).
-INT4_READS = {name: code for code, name in enumerate(INT4_READ_NAMES)}  # bytes 0 .. subnormal 4 (mma 5: gemv_mma)
+INT4_READS = {name: code for code, name in enumerate(INT4_READ_NAMES)}  # bytes 0 .. subnormal 4
 INT4_MODE = 2
 # whole K tiles (K a multiple of BLOCK_K): the planes / subnormal reads load without masks, so Triton makes its word
 # loads 128-bit (with a mask it stops at 64-bit); False for A/B runs
@@ -500,7 +499,6 @@ def _read_mode(cfg: dict[str, Any], wq: int, group: int, w: torch.Tensor) -> tup
     """(INT4_MODE, BLOCK_K, NG) of a GEMV launch: how int4 is read (gemv.INT4_READS) and the K tile it reads."""
     bk, ng = gemv_tile(cfg, wq, group)
     mode = (INT4_READS[cfg["int4_read"]] if "int4_read" in cfg else INT4_MODE) if wq == 2 else 0
-    mode = min(mode, INT4_READS["subnormal"])  # ("mma" where gemv_mma cannot run: gemv)
     if mode >= 3 and group % 8:
         mode = 2  # planes / subnormal need words that never straddle a group
     if mode >= 3:
@@ -546,10 +544,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
     ``pdl`` (``pdl_supported``): 1 on GEMM1, which lets its programmatic dependent start early; 2 on GEMM2, launched
     as that dependent: it prefetches its weights into L2, then waits for GEMM1's results.
     Returns Triton's launch handle (``n_regs``, ``n_spills``, ``asm``)."""
-    if wq == 2 and cfg.get("int4_read") == "mma" and mma_supported(x, w, group, cfg, gated, x_parts) is None:
-        return gemv_mma(x, w, bias, out, ids_flat, top_k, cfg, gated=gated, activation_code=activation_code,
-                        alpha=alpha, limit=limit, tw=tw, atomic=atomic, group=group, w_scale=w_scale, w_zero=w_zero,
-                        epilogue=epilogue, pdl=pdl)
     P = ids_flat.numel()
     N = w.shape[1] // 2 if gated else w.shape[1]
     stride_xp = out.stride(0) if gated and out.dim() == 3 else 0
