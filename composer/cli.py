@@ -35,6 +35,12 @@ def _full_error() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
+def _lead_rank() -> bool:
+    """False on torchrun's ranks other than 0. A config problem found before the ranks join is the same on every
+    rank, so rank 0 alone reports it (and writes results.json); the others exit with the same code, silently."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
 def _precheck(argv: list[str]) -> None:
     """Unknown group choices (``quant=fp9``) get composer's message and exit code 2, before Hydra runs."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -60,6 +66,8 @@ def _precheck(argv: list[str]) -> None:
     if not problems:
         problems = _unknown_keys(overrides)
     if problems:
+        if not _lead_rank():
+            sys.exit(2)
         if _full_error():
             import traceback
 
@@ -147,25 +155,29 @@ def run_job(dcfg: DictConfig) -> dict[str, Any] | None:
         message = str(exc) if composer_error else oom or f"{type(exc).__name__}: {exc}"
         if job is not None:  # one rank failed: stop the others at once
             job.fail(exc)
-        if job is None or job.rank == 0:
+        lead = job.rank == 0 if job is not None else _lead_rank()
+        if lead:
             write_results(run_dir, status="failed", task=task_name, metrics=getattr(exc, "metrics", None),
                           config=cfg.to_dict() if cfg else raw, config_hash=cfg.config_hash() if cfg else None,
                           overrides=overrides, error=message, device=cfg.device if cfg else "cpu")
         unexpected = not composer_error and oom is None  # a bug or an environment problem: its traceback matters
-        if unexpected or _full_error():
+        quiet = job is None and not lead and not unexpected  # rank 0 reports the same config problem
+        if not quiet and (unexpected or _full_error()):
             import traceback
 
             traceback.print_exc()
         if _full_error():
             sys.exit(code)
-        if unexpected:
-            _err.print(f"[red]error[/red]{'' if job is None else f' (rank {job.rank})'}: unexpected "
-                       f"{type(exc).__name__} (above; recorded in {run_dir / 'results.json'})", highlight=False)
+        rank = f" (rank {job.rank})" if job is not None else "" if lead else f" (rank {os.environ['RANK']})"
+        if quiet:
+            pass
+        elif unexpected:
+            where = f"recorded in {run_dir / 'results.json'}" if lead else "rank 0 writes results.json"
+            _err.print(f"[red]error[/red]{rank}: unexpected {type(exc).__name__} (above; {where})", highlight=False)
         else:
             from rich.markup import escape  # messages may quote paths like [/a/b.cc:12]
 
-            _err.print(f"[red]error[/red]{'' if job is None else f' (rank {job.rank})'}: {escape(message)}",
-                       highlight=False)
+            _err.print(f"[red]error[/red]{rank}: {escape(message)}", highlight=False)
         if sweeping:  # the other jobs still run; the sweep exits with the worst code at the end
             _failures.append(code)
             return None

@@ -123,3 +123,15 @@ def test_out_of_memory_says_how_big_and_what_to_do(compose):
     assert "model.num_layers=1" in msg and "task=show" in msg
     assert out_of_memory(MemoryError(), None).startswith("out of host memory (MemoryError)")
     assert out_of_memory(RuntimeError("injected: a kernel bug"), cfg) is None
+
+
+def test_under_torchrun_rank_0_alone_reports_a_config_problem(tmp_path):
+    """Every rank finds the same config problem; rank 0 prints it and writes results.json, the others exit 2
+    silently (torchrun with N ranks printed it N times)."""
+    for rank in ("1", "0"):
+        pre = composer(["quant=fp9"], tmp_path, {"RANK": rank})  # found before Hydra runs
+        late = composer(["model.top_k=9", f"hydra.run.dir=r{rank}"], tmp_path, {"RANK": rank})  # found in the job
+        for proc in (pre, late):
+            assert proc.returncode == 2
+            assert ("error" in proc.stderr) == (rank == "0"), (rank, proc.stderr)
+        assert (tmp_path / f"r{rank}" / "results.json").exists() == (rank == "0")
