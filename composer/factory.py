@@ -49,6 +49,8 @@ def build(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any = None,
     if init:
         init_weights(model, cfg.seed)
         finish_loading(model)
+    else:  # uninitialized memory: load_checkpoint then requires every parameter, strict or not
+        model.composer_needs_weights = True
     return model.eval().requires_grad_(False)
 
 

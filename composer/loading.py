@@ -130,9 +130,10 @@ def _refuse_processed(experts: dict[str, FusedMoE], prefix: str, files: list[Pat
                     method = ready[owner].quant_method.name
                     raise WeightLoadError(
                         f"{key}: {owner} already holds processed {method} weights (quantized when the model was built "
-                        "or loaded), so checkpoint weights cannot go into it; build the model with init=False "
-                        "(composer.build(cfg, init=False)) and load into that: load_checkpoint quantizes once, after "
-                        "loading. Nothing was loaded.")
+                        "with init=True, or by an earlier load_checkpoint), so checkpoint weights cannot go into it; "
+                        "build a fresh model with init=False (composer.build(cfg, init=False)) and load the whole "
+                        "checkpoint into it in one call (a folder or a list of files): load_checkpoint quantizes once, "
+                        "after loading. Nothing was loaded.")
 
 
 def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], prefix: str, strict: bool) -> LoadReport:
@@ -160,14 +161,14 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
                         t = read_sharded(params[name], f, key)
                     else:
                         t = f.get_tensor(key)
-                    _copy(params[name], t, name)
+                    _copy(params[name], t, name, key)
                     filled.setdefault(name, set()).add("all")
                     report.loaded.append(key)
                     report.bytes_read += t.numel() * t.element_size()
                     continue
                 layer, rest = experts[owner], name[len(owner) + 1:]
-                if quant_loading.handles(layer, rest, key):  # pre-quantized tensors (composer.quant.loading)
-                    quant_loading.load(layer, owner, rest, key, f, report)
+                if quant_loading.handles(layer, rest, key, f):  # pre-quantized tensors (composer.quant.loading)
+                    quant_loading.load(layer, owner, rest, key, f, report, filled)
                     continue
                 m = PER_EXPERT.match(rest)
                 if m:
@@ -213,6 +214,7 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
                     _once(filled, f"{owner}.{pname}", "all", key)
                     sl = f.get_slice(key)
                     shape = tuple(sl.get_shape())
+                    _check_float(sl[0:0], key, f"{owner}.{pname}", param.dtype)
                     want = (layer.global_num_experts, *param.shape[1:])
                     if getattr(layer, "tp_size", 1) > 1:  # tensor parallelism: narrow each expert before reading
                         from .distributed.tp import check_packed_shape, read_packed
@@ -240,8 +242,14 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
                 else:
                     unexpected.append(key)
 
-    quant_loading.finish(experts, filled)
-    if strict:
+    quant_loading.finish(experts, filled, unexpected)
+    needs_all = getattr(model, "composer_needs_weights", False)
+    if not report.loaded and not report.skipped_experts:
+        hint = "" if prefix else '; a Hugging Face checkpoint needs prefix="model."'
+        raise WeightLoadError(f"no checkpoint key matched a parameter of the model (keys such as "
+                              f"{', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}){hint}. "
+                              "Nothing was loaded.")
+    if strict or needs_all:
         missing = []
         for name, p in params.items():
             got = filled.get(name, set())
@@ -260,21 +268,40 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
                                    f"{'/'.join(sorted({s for _, s in lacking}))})")
                     continue
             missing.append(name)
-        if missing or unexpected:
+        if missing or (unexpected and strict):
             parts = []
             if missing:
                 parts.append(f"parameters not in the checkpoint: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
             if unexpected:
                 parts.append(f"checkpoint keys that match no parameter: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
-            raise WeightLoadError("checkpoint does not match the model: " + "; ".join(parts) +
-                                  ". Check model.* sizes and num_layers, or pass strict=False.")
+            hint = (". Check model.* sizes and num_layers, or pass strict=False." if strict else
+                    ". The model was built with init=False, so those parameters would keep uninitialized memory: "
+                    "strict=False tolerates checkpoint keys that match no parameter, not missing weights. Check "
+                    "prefix= and model.* sizes, or build with init=True to keep seeded weights where the checkpoint "
+                    "has none.")
+            raise WeightLoadError("checkpoint does not match the model: " + "; ".join(parts) + hint)
     finish_loading(model)
+    if needs_all:
+        model.composer_needs_weights = False
     return report
 
 
-def _copy(param: torch.Tensor, t: torch.Tensor, name: str) -> None:
+QUANTIZED_DTYPES = {torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz}
+
+
+def _check_float(t: torch.Tensor, key: str, target: str, dtype: torch.dtype) -> None:
+    """A floating-point parameter takes floating-point values only: casting fp8 / int8 / packed int4 values would drop
+    their scales and load numbers hundreds of times off, silently."""
+    if dtype.is_floating_point and (t.dtype in QUANTIZED_DTYPES or not t.dtype.is_floating_point):
+        raise WeightLoadError(f"{key}: checkpoint tensor has the quantized dtype {t.dtype}, but {target} is a {dtype} "
+                              "parameter. composer quantizes the routed experts only (quant=...); dequantize this "
+                              "tensor with its scales (e.g. its weight_scale_inv) into the model dtype before loading")
+
+
+def _copy(param: torch.Tensor, t: torch.Tensor, name: str, key: str | None = None) -> None:
     if tuple(t.shape) != tuple(param.shape):
         raise WeightLoadError(f"{name}: checkpoint tensor has shape {tuple(t.shape)}, the parameter expects {tuple(param.shape)}")
+    _check_float(t, key or name, name, param.dtype)
     param.data.copy_(t.to(param.dtype))
 
 

@@ -1,7 +1,7 @@
 """Weight loading: FusedMoE.weight_loader and Hugging Face-named safetensors round trips."""
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from composer import build
 from composer.errors import WeightLoadError
@@ -148,3 +148,36 @@ def test_two_copies_of_the_same_weights_are_refused(tmp_path, compose):
     save_file(both, str(tmp_path / "both" / "model.safetensors"))
     with pytest.raises(WeightLoadError, match=r"the checkpoint holds layers.0.mlp.experts.w\w+ .*twice"):
         load_checkpoint(composer.build(cfg, init=False), tmp_path / "both")
+
+
+def test_quantized_values_never_go_into_float_parameters(tmp_path, compose):
+    """A deepseek_v3-style checkpoint's fp8 shared expert (with its weight_scale_inv) would load as raw fp8 values,
+    its scale dropped as an unexpected key under strict=False."""
+    cfg = compose("model.hidden_size=32", "model.intermediate_size=48", "model.num_experts=4", "model.num_layers=1",
+                  "model.num_shared_experts=1", "kernel=torch")
+    sd = load_file(str(save_checkpoint(build(cfg), tmp_path)))
+    k = "layers.0.mlp.shared_experts.down_proj.weight"
+    s = sd[k].abs().amax() / 448
+    sd[k], sd[k + "_scale_inv"] = (sd[k] / s).to(torch.float8_e4m3fn), s.reshape(1, 1)
+    save_file(sd, str(tmp_path / "fp8.safetensors"))
+    with pytest.raises(WeightLoadError, match=rf"{k}: checkpoint tensor has the quantized dtype torch.float8_e4m3fn"):
+        load_checkpoint(build(cfg, init=False), tmp_path / "fp8.safetensors", strict=False)
+    e = "layers.0.mlp.experts.gate_up_proj"
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    sd[e] = sd[e].to(torch.float8_e4m3fn)
+    save_file(sd, str(tmp_path / "fp8e.safetensors"))
+    with pytest.raises(WeightLoadError, match=rf"{e}: checkpoint tensor has the quantized dtype"):
+        load_checkpoint(build(cfg, init=False), tmp_path / "fp8e.safetensors")
+
+
+def test_init_false_needs_every_weight_even_when_not_strict(tmp_path, compose):
+    cfg = compose("model.hidden_size=32", "model.intermediate_size=48", "model.num_experts=4", "model.num_layers=1")
+    sd = load_file(str(save_checkpoint(build(cfg), tmp_path)))
+    save_file({"model." + k: v for k, v in sd.items()}, str(tmp_path / "hf.safetensors"))
+    with pytest.raises(WeightLoadError, match=r'no checkpoint key matched .* needs prefix="model.". Nothing was loaded'):
+        load_checkpoint(build(cfg, init=False), tmp_path / "hf.safetensors", strict=False)  # the prefix forgotten
+    save_file({k: v for k, v in sd.items() if "mlp.gate." not in k}, str(tmp_path / "part.safetensors"))
+    with pytest.raises(WeightLoadError, match=r"parameters not in the checkpoint: layers.0.mlp.gate.weight.*uninitialized"):
+        load_checkpoint(build(cfg, init=False), tmp_path / "part.safetensors", strict=False)
+    seeded = build(cfg)  # init=True: strict=False keeps the seeded weights where the checkpoint has none
+    load_checkpoint(seeded, tmp_path / "part.safetensors", strict=False)

@@ -43,16 +43,32 @@ def _method(layer) -> QuantizedMethod | None:
     return qm if isinstance(qm, QuantizedMethod) else None
 
 
-def handles(layer, rest: str, key: str) -> bool:
+# What a quantized weight's dtype says about the method that made it (safetensors dtype names and torch dtypes)
+METHOD_OF_DTYPE = {"F8_E4M3": "quant=fp8_w8a8", "I8": "quant=int8_w8a16 or quant=int8_w8a8", "U8": "quant=int4_w4a16",
+                   torch.float8_e4m3fn: "quant=fp8_w8a8", torch.int8: "quant=int8_w8a16 or quant=int8_w8a8",
+                   torch.uint8: "quant=int4_w4a16"}
+
+
+def _made_with(dtype: Any) -> str:
+    """' (its dtype says quant=...)' for a quantized weight dtype, else ''."""
+    m = METHOD_OF_DTYPE.get(dtype)
+    return f" (its dtype {dtype} says the checkpoint was made with {m})" if m else ""
+
+
+def handles(layer, rest: str, key: str, f: Any = None) -> bool:
     """True when ``rest`` (the key under the layer path) is a quantized tensor this layer's method loads.
-    Raises a WeightLoadError naming the quant setting to use when it is a quantized name of another layout."""
+    Raises a WeightLoadError naming the quant setting to use when it is a quantized name of another layout
+    (for ``w13_weight`` / ``w2_weight``, read from the tensor's dtype in the open file ``f``)."""
     qm = _method(layer)
     if qm is not None and rest in qm.checkpoint_layout(layer):
         return True
     if rest in KNOWN:
+        hint = KNOWN[rest]
+        if rest in ("w13_weight", "w2_weight") and f is not None:
+            hint += _made_with(f.get_slice(key).get_dtype())
         raise WeightLoadError(f"{key}: this checkpoint is quantized but the layer uses quant="
                               f"{getattr(layer.quant_method, 'name', '?')}"
-                              f"{_params(layer)}; {KNOWN[rest]}")
+                              f"{_params(layer)}; {hint}")
     return False
 
 
@@ -67,13 +83,19 @@ def _params(layer) -> str:
 
 
 @torch.no_grad()
-def load(layer, owner: str, rest: str, key: str, f: Any, report: Any) -> None:
-    """Load checkpoint tensor ``key`` (``owner.rest``) from the open safetensors file ``f`` into ``layer``."""
+def load(layer, owner: str, rest: str, key: str, f: Any, report: Any, filled: dict[str, set] | None = None) -> None:
+    """Load checkpoint tensor ``key`` (``owner.rest``) from the open safetensors file ``f`` into ``layer``.
+    ``filled``: the float parameters loaded so far (composer.loading), so float and quantized copies of the same
+    experts are refused in either order."""
     qm = _method(layer)
     spec = qm.checkpoint_layout(layer)[rest]
     if layer.quant_state == "ready":
         raise WeightLoadError(f"{key}: {owner} already holds processed quantized weights; load checkpoints into a "
                               "model built with init=False")
+    floats = [a for a in ("w13", "w2") if filled and filled.get(f"{owner}.{a}")]
+    if floats:
+        raise WeightLoadError(f"{key}: the checkpoint also holds float {' and '.join(floats)} weights of {owner} "
+                              "(packed or per expert); it holds both float and quantized copies: keep one")
     if layer.quant_state == "unprocessed":
         layer.quant_state = "prequantized"
         layer.quant_loaded = set()
@@ -95,7 +117,16 @@ def load(layer, owner: str, rest: str, key: str, f: Any, report: Any) -> None:
             t = f.get_tensor(key)
     if t.dtype not in spec.dtypes:
         raise WeightLoadError(f"{name}: checkpoint tensor has dtype {t.dtype}, {qm.name}{_params(layer)} expects "
-                              f"{' or '.join(str(d) for d in spec.dtypes)}")
+                              f"{' or '.join(str(d) for d in spec.dtypes)}"
+                              + (_made_with(t.dtype) if rest.endswith(("_weight", "_qweight")) else ""))
+    if t.dtype.is_floating_point and t.dtype not in (torch.float8_e4m3fn,) and "scale" in rest:
+        bad = ~torch.isfinite(t) | (t <= 0 if "input" in rest else t < 0)
+        if bool(bad.any()):
+            raise WeightLoadError(f"{name}: {int(bad.sum())} of its {t.numel()} scales are "
+                                  f"{'not finite or not positive' if 'input' in rest else 'not finite or negative'} "
+                                  "(first at index "
+                                  f"{tuple(int(i) for i in torch.nonzero(bad)[0])}); the checkpoint is damaged or was "
+                                  "written with another scale convention")
     report.bytes_read += t.numel() * t.element_size()
     report.loaded.append(key)
     device = layer.expert_map.device
@@ -103,8 +134,9 @@ def load(layer, owner: str, rest: str, key: str, f: Any, report: Any) -> None:
     layer.quant_loaded.add(rest)
 
 
-def finish(experts: dict[str, Any], filled: dict[str, set]) -> None:
-    """After all files: every pre-quantized layer must have its whole layout (else WeightLoadError)."""
+def finish(experts: dict[str, Any], filled: dict[str, set], unexpected: list[str] | None = None) -> None:
+    """After all files: every pre-quantized layer must have its whole layout (else WeightLoadError, which also names
+    the checkpoint keys that matched nothing: a misnamed scale shows up there)."""
     for owner, layer in experts.items():
         qm = _method(layer)
         if qm is None or getattr(layer, "quant_state", None) != "prequantized":
@@ -115,7 +147,9 @@ def finish(experts: dict[str, Any], filled: dict[str, set]) -> None:
             raise WeightLoadError(
                 f"{owner}: the checkpoint is pre-quantized ({', '.join(sorted(layer.quant_loaded))}) but lacks "
                 f"{', '.join(f'{owner}.{n}' for n in missing)}, which {qm.name}{_params(layer)} needs; "
-                "check quant.* against the checkpoint's quantization config")
+                "check quant.* against the checkpoint's quantization config"
+                + (f" (checkpoint keys that matched nothing: {', '.join(unexpected[:4])}"
+                   f"{' ...' if len(unexpected) > 4 else ''})" if unexpected else ""))
         for attr in ("w13", "w2"):
             filled.setdefault(f"{owner}.{attr}", set()).add("all")
 

@@ -16,7 +16,7 @@ import transformers  # noqa: E402  (a dev dependency: pyproject pins transformer
 
 from composer import load_config  # noqa: E402
 from composer.checking import rel_error  # noqa: E402
-from composer.errors import ConfigError  # noqa: E402
+from composer.errors import ConfigError, WeightLoadError  # noqa: E402
 from composer.integrations.check import GENERATE_TOKENS, greedy, prompt_ids  # noqa: E402
 from composer.integrations.hf_config import ARCHS, installed_archs  # noqa: E402
 from composer.integrations.transformers_moe import (  # noqa: E402
@@ -516,8 +516,13 @@ def test_load_checkpoint_maps_hugging_face_block_names(arch, tmp_path):
                 p.copy_(torch.randn_like(p))
     hf.save_pretrained(tmp_path)
     own = load_config(None, ["device=cpu", "model=hf", f"model.arch={arch}", "model.dtype=float32", "kernel=torch"])
-    model = build(own, init=False)
+    # init=True: deepseek_v3's first layer is dense in the Hugging Face model, so the checkpoint has nothing for
+    # composer's (all-MoE) layer 0; with init=False that is refused (its weights would be uninitialized memory)
+    model = build(own)
     report = load_checkpoint(model, tmp_path, prefix="model.", strict=False)  # (attention, embeddings: not composer's)
+    if arch == "deepseek_v3":
+        with pytest.raises(WeightLoadError, match="parameters not in the checkpoint: layers.0.mlp.gate.weight"):
+            load_checkpoint(build(own, init=False), tmp_path, prefix="model.", strict=False)
     assert any("shared_expert" in k for k in report.loaded) and any("post_attention_layernorm" in k for k in report.loaded)
     x = torch.randn(5, own.model.hidden_size, generator=torch.Generator().manual_seed(0))
     for i, layer in enumerate(model.layers):

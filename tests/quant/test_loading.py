@@ -162,3 +162,40 @@ def test_a_failed_load_leaves_the_model_loadable(tmp_path, compose):
     x = tokens(cfg)
     with torch.no_grad():
         assert torch.equal(model(x), build(cfg)(x))
+
+
+def test_float_and_quantized_copies_are_refused_in_either_order(tmp_path, compose):
+    """Inside one file the float names sort before w13_weight: the quantized copy must not replace them silently."""
+    cfg = compose("quant=int8_w8a16", *SMALL)
+    q = load_file(str(save_checkpoint(build(cfg), tmp_path / "q")))
+    f = load_file(str(save_checkpoint(build(compose(*SMALL)), tmp_path / "f")))
+    save_file({**q, **{k: v for k, v in f.items() if "experts" in k}}, str(tmp_path / "mix.safetensors"))
+    with pytest.raises(WeightLoadError, match="both float and quantized copies: keep one"):
+        load_checkpoint(build(cfg, init=False), tmp_path / "mix.safetensors")
+
+
+def test_a_checkpoint_of_another_method_is_named_by_its_dtype(tmp_path, compose):
+    _, path, _ = _saved(tmp_path, compose, ["quant=int8_w8a16"])
+    with pytest.raises(WeightLoadError, match=r"dtype torch.int8 .*made with quant=int8_w8a16 or quant=int8_w8a8"):
+        load_checkpoint(build(compose("quant=fp8_w8a8", "quant.granularity=per_token_channel", *SMALL), init=False), path)
+    with pytest.raises(WeightLoadError, match=r"dtype I8 says the checkpoint was made with quant=int8_w8a16"):
+        load_checkpoint(build(compose(*SMALL), init=False), path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0])
+def test_damaged_scales_are_refused(tmp_path, compose, bad):
+    cfg, path, sd = _saved(tmp_path, compose, ["quant=int8_w8a16"])
+    sd[P + "w2_weight_scale"][1, 3] = bad
+    save_file(sd, str(path))
+    with pytest.raises(WeightLoadError, match=r"w2_weight_scale: 1 of its .* scales are not finite or negative "
+                                              r"\(first at index \(1, 3"):
+        load_checkpoint(build(cfg, init=False), path)
+
+
+def test_a_misnamed_scale_is_shown_beside_the_missing_one(tmp_path, compose):
+    cfg, path, sd = _saved(tmp_path, compose, ["quant=int8_w8a16"])
+    sd["model." + P + "w13_weight_scale"] = sd.pop(P + "w13_weight_scale")
+    save_file(sd, str(path))
+    with pytest.raises(WeightLoadError, match=r"lacks layers.0.mlp.experts.w13_weight_scale.*matched nothing: "
+                                              r"model.layers.0.mlp.experts.w13_weight_scale"):
+        load_checkpoint(build(cfg, init=False), path, strict=False)
