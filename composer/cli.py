@@ -159,14 +159,15 @@ def run_job(dcfg: DictConfig) -> dict[str, Any] | None:
         if lead:
             write_results(run_dir, status="failed", task=task_name, metrics=getattr(exc, "metrics", None),
                           config=cfg.to_dict() if cfg else raw, config_hash=cfg.config_hash() if cfg else None,
-                          overrides=overrides, error=message, device=cfg.device if cfg else "cpu")
+                          overrides=overrides, error=message, device=cfg.device if cfg else "cpu",
+                          **({"resolved": cfg.resolved()} if cfg else {}))  # (report rows name what ran)
         unexpected = not composer_error and oom is None  # a bug or an environment problem: its traceback matters
         quiet = job is None and not lead and not unexpected  # rank 0 reports the same config problem
         if not quiet and (unexpected or _full_error()):
             import traceback
 
             traceback.print_exc()
-        if _full_error():
+        if _full_error() and not sweeping:  # (a sweep still runs its other jobs, each failure with its traceback)
             sys.exit(code)
         rank = f" (rank {job.rank})" if job is not None else "" if lead else f" (rank {os.environ['RANK']})"
         if quiet:

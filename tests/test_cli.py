@@ -135,3 +135,14 @@ def test_under_torchrun_rank_0_alone_reports_a_config_problem(tmp_path):
             assert proc.returncode == 2
             assert ("error" in proc.stderr) == (rank == "0"), (rank, proc.stderr)
         assert (tmp_path / f"r{rank}" / "results.json").exists() == (rank == "0")
+
+
+def test_full_error_sweep_runs_every_job_and_failed_runs_record_what_ran(tmp_path):
+    """HYDRA_FULL_ERROR=1 adds tracebacks; it must not stop a sweep at its first failure. A failed job's results.json
+    names the implementation that ran (report rows would otherwise say 'auto' for it)."""
+    proc = composer(["-m", "task=check", "task.tolerance=1e-30,0.1", "device=cpu", "hydra.sweep.dir=sweep"], tmp_path,
+                    {"HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+    runs = [json.loads(f.read_text()) for f in sorted((tmp_path / "sweep").glob("*/results.json"))]
+    assert [r["status"] for r in runs] == ["failed", "ok"]
+    assert runs[0]["resolved"]["kernel"] == runs[1]["resolved"]["kernel"] == "torch"

@@ -107,3 +107,28 @@ def test_deployment_file(tmp_path: Path):
     assert str(f) in text and "schema_version = 3" in text and "model.top_kk" in text and "Did you mean 'top_k'" in text
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_boolean_is_not_an_integer(compose):
+    """pydantic's lax mode read model.top_k=true as 1; every schema refuses it, with the key named."""
+    for override, key in (("model.top_k=true", "model.top_k"), ("task.tokens=false", "task.tokens"),
+                          ("quant.group_size=true", "quant.group_size")):
+        extra = ["quant=int4_w4a16"] if override.startswith("quant") else ["task=check"] if "task" in override else []
+        with pytest.raises(ConfigError, match=rf"{key} = (True|False): must be an integer, got (True|False) \(a boolean\)"):
+            compose(*extra, override)
+
+
+def test_a_key_of_another_implementation_says_whose_it_is(compose):
+    with pytest.raises(ConfigError, match=r"quant.group_size = 16: unknown key; quant 'int8_w8a16' takes no keys; "
+                                          r"group_size is a key of quant=int4_w4a16"):
+        compose("quant=int8_w8a16", "++quant.group_size=16")
+    with pytest.raises(ConfigError, match=r"quant.group_siz = 16: unknown key; allowed: group_size, zero_point. "
+                                          r"Did you mean 'group_size'\?"):
+        compose("quant=int4_w4a16", "++quant.group_siz=16")
+
+
+@pytest.mark.parametrize("task", ["run", "check", "bench"])
+def test_zero_tokens_is_refused(compose, task):
+    """T = 0 compares and times nothing (a vacuous 'check passed'); the kernel tests cover T = 0."""
+    with pytest.raises(ConfigError, match=r"task.tokens.* greater than or equal to 1"):
+        compose(f"task={task}", "task.tokens=[0]" if task == "bench" else "task.tokens=0")

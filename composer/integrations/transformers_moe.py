@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 from torch import nn
 
 from ..errors import ComposerError, ConfigError, Problem, WeightLoadError
 from ..layers.fused_moe import FusedMoE
+from ..params import Params
 from ..registry import PluggableLayer
 from .hf_config import ARCHS, HFConfigError, hf_config, supported_text
 
@@ -483,7 +484,7 @@ def _new_block(cfg: Any, block: nn.Module, arch: str) -> nn.Module:
 # The `transformers_moe` layer: build_model, config checks, task hooks
 
 
-class TransformersMoEParams(BaseModel):
+class TransformersMoEParams(Params):
     model_config = ConfigDict(extra="forbid", frozen=True)
     replace: Literal["experts", "block"] = "experts"
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from ..layers.modular_kernel import ExpertWeights
+from ..params import Params
 from ..registry import QUANT_METHODS
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from ..layers.fused_moe import FusedMoE
 
 
-class QuantParams(BaseModel):
+class QuantParams(Params):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 

@@ -14,10 +14,11 @@ from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 
 from ..errors import ComposerError
+from ..params import Params
 from ..registry import TASKS
 
 
-class TaskParams(BaseModel):
+class TaskParams(Params):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 

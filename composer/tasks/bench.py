@@ -42,7 +42,7 @@ TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
 
 
 class BenchParams(TaskParams):
-    tokens: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [1, 16, 128, 1024, 4096], min_length=1,
+    tokens: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 16, 128, 1024, 4096], min_length=1,
                                                       description="the T values timed (at least one)")
     warmup: int = Field(5, ge=0, description="untimed calls before timing")
     iters: int = Field(50, ge=1, description="timed calls at most (fewer for slow cases, see budget_s)")

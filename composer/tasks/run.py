@@ -15,7 +15,8 @@ from ..checking import time_modules
 
 
 class RunParams(TaskParams):
-    tokens: int = Field(16, ge=0, description="tokens T in the random input [T, H]")
+    tokens: int = Field(16, ge=1, description="tokens T in the random input [T, H] (T = 0 would compare nothing; "
+                        "the kernel tests cover it)")
     warmup: int = Field(1, ge=0)
     iters: int = Field(3, ge=1)
 
