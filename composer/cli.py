@@ -51,7 +51,15 @@ def _precheck(argv: list[str]) -> None:
         overrides = OverridesParser.create().parse_overrides(args)
     except Exception:  # let Hydra report its own syntax errors
         return
+    multirun = any(a in ("-m", "--multirun") for a in argv)
     for o in overrides:
+        if o.is_sweep_override() and not multirun and not o.key_or_group.startswith("hydra"):
+            from .errors import Problem
+
+            values = ",".join(str(v) for v in o.sweep_string_iterator())
+            problems.append(Problem(o.key_or_group, values, f"several values sweep: add -m (composer -m "
+                                    f"{o.key_or_group}={values} ...) to run one job each"))
+            continue
         if o.key_or_group not in GROUPS or o.package is not None or o.is_delete():
             continue
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]

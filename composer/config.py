@@ -303,6 +303,12 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
     raw_model = raw.get("model", {})
     router = None
     hf_unreadable = False
+    if isinstance(raw_model, dict) and raw_model.get("name") != "hf":  # (else silently ignored: the preset ran)
+        for key in ("path", "arch", "hf_overrides"):
+            if raw_model.get(key) not in (None, {}):
+                problems.append(Problem(f"model.{key}", raw_model[key], f"describes a Hugging Face model and is read "
+                                        f"only with model=hf (this is model={raw_model.get('name', 'custom')}); add "
+                                        "model=hf or drop it"))
     if isinstance(raw_model, dict) and raw_model.get("name") == "hf":  # sizes come from the Hugging Face config
         raw_model, hf_unreadable = _derive_hf_model(raw_model, problems)
     if isinstance(raw_model, dict):  # the router validates on its own so one bad key hides no other problem

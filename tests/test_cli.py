@@ -51,6 +51,10 @@ def test_bad_config_exits_2_without_traceback(tmp_path):
     assert unknown.returncode == 2 and "no such quant config; choose one of" in unknown.stderr
     typo = composer(["model.top_kk=3"], tmp_path)
     assert typo.returncode == 2 and "Did you mean 'top_k'?" in typo.stderr
+    sweep = composer(["model.top_k=1,2"], tmp_path)  # (Hydra said "Ambiguous value" and exited 1)
+    assert sweep.returncode == 2 and "several values sweep: add -m" in sweep.stderr
+    hf_key = composer(["model.arch=qwen3_moe"], tmp_path)  # (Hydra said "Key 'arch' is not in struct", exit 1)
+    assert hf_key.returncode == 2 and "read only with model=hf" in hf_key.stderr
     full = composer(["model.top_k=9", "hydra.run.dir=r2"], tmp_path, {"HYDRA_FULL_ERROR": "1"})
     assert full.returncode == 2 and "Traceback" in full.stderr  # the traceback, and still a config problem's code
     late = composer(["quant=fp8_w8a8", "quant.activation_scheme=static", "hydra.run.dir=r3"], tmp_path)  # at build

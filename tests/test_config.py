@@ -132,3 +132,9 @@ def test_zero_tokens_is_refused(compose, task):
     """T = 0 compares and times nothing (a vacuous 'check passed'); the kernel tests cover T = 0."""
     with pytest.raises(ConfigError, match=r"task.tokens.* greater than or equal to 1"):
         compose(f"task={task}", "task.tokens=[0]" if task == "bench" else "task.tokens=0")
+
+
+def test_hugging_face_keys_need_model_hf(compose):
+    with pytest.raises(ConfigError, match=r"model.arch = 'qwen3_moe': describes a Hugging Face model and is read only "
+                                          r"with model=hf \(this is model=tiny\)"):
+        compose("++model.arch=qwen3_moe")
