@@ -66,13 +66,19 @@ def _load_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _group_default(group: str, name: str) -> dict[str, Any] | None:
+def _group_default(group: str, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the section's defaults, top-level keys the choice also sets) of conf/<group>/<name>.yaml; a file marked
+    ``# @package _global_`` (task=report: its task section and report.dir) holds the section under its group key."""
     f = CONF_DIR / group / f"{name}.yaml"
     if not f.exists():
-        return None
+        return {}, {}
     import yaml
 
-    return yaml.safe_load(f.read_text()) or {}
+    text = f.read_text()
+    data = yaml.safe_load(text) or {}
+    if text.lstrip().startswith("# @package _global_"):
+        return data.get(group, {}) or {}, {k: v for k, v in data.items() if k != group}
+    return data, {}
 
 
 def _merge_file(base: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
@@ -86,7 +92,13 @@ def _merge_file(base: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
             value = {"name": value}
         if key in GROUPS and isinstance(value, dict):
             name = value.get("name")
-            start = base.get(key, {}) if name is None or name == base.get(key, {}).get("name") else (_group_default(key, name) or {})
+            if name is None or name == base.get(key, {}).get("name"):
+                start = base.get(key, {})
+            else:
+                start, extra = _group_default(key, name)
+                for k, v in extra.items():  # (keys the choice sets beside its section, unless the file sets them)
+                    if k not in data:
+                        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
             out[key] = _deep_merge(start, value)
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _deep_merge(out[key], value)
@@ -137,13 +149,13 @@ def load_config(path_or_name: str | Path | None = None, overrides: Sequence[str]
         if problem:
             raise ConfigError([problem], "overrides")
         merged = _merge_file(merged, {key: {"name": value}})
-    if other:
-        from omegaconf import OmegaConf
+    from omegaconf import OmegaConf
 
-        try:
-            merged = to_plain(OmegaConf.merge(OmegaConf.create(merged), OmegaConf.from_dotlist([o.lstrip("+") for o in other])))
-        except Exception as exc:  # omegaconf raises several types for a malformed dotlist
-            raise ConfigError([Problem("overrides", list(other), str(exc))], str(path)) from None
+    try:  # (interpolations resolved with or without overrides: task=report's dir reads ${report.dir})
+        merged = to_plain(OmegaConf.merge(OmegaConf.create(merged), OmegaConf.from_dotlist([o.lstrip("+") for o in other])))
+    except Exception as exc:  # omegaconf raises several types for a malformed dotlist or interpolation
+        raise ConfigError([Problem("overrides" if other else "file", list(other) if other else str(path), str(exc))],
+                          str(path)) from None
     return validate_config(merged, source=str(path))
 
 

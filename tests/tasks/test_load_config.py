@@ -98,3 +98,13 @@ def test_file_mode_overrides_must_be_key_value_and_no_overlay(tmp_path):
     with pytest.raises(ConfigError, match=r"overrides = 'model.top_k': must be key=value"):
         load_config(str(f), overrides=["model.top_k"])
     assert load_config(str(f), overrides=["model.top_k=4"]).model.top_k == 4
+
+
+def test_a_file_can_choose_task_report(tmp_path):
+    """conf/task/report.yaml is a global package (its task section and report.dir): a file's `task: report` starts
+    from that section, and task.dir / report.dir both set the directory."""
+    f = tmp_path / "report.yaml"
+    f.write_text("schema_version: 1\ntask: report\n")
+    assert load_config(f).task.params.dir is None
+    assert load_config(f, ["task.dir=sweeps/a"]).task.params.dir == "sweeps/a"
+    assert load_config(f, ["report.dir=sweeps/b"]).task.params.dir == "sweeps/b"
