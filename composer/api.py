@@ -50,6 +50,17 @@ def _compose(config_name: str, overrides: Sequence[str]) -> dict[str, Any]:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=list(overrides))
     except HydraException as exc:
+        # a key the config lacks (Hydra: "Could not override ... use +key"): compose with every plain key forced in,
+        # so validation names the key with its allowed keys and a did-you-mean, as the command line does
+        forced = [o if o.partition("=")[0] in GROUPS or o.startswith(("+", "~")) else "++" + o for o in overrides]
+        if forced != list(overrides):
+            try:
+                with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                    validate_config(to_plain(compose(config_name=config_name, overrides=forced)))
+            except ConfigError as problem:
+                raise problem from None
+            except Exception:  # noqa: BLE001 - (not that: Hydra's own message below)
+                pass
         raise ConfigError([Problem("overrides", list(overrides), str(exc).strip())]) from None
     return to_plain(cfg)
 

@@ -108,3 +108,9 @@ def test_a_file_can_choose_task_report(tmp_path):
     assert load_config(f).task.params.dir is None
     assert load_config(f, ["task.dir=sweeps/a"]).task.params.dir == "sweeps/a"
     assert load_config(f, ["report.dir=sweeps/b"]).task.params.dir == "sweeps/b"
+
+
+def test_api_typo_gets_the_command_lines_message():
+    """load_config(None, [...]) gave Hydra's "Could not override ... use +model.top_kk", which leads nowhere."""
+    with pytest.raises(ConfigError, match=r"model.top_kk = 1: unknown key; allowed: .* Did you mean 'top_k'\?"):
+        load_config(None, ["model.top_kk=1"])
