@@ -581,7 +581,24 @@ def load_hf_model(cfg: Any, experts_implementation: str = "eager") -> nn.Module:
         raise ConfigError([Problem(k, v, msg) for k, v, msg in exc.problems]) from None
     kw = dict(dtype=m.torch_dtype, experts_implementation=experts_implementation)
     if m.path is not None:
-        model = AutoModelForCausalLM.from_pretrained(m.path, config=hc, local_files_only=True, **kw)
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(m.path, config=hc, local_files_only=True,
+                                                               output_loading_info=True, **kw)
+        except (OSError, RuntimeError, ValueError) as exc:  # no weights file, a shape transformers cannot convert, ...
+            text = " ".join(str(exc).split())
+            raise WeightLoadError(f"model.path={m.path}: transformers could not load the weights ({text[:400]}"
+                                  f"{' ...' if len(text) > 400 else ''}). The folder needs the checkpoint of its "
+                                  "config.json (save_pretrained writes both), and model.hf_overrides must not change "
+                                  "the sizes of a checkpoint") from None
+        # transformers fills a missing or mismatched tensor with fresh random values and only logs it; every check
+        # would then compare random weights with themselves
+        problems = [f"{what}: {', '.join(sorted(map(str, keys))[:6])}{' ...' if len(keys) > 6 else ''}"
+                    for what, keys in (("missing", info.get("missing_keys") or ()),
+                                       ("of another shape", info.get("mismatched_keys") or ())) if keys]
+        if problems:
+            raise WeightLoadError(f"model.path={m.path}: the checkpoint does not match its model (tensors "
+                                  f"{'; '.join(problems)}); transformers would initialize those at random. Check the "
+                                  "folder's safetensors against its config.json and model.hf_overrides")
     else:
         torch.manual_seed(cfg.seed)
         model = AutoModelForCausalLM.from_config(hc, **kw)

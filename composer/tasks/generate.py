@@ -51,6 +51,10 @@ class Generate(Task):
         if cfg.model.name != "hf":
             raise ConfigError([Problem("task", "generate", "needs a language model: use model=hf (model.path=<dir> or "
                                        "model.arch=<arch>), usually with layer=transformers_moe")])
+        if cfg.layer.name == "fused_moe":  # composer's own stack of MoE blocks: no embeddings, no attention, no lm_head
+            raise ConfigError([Problem("layer", cfg.layer.name, "task=generate runs a whole Hugging Face model; "
+                                       "layer=fused_moe builds composer's stack of MoE blocks only. Use "
+                                       "layer=transformers_moe (its experts run through composer)")])
         tok = _tokenizer(cfg.model.path)
         if p.prompt is not None and tok is None:
             raise ConfigError([Problem("task.prompt", p.prompt, "there is no tokenizer in model.path "
@@ -62,6 +66,8 @@ class Generate(Task):
         vocab = model.config.vocab_size
         if p.prompt is not None:
             ids = tok(p.prompt, return_tensors="pt").input_ids
+            if ids.numel() == 0:
+                raise ConfigError([Problem("task.prompt", p.prompt, "encodes to no tokens; give a non-empty prompt")])
         elif p.token_ids is not None:
             bad = [t for t in p.token_ids if not 0 <= t < vocab]
             if bad or not p.token_ids:

@@ -449,6 +449,30 @@ def test_task_generate_with_token_ids_and_tokenizer(tmp_path):
     cfg = cfg_for(None, "task=generate", "task.prompt='hello world'", "task.max_new_tokens=3", path=str(tmp_path / "m"))
     m = Generate().run(cfg, ctx)
     assert m["prompt_ids"] == [4, 5] and isinstance(m["text"], str)
+    with pytest.raises(ConfigError, match="encodes to no tokens"):
+        Generate().run(cfg_for(None, "task=generate", "task.prompt=''", path=str(tmp_path / "m")), ctx)
+    own = load_config(None, ["device=cpu", "model=hf", "model.arch=qwen3_moe", "task=generate"])  # (layer=fused_moe)
+    with pytest.raises(ConfigError, match="layer=fused_moe builds composer's stack of MoE blocks only"):
+        Generate().run(own, ctx)
+
+
+def test_a_checkpoint_folder_that_does_not_match_its_model_is_refused(tmp_path):
+    """transformers fills a missing or mismatched tensor at random and only logs it: task=check then compared random
+    weights with themselves and passed."""
+    from safetensors.torch import load_file, save_file
+
+    from composer import build
+
+    load_hf_model(cfg_for("qwen3_moe")).save_pretrained(tmp_path)
+    f = next(tmp_path.glob("*.safetensors"))
+    sd = load_file(str(f))
+    gate = next(k for k in sd if k.endswith("mlp.gate.weight"))
+    save_file({k: v for k, v in sd.items() if k != gate}, str(f), metadata={"format": "pt"})
+    with pytest.raises(WeightLoadError, match=rf"tensors missing: {gate}\); transformers would initialize those at random"):
+        build(cfg_for(None, path=str(tmp_path)))
+    f.unlink()
+    with pytest.raises(WeightLoadError, match="transformers could not load the weights"):
+        build(cfg_for(None, path=str(tmp_path)))
 
 
 def test_cli_check_end_to_end(tmp_path):
