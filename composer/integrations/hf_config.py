@@ -217,8 +217,21 @@ def derive_model(raw: dict[str, Any]) -> tuple[dict[str, Any] | None, list[tuple
     arch = ARCHS[c.model_type]
     problems: list[tuple[str, Any, str]] = []
     if derived["activation"] not in ("silu", "gelu", "swigluoai"):
-        problems.append(("model.path" if raw.get("path") else "model.arch", raw.get("path") or raw.get("arch"),
-                         f"hidden_act '{derived['activation']}' has no composer activation (silu, gelu, swigluoai)"))
+        where = ("model.hf_overrides.hidden_act", overrides["hidden_act"]) if "hidden_act" in overrides else (
+            "model.path" if raw.get("path") else "model.arch", raw.get("path") or raw.get("arch"))
+        problems.append((*where, f"hidden_act '{derived['activation']}' has no composer activation (silu, gelu, "
+                                 "swigluoai)"))
+        del derived["activation"]  # (one problem: model.activation is not the user's to change under model=hf)
+    if c.model_type == "gpt_oss":  # (the swap refused these only after building the whole model)
+        from ..layers.activation import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT
+
+        for key, want in (("swiglu_limit", SWIGLUOAI_LIMIT), ("swiglu_alpha", SWIGLUOAI_ALPHA)):
+            have = getattr(c, key, want)
+            if have is not None and float(have) != want:
+                where = (f"model.hf_overrides.{key}", overrides[key]) if key in overrides else (
+                    "model.path" if raw.get("path") else "model.arch", raw.get("path") or raw.get("arch"))
+                problems.append((*where, f"{key} {have}: composer's swigluoai uses the published constants "
+                                         f"(alpha {SWIGLUOAI_ALPHA}, limit {SWIGLUOAI_LIMIT})"))
     out = {k: v for k, v in raw.items() if k not in ("router",)}
     for k, v in derived.items():
         given = raw.get(k)

@@ -327,8 +327,9 @@ def _keep_hf_names(layer: FusedMoE, hf: nn.Module) -> None:
                    "save_pretrained checkpoint would load wrong or random experts. Save the unquantized model "
                    "instead (the reference model, or one swapped with quant=none) and quantize it when loading "
                    f"(layer=transformers_moe model.path=DIR quant={name}); composer.loading.save_checkpoint(model, "
-                   "path) writes the quantized tensors under vLLM's names, for composer's and vLLM's loaders, "
-                   "not for transformers")
+                   "path) writes the quantized tensors under vLLM's names, for vLLM and for composer's own stack "
+                   "(model=hf layer=fused_moe, built with init=False, load_checkpoint(..., prefix=\"model.\")), not "
+                   "for transformers or a layer=transformers_moe model, which loads model.path only")
     elif layer.local_num_experts != layer.global_num_experts or layer.tp_size > 1:
         problem = "this rank holds part of the experts; save the whole model (one rank, parallel sizes 1)"
     else:
@@ -558,7 +559,11 @@ def _refuse_save_pretrained_upfront(model: nn.Module, swapped: list[str]) -> Non
     """Where a swapped module has no Hugging Face state dict, ``save_pretrained`` raises before it writes anything:
     transformers writes config.json (and a generation config) before it asks for the state dict, so the state-dict
     hook alone would leave a directory with a config and no weights."""
-    formats = [(p, getattr(model.get_submodule(p), "hf_format", None)) for p in swapped]
+    formats = []
+    for p in swapped:  # (a swapped block's own format, and its experts': quantized ones have no HF state dict)
+        m = model.get_submodule(p)
+        formats += [(p, getattr(m, "hf_format", None)), (f"{p}.experts", getattr(getattr(m, "experts", None),
+                                                                                "hf_format", None))]
     problems = [(p, fmt.problem) for p, fmt in formats if fmt is not None and fmt.problem]
     if not problems or not hasattr(model, "save_pretrained"):
         return

@@ -309,8 +309,11 @@ def test_per_expert_layout_state_dict_round_trip():
     assert torch.equal(layer.w13, w13)
 
 
-def test_save_pretrained_of_quantized_swap_refused(tmp_path):
-    cfg = cfg_for("qwen3_moe", "quant=int8_w8a16")
+@pytest.mark.parametrize("replace", ["experts", "block"])
+def test_save_pretrained_of_quantized_swap_refused(tmp_path, replace):
+    """Both swaps: the block's own names map, its experts' quantized tensors do not (the block swap wrote
+    config.json before its state dict raised)."""
+    cfg = cfg_for("qwen3_moe", "quant=int8_w8a16", f"layer.replace={replace}")
     model = swap_model(load_hf_model(cfg), cfg)
     with pytest.raises(HFFormatError, match="int8_w8a16 experts hold quantized tensors") as exc:
         model.save_pretrained(tmp_path)
@@ -573,3 +576,13 @@ def test_swap_refuses_a_dtype_other_than_the_models():
     with pytest.raises(ConfigError, match=r"model.dtype = 'float32': the model's expert weights are bfloat16: set "
                                           r"model.dtype=bfloat16"):
         swap(theirs, cfg_for("qwen3_moe", "model.dtype=float32"), "experts")
+
+
+def test_hf_settings_composer_cannot_run_are_one_config_problem():
+    """An unsupported hidden_act was reported twice (the second about model.activation, which model=hf derives);
+    gpt_oss's swiglu constants were refused only after the model was built."""
+    with pytest.raises(ConfigError) as err:
+        cfg_for("qwen3_moe", "+model.hf_overrides.hidden_act=relu")
+    assert [(p.key, p.value) for p in err.value.problems] == [("model.hf_overrides.hidden_act", "relu")]
+    with pytest.raises(ConfigError, match=r"model.hf_overrides.swiglu_limit = 5.0: .* limit 7.0"):
+        cfg_for("gpt_oss", "+model.hf_overrides.swiglu_limit=5.0")
