@@ -120,15 +120,16 @@ def bench_config(cfg: Any, tokens: list[int], warmup: int, iters: int,
     """The bench for a validated `layer=transformers_moe model=hf` config (its dimensions, dtype, kernel, device)."""
     from .transformers_moe import load_hf_model, swap_model
 
-    arch, layers, kernel, dtype, device = (cfg.model.arch or "hf", cfg.model.num_layers, cfg.kernel.resolved,
-                                           cfg.model.dtype, cfg.device)
+    layers, kernel, dtype, device = cfg.model.num_layers, cfg.kernel.resolved, cfg.model.dtype, cfg.device
     model = load_hf_model(cfg, "eager")
+    arch = cfg.model.arch or model.config.model_type  # (a model.path run is labelled by its config, not "hf")
+    quant = "" if cfg.quant.name == "none" else f", {cfg.quant.name}"
     gen = torch.Generator().manual_seed(0)
     prompts = {T: torch.randint(3, model.config.vocab_size, (1, T), generator=gen).to(device) for T in tokens}
     impls: list[tuple[str, Callable[[], None]]] = [
         ("hf eager", lambda: model.set_experts_implementation("eager")),
         ("hf grouped_mm", lambda: model.set_experts_implementation("grouped_mm")),
-        (f"composer ({kernel})", lambda: swap_model(model, cfg)),  # in place, adopting the same weights
+        (f"composer ({kernel}{quant})", lambda: swap_model(model, cfg)),  # in place, adopting the same weights
     ]
     results: dict[tuple[str, int], dict[str, Any]] = {}
     for name, prepare in impls:

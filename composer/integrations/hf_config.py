@@ -152,6 +152,8 @@ def hf_config(path: str | None, arch: str | None, overrides: dict[str, Any] | No
         except Exception as exc:  # the config class validates its own fields
             raise HFConfigError([("model.hf_overrides", overrides, f"the {arch} config refused these values: {exc}")]) from None
     p = Path(path).expanduser()
+    if p.is_file():
+        raise HFConfigError([("model.path", path, f"is a file; give the directory that holds it (model.path={p.parent})")])
     if not p.is_dir():
         raise HFConfigError([("model.path", path, "no such directory; give a local save_pretrained directory "
                               "(nothing is downloaded)")])

@@ -506,7 +506,7 @@ def test_task_bench_holds_logits_to_the_dtype_or_the_quant_bound(tmp_path, monke
     caption = f"median ms (host timer). rel. err: {cfg.model.dtype} logits vs hf eager (relative Frobenius, <= 0.45)"
     assert caption in (tmp_path / "hf_bench.md").read_text()
     monkeypatch.setattr(hf_bench, "logits_tolerance", lambda cfg: 1e-3)
-    with pytest.raises(TaskFailed, match=r"composer \(torch\) T=4: logits rel. error .* > 0.001"):
+    with pytest.raises(TaskFailed, match=r"composer \(torch, int4_w4a16\) T=4: logits rel. error .* > 0.001"):
         hf_bench.task_bench(cfg, ctx, cfg.task.params)
 
 
