@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from composer import load_config
 from composer.config import validate_config
@@ -138,3 +139,12 @@ def test_hugging_face_keys_need_model_hf(compose):
     with pytest.raises(ConfigError, match=r"model.arch = 'qwen3_moe': describes a Hugging Face model and is read only "
                                           r"with model=hf \(this is model=tiny\)"):
         compose("++model.arch=qwen3_moe")
+
+
+def test_task_show_previews_a_cuda_config_anywhere(compose):
+    """task=show builds on the meta device, so a GPU deployment can be previewed on a CPU machine."""
+    cfg = compose("task=show", "device=cuda", "model=qwen3_30b_a3b")
+    assert cfg.device == "cuda" and cfg.kernel.resolved == "triton"
+    if not torch.cuda.is_available():  # (other tasks still need the GPU they name)
+        with pytest.raises(ConfigError, match="no CUDA device is visible here"):
+            compose("task=run", "device=cuda")
