@@ -439,8 +439,14 @@ def user_path(s: str) -> Path:
 
 
 def _newest_sweep(cwd: Path) -> Path | None:
+    """The sweep whose jobs ran last (by its results.json files: writing a report into a sweep changes the
+    directory's own time, not theirs)."""
+    def ran(p: Path) -> float:
+        times = [f.stat().st_mtime for f in p.glob("*/results.json")]
+        return max(times) if times else p.stat().st_mtime
+
     sweeps = [p for p in cwd.glob("multirun/*/*") if p.is_dir()]
-    return max(sweeps, key=lambda p: p.stat().st_mtime) if sweeps else None
+    return max(sweeps, key=ran) if sweeps else None
 
 
 @register_task("report")

@@ -283,3 +283,18 @@ def test_sweep_size_counts_command_line_and_sweeper_params():
     assert sweep_size(cfg) == 3 * 5 * 2  # top_k from the command line beats the experiment's; quant: 2 values
     cfg.hydra.overrides.task = ["model.top_k=1"]
     assert sweep_size(cfg) == 2  # quant: none,int8_w8a16; top_k fixed by the command line
+
+
+def test_newest_sweep_is_the_one_whose_jobs_ran_last(tmp_path):
+    """A report written into an older sweep touched that directory; the hint named it as the newest."""
+    import os
+
+    from composer.tasks.report import _newest_sweep
+
+    old, new = tmp_path / "multirun/d/old", tmp_path / "multirun/d/new"
+    for i, sweep in enumerate((old, new)):
+        (sweep / "0").mkdir(parents=True)
+        (sweep / "0/results.json").write_text("{}")
+        os.utime(sweep / "0/results.json", (1000 + i, 1000 + i))
+    (old / "report").mkdir()  # (the directory's own time is now the latest)
+    assert _newest_sweep(tmp_path) == new
