@@ -293,7 +293,8 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
 
     for key in raw:
         if key not in TOP_LEVEL:
-            problems.append(Problem(key, raw[key], f"unknown top-level key; allowed: {', '.join(TOP_LEVEL)}.{did_you_mean(key, TOP_LEVEL)}"))
+            problems.append(Problem(key, raw[key], f"unknown top-level key; allowed: {', '.join(TOP_LEVEL)}."
+                                    f"{_leaf_hint(key, raw, exact=True) or did_you_mean(key, TOP_LEVEL) or _leaf_hint(key, raw)}"))
 
     version = raw.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
@@ -395,6 +396,26 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
         layer=named["layer"], quant=named["quant"], all2all=named["all2all"], task=named["task"],
         custom_ops=custom_ops, plugins=plugins, device=device, **scalars,
     )
+
+
+def _leaf_hint(key: str, raw: dict[str, Any], exact: bool = False) -> str:
+    """' Did you mean 'task.tolerance'?' for a top-level key that is a key of a section (top_k, tolerance), with the
+    sections' chosen implementations (task=check's keys, quant=int4's); '' when none is close."""
+    leaves = [f"model.{f}" for f in ModelConfig.model_fields] + [f"model.router.{f}" for f in RouterConfig.model_fields]
+    leaves += [f"parallel.{f}" for f in ParallelConfig.model_fields]
+    for section in NAMED_SECTIONS:
+        name = raw.get(section)
+        name = name.get("name") if isinstance(name, dict) else name
+        if isinstance(name, str) and name in _choices(section):
+            leaves += [f"{section}.{f}" for f in _params_cls(section, name).model_fields]
+    same = [leaf for leaf in leaves if leaf.rsplit(".", 1)[1] == key]
+    if same:
+        return f" Did you mean '{same[0]}'?"
+    close = "" if exact else did_you_mean(key, [leaf.rsplit(".", 1)[1] for leaf in leaves])
+    if close:
+        near = close.split("'")[1]
+        return f" Did you mean '{next(leaf for leaf in leaves if leaf.rsplit('.', 1)[1] == near)}'?"
+    return ""
 
 
 def _task_name(raw: dict[str, Any]) -> Any:

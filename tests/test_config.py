@@ -148,3 +148,12 @@ def test_task_show_previews_a_cuda_config_anywhere(compose):
     if not torch.cuda.is_available():  # (other tasks still need the GPU they name)
         with pytest.raises(ConfigError, match="no CUDA device is visible here"):
             compose("task=run", "device=cuda")
+
+
+def test_a_top_level_key_that_belongs_to_a_section_names_it(compose):
+    with pytest.raises(ConfigError, match=r"Did you mean 'task.tolerance'\?"):
+        compose("task=check", "++tolerance=0.1")
+    with pytest.raises(ConfigError, match=r"Did you mean 'model.top_k'\?"):
+        compose("++top_k=4")
+    with pytest.raises(ConfigError, match=r"Did you mean 'seed'\?"):
+        compose("++seeed=4")
