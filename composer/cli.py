@@ -52,6 +52,16 @@ def _precheck(argv: list[str]) -> None:
     except Exception:  # let Hydra report its own syntax errors
         return
     multirun = any(a in ("-m", "--multirun") for a in argv)
+    overlays: dict[str, list[str]] = {}
+    for o in overrides:
+        if o.is_add() and (CONF_DIR / o.key_or_group).is_dir():
+            overlays.setdefault(o.key_or_group, []).append(str(o.value()))
+    for key, values in overlays.items():  # (Hydra: "Multiple values for deploy", exit 1)
+        if len(values) > 1:
+            from .errors import Problem
+
+            problems.append(Problem(f"+{key}", values, f"one +{key}= per run: its files each set a whole "
+                                    f"deployment; pick one and override single keys on top of it"))
     for o in overrides:
         if o.is_sweep_override() and not multirun and not o.key_or_group.startswith("hydra"):
             from .errors import Problem

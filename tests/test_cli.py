@@ -51,6 +51,8 @@ def test_bad_config_exits_2_without_traceback(tmp_path):
     assert unknown.returncode == 2 and "no such quant config; choose one of" in unknown.stderr
     typo = composer(["model.top_kk=3"], tmp_path)
     assert typo.returncode == 2 and "Did you mean 'top_k'?" in typo.stderr
+    twice = composer(["+deploy=cpu_reference", "+deploy=h100_bf16"], tmp_path)  # (Hydra: "Multiple values", exit 1)
+    assert twice.returncode == 2 and "one +deploy= per run" in twice.stderr
     sweep = composer(["model.top_k=1,2"], tmp_path)  # (Hydra said "Ambiguous value" and exited 1)
     assert sweep.returncode == 2 and "several values sweep: add -m" in sweep.stderr
     hf_key = composer(["model.arch=qwen3_moe"], tmp_path)  # (Hydra said "Key 'arch' is not in struct", exit 1)
