@@ -35,6 +35,18 @@ HF_ALIASES = [(re.compile(p), r) for p, r in (
 )]
 
 
+BLOCK_ALIAS = re.compile(r"^(.*layers\.\d+)\.block_sparse_moe\.(.*)$")  # mixtral's sparse block in transformers
+
+
+def _block_alias(name: str, experts: dict[str, Any]) -> str:
+    """Mixtral checkpoints name the sparse block ``block_sparse_moe`` where composer's is ``mlp``: the name under
+    ``mlp`` when that is one of the model's experts layers (or their block's gate)."""
+    alias = BLOCK_ALIAS.sub(r"\1.mlp.\2", name)
+    if alias != name and any(alias.startswith(n.rsplit(".", 1)[0] + ".") for n in experts):
+        return alias
+    return name
+
+
 def _alias(name: str, params: dict[str, Any]) -> str:
     """``name``, or composer's name for the Hugging Face one (``HF_ALIASES``) where that is a parameter."""
     if name in params:
@@ -149,6 +161,7 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
         with _open(path) as f:
             for key in f.keys():
                 name = key[len(prefix):] if prefix and key.startswith(prefix) else key
+                name = _block_alias(name, experts)
                 owner = next((n for n in experts if name.startswith(n + ".")), None)
                 if owner is None:
                     name = _alias(name, params)
@@ -195,6 +208,7 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
                             t, nbytes = torch.zeros_like(param.data[layer._global_to_local[e]]), 0
                     else:
                         t = f.get_tensor(key)
+                    _check_float(t, key, f"{owner}.{pname}", param.dtype, experts=True)
                     try:
                         layer.weight_loader(param, t, shard, e, **({"narrowed": True} if tp else {}))
                     except WeightLoadError as exc:
@@ -214,7 +228,7 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
                     _once(filled, f"{owner}.{pname}", "all", key)
                     sl = f.get_slice(key)
                     shape = tuple(sl.get_shape())
-                    _check_float(sl[0:0], key, f"{owner}.{pname}", param.dtype)
+                    _check_float(sl[0:0], key, f"{owner}.{pname}", param.dtype, experts=True)
                     want = (layer.global_num_experts, *param.shape[1:])
                     if getattr(layer, "tp_size", 1) > 1:  # tensor parallelism: narrow each expert before reading
                         from .distributed.tp import check_packed_shape, read_packed
@@ -276,9 +290,9 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
                 parts.append(f"checkpoint keys that match no parameter: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
             hint = (". Check model.* sizes and num_layers, or pass strict=False." if strict else
                     ". The model was built with init=False, so those parameters would keep uninitialized memory: "
-                    "strict=False tolerates checkpoint keys that match no parameter, not missing weights. Check "
-                    "prefix= and model.* sizes, or build with init=True to keep seeded weights where the checkpoint "
-                    "has none.")
+                    "strict=False tolerates checkpoint keys that match no parameter, not missing weights. Pass every "
+                    "file of a sharded checkpoint in one call (its folder or a list), check prefix= and model.* "
+                    "sizes, or build with init=True to keep seeded weights where the checkpoint has none.")
             raise WeightLoadError("checkpoint does not match the model: " + "; ".join(parts) + hint)
     finish_loading(model)
     if needs_all:
@@ -289,13 +303,23 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
 QUANTIZED_DTYPES = {torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz}
 
 
-def _check_float(t: torch.Tensor, key: str, target: str, dtype: torch.dtype) -> None:
+def _check_float(t: torch.Tensor, key: str, target: str, dtype: torch.dtype, experts: bool = False) -> None:
     """A floating-point parameter takes floating-point values only: casting fp8 / int8 / packed int4 values would drop
     their scales and load numbers hundreds of times off, silently."""
-    if dtype.is_floating_point and (t.dtype in QUANTIZED_DTYPES or not t.dtype.is_floating_point):
-        raise WeightLoadError(f"{key}: checkpoint tensor has the quantized dtype {t.dtype}, but {target} is a {dtype} "
-                              "parameter. composer quantizes the routed experts only (quant=...); dequantize this "
-                              "tensor with its scales (e.g. its weight_scale_inv) into the model dtype before loading")
+    if not dtype.is_floating_point or (t.dtype.is_floating_point and t.dtype not in QUANTIZED_DTYPES):
+        return
+    if t.dtype not in QUANTIZED_DTYPES | {torch.int8, torch.uint8, torch.int32}:
+        raise WeightLoadError(f"{key}: checkpoint tensor has dtype {t.dtype}, but {target} is a {dtype} parameter; "
+                              "save the weights in a floating-point dtype")
+    if experts:
+        hint = ("routed experts quantized this way load with the matching quant= method under vLLM's packed names "
+                "(w13_weight, w13_weight_scale, ...; docs/quantization.md); per-expert quantized names are not read, "
+                "so dequantize them with their scales (e.g. weight_scale_inv) into the model dtype, or repack them")
+    else:
+        hint = ("composer quantizes the routed experts only (quant=...); dequantize this tensor with its scales "
+                "(e.g. its weight_scale_inv) into the model dtype before loading")
+    raise WeightLoadError(f"{key}: checkpoint tensor has the quantized dtype {t.dtype}, but {target} is a {dtype} "
+                          f"parameter. {hint}")
 
 
 def _copy(param: torch.Tensor, t: torch.Tensor, name: str, key: str | None = None) -> None:

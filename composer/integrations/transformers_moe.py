@@ -327,9 +327,10 @@ def _keep_hf_names(layer: FusedMoE, hf: nn.Module) -> None:
                    "save_pretrained checkpoint would load wrong or random experts. Save the unquantized model "
                    "instead (the reference model, or one swapped with quant=none) and quantize it when loading "
                    f"(layer=transformers_moe model.path=DIR quant={name}); composer.loading.save_checkpoint(model, "
-                   "path) writes the quantized tensors under vLLM's names, for vLLM and for composer's own stack "
-                   "(model=hf layer=fused_moe, built with init=False, load_checkpoint(..., prefix=\"model.\")), not "
-                   "for transformers or a layer=transformers_moe model, which loads model.path only")
+                   "path) writes the quantized tensors under vLLM's names, for vLLM and for composer's own stack where "
+                   "every layer is MoE (model=hf layer=fused_moe, built with init=False, load_checkpoint(..., "
+                   "prefix=\"model.\")), not for transformers or a layer=transformers_moe model, which loads "
+                   "model.path only")
     elif layer.local_num_experts != layer.global_num_experts or layer.tp_size > 1:
         problem = "this rank holds part of the experts; save the whole model (one rank, parallel sizes 1)"
     else:

@@ -113,9 +113,12 @@ class FusedMoE(PluggableLayer):
             raise WeightLoadError(f"{name}: expert_id {expert_id} is out of range [0, {self.global_num_experts})")
         state = getattr(self, "quant_state", None)
         if state in ("ready", "prequantized") and name in ("w13", "w2"):  # (float weights into quantized tensors)
-            raise WeightLoadError(f"{name}: this layer holds {'processed' if state == 'ready' else 'pre-quantized'} "
-                                  f"{self.quant_method.name} weights; float weights load into a layer built with "
-                                  "init=False, before finish_loading quantizes them")
+            if state == "prequantized":
+                raise WeightLoadError(f"{name}: this layer already took pre-quantized {self.quant_method.name} "
+                                      "tensors from this checkpoint, which also holds float copies of them: keep one")
+            raise WeightLoadError(f"{name}: this layer holds processed {self.quant_method.name} weights; float "
+                                  "weights load into a layer built with init=False, before finish_loading quantizes "
+                                  "them")
         local = self._global_to_local.get(int(expert_id))
         if local is None:
             return False
