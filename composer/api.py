@@ -160,13 +160,17 @@ def load_config(path_or_name: str | Path | None = None, overrides: Sequence[str]
         if problem:
             raise ConfigError([problem], "overrides")
         merged = _merge_file(merged, {key: {"name": value}})
-    from omegaconf import OmegaConf
+    if other:
+        from omegaconf import OmegaConf
 
-    try:  # (interpolations resolved with or without overrides: task=report's dir reads ${report.dir})
-        merged = to_plain(OmegaConf.merge(OmegaConf.create(merged), OmegaConf.from_dotlist([o.lstrip("+") for o in other])))
-    except Exception as exc:  # omegaconf raises several types for a malformed dotlist or interpolation
-        raise ConfigError([Problem("overrides" if other else "file", list(other) if other else str(path), str(exc))],
-                          str(path)) from None
+        try:
+            merged = to_plain(OmegaConf.merge(OmegaConf.create(merged), OmegaConf.from_dotlist([o.lstrip("+") for o in other])))
+        except Exception as exc:  # omegaconf raises several types for a malformed dotlist
+            raise ConfigError([Problem("overrides", list(other), str(exc))], str(path)) from None
+    task = merged.get("task")
+    if isinstance(task, dict) and task.get("dir") == "${report.dir}":  # (task=report's default, read as Hydra would;
+        # a file's own strings are not interpolated: a prompt may hold a literal ${...})
+        merged["task"] = {**task, "dir": (merged.get("report") or {}).get("dir")}
     return validate_config(merged, source=str(path))
 
 

@@ -36,9 +36,26 @@ def _full_error() -> bool:
 
 
 def _lead_rank() -> bool:
-    """False on torchrun's ranks other than 0. A config problem found before the ranks join is the same on every
-    rank, so rank 0 alone reports it (and writes results.json); the others exit with the same code, silently."""
-    return os.environ.get("RANK", "0").strip() in ("", "0")
+    """False on torchrun's ranks other than 0 (RANK set, WORLD_SIZE > 1). A config problem found before the ranks
+    join is the same on every rank, so rank 0 alone reports it (and writes results.json); the others exit with the
+    same code, silently."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world = 1
+    return world <= 1 or os.environ.get("RANK", "0").strip() in ("", "0")
+
+
+def _multirun(argv: list[str]) -> bool:
+    """Whether Hydra will sweep: -m / --multirun (or a prefix argparse accepts) or hydra.mode=MULTIRUN."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        known, _ = get_args_parser().parse_known_args(argv)
+    except SystemExit:  # (Hydra reports its own usage errors)
+        return True
+    return bool(known.multirun) or any(a.replace(" ", "") in ("hydra.mode=MULTIRUN", "hydra.mode=multirun")
+                                       for a in argv)
 
 
 def _precheck(argv: list[str]) -> None:
@@ -51,7 +68,7 @@ def _precheck(argv: list[str]) -> None:
         overrides = OverridesParser.create().parse_overrides(args)
     except Exception:  # let Hydra report its own syntax errors
         return
-    multirun = any(a in ("-m", "--multirun") for a in argv)
+    multirun = _multirun(argv)
     overlays: dict[str, list[str]] = {}
     for o in overrides:
         if o.is_add() and (CONF_DIR / o.key_or_group).is_dir():
@@ -180,7 +197,9 @@ def run_job(dcfg: DictConfig) -> dict[str, Any] | None:
                           overrides=overrides, error=message, device=cfg.device if cfg else "cpu",
                           **({"resolved": cfg.resolved()} if cfg else {}))  # (report rows name what ran)
         unexpected = not composer_error and oom is None  # a bug or an environment problem: its traceback matters
-        quiet = job is None and not lead and not unexpected  # rank 0 reports the same config problem
+        # rank 0 reports a config problem (the same on every rank); anything else, such as a DistributedError from
+        # joining the job, can be this rank's alone and prints here
+        quiet = job is None and not lead and isinstance(exc, ConfigError)
         if not quiet and (unexpected or _full_error()):
             import traceback
 

@@ -336,9 +336,9 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
     if device not in ("auto", "cpu", "cuda"):
         problems.append(Problem("device", device, "choose one of: auto, cpu, cuda." + did_you_mean(device, ["auto", "cpu", "cuda"])))
         device = "cpu"
-    elif device == "cuda" and not torch.cuda.is_available() and _task_name(raw) != "show":  # (show builds on meta)
+    elif device == "cuda" and not torch.cuda.is_available() and not _meta_preview(raw):
         problems.append(Problem("device", device, "no CUDA device is visible here; use device=auto or device=cpu "
-                                "(task=show previews a CUDA config on any machine)"))
+                                "(task=show previews a CUDA config of composer's own stack on any machine)"))
     device = resolve_device(device) if device != "cuda" else "cuda"
 
     custom_ops = raw.get("custom_ops", ["all"])
@@ -411,6 +411,10 @@ def _leaf_hint(key: str, raw: dict[str, Any], exact: bool = False) -> str:
     same = [leaf for leaf in leaves if leaf.rsplit(".", 1)[1] == key]
     if same:
         return f" Did you mean '{same[0]}'?"
+    owners = [f"{section}={n}" for section in NAMED_SECTIONS for n in NAMED_SECTIONS[section].names()
+              if key in _params_cls(section, n).model_fields]
+    if owners:  # (a key of an implementation not chosen: tolerance under the default task=run)
+        return f" {key} is a key of {', '.join(owners)}."
     close = "" if exact else did_you_mean(key, [leaf.rsplit(".", 1)[1] for leaf in leaves])
     if close:
         near = close.split("'")[1]
@@ -418,9 +422,15 @@ def _leaf_hint(key: str, raw: dict[str, Any], exact: bool = False) -> str:
     return ""
 
 
-def _task_name(raw: dict[str, Any]) -> Any:
-    task = raw.get("task")
+def _task_name(raw: dict[str, Any], section: str = "task") -> Any:
+    task = raw.get(section)
     return task.get("name") if isinstance(task, dict) else task
+
+
+def _meta_preview(raw: dict[str, Any]) -> bool:
+    """task=show of composer's own stack builds on the meta device, so it previews a CUDA config on any machine
+    (layer=transformers_moe loads a real Hugging Face model, on the config's device)."""
+    return _task_name(raw) == "show" and _task_name(raw, "layer") != "transformers_moe"
 
 
 def _derive_hf_model(raw_model: dict[str, Any], problems: list[Problem]) -> tuple[dict[str, Any], bool]:

@@ -1,7 +1,8 @@
 """The base of every config schema (sections, task / quant / layer params): pydantic with one rule added.
 
-pydantic's lax mode reads ``true`` as 1 for an integer field, so ``model.top_k=true`` silently ran with top_k = 1.
-A boolean given for an integer key is refused here, with the key named; everything else is pydantic's."""
+pydantic's lax mode reads ``true`` as 1 for a numeric field, so ``model.top_k=true`` silently ran with top_k = 1 and
+``task.tolerance=true`` checked against 100%. A boolean given for a number (or inside a list of numbers) is refused
+here, with the key named; everything else is pydantic's."""
 from __future__ import annotations
 
 import types
@@ -11,22 +12,50 @@ from typing import Any
 from pydantic import BaseModel, ValidationInfo, field_validator
 
 
-def _takes_int_not_bool(annotation: Any) -> bool:
-    """int, int | None, Annotated[int, ...] (but not a field that also takes bool)."""
+def _number_not_bool(annotation: Any) -> str | None:
+    """'an integer' / 'a number' for int / float fields (also inside Optional / Annotated), None for a field that
+    takes bool or anything else."""
     origin = typing.get_origin(annotation)
     if origin is typing.Annotated:
-        return _takes_int_not_bool(typing.get_args(annotation)[0])
+        return _number_not_bool(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)
-        return bool not in args and any(_takes_int_not_bool(a) for a in args)
-    return annotation is int
+        if bool in args:
+            return None
+        kinds = [k for k in map(_number_not_bool, args) if k]
+        return kinds[0] if kinds else None
+    return {int: "an integer", float: "a number"}.get(annotation)
+
+
+def _items(annotation: Any) -> Any:
+    """The item type of list[X] / tuple[X, ...] / tuple[X, Y] (first), also inside Optional / Annotated."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated or origin in (typing.Union, types.UnionType):
+        for a in typing.get_args(annotation):
+            item = _items(a)
+            if item is not None:
+                return item
+        return None
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        return args[0] if args else None
+    return None
 
 
 class Params(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
-    def _no_bool_for_int(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, bool) and info.field_name in cls.model_fields \
-                and _takes_int_not_bool(cls.model_fields[info.field_name].annotation):
-            raise ValueError(f"must be an integer, got {value} (a boolean)")
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name)
+        if field is None:
+            return value
+        if isinstance(value, bool):
+            kind = _number_not_bool(field.annotation)
+            if kind:
+                raise ValueError(f"must be {kind}, got {value} (a boolean)")
+        elif isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value):
+            kind = _number_not_bool(_items(field.annotation))
+            if kind:
+                raise ValueError(f"must be a list of {'integers' if kind == 'an integer' else 'numbers'}, got "
+                                 f"{list(value)} (with a boolean)")
         return value

@@ -55,6 +55,8 @@ def test_bad_config_exits_2_without_traceback(tmp_path):
     assert twice.returncode == 2 and "one +deploy= per run" in twice.stderr
     sweep = composer(["model.top_k=1,2"], tmp_path)  # (Hydra said "Ambiguous value" and exited 1)
     assert sweep.returncode == 2 and "several values sweep: add -m" in sweep.stderr
+    for multirun in (["--multi"], ["hydra.mode=MULTIRUN"]):  # (Hydra's other ways to sweep still sweep)
+        assert composer([*multirun, "model.top_k=1,2", "task=show", "hydra.sweep.dir=s"], tmp_path).returncode == 0
     hf_key = composer(["model.arch=qwen3_moe"], tmp_path)  # (Hydra said "Key 'arch' is not in struct", exit 1)
     assert hf_key.returncode == 2 and "read only with model=hf" in hf_key.stderr
     full = composer(["model.top_k=9", "hydra.run.dir=r2"], tmp_path, {"HYDRA_FULL_ERROR": "1"})
@@ -135,12 +137,15 @@ def test_under_torchrun_rank_0_alone_reports_a_config_problem(tmp_path):
     """Every rank finds the same config problem; rank 0 prints it and writes results.json, the others exit 2
     silently (torchrun with N ranks printed it N times)."""
     for rank in ("1", "0"):
-        pre = composer(["quant=fp9"], tmp_path, {"RANK": rank})  # found before Hydra runs
-        late = composer(["model.top_k=9", f"hydra.run.dir=r{rank}"], tmp_path, {"RANK": rank})  # found in the job
+        env = {"RANK": rank, "WORLD_SIZE": "2"}
+        pre = composer(["quant=fp9"], tmp_path, env)  # found before Hydra runs
+        late = composer(["model.top_k=9", f"hydra.run.dir=r{rank}"], tmp_path, env)  # found in the job
         for proc in (pre, late):
             assert proc.returncode == 2
             assert ("error" in proc.stderr) == (rank == "0"), (rank, proc.stderr)
         assert (tmp_path / f"r{rank}" / "results.json").exists() == (rank == "0")
+    alone = composer(["model.top_k=9", "hydra.run.dir=alone"], tmp_path, {"RANK": "1"})  # (no job: WORLD_SIZE unset)
+    assert alone.returncode == 2 and "model.top_k = 9" in alone.stderr
 
 
 def test_full_error_sweep_runs_every_job_and_failed_runs_record_what_ran(tmp_path):

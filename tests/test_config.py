@@ -157,3 +157,17 @@ def test_a_top_level_key_that_belongs_to_a_section_names_it(compose):
         compose("++top_k=4")
     with pytest.raises(ConfigError, match=r"Did you mean 'seed'\?"):
         compose("++seeed=4")
+
+
+def test_a_boolean_is_not_a_number_or_a_list_of_them(compose):
+    """task.tolerance=true checked against 100%; task.tokens=[true, 16] timed T = 1."""
+    with pytest.raises(ConfigError, match=r"task.tolerance = True: must be a number, got True \(a boolean\)"):
+        compose("task=check", "task.tolerance=true")
+    with pytest.raises(ConfigError, match=r"task.tokens = \[True, 16\]: must be a list of integers"):
+        compose("task=bench", "task.tokens=[true,16]")
+    assert compose("task=check", "task.tolerance=1").task.params.tolerance == 1.0  # (an int is still a number)
+
+
+def test_a_key_of_an_unchosen_implementation_is_named(compose):
+    with pytest.raises(ConfigError, match=r"tolerance is a key of task=check\."):
+        compose("++tolerance=0.1")  # (the default task is run)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from pydantic import Field
@@ -18,7 +18,8 @@ from . import Task, TaskContext, TaskParams, register_task
 
 
 class TuneParams(TaskParams):
-    tokens: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096])
+    tokens: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096])
     rep_ms: int = Field(20, ge=1, description="milliseconds of timed runs per candidate (triton do_bench)")
     output_dir: str | None = Field(None, description="also write the config file into this folder")
 

@@ -108,6 +108,8 @@ def test_a_file_can_choose_task_report(tmp_path):
     assert load_config(f).task.params.dir is None
     assert load_config(f, ["task.dir=sweeps/a"]).task.params.dir == "sweeps/a"
     assert load_config(f, ["report.dir=sweeps/b"]).task.params.dir == "sweeps/b"
+    f.write_text("schema_version: 1\ntask: {name: report, title: 'costs ${HOME} and $5'}\n")  # (not interpolated)
+    assert load_config(f).task.params.title == "costs ${HOME} and $5"
 
 
 def test_api_typo_gets_the_command_lines_message():
