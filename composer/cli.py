@@ -35,15 +35,18 @@ def _full_error() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
+def _single_process() -> bool:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    except ValueError:
+        return True
+
+
 def _lead_rank() -> bool:
     """False on torchrun's ranks other than 0 (RANK set, WORLD_SIZE > 1). A config problem found before the ranks
     join is the same on every rank, so rank 0 alone reports it (and writes results.json); the others exit with the
     same code, silently."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        world = 1
-    return world <= 1 or os.environ.get("RANK", "0").strip() in ("", "0")
+    return _single_process() or os.environ.get("RANK", "0").strip() in ("", "0")
 
 
 def _multirun(argv: list[str]) -> bool:
@@ -69,6 +72,12 @@ def _precheck(argv: list[str]) -> None:
     except Exception:  # let Hydra report its own syntax errors
         return
     multirun = _multirun(argv)
+    if multirun and not _single_process():
+        from .errors import Problem
+
+        problems.append(Problem("-m", os.environ.get("WORLD_SIZE"), "a sweep under torchrun is not supported (the ranks "
+                                "would fall out of step between jobs); run one torchrun per job, e.g. a shell loop "
+                                "over the swept values"))
     overlays: dict[str, list[str]] = {}
     for o in overrides:
         if o.is_add() and (CONF_DIR / o.key_or_group).is_dir():
@@ -101,7 +110,9 @@ def _precheck(argv: list[str]) -> None:
     if not problems:
         problems = _unknown_keys(overrides)
     if problems:
-        if not _lead_rank():
+        if not _lead_rank():  # (one line: usually rank 0 prints the same problems in full; never silent)
+            _err.print(f"[red]error[/red] (rank {os.environ.get('RANK')}): "
+                       f"{ConfigError(problems, 'command line').one_line()}", highlight=False)
             sys.exit(2)
         if _full_error():
             import traceback
@@ -197,8 +208,8 @@ def run_job(dcfg: DictConfig) -> dict[str, Any] | None:
                           overrides=overrides, error=message, device=cfg.device if cfg else "cpu",
                           **({"resolved": cfg.resolved()} if cfg else {}))  # (report rows name what ran)
         unexpected = not composer_error and oom is None  # a bug or an environment problem: its traceback matters
-        # rank 0 reports a config problem (the same on every rank); anything else, such as a DistributedError from
-        # joining the job, can be this rank's alone and prints here
+        # rank 0 reports a config problem in full (usually the same on every rank; the others print one line, as it
+        # may be theirs alone); anything else, such as a DistributedError from joining the job, prints here in full
         quiet = job is None and not lead and isinstance(exc, ConfigError)
         if not quiet and (unexpected or _full_error()):
             import traceback
@@ -207,8 +218,8 @@ def run_job(dcfg: DictConfig) -> dict[str, Any] | None:
         if _full_error() and not sweeping:  # (a sweep still runs its other jobs, each failure with its traceback)
             sys.exit(code)
         rank = f" (rank {job.rank})" if job is not None else "" if lead else f" (rank {os.environ['RANK']})"
-        if quiet:
-            pass
+        if quiet:  # one line: rank 0 prints the same problems in full when it finds them (a rank's own, too)
+            _err.print(f"[red]error[/red]{rank}: {exc.one_line()}", highlight=False)
         elif unexpected:
             where = f"recorded in {run_dir / 'results.json'}" if lead else "rank 0 writes results.json"
             _err.print(f"[red]error[/red]{rank}: unexpected {type(exc).__name__} (above; {where})", highlight=False)

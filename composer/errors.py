@@ -42,6 +42,11 @@ class ConfigError(ComposerError):
         self.source = source
         super().__init__(self.render())
 
+    def one_line(self) -> str:
+        """The first problem, and how many more: what a non-zero torchrun rank prints (rank 0 prints them all)."""
+        more = len(self.problems) - 1
+        return f"config problem: {self.problems[0]}" + (f" (+{more} more)" if more > 0 else "")
+
     def render(self) -> str:
         where = f" in {self.source}" if self.source else ""
         n = len(self.problems)

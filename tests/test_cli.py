@@ -134,18 +134,22 @@ def test_out_of_memory_says_how_big_and_what_to_do(compose):
 
 
 def test_under_torchrun_rank_0_alone_reports_a_config_problem(tmp_path):
-    """Every rank finds the same config problem; rank 0 prints it and writes results.json, the others exit 2
-    silently (torchrun with N ranks printed it N times)."""
+    """Every rank usually finds the same config problem; rank 0 prints it in full and writes results.json, the others
+    print it in one line (torchrun with N ranks printed the whole report N times) and exit 2. A sweep under torchrun
+    is refused: its ranks fell out of step after the first job."""
     for rank in ("1", "0"):
         env = {"RANK": rank, "WORLD_SIZE": "2"}
         pre = composer(["quant=fp9"], tmp_path, env)  # found before Hydra runs
         late = composer(["model.top_k=9", f"hydra.run.dir=r{rank}"], tmp_path, env)  # found in the job
         for proc in (pre, late):
             assert proc.returncode == 2
-            assert ("error" in proc.stderr) == (rank == "0"), (rank, proc.stderr)
+            assert ("invalid composer config" in proc.stderr) == (rank == "0"), (rank, proc.stderr)
+            assert ("error (rank 1): config problem:" in proc.stderr) == (rank == "1"), (rank, proc.stderr)
         assert (tmp_path / f"r{rank}" / "results.json").exists() == (rank == "0")
     alone = composer(["model.top_k=9", "hydra.run.dir=alone"], tmp_path, {"RANK": "1"})  # (no job: WORLD_SIZE unset)
     assert alone.returncode == 2 and "model.top_k = 9" in alone.stderr
+    sweep = composer(["-m", "model.top_k=1,2"], tmp_path, {"RANK": "0", "WORLD_SIZE": "2"})
+    assert sweep.returncode == 2 and "a sweep under torchrun is not supported" in sweep.stderr
 
 
 def test_full_error_sweep_runs_every_job_and_failed_runs_record_what_ran(tmp_path):

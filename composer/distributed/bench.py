@@ -165,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="composer overrides, e.g. all2all=all_to_all parallel.ep_size=2")
     a = ap.parse_args(argv)
     cfg = load_config(None, a.overrides)
+    if cfg.parallel.ep_size < 2 or cfg.parallel.tp_size > 1:  # (its reference would be sharded the same way: error 0)
+        from ..errors import ConfigError, Problem
+
+        raise ConfigError([Problem("parallel.ep_size", cfg.parallel.ep_size, "the all2all bench times expert "
+                                   "parallelism: set parallel.ep_size to the number of ranks, with parallel.tp_size=1 "
+                                   "(tensor parallelism: python -m composer.distributed.tp_bench)")])
     state = runtime.init_from_env(cfg)
     rows = []
     try:
@@ -179,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         runtime.abort(state)
         raise
     if state.rank == 0:
-        Console(width=200).print(table(rows, f"all2all bench: {cfg.model.name}, ep_size={state.world_size}, "
+        Console(width=200).print(table(rows, f"all2all bench: {cfg.model.name}, ep_size={cfg.parallel.ep_size}, "
                                              f"{rows[0]['device'] if rows else ''}"))
         if a.out is not None:
             a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -189,4 +195,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(runtime.run_script(main))

@@ -352,3 +352,22 @@ class Job:
         # "terminate called without an active exception", seen once in the 2-rank CPU tests)
         teardown(st, barrier=True)
         return [(r, m) for r, m in gathered if m is not None and r != st.rank]
+
+
+def run_script(main: Any) -> int:
+    """Run a torchrun script's ``main`` (the EP / TP benches) with the CLI's error handling: a composer error prints
+    as a message, not a traceback; a config problem in full on rank 0 and in one line on the other ranks (exit 2),
+    anything else composer raises with its rank (exit 1)."""
+    import sys
+
+    try:
+        return main()
+    except ComposerError as exc:
+        world = _env_int(os.environ, "WORLD_SIZE", 1)
+        rank = _env_int(os.environ, "RANK", 0)
+        tag = f" (rank {rank})" if world > 1 else ""
+        if isinstance(exc, ConfigError):
+            print(f"error{tag}: {exc if rank == 0 else exc.one_line()}", file=sys.stderr, flush=True)
+            return 2
+        print(f"error{tag}: {exc}", file=sys.stderr, flush=True)
+        return 1

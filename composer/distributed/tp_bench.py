@@ -160,6 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="composer overrides, e.g. model=mixtral_8x7b parallel.tp_size=2")
     a = ap.parse_args(argv)
     cfg = load_config(None, a.overrides)
+    from ..errors import ConfigError, Problem
+
+    if cfg.parallel.tp_size < 2 or cfg.parallel.ep_size > 1:
+        raise ConfigError([Problem("parallel.tp_size", cfg.parallel.tp_size, "tp_bench times tensor parallelism: set "
+                                   "parallel.tp_size to the number of ranks, with parallel.ep_size=1 (expert "
+                                   "parallelism: python -m composer.distributed.bench)")])
+    if cfg.parallel.sequence_parallel:  # (found before both models are built)
+        raise ConfigError([Problem("parallel.sequence_parallel", True, "tp_bench times the all-reduce mode; run it with "
+                                   "parallel.sequence_parallel=false (task=check checks sequence parallelism)")])
     state = runtime.init_from_env(cfg)
     rows = []
     try:
@@ -185,4 +194,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(runtime.run_script(main))

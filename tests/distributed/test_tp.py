@@ -533,3 +533,15 @@ def test_torchrun_check_end_to_end(tmp_path, extra):
             assert s["experts_rel_err"] < s["experts_rel_err_unquantized"] <= m["unquantized_bound"], (name, s)
     assert ("output_rel_err_unquantized" in m) == extra[0].startswith("quant=")
     assert res["config"]["parallel"]["tp_size"] == 2
+
+
+def test_benches_refuse_the_other_parallelism_before_starting():
+    """The all2all bench under tensor parallelism compared a sharded result with a reference sharded the same way
+    (error 0); tp_bench under sequence parallelism failed with a traceback after building both models."""
+    from composer.distributed import bench, tp_bench
+    from composer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="the all2all bench times expert parallelism"):
+        bench.main(["--tokens", "16", "parallel.tp_size=2"])
+    with pytest.raises(ConfigError, match="tp_bench times the all-reduce mode"):
+        tp_bench.main(["--tokens", "16", "parallel.tp_size=2", "parallel.sequence_parallel=true"])
