@@ -75,7 +75,7 @@ def _precheck(argv: list[str]) -> None:
     if multirun and not _single_process():
         from .errors import Problem
 
-        problems.append(Problem("-m", os.environ.get("WORLD_SIZE"), "a sweep under torchrun is not supported (the ranks "
+        problems.append(Problem("-m", f"under torchrun (WORLD_SIZE={os.environ.get('WORLD_SIZE')})", "a sweep under torchrun is not supported (the ranks "
                                 "would fall out of step between jobs); run one torchrun per job, e.g. a shell loop "
                                 "over the swept values"))
     overlays: dict[str, list[str]] = {}

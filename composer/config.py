@@ -382,7 +382,10 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
         method = registry.QUANT_METHODS.get(named["quant"].name)
         check = getattr(method, "check_config", None)
         if check is not None:
-            problems.extend(Problem(f"quant.{k}" if k else "quant", v, m) for k, v, m in check(named["quant"].params, model, device))
+            tp_keys = {p.key for p in problems} if parallel is not None and parallel.tp_size > 1 else set()
+            problems.extend(Problem(f"quant.{k}" if k else "quant", v, m) for k, v, m in check(named["quant"].params, model, device)
+                            if (f"quant.{k}" if k else "quant") not in tp_keys)  # (under TP its rule, which knows
+            # the sharded sizes, says what to pick)
     if named["layer"] is not None and model is not None:
         layer_cls = registry.LAYERS.get(named["layer"].name)
         check = getattr(layer_cls, "check_config", None)

@@ -487,6 +487,13 @@ def test_validation_errors(compose, overrides, key, text):
     assert key in msg and text in msg, msg
 
 
+def test_int4_group_size_under_tp_is_one_problem_with_a_size_that_works(compose):
+    """The single-rank rule suggested 16 (or -1) beside the TP rule's 8; under TP neither works."""
+    with pytest.raises(ConfigError) as ei:
+        compose("parallel.tp_size=2", "quant=int4_w4a16", "quant.group_size=32", "kernel=torch")
+    assert [p.key for p in ei.value.problems] == ["quant.group_size"] and "pick quant.group_size=8" in str(ei.value)
+
+
 def test_sharded_sizes_pass_validation(compose):
     cfg = compose("parallel.tp_size=2", "quant=fp8_w8a8", "quant.granularity=block", "quant.block_shape=[8,8]")
     assert cfg.parallel.tp_size == 2 and not cfg.parallel.sequence_parallel
