@@ -123,6 +123,15 @@ COLUMNS = ("all2all", "tokens_per_rank", "dispatch_ms", "compute_ms", "combine_m
            "bytes_per_rank", "dispatch_busbw_GBps", "combine_busbw_GBps", "rel_err_vs_single")
 
 
+def _cells(r: dict[str, Any]) -> list[str]:
+    cells = []
+    for c in COLUMNS:
+        v = r.get(c)
+        cells.append("" if v is None else f"{v:.3f}" if isinstance(v, float) and c.endswith(("ms", "GBps"))
+                     else f"{v:.1e}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
+    return cells
+
+
 def table(rows: list[dict[str, Any]], title: str) -> Any:
     from rich.table import Table
 
@@ -130,13 +139,29 @@ def table(rows: list[dict[str, Any]], title: str) -> Any:
     for c in COLUMNS:
         t.add_column(c.replace("_", " "), justify="left" if c == "all2all" else "right")
     for r in rows:
-        cells = []
-        for c in COLUMNS:
-            v = r.get(c)
-            cells.append("" if v is None else f"{v:.3f}" if isinstance(v, float) and c.endswith(("ms", "GBps"))
-                         else f"{v:.1e}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
-        t.add_row(*cells)
+        t.add_row(*_cells(r))
     return t
+
+
+def markdown(rows: list[dict[str, Any]], title: str) -> str:
+    head = "| " + " | ".join(c.replace("_", " ") for c in COLUMNS) + " |"
+    lines = [f"{title}\n", head, "|" + "---|" * len(COLUMNS)] + ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_rows(ctx: Any, params: Any, rows: list[dict[str, Any]], md: str) -> None:
+    """Rank 0 writes task=bench's JSON and markdown files (task.json_file / task.markdown_file) into the run folder,
+    as the single-rank bench does."""
+    import json
+
+    state = runtime.current()
+    if state is not None and state.rank != 0:
+        return
+    run_dir = Path(ctx.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / params.json_file).write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    (run_dir / params.markdown_file).write_text(md)
+    ctx.console.print(f"wrote {run_dir / params.json_file} and {run_dir / params.markdown_file}")
 
 
 def bench_task(cfg: ComposerConfig, ctx: Any) -> dict[str, Any]:
@@ -147,8 +172,9 @@ def bench_task(cfg: ComposerConfig, ctx: Any) -> dict[str, Any]:
     p = cfg.task.params
     model, ref = build(cfg), build(single_rank_config(cfg), ep_rank=0, group=None)
     rows = [bench_all2all(cfg, tokens=t, iters=min(p.iters, 30), warmup=p.warmup, model=model, ref=ref) for t in p.tokens]
-    ctx.console.print(table(rows, f"all2all bench: {cfg.model.name}, ep_size={cfg.parallel.ep_size}, "
-                                  f"{rows[0]['device'] if rows else ''}"))
+    title = f"all2all bench: {cfg.model.name}, ep_size={cfg.parallel.ep_size}, {rows[0]['device'] if rows else ''}"
+    ctx.console.print(table(rows, title))
+    write_rows(ctx, p, rows, markdown(rows, title))
     return {"ep_bench": rows}
 
 

@@ -143,9 +143,14 @@ def bench_task(cfg: ComposerConfig, ctx: Any) -> dict[str, Any]:
     from ..factory import build
     from .tp_check import single_rank_config
 
+    from .bench import write_rows
+
     model, ref = build(cfg), build(single_rank_config(cfg))
     rows = [bench_tp(cfg, tokens=t, iters=iters, warmup=warmup, model=model, ref=ref) for t in tokens]
     ctx.console.print(markdown(rows))
+    head = (f"tensor-parallel experts: {cfg.model.name}, tp_size={cfg.parallel.tp_size}, kernel={cfg.kernel.resolved}, "
+            f"{cfg.model.dtype}, {rows[0]['device'] if rows else ''}\n\n")
+    write_rows(ctx, cfg.task.params, rows, head + markdown(rows))
     return {"tp_bench": rows}
 
 

@@ -20,3 +20,7 @@ def test_bench_task_under_torchrun(tmp_path, parallel, key):
     rows = res["metrics"][key]
     assert [r.get("tokens", r.get("tokens_per_rank")) for r in rows] == [3, 8]
     assert all(r["rel_err_vs_single"] < 1e-2 for r in rows)
+    # like the single-rank bench, rank 0 writes the rows as JSON and a markdown table beside results.json
+    assert [r.get("tokens", r.get("tokens_per_rank")) for r in json.loads((tmp_path / "run" / "bench.json").read_text())] == [3, 8]
+    md = (tmp_path / "run" / "bench.md").read_text()
+    assert md.count("\n|") >= 3 and "rel" in md
