@@ -44,8 +44,8 @@ def _single_process() -> bool:
 
 def _lead_rank() -> bool:
     """False on torchrun's ranks other than 0 (RANK set, WORLD_SIZE > 1). A config problem found before the ranks
-    join is the same on every rank, so rank 0 alone reports it (and writes results.json); the others exit with the
-    same code, silently."""
+    join is usually the same on every rank, so rank 0 reports it in full (and writes results.json); the others print
+    it in one line (it may be theirs alone) and exit with the same code."""
     return _single_process() or os.environ.get("RANK", "0").strip() in ("", "0")
 
 
