@@ -360,9 +360,14 @@ def _worker_cases():  # imported lazily so that pytest's collection does not imp
 
         from composer.distributed.tp_bench import bench_task
 
+        import os
+        import tempfile
+
         cfg = tp_cfg("task=bench", "task.tokens=[4,8]", "task.iters=2", "task.warmup=1", "model.num_layers=1")
-        m = bench_task(cfg, SimpleNamespace(console=Console(quiet=True)))
+        run_dir = Path(tempfile.mkdtemp())
+        m = bench_task(cfg, SimpleNamespace(console=Console(quiet=True), run_dir=run_dir))
         assert [r["tokens"] for r in m["tp_bench"]] == [4, 8], m
+        assert (run_dir / "bench.json").exists() == (os.environ["RANK"] == "0")  # (rank 0 writes the rows)
         assert all(r["allreduce_ms"] > 0 and r["rel_err_vs_single"] <= F32_TOL for r in m["tp_bench"]), m
         return {"rows": len(m["tp_bench"])}
 
