@@ -15,7 +15,7 @@ from rich.console import Console
 
 from .api import CONF_DIR, GROUPS, check_group_choice
 from .config import to_plain, validate_config
-from .errors import ComposerError, ConfigError
+from .errors import ComposerError, ConfigError, Problem
 from .registry import TASKS
 from .results import write_results
 
@@ -35,18 +35,19 @@ def _full_error() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
-def _single_process() -> bool:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) <= 1
-    except ValueError:
-        return True
-
-
 def _lead_rank() -> bool:
-    """False on torchrun's ranks other than 0 (RANK set, WORLD_SIZE > 1). A config problem found before the ranks
-    join is usually the same on every rank, so rank 0 reports it in full (and writes results.json); the others print
-    it in one line (it may be theirs alone) and exit with the same code."""
-    return _single_process() or os.environ.get("RANK", "0").strip() in ("", "0")
+    """False on torchrun's ranks other than 0. A config problem found before the ranks join is usually the same on
+    every rank, so rank 0 reports it in full (and writes results.json); the others print it in one line (it may be
+    theirs alone) and exit with the same code."""
+    from .distributed.runtime import env_rank
+
+    return env_rank()[0] == 0
+
+
+def _under_torchrun() -> bool:
+    from .distributed.runtime import env_rank
+
+    return env_rank()[1] > 1
 
 
 def _multirun(argv: list[str]) -> bool:
@@ -72,9 +73,7 @@ def _precheck(argv: list[str]) -> None:
     except Exception:  # let Hydra report its own syntax errors
         return
     multirun = _multirun(argv)
-    if multirun and not _single_process():
-        from .errors import Problem
-
+    if multirun and _under_torchrun():
         problems.append(Problem("-m", f"under torchrun (WORLD_SIZE={os.environ.get('WORLD_SIZE')})", "a sweep under torchrun is not supported (the ranks "
                                 "would fall out of step between jobs); run one torchrun per job, e.g. a shell loop "
                                 "over the swept values"))
@@ -84,14 +83,10 @@ def _precheck(argv: list[str]) -> None:
             overlays.setdefault(o.key_or_group, []).append(str(o.value()))
     for key, values in overlays.items():  # (Hydra: "Multiple values for deploy", exit 1)
         if len(values) > 1:
-            from .errors import Problem
-
             problems.append(Problem(f"+{key}", values, f"one +{key}= per run: its files each set a whole "
                                     f"deployment; pick one and override single keys on top of it"))
     for o in overrides:
         if o.is_sweep_override() and not multirun and not o.key_or_group.startswith("hydra"):
-            from .errors import Problem
-
             values = ",".join(str(v) for v in o.sweep_string_iterator())
             problems.append(Problem(o.key_or_group, values, f"several values sweep: add -m (composer -m "
                                     f"{o.key_or_group}={values} ...) to run one job each"))
@@ -217,7 +212,7 @@ def run_job(dcfg: DictConfig) -> dict[str, Any] | None:
             traceback.print_exc()
         if _full_error() and not sweeping:  # (a sweep still runs its other jobs, each failure with its traceback)
             sys.exit(code)
-        rank = f" (rank {job.rank})" if job is not None else "" if lead else f" (rank {os.environ['RANK']})"
+        rank = f" (rank {job.rank})" if job is not None else "" if lead else f" (rank {os.environ.get('RANK')})"
         if quiet:  # one line: rank 0 prints the same problems in full when it finds them (a rank's own, too)
             _err.print(f"[red]error[/red]{rank}: {exc.one_line()}", highlight=False)
         elif unexpected:

@@ -236,9 +236,9 @@ def _validate_named(section: str, raw: Any, problems: list[Problem]) -> Named | 
     fields = list(params_cls.model_fields) if params_cls is not None else []
     unknown = [k for k in rest if k not in fields]
     for k in unknown:  # a key of another implementation (quant.group_size under int8) says whose it is
-        owners = [n for n in reg.names() if n != name and k in _params_cls(section, n).model_fields]
+        owners = [o for o in _owners(k, (section,)) if o != f"{section}={name}"]
         allowed = f"allowed: {', '.join(fields)}" if fields else f"{section} {name!r} takes no keys"
-        hint = (f"; {k} is a key of {', '.join(f'{section}={o}' for o in owners)}." if owners
+        hint = (f"; {k} is a key of {', '.join(owners)}." if owners
                 else "." + did_you_mean(k, fields))
         problems.append(Problem(f"{section}.{k}", rest[k], f"unknown key; {allowed}{hint}"))
     rest = {k: v for k, v in rest.items() if k in fields}
@@ -247,6 +247,12 @@ def _validate_named(section: str, raw: Any, problems: list[Problem]) -> Named | 
         return None
     cls = KernelChoice if section == "kernel" else Named
     return cls(name=name, params=params)
+
+
+def _owners(key: str, sections: Any) -> list[str]:
+    """``section=name`` of every implementation in ``sections`` whose params take ``key``."""
+    return [f"{section}={n}" for section in sections for n in NAMED_SECTIONS[section].names()
+            if key in _params_cls(section, n).model_fields]
 
 
 def _choices(section: str) -> list[str]:
@@ -414,8 +420,7 @@ def _leaf_hint(key: str, raw: dict[str, Any], exact: bool = False) -> str:
     same = [leaf for leaf in leaves if leaf.rsplit(".", 1)[1] == key]
     if same:
         return f" Did you mean '{same[0]}'?"
-    owners = [f"{section}={n}" for section in NAMED_SECTIONS for n in NAMED_SECTIONS[section].names()
-              if key in _params_cls(section, n).model_fields]
+    owners = _owners(key, NAMED_SECTIONS)
     if owners:  # (a key of an implementation not chosen: tolerance under the default task=run)
         return f" {key} is a key of {', '.join(owners)}."
     close = "" if exact else did_you_mean(key, [leaf.rsplit(".", 1)[1] for leaf in leaves])
@@ -425,15 +430,16 @@ def _leaf_hint(key: str, raw: dict[str, Any], exact: bool = False) -> str:
     return ""
 
 
-def _task_name(raw: dict[str, Any], section: str = "task") -> Any:
-    task = raw.get(section)
-    return task.get("name") if isinstance(task, dict) else task
+def _choice(raw: dict[str, Any], section: str) -> Any:
+    """The implementation a raw config's section names (``task: report`` or ``task: {name: report}``)."""
+    value = raw.get(section)
+    return value.get("name") if isinstance(value, dict) else value
 
 
 def _meta_preview(raw: dict[str, Any]) -> bool:
     """task=show of composer's own stack builds on the meta device, so it previews a CUDA config on any machine
     (layer=transformers_moe loads a real Hugging Face model, on the config's device)."""
-    return _task_name(raw) == "show" and _task_name(raw, "layer") != "transformers_moe"
+    return _choice(raw, "task") == "show" and _choice(raw, "layer") != "transformers_moe"
 
 
 def _derive_hf_model(raw_model: dict[str, Any], problems: list[Problem]) -> tuple[dict[str, Any], bool]:

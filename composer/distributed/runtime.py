@@ -354,6 +354,14 @@ class Job:
         return [(r, m) for r, m in gathered if m is not None and r != st.rank]
 
 
+def env_rank(env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) outside torchrun, and rank 0 whenever the world is one
+    process (a stray RANK alone does not make a rank)."""
+    env = os.environ if env is None else env
+    world = _env_int(env, "WORLD_SIZE", 1)
+    return (_env_int(env, "RANK", 0) if world > 1 else 0), world
+
+
 def run_script(main: Any) -> int:
     """Run a torchrun script's ``main`` (the EP / TP benches) with the CLI's error handling: a composer error prints
     as a message, not a traceback; a config problem in full on rank 0 and in one line on the other ranks (exit 2),
@@ -363,8 +371,7 @@ def run_script(main: Any) -> int:
     try:
         return main()
     except ComposerError as exc:
-        world = _env_int(os.environ, "WORLD_SIZE", 1)
-        rank = _env_int(os.environ, "RANK", 0)
+        rank, world = env_rank()
         tag = f" (rank {rank})" if world > 1 else ""
         if isinstance(exc, ConfigError):
             print(f"error{tag}: {exc if rank == 0 else exc.one_line()}", file=sys.stderr, flush=True)

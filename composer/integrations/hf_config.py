@@ -218,10 +218,14 @@ def derive_model(raw: dict[str, Any]) -> tuple[dict[str, Any] | None, list[tuple
     derived = derive_fields(c)
     arch = ARCHS[c.model_type]
     problems: list[tuple[str, Any, str]] = []
+
+    def where(key: str) -> tuple[str, Any]:  # the override that set a Hugging Face setting, else the model's source
+        if key in overrides:
+            return f"model.hf_overrides.{key}", overrides[key]
+        return ("model.path", raw["path"]) if raw.get("path") else ("model.arch", raw.get("arch"))
+
     if derived["activation"] not in ("silu", "gelu", "swigluoai"):
-        where = ("model.hf_overrides.hidden_act", overrides["hidden_act"]) if "hidden_act" in overrides else (
-            "model.path" if raw.get("path") else "model.arch", raw.get("path") or raw.get("arch"))
-        problems.append((*where, f"hidden_act '{derived['activation']}' has no composer activation (silu, gelu, "
+        problems.append((*where("hidden_act"), f"hidden_act '{derived['activation']}' has no composer activation (silu, gelu, "
                                  "swigluoai)"))
         del derived["activation"]  # (one problem: model.activation is not the user's to change under model=hf)
     if c.model_type == "gpt_oss":  # (the swap refused these only after building the whole model)
@@ -230,9 +234,7 @@ def derive_model(raw: dict[str, Any]) -> tuple[dict[str, Any] | None, list[tuple
         for key, want in (("swiglu_limit", SWIGLUOAI_LIMIT), ("swiglu_alpha", SWIGLUOAI_ALPHA)):
             have = getattr(c, key, want)
             if have is not None and float(have) != want:
-                where = (f"model.hf_overrides.{key}", overrides[key]) if key in overrides else (
-                    "model.path" if raw.get("path") else "model.arch", raw.get("path") or raw.get("arch"))
-                problems.append((*where, f"{key} {have}: composer's swigluoai uses the published constants "
+                problems.append((*where(key), f"{key} {have}: composer's swigluoai uses the published constants "
                                          f"(alpha {SWIGLUOAI_ALPHA}, limit {SWIGLUOAI_LIMIT})"))
     out = {k: v for k, v in raw.items() if k not in ("router",)}
     for k, v in derived.items():
