@@ -356,6 +356,117 @@ def test_interpreter_x_vec_reads_the_same_activations(read, dtype, monkeypatch):
     assert rel(outs[1], TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[dtype]
 
 
+def _spy_modes(monkeypatch) -> list:
+    """Records the INT4_MODE of every GEMV launch (the read that actually ran after _read_mode's fallbacks)."""
+    from composer.kernels.triton import gemv
+
+    modes = []
+    real = gemv._gemv_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                modes.append(kw["INT4_MODE"])
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(gemv, "_gemv_kernel", Spy())
+    return modes
+
+
+# group, BLOCK_K (both GEMMs), zero points, dtype, H, I, unroll, gemm2 SPLIT_K, bias, dropped share: a tile of one
+# 32-wide column (C = 1), several columns per group and groups per tile, split-K over 3 programs with a ragged last
+# split, unroll 3 (more than some loops have), one group per row (-1), dropped pairs
+CHAIN_CASES = [(32, 32, True, torch.float16, 64, 32, 1, 1, False, 0.0),
+               (64, 64, False, torch.float32, 128, 64, 2, 2, True, 0.3),
+               (128, 64, True, torch.float16, 128, 128, 1, 3, True, 0.0),
+               (32, 128, True, torch.float32, 256, 128, 3, 1, False, 0.3),
+               (-1, 32, False, torch.float16, 64, 64, 1, 1, False, 0.0)]
+
+
+@pytest.mark.parametrize("case", CHAIN_CASES,
+                         ids=lambda c: f"g{c[0]}bk{c[1]}{'z' if c[2] else ''}{str(c[3])[6:]}u{c[6]}s{c[7]}")
+def test_interpreter_int4_chain(case, monkeypatch):
+    """int4_read "chain" (a thread's 32 nibbles of a row summed in one chain, the zero point and scale applied per
+    such sum) vs kernel=torch, and vs the "subnormal" read to fp32 rounding; every launch really ran the chain."""
+    group, bk, zero, dtype, H, I, unroll, split, bias, drop = case
+    x, tw, ids, w13, w2, b13, b2 = make_case(2, 4, 2, H, I, dtype, bias, drop, seed=21)
+    w = (quantize("int4_w4a16", w13, w2, b13, b2, group_size=group, zero_point=zero) if bias else
+         quantize("int4_w4a16", w13, w2, group_size=group, zero_point=zero))
+    modes = _spy_modes(monkeypatch)
+    outs = []
+    with interpreter():
+        for read in ("chain", "subnormal"):
+            cfg = gemv_cfg(8, bk, 8, bk, split)
+            for g in ("gemm1", "gemm2"):
+                cfg[g].update({"int4_read": read, "unroll": unroll})
+            outs.append(fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias if bias else None,
+                                            w.w2_bias if bias else None, "silu", "int4_w4a16", w.w13_scale,
+                                            w.w2_scale, None, None, w.w13_zero, w.w2_zero,
+                                            config=validate_entry(cfg)))
+    assert modes == [5, 5, 4, 4]
+    assert rel(outs[0], TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[dtype]
+    assert rel(outs[0], outs[1].double()) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("group,H,bk", [(16, 64, 32), (32, 96, 64)], ids=["group16", "ragged_K"])
+def test_interpreter_int4_chain_falls_back_to_subnormal(group, H, bk, monkeypatch):
+    """Where a thread's 32 elements would straddle a scale group (groups of 16) or K is not whole tiles (96 with
+    64-wide tiles: the chain loads without masks), "chain" runs the subnormal read instead, and is right."""
+    x, tw, ids, w13, w2, _, _ = make_case(2, 4, 2, H, 64, torch.float32, False, 0.0, seed=23)
+    w = quantize("int4_w4a16", w13, w2, group_size=group, zero_point=True)
+    modes = _spy_modes(monkeypatch)
+    cfg = gemv_cfg(8, bk, 8, 32, 2)
+    for g in ("gemm1", "gemm2"):
+        cfg[g]["int4_read"] = "chain"
+    with interpreter():
+        out = fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", "int4_w4a16", w.w13_scale,
+                                  w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=validate_entry(cfg))
+    assert modes[0] == 4  # GEMM1 (K = H) falls back
+    assert modes[1] == (4 if group == 16 else 5)  # GEMM2 (K = I = 64, 32-wide tiles) keeps the chain with groups of 32
+    assert rel(out, TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[torch.float32]
+
+
+def test_interpreter_int4_chain_bf16_pairs_are_the_bf16_values(monkeypatch):
+    """The chain read takes bf16 activations as int32 pairs, each made an fp32 by a shift or an AND: the output is
+    bit for bit the one of bf16 loads converted to fp32 (gemv.CHAIN_X_PAIRS off). Scales in fp32 and the activations
+    never loaded as bf16 on the pairs side keep this test off the interpreter's unreliable bf16 loads."""
+    from composer.kernels.triton import gemv
+
+    g = torch.Generator().manual_seed(6)
+    E, N, K, group = 3, 16, 128, 32
+    w = torch.randn(E, N, K, generator=g)
+    from composer.quant.utils import quant_int4
+    q, s, z = quant_int4(w, group, True, torch.float32)
+    x = torch.randn(3, K, generator=g).to(torch.bfloat16)
+    ids = torch.tensor([0, 2, 1], dtype=torch.int32)
+    cfg = {"BLOCK_N": 8, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "int4_read": "chain"}
+    pairs = []
+    real = gemv._gemv_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                pairs.append(kw["X_PAIRS"])
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(gemv, "_gemv_kernel", Spy())
+    outs = []
+    with interpreter():
+        for on in (True, False):
+            monkeypatch.setattr(gemv, "CHAIN_X_PAIRS", on)
+            out = torch.zeros(3, N, dtype=torch.float32)
+            gemv.gemv(x, q, None, out, ids, 1, cfg, gated=False, tw=torch.ones(3), atomic=False, wq=2, group=group,
+                      w_scale=s, w_zero=z)
+            outs.append(out)
+    assert pairs == [True, False]
+    assert torch.equal(outs[0], outs[1])
+    ref = torch.einsum("pnk,pk->pn", __import__("composer.quant.utils", fromlist=["dequant_int4"]).dequant_int4(
+        q, s, z).double()[ids.long()], x.double())
+    assert rel(outs[0], ref) < 1e-6
+
+
 # read, group, BLOCK_K, zero points, x_vec, dtype, H, I, gemm2 SPLIT_K: groups of 48 cut by 32-wide tiles (a
 # [rows, words] scale gather) with split-K; whole groups per tile with x_vec; a ragged K (the last tile masked)
 PREFETCH_CASES = [("planes", 48, 32, True, False, torch.float16, 96, 48, 3),
@@ -399,7 +510,7 @@ def test_interpreter_prefetch_keeps_every_bit(case, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("read", ["planes", "subnormal"])
+@pytest.mark.parametrize("read", ["planes", "subnormal", "chain"])
 def test_interpreter_int4_reads_over_the_activation_range(read, dtype):
     """GEMM2's GEMV on activations from tiny to huge, row by row against the float64 product with the dequantized
     weights: "subnormal" scales the activations by powers of two (docs/quantization.md gives its exact range,
@@ -543,10 +654,14 @@ GPU_GEMV_PREFETCH = {**GPU_GEMV, "gemm1": {**GPU_GEMV_SUB["gemm1"], "unroll": 1,
                      "gemm2": {**GPU_GEMV_SUB["gemm2"], "prefetch": 1}}
 
 
+GPU_GEMV_CHAIN = {**GPU_GEMV, "pdl": True, "gemm1": {**GPU_GEMV["gemm1"], "int4_read": "chain", "BLOCK_K": 512, "unroll": 2},
+                  "gemm2": {**GPU_GEMV["gemm2"], "int4_read": "chain", "unroll": 3}}
+
+
 @gpu
 @cuda
-@pytest.mark.parametrize("cfg", [GPU_GEMV, GPU_GEMV_MMA, GPU_GEMV_PLANES, GPU_GEMV_SUB, GPU_GEMV_PREFETCH],
-                         ids=["fma", "mma", "planes", "subnormal", "prefetch"])
+@pytest.mark.parametrize("cfg", [GPU_GEMV, GPU_GEMV_MMA, GPU_GEMV_PLANES, GPU_GEMV_SUB, GPU_GEMV_PREFETCH,
+                                 GPU_GEMV_CHAIN], ids=["fma", "mma", "planes", "subnormal", "prefetch", "chain"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_gpu_gemv_three_shapes(shape, cfg):
     """Every method (and bf16) through the GEMV decode at T = 1 vs kernel=torch, bf16, the three shapes; block
@@ -579,7 +694,7 @@ SMALL_T_SHAPES = {"mixtral_8x7b": (8, 2, 4096, 14336), "qwen3_30b_a3b": (128, 8,
 @cuda
 @pytest.mark.parametrize("shape", list(SMALL_T_SHAPES))
 def test_gpu_shipped_tables_at_small_t(shape):
-    """The shipped tables at small T (int4: GEMV entries at T = 2-64 on the H100 and H200 tables; fp8 qwen3 at
+    """The shipped tables at small T (int4: GEMV entries at T = 1-64 on the H100 and H200 tables; fp8 qwen3 at
     T = 2-4) vs kernel=torch on the experts the routing touches (all 256 of deepseek_v3 dequantized would not fit),
     at the benchmark shapes with their real expert counts."""
     from composer.kernels.triton.fused import quant_config
@@ -590,7 +705,7 @@ def test_gpu_shipped_tables_at_small_t(shape):
     sh = Shape(shape, E, k, H, I, torch.bfloat16)
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = make_weights(sh, torch.device("cuda"), gen)
-    for method, params, tokens in (("int4_w4a16", {"group_size": 128}, (2, 5, 8, 24, 48)),
+    for method, params, tokens in (("int4_w4a16", {"group_size": 128}, (1, 2, 5, 8, 24, 48)),
                                    ("fp8_w8a8", {"granularity": "per_token_channel"}, (2, 4))):
         sh.quant, sh.quant_params = method, params
         qw = quantize_weights(sh, w)
@@ -655,6 +770,28 @@ def test_gpu_prefetch_keeps_every_bit(shape):
         assert rel(outs[0], TorchExperts().apply(x, tw, ids, w, "silu").double()) < GPU_TOL["int4_w4a16"]
         del w
         torch.cuda.empty_cache()
+
+
+@gpu
+@cuda
+@pytest.mark.parametrize("shape", ["qwen3_30b_a3b", "mixtral_8x7b"])
+def test_gpu_chain_bf16_pairs_keep_every_bit(shape, monkeypatch):
+    """Compiled for the GPU, the chain read's bf16 activations taken as int32 pairs (gemv.CHAIN_X_PAIRS) give the
+    outputs of bf16 loads bit for bit (the same fp32 values, the same arithmetic), and match kernel=torch; GEMM2
+    writes per-pair rows unsplit, so no atomic order enters."""
+    from composer.kernels.triton import gemv
+
+    E, k, H, I = SHAPES[shape]
+    base = {**GPU_GEMV_CHAIN, "reduce": "buffer", "gemm2": {**GPU_GEMV_CHAIN["gemm2"], "SPLIT_K": 1}}
+    x, tw, ids, w13, w2, _, _ = make_case(2, E, k, H, I, torch.bfloat16, False, 0.0, seed=4, device="cuda")
+    w = quantize("int4_w4a16", w13, w2, group_size=128, zero_point=True)
+    outs = []
+    for on in (True, False):
+        monkeypatch.setattr(gemv, "CHAIN_X_PAIRS", on)
+        outs.append(fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", "int4_w4a16", w.w13_scale,
+                                        w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=base))
+    assert torch.equal(outs[0], outs[1]), shape
+    assert rel(outs[0], TorchExperts().apply(x, tw, ids, w, "silu").double()) < GPU_TOL["int4_w4a16"]
 
 
 GPU_GEMV_PDL = {**GPU_GEMV_SUB, "pdl": True, "gemm2": {**GPU_GEMV_SUB["gemm2"], "x_vec": True}}

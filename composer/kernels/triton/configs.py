@@ -53,7 +53,7 @@ _extra_dirs: list[Path] = []
 
 GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma", "SPLIT_K", "mma", "fp8_promote",
              "int4_read", "x_vec", "unroll", "loop_stages", "prefetch", "swap")
-INT4_READ_NAMES = ("bytes", "words_4d", "words", "planes", "subnormal")  # gemv.INT4_READS: their codes in this order
+INT4_READ_NAMES = ("bytes", "words_4d", "words", "planes", "subnormal", "chain")  # gemv.INT4_READS: their codes in this order
 
 
 def add_config_dir(path: str | os.PathLike) -> None:

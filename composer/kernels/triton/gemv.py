@@ -147,7 +147,7 @@ def _gemv_kernel(
     AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
     AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr, LOOP_STAGES: tl.constexpr, EVEN_K: tl.constexpr,
     FUSE_EPI: tl.constexpr, ZBLOCK: tl.constexpr, SUB_X: tl.constexpr, X_VEC: tl.constexpr,
-    X_PARTS: tl.constexpr, RND: tl.constexpr, PARTS_OUT: tl.constexpr,
+    X_PARTS: tl.constexpr, RND: tl.constexpr, PARTS_OUT: tl.constexpr, X_PAIRS: tl.constexpr,
     PDL: tl.constexpr, PF_N: tl.constexpr, PF_STEP: tl.constexpr, EPW: tl.constexpr, AHEAD: tl.constexpr,
 ):
     pair = tl.program_id(0)
@@ -218,7 +218,7 @@ def _gemv_kernel(
     z_ptrs = wz_ptr + expert.to(tl.int64) * stride_wze + (ch // 2) * stride_wzn  # int4 zero points, packed two
     z_shift = (ch % 2) * 4  # per byte along the channel dim (unused without them)
 
-    if WQ == 2 and INT4_MODE >= 3:  # "planes" (3) / "subnormal" (4): int32 words [ROWS, BLOCK_K / 8]
+    if WQ == 2 and (INT4_MODE == 3 or INT4_MODE == 4):  # "planes" (3) / "subnormal" (4): int32 words [ROWS, BLOCK_K / 8]
         # nibble j of a 16-bit half sits at bits 4j..4j+3 (one shift per word brings the high half down).
         # planes: masked and OR-ed with the bits of 2^(23 - 4j) (whose mantissa bit b weighs 2^(b - 4j)), it reads
         # as the float 2^(23 - 4j) + q exactly; subtracting 2^(23 - 4j) + z leaves q - z exactly (LOP3 + FADD +
@@ -301,6 +301,77 @@ def _gemv_kernel(
         acc = tl.reduce(acc2, 1, tl.standard._sum_combine)
         if INT4_MODE == 4:
             acc = acc * _pow2(149 - SUB_X)
+    elif WQ == 2 and INT4_MODE == 5:  # "chain": the subnormal read with no layout conversion and per-row sums
+        # The tile is [ROWS, C, 4] int32 words (C = BLOCK_K / 32): a thread's 4 words of a row are one 16-byte load,
+        # K elements k0 + 32c .. +32, inside one scale group (QBK % 32 == 0). The products of those 32 nibbles go into
+        # one sum per (row, c), so the zero point and the group scale cost one FFMA each per 32 nibbles, not per word;
+        # the activations come as [C, 8] loads and the scales as a [ROWS, C] gather, laid out as the words are split
+        # (no round trip through shared memory, no barrier in the loop).
+        C: tl.constexpr = BLOCK_K // 32
+        cc = tl.arange(0, C)
+        w_ptrs = w_rows[:, None] + tl.arange(0, 4 * C)[None, :]  # (2D: contiguous along K, 16-byte loads)
+        x_off = (32 * cc)[:, None] + tl.arange(0, 8)[None, :]  # [C, 8]: word i's activations at x_off + 8 i
+        xw_off = (16 * cc)[:, None] + tl.arange(0, 4)[None, :]  # [C, 4]: the same as int32 pairs (X_PAIRS)
+        acc2 = tl.full((ROWS, C), 0.0, tl.float32)
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL):
+            wq3 = tl.load(w_ptrs + k0 // 8)  # (whole K tiles only: _read_mode)
+            we, wo = tl.split(tl.reshape(wq3, (ROWS, C, 2, 2)))  # [row, c, a, b]: word 2a + b
+            w_0, w_2 = tl.split(we)
+            w_1, w_3 = tl.split(wo)
+            # the scales (and zero points) are gathered as [C, ROWS] and transposed: Triton lays a load out along its
+            # first dimension when no dimension is contiguous, and [ROWS, C] the other way round would not match
+            grp = ((k0 + 32 * cc) // QBK)[:, None]
+            s = tl.trans(tl.load(ws_base + ch[None, :] * stride_wsn + grp * stride_wsk)).to(tl.float32)
+            if HAS_ZERO:
+                z = tl.trans((tl.load(z_ptrs[None, :] + grp * stride_wzk) >> z_shift[None, :]) & 0xF).to(tl.float32)
+            else:
+                z = 8.0
+            p = tl.full((ROWS, C), 0.0, tl.float32)
+            sx = tl.full((C,), 0.0, tl.float32)
+            for i in tl.static_range(4):
+                if i == 0:
+                    wi = w_0
+                elif i == 1:
+                    wi = w_1
+                elif i == 2:
+                    wi = w_2
+                else:
+                    wi = w_3
+                # nibbles 0..4 are read in place (bits 0..19), 5..7 after one shift by 12 (to bits 8..19): a nibble
+                # at bits b..b+3 (b <= 19) is the subnormal q * 2^(b - 149), so its activation is scaled by 2^(SUB_X - b)
+                # (no nibble is taken from the low bits of a shifted word, which would compile to a bit-field extract)
+                wh = (wi.to(tl.uint32, bitcast=True) >> 12).to(tl.int32, bitcast=True)
+                if X_PAIRS:  # bf16 activations as int32 pairs: one shift or one AND makes each an fp32
+                    xw = tl.load(x_row.to(tl.pointer_type(tl.int32)) + (k0 + 8 * i) // 2 + xw_off)
+                    pa, pb = tl.split(tl.reshape(xw, (C, 2, 2)))  # [c, u, v]: pair 2u + v
+                    q0, q2 = tl.split(pa)
+                    q1, q3 = tl.split(pb)
+                    xs = ((q0 << 16).to(tl.float32, bitcast=True), (q0 & -65536).to(tl.float32, bitcast=True),
+                          (q1 << 16).to(tl.float32, bitcast=True), (q1 & -65536).to(tl.float32, bitcast=True),
+                          (q2 << 16).to(tl.float32, bitcast=True), (q2 & -65536).to(tl.float32, bitcast=True),
+                          (q3 << 16).to(tl.float32, bitcast=True), (q3 & -65536).to(tl.float32, bitcast=True))
+                else:
+                    xo = k0 + 8 * i + x_off
+                    x8 = _x_load(x_row + xo, x_row, xo, None, X_PARTS, stride_xp, ACT, ALPHA, LIMIT, RND)
+                    e_, o_ = tl.split(tl.reshape(x8, (C, 2, 2, 2)))  # [c, a, b, l]: element 4a + 2b + l
+                    e0, e1 = tl.split(e_)
+                    o0, o1 = tl.split(o_)
+                    x0, x4 = tl.split(e0)
+                    x2, x6 = tl.split(e1)
+                    x1, x5 = tl.split(o0)
+                    x3, x7 = tl.split(o1)
+                    xs = (x0, x1, x2, x3, x4, x5, x6, x7)
+                for m in tl.static_range(8):
+                    if m <= 4:
+                        b = 4 * m
+                        t = wi & (0xF << b)
+                    else:
+                        b = 4 * m - 12
+                        t = wh & (0xF << b)
+                    sx += xs[m]
+                    p += t.to(tl.float32, bitcast=True) * (xs[m] * _pow2(SUB_X - b))[None, :]
+            acc2 += s * (p - z * (sx * _pow2(SUB_X - 149))[None, :])
+        acc = tl.reduce(acc2, 1, tl.standard._sum_combine) * _pow2(149 - SUB_X)
     elif WQ == 2 and INT4_MODE == 2:  # int32 words [ROWS, BLOCK_K / 8], the tile inside one group (NG = 1)
         kw = tl.arange(0, BLOCK_K // 8)
         w_ptrs = w_rows[:, None] + kw[None, :]
@@ -466,6 +537,9 @@ GEMV_EVEN_K = True
 # eight 2-byte loads (80 of the 88 loads of mixtral's gemm1 loop on sm_90). The default where a tile config has no
 # "x_vec" key; it pays for some tiles and costs for others (docs/quantization.md), so the tables say per GEMM
 GEMV_X_VEC = False
+# "chain" read: bf16 activations loaded as int32 pairs, each made an fp32 by one shift or AND (False: loaded as bf16 and
+# converted, for A/B runs)
+CHAIN_X_PAIRS = True
 # "pdl" decodes: GEMM2's programs prefetch their weight slice into L2 before waiting for GEMM1 (False: wait only)
 GEMV_PDL_PREFETCH = True
 # "subnormal": activations are scaled by 2^(SUBNORMAL_X_EXP - 4j), so products are q x 2^(SUBNORMAL_X_EXP - 149) =
@@ -499,6 +573,8 @@ def _read_mode(cfg: dict[str, Any], wq: int, group: int, w: torch.Tensor) -> tup
     """(INT4_MODE, BLOCK_K, NG) of a GEMV launch: how int4 is read (gemv.INT4_READS) and the K tile it reads."""
     bk, ng = gemv_tile(cfg, wq, group)
     mode = (INT4_READS[cfg["int4_read"]] if "int4_read" in cfg else INT4_MODE) if wq == 2 else 0
+    if mode == 5 and (group % 32 or cfg["BLOCK_K"] % 32 or w.shape[2] * 2 % cfg["BLOCK_K"]):
+        mode = 4  # chain: a thread's 32 elements inside one group, whole K tiles (else the subnormal read)
     if mode >= 3 and group % 8:
         mode = 2  # planes / subnormal need words that never straddle a group
     if mode >= 3:
@@ -606,6 +682,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         EVEN_K=even_k, FUSE_EPI=fuse, ZBLOCK=256, SUB_X=SUBNORMAL_X_EXP,
         X_VEC=bool(cfg.get("x_vec", GEMV_X_VEC)) and mode >= 3 and not x_parts and even_k,
         X_PARTS=x_parts, PARTS_OUT=parts_out,
+        X_PAIRS=(mode == 5 and CHAIN_X_PAIRS and not x_parts and x.dtype == torch.bfloat16 and x.stride(0) % 2 == 0
+                 and x.data_ptr() % 4 == 0),
         RND={torch.float16: 1, torch.bfloat16: 2}.get(h_dtype, 0) if x_parts else 0,
         PDL=pdl, PF_N=pf_n, PF_STEP=128 // unit, EPW=epw,
         AHEAD=int(cfg.get("prefetch", 0)) if mode >= 3 else 0,  # (follows its read where _read_mode falls back)
