@@ -356,6 +356,49 @@ def test_interpreter_x_vec_reads_the_same_activations(read, dtype, monkeypatch):
     assert rel(outs[1], TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("method,dtype", [(None, torch.float32), ("int8_w8a16", torch.float16),
+                                          ("int8_w8a8", torch.float32)], ids=["fp32", "int8_w8a16", "int8_w8a8"])
+def test_interpreter_reduce_once(method, dtype):
+    """``reduce_once`` (the FMA GEMV's products summed per 8 columns of K in registers, reduced across threads once
+    after the K loop) vs the float64 oracle / kernel=torch, with ragged K tiles (H = 52, I = 40), split-K and dropped
+    pairs, and against the per-tile reduction to fp32 rounding."""
+    x, tw, ids, w13, w2, b13, b2 = make_case(3, 5, 2, 52, 40, dtype, True, 0.3, seed=12)
+    outs = []
+    with interpreter():
+        for once in (True, False):
+            cfg = gemv_cfg(4, 32, 8, 16, 3)
+            for g in ("gemm1", "gemm2"):
+                cfg[g]["reduce_once"] = once
+            cfg = validate_entry(cfg)
+            if method is None:
+                outs.append(fused_experts(x, tw, ids, w13, w2, b13, b2, "silu", config=cfg))
+            else:
+                w = quantize(method, w13, w2, b13, b2)
+                outs.append(fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", method,
+                                                w.w13_scale, w.w2_scale, None, None, None, None, config=cfg))
+    if method is None:
+        ref = oracle_experts(x, tw, ids, w13, w2, "silu", b13, b2)
+    else:
+        ref = TorchExperts().apply(x, tw, ids, w, "silu").double()
+    tol = (TOL_W8A8 if method == "int8_w8a8" else TOL)[dtype]
+    assert rel(outs[0], ref) < tol
+    assert rel(outs[0], outs[1].double()) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_reduce_once_is_refused_where_it_does_not_apply():
+    ok = gemv_cfg()
+    ok["gemm1"]["reduce_once"] = True
+    validate_entry(ok)
+    for sub, where in (({"reduce_once": True, "mma": True}, "gemv"), ({"reduce_once": True}, "dot"),
+                       ({"reduce_once": 1}, "gemv")):
+        bad = gemv_cfg() if where == "gemv" else {"BLOCK_M": 16, "decode": True, "gemm1": {
+            "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}, "gemm2": {
+            "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}}
+        bad["gemm1"] = {**bad["gemm1"], **sub}
+        with pytest.raises(ValueError, match="gemm1.reduce_once"):
+            validate_entry(bad)
+
+
 def _spy_modes(monkeypatch) -> list:
     """Records the INT4_MODE of every GEMV launch (the read that actually ran after _read_mode's fallbacks)."""
     from composer.kernels.triton import gemv

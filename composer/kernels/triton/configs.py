@@ -52,7 +52,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "configs"
 _extra_dirs: list[Path] = []
 
 GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma", "SPLIT_K", "mma", "fp8_promote",
-             "int4_read", "x_vec", "unroll", "loop_stages", "prefetch", "swap")
+             "int4_read", "x_vec", "unroll", "loop_stages", "prefetch", "swap", "reduce_once")
 INT4_READ_NAMES = ("bytes", "words_4d", "words", "planes", "subnormal", "chain")  # gemv.INT4_READS: their codes in this order
 
 
@@ -118,11 +118,14 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
         split = sub.get("SPLIT_K", 1)
         if not isinstance(split, int) or isinstance(split, bool) or split < 1 or (split > 1 and not gemv):
             problems.append(f"{g}.SPLIT_K must be an integer >= 1, and > 1 only with decode 'gemv'; got {split!r}")
-        for key in ("tma", "mma", "swap"):
+        for key in ("tma", "mma", "swap", "reduce_once"):
             if not isinstance(sub.get(key, False), bool):
                 problems.append(f"{g}.{key} must be true or false, got {sub.get(key)!r}")
         if sub.get("mma") and not gemv:
             problems.append(f"{g}.mma applies to decode \"gemv\" tiles only")
+        if sub.get("reduce_once") and (not gemv or sub.get("mma")):
+            problems.append(f"{g}.reduce_once applies to decode \"gemv\" tiles without mma (the FMA GEMV of float, "
+                            f"int8 and fp8 weights)")
         if "swap" in sub and gemv:
             problems.append(f"{g}.swap (int8_w8a16's W x A^T product, gemm.SWAP_AB) applies to tl.dot tiles, not to "
                             f"decode \"gemv\" ones")

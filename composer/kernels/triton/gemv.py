@@ -147,7 +147,7 @@ def _gemv_kernel(
     AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
     AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr, LOOP_STAGES: tl.constexpr, EVEN_K: tl.constexpr,
     FUSE_EPI: tl.constexpr, ZBLOCK: tl.constexpr, SUB_X: tl.constexpr, X_VEC: tl.constexpr,
-    X_PARTS: tl.constexpr, RND: tl.constexpr, PARTS_OUT: tl.constexpr, X_PAIRS: tl.constexpr,
+    X_PARTS: tl.constexpr, RND: tl.constexpr, PARTS_OUT: tl.constexpr, X_PAIRS: tl.constexpr, ONCE: tl.constexpr,
     PDL: tl.constexpr, PF_N: tl.constexpr, PF_STEP: tl.constexpr, EPW: tl.constexpr, AHEAD: tl.constexpr,
 ):
     pair = tl.program_id(0)
@@ -448,6 +448,8 @@ def _gemv_kernel(
         offs_k = tl.arange(0, BLOCK_K)
         w_ptrs = w_rows[:, None] + offs_k[None, :]
         acc = tl.full((ROWS,), 0.0, tl.float32)
+        if ONCE:  # "reduce_once": products summed in registers per 8 columns of K, reduced across threads after the loop
+            acc3 = tl.full((ROWS, BLOCK_K // 8), 0.0, tl.float32)
         if MMA:  # swapped operands: weights [ROWS, K] x activation column [K, 16] (column 0 live) on tensor cores
             col0 = tl.arange(0, 16)[None, :] == 0
             if ACC_INT:
@@ -476,7 +478,13 @@ def _gemv_kernel(
                     acc2 = tl.dot(wv, xt, acc2, input_precision=PRECISION)
             else:
                 wv = tl.load(w_ptrs + k0, mask=k_ok[None, :], other=0.0).to(tl.float32)
-                acc += tl.reduce(wv * xv[None, :], 1, tl.standard._sum_combine)
+                if ONCE:
+                    acc3 += tl.reduce(tl.reshape(wv * xv[None, :], (ROWS, BLOCK_K // 8, 8)), 2,
+                                      tl.standard._sum_combine)
+                else:
+                    acc += tl.reduce(wv * xv[None, :], 1, tl.standard._sum_combine)
+        if ONCE and not MMA:
+            acc = tl.reduce(acc3, 1, tl.standard._sum_combine)
         if MMA:
             acc = tl.reduce(acc2.to(tl.float32), 1, tl.standard._sum_combine)
         if WQ == 1:  # int8 w8a16: per-channel scale
@@ -681,7 +689,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         **aq_meta(aq, acc_int8, K), UNROLL=int(cfg.get("unroll", 1)), LOOP_STAGES=cfg.get("loop_stages"),
         EVEN_K=even_k, FUSE_EPI=fuse, ZBLOCK=256, SUB_X=SUBNORMAL_X_EXP,
         X_VEC=bool(cfg.get("x_vec", GEMV_X_VEC)) and mode >= 3 and not x_parts and even_k,
-        X_PARTS=x_parts, PARTS_OUT=parts_out,
+        X_PARTS=x_parts, PARTS_OUT=parts_out, ONCE=bool(cfg.get("reduce_once", False)) and wq != 2 and not mma,
         X_PAIRS=(mode == 5 and CHAIN_X_PAIRS and not x_parts and x.dtype == torch.bfloat16 and x.stride(0) % 2 == 0
                  and x.data_ptr() % 4 == 0),
         RND={torch.float16: 1, torch.bfloat16: 2}.get(h_dtype, 0) if x_parts else 0,
