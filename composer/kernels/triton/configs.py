@@ -12,7 +12,9 @@ program, FMA GEMVs in registers, ``gemv.py``; there ``BLOCK_N`` may be as small 
 ``SPLIT_K``, the number of programs that share one tile's K range (GEMM1's then leave fp32 partial sums that GEMM2
 activates as it loads them); ``mma: true`` runs the GEMV's products on
 tensor cores with the weights as the MMA's A operand; ``int4_read``: how the GEMV unpacks int4, one of
-``"words"``, ``"planes"``, ``"subnormal"``, ``"bytes"``, ``"words_4d"``, gemv.py; ``x_vec: true`` (with the planes or
+``"words"``, ``"planes"``, ``"subnormal"``, ``"chain"``, ``"bytes"``, ``"words_4d"``, gemv.py; ``reduce_once: true``
+(float, int8 and fp8 GEMVs without mma): products summed per 8 K columns in registers, reduced across threads once
+after the K loop; ``x_vec: true`` (with the planes or
 subnormal read): a word column's eight activations come in one 16-byte load, split in registers, instead of eight
 2-byte loads (faster for some tiles, slower for others: measured per entry); ``unroll``: K-loop iterations
 the GEMV unrolls, so one warp has several weight loads in flight; ``loop_stages``: software-pipeline stages of that

@@ -11,7 +11,9 @@ fp32 with integer ops, multiplied by the activation row with FMAs and reduced al
   nibble costs one LOP3 and one FFMA (the kernel has the range). The "words" read (the default without a config
   key): a nibble shifted into the top of an fp32 mantissa and OR-ed with 1.0's bits *is* ``1 + q/16``; per scale
   group, ``sum(x * (q - z)) = 16 * sum(x * (1 + q/16)) - (16 + z) * sum(x)``, times the group's scale. Neither
-  converts int -> float.
+  converts int -> float. The "chain" read (the H200 tables) is the subnormal read laid out so that no value goes
+  through shared memory in the K loop, with one sum per row over a thread's 32 nibbles (one zero-point and one
+  scale FFMA per 32 nibbles).
 * int8 / fp8 weights are converted and multiplied in fp32; w8a8 quantizes the activation row inside
   the kernel (FUSED_AQ, bit for bit ``quant_rows``' rule), so the products are those of the quantized
   values, exact in fp32, and the scales are applied once per output channel.
@@ -533,10 +535,12 @@ def _gemv_kernel(
 # int32 words with an unrolled loop over the 8 nibbles (shift + LOP3 each, 1 + q/16), the K tile inside one scale
 # group; "planes" (3): int32 words, LOP3 + FADD per nibble giving q - z directly (see the kernel), K tiles across
 # groups; "subnormal" (4): as planes, the nibbles read as subnormal floats (LOP3 + FFMA per nibble, one power-of-two
-# scale per activation; see the kernel); "bytes" (0): bytes with the even / odd activations loaded apart;
+# scale per activation; see the kernel); "chain" (5): the subnormal read with [rows, C, 4] word tiles, one sum per row
+# over a thread's 32 nibbles and no layout conversion in the loop (groups a multiple of 32, whole K tiles, else it
+# runs as subnormal); "bytes" (0): bytes with the even / odd activations loaded apart;
 # "words_4d" (1): int32 words as a 4D [rows, groups, words, 8] tile. H100, mixtral T = 1 GEMM1 (bench timing,
 # 2026-11-27): 81 us (2), 115 us (0), 224 us (1, layout conversions through shared memory in every iteration).
-INT4_READS = {name: code for code, name in enumerate(INT4_READ_NAMES)}  # bytes 0 .. subnormal 4
+INT4_READS = {name: code for code, name in enumerate(INT4_READ_NAMES)}  # bytes 0 .. subnormal 4, chain 5
 INT4_MODE = 2
 # whole K tiles (K a multiple of BLOCK_K): the planes / subnormal reads load without masks, so Triton makes its word
 # loads 128-bit (with a mask it stops at 64-bit); False for A/B runs
