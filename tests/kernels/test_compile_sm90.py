@@ -179,6 +179,42 @@ def test_x_vec_compiles_for_sm90():
         assert compile_sm90(kernel, args, kwargs).asm["cubin"]
 
 
+def _loop_conversions(ttgir: str) -> int:
+    """Layout conversions (``ttg.convert_layout``: a round trip through shared memory or shuffles) before the last
+    loop's end in a TTGIR: the GEMV's K loops come last, so these are the ones inside the K loop (or before it)."""
+    lines = ttgir.splitlines()
+    end = max(i for i, line in enumerate(lines) if "scf.yield" in line)
+    return sum("ttg.convert_layout" in line for line in lines[:end])
+
+
+@pytest.mark.parametrize("bk", [256, 512])
+def test_chain_read_compiles_without_layout_conversions_in_its_loop(bk, monkeypatch):
+    """The "chain" int4 read compiles for sm_90 in both GEMMs with no layout conversion in its K loop (its reason to
+    exist) and 128-bit weight loads, with the scale gather gemv.chain_scales_transposed() picks for the installed
+    Triton; the other gather puts a conversion of the accumulator into every K step (what the choice is for)."""
+    import re
+
+    from composer.kernels.triton import gemv
+
+    x, tw, ids, w13, w2, _, _ = make_case(1, 8, 2, 1024, 512, torch.bfloat16, False, 0.0, seed=1)
+    w = quantize("int4_w4a16", w13, w2, group_size=128, zero_point=True)
+    sub = {"int4_read": "chain", "BLOCK_K": bk, "unroll": 2}
+    found = {}
+    picked = gemv.chain_scales_transposed()
+    for trans in (picked, not picked):
+        monkeypatch.setattr(gemv, "CHAIN_SCALES_T", trans)
+        with recorded_launches() as calls:
+            fused_experts_quant(x, tw, ids, w.w13, w.w2, None, None, "silu", "int4_w4a16", w.w13_scale, w.w2_scale,
+                                None, None, w.w13_zero, w.w2_zero,
+                                config=validate_entry(gemv_cfg({**sub, "BLOCK_N": 32}, sub)))
+        assert [(kw["INT4_MODE"], kw["SCALES_T"]) for _, _, kw in calls] == [(5, trans)] * 2
+        asm = [compile_sm90(kernel, args, kwargs).asm for kernel, args, kwargs in calls]
+        found[trans] = [_loop_conversions(a["ttgir"]) for a in asm]
+        assert all(re.search(r"ld\.global(?:\.\w+)*\.v4\.b32", a["ptx"]) for a in asm)
+    assert found[picked] == [0, 0], found
+    assert min(found[not picked]) > 0, found
+
+
 def test_prefetch_compiles_for_sm90_with_loads_ahead():
     """``prefetch`` compiles for sm_90 in both GEMMs, and each tile's 128-bit loads (weights, x_vec activations)
     appear once more per tile ahead: a prologue of AHEAD tiles before the loop's one, so 1 : 2 : 3 for 0, 1, 2."""

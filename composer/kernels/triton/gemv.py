@@ -150,6 +150,7 @@ def _gemv_kernel(
     AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr, LOOP_STAGES: tl.constexpr, EVEN_K: tl.constexpr,
     FUSE_EPI: tl.constexpr, ZBLOCK: tl.constexpr, SUB_X: tl.constexpr, X_VEC: tl.constexpr,
     X_PARTS: tl.constexpr, RND: tl.constexpr, PARTS_OUT: tl.constexpr, X_PAIRS: tl.constexpr, ONCE: tl.constexpr,
+    SCALES_T: tl.constexpr,
     PDL: tl.constexpr, PF_N: tl.constexpr, PF_STEP: tl.constexpr, EPW: tl.constexpr, AHEAD: tl.constexpr,
 ):
     pair = tl.program_id(0)
@@ -312,24 +313,36 @@ def _gemv_kernel(
         C: tl.constexpr = BLOCK_K // 32
         cc = tl.arange(0, C)
         w_ptrs = w_rows[:, None] + tl.arange(0, 4 * C)[None, :]  # (2D: contiguous along K, 16-byte loads)
-        x_off = (32 * cc)[:, None] + tl.arange(0, 8)[None, :]  # [C, 8]: word i's activations at x_off + 8 i
-        xw_off = (16 * cc)[:, None] + tl.arange(0, 4)[None, :]  # [C, 4]: the same as int32 pairs (X_PAIRS)
+        # activations as [1, C, 8] (or [1, C, 4] int32 pairs): laid out like the words' [rows, C] once split, where a
+        # [C] vector would get a layout of its own under some Triton versions (a conversion in every K step)
+        x_off = (32 * cc)[None, :, None] + tl.arange(0, 8)[None, None, :]  # word i's activations at x_off + 8 i
+        xw_off = (16 * cc)[None, :, None] + tl.arange(0, 4)[None, None, :]  # the same as int32 pairs (X_PAIRS)
         acc2 = tl.full((ROWS, C), 0.0, tl.float32)
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL):
             wq3 = tl.load(w_ptrs + k0 // 8)  # (whole K tiles only: _read_mode)
             we, wo = tl.split(tl.reshape(wq3, (ROWS, C, 2, 2)))  # [row, c, a, b]: word 2a + b
             w_0, w_2 = tl.split(we)
             w_1, w_3 = tl.split(wo)
-            # the scales (and zero points) are gathered as [C, ROWS] and transposed: Triton lays a load out along its
-            # first dimension when no dimension is contiguous, and [ROWS, C] the other way round would not match
-            grp = ((k0 + 32 * cc) // QBK)[:, None]
-            s = tl.trans(tl.load(ws_base + ch[None, :] * stride_wsn + grp * stride_wsk)).to(tl.float32)
+            # the scales (and zero points) as a [ROWS, C] gather, laid out as the words are only if Triton spreads
+            # this load's threads along C: with no contiguous dimension, which one it takes first differs between
+            # Triton versions, so SCALES_T gathers [C, ROWS] and transposes it where the first one is taken
+            # (chain_scales_transposed())
+            if SCALES_T:
+                grp_t = ((k0 + 32 * cc) // QBK)[:, None]
+                s = tl.trans(tl.load(ws_base + ch[None, :] * stride_wsn + grp_t * stride_wsk)).to(tl.float32)
+            else:
+                grp = ((k0 + 32 * cc) // QBK)[None, :]
+                s = tl.load(ws_base + ch[:, None] * stride_wsn + grp * stride_wsk).to(tl.float32)
             if HAS_ZERO:
-                z = tl.trans((tl.load(z_ptrs[None, :] + grp * stride_wzk) >> z_shift[None, :]) & 0xF).to(tl.float32)
+                if SCALES_T:
+                    z = tl.trans((tl.load(z_ptrs[None, :] + grp_t * stride_wzk) >> z_shift[None, :]) & 0xF
+                                 ).to(tl.float32)
+                else:
+                    z = ((tl.load(z_ptrs[:, None] + grp * stride_wzk) >> z_shift[:, None]) & 0xF).to(tl.float32)
             else:
                 z = 8.0
             p = tl.full((ROWS, C), 0.0, tl.float32)
-            sx = tl.full((C,), 0.0, tl.float32)
+            sx = tl.full((1, C), 0.0, tl.float32)
             for i in tl.static_range(4):
                 if i == 0:
                     wi = w_0
@@ -345,7 +358,7 @@ def _gemv_kernel(
                 wh = (wi.to(tl.uint32, bitcast=True) >> 12).to(tl.int32, bitcast=True)
                 if X_PAIRS:  # bf16 activations as int32 pairs: one shift or one AND makes each an fp32
                     xw = tl.load(x_row.to(tl.pointer_type(tl.int32)) + (k0 + 8 * i) // 2 + xw_off)
-                    pa, pb = tl.split(tl.reshape(xw, (C, 2, 2)))  # [c, u, v]: pair 2u + v
+                    pa, pb = tl.split(tl.reshape(xw, (1, C, 2, 2)))  # [1, c, u, v]: pair 2u + v
                     q0, q2 = tl.split(pa)
                     q1, q3 = tl.split(pb)
                     xs = ((q0 << 16).to(tl.float32, bitcast=True), (q0 & -65536).to(tl.float32, bitcast=True),
@@ -355,7 +368,7 @@ def _gemv_kernel(
                 else:
                     xo = k0 + 8 * i + x_off
                     x8 = _x_load(x_row + xo, x_row, xo, None, X_PARTS, stride_xp, ACT, ALPHA, LIMIT, RND)
-                    e_, o_ = tl.split(tl.reshape(x8, (C, 2, 2, 2)))  # [c, a, b, l]: element 4a + 2b + l
+                    e_, o_ = tl.split(tl.reshape(x8, (1, C, 2, 2, 2)))  # [1, c, a, b, l]: element 4a + 2b + l
                     e0, e1 = tl.split(e_)
                     o0, o1 = tl.split(o_)
                     x0, x4 = tl.split(e0)
@@ -371,8 +384,8 @@ def _gemv_kernel(
                         b = 4 * m - 12
                         t = wh & (0xF << b)
                     sx += xs[m]
-                    p += t.to(tl.float32, bitcast=True) * (xs[m] * _pow2(SUB_X - b))[None, :]
-            acc2 += s * (p - z * (sx * _pow2(SUB_X - 149))[None, :])
+                    p += t.to(tl.float32, bitcast=True) * (xs[m] * _pow2(SUB_X - b))
+            acc2 += s * (p - z * (sx * _pow2(SUB_X - 149)))
         acc = tl.reduce(acc2, 1, tl.standard._sum_combine) * _pow2(149 - SUB_X)
     elif WQ == 2 and INT4_MODE == 2:  # int32 words [ROWS, BLOCK_K / 8], the tile inside one group (NG = 1)
         kw = tl.arange(0, BLOCK_K // 8)
@@ -552,11 +565,25 @@ GEMV_X_VEC = False
 # "chain" read: bf16 activations loaded as int32 pairs, each made an fp32 by one shift or AND (False: loaded as bf16 and
 # converted, for A/B runs)
 CHAIN_X_PAIRS = True
+# "chain" read: gather the scales [C, rows] and transpose (True) or [rows, C] (False); None: by the Triton version
+# (chain_scales_transposed)
+CHAIN_SCALES_T: bool | None = None
 # "pdl" decodes: GEMM2's programs prefetch their weight slice into L2 before waiting for GEMM1 (False: wait only)
 GEMV_PDL_PREFETCH = True
 # "subnormal": activations are scaled by 2^(SUBNORMAL_X_EXP - 4j), so products are q x 2^(SUBNORMAL_X_EXP - 149) =
 # q x 2^-64, exact and normal (fp32: 2^-126 .. 2^128) for 2^-62 <= |q x| and |x| < 2^43, every fp16 value included
 SUBNORMAL_X_EXP = 85
+
+
+def chain_scales_transposed() -> bool:
+    """Whether the chain read gathers its scales as [C, rows] and transposes them (gemv.CHAIN_SCALES_T if set, else
+    by the installed Triton): triton 3.6 lays out a gather with no contiguous dimension along its first dimension,
+    triton 3.9 along its last, and the words' layout spreads C over the threads. Checked on both in the sm_90 TTGIR
+    (tests/kernels/test_compile_sm90.py): either way the K loop has no layout conversion."""
+    if CHAIN_SCALES_T is not None:
+        return CHAIN_SCALES_T
+    major, minor = (int(p) for p in triton.__version__.split(".")[:2])
+    return (major, minor) < (3, 9)
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -693,7 +720,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         **aq_meta(aq, acc_int8, K), UNROLL=int(cfg.get("unroll", 1)), LOOP_STAGES=cfg.get("loop_stages"),
         EVEN_K=even_k, FUSE_EPI=fuse, ZBLOCK=256, SUB_X=SUBNORMAL_X_EXP,
         X_VEC=bool(cfg.get("x_vec", GEMV_X_VEC)) and mode >= 3 and not x_parts and even_k,
-        X_PARTS=x_parts, PARTS_OUT=parts_out, ONCE=bool(cfg.get("reduce_once", False)) and wq != 2 and not mma,
+        X_PARTS=x_parts, PARTS_OUT=parts_out, SCALES_T=mode == 5 and chain_scales_transposed(), ONCE=bool(cfg.get("reduce_once", False)) and wq != 2 and not mma,
         X_PAIRS=(mode == 5 and CHAIN_X_PAIRS and not x_parts and x.dtype == torch.bfloat16 and x.stride(0) % 2 == 0
                  and x.data_ptr() % 4 == 0),
         RND={torch.float16: 1, torch.bfloat16: 2}.get(h_dtype, 0) if x_parts else 0,
