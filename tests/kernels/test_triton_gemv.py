@@ -322,9 +322,6 @@ def test_interpreter_x_vec_reads_the_same_activations(read, dtype, monkeypatch):
 
     x, tw, ids, w13, w2, b13, b2 = make_case(1, 4, 2, 128, 64, dtype, True, 0.0, seed=29)
     w = quantize("int4_w4a16", w13, w2, b13, b2, group_size=32, zero_point=True)
-    vec_runs = []
-    real = gemv._gemv_kernel
-
     def run(vec1, vec2):
         cfg = gemv_cfg(8, 64, 8, 32, 2)
         for g, vec in (("gemm1", vec1), ("gemm2", vec2)):
@@ -335,22 +332,14 @@ def test_interpreter_x_vec_reads_the_same_activations(read, dtype, monkeypatch):
                                    w.w13_scale, w.w2_scale, None, None, w.w13_zero, w.w2_zero,
                                    config=validate_entry(cfg))
 
-    class Spy:  # records which launches took the 16-byte activation load
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                vec_runs[-1].append(kw["X_VEC"])
-                return real[grid](*args, **kw)
-            return launch
-
-    monkeypatch.setattr(gemv, "_gemv_kernel", Spy())
+    vec = _spy(monkeypatch, "X_VEC")  # which launches took the 16-byte activation load
     outs = []
     with interpreter():
         for vec1, vec2, default in ((False, False, False), (True, False, False), (False, True, False),
                                     (None, None, True)):
             monkeypatch.setattr(gemv, "GEMV_X_VEC", default)
-            vec_runs.append([])
             outs.append(run(vec1, vec2))
-    assert vec_runs == [[False, False], [True, False], [False, True], [True, True]]
+    assert vec == [False, False, True, False, False, True, True, True]
     for o in outs[1:]:
         assert torch.equal(outs[0], o)
     assert rel(outs[1], TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[dtype]
@@ -399,22 +388,22 @@ def test_reduce_once_is_refused_where_it_does_not_apply():
             validate_entry(bad)
 
 
-def _spy_modes(monkeypatch) -> list:
-    """Records the INT4_MODE of every GEMV launch (the read that actually ran after _read_mode's fallbacks)."""
+def _spy(monkeypatch, key: str) -> list:
+    """Records the constexpr ``key`` of every GEMV launch (what actually ran after _read_mode's fallbacks)."""
     from composer.kernels.triton import gemv
 
-    modes = []
+    seen = []
     real = gemv._gemv_kernel
 
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                modes.append(kw["INT4_MODE"])
+                seen.append(kw[key])
                 return real[grid](*args, **kw)
             return launch
 
     monkeypatch.setattr(gemv, "_gemv_kernel", Spy())
-    return modes
+    return seen
 
 
 # group, BLOCK_K (both GEMMs), zero points, dtype, H, I, unroll, gemm2 SPLIT_K, bias, dropped share: a tile of one
@@ -436,7 +425,7 @@ def test_interpreter_int4_chain(case, monkeypatch):
     x, tw, ids, w13, w2, b13, b2 = make_case(2, 4, 2, H, I, dtype, bias, drop, seed=21)
     w = (quantize("int4_w4a16", w13, w2, b13, b2, group_size=group, zero_point=zero) if bias else
          quantize("int4_w4a16", w13, w2, group_size=group, zero_point=zero))
-    modes = _spy_modes(monkeypatch)
+    modes = _spy(monkeypatch, "INT4_MODE")
     outs = []
     with interpreter():
         for read in ("chain", "subnormal"):
@@ -458,7 +447,7 @@ def test_interpreter_int4_chain_falls_back_to_subnormal(group, H, bk, monkeypatc
     64-wide tiles: the chain loads without masks), "chain" runs the subnormal read instead, and is right."""
     x, tw, ids, w13, w2, _, _ = make_case(2, 4, 2, H, 64, torch.float32, False, 0.0, seed=23)
     w = quantize("int4_w4a16", w13, w2, group_size=group, zero_point=True)
-    modes = _spy_modes(monkeypatch)
+    modes = _spy(monkeypatch, "INT4_MODE")
     cfg = gemv_cfg(8, bk, 8, 32, 2)
     for g in ("gemm1", "gemm2"):
         cfg[g]["int4_read"] = "chain"
@@ -484,17 +473,7 @@ def test_interpreter_int4_chain_bf16_pairs_are_the_bf16_values(monkeypatch):
     x = torch.randn(3, K, generator=g).to(torch.bfloat16)
     ids = torch.tensor([0, 2, 1], dtype=torch.int32)
     cfg = {"BLOCK_N": 8, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "int4_read": "chain"}
-    pairs = []
-    real = gemv._gemv_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                pairs.append(kw["X_PAIRS"])
-                return real[grid](*args, **kw)
-            return launch
-
-    monkeypatch.setattr(gemv, "_gemv_kernel", Spy())
+    pairs = _spy(monkeypatch, "X_PAIRS")
     outs = []
     with interpreter():
         for on in (True, False):
@@ -527,17 +506,7 @@ def test_interpreter_prefetch_keeps_every_bit(case, monkeypatch):
     read, group, bk, zero, vec, dtype, H, I, split = case
     x, tw, ids, w13, w2, b13, b2 = make_case(3, 4, 2, H, I, dtype, True, 0.3, seed=31)
     w = quantize("int4_w4a16", w13, w2, b13, b2, group_size=group, zero_point=zero)
-    ahead = []
-    real = gemv._gemv_kernel
-
-    class Spy:  # records the distance each launch took
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                ahead.append(kw["AHEAD"])
-                return real[grid](*args, **kw)
-            return launch
-
-    monkeypatch.setattr(gemv, "_gemv_kernel", Spy())
+    ahead = _spy(monkeypatch, "AHEAD")  # the distance each launch took
     outs = []
     with interpreter():
         for pf in (0, 1, 2):

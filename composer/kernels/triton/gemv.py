@@ -94,6 +94,20 @@ def _x_load(ptrs, x_row, offs, mask, X_PARTS: tl.constexpr, stride_xp, ACT: tl.c
 
 
 @lazy_helper
+def _eight(x):
+    """The eight activations of a word, split out of ``x`` [..., 2, 2, 2] (element 4a + 2b + l at [a, b, l]) in
+    registers: a tuple, element m first."""
+    e_, o_ = tl.split(x)
+    e0, e1 = tl.split(e_)
+    o0, o1 = tl.split(o_)
+    x0, x4 = tl.split(e0)
+    x2, x6 = tl.split(e1)
+    x1, x5 = tl.split(o0)
+    x3, x7 = tl.split(o1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@lazy_helper
 def _int4_tile(w_ptrs, x_row, ws_base, ch, z_ptrs, z_shift, kw, k, k_hi, stride_wsn, stride_wsk, stride_wzk,
                BLOCK_K: tl.constexpr, QBK: tl.constexpr, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr,
                X_VEC: tl.constexpr):
@@ -270,16 +284,7 @@ def _gemv_kernel(
             p2 = tl.full((ROWS, BLOCK_K // 8), 0.0, tl.float32)
             sxv = tl.full((BLOCK_K // 8,), 0.0, tl.float32)
             if X_VEC:  # one 16-byte load of a word column's eight activations (_int4_tile), split in registers
-                x8 = xr.to(tl.float32)
-                q4 = tl.reshape(x8, (BLOCK_K // 8, 2, 2, 2))  # [w, i, j, l]: element 4i + 2j + l
-                e_, o_ = tl.split(q4)
-                e0, e1 = tl.split(e_)
-                o0, o1 = tl.split(o_)
-                x0, x4 = tl.split(e0)
-                x2, x6 = tl.split(e1)
-                x1, x5 = tl.split(o0)
-                x3, x7 = tl.split(o1)
-                xs = (x0, x1, x2, x3, x4, x5, x6, x7)
+                xs = _eight(tl.reshape(xr.to(tl.float32), (BLOCK_K // 8, 2, 2, 2)))
             for m in tl.static_range(8):
                 if X_VEC:
                     xm = xs[m]
@@ -368,14 +373,7 @@ def _gemv_kernel(
                 else:
                     xo = k0 + 8 * i + x_off
                     x8 = _x_load(x_row + xo, x_row, xo, None, X_PARTS, stride_xp, ACT, ALPHA, LIMIT, RND)
-                    e_, o_ = tl.split(tl.reshape(x8, (1, C, 2, 2, 2)))  # [1, c, a, b, l]: element 4a + 2b + l
-                    e0, e1 = tl.split(e_)
-                    o0, o1 = tl.split(o_)
-                    x0, x4 = tl.split(e0)
-                    x2, x6 = tl.split(e1)
-                    x1, x5 = tl.split(o0)
-                    x3, x7 = tl.split(o1)
-                    xs = (x0, x1, x2, x3, x4, x5, x6, x7)
+                    xs = _eight(tl.reshape(x8, (1, C, 2, 2, 2)))
                 for m in tl.static_range(8):
                     if m <= 4:
                         b = 4 * m
