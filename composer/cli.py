@@ -105,20 +105,25 @@ def _precheck(argv: list[str]) -> None:
     if not problems:
         problems = _unknown_keys(overrides)
     if problems:
-        if not _lead_rank():  # (one line: usually rank 0 prints the same problems in full; never silent)
-            _err.print(f"[red]error[/red] (rank {os.environ.get('RANK')}): "
-                       f"{ConfigError(problems, 'command line').one_line()}", highlight=False)
-            sys.exit(2)
-        if _full_error():
-            import traceback
+        _exit_config(ConfigError(problems, "command line"))
 
-            try:
-                raise ConfigError(problems, "command line")
-            except ConfigError:
-                traceback.print_exc()
-            sys.exit(2)
-        _err.print(f"[red]error[/red]: {ConfigError(problems, 'command line')}", highlight=False)
+
+def _exit_config(err: ConfigError) -> None:
+    """A config problem found before Hydra runs: composer's message (rank 0 in full, other ranks in one line: usually
+    rank 0 prints the same problems; never silent), or the traceback with HYDRA_FULL_ERROR=1; exit 2."""
+    if not _lead_rank():
+        _err.print(f"[red]error[/red] (rank {os.environ.get('RANK')}): {err.one_line()}", highlight=False)
         sys.exit(2)
+    if _full_error():
+        import traceback
+
+        try:
+            raise err
+        except ConfigError:
+            traceback.print_exc()
+        sys.exit(2)
+    _err.print(f"[red]error[/red]: {err}", highlight=False)
+    sys.exit(2)
 
 
 def _unknown_keys(overrides: list[Any]) -> list[Any]:
@@ -260,7 +265,18 @@ def _hydra_main(dcfg: DictConfig) -> Any:
 
 
 def main() -> None:
-    """Console-script entry point: ``composer [overrides] [-m] [--cfg job] ...``."""
+    """Console-script entry point: ``composer [--deploy-file F] [overrides] [-m] [--cfg job] ...``."""
+    from .deploy_file import file_overrides, split_flag
+
+    try:
+        path, argv = split_flag(sys.argv[1:])
+        if path is not None:  # the file's keys as overrides before the command line's (composer/deploy_file.py),
+            # next to them (argparse takes Hydra's overrides as one run of positionals)
+            at = next((i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")), len(argv))
+            argv = argv[:at] + file_overrides(path, argv) + argv[at:]
+    except ConfigError as err:
+        _exit_config(err)
+    sys.argv = sys.argv[:1] + argv
     _precheck(sys.argv[1:])
     _hydra_main()
     if _failures:

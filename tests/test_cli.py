@@ -161,3 +161,78 @@ def test_full_error_sweep_runs_every_job_and_failed_runs_record_what_ran(tmp_pat
     runs = [json.loads(f.read_text()) for f in sorted((tmp_path / "sweep").glob("*/results.json"))]
     assert [r["status"] for r in runs] == ["failed", "ok"]
     assert runs[0]["resolved"]["kernel"] == runs[1]["resolved"]["kernel"] == "torch"
+
+
+DEPLOY_FILE = """\
+schema_version: 1
+model: {name: qwen3_30b_a3b, num_layers: 1, hidden_size: 64, intermediate_size: 32, top_k: 4}
+kernel: torch
+quant: {name: int8_w8a16}
+task: check
+device: cpu
+"""
+
+
+def test_deploy_file_runs_from_the_command_line(tmp_path):
+    """composer --deploy-file F runs the config composer.load_config(F) builds (the same config hash), the command
+    line's overrides win (a group chosen again starts from its own defaults, as load_config has it), and a sweep
+    over a file runs one job per value."""
+    from composer import load_config
+
+    f = tmp_path / "prod.yaml"
+    f.write_text(DEPLOY_FILE)
+    ok = composer(["--deploy-file", str(f), "hydra.run.dir=r"], tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "check passed" in ok.stdout and "quant=int8_w8a16" in ok.stdout
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert res["status"] == "ok" and res["config_hash"] == load_config(f).config_hash()
+    over = composer([f"--deploy-file={f}", "quant=none", "model.top_k=2", "hydra.run.dir=r2"], tmp_path)
+    assert over.returncode == 0, over.stderr
+    res = json.loads((tmp_path / "r2" / "results.json").read_text())
+    assert res["config_hash"] == load_config(f, ["quant=none", "model.top_k=2"]).config_hash()
+    assert res["config"]["quant"]["name"] == "none" and res["config"]["model"]["top_k"] == 2
+    sweep = composer(["-m", "--deploy-file", str(f), "model.top_k=1,2", "hydra.sweep.dir=s"], tmp_path)
+    assert sweep.returncode == 0, sweep.stderr
+    tops = sorted(json.loads(p.read_text())["config"]["model"]["top_k"] for p in (tmp_path / "s").glob("*/results.json"))
+    assert tops == [1, 2]
+
+
+def test_deploy_file_problems_exit_2(tmp_path):
+    """A deployment file's problems are reported with the file's name before anything runs; so are a missing file,
+    --deploy-file without a file or given twice, and an overlay on top of a file."""
+    f = tmp_path / "prod.yaml"
+    f.write_text(DEPLOY_FILE.replace("top_k: 4", "top_kk: 4"))
+    bad = composer(["--deploy-file", str(f)], tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "prod.yaml" in bad.stderr and "Did you mean 'top_k'?" in bad.stderr
+    assert not (tmp_path / "outputs").exists()  # (nothing ran)
+    f.write_text(DEPLOY_FILE)
+    for args, says in ((["--deploy-file", "missing.yaml"], "no such config file"),
+                       (["--deploy-file"], "takes a YAML file"),
+                       (["--deploy-file", str(f), "--deploy-file", str(f)], "one deployment file per run"),
+                       (["--deploy-file", str(f), "+deploy=cpu_reference"], "not to a deployment file")):
+        proc = composer(args, tmp_path)
+        assert proc.returncode == 2 and says in proc.stderr, (args, proc.stderr[-500:])
+    gpu = tmp_path / "gpu.yaml"  # a GPU deployment on this CPU machine: refused, unless the command line fixes it
+    gpu.write_text(DEPLOY_FILE.replace("device: cpu", "device: cuda"))
+    if not __import__("torch").cuda.is_available():
+        refused = composer(["--deploy-file", str(gpu), "task=check"], tmp_path)
+        assert refused.returncode == 2 and "gpu.yaml" in refused.stderr and "no CUDA device" in refused.stderr
+    fixed = composer(["--deploy-file", str(gpu), "device=cpu", "hydra.run.dir=fixed"], tmp_path)
+    assert fixed.returncode == 0, fixed.stderr
+    assert json.loads((tmp_path / "fixed" / "results.json").read_text())["config"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("value", ["a${b}c", "it's", "back\\slash", "end\\", "q\\'x", "x,y", "", "\\${lit}", "null",
+                                   "3", 1.5, 1e-30, float("inf"), None, True, [1, "a", 2.5], {"a": 1, "b": "x"}])
+def test_deploy_file_values_survive_hydra(value):
+    """Each YAML value of a deployment file, written as a Hydra override, reads back as itself after OmegaConf
+    resolves it: strings stay strings ("3", "null"), and a literal ${...} is not interpolated (load_config does not
+    interpolate a file's strings either)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from composer.deploy_file import _value
+
+    o = OverridesParser.create().parse_overrides([f"k={_value(value)}"])[0]
+    assert OmegaConf.to_container(OmegaConf.create({"k": o.value()}), resolve=True)["k"] == value

@@ -1,0 +1,141 @@
+"""``composer --deploy-file F``: a standalone deployment file run by the command line.
+
+The file is first loaded as ``composer.load_config`` loads it (every problem reported with the file, exit 2), then
+turned into Hydra overrides placed before the command line's, so Hydra composes the same config and the run is an
+ordinary one: its ``results.json``, sweeps (``-m``), launchers and torchrun all work. A section the command line
+chooses again (``quant=none``) is dropped from the file, as ``load_config`` drops it: the new choice starts from its
+own defaults.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ConfigError, Problem
+
+FLAG = "--deploy-file"
+
+
+def split_flag(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """(the file given with --deploy-file F or --deploy-file=F, the other arguments)."""
+    path, rest, i = None, [], 0
+    argv = list(argv)
+    while i < len(argv):
+        a = argv[i]
+        if a == FLAG or a.startswith(FLAG + "="):
+            if path is not None:
+                raise ConfigError([Problem(FLAG, a, "give one deployment file per run")], "command line")
+            if a == FLAG:
+                if i + 1 >= len(argv) or argv[i + 1].startswith("-") or "=" in argv[i + 1]:
+                    raise ConfigError([Problem(FLAG, "(missing)", "takes a YAML file: --deploy-file deploy/prod.yaml")],
+                                      "command line")
+                path, i = argv[i + 1], i + 2
+                continue
+            path = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return path, rest
+
+
+def _value(v: Any) -> str:
+    """A YAML value in Hydra's override grammar; strings are quoted (and ``${`` kept literal: a file's strings are
+    not interpolated, as load_config reads them)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
+    if isinstance(v, str):
+        return _quote(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} {v!r} as an override")
+
+
+def _quote(s: str) -> str:
+    """``s`` as a single-quoted Hydra value: a quote is escaped, and so are the backslashes right before a quote or
+    at the end (Hydra reads every other backslash as itself); ``${`` is escaped, so OmegaConf keeps it literal."""
+    out, i = [], 0
+    while i < len(s):
+        j = i
+        while j < len(s) and s[j] == "\\":
+            j += 1
+        if j > i:  # a run of backslashes
+            run = s[i:j]
+            out.append(run * 2 if j == len(s) or s[j] == "'" or s.startswith("${", j) else run)
+            i = j
+            continue
+        if s[i] == "'":
+            out.append("\\'")
+        elif s.startswith("${", i):
+            out.append("\\$")
+        else:
+            out.append(s[i])
+        i += 1
+    return "'" + "".join(out) + "'"
+
+
+def _flatten(prefix: str, value: Any) -> list[str]:
+    if isinstance(value, dict) and value:
+        return [o for k, v in value.items() for o in _flatten(f"{prefix}.{k}", v)]
+    return [f"{prefix}={_value(value)}"]
+
+
+def _chosen_groups(argv: Sequence[str]) -> set[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from .api import GROUPS
+
+    args = [a for a in argv if not a.startswith("-") and "=" in a]
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except Exception:  # (Hydra reports its own syntax errors)
+        return set()
+    return {o.key_or_group for o in overrides if o.key_or_group in GROUPS and o.package is None}
+
+
+def file_overrides(path: str, argv: Sequence[str]) -> list[str]:
+    """The Hydra overrides that compose ``path`` over the defaults, after checking it with load_config (with the
+    command line's single-valued key=value overrides, so ``device=cpu`` may fix a GPU file on a CPU machine)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from .api import GROUPS, _load_file, load_config
+    from .launchers import OVERLAYS
+
+    p = Path(path)
+    plain = [a for a in argv if not a.startswith(("-", "hydra")) and "=" in a]
+    try:
+        parsed = OverridesParser.create().parse_overrides(plain)
+    except Exception:
+        parsed = []
+    overlays = [o for o in parsed if o.key_or_group in OVERLAYS and (o.is_add() or o.is_force_add())]
+    if overlays:
+        raise ConfigError([Problem(f"+{o.key_or_group}", o.value(), f"an overlay applies to the shipped tree, not to "
+                                   f"a deployment file ({FLAG} {path}); the file holds its keys itself")
+                           for o in overlays], "command line")
+    single = [a for a, o in zip(plain, parsed) if not o.is_sweep_override() and not o.is_delete()
+              and not o.is_add() and not o.is_force_add()] if len(parsed) == len(plain) else []
+    load_config(p, single)  # every problem of the file, with its name (ConfigError)
+    data = _load_file(p)
+    chosen = _chosen_groups(argv)
+    out: list[str] = []
+    for key, value in data.items():
+        if key == "defaults" or key in chosen:
+            continue
+        if key in GROUPS and isinstance(value, str):
+            out.append(f"{key}={value}")
+        elif key in GROUPS and isinstance(value, dict):
+            rest = {k: v for k, v in value.items() if k != "name"}
+            if "name" in value:
+                out.append(f"{key}={value['name']}")
+            out += [o for k, v in rest.items() for o in _flatten(f"{key}.{k}", v)]
+        else:
+            out += _flatten(key, value)
+    return out
