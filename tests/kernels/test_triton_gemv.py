@@ -406,22 +406,28 @@ def _spy(monkeypatch, key: str) -> list:
     return seen
 
 
-# group, BLOCK_K (both GEMMs), zero points, dtype, H, I, unroll, gemm2 SPLIT_K, bias, dropped share: a tile of one
-# 32-wide column (C = 1), several columns per group and groups per tile, split-K over 3 programs with a ragged last
-# split, unroll 3 (more than some loops have), one group per row (-1), dropped pairs
-CHAIN_CASES = [(32, 32, True, torch.float16, 64, 32, 1, 1, False, 0.0),
-               (64, 64, False, torch.float32, 128, 64, 2, 2, True, 0.3),
-               (128, 64, True, torch.float16, 128, 128, 1, 3, True, 0.0),
-               (32, 128, True, torch.float32, 256, 128, 3, 1, False, 0.3),
-               (-1, 32, False, torch.float16, 64, 64, 1, 1, False, 0.0)]
+# group, BLOCK_K (both GEMMs), zero points, dtype, H, I, unroll, gemm1 / gemm2 SPLIT_K, bias, dropped share, the scale
+# gather transposed: a tile of one 32-wide column (C = 1), several columns per group and groups per tile, GEMM1 split
+# over K (GEMM2 then activates its fp32 partial sums as it loads them: X_PARTS), GEMM2 split 2 ways over K = 192 with
+# 64-wide tiles (splits of 128 and 64), unroll 3 (more than some loops have), one group per row (-1), dropped pairs;
+# both orientations of the scale gather, with and without zero points (the installed Triton picks one)
+CHAIN_CASES = [(32, 32, True, torch.float16, 64, 32, 1, 1, 1, False, 0.0, True),
+               (64, 64, False, torch.float32, 128, 64, 2, 2, 2, True, 0.3, False),
+               (64, 64, True, torch.float16, 128, 192, 1, 1, 2, True, 0.0, False),
+               (32, 128, True, torch.float32, 256, 128, 3, 3, 1, False, 0.3, True),
+               (-1, 32, False, torch.float16, 64, 64, 1, 1, 1, False, 0.0, True)]
 
 
 @pytest.mark.parametrize("case", CHAIN_CASES,
-                         ids=lambda c: f"g{c[0]}bk{c[1]}{'z' if c[2] else ''}{str(c[3])[6:]}u{c[6]}s{c[7]}")
+                         ids=lambda c: f"g{c[0]}bk{c[1]}{'z' if c[2] else ''}{str(c[3])[6:]}u{c[6]}s{c[7]}{c[8]}"
+                                       f"{'T' if c[11] else ''}")
 def test_interpreter_int4_chain(case, monkeypatch):
     """int4_read "chain" (a thread's 32 nibbles of a row summed in one chain, the zero point and scale applied per
     such sum) vs kernel=torch, and vs the "subnormal" read to fp32 rounding; every launch really ran the chain."""
-    group, bk, zero, dtype, H, I, unroll, split, bias, drop = case
+    from composer.kernels.triton import gemv
+
+    group, bk, zero, dtype, H, I, unroll, split1, split2, bias, drop, scales_t = case
+    monkeypatch.setattr(gemv, "CHAIN_SCALES_T", scales_t)
     x, tw, ids, w13, w2, b13, b2 = make_case(2, 4, 2, H, I, dtype, bias, drop, seed=21)
     w = (quantize("int4_w4a16", w13, w2, b13, b2, group_size=group, zero_point=zero) if bias else
          quantize("int4_w4a16", w13, w2, group_size=group, zero_point=zero))
@@ -429,7 +435,9 @@ def test_interpreter_int4_chain(case, monkeypatch):
     outs = []
     with interpreter():
         for read in ("chain", "subnormal"):
-            cfg = gemv_cfg(8, bk, 8, bk, split)
+            cfg = gemv_cfg(8, bk, 8, bk, split2)
+            if split1 > 1:
+                cfg["gemm1"]["SPLIT_K"] = split1
             for g in ("gemm1", "gemm2"):
                 cfg[g].update({"int4_read": read, "unroll": unroll})
             outs.append(fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias if bias else None,

@@ -125,9 +125,12 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
                 problems.append(f"{g}.{key} must be true or false, got {sub.get(key)!r}")
         if sub.get("mma") and not gemv:
             problems.append(f"{g}.mma applies to decode \"gemv\" tiles only")
-        if sub.get("reduce_once") and (not gemv or sub.get("mma")):
-            problems.append(f"{g}.reduce_once applies to decode \"gemv\" tiles without mma (the FMA GEMV of float, "
-                            f"int8 and fp8 weights)")
+        if sub.get("reduce_once") and (not gemv or sub.get("mma") or "int4_read" in sub):
+            problems.append(f"{g}.reduce_once applies to decode \"gemv\" tiles without mma or int4_read (the FMA GEMV "
+                            f"of float, int8 and fp8 weights; the int4 reads sum their own way)")
+        if sub.get("int4_read") == "chain" and isinstance(sub.get("BLOCK_K"), int) and sub["BLOCK_K"] % 32:
+            problems.append(f"{g}.int4_read \"chain\" needs BLOCK_K a multiple of 32 (a thread reads 32 elements of "
+                            f"K), got BLOCK_K={sub.get('BLOCK_K')!r}")
         if "swap" in sub and gemv:
             problems.append(f"{g}.swap (int8_w8a16's W x A^T product, gemm.SWAP_AB) applies to tl.dot tiles, not to "
                             f"decode \"gemv\" ones")

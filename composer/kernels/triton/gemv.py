@@ -31,6 +31,8 @@ stream the weights).
 """
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any
 
 import torch
@@ -580,8 +582,15 @@ def chain_scales_transposed() -> bool:
     (tests/kernels/test_compile_sm90.py): either way the K loop has no layout conversion."""
     if CHAIN_SCALES_T is not None:
         return CHAIN_SCALES_T
-    major, minor = (int(p) for p in triton.__version__.split(".")[:2])
-    return (major, minor) < (3, 9)
+    return _triton_before(3, 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_before(major: int, minor: int) -> bool:
+    """Whether the installed Triton is older than major.minor ("3.6.0", "3.8a0", "3.10.0+git..."); an unreadable
+    version counts as new (the choice it feeds costs speed, never correctness)."""
+    m = re.match(r"(\d+)\.(\d+)", triton.__version__)
+    return bool(m) and (int(m.group(1)), int(m.group(2))) < (major, minor)
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
