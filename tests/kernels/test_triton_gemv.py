@@ -379,13 +379,17 @@ def test_reduce_once_is_refused_where_it_does_not_apply():
     ok["gemm1"]["reduce_once"] = True
     validate_entry(ok)
     for sub, where in (({"reduce_once": True, "mma": True}, "gemv"), ({"reduce_once": True}, "dot"),
-                       ({"reduce_once": 1}, "gemv")):
+                       ({"reduce_once": 1}, "gemv"), ({"reduce_once": True, "int4_read": "chain"}, "gemv")):
         bad = gemv_cfg() if where == "gemv" else {"BLOCK_M": 16, "decode": True, "gemm1": {
             "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}, "gemm2": {
             "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}}
         bad["gemm1"] = {**bad["gemm1"], **sub}
         with pytest.raises(ValueError, match="gemm1.reduce_once"):
             validate_entry(bad)
+    bad = gemv_cfg(8, 16)
+    bad["gemm1"]["int4_read"] = "chain"  # (a thread reads 32 elements of K: a 16-wide tile would never run it)
+    with pytest.raises(ValueError, match='gemm1.int4_read "chain" needs BLOCK_K a multiple of 32'):
+        validate_entry(bad)
 
 
 def _spy(monkeypatch, key: str) -> list:
