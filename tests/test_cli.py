@@ -193,8 +193,8 @@ def test_deploy_file_runs_from_the_command_line(tmp_path):
     assert res["config"]["quant"]["name"] == "none" and res["config"]["model"]["top_k"] == 2
     sweep = composer(["-m", "--deploy-file", str(f), "model.top_k=1,2", "hydra.sweep.dir=s"], tmp_path)
     assert sweep.returncode == 0, sweep.stderr
-    tops = sorted(json.loads(p.read_text())["config"]["model"]["top_k"] for p in (tmp_path / "s").glob("*/results.json"))
-    assert tops == [1, 2]
+    jobs = (tmp_path / "s").glob("*/results.json")
+    assert sorted(json.loads(p.read_text())["config"]["model"]["top_k"] for p in jobs) == [1, 2]
 
 
 def test_deploy_file_problems_exit_2(tmp_path):

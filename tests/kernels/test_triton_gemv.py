@@ -678,7 +678,8 @@ GPU_GEMV_PREFETCH = {**GPU_GEMV, "gemm1": {**GPU_GEMV_SUB["gemm1"], "unroll": 1,
                      "gemm2": {**GPU_GEMV_SUB["gemm2"], "prefetch": 1}}
 
 
-GPU_GEMV_CHAIN = {**GPU_GEMV, "pdl": True, "gemm1": {**GPU_GEMV["gemm1"], "int4_read": "chain", "BLOCK_K": 512, "unroll": 2},
+GPU_GEMV_CHAIN = {**GPU_GEMV, "pdl": True,
+                  "gemm1": {**GPU_GEMV["gemm1"], "int4_read": "chain", "BLOCK_K": 512, "unroll": 2},
                   "gemm2": {**GPU_GEMV["gemm2"], "int4_read": "chain", "unroll": 3}}
 
 

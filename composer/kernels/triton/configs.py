@@ -55,7 +55,8 @@ _extra_dirs: list[Path] = []
 
 GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma", "SPLIT_K", "mma", "fp8_promote",
              "int4_read", "x_vec", "unroll", "loop_stages", "prefetch", "swap", "reduce_once")
-INT4_READ_NAMES = ("bytes", "words_4d", "words", "planes", "subnormal", "chain")  # gemv.INT4_READS: their codes in this order
+# gemv.INT4_READS: their codes in this order
+INT4_READ_NAMES = ("bytes", "words_4d", "words", "planes", "subnormal", "chain")
 
 
 def add_config_dir(path: str | os.PathLike) -> None:

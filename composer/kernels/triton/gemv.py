@@ -237,7 +237,7 @@ def _gemv_kernel(
     z_ptrs = wz_ptr + expert.to(tl.int64) * stride_wze + (ch // 2) * stride_wzn  # int4 zero points, packed two
     z_shift = (ch % 2) * 4  # per byte along the channel dim (unused without them)
 
-    if WQ == 2 and (INT4_MODE == 3 or INT4_MODE == 4):  # "planes" (3) / "subnormal" (4): int32 words [ROWS, BLOCK_K / 8]
+    if WQ == 2 and (INT4_MODE == 3 or INT4_MODE == 4):  # "planes" (3) / "subnormal" (4): words [ROWS, BLOCK_K / 8]
         # nibble j of a 16-bit half sits at bits 4j..4j+3 (one shift per word brings the high half down).
         # planes: masked and OR-ed with the bits of 2^(23 - 4j) (whose mantissa bit b weighs 2^(b - 4j)), it reads
         # as the float 2^(23 - 4j) + q exactly; subtracting 2^(23 - 4j) + z leaves q - z exactly (LOP3 + FADD +
@@ -315,8 +315,8 @@ def _gemv_kernel(
         # The tile is [ROWS, C, 4] int32 words (C = BLOCK_K / 32): a thread's 4 words of a row are one 16-byte load,
         # K elements k0 + 32c .. +32, inside one scale group (QBK % 32 == 0). The products of those 32 nibbles go into
         # one sum per (row, c), so the zero point and the group scale cost one FFMA each per 32 nibbles, not per word;
-        # the activations come as [C, 8] loads and the scales as a [ROWS, C] gather, laid out as the words are split
-        # (no round trip through shared memory, no barrier in the loop).
+        # the activations and the scales are loaded laid out as the words are once split (no round trip through
+        # shared memory, no barrier in the loop).
         C: tl.constexpr = BLOCK_K // 32
         cc = tl.arange(0, C)
         w_ptrs = w_rows[:, None] + tl.arange(0, 4 * C)[None, :]  # (2D: contiguous along K, 16-byte loads)
@@ -360,8 +360,9 @@ def _gemv_kernel(
                 else:
                     wi = w_3
                 # nibbles 0..4 are read in place (bits 0..19), 5..7 after one shift by 12 (to bits 8..19): a nibble
-                # at bits b..b+3 (b <= 19) is the subnormal q * 2^(b - 149), so its activation is scaled by 2^(SUB_X - b)
-                # (no nibble is taken from the low bits of a shifted word, which would compile to a bit-field extract)
+                # at bits b..b+3 (b <= 19) is the subnormal q * 2^(b - 149), so its activation is scaled by
+                # 2^(SUB_X - b) (no nibble is taken from the low bits of a shifted word: that compiles to a bit-field
+                # extract)
                 wh = (wi.to(tl.uint32, bitcast=True) >> 12).to(tl.int32, bitcast=True)
                 if X_PAIRS:  # bf16 activations as int32 pairs: one shift or one AND makes each an fp32
                     xw = tl.load(x_row.to(tl.pointer_type(tl.int32)) + (k0 + 8 * i) // 2 + xw_off)
@@ -463,7 +464,7 @@ def _gemv_kernel(
         offs_k = tl.arange(0, BLOCK_K)
         w_ptrs = w_rows[:, None] + offs_k[None, :]
         acc = tl.full((ROWS,), 0.0, tl.float32)
-        if ONCE:  # "reduce_once": products summed in registers per 8 columns of K, reduced across threads after the loop
+        if ONCE:  # "reduce_once": products summed in registers per 8 K columns, reduced across threads after the loop
             acc3 = tl.full((ROWS, BLOCK_K // 8), 0.0, tl.float32)
         if MMA:  # swapped operands: weights [ROWS, K] x activation column [K, 16] (column 0 live) on tensor cores
             col0 = tl.arange(0, 16)[None, :] == 0
@@ -726,8 +727,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
         WQ=wq, WS=ws, QBK=group, HAS_ZERO=w_zero is not None,
         **aq_meta(aq, acc_int8, K), UNROLL=int(cfg.get("unroll", 1)), LOOP_STAGES=cfg.get("loop_stages"),
         EVEN_K=even_k, FUSE_EPI=fuse, ZBLOCK=256, SUB_X=SUBNORMAL_X_EXP,
-        X_VEC=bool(cfg.get("x_vec", GEMV_X_VEC)) and mode >= 3 and not x_parts and even_k,
-        X_PARTS=x_parts, PARTS_OUT=parts_out, SCALES_T=mode == 5 and chain_scales_transposed(), ONCE=bool(cfg.get("reduce_once", False)) and wq != 2 and not mma,
+        X_VEC=bool(cfg.get("x_vec", GEMV_X_VEC)) and mode in (3, 4) and not x_parts and even_k,
+        X_PARTS=x_parts, PARTS_OUT=parts_out, SCALES_T=mode == 5 and chain_scales_transposed(),
+        ONCE=bool(cfg.get("reduce_once", False)) and wq != 2 and not mma,
         X_PAIRS=(mode == 5 and CHAIN_X_PAIRS and not x_parts and x.dtype == torch.bfloat16 and x.stride(0) % 2 == 0
                  and x.data_ptr() % 4 == 0),
         RND={torch.float16: 1, torch.bfloat16: 2}.get(h_dtype, 0) if x_parts else 0,
