@@ -73,11 +73,15 @@ class Int4W4A16(QuantizedMethod):
             return [("group_size", -1, f"one group per row spans w2's whole intermediate dim, which "
                      f"parallel.tp_size = {tp_size} shards; pick a group_size dividing "
                      f"model.intermediate_size / tp_size = {local}")]
+        H = model.hidden_size
+        bad = [f"model.hidden_size = {H}"] * (H % params.group_size != 0)
         if local % params.group_size:
-            g = largest_pow2_divisor(model.hidden_size, local)
+            bad.append(f"model.intermediate_size / parallel.tp_size = {local} (each rank keeps whole groups)")
+        if bad:  # (this rule, not check_config's, speaks under TP: its hint must fit the sharded size too)
+            g = largest_pow2_divisor(H, local)
             return [("group_size", params.group_size, f"group_size {params.group_size} must divide "
-                     f"model.intermediate_size / parallel.tp_size = {local} (each rank keeps whole groups); "
-                     + (f"pick quant.group_size={g}" if g >= 2 else "use a smaller parallel.tp_size"))]
+                     f"{' and '.join(bad)}; "
+                     + (f"pick quant.group_size={g} (divides both)" if g >= 2 else "use a smaller parallel.tp_size"))]
         return []
 
     def _groups(self, K: int) -> int:

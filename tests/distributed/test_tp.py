@@ -499,6 +499,16 @@ def test_int4_group_size_under_tp_is_one_problem_with_a_size_that_works(compose)
     assert [p.key for p in ei.value.problems] == ["quant.group_size"] and "pick quant.group_size=8" in str(ei.value)
 
 
+def test_int4_group_size_hint_under_tp_fits_the_shard(compose):
+    """A group that divides each rank's shard (40) but not H (96): the single-rank rule's hint was 16, which does not
+    divide 40 either; under TP the hint must divide both H and the shard (8)."""
+    with pytest.raises(ConfigError) as ei:
+        compose("parallel.tp_size=2", "quant=int4_w4a16", "quant.group_size=20", "kernel=torch")
+    msg = str(ei.value)
+    assert [p.key for p in ei.value.problems] == ["quant.group_size"], msg
+    assert "must divide model.hidden_size = 96" in msg and "pick quant.group_size=8" in msg, msg
+
+
 def test_sharded_sizes_pass_validation(compose):
     cfg = compose("parallel.tp_size=2", "quant=fp8_w8a8", "quant.granularity=block", "quant.block_shape=[8,8]")
     assert cfg.parallel.tp_size == 2 and not cfg.parallel.sequence_parallel
