@@ -72,6 +72,8 @@ def _load_file(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError([Problem("(file)", str(path), f"not valid YAML: {exc}")], str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([Problem("(file)", str(path), f"cannot be read: {exc}")], str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError([Problem("(file)", str(path), "must be a YAML mapping of config sections")], str(path))
     return data
@@ -141,7 +143,8 @@ def load_config(path_or_name: str | Path | None = None, overrides: Sequence[str]
         return validate_config(_compose(name, overrides), source=None)
     path = Path(path_or_name)
     if not path.is_file():
-        raise ConfigError([Problem("(file)", str(path), "no such config file")], str(path))
+        raise ConfigError([Problem("(file)", str(path), "is a folder; give the deployment file in it" if path.is_dir()
+                                   else "no such config file")], str(path))
     data = _load_file(path)
     from .launchers import OVERLAYS
 
@@ -163,10 +166,11 @@ def load_config(path_or_name: str | Path | None = None, overrides: Sequence[str]
     if other:
         from omegaconf import OmegaConf
 
-        try:
-            merged = to_plain(OmegaConf.merge(OmegaConf.create(merged), OmegaConf.from_dotlist([o.lstrip("+") for o in other])))
+        try:  # (only the overrides' own values: the file's strings are not interpolated, with or without overrides)
+            dots = OmegaConf.to_container(OmegaConf.from_dotlist([o.lstrip("+") for o in other]), resolve=False)
         except Exception as exc:  # omegaconf raises several types for a malformed dotlist
             raise ConfigError([Problem("overrides", list(other), str(exc))], str(path)) from None
+        merged = _deep_merge(merged, dots)
     task = merged.get("task")
     if isinstance(task, dict) and task.get("dir") == "${report.dir}":  # (task=report's default, read as Hydra would;
         # a file's own strings are not interpolated: a prompt may hold a literal ${...})

@@ -272,7 +272,7 @@ def main() -> None:
         path, argv = split_flag(sys.argv[1:])
         if path is not None:  # the file's keys as overrides before the command line's (composer/deploy_file.py),
             # next to them (argparse takes Hydra's overrides as one run of positionals)
-            at = next((i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")), len(argv))
+            at = next((i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")), 0)
             argv = argv[:at] + file_overrides(path, argv) + argv[at:]
     except ConfigError as err:
         _exit_config(err)

@@ -56,7 +56,8 @@ def _value(v: Any) -> str:
         return "[" + ",".join(_value(x) for x in v) + "]"
     if isinstance(v, dict):
         return "{" + ",".join(f"{k}:{_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(f"cannot write {type(v).__name__} {v!r} as an override")
+    raise ConfigError([Problem("(value)", repr(v), f"a {type(v).__name__} (YAML read it so) cannot be a config value; "
+                               f"quote it to make it a string")], "deployment file")
 
 
 def _quote(s: str) -> str:
@@ -83,12 +84,18 @@ def _quote(s: str) -> str:
 
 
 def _flatten(prefix: str, value: Any) -> list[str]:
+    """``++key=value`` per leaf: forced, since the file was checked by load_config already and a key may be one the
+    shipped section lacks (``model.hf_overrides.num_hidden_layers``)."""
     if isinstance(value, dict) and value:
         return [o for k, v in value.items() for o in _flatten(f"{prefix}.{k}", v)]
-    return [f"{prefix}={_value(value)}"]
+    try:
+        return [f"++{prefix}={_value(value)}"]
+    except ConfigError as err:
+        raise ConfigError([Problem(prefix, q.value, q.message) for q in err.problems]) from None
 
 
-def _chosen_groups(argv: Sequence[str]) -> set[str]:
+def _group_values(argv: Sequence[str]) -> dict[str, set[str]]:
+    """{group: the names the command line chooses for it (several in a sweep)}."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from .api import GROUPS
@@ -97,8 +104,13 @@ def _chosen_groups(argv: Sequence[str]) -> set[str]:
     try:
         overrides = OverridesParser.create().parse_overrides(args)
     except Exception:  # (Hydra reports its own syntax errors)
-        return set()
-    return {o.key_or_group for o in overrides if o.key_or_group in GROUPS and o.package is None}
+        return {}
+    out: dict[str, set[str]] = {}
+    for o in overrides:
+        if o.key_or_group in GROUPS and o.package is None and not o.is_delete():
+            values = o.sweep_string_iterator() if o.is_sweep_override() else [o.value()]
+            out.setdefault(o.key_or_group, set()).update(str(v) for v in values)
+    return out
 
 
 def file_overrides(path: str, argv: Sequence[str]) -> list[str]:
@@ -106,7 +118,7 @@ def file_overrides(path: str, argv: Sequence[str]) -> list[str]:
     command line's single-valued key=value overrides, so ``device=cpu`` may fix a GPU file on a CPU machine)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from .api import GROUPS, _load_file, load_config
+    from .api import _load_file, load_config
     from .launchers import OVERLAYS
 
     p = Path(path)
@@ -124,18 +136,53 @@ def file_overrides(path: str, argv: Sequence[str]) -> list[str]:
               and not o.is_add() and not o.is_force_add()] if len(parsed) == len(plain) else []
     load_config(p, single)  # every problem of the file, with its name (ConfigError)
     data = _load_file(p)
-    chosen = _chosen_groups(argv)
+    if "hydra" in data:
+        raise ConfigError([Problem("hydra", data["hydra"], "Hydra's settings (run and sweep folders, launchers) go on "
+                                   "the command line or in an experiment overlay; a deployment file holds composer's "
+                                   "keys")], str(p))
+    chosen = _group_values(argv)
+    problems: list[Problem] = []
+    try:
+        out = _section_overrides(data, chosen, problems)
+    except ConfigError as err:  # (a value no override can hold: named with its key, reported with the file)
+        raise ConfigError(err.problems, str(p)) from None
+    if problems:
+        raise ConfigError(problems, str(p))
+    return out
+
+
+def _section_overrides(data: dict[str, Any], chosen: dict[str, set[str]], problems: list) -> list[str]:
+    from .api import CONF_DIR, GROUPS, _compose
+
+    base = _compose("config", [])  # (a section without a name keeps the default choice's)
     out: list[str] = []
     for key, value in data.items():
-        if key == "defaults" or key in chosen:
+        if key == "defaults":
             continue
-        if key in GROUPS and isinstance(value, str):
-            out.append(f"{key}={value}")
-        elif key in GROUPS and isinstance(value, dict):
-            rest = {k: v for k, v in value.items() if k != "name"}
-            if "name" in value:
-                out.append(f"{key}={value['name']}")
-            out += [o for k, v in rest.items() for o in _flatten(f"{key}.{k}", v)]
+        if key in GROUPS and isinstance(value, (str, dict)):
+            section = {"name": value} if isinstance(value, str) else value
+            name = section.get("name")
+            if key in chosen:  # as load_config: a new choice starts from its own defaults, the file's own name keeps
+                # the file's keys; a sweep over both would mean one thing in one job and another in the next
+                name = name or (base.get(key) or {}).get("name")
+                if chosen[key] != {name}:
+                    if name in chosen[key]:
+                        problems.append(Problem(key, sorted(chosen[key]), f"the file chooses {key}={name} with keys "
+                                                f"of its own; a sweep over it and other {key} choices would keep them "
+                                                f"in one job and drop them in the others: sweep its keys, or take "
+                                                f"{key} out of the file"))
+                    continue
+                section = {k: v for k, v in section.items() if k != "name"}  # (the command line chooses the name)
+            elif name is not None and not (CONF_DIR / key / f"{name}.yaml").is_file():  # a name with no shipped file
+                # (a registry or plugin name with its keys in the file): the section replaces the group's default
+                try:
+                    out += [f"~{key}", f"+{key}={_value(section)}"]
+                except ConfigError as err:
+                    raise ConfigError([Problem(key, q.value, q.message) for q in err.problems]) from None
+                continue
+            elif name is not None:
+                out.append(f"{key}={name}")
+            out += [o for k, v in section.items() if k != "name" for o in _flatten(f"{key}.{k}", v)]
         else:
             out += _flatten(key, value)
     return out

@@ -236,3 +236,42 @@ def test_deploy_file_values_survive_hydra(value):
 
     o = OverridesParser.create().parse_overrides([f"k={_value(value)}"])[0]
     assert OmegaConf.to_container(OmegaConf.create({"k": o.value()}), resolve=True)["k"] == value
+
+
+@pytest.mark.parametrize("text, args", [
+    # the file's own quant choice named again on the command line keeps the file's keys (as load_config has it)
+    ("quant: {name: fp8_w8a8, granularity: block, block_shape: [16, 16]}\nkernel: torch\n", ["quant=fp8_w8a8"]),
+    ("quant: {name: fp8_w8a8, granularity: block, block_shape: [16, 16]}\nkernel: torch\n", ["quant=int8_w8a16"]),
+    ("model: {name: tiny, num_layers: 1}\n", ["model=tiny"]),
+    # a name with no shipped conf file (a custom model given whole), and keys the shipped section lacks
+    ("model: {name: custom, num_experts: 4, top_k: 1, hidden_size: 32, intermediate_size: 32}\n", []),
+    ("model: {name: hf, arch: qwen3_moe, hf_overrides: {num_hidden_layers: 1, _name_or_path: 'x${y}'}}\n", ["seed=2"]),
+    ("custom_ops: [none, +silu_and_mul]\nseed: 5\n", ["--info"]),  # (--info: Hydra prints, nothing runs)
+], ids=["same_name", "other_name", "same_preset", "custom_model", "hf_keys", "info"])
+def test_deploy_file_config_equals_load_config(tmp_path, text, args):
+    """The run's config hash is load_config's for the same file and overrides, in the cases that differed before."""
+    from composer import load_config
+
+    f = tmp_path / "d.yaml"
+    f.write_text(text + "device: cpu\n")
+    proc = composer(["--deploy-file", str(f), "task=show", "hydra.run.dir=r", *args], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    if "--info" in args:
+        return
+    expected = load_config(f, [a for a in args if "=" in a] + ["task=show"]).config_hash()
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["config_hash"] == expected
+
+
+def test_deploy_file_refuses_what_it_cannot_run_as_written(tmp_path):
+    """Hydra settings in a file, a YAML date (not a config value), and a sweep over the file's own group choice and
+    others (its keys would hold in one job and not the next): exit 2 with the file's name, nothing runs."""
+    cases = [("hydra: {run: {dir: x}}\n", [], "Hydra's settings"),
+             ("model: {name: hf, arch: qwen3_moe, hf_overrides: {_name_or_path: 2024-01-01}}\n", [],
+              "quote it to make it a string"),
+             ("quant: {name: fp8_w8a8, granularity: per_tensor}\n", ["-m", "quant=fp8_w8a8,none"], "a sweep over it")]
+    for i, (text, args, says) in enumerate(cases):
+        f = tmp_path / f"f{i}.yaml"
+        f.write_text(text + "device: cpu\n")
+        proc = composer(["--deploy-file", str(f), *args, "task=show"], tmp_path)
+        assert proc.returncode == 2 and says in proc.stderr and f"f{i}.yaml" in proc.stderr, proc.stderr[-800:]
+        assert "Traceback" not in proc.stderr

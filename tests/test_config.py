@@ -171,3 +171,14 @@ def test_a_boolean_is_not_a_number_or_a_list_of_them(compose):
 def test_a_key_of_an_unchosen_implementation_is_named(compose):
     with pytest.raises(ConfigError, match=r"tolerance is a key of task=check\."):
         compose("++tolerance=0.1")  # (the default task is run)
+
+
+def test_deployment_file_strings_are_not_interpolated_with_overrides(tmp_path: Path):
+    """A file's literal ${...} stays literal whether or not overrides are given (they were resolved, or refused, as
+    soon as one key=value override was merged)."""
+    f = tmp_path / "d.yaml"
+    f.write_text("model: {name: hf, arch: qwen3_moe, hf_overrides: {_name_or_path: 'a${oc.env:HOME}b'}}\n"
+                 "device: cpu\n")
+    for overrides in ([], ["seed=3"]):
+        cfg = load_config(f, overrides)
+        assert cfg.model.hf_overrides["_name_or_path"] == "a${oc.env:HOME}b", overrides
