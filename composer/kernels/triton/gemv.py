@@ -110,6 +110,23 @@ def _eight(x):
 
 
 @lazy_helper
+def _gather_rc(row_ptrs, col_offs, shift, NIBBLE: tl.constexpr, TRANS: tl.constexpr):
+    """The [rows, C] gather ``row_ptrs[r] + col_offs[c]``; NIBBLE: int4 zero points, ``>> shift[r] & 0xF`` (shift a
+    [rows] tensor). TRANS loads it as [C, rows] and transposes: the orientation whose layout is the chain read's
+    split words under the installed Triton (chain_scales_transposed)."""
+    if TRANS:
+        v = tl.load(row_ptrs[None, :] + col_offs[:, None])
+        if NIBBLE:
+            v = (v >> shift[None, :]) & 0xF
+        v = tl.trans(v)
+    else:
+        v = tl.load(row_ptrs[:, None] + col_offs[None, :])
+        if NIBBLE:
+            v = (v >> shift[:, None]) & 0xF
+    return v
+
+
+@lazy_helper
 def _int4_tile(w_ptrs, x_row, ws_base, ch, z_ptrs, z_shift, kw, k, k_hi, stride_wsn, stride_wsk, stride_wzk,
                BLOCK_K: tl.constexpr, QBK: tl.constexpr, HAS_ZERO: tl.constexpr, EVEN_K: tl.constexpr,
                X_VEC: tl.constexpr):
@@ -334,18 +351,10 @@ def _gemv_kernel(
             # this load's threads along C: with no contiguous dimension, which one it takes first differs between
             # Triton versions, so SCALES_T gathers [C, ROWS] and transposes it where the first one is taken
             # (chain_scales_transposed())
-            if SCALES_T:
-                grp_t = ((k0 + 32 * cc) // QBK)[:, None]
-                s = tl.trans(tl.load(ws_base + ch[None, :] * stride_wsn + grp_t * stride_wsk)).to(tl.float32)
-            else:
-                grp = ((k0 + 32 * cc) // QBK)[None, :]
-                s = tl.load(ws_base + ch[:, None] * stride_wsn + grp * stride_wsk).to(tl.float32)
+            grp = (k0 + 32 * cc) // QBK
+            s = _gather_rc(ws_base + ch * stride_wsn, grp * stride_wsk, z_shift, False, SCALES_T).to(tl.float32)
             if HAS_ZERO:
-                if SCALES_T:
-                    z = tl.trans((tl.load(z_ptrs[None, :] + grp_t * stride_wzk) >> z_shift[None, :]) & 0xF
-                                 ).to(tl.float32)
-                else:
-                    z = ((tl.load(z_ptrs[:, None] + grp * stride_wzk) >> z_shift[:, None]) & 0xF).to(tl.float32)
+                z = _gather_rc(z_ptrs, grp * stride_wzk, z_shift, True, SCALES_T).to(tl.float32)
             else:
                 z = 8.0
             p = tl.full((ROWS, C), 0.0, tl.float32)
