@@ -31,6 +31,17 @@ class Int4Params(QuantParams):
         return v
 
 
+def _group_divides(group: int, sizes: tuple[tuple, ...], also: str, otherwise: str) -> list[tuple[str, Any, str]]:
+    """The group_size problem when ``group`` does not divide each K size (``(name, size[, note])``), with the largest
+    power of two that divides them all as the hint (``also``: another way out; ``otherwise``: when none exists)."""
+    bad = [f"{s[0]} = {s[1]}{s[2] if len(s) > 2 else ''}" for s in sizes if s[1] % group]
+    if not bad:
+        return []
+    g = largest_pow2_divisor(*(s[1] for s in sizes))
+    hint = f"pick quant.group_size={g} (divides both sizes){' ' + also if also else ''}" if g >= 2 else otherwise
+    return [("group_size", group, f"group_size {group} must divide {' and '.join(bad)}; {hint}")]
+
+
 @register_quant("int4_w4a16")
 class Int4W4A16(QuantizedMethod):
     Params = Int4Params
@@ -52,14 +63,8 @@ class Int4W4A16(QuantizedMethod):
                 problems.append(("group_size", -1, f"int4 packs two values per byte along K, so "
                                  f"{' and '.join(bad)} must be even"))
         else:
-            bad = [f"{n} = {s}" for n, s in (("model.hidden_size", H), ("model.intermediate_size", I))
-                   if s % params.group_size]
-            if bad:
-                g = largest_pow2_divisor(H, I)
-                hint = (f"pick quant.group_size={g} (divides both sizes) or -1 (one group per row)" if g >= 2
-                        else "use quant.group_size=-1 or another method")
-                problems.append(("group_size", params.group_size,
-                                 f"group_size {params.group_size} must divide {' and '.join(bad)}; {hint}"))
+            problems += _group_divides(params.group_size, (("model.hidden_size", H), ("model.intermediate_size", I)),
+                                       "or -1 (one group per row)", "use quant.group_size=-1 or another method")
         if params.zero_point and H % 2:
             problems.append(("zero_point", True, f"zero points are packed two per byte along the output dim, so "
                              f"model.hidden_size = {H} must be even; use quant.zero_point=false"))
@@ -73,16 +78,11 @@ class Int4W4A16(QuantizedMethod):
             return [("group_size", -1, f"one group per row spans w2's whole intermediate dim, which "
                      f"parallel.tp_size = {tp_size} shards; pick a group_size dividing "
                      f"model.intermediate_size / tp_size = {local}")]
-        H = model.hidden_size
-        bad = [f"model.hidden_size = {H}"] * (H % params.group_size != 0)
-        if local % params.group_size:
-            bad.append(f"model.intermediate_size / parallel.tp_size = {local} (each rank keeps whole groups)")
-        if bad:  # (this rule, not check_config's, speaks under TP: its hint must fit the sharded size too)
-            g = largest_pow2_divisor(H, local)
-            return [("group_size", params.group_size, f"group_size {params.group_size} must divide "
-                     f"{' and '.join(bad)}; "
-                     + (f"pick quant.group_size={g} (divides both)" if g >= 2 else "use a smaller parallel.tp_size"))]
-        return []
+        # (this rule, not check_config's, speaks under TP: its hint must fit the sharded size too)
+        return _group_divides(params.group_size, (
+            ("model.hidden_size", model.hidden_size),
+            ("model.intermediate_size / parallel.tp_size", local, " (each rank keeps whole groups)")),
+            "", "use a smaller parallel.tp_size")
 
     def _groups(self, K: int) -> int:
         return 1 if self.params.group_size == -1 else K // self.params.group_size
