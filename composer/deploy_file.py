@@ -94,17 +94,10 @@ def _flatten(prefix: str, value: Any) -> list[str]:
         raise ConfigError([Problem(prefix, q.value, q.message) for q in err.problems]) from None
 
 
-def _group_values(argv: Sequence[str]) -> dict[str, set[str]]:
-    """{group: the names the command line chooses for it (several in a sweep)}."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
+def _group_values(overrides: Sequence[Any]) -> dict[str, set[str]]:
+    """{group: the names the command line's parsed overrides choose for it (several in a sweep)}."""
     from .api import GROUPS
 
-    args = [a for a in argv if not a.startswith("-") and "=" in a]
-    try:
-        overrides = OverridesParser.create().parse_overrides(args)
-    except Exception:  # (Hydra reports its own syntax errors)
-        return {}
     out: dict[str, set[str]] = {}
     for o in overrides:
         if o.key_or_group in GROUPS and o.package is None and not o.is_delete():
@@ -140,7 +133,7 @@ def file_overrides(path: str, argv: Sequence[str]) -> list[str]:
         raise ConfigError([Problem("hydra", data["hydra"], "Hydra's settings (run and sweep folders, launchers) go on "
                                    "the command line or in an experiment overlay; a deployment file holds composer's "
                                    "keys")], str(p))
-    chosen = _group_values(argv)
+    chosen = _group_values(parsed)
     problems: list[Problem] = []
     try:
         out = _section_overrides(data, chosen, problems)
