@@ -169,25 +169,16 @@ def _int4_tile(w_ptrs, x_row, ws_base, ch, z_ptrs, z_shift, kw, k, k_hi, stride_
 
 
 @lazy_helper
-def _nanosleep(v, NS: tl.constexpr):
-    """Suspend the warp for about NS ns (a spin's back-off: fewer requests to the address it polls); ``v`` a dummy."""
-    return tl.inline_asm_elementwise(f"nanosleep.u32 {NS};\n\tmov.u32 $0, 0;", "=r,r", [v], dtype=tl.int32,
-                                     is_pure=False, pack=1)
-
-
-@lazy_helper
-def _wait_ready(ptr, need, users, SPIN_NS: tl.constexpr):
-    """GEMM2 in one launch: poll ``ptr`` (plain volatile loads, SPIN_NS ns apart) until ``need`` GEMM1 programs of
-    the pair counted themselves done, then count this program in with an acquire (which synchronizes with every
-    GEMM1 program's release: their stores are visible here). The pair's last (``users``-th) GEMM2 program puts the
-    counter back to 0 for the next call. Every GEMM1 program this waits for has started (one_launch.py: tickets,
-    or a grid that fits on the GPU at once), so the wait ends."""
-    while tl.load(ptr, volatile=True) < need:
-        if SPIN_NS > 0:
-            _nanosleep(need, SPIN_NS)
-    if tl.atomic_add(ptr, 1, sem="acquire") == need + users - 1:
-        tl.atomic_xchg(ptr, 0, sem="relaxed")
+def _wait_ready(ptr, need, users):
+    """GEMM2 in one launch: spin until ``need`` GEMM1 programs of the pair counted themselves done at ``ptr``
+    (acquire: their stores are then visible to this program), then count this program in; the pair's last
+    (``users``-th) GEMM2 program puts the counter back to 0 for the next call. The program running this took a
+    ticket after every GEMM1 program took theirs, so those are running or done: the spin always ends."""
+    while tl.atomic_add(ptr, 0, sem="acquire") < need:
+        pass
     tl.debug_barrier()
+    if tl.atomic_add(ptr, 1, sem="relaxed") == need + users - 1:
+        tl.atomic_xchg(ptr, 0, sem="relaxed")
 
 
 @lazy_jit
@@ -220,7 +211,7 @@ def _gemv_kernel(
         EPS=EPS, RNE=RNE, AMAX_BLOCK=AMAX_BLOCK, UNROLL=UNROLL, LOOP_STAGES=LOOP_STAGES, EVEN_K=EVEN_K,
         FUSE_EPI=FUSE_EPI, ZBLOCK=ZBLOCK, SUB_X=SUB_X, X_VEC=X_VEC, X_PARTS=X_PARTS, RND=RND, PARTS_OUT=PARTS_OUT,
         X_PAIRS=X_PAIRS, ONCE=ONCE, SCALES_T=SCALES_T, PDL=PDL, PF_N=PF_N, PF_STEP=PF_STEP, EPW=EPW, AHEAD=AHEAD,
-        rdy_ptr=ids_ptr, rdy_need=0, rdy_users=0, ONE=0, SPIN_NS=0,
+        rdy_ptr=ids_ptr, rdy_need=0, rdy_users=0, ONE=0,
     )
 
 
@@ -242,7 +233,7 @@ def _gemv_body(
     X_PARTS: tl.constexpr, RND: tl.constexpr, PARTS_OUT: tl.constexpr, X_PAIRS: tl.constexpr, ONCE: tl.constexpr,
     SCALES_T: tl.constexpr,
     PDL: tl.constexpr, PF_N: tl.constexpr, PF_STEP: tl.constexpr, EPW: tl.constexpr, AHEAD: tl.constexpr,
-    rdy_ptr, rdy_need, rdy_users, ONE: tl.constexpr, SPIN_NS: tl.constexpr,
+    rdy_ptr, rdy_need, rdy_users, ONE: tl.constexpr,
 ):
     """The GEMV of one (pair, N tile, K split); ``_gemv_kernel`` runs one per program, ``_one_launch_kernel`` GEMM1's
     and GEMM2's in one grid. ONE = 1 (GEMM1 in one launch): after its stores the program counts itself done at
@@ -297,7 +288,7 @@ def _gemv_body(
         if PDL == 2:
             gdc_wait()
         else:
-            _wait_ready(rdy_ptr + pair, rdy_need, rdy_users, SPIN_NS)
+            _wait_ready(rdy_ptr + pair, rdy_need, rdy_users)
 
     if AQ != 0:  # FUSED_AQ: the row's quantization scale (amax pass over the whole row, or static)
         if X_PARTS == 0 or AQ == 2:
@@ -767,7 +758,7 @@ def gemv_args(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: 
               one: int = 0) -> tuple[tuple[int, int, int], list, dict[str, Any], dict[str, Any]]:
     """(grid, runtime arguments, constexprs, launch options) of one GEMV GEMM (``gemv``'s arguments, checked).
     ``one`` = 1 / 2: GEMM1 / GEMM2 of a one-launch decode (one_launch.py): GEMM2 prefetches its weights into L2
-    as a "pdl" GEMM2 does."""
+    as a "pdl" GEMM2 does, and a K loop's pipeline depth is the tile's own ``num_stages`` (the launch has one)."""
     P = ids_flat.numel()
     N = w.shape[1] // 2 if gated else w.shape[1]
     stride_xp = out.stride(0) if gated and out.dim() == 3 else 0
@@ -814,6 +805,7 @@ def gemv_args(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: 
             if (pdl == 2 or one == 2) and GEMV_PDL_PREFETCH and not interpreting() else 0)  # (inline PTX)
     opts = {"launch_pdl": True} if pdl == 2 else {}
     opts.update(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+    loop_stages = cfg.get("loop_stages", cfg.get("num_stages", 2) if one else None)
     args = [
         x, w, bias if bias is not None else fb, tw if tw is not None else fb, out, ids_flat,
         a_scale if a_scale is not None else fb, w_scale if w_scale is not None else fb,
@@ -829,7 +821,7 @@ def gemv_args(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: 
         PRECISION="ieee" if x.dtype == torch.float32 else None, GATED=gated, X_PER_TOKEN=gated, ACT=activation_code,
         HAS_BIAS=bias is not None, ALPHA=alpha, LIMIT=limit, ATOMIC=atomic,
         WQ=wq, WS=ws, QBK=group, HAS_ZERO=w_zero is not None,
-        **aq_meta(aq, acc_int8, K), UNROLL=int(cfg.get("unroll", 1)), LOOP_STAGES=cfg.get("loop_stages"),
+        **aq_meta(aq, acc_int8, K), UNROLL=int(cfg.get("unroll", 1)), LOOP_STAGES=loop_stages,
         EVEN_K=even_k, FUSE_EPI=fuse, ZBLOCK=256, SUB_X=SUBNORMAL_X_EXP,
         X_VEC=bool(cfg.get("x_vec", GEMV_X_VEC)) and mode in (3, 4) and not x_parts and even_k,
         X_PARTS=x_parts, PARTS_OUT=parts_out, SCALES_T=mode == 5 and chain_scales_transposed(),

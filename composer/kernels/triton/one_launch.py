@@ -17,15 +17,12 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from ._jit import interpreting, lazy_jit
+from ._jit import lazy_jit
 from .gemv import _gemv_body  # noqa: F401  (a device helper the kernel calls; bound per mode by lazy_jit)
 
 # take each program's role from a ticket counter (True), or from its program id (False: relies on the hardware
 # starting programs in id order, which CUDA does not promise; for A/B runs)
 ONE_LAUNCH_TICKET = True
-
-# GEMM2 programs poll their pair's done-counter this many ns apart (0: back to back)
-ONE_LAUNCH_SPIN_NS = 200
 
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
 
@@ -54,7 +51,6 @@ def launch(first: tuple, second: tuple, ticket: torch.Tensor, done: torch.Tensor
     meta.update({f"B_{k}": v for k, v in m2.items()})
     _one_launch_kernel[(n1 + n2,)](
         ticket, done, n1, n1 + n2, P, g1[1], g2[1], *a1, *a2, **meta, TICKET=ONE_LAUNCH_TICKET,
-        SPIN_NS=0 if interpreting() else ONE_LAUNCH_SPIN_NS,
         num_warps=o1["num_warps"], num_stages=max(o1["num_stages"], o2["num_stages"]))
 
 
@@ -91,7 +87,7 @@ def _one_launch_kernel(
     B_RND: tl.constexpr, B_PARTS_OUT: tl.constexpr, B_X_PAIRS: tl.constexpr, B_ONCE: tl.constexpr,
     B_SCALES_T: tl.constexpr, B_PDL: tl.constexpr, B_PF_N: tl.constexpr, B_PF_STEP: tl.constexpr,
     B_EPW: tl.constexpr, B_AHEAD: tl.constexpr,
-    TICKET: tl.constexpr, SPIN_NS: tl.constexpr,
+    TICKET: tl.constexpr,
 ):
     """GEMM1's and GEMM2's GEMV programs in one grid: the first ``n_first`` tickets run GEMM1's (pair, N tile, K
     split) programs, the rest GEMM2's, which wait for their pair's GEMM1 programs (``_gemv_body``, ONE). A ticket is
@@ -119,7 +115,7 @@ def _one_launch_kernel(
             AMAX_BLOCK=A_AMAX_BLOCK, UNROLL=A_UNROLL, LOOP_STAGES=A_LOOP_STAGES, EVEN_K=A_EVEN_K,
             FUSE_EPI=A_FUSE_EPI, ZBLOCK=A_ZBLOCK, SUB_X=A_SUB_X, X_VEC=A_X_VEC, X_PARTS=A_X_PARTS, RND=A_RND,
             PARTS_OUT=A_PARTS_OUT, X_PAIRS=A_X_PAIRS, ONCE=A_ONCE, SCALES_T=A_SCALES_T, PDL=A_PDL, PF_N=A_PF_N,
-            PF_STEP=A_PF_STEP, EPW=A_EPW, AHEAD=A_AHEAD, rdy_ptr=rdy_ptr, rdy_need=0, rdy_users=0, ONE=1, SPIN_NS=0,
+            PF_STEP=A_PF_STEP, EPW=A_EPW, AHEAD=A_AHEAD, rdy_ptr=rdy_ptr, rdy_need=0, rdy_users=0, ONE=1,
         )
     else:
         u = t - n_first
@@ -139,5 +135,5 @@ def _one_launch_kernel(
             FUSE_EPI=B_FUSE_EPI, ZBLOCK=B_ZBLOCK, SUB_X=B_SUB_X, X_VEC=B_X_VEC, X_PARTS=B_X_PARTS, RND=B_RND,
             PARTS_OUT=B_PARTS_OUT, X_PAIRS=B_X_PAIRS, ONCE=B_ONCE, SCALES_T=B_SCALES_T, PDL=B_PDL, PF_N=B_PF_N,
             PF_STEP=B_PF_STEP, EPW=B_EPW, AHEAD=B_AHEAD, rdy_ptr=rdy_ptr, rdy_need=n_first // P,
-            rdy_users=(n_all - n_first) // P, ONE=2, SPIN_NS=SPIN_NS,
+            rdy_users=(n_all - n_first) // P, ONE=2,
         )
