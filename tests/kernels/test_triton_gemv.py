@@ -578,69 +578,6 @@ def test_interpreter_fused_epilogue_equals_separate_launches(split, monkeypatch)
     assert rel(outs[0], oracle_experts(x, tw, ids, w13, w2, "silu", b13, b2)) < 2e-3
 
 
-# method (None: float), dtype, T, E, k, H, I, bias, dropped share, gemm1 / gemm2 SPLIT_K, gemm1 / gemm2 BLOCK_N: one pair
-# (T = 1) and several tokens, top_k = E, dropped pairs, ragged tiles, GEMM1 split over K (GEMM2 then activates its
-# partial sums), int4 (the chain read, zero points) and int8 w8a8 (GEMM2 quantizes the activated rows it waits for)
-ONE_LAUNCH_CASES = [(None, torch.float16, 1, 4, 2, 64, 32, True, 0.0, 1, 2, 8, 8),
-                    (None, torch.float32, 3, 3, 3, 40, 48, True, 0.3, 1, 3, 8, 16),
-                    ("int4_w4a16", torch.float16, 2, 4, 2, 64, 64, False, 0.3, 2, 2, 8, 8),
-                    ("int8_w8a8", torch.float32, 2, 5, 2, 48, 40, True, 0.2, 1, 1, 16, 8)]
-
-
-@pytest.mark.parametrize("case", ONE_LAUNCH_CASES, ids=lambda c: f"{c[0]}-{str(c[1])[6:]}-T{c[2]}-s{c[9]}{c[10]}")
-def test_interpreter_one_launch_equals_two_launches(case, monkeypatch):
-    """``one_launch`` (both GEMMs' programs in one grid, GEMM2's waiting for their pair's GEMM1 programs) gives the
-    two launches' result to the last bit of a sum's order, call after call on the same workspace, and leaves the
-    workspace zeroed."""
-    from composer.kernels.triton import one_launch
-
-    method, dtype, T, E, k, H, I, bias, drop, s1, s2, bn1, bn2 = case
-    x, tw, ids, w13, w2, b13, b2 = make_case(T, E, k, H, I, dtype, bias, drop, seed=23)
-    if not bias:
-        b13 = b2 = None
-    cfg = gemv_cfg(bn1, 32, bn2, 32, s2)
-    cfg["gemm1"]["SPLIT_K"] = s1
-    if method == "int4_w4a16":
-        w = quantize(method, w13, w2, group_size=32, zero_point=True)
-        for g in ("gemm1", "gemm2"):
-            cfg[g]["int4_read"] = "chain"
-    elif method:
-        w = quantize(method, w13, w2, b13, b2)
-    monkeypatch.setattr(one_launch, "_WORKSPACES", {})
-
-    def run(c, xx):
-        if method is None:
-            return fused_experts(xx, tw, ids, w13, w2, b13, b2, "silu", config=c)
-        return fused_experts_quant(xx, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", method, w.w13_scale,
-                                   w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=c)
-    one = validate_entry({**cfg, "one_launch": True})
-    with interpreter():
-        for i in range(2):  # (the second call runs on the workspace the first left)
-            xx = x if i == 0 else torch.randn_like(x)
-            two_out = run(cfg, xx)
-            one_out = run(one, xx)
-            # (the same products; GEMM2's atomic adds land in another order than the interpreter's 3D grid adds
-            # them: the last bit of an fp32 sum may differ)
-            eps = torch.finfo(dtype).eps
-            torch.testing.assert_close(one_out, two_out, rtol=eps, atol=eps * two_out.abs().max().item())
-    (ws,) = one_launch._WORKSPACES.values()
-    assert not ws.any()  # ticket, done counters, epilogue counters and sums all back to 0
-    if method is None:
-        assert rel(one_out, oracle_experts(xx, tw, ids, w13, w2, "silu", b13, b2)) < 2e-3
-
-
-def test_one_launch_config_is_checked():
-    assert validate_entry({**gemv_cfg(), "one_launch": True})["one_launch"] is True
-    for bad in ({**gemv_cfg(), "one_launch": 1}, {**gemv_cfg(), "one_launch": True, "pdl": True},
-                {**gemv_cfg(16, 32, 16, 32, 1), "decode": True, "one_launch": True}):
-        with pytest.raises(ValueError, match="one_launch must be true or false, and true only with decode"):
-            validate_entry(bad)
-    bad = {**gemv_cfg(), "one_launch": True}
-    bad["gemm2"] = {**bad["gemm2"], "num_warps": 8}
-    with pytest.raises(ValueError, match="gemm1.num_warps and gemm2.num_warps must be equal; got 4 and 8"):
-        validate_entry(bad)
-
-
 def test_interpreter_int4_fault_is_caught():
     """A wrong group scale must fail the comparison (the int4 trick cannot hide an error)."""
     x, tw, ids, w13, w2, _, _ = make_case(1, 4, 2, 64, 32, torch.float32, False, 0.0, seed=2)
@@ -929,51 +866,6 @@ def test_gpu_pdl_decode_replays_right(shape):
             want = run(new_x, plain)
             torch.cuda.synchronize()
             assert rel(gout, want.double()) < 2e-3, (shape, method, i, rel(gout, want.double()))
-
-
-@gpu
-@cuda
-@pytest.mark.parametrize("shape", ["qwen3_30b_a3b", "mixtral_8x7b"])
-def test_gpu_one_launch_decode_replays_right(shape):
-    """A one-launch decode (GEMM2's programs waiting on their pair's GEMM1 programs in the same grid) gives the
-    two-launch results, eager and over many CUDA-graph replays on new inputs (a GEMM2 program that read its
-    activations before they were written, or a workspace left dirty by the last call, shows as a wrong replay);
-    also with dropped pairs (expert parallelism) and at T = 3, and the workspace is zeroed after each call."""
-    from composer.kernels.triton import one_launch
-    from composer.tasks.bench import capture_graph
-
-    E, k, H, I = SHAPES[shape]
-    for T, drop in ((1, 0.0), (3, 0.3)):
-        x, tw, ids, w13, w2, _, _ = make_case(T, E, k, H, I, torch.bfloat16, False, drop, seed=12, device="cuda")
-        for method, params in (("int4_w4a16", {"group_size": 128}), (None, {}),
-                               ("fp8_w8a8", {"granularity": "per_token_channel"})):
-            if method:
-                w = quantize(method, w13, w2, **params)
-                ex = w.extra or {}
-
-                def run(a, cfg, w=w, method=method, ex=ex):
-                    return fused_experts_quant(a, tw, ids, w.w13, w.w2, None, None, "silu", method, w.w13_scale,
-                                               w.w2_scale, w.a13_scale, w.a2_scale, w.w13_zero, w.w2_zero,
-                                               ex.get("granularity", "per_token_channel"), config=cfg)
-            else:
-                def run(a, cfg):
-                    return fused_experts(a, tw, ids, w13, w2, config=cfg)
-            plain = {**GPU_GEMV_CHAIN, "pdl": False} if method == "int4_w4a16" else {**GPU_GEMV}
-            cfg = {**plain, "one_launch": True}
-            out = run(x, cfg)
-            torch.cuda.synchronize()
-            assert not any(ws.any() for ws in one_launch._WORKSPACES.values())
-            assert rel(out, run(x, plain).double()) < 2e-3, (shape, method, T)  # (fp32 atomics: any order)
-            static_x = x.clone()
-            graph, gout = capture_graph(lambda: run(static_x, cfg))
-            g = torch.Generator(device="cuda").manual_seed(6)
-            for i in range(30):
-                new_x = torch.randn(x.shape, device="cuda", generator=g).to(torch.bfloat16)
-                static_x.copy_(new_x)
-                graph.replay()
-                want = run(new_x, plain)
-                torch.cuda.synchronize()
-                assert rel(gout, want.double()) < 2e-3, (shape, method, T, i, rel(gout, want.double()))
 
 
 @lazy_helper

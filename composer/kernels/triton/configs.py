@@ -24,9 +24,7 @@ loaded into registers that many steps ahead of the one being multiplied). ``fp8_
 accumulated in the tensor core between additions to the fp32 accumulator (default ``gemm.FP8_PROMOTE_TILES``).
 ``pdl: true`` (decode ``"gemv"``): GEMM2's launch is a programmatic dependent of GEMM1's (Hopper and later; ignored
 before sm_90 and under the interpreter): its programs start while GEMM1 runs, ask L2 for their weight slices and
-wait for GEMM1's results (gemv.py). ``one_launch: true`` (decode ``"gemv"``, instead of pdl): both GEMMs' GEMVs in
-one launch, GEMM2's programs prefetching their weights and waiting for their own pair's GEMM1 programs (one_launch.py;
-both GEMMs' ``num_warps`` equal; two launches where the reduction is not "atomic").
+wait for GEMM1's results (gemv.py).
 
 For a run with T tokens the entry with the nearest key is used (as vLLM does), except that a T = 1 entry with
 ``decode`` set serves T = 1 only (T = 2 takes the nearest other key, or the heuristic): one pair per program
@@ -166,16 +164,6 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
     if not isinstance(entry.get("pdl", False), bool) or entry.get("pdl") and not gemv:
         problems.append(f"pdl must be true or false, and true only with decode \"gemv\" (GEMM2's GEMV launched as a "
                         f"programmatic dependent of GEMM1's); got {entry.get('pdl')!r} with decode {decode!r}")
-    one = entry.get("one_launch", False)
-    if not isinstance(one, bool) or one and (not gemv or entry.get("pdl")):
-        problems.append(f"one_launch must be true or false, and true only with decode \"gemv\" and pdl false (GEMM1's "
-                        f"and GEMM2's GEMVs in one launch); got {one!r} with decode {decode!r}, pdl "
-                        f"{entry.get('pdl', False)!r}")
-    elif one and all(isinstance(entry.get(g), dict) for g in ("gemm1", "gemm2")):
-        w1, w2 = (entry[g].get("num_warps", 4) for g in ("gemm1", "gemm2"))
-        if w1 != w2:
-            problems.append(f"one_launch runs GEMM1's and GEMM2's programs in one launch, so gemm1.num_warps and "
-                            f"gemm2.num_warps must be equal; got {w1} and {w2}")
     if entry.get("reduce", "atomic") not in ("atomic", "buffer"):
         problems.append(f"reduce must be 'atomic' or 'buffer', got {entry.get('reduce')!r}")
     if problems:

@@ -11,8 +11,7 @@ from ..reference import check_inputs
 from .align import max_blocks, moe_align
 from .configs import fit_smem, get_config, heuristic_config
 from .gemm import ACT_CODES, SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, QuantSpec, gemm1, gemm2, moe_sum
-from .gemv import _pow2_divisor, gemm1_parts, gemv, gemv_args, pdl_supported
-from . import one_launch
+from .gemv import _pow2_divisor, gemm1_parts, gemv, pdl_supported
 
 
 @dataclass
@@ -100,15 +99,10 @@ def _decode_gemv(x, r: _Routing, k: int, activation: str, config: dict[str, Any]
     With atomic reduction the top-k epilogue (zeroing the fp32 sums, the final cast) rides in the two GEMV launches
     (``GEMV_FUSED_EPILOGUE``)."""
     T, H = x.shape
-    one = bool(config.get("one_launch")) and r.atomic and GEMV_FUSED_EPILOGUE
     epi = None
-    n_cnt = T * triton.cdiv(H, config["gemm2"]["BLOCK_N"])
-    if one:  # the epilogue's sums and counters live in the one launch's workspace, left zeroed by every call
-        ticket, done, counters, sums = one_launch.workspace(x.device, r.ids.numel(), T, H, n_cnt)
-        epi = (sums, counters, torch.empty_like(x))
-    elif r.atomic and GEMV_FUSED_EPILOGUE:
+    if r.atomic and GEMV_FUSED_EPILOGUE:
         sums = torch.empty(T, H, dtype=torch.float32, device=x.device)
-        counters = torch.empty(n_cnt, dtype=torch.int32, device=x.device)
+        counters = torch.empty(T * triton.cdiv(H, config["gemm2"]["BLOCK_N"]), dtype=torch.int32, device=x.device)
         epi = (sums, counters, torch.empty_like(x))
     parts = gemm1_parts(config["gemm1"], H, w13, wq, groups[0])
     if parts > 1 and config["gemm2"].get("mma") and wq not in (2, 3):  # (before any launch; int4 ignores mma)
@@ -118,19 +112,13 @@ def _decode_gemv(x, r: _Routing, k: int, activation: str, config: dict[str, Any]
         inter = torch.empty(parts, r.ids.numel(), w13.shape[1], dtype=torch.float32, device=x.device)
     act = dict(activation_code=ACT_CODES[activation], alpha=SWIGLUOAI_ALPHA, limit=SWIGLUOAI_LIMIT)
     out = epi[0] if epi else _out_buffer(r, x, H)  # (before GEMM1: nothing may launch between a "pdl" pair)
-    pdl = bool(config.get("pdl")) and pdl_supported(x.device) and not one
-    g1 = dict(gated=True, wq=wq, ws=ws, group=groups[0], a_scale=act_scales[0], w_scale=scales[0], w_zero=zeros[0],
-              aq=aq[0], acc_int8=acc_int8, epilogue=epi, **act)
-    g2 = dict(gated=False, tw=r.tw, atomic=r.atomic, wq=wq, ws=ws, group=groups[1], a_scale=act_scales[1],
-              w_scale=scales[1], w_zero=zeros[1], aq=aq[1], acc_int8=acc_int8, epilogue=epi,
-              x_parts=parts if parts > 1 else 0, h_dtype=x.dtype, **act)
-    if one:
-        one_launch.launch(gemv_args(x, w13, w13_bias, inter, r.ids, k, config["gemm1"], one=1, **g1),
-                          gemv_args(inter, w2, w2_bias, out, r.ids, k, config["gemm2"], one=2, **g2),
-                          ticket, done, r.ids.numel())
-        return epi[2]
-    gemv(x, w13, w13_bias, inter, r.ids, k, config["gemm1"], pdl=1 if pdl else 0, **g1)
-    gemv(inter, w2, w2_bias, out, r.ids, k, config["gemm2"], pdl=2 if pdl else 0, **g2)
+    pdl = bool(config.get("pdl")) and pdl_supported(x.device)
+    gemv(x, w13, w13_bias, inter, r.ids, k, config["gemm1"], gated=True, wq=wq, ws=ws, group=groups[0],
+         a_scale=act_scales[0], w_scale=scales[0], w_zero=zeros[0], aq=aq[0], acc_int8=acc_int8, epilogue=epi,
+         pdl=1 if pdl else 0, **act)
+    gemv(inter, w2, w2_bias, out, r.ids, k, config["gemm2"], gated=False, tw=r.tw, atomic=r.atomic, wq=wq, ws=ws,
+         group=groups[1], a_scale=act_scales[1], w_scale=scales[1], w_zero=zeros[1], aq=aq[1], acc_int8=acc_int8,
+         epilogue=epi, x_parts=parts if parts > 1 else 0, h_dtype=x.dtype, pdl=2 if pdl else 0, **act)
     return epi[2] if epi else _reduce(out, r, x, w2.shape[0])
 
 

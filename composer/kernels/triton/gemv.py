@@ -168,19 +168,6 @@ def _int4_tile(w_ptrs, x_row, ws_base, ch, z_ptrs, z_shift, kw, k, k_hi, stride_
     return wu, s, z, xr
 
 
-@lazy_helper
-def _wait_ready(ptr, need, users):
-    """GEMM2 in one launch: spin until ``need`` GEMM1 programs of the pair counted themselves done at ``ptr``
-    (acquire: their stores are then visible to this program), then count this program in; the pair's last
-    (``users``-th) GEMM2 program puts the counter back to 0 for the next call. The program running this took a
-    ticket after every GEMM1 program took theirs, so those are running or done: the spin always ends."""
-    while tl.atomic_add(ptr, 0, sem="acquire") < need:
-        pass
-    tl.debug_barrier()
-    if tl.atomic_add(ptr, 1, sem="relaxed") == need + users - 1:
-        tl.atomic_xchg(ptr, 0, sem="relaxed")
-
-
 @lazy_jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, tw_ptr, out_ptr, ids_ptr, as_ptr, ws_ptr, wz_ptr, cnt_ptr, acc_ptr, y_ptr,
@@ -199,51 +186,13 @@ def _gemv_kernel(
     SCALES_T: tl.constexpr,
     PDL: tl.constexpr, PF_N: tl.constexpr, PF_STEP: tl.constexpr, EPW: tl.constexpr, AHEAD: tl.constexpr,
 ):
-    """One GEMM of the decode path: a (pair, N tile, K split) per program, the grid's three axes."""
-    _gemv_body(
-        tl.program_id(0), tl.program_id(1), tl.program_id(2), x_ptr, w_ptr, b_ptr, tw_ptr, out_ptr, ids_ptr, as_ptr,
-        ws_ptr, wz_ptr, cnt_ptr, acc_ptr, y_ptr, N, K, top_k, num_experts, k_split, zero_numel, cnt_numel,
-        n_tiles_out, arrivals, stride_xm, stride_we, stride_wn, stride_be, stride_om, stride_wse, stride_wsn,
-        stride_wsk, stride_wze, stride_wzn, stride_wzk, stride_xp,
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, NG=NG, ROWS=ROWS, GK=GK, INT4_MODE=INT4_MODE, MMA=MMA, ACC_INT=ACC_INT,
-        PRECISION=PRECISION, GATED=GATED, X_PER_TOKEN=X_PER_TOKEN, ACT=ACT, HAS_BIAS=HAS_BIAS, ALPHA=ALPHA,
-        LIMIT=LIMIT, ATOMIC=ATOMIC, WQ=WQ, WS=WS, QBK=QBK, HAS_ZERO=HAS_ZERO, AQ=AQ, QMAX=QMAX, AQ_INT8=AQ_INT8,
-        EPS=EPS, RNE=RNE, AMAX_BLOCK=AMAX_BLOCK, UNROLL=UNROLL, LOOP_STAGES=LOOP_STAGES, EVEN_K=EVEN_K,
-        FUSE_EPI=FUSE_EPI, ZBLOCK=ZBLOCK, SUB_X=SUB_X, X_VEC=X_VEC, X_PARTS=X_PARTS, RND=RND, PARTS_OUT=PARTS_OUT,
-        X_PAIRS=X_PAIRS, ONCE=ONCE, SCALES_T=SCALES_T, PDL=PDL, PF_N=PF_N, PF_STEP=PF_STEP, EPW=EPW, AHEAD=AHEAD,
-        rdy_ptr=ids_ptr, rdy_need=0, rdy_users=0, ONE=0,
-    )
-
-
-@lazy_helper
-def _gemv_body(
-    pair, pid_n, pid_s,
-    x_ptr, w_ptr, b_ptr, tw_ptr, out_ptr, ids_ptr, as_ptr, ws_ptr, wz_ptr, cnt_ptr, acc_ptr, y_ptr,
-    N, K, top_k, num_experts, k_split, zero_numel, cnt_numel, n_tiles_out, arrivals,
-    stride_xm, stride_we, stride_wn, stride_be, stride_om,
-    stride_wse, stride_wsn, stride_wsk, stride_wze, stride_wzn, stride_wzk, stride_xp,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, ROWS: tl.constexpr, GK: tl.constexpr,
-    INT4_MODE: tl.constexpr, MMA: tl.constexpr, ACC_INT: tl.constexpr, PRECISION: tl.constexpr,
-    GATED: tl.constexpr, X_PER_TOKEN: tl.constexpr,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, ATOMIC: tl.constexpr,
-    WQ: tl.constexpr, WS: tl.constexpr, QBK: tl.constexpr, HAS_ZERO: tl.constexpr,
-    AQ: tl.constexpr, QMAX: tl.constexpr, AQ_INT8: tl.constexpr, EPS: tl.constexpr, RNE: tl.constexpr,
-    AMAX_BLOCK: tl.constexpr, UNROLL: tl.constexpr, LOOP_STAGES: tl.constexpr, EVEN_K: tl.constexpr,
-    FUSE_EPI: tl.constexpr, ZBLOCK: tl.constexpr, SUB_X: tl.constexpr, X_VEC: tl.constexpr,
-    X_PARTS: tl.constexpr, RND: tl.constexpr, PARTS_OUT: tl.constexpr, X_PAIRS: tl.constexpr, ONCE: tl.constexpr,
-    SCALES_T: tl.constexpr,
-    PDL: tl.constexpr, PF_N: tl.constexpr, PF_STEP: tl.constexpr, EPW: tl.constexpr, AHEAD: tl.constexpr,
-    rdy_ptr, rdy_need, rdy_users, ONE: tl.constexpr,
-):
-    """The GEMV of one (pair, N tile, K split); ``_gemv_kernel`` runs one per program, ``_one_launch_kernel`` GEMM1's
-    and GEMM2's in one grid. ONE = 1 (GEMM1 in one launch): after its stores the program counts itself done at
-    ``rdy_ptr[pair]``; ONE = 2 (GEMM2 in one launch): the program waits there until ``rdy_need`` GEMM1 programs of its
-    pair are done (``_wait_ready``; ``rdy_users`` GEMM2 programs per pair), and the last arrival at a (token, tile)
-    of the top-k epilogue leaves the sums and the counter zeroed for the next call (one_launch.py)."""
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
     if PDL == 1:  # GEMM1 of a "pdl" decode: GEMM2's programs may start once every GEMM1 program got here
         gdc_launch_dependents()
-    if FUSE_EPI and GATED and ONE == 0:  # GEMM1 zeroes GEMM2's fp32 sums and arrival counters (GEMM2 runs after it;
-        # a GEMM1 split over K has each split write the same zeros. In one launch GEMM2 leaves them zeroed instead)
+    if FUSE_EPI and GATED:  # GEMM1 zeroes GEMM2's fp32 sums and arrival counters (GEMM2 runs after it; a GEMM1
+        # split over K has each split write the same zeros)
         nprog = tl.num_programs(0) * tl.num_programs(1)
         lin = pair * tl.num_programs(1) + pid_n
         zc = (zero_numel + nprog - 1) // nprog
@@ -258,15 +207,18 @@ def _gemv_body(
             tl.store(cnt_ptr + offs_c, tl.full((ZBLOCK,), 0, tl.int32), mask=offs_c < c_end)
     expert = tl.load(ids_ptr + pair)
     live = (expert >= 0) & (expert < num_experts)  # else dropped (-1: another rank's expert) or out of range
-    # a dropped pair reads nothing (an empty K loop over expert 0's rows) and stores nothing, but still arrives at
-    # its token's tiles in the fused epilogue and counts itself done in one launch
-    expert = tl.where(live, expert, 0)
+    if FUSE_EPI and not GATED:  # a dropped pair reads nothing but still arrives at its token's tiles
+        expert = tl.where(live, expert, 0)
+    elif (expert < 0) | (expert >= num_experts):
+        return
     if X_PER_TOKEN:  # GEMM1 reads the token's row of x, GEMM2 the pair's row of the intermediate
         x_row = x_ptr + (pair // top_k).to(tl.int64) * stride_xm
     else:
         x_row = x_ptr + pair.to(tl.int64) * stride_xm
     k_lo = tl.multiple_of(pid_s * k_split, BLOCK_K)  # (k_split is whole K tiles: aligned tile loads)
-    k_hi = tl.where(live, tl.minimum(K, k_lo + k_split), k_lo)
+    k_hi = tl.minimum(K, k_lo + k_split)
+    if FUSE_EPI and not GATED:
+        k_hi = tl.where(live, k_hi, k_lo)  # dropped: an empty K loop
 
     r = tl.arange(0, ROWS)  # ROWS = 2 * BLOCK_N when GATED
     if GATED:
@@ -277,18 +229,15 @@ def _gemv_body(
         ch = n % N
     w_rows = w_ptr + expert.to(tl.int64) * stride_we + ch.to(tl.int64) * stride_wn
     ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
-    if PDL == 2 or ONE == 2:  # GEMM2 running while GEMM1 still computes (launched as its programmatic dependent, or
-        # in the same launch): ask L2 for this program's weight slice (PF_N lines of 128 bytes per row, PF_STEP
-        # pointer units apart, EPW elements per unit), then wait until GEMM1 is done and its writes are visible.
-        # (ids, weights and routing were written before GEMM1 started.)
+    if PDL == 2:  # GEMM2 launched as GEMM1's programmatic dependent, running while GEMM1 still computes: ask L2 for
+        # this program's weight slice (PF_N lines of 128 bytes per row, PF_STEP pointer units apart, EPW elements
+        # per unit), then wait until GEMM1 is done and its writes are visible. (ids, weights and routing were
+        # written before GEMM1 started.)
         if PF_N > 0:
             pf_last = tl.maximum((k_hi + EPW - 1) // EPW - 1, 0)
             pf = tl.minimum(k_lo // EPW + tl.arange(0, PF_N) * PF_STEP, pf_last)
             _prefetch_l2(w_rows[:, None] + pf[None, :])
-        if PDL == 2:
-            gdc_wait()
-        else:
-            _wait_ready(rdy_ptr + pair, rdy_need, rdy_users)
+        gdc_wait()
 
     if AQ != 0:  # FUSED_AQ: the row's quantization scale (amax pass over the whole row, or static)
         if X_PARTS == 0 or AQ == 2:
@@ -571,7 +520,6 @@ def _gemv_body(
             else:
                 acc = acc * a_scale * tl.load(ws_base + ch * stride_wsn).to(tl.float32)
 
-    n_live = tl.where(live, N, 0)  # (stores masked by it: a dropped pair writes nothing)
     if HAS_BIAS:
         bias = tl.load(b_ptr + expert.to(tl.int64) * stride_be + ch).to(tl.float32)
         if GATED and not PARTS_OUT:
@@ -581,13 +529,12 @@ def _gemv_body(
     if PARTS_OUT:  # GEMM1 split over K: this split's fp32 (gate, up) sums, interleaved; GEMM2 activates on load
         offs_p = pid_n * ROWS + r
         tl.store(out_ptr + pid_s.to(tl.int64) * stride_xp + pair.to(tl.int64) * stride_om + offs_p, acc,
-                 mask=n < n_live)
+                 mask=n < N)
     elif GATED:
         g, u = tl.split(tl.reshape(acc, (BLOCK_N, 2)))
         h = _activate(g, u, ACT, ALPHA, LIMIT)
         offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        tl.store(out_ptr + pair.to(tl.int64) * stride_om + offs, h.to(out_ptr.dtype.element_ty),
-                 mask=offs < n_live)
+        tl.store(out_ptr + pair.to(tl.int64) * stride_om + offs, h.to(out_ptr.dtype.element_ty), mask=offs < N)
     else:
         # a dropped pair adds exact zeros: its row of the intermediate was never written (its garbage may reach acc
         # through w8a8's amax pass even though its K loop is empty, and 0 * inf is NaN)
@@ -603,18 +550,8 @@ def _gemv_body(
                     offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
                     v = tl.load(out_ptr + token * stride_om + offs, mask=offs < N, other=0.0, cache_modifier=".cg")
                     tl.store(y_ptr + token * stride_om + offs, v.to(y_ptr.dtype.element_ty), mask=offs < N)
-                    if ONE == 2:  # the next call finds this tile's sums and counter zeroed (no other program of
-                        # this call touches them after the last arrival)
-                        tl.store(out_ptr + token * stride_om + offs, tl.full((BLOCK_N,), 0.0, tl.float32),
-                                 mask=offs < N)
-                        tl.atomic_xchg(cnt_ptr + token * n_tiles_out + pid_n, 0, sem="relaxed")
         else:
-            tl.store(out_ptr + pair.to(tl.int64) * stride_om + n, acc.to(out_ptr.dtype.element_ty),
-                     mask=n < n_live)
-    if ONE == 1:  # GEMM1 in one launch: every thread's stores are done (the barrier) before the release that counts
-        # this program done for its pair's GEMM2 programs (_wait_ready)
-        tl.debug_barrier()
-        tl.atomic_add(rdy_ptr + pair, 1, sem="release")
+            tl.store(out_ptr + pair.to(tl.int64) * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=n < N)
 
 
 # How the GEMV reads int4 (all are tested; a tile config picks one with "int4_read", else INT4_MODE). "words" (2):
@@ -725,9 +662,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
          acc_int8: bool = False, alpha: float = 1.702, limit: float = 7.0,
          epilogue: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, x_parts: int = 0,
          h_dtype: torch.dtype | None = None, pdl: int = 0) -> Any:
-    """One GEMM of the decode path as GEMVs, one launch. ``gated``: GEMM1 (``out[P, N]`` in the model dtype,
-    activation applied); otherwise GEMM2 (``out`` fp32 ``[T, H]`` with ``atomic``, else the per-pair buffer
-    ``[P, H]``).
+    """One GEMM of the decode path as GEMVs. ``gated``: GEMM1 (``out[P, N]`` in the model dtype, activation
+    applied); otherwise GEMM2 (``out`` fp32 ``[T, H]`` with ``atomic``, else the per-pair buffer ``[P, H]``).
 
     ``epilogue = (sums, counters, y)`` fuses the top-k epilogue into the two launches: GEMM1 zeroes the fp32
     ``sums [T, H]`` and the int32 ``counters [T, cdiv(H, gemm2 BLOCK_N)]``; GEMM2 (``out`` = ``sums``) adds into
@@ -740,25 +676,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
     ``pdl`` (``pdl_supported``): 1 on GEMM1, which lets its programmatic dependent start early; 2 on GEMM2, launched
     as that dependent: it prefetches its weights into L2, then waits for GEMM1's results.
     Returns Triton's launch handle (``n_regs``, ``n_spills``, ``asm``)."""
-    grid, args, meta, opts = gemv_args(x, w, bias, out, ids_flat, top_k, cfg, gated=gated,
-                                       activation_code=activation_code, tw=tw, atomic=atomic, wq=wq, ws=ws,
-                                       group=group, a_scale=a_scale, w_scale=w_scale, w_zero=w_zero, aq=aq,
-                                       acc_int8=acc_int8, alpha=alpha, limit=limit, epilogue=epilogue,
-                                       x_parts=x_parts, h_dtype=h_dtype, pdl=pdl)
-    return _gemv_kernel[grid](*args, **meta, **opts)
-
-
-def gemv_args(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, ids_flat: torch.Tensor,
-              top_k: int, cfg: dict[str, Any], *, gated: bool, activation_code: int = 0,
-              tw: torch.Tensor | None = None, atomic: bool = True, wq: int = 0, ws: int = 1, group: int = 1,
-              a_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
-              w_zero: torch.Tensor | None = None, aq: int = 0, acc_int8: bool = False, alpha: float = 1.702,
-              limit: float = 7.0, epilogue: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-              x_parts: int = 0, h_dtype: torch.dtype | None = None, pdl: int = 0,
-              one: int = 0) -> tuple[tuple[int, int, int], list, dict[str, Any], dict[str, Any]]:
-    """(grid, runtime arguments, constexprs, launch options) of one GEMV GEMM (``gemv``'s arguments, checked).
-    ``one`` = 1 / 2: GEMM1 / GEMM2 of a one-launch decode (one_launch.py): GEMM2 prefetches its weights into L2
-    as a "pdl" GEMM2 does, and a K loop's pipeline depth is the tile's own ``num_stages`` (the launch has one)."""
     P = ids_flat.numel()
     N = w.shape[1] // 2 if gated else w.shape[1]
     stride_xp = out.stride(0) if gated and out.dim() == 3 else 0
@@ -802,11 +719,9 @@ def gemv_args(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: 
     unit = w.element_size()  # pointer unit of the weight rows; EPW elements of K per unit
     epw = (8 if mode else 2) if wq == 2 else 1
     pf_n = (triton.next_power_of_2(triton.cdiv(triton.cdiv(k_split, epw) * unit, 128))
-            if (pdl == 2 or one == 2) and GEMV_PDL_PREFETCH and not interpreting() else 0)  # (inline PTX)
-    opts = {"launch_pdl": True} if pdl == 2 else {}
-    opts.update(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
-    loop_stages = cfg.get("loop_stages", cfg.get("num_stages", 2) if one else None)
-    args = [
+            if pdl == 2 and GEMV_PDL_PREFETCH else 0)
+    extra = {"launch_pdl": True} if pdl == 2 else {}
+    return _gemv_kernel[grid](
         x, w, bias if bias is not None else fb, tw if tw is not None else fb, out, ids_flat,
         a_scale if a_scale is not None else fb, w_scale if w_scale is not None else fb,
         w_zero if w_zero is not None else fb, counters, sums, y,
@@ -815,13 +730,11 @@ def gemv_args(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: 
         x.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0,
         out.stride(1) if parts_out else out.stride(0),
         wss[0], wss[1], wss[2], wzs[0], wzs[1], wzs[2], stride_xp,
-    ]
-    meta = dict(
         BLOCK_N=bn, BLOCK_K=bk, NG=ng, ROWS=2 * bn if gated else bn, GK=bk // ng, INT4_MODE=mode, MMA=mma, ACC_INT=mma and wq == 3 and acc_int8,
         PRECISION="ieee" if x.dtype == torch.float32 else None, GATED=gated, X_PER_TOKEN=gated, ACT=activation_code,
         HAS_BIAS=bias is not None, ALPHA=alpha, LIMIT=limit, ATOMIC=atomic,
         WQ=wq, WS=ws, QBK=group, HAS_ZERO=w_zero is not None,
-        **aq_meta(aq, acc_int8, K), UNROLL=int(cfg.get("unroll", 1)), LOOP_STAGES=loop_stages,
+        **aq_meta(aq, acc_int8, K), UNROLL=int(cfg.get("unroll", 1)), LOOP_STAGES=cfg.get("loop_stages"),
         EVEN_K=even_k, FUSE_EPI=fuse, ZBLOCK=256, SUB_X=SUBNORMAL_X_EXP,
         X_VEC=bool(cfg.get("x_vec", GEMV_X_VEC)) and mode in (3, 4) and not x_parts and even_k,
         X_PARTS=x_parts, PARTS_OUT=parts_out, SCALES_T=mode == 5 and chain_scales_transposed(),
@@ -831,8 +744,8 @@ def gemv_args(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: 
         RND={torch.float16: 1, torch.bfloat16: 2}.get(h_dtype, 0) if x_parts else 0,
         PDL=pdl, PF_N=pf_n, PF_STEP=128 // unit, EPW=epw,
         AHEAD=int(cfg.get("prefetch", 0)) if mode >= 3 else 0,  # (follows its read where _read_mode falls back)
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **extra,
     )
-    return grid, args, meta, opts
 
 
 def pdl_supported(device: torch.device) -> bool:
