@@ -44,6 +44,9 @@ def build(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any = None,
     custom_build = getattr(layer_cls, "build_model", None)
     with build_settings(cfg.custom_ops, cfg.device):
         if custom_build is not None:  # a layer that brings its own model (e.g. the Transformers backend)
+            if device is not None:  # (its model comes with storage: a meta build would silently not be one)
+                raise ValueError(f"layer={cfg.layer.name} builds its own model, with its weights, as it runs; "
+                                 "build(device='meta') builds composer's own graph only: call build(cfg)")
             return custom_build(cfg, ep_rank=ep_rank, group=group, init=init)
         model = MoEModel([_block(cfg, i, ep_rank, group, tp, dev) for i in range(cfg.model.num_layers)])
     if init:

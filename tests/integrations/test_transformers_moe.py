@@ -459,6 +459,15 @@ def test_task_generate_with_token_ids_and_tokenizer(tmp_path):
         Generate().run(own, ctx)
 
 
+def test_meta_build_is_refused_for_a_layer_with_its_own_model():
+    """build(device="meta") promises no storage; the Transformers backend loads a real model, so it says so instead
+    of returning one."""
+    from composer import build
+
+    with pytest.raises(ValueError, match=r"layer=transformers_moe builds its own model.*call build\(cfg\)"):
+        build(cfg_for("qwen3_moe"), init=False, device="meta")
+
+
 def test_a_checkpoint_folder_that_does_not_match_its_model_is_refused(tmp_path):
     """transformers fills a missing or mismatched tensor at random and only logs it: task=check then compared random
     weights with themselves and passed."""
