@@ -28,7 +28,8 @@ def build(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any = None,
     ``init=False`` leaves weights uninitialized for a checkpoint to be loaded; call
     ``finish_loading(model)`` after loading so quant methods process their weights. ``device="meta"`` (with
     ``init=False``) allocates nothing: the graph as it would run on ``cfg.device`` (each slot resolved for that
-    platform), with every tensor's shape and dtype but no storage, which is all ``task=show`` needs.
+    platform), with every tensor's shape and dtype but no storage, which is all ``task=show`` needs (a layer that
+    builds its own model, such as ``layer=transformers_moe``, refuses it: its model comes with its weights).
     Under expert parallelism ``ep_rank``/``group`` default to the distributed runtime's (init_from_env),
     under tensor parallelism ``tp_rank``/``tp_group`` likewise (composer.distributed.tp).
     """
