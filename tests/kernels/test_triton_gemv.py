@@ -244,9 +244,45 @@ def test_interpreter_mma_gemv(method, dtype, gemv_calls):
 
 
 def test_mma_gemv_refuses_tiles_below_the_mma_shape():
+    """A table entry with mma tiles the tensor core cannot take fails where it is read (validate_entry), before any
+    launch; a config that skipped validation still fails in gemv() before its launch."""
+    for bn1, bk, bn2, key, bn in ((4, 32, 16, "gemm1", 4), (8, 16, 16, "gemm1", 8), (8, 32, 8, "gemm2", 8)):
+        with pytest.raises(ValueError, match=rf"{key}.mma needs at least 16 rows .* got BLOCK_N={bn}, BLOCK_K={bk}"):
+            gemv_cfg(bn1, bk, bn2, bk, mma=True)
     x, tw, ids, w13, w2, _, _ = make_case(1, 4, 2, 64, 32, torch.float32, False, 0.0, seed=1)
+    raw = {"BLOCK_M": 16, "decode": "gemv", "reduce": "atomic",
+           "gemm1": {"BLOCK_N": 4, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "mma": True},
+           "gemm2": {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "mma": True}}
     with interpreter(), pytest.raises(ValueError, match="mma=true needs at least 16 rows"):
-        fused_experts(x, tw, ids, w13, w2, config=gemv_cfg(4, 32, 16, 32, mma=True))
+        fused_experts(x, tw, ids, w13, w2, config=raw)
+
+
+def test_interpreter_weights_not_contiguous_along_k_take_the_dot_decode(gemv_calls):
+    """The GEMVs read weight rows contiguous along K; weights stored otherwise (a transposed view) under a "gemv"
+    entry run the tl.dot decode instead, with the same result (not an error at T = 1 only)."""
+    x, tw, ids, w13, w2, _, _ = make_case(1, 3, 2, 64, 32, torch.float32, False, 0.0, seed=1)
+    w13t = w13.transpose(1, 2).contiguous().transpose(1, 2)  # (the same values, stride(2) != 1)
+    with interpreter():
+        out = fused_experts(x, tw, ids, w13t, w2, config=gemv_cfg(8, 16, 8, 16, 1))
+    assert gemv_calls == []
+    assert rel(out, oracle_experts(x, tw, ids, w13, w2, "silu")) < 1e-5
+
+
+@pytest.mark.parametrize("read", ["bytes", "chain"])
+def test_interpreter_int4_one_expert_with_a_strided_expert_dim(read):
+    """E = 1 weights that PyTorch calls contiguous although the size-1 expert dim has stride 1 (built as [N, K/2, 1]
+    and permuted): the word reads need every stride a multiple of 4 bytes, and read bytes otherwise."""
+    x, tw, ids, w13, w2, _, _ = make_case(1, 1, 1, 64, 32, torch.float32, False, 0.0, seed=1)
+    w = quantize("int4_w4a16", w13, w2, group_size=32)
+    q13, q2 = (q[0].unsqueeze(-1).contiguous().permute(2, 0, 1) for q in (w.w13, w.w2))
+    assert q13.is_contiguous() and q13.stride(0) == 1
+    cfg = gemv_cfg(8, 32, 8, 32, 1)
+    for g in ("gemm1", "gemm2"):
+        cfg[g]["int4_read"] = read
+    with interpreter():
+        out = fused_experts_quant(x, tw, ids, q13, q2, None, None, "silu", "int4_w4a16", w.w13_scale, w.w2_scale,
+                                  config=validate_entry(cfg))
+    assert rel(out, TorchExperts().apply(x, tw, ids, w, "silu").double()) < TOL[torch.float32]
 
 
 def test_interpreter_w8a8_gemv_matches_dot_decode():

@@ -126,6 +126,11 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
                 problems.append(f"{g}.{key} must be true or false, got {sub.get(key)!r}")
         if sub.get("mma") and not gemv:
             problems.append(f"{g}.mma applies to decode \"gemv\" tiles only")
+        elif sub.get("mma") and isinstance(sub.get("BLOCK_N"), int) and isinstance(sub.get("BLOCK_K"), int) and (
+                sub["BLOCK_N"] * (2 if g == "gemm1" else 1) < 16 or sub["BLOCK_K"] < 32):
+            problems.append(f"{g}.mma needs at least 16 rows on the tensor core (gemm1: BLOCK_N >= 8, its gate and up "
+                            f"rows; gemm2: BLOCK_N >= 16) and BLOCK_K >= 32; got BLOCK_N={sub['BLOCK_N']}, "
+                            f"BLOCK_K={sub['BLOCK_K']}")
         if sub.get("reduce_once") and (not gemv or sub.get("mma") or "int4_read" in sub):
             problems.append(f"{g}.reduce_once applies to decode \"gemv\" tiles without mma or int4_read (the FMA GEMV "
                             f"of float, int8 and fp8 weights; the int4 reads sum their own way)")

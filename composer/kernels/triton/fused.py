@@ -122,6 +122,15 @@ def _decode_gemv(x, r: _Routing, k: int, activation: str, config: dict[str, Any]
     return epi[2] if epi else _reduce(out, r, x, w2.shape[0])
 
 
+def _gemv_reads_rows(config: dict[str, Any], w13: torch.Tensor, w2: torch.Tensor, E: int, I: int, H: int,
+                     k: int) -> dict[str, Any]:
+    """A "gemv" decode entry where it can run: the GEMVs read weight rows contiguous along K, so weights stored
+    otherwise (a transposed view) take the tl.dot decode, which reads any strides (the same result)."""
+    if config.get("decode") == "gemv" and (w13.stride(2) != 1 or w2.stride(2) != 1):
+        return heuristic_config(1, E, I, H, k)
+    return config
+
+
 def fused_experts(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -150,6 +159,7 @@ def fused_experts(
         raise ValueError(f"weights ({w13.dtype}, {w2.dtype}) must have the activations' dtype {x.dtype}")
     if config is None:
         config = get_config(T, E, I, H, k, x.dtype, x.device)
+    config = _gemv_reads_rows(config, w13, w2, E, I, H, k)
     if x.element_size() > 2:
         config = fit_smem(config, x.element_size())
     if x.stride(1) != 1:
@@ -291,8 +301,6 @@ def fused_experts_quant(
         return torch.zeros_like(x)
     if config is None:
         config = quant_config(T, E, I, H, k, method, x.dtype, x.device)
-    if x.element_size() > 2:
-        config = fit_smem(config, x.element_size())
     act_q = None
     if method == "int8_w8a16":
         q1 = q2 = QuantSpec(wq=1)
@@ -308,6 +316,9 @@ def fused_experts_quant(
         act_q = (torch.float8_e4m3fn, block_k if ws == 2 else None)
     if config.get("decode") == "gemv" and q1.wq == 3 and q1.ws == 2:  # block fp8: the tl.dot decode path
         config = heuristic_config(1, E, I, H, k)
+    config = _gemv_reads_rows(config, w13, w2, E, I, H, k)
+    if x.element_size() > 2:  # (after the entry is final)
+        config = fit_smem(config, x.element_size())
     c1 = _shape_gemm(config["gemm1"], q1)
     c2 = _shape_gemm(config["gemm2"], q2)
     if x.stride(1) != 1:

@@ -637,7 +637,9 @@ def _read_mode(cfg: dict[str, Any], wq: int, group: int, w: torch.Tensor) -> tup
         bk, ng = cfg["BLOCK_K"], 1  # any power-of-two tile, across groups
     elif mode == 2:
         bk, ng = bk // ng, 1  # the tile inside one group
-    if mode and ((bk // ng) % 8 or w.shape[2] % 4 or not w.is_contiguous() or w.data_ptr() % 4):
+    # (the strides, not is_contiguous(): PyTorch ignores a size-1 dimension's stride there, but view(int32) does not)
+    if mode and ((bk // ng) % 8 or w.shape[2] % 4 or w.stride(2) != 1 or w.stride(1) % 4 or w.stride(0) % 4
+                 or w.data_ptr() % 4):
         mode, (bk, ng) = 0, gemv_tile(cfg, wq, group)  # words need whole words per group slice, 4-byte aligned rows
     return mode, bk, ng
 
