@@ -11,7 +11,8 @@ A file is named ``E={E},N={I},K={H},device_name={device},dtype={dtype}.json`` (d
 program, FMA GEMVs in registers, ``gemv.py``; there ``BLOCK_N`` may be as small as 4 and both GEMMs take
 ``SPLIT_K``, the number of programs that share one tile's K range (GEMM1's then leave fp32 partial sums that GEMM2
 activates as it loads them); ``mma: true`` runs the GEMV's products on
-tensor cores with the weights as the MMA's A operand; ``int4_read``: how the GEMV unpacks int4, one of
+tensor cores with the weights as the MMA's A operand (at least 16 rows: gemm1 BLOCK_N >= 8, gemm2 BLOCK_N >= 16, and
+BLOCK_K >= 32); ``int4_read``: how the GEMV unpacks int4, one of
 ``"words"``, ``"planes"``, ``"subnormal"``, ``"chain"``, ``"bytes"``, ``"words_4d"``, gemv.py; ``reduce_once: true``
 (float, int8 and fp8 GEMVs without mma): products summed per 8 K columns in registers, reduced across threads once
 after the K loop; ``x_vec: true`` (with the planes or
