@@ -54,5 +54,13 @@ class ConfigError(ComposerError):
         return "\n".join([head] + [f"  - {p}" for p in self.problems])
 
 
+class TileConfigError(ConfigError, ValueError):
+    """A tile-config JSON file (shipped, in $COMPOSER_KERNEL_CONFIGS or add_config_dir) that cannot be used: a config
+    problem (exit 2) that names the file."""
+
+    def __init__(self, path: Any, message: str):
+        super().__init__([Problem("tile config file", str(path), message)])
+
+
 class WeightLoadError(ComposerError):
     """A checkpoint tensor that does not fit the parameter it is loaded into."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -333,6 +334,29 @@ def test_config_file_of_a_same_capability_gpu_is_borrowed(tmp_path, monkeypatch)
     for dtype, tuned_on in ((torch.bfloat16, "H100_80GB_HBM3"), ("fp8_w8a8", "H100_80GB_HBM3"), ("int4_w4a16", "H200")):
         c = cfgs.get_config(1, 8, 14336, 4096, 2, dtype, "cpu")
         assert f"device_name=NVIDIA_{tuned_on}," in c["source"], (dtype, c["source"])
+
+
+@pytest.mark.parametrize("text,words", [
+    ("{not json", "cannot be read as JSON"),
+    ("[1, 2]", "must be a JSON object of token counts to entries"),
+    ('{"four": {}}', "key 'four' must be a token count"),
+    ('{"4": 5}', r"\[T=4\] must be an object with BLOCK_M"),
+    ('{"4": {"BLOCK_M": 16, "reduc": "buffer", "gemm1": {"BLOCK_N": 16, "BLOCK_K": 16}, '
+     '"gemm2": {"BLOCK_N": 16, "BLOCK_K": 16}}}', r"unknown keys \['reduc'\].* Did you mean 'reduce'"),
+    ('{"4": {"BLOCK_M": 16, "gemm1": {"BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 0, "num_warps": 3}, '
+     '"gemm2": {"BLOCK_N": 16, "BLOCK_K": 16, "num_stages": 0}}}',
+     r"gemm1.GROUP_M must be an integer >= 1.*gemm1.num_warps must be 1, 2, 4.*gemm2.num_stages must be"),
+])
+def test_malformed_tile_config_file_is_a_config_error_naming_it(text, words, tmp_path, monkeypatch):
+    """Whatever is wrong in a tile-config file, the error is a config problem (exit 2) that names the file and what
+    is wrong, not a traceback from deep inside a forward; GROUP_M = 0 had given garbage, a misspelled key nothing."""
+    from composer.errors import ConfigError
+
+    name = cfgs.config_file_name(2, 8, 16, cfgs.device_name("cpu"), "float16")
+    (tmp_path / name).write_text(text)
+    monkeypatch.setenv(cfgs.ENV_VAR, str(tmp_path))
+    with pytest.raises(ConfigError, match=rf"(?s)tile config file = '.*{re.escape(name)}'.*{words}"):
+        cfgs.get_config(1, 2, 8, 16, 1, torch.float16, "cpu")
 
 
 def test_bad_config_file_names_the_problem(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ entry at that T (the H200's int4 GEMVs up to T = 8-64, where the expert-sorted i
 dequantize).
 Folders searched, first
 match wins: ``$COMPOSER_KERNEL_CONFIGS`` (a folder, or several joined by ``:``), folders added with
-``add_config_dir`` (the ``kernel.config_dir`` key), then the files shipped in ``composer/kernels/configs``.
+``add_config_dir`` (Python API), then the files shipped in ``composer/kernels/configs``.
 
 A GPU with no file of its own name takes a file tuned on another GPU of the same compute capability (the file's
 ``"_capability"`` key, e.g. ``"9.0"``, which ``task=tune`` writes): the same shared memory, registers and
@@ -50,10 +50,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ...errors import TileConfigError, did_you_mean
+
 ENV_VAR = "COMPOSER_KERNEL_CONFIGS"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "configs"
 _extra_dirs: list[Path] = []
 
+# an entry's own keys ("source" is where get_config found it)
+ENTRY_KEYS = ("BLOCK_M", "decode", "reduce", "gemm1", "gemm2", "pdl", "source")
 GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "tma", "SPLIT_K", "mma", "fp8_promote",
              "int4_read", "x_vec", "unroll", "loop_stages", "prefetch", "swap", "reduce_once")
 # gemv.INT4_READS: their codes in this order
@@ -116,6 +120,15 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
             least = 4 if gemv and key == "BLOCK_N" else 16
             if not isinstance(v, int) or v < least or v & (v - 1):
                 problems.append(f"{g}.{key} must be a power of two >= {least}, got {v!r}")
+        gm = sub.get("GROUP_M", 1)
+        if not isinstance(gm, int) or isinstance(gm, bool) or gm < 1:
+            problems.append(f"{g}.GROUP_M must be an integer >= 1 (row blocks grouped per weight tile), got {gm!r}")
+        warps = sub.get("num_warps", 4)
+        if not isinstance(warps, int) or isinstance(warps, bool) or warps not in (1, 2, 4, 8, 16, 32):
+            problems.append(f"{g}.num_warps must be 1, 2, 4, 8, 16 or 32, got {warps!r}")
+        st = sub.get("num_stages", 2)
+        if not isinstance(st, int) or isinstance(st, bool) or st < 1:
+            problems.append(f"{g}.num_stages must be an integer >= 1, got {st!r}")
         promote = sub.get("fp8_promote", 1)
         if not isinstance(promote, int) or isinstance(promote, bool) or promote < 1:
             problems.append(f"{g}.fp8_promote must be an integer >= 1 (K tiles per fp32 promotion), got {promote!r}")
@@ -170,6 +183,10 @@ def validate_entry(entry: dict[str, Any], where: str = "config") -> dict[str, An
     if not isinstance(entry.get("pdl", False), bool) or entry.get("pdl") and not gemv:
         problems.append(f"pdl must be true or false, and true only with decode \"gemv\" (GEMM2's GEMV launched as a "
                         f"programmatic dependent of GEMM1's); got {entry.get('pdl')!r} with decode {decode!r}")
+    unknown = {k for k in entry if not str(k).startswith("_")} - set(ENTRY_KEYS)
+    if unknown:
+        problems.append(f"unknown keys {sorted(unknown)}; allowed: {', '.join(ENTRY_KEYS)} (and notes starting with _)"
+                        + did_you_mean(sorted(unknown)[0], ENTRY_KEYS))
     if entry.get("reduce", "atomic") not in ("atomic", "buffer"):
         problems.append(f"reduce must be 'atomic' or 'buffer', got {entry.get('reduce')!r}")
     if problems:
@@ -182,9 +199,21 @@ def _capability_of(raw: dict[str, Any], f: Path) -> str | None:
     a mistyped one would silently keep the file from the GPUs it was meant for."""
     cap = raw.get("_capability")
     if cap is not None and not (isinstance(cap, str) and re.fullmatch(r"\d+\.\d+", cap)):
-        raise ValueError(f"{f}: _capability must be a string \"major.minor\" such as \"9.0\" (the compute capability "
-                         f"of the GPU it was tuned on), got {cap!r}")
+        raise TileConfigError(f, f"_capability must be a string \"major.minor\" such as \"9.0\" (the compute "
+                                 f"capability of the GPU it was tuned on), got {cap!r}")
     return cap
+
+
+def _read_json(f: Path) -> dict[str, Any]:
+    """A tile-config file's JSON object; anything else is a TileConfigError naming the file."""
+    try:
+        raw = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # (json's errors are ValueErrors)
+        raise TileConfigError(f, f"cannot be read as JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise TileConfigError(f, f"must be a JSON object of token counts to entries ({{\"1\": {{...}}, \"16\": "
+                                 f"{{...}}}}), got a {type(raw).__name__}")
+    return raw
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,9 +221,20 @@ def _load_file(name: str, dirs: tuple[Path, ...]) -> tuple[str, dict[int, dict[s
     for d in dirs:
         f = d / name
         if f.is_file():
-            raw = json.loads(f.read_text())
+            raw = _read_json(f)
             _capability_of(raw, f)
-            table = {int(k): validate_entry(v, f"{f} [T={k}]") for k, v in raw.items() if not k.startswith("_")}
+            table = {}
+            for k, v in raw.items():
+                if k.startswith("_"):  # (notes: _note, _capability)
+                    continue
+                if not k.isdigit():
+                    raise TileConfigError(f, f"key {k!r} must be a token count such as \"16\" (notes start with _)")
+                if not isinstance(v, dict):
+                    raise TileConfigError(f, f"[T={k}] must be an object with BLOCK_M, gemm1, gemm2, ..., got {v!r}")
+                try:
+                    table[int(k)] = validate_entry(v, f"[T={k}]")
+                except ValueError as exc:
+                    raise TileConfigError(f, str(exc)) from None
             return str(f), table
     return None
 
@@ -206,7 +246,7 @@ def _same_capability_file(E: int, N: int, K: int, dtype: str, capability: str,
     pattern = config_file_name(E, N, K, "*", dtype)
     for d in dirs:
         for f in sorted(d.glob(pattern)) if d.is_dir() else ():
-            if _capability_of(json.loads(f.read_text()), f) == capability:
+            if _capability_of(_read_json(f), f) == capability:
                 return _load_file(f.name, (d,))
     return None
 
