@@ -65,18 +65,77 @@ def _compose(config_name: str, overrides: Sequence[str]) -> dict[str, Any]:
     return to_plain(cfg)
 
 
+def _yaml_loader() -> type:
+    """yaml's SafeLoader refusing a key given twice in one mapping (PyYAML keeps the last one, silently)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark, f"the key {key!r} is given twice (also at line "
+                        f"{seen[key].line + 1}); keep one", key_node.start_mark)
+                seen[key] = key_node.start_mark
+            return super().construct_mapping(node, deep)
+
+    return Loader
+
+
 def _load_file(path: Path) -> dict[str, Any]:
+    """A deployment file's mapping; a Hydra ``defaults`` list in it (as conf/deploy's presets have) becomes the
+    group choices it makes, so such a file means here what it means as an overlay."""
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_yaml_loader())  # noqa: S506 - (a SafeLoader)
     except yaml.YAMLError as exc:
         raise ConfigError([Problem("(file)", str(path), f"not valid YAML: {exc}")], str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([Problem("(file)", str(path), f"cannot be read: {exc}")], str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError([Problem("(file)", str(path), "must be a YAML mapping of config sections")], str(path))
+    problems = _defaults_choices(data)
+    model = data.get("model")
+    if isinstance(model, str):  # a preset's name (a model of one's own is a section with its keys)
+        p = check_group_choice("model", model)
+        if p:
+            problems.append(p)
+    if problems:
+        raise ConfigError(problems, str(path))
     return data
+
+
+def _defaults_choices(data: dict[str, Any]) -> list[Problem]:
+    """Turn ``defaults: [override /quant: fp8_w8a8, ...]`` into ``quant: {name: fp8_w8a8, ...}`` in place (the
+    section's own keys kept); the problems of entries that are not such choices."""
+    items = data.pop("defaults", None)
+    if items is None:
+        return []
+    bad = Problem("defaults", items, "a deployment file's defaults list may only choose groups (`- override /quant: "
+                  "fp8_w8a8`, or simply a section `quant: fp8_w8a8`); groups: " + ", ".join(GROUPS))
+    if not isinstance(items, list):
+        return [bad]
+    problems = []
+    for item in items:
+        if item == "_self_":
+            continue
+        key, value = next(iter(item.items())) if isinstance(item, dict) and len(item) == 1 else (None, None)
+        group = str(key).removeprefix("override").strip().lstrip("/") if key is not None else None
+        if group not in GROUPS or not isinstance(value, str):
+            problems.append(Problem("defaults", item, bad.message))
+            continue
+        section = data.get(group)
+        named = section if isinstance(section, str) else section.get("name") if isinstance(section, dict) else None
+        if named is not None and named != value:
+            problems.append(Problem("defaults", item, f"the file also sets {group}: {named}; choose {group} once"))
+        elif isinstance(section, dict):
+            data[group] = {"name": value, **section}
+        else:
+            data[group] = value
+    return problems
 
 
 def _group_default(group: str, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -99,8 +158,6 @@ def _merge_file(base: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     implementation's defaults (conf/<group>/<name>.yaml), not from the previous one's keys."""
     out = dict(base)
     for key, value in data.items():
-        if key == "defaults":
-            continue
         if key in GROUPS and isinstance(value, str):
             value = {"name": value}
         if key in GROUPS and isinstance(value, dict):

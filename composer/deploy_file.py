@@ -149,9 +149,7 @@ def _section_overrides(data: dict[str, Any], chosen: dict[str, set[str]], proble
 
     base = _compose("config", [])  # (a section without a name keeps the default choice's)
     out: list[str] = []
-    for key, value in data.items():
-        if key == "defaults":
-            continue
+    for key, value in data.items():  # (a defaults list is group choices by now: api._load_file)
         if key in GROUPS and isinstance(value, (str, dict)):
             section = {"name": value} if isinstance(value, str) else value
             name = section.get("name")

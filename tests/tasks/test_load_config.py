@@ -116,3 +116,54 @@ def test_api_typo_gets_the_command_lines_message():
     """load_config(None, [...]) gave Hydra's "Could not override ... use +model.top_kk", which leads nowhere."""
     with pytest.raises(ConfigError, match=r"model.top_kk = 1: unknown key; allowed: .* Did you mean 'top_k'\?"):
         load_config(None, ["model.top_kk=1"])
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys; a file that chooses quant twice would silently run the second."""
+    f = write(tmp_path, """
+        model: tiny
+        quant: int8_w8a16
+        quant: none
+    """)
+    with pytest.raises(ConfigError, match=r"(?s)the key 'quant' is given twice \(also at line 3\); keep one"):
+        load_config(f)
+
+
+def test_a_mistyped_model_preset_gets_did_you_mean(tmp_path):
+    with pytest.raises(ConfigError, match=r"model = 'tinyy': no such model config.*Did you mean 'tiny'\?"):
+        load_config(write(tmp_path, "model: tinyy\n"))
+
+
+@pytest.mark.parametrize("name", ["cpu_reference", "h100_bf16"])
+def test_a_deploy_preset_means_the_same_as_a_file_or_an_overlay(name, monkeypatch):
+    """conf/deploy's presets choose groups in a Hydra defaults list; given as a deployment file, that list is read
+    as the same choices (it was dropped, silently running the default kernel and quant)."""
+    from composer.api import CONF_DIR
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # (h100_bf16 chooses kernel=triton; validated here on a CPU)
+    extra = [] if name == "cpu_reference" else ["device=cpu", "model.dtype=float32"]
+    as_file = load_config(CONF_DIR / "deploy" / f"{name}.yaml", extra)
+    as_overlay = load_config(None, [f"+deploy={name}"] + extra)
+    assert as_file.config_hash() == as_overlay.config_hash()
+    assert as_file.kernel.name == ("torch" if name == "cpu_reference" else "triton")
+
+
+@pytest.mark.parametrize("text,words", [
+    ("defaults:\n  - override /quant: int8_w8a16\nquant: {name: none}\n", "the file also sets quant: none; choose "
+                                                                          "quant once"),
+    ("defaults:\n  - foo\n", "a deployment file's defaults list may only choose groups"),
+    ("defaults: {quant: none}\n", "a deployment file's defaults list may only choose groups"),
+])
+def test_a_defaults_list_that_is_not_group_choices_is_refused(text, words, tmp_path):
+    with pytest.raises(ConfigError, match=words):
+        load_config(write(tmp_path, text))
+
+
+def test_a_defaults_list_keeps_the_sections_keys(tmp_path):
+    cfg = load_config(write(tmp_path, """
+        defaults:
+          - _self_
+          - override /quant: int4_w4a16
+        quant: {group_size: 16}
+    """))
+    assert (cfg.quant.name, cfg.quant.params.group_size) == ("int4_w4a16", 16)
