@@ -111,8 +111,10 @@ def _precheck(argv: list[str]) -> None:
 def _exit_config(err: ConfigError) -> None:
     """A config problem found before Hydra runs: composer's message (rank 0 in full, other ranks in one line: usually
     rank 0 prints the same problems; never silent), or the traceback with HYDRA_FULL_ERROR=1; exit 2."""
+    from rich.markup import escape  # (a message quotes values such as [1, 2] or a path d/[a].yaml)
+
     if not _lead_rank():
-        _err.print(f"[red]error[/red] (rank {os.environ.get('RANK')}): {err.one_line()}", highlight=False)
+        _err.print(f"[red]error[/red] (rank {os.environ.get('RANK')}): {escape(err.one_line())}", highlight=False)
         sys.exit(2)
     if _full_error():
         import traceback
@@ -122,7 +124,7 @@ def _exit_config(err: ConfigError) -> None:
         except ConfigError:
             traceback.print_exc()
         sys.exit(2)
-    _err.print(f"[red]error[/red]: {err}", highlight=False)
+    _err.print(f"[red]error[/red]: {escape(str(err))}", highlight=False)
     sys.exit(2)
 
 
@@ -219,10 +221,15 @@ def run_job(dcfg: DictConfig) -> dict[str, Any] | None:
             sys.exit(code)
         rank = f" (rank {job.rank})" if job is not None else "" if lead else f" (rank {os.environ.get('RANK')})"
         if quiet:  # one line: rank 0 prints the same problems in full when it finds them (a rank's own, too)
-            _err.print(f"[red]error[/red]{rank}: {exc.one_line()}", highlight=False)
+            from rich.markup import escape
+
+            _err.print(f"[red]error[/red]{rank}: {escape(exc.one_line())}", highlight=False)
         elif unexpected:
             where = f"recorded in {run_dir / 'results.json'}" if lead else "rank 0 writes results.json"
-            _err.print(f"[red]error[/red]{rank}: unexpected {type(exc).__name__} (above; {where})", highlight=False)
+            from rich.markup import escape
+
+            _err.print(f"[red]error[/red]{rank}: unexpected {type(exc).__name__} (above; {escape(where)})",
+                       highlight=False)
         else:
             from rich.markup import escape  # messages may quote paths like [/a/b.cc:12]
 

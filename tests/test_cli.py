@@ -275,3 +275,15 @@ def test_deploy_file_refuses_what_it_cannot_run_as_written(tmp_path):
         proc = composer(["--deploy-file", str(f), *args, "task=show"], tmp_path)
         assert proc.returncode == 2 and says in proc.stderr and f"f{i}.yaml" in proc.stderr, proc.stderr[-800:]
         assert "Traceback" not in proc.stderr
+
+
+def test_errors_keep_bracketed_text(tmp_path):
+    """Errors print through rich: a message's [all] or a file named d/[x].yaml must not be read as markup (and
+    vanish) in the problems reported before Hydra runs."""
+    proc = composer(["task=show", "custom_ops=all"], tmp_path)
+    assert proc.returncode == 2 and "must be a list such as [all], [none, +silu_and_mul]" in proc.stderr, proc.stderr
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "[x].yaml").write_text("model: {top_kk: 1}\n")
+    proc = composer(["--deploy-file", str(d / "[x].yaml")], tmp_path)
+    assert proc.returncode == 2 and f"in {d / '[x].yaml'}: 1 problem" in proc.stderr, proc.stderr
