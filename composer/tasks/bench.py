@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable
 
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from ..layers.activation import act_and_mul
 from ..layers.modular_kernel import ExpertWeights
@@ -56,8 +56,21 @@ class BenchParams(TaskParams):
                           "a model whose other layers run in between (CUDA only)")
     peers: bool = Field(True, description="also time transformers' Qwen3MoeExperts and the torch reference")
     accuracy: bool = Field(True, description="relative Frobenius error vs a float32 reference")
-    json_file: str = "bench.json"
-    markdown_file: str = "bench.md"
+    json_file: str = Field("bench.json", description="the JSON table's file name, written in the run folder")
+    markdown_file: str = Field("bench.md", description="the markdown table's file name, written in the run folder")
+
+    @field_validator("json_file", "markdown_file")
+    @classmethod
+    def _a_file_name(cls, v: str, info: ValidationInfo) -> str:
+        """Checked before anything is measured: a path the run folder cannot take (sub/x.json, /abs/x.json, '.')
+        failed only after the whole benchmark, and composer's own files would be overwritten."""
+        if not v or v in (".", "..") or "/" in v or "\\" in v:
+            raise ValueError(f"must be a file name in the run folder, such as bench.json (no folders), got {v!r}")
+        if v in ("results.json", "config.resolved.yaml"):
+            raise ValueError(f"{v} is the run's own record; choose another name")
+        if info.field_name == "markdown_file" and v == info.data.get("json_file"):
+            raise ValueError("is task.json_file too: the markdown would overwrite the JSON; give them different names")
+        return v
 
 
 # ----------------------------------------------------------------------------------------------

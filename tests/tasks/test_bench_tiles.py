@@ -85,3 +85,21 @@ def test_clocks_line_lists_each_t():
     assert clocks_line(result, "composer triton") == (
         "SM clock (MHz, of 1980) right after composer triton's graph replays: T = 1 1980, T = 4096 1710 (power cap).")
     assert clocks_line(result, "composer torch") is None
+
+
+def test_bench_output_file_names_are_checked_before_anything_runs():
+    """task.json_file / task.markdown_file are file names in the run folder: a folder in the name failed only after
+    the whole benchmark (losing it), and equal names or results.json overwrote a file."""
+    import pytest
+
+    from composer import load_config
+    from composer.errors import ConfigError
+
+    for override, words in (("task.json_file=sub/b.json", "must be a file name in the run folder"),
+                            ("task.json_file=/abs/b.json", "must be a file name in the run folder"),
+                            ("task.markdown_file=.", "must be a file name in the run folder"),
+                            ("task.json_file=results.json", "results.json is the run's own record"),
+                            ("task.markdown_file=bench.json", "is task.json_file too")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(None, ["task=bench", override])
+    assert load_config(None, ["task=bench", "task.json_file=mine.json"]).task.params.json_file == "mine.json"
