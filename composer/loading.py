@@ -109,11 +109,12 @@ def load_checkpoint(model: nn.Module, source: str | Path | Iterable[str | Path],
 
 
 def _once(filled: dict[str, set], param: str, part: Any, key: str) -> None:
-    """Refuse a second copy of the same weights (packed and per expert, or twice): the later key would win, silently."""
+    """Refuse a second copy of the same weights (packed and per expert, under composer's name and the HF one, or in
+    two files): the later key would win, silently."""
     got = filled.get(param, set())
     if part in got or (part == "all" and got) or (part != "all" and "all" in got):
         raise WeightLoadError(f"{key}: the checkpoint holds {param} {'' if part == 'all' else f'(expert {part[0]}, shard {part[1]}) '}"
-                              "twice (packed and per expert, or in two files); keep one copy")
+                              "twice (packed and per expert, under two names, or in two files); keep one copy")
 
 
 def _open(path: Path) -> Any:
@@ -168,6 +169,7 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
                     if name not in params:
                         unexpected.append(key)
                         continue
+                    _once(filled, name, "all", key)  # (e.g. under its own name and the HF one, or in two files)
                     if getattr(params[name], "tp_shard", None) is not None:  # tensor parallelism: read the slice
                         from .distributed.tp import read_sharded
 

@@ -181,3 +181,18 @@ def test_init_false_needs_every_weight_even_when_not_strict(tmp_path, compose):
         load_checkpoint(build(cfg, init=False), tmp_path / "part.safetensors", strict=False)
     seeded = build(cfg)  # init=True: strict=False keeps the seeded weights where the checkpoint has none
     load_checkpoint(seeded, tmp_path / "part.safetensors", strict=False)
+
+
+def test_two_copies_of_a_non_expert_tensor_are_refused(tmp_path, compose):
+    """A norm (or router) weight in two files, or under composer's name and the HF one: the later one won silently,
+    even with strict=True; expert tensors were already refused."""
+    import composer
+
+    cfg = compose("model.num_layers=1")
+    sd = load_file(str(save_checkpoint(composer.build(cfg), tmp_path / "a")))
+    norm = next(k for k in sd if k.endswith("norm.weight"))
+    (tmp_path / "two").mkdir()
+    save_file(sd, str(tmp_path / "two" / "model-00001.safetensors"))
+    save_file({norm: sd[norm] * 2}, str(tmp_path / "two" / "model-00002.safetensors"))
+    with pytest.raises(WeightLoadError, match=rf"{norm}: the checkpoint holds {norm} twice"):
+        load_checkpoint(composer.build(cfg, init=False), tmp_path / "two")
