@@ -30,16 +30,30 @@ def check_group_choice(group: str, value: str) -> Problem | None:
 _REGISTRY_GROUPS = ("kernel", "layer", "quant", "all2all", "task")
 
 
+def model_name_problem(value: Any, chosen: str | None) -> Problem | None:
+    """``model.name=olmoe`` only relabels the chosen preset (tiny's sizes would run under olmoe's name): refused
+    where the label is another preset's name, with the group choice that picks that preset."""
+    if not isinstance(value, str) or value == (chosen or "tiny") or not (CONF_DIR / "model" / f"{value}.yaml").is_file():
+        return None
+    return Problem("model.name", value, f"model.name only labels the model (here {chosen or 'tiny'}'s sizes); "
+                   f"model={value} chooses the {value} preset")
+
+
 def _compose(config_name: str, overrides: Sequence[str]) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
     problems = []
+    chosen_model = next((o.partition("=")[2] for o in overrides if o.partition("=")[0] == "model"), None)
     for o in overrides:
         key, _, value = o.partition("=")
         if key in GROUPS and value and "," not in value:
             p = check_group_choice(key, value)
+            if p:
+                problems.append(p)
+        if key.lstrip("+") == "model.name":
+            p = model_name_problem(value, chosen_model)
             if p:
                 problems.append(p)
     if problems:

@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 from rich.console import Console
 
-from .api import CONF_DIR, GROUPS, check_group_choice
+from .api import CONF_DIR, GROUPS, check_group_choice, model_name_problem
 from .config import to_plain, validate_config
 from .errors import ComposerError, ConfigError, Problem
 from .registry import TASKS
@@ -85,7 +85,14 @@ def _precheck(argv: list[str]) -> None:
         if len(values) > 1:
             problems.append(Problem(f"+{key}", values, f"one +{key}= per run: its files each set a whole "
                                     f"deployment; pick one and override single keys on top of it"))
+    chosen_model = next((str(o.value()) for o in overrides if o.key_or_group == "model" and o.package is None
+                         and not o.is_sweep_override() and not o.is_delete()), None)
     for o in overrides:
+        if o.key_or_group == "model.name" and not o.is_delete():
+            for v in (o.sweep_string_iterator() if o.is_sweep_override() else [o.value()]):
+                p = model_name_problem(v, chosen_model)
+                if p:
+                    problems.append(p)
         if o.is_sweep_override() and not multirun and not o.key_or_group.startswith("hydra"):
             values = ",".join(str(v) for v in o.sweep_string_iterator())
             problems.append(Problem(o.key_or_group, values, f"several values sweep: add -m (composer -m "

@@ -287,3 +287,16 @@ def test_errors_keep_bracketed_text(tmp_path):
     (d / "[x].yaml").write_text("model: {top_kk: 1}\n")
     proc = composer(["--deploy-file", str(d / "[x].yaml")], tmp_path)
     assert proc.returncode == 2 and f"in {d / '[x].yaml'}: 1 problem" in proc.stderr, proc.stderr
+
+
+def test_model_name_of_another_preset_is_refused(tmp_path):
+    """model.name only labels the model: model.name=olmoe ran tiny's sizes under olmoe's name; model=olmoe picks it."""
+    proc = composer(["task=show", "model.name=olmoe"], tmp_path)
+    assert proc.returncode == 2 and "model=olmoe chooses the olmoe preset" in proc.stderr, proc.stderr
+    from composer import load_config
+    from composer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.name only labels the model"):
+        load_config(None, ["model.name=olmoe"])
+    assert load_config(None, ["model.name=my_label"]).model.name == "my_label"  # (a label of one's own)
+    assert load_config(None, ["model=olmoe", "model.name=olmoe"]).model.num_experts == 64
