@@ -62,6 +62,18 @@ def _multirun(argv: list[str]) -> bool:
                                        for a in argv)
 
 
+def _sweep_params(f: Path) -> list[str]:
+    """The keys an experiment overlay sweeps (its hydra.sweeper.params)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(f.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    params = ((data.get("hydra") or {}).get("sweeper") or {}).get("params") if isinstance(data, dict) else None
+    return list(params) if isinstance(params, dict) else []
+
+
 def _precheck(argv: list[str]) -> None:
     """Unknown group choices (``quant=fp9``) get composer's message and exit code 2, before Hydra runs."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -81,6 +93,13 @@ def _precheck(argv: list[str]) -> None:
     for o in overrides:
         if o.is_add() and (CONF_DIR / o.key_or_group).is_dir():
             overlays.setdefault(o.key_or_group, []).append(str(o.value()))
+    for name in overlays.get("experiment", []) if not multirun else []:  # (without -m Hydra runs one job and
+        # ignores the experiment's sweep, silently)
+        f = CONF_DIR / "experiment" / f"{name}.yaml"
+        params = _sweep_params(f) if f.is_file() else None
+        if params:
+            problems.append(Problem("+experiment", name, f"this experiment sweeps {', '.join(params)}: add -m "
+                                    f"(composer -m +experiment={name}) to run its jobs"))
     for key, values in overlays.items():  # (Hydra: "Multiple values for deploy", exit 1)
         if len(values) > 1:
             problems.append(Problem(f"+{key}", values, f"one +{key}= per run: its files each set a whole "

@@ -300,3 +300,9 @@ def test_model_name_of_another_preset_is_refused(tmp_path):
         load_config(None, ["model.name=olmoe"])
     assert load_config(None, ["model.name=my_label"]).model.name == "my_label"  # (a label of one's own)
     assert load_config(None, ["model=olmoe", "model.name=olmoe"]).model.num_experts == 64
+
+
+def test_an_experiment_that_sweeps_needs_m(tmp_path):
+    """Without -m Hydra ran one job and ignored the experiment's sweep silently, as a key=a,b override would."""
+    proc = composer(["+experiment=cpu_smoke"], tmp_path)
+    assert proc.returncode == 2 and "this experiment sweeps quant, model.top_k: add -m" in proc.stderr, proc.stderr
