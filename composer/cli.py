@@ -80,10 +80,21 @@ def _precheck(argv: list[str]) -> None:
 
     problems = []
     args = [a for a in argv if not a.startswith("-") and "=" in a and not a.startswith("hydra")]
+    parser = OverridesParser.create()
     try:
-        overrides = OverridesParser.create().parse_overrides(args)
-    except Exception:  # let Hydra report its own syntax errors
-        return
+        overrides = parser.parse_overrides(args)
+    except Exception:  # Hydra's syntax error, as a config problem (exit 2) naming each override it cannot read
+        bad = []
+        for arg in args:
+            try:
+                parser.parse_overrides([arg])
+            except Exception as exc:  # noqa: BLE001 - (Hydra raises several types)
+                said = " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip() and "hydra.cc" not in ln)
+                bad.append(Problem("override", arg, f"{said} (Hydra's override grammar: https://hydra.cc/docs/"
+                                   "advanced/override_grammar/basic; quote a value that holds brackets or commas)"))
+        if not bad:
+            return  # (let Hydra say it)
+        _exit_config(ConfigError(bad, "command line"))
     multirun = _multirun(argv)
     if multirun and _under_torchrun():
         problems.append(Problem("-m", f"under torchrun (WORLD_SIZE={os.environ.get('WORLD_SIZE')})", "a sweep under torchrun is not supported (the ranks "

@@ -306,3 +306,10 @@ def test_an_experiment_that_sweeps_needs_m(tmp_path):
     """Without -m Hydra ran one job and ignored the experiment's sweep silently, as a key=a,b override would."""
     proc = composer(["+experiment=cpu_smoke"], tmp_path)
     assert proc.returncode == 2 and "this experiment sweeps quant, model.top_k: add -m" in proc.stderr, proc.stderr
+
+
+def test_an_override_hydra_cannot_parse_is_a_config_problem(tmp_path):
+    """A malformed override exits 2 like every config problem (Hydra's own error exited 1), naming it."""
+    proc = composer(["task=show", "model.top_k=[1,2"], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "override = 'model.top_k=[1,2': no viable alternative at input '[1,2'" in proc.stderr, proc.stderr
