@@ -24,6 +24,12 @@ from .kernels.reference import oracle_experts
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
 
 
+def exceeds(err: float | None, tol: float) -> bool:
+    """Whether a measured error fails its tolerance: NaN fails (``nan > tol`` is False, so a check written that way
+    passed an all-NaN output); None means not measured."""
+    return err is not None and not err <= tol
+
+
 def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     """||got - ref||_F / ||ref||_F in float64 (0 for two empty tensors)."""
     ref64 = ref.double()

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from rich.table import Table
 
-from ..checking import TOLERANCE, rel_error
+from ..checking import TOLERANCE, exceeds, rel_error
 from ..tasks import TaskContext, TaskFailed
 from ..tasks.common import checksum
 
@@ -194,17 +194,17 @@ def check(cfg: Any, ctx: TaskContext, p: Any) -> dict[str, Any]:
 
     failures = []
     judged_err = replayed_err if replay else logits_err
-    if bound is None and judged_err > tol:
+    if bound is None and exceeds(judged_err, tol):
         failures.append(f"logits rel. error {judged_err:.3e} > tolerance {tol:.3g}"
                         + (" (reference replaying composer's routing)" if replay else ""))
     for name, e in layer_errs.items():
-        if e["hf_rel_err"] > (tol if bound is None else bound):
+        if exceeds(e["hf_rel_err"], tol if bound is None else bound):
             failures.append(f"{name}: rel. error vs the Hugging Face module {e['hf_rel_err']:.3e} > "
                             + (f"tolerance {tol:.3g}" if bound is None else f"documented quantization bound {bound:.3g}"))
         if "oracle_rel_err" not in e:  # (every swap records it: a quantized check leans on it)
             failures.append(f"{name}: composer's experts were not compared with the float64 oracle (their "
                             f"inputs were not captured); nothing checks them to kernel rounding")
-        elif e["oracle_rel_err"] > tol:
+        elif exceeds(e["oracle_rel_err"], tol):
             failures.append(f"{name}: rel. error vs composer's float64 oracle {e['oracle_rel_err']:.3e} > tolerance {tol:.3g}")
     if bound is None and cfg.model.dtype == "float32" and prefix != GENERATE_TOKENS:
         failures.append(f"greedy generation differs from token {prefix} on: "

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..checking import TOLERANCE, oracle_layer, oracle_model, rel_error
+from ..checking import TOLERANCE, exceeds, oracle_layer, oracle_model, rel_error
 
 
 def _unquantized_cfg(cfg: Any) -> Any:
@@ -81,10 +81,10 @@ def failures(m: dict[str, Any], bound: float | None, console: Any = None) -> lis
     out = []
     for name, s in m["layers"].items():
         e = s.get("experts_rel_err_unquantized")
-        if e is not None and e > bound:
+        if exceeds(e, bound):
             out.append(f"{name}: experts rel. error vs the unquantized oracle {e:.3e} > documented bound {bound:.3g}")
     e = m.get("output_rel_err_unquantized")
-    if e is not None and e > bound:
+    if exceeds(e, bound):
         out.append(f"output rel. error vs the unquantized oracle {e:.3e} > documented bound {bound:.3g}")
     if e is None and not any("experts_rel_err_unquantized" in s for s in m["layers"].values()):
         return out  # (not compared: task.unquantized_oracle=false)

@@ -5,7 +5,7 @@ from typing import Any
 
 from pydantic import Field
 
-from ..checking import TOLERANCE
+from ..checking import TOLERANCE, exceeds
 from ..registry import LAYERS
 from . import Task, TaskContext, TaskFailed, TaskParams, register_task
 from .run import RunParams, run_and_report
@@ -36,28 +36,28 @@ class Check(Task):
         m = run_and_report(cfg, ctx, p, f"composer check: {cfg.model.name}", tolerance=out_tol)
         failures = []
         for name, s in m["layers"].items():
-            if s["experts_rel_err"] > layer_tol:
+            if exceeds(s["experts_rel_err"], layer_tol):
                 failures.append(f"{name}: experts rel. error {s['experts_rel_err']:.3e} > {layer_tol:.3g}")
-            if s.get("ep_vs_single_rel_err", 0.0) > tol:  # expert parallelism: vs the single-rank layer, same inputs
+            if exceeds(s.get("ep_vs_single_rel_err"), tol):  # expert parallelism: vs the single-rank layer, same inputs
                 failures.append(f"{name}: expert-parallel output differs from the single-rank output by "
                                 f"{s['ep_vs_single_rel_err']:.3e} > {tol:.3g}")
-            if s.get("tp_vs_single_rel_err", 0.0) > tol:  # tensor parallelism: vs the single-rank layer, same inputs
+            if exceeds(s.get("tp_vs_single_rel_err"), tol):  # tensor parallelism: vs the single-rank layer, same inputs
                 failures.append(f"{name}: tensor-parallel output differs from the single-rank output by "
                                 f"{s['tp_vs_single_rel_err']:.3e} > {tol:.3g}")
-            if s.get("router_choice_gap", 0.0) > p.choice_margin:
+            if exceeds(s.get("router_choice_gap"), p.choice_margin):
                 failures.append(f"{name}: router chose an expert {s['router_choice_gap']:.3e} below the k-th best score")
-            if s.get("router_weight_err", 0.0) > max(tol, 1e-6) * 10:
+            if exceeds(s.get("router_weight_err"), max(tol, 1e-6) * 10):
                 failures.append(f"{name}: router weights differ from float64 by {s['router_weight_err']:.3e}")
-        if m["output_rel_err"] is not None and m["output_rel_err"] > out_tol:
+        if exceeds(m["output_rel_err"], out_tol):
             failures.append(f"output rel. error {m['output_rel_err']:.3e} > tolerance {out_tol:.3g}")
         failures += quant_failures(m, quant_bound, ctx.console)
         if "mode" in m:  # compile / cuda_graph: that run vs the oracle replaying its own routing
-            if (m["mode_output_rel_err"] or 0.0) > out_tol:
+            if exceeds(m["mode_output_rel_err"], out_tol):
                 failures.append(f"{m['mode']}: output rel. error {m['mode_output_rel_err']:.3e} > tolerance {out_tol:.3g}")
             for name, s in m["mode_layers"].items():
-                if s["experts_rel_err"] > layer_tol:
+                if exceeds(s["experts_rel_err"], layer_tol):
                     failures.append(f"{m['mode']}: {name}: experts rel. error {s['experts_rel_err']:.3e} > {layer_tol:.3g}")
-                if s.get("router_choice_gap", 0.0) > p.choice_margin:
+                if exceeds(s.get("router_choice_gap"), p.choice_margin):
                     failures.append(f"{m['mode']}: {name}: router chose an expert {s['router_choice_gap']:.3e} "
                                     "below the k-th best score")
         m["tolerance"], m["layer_tolerance"] = out_tol, layer_tol  # what the output and each layer were held to
