@@ -99,6 +99,9 @@ def load(layer, owner: str, rest: str, key: str, f: Any, report: Any, filled: di
     if layer.quant_state == "unprocessed":
         layer.quant_state = "prequantized"
         layer.quant_loaded = set()
+    if rest in layer.quant_loaded:  # (as composer.loading refuses float copies: the later one would win, silently)
+        raise WeightLoadError(f"{key}: the checkpoint holds {owner}.{rest} twice (in two files, or under two names); "
+                              "keep one copy")
     sl = f.get_slice(key)
     shape = tuple(sl.get_shape())
     name = f"{owner}.{rest}"

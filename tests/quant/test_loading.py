@@ -199,3 +199,15 @@ def test_a_misnamed_scale_is_shown_beside_the_missing_one(tmp_path, compose):
     with pytest.raises(WeightLoadError, match=r"lacks layers.0.mlp.experts.w13_weight_scale.*matched nothing: "
                                               r"model.layers.0.mlp.experts.w13_weight_scale"):
         load_checkpoint(build(cfg, init=False), path, strict=False)
+
+
+def test_a_quantized_tensor_in_two_files_is_refused(tmp_path, compose):
+    """A scale in two files: the later one won silently (float copies were already refused)."""
+    cfg = compose(*CASES["fp8_block"][0], *SMALL)
+    sd = load_file(str(save_checkpoint(build(cfg), tmp_path / "a")))
+    (tmp_path / "two").mkdir()
+    save_file(sd, str(tmp_path / "two" / "model-00001.safetensors"))
+    save_file({P + "w13_weight_scale_inv": sd[P + "w13_weight_scale_inv"] * 2},
+              str(tmp_path / "two" / "model-00002.safetensors"))
+    with pytest.raises(WeightLoadError, match=rf"holds {P}w13_weight_scale_inv twice .*; keep one copy"):
+        load_checkpoint(build(cfg, init=False), tmp_path / "two")
