@@ -199,7 +199,7 @@ def collect(root: Path, show_progress: bool = True) -> list[RunRecord]:
         config = doc.get("config") if isinstance(doc.get("config"), dict) else {}
         overrides = doc.get("overrides") if isinstance(doc.get("overrides"), list) else _read_overrides(run_dir)
         records.append(RunRecord(
-            rel, str(doc.get("status") or "unknown"), task=doc.get("task"), error=doc.get("error"),
+            rel, str(doc.get("status") or "unknown"), task=_text(doc.get("task")), error=_text(doc.get("error")),
             overrides=dict(parse_override(str(o)) for o in overrides), metrics=flatten(metrics),
             config=flatten(config), doc=doc,
             rows=normalize_rows(metrics, config, doc.get("resolved") if isinstance(doc.get("resolved"), dict) else None)))
@@ -269,6 +269,11 @@ def fmt(v: Any) -> str:
 
 def _md_cell(v: Any) -> str:
     return fmt(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _text(v: Any) -> str | None:
+    """A results.json field shown as text (a hand-edited or foreign file may hold a number or a mapping there)."""
+    return v if v is None or isinstance(v, str) else json.dumps(v, default=str)
 
 
 def _first_line(s: str | None, n: int = 120) -> str:
@@ -486,10 +491,15 @@ class Report(Task):
         all_metrics: list[str] = []
         for r in records:
             all_metrics += [k for k in r.metrics if k not in all_metrics]
-        csv_header = ["run", *keys, "status", "task", *all_metrics, "error", "config_hash", "device_name", "finished_at"]
-        csv_body = [[r.path, *(key_value(r, k) for k in keys), r.status, r.task, *(r.metrics.get(m) for m in all_metrics),
-                     r.error, r.doc.get("config_hash"), r.doc.get("device_name"), r.doc.get("finished_at")]
-                    for r in records]
+        # (a chosen column already in the table, such as a swept `task` or a metric, is not written twice: a CSV
+        # reader keeps one of two equal names)
+        extra = [("status", lambda r: r.status), ("task", lambda r: r.task),
+                 *((m, lambda r, m=m: r.metrics.get(m)) for m in all_metrics),
+                 ("error", lambda r: r.error), ("config_hash", lambda r: r.doc.get("config_hash")),
+                 ("device_name", lambda r: r.doc.get("device_name")), ("finished_at", lambda r: r.doc.get("finished_at"))]
+        extra = [(c, get) for c, get in extra if c not in keys and c != "run"]
+        csv_header = ["run", *keys, *(c for c, _ in extra)]
+        csv_body = [[r.path, *(key_value(r, k) for k in keys), *(get(r) for _, get in extra)] for r in records]
         write_csv(out / "report.csv", csv_header, csv_body)
         files = ["report.md", "report.csv"]
         if any(r.rows for r in records):

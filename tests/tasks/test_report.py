@@ -298,3 +298,25 @@ def test_newest_sweep_is_the_one_whose_jobs_ran_last(tmp_path):
         os.utime(sweep / "0/results.json", (1000 + i, 1000 + i))
     (old / "report").mkdir()  # (the directory's own time is now the latest)
     assert _newest_sweep(tmp_path) == new
+
+
+def test_a_swept_task_and_an_odd_error_field(tmp_path):
+    """A sweep over task= put two `task` columns in report.csv (a CSV reader kept one); a results.json whose error
+    is a mapping (hand-edited, or another tool's) crashed the report."""
+    import csv
+
+    root = tmp_path / "sweep"
+    write_run(root / "0", ["task=run", "model.top_k=1"], {"output_rel_err": 1e-3})
+    write_run(root / "1", ["task=check", "model.top_k=1"], {"output_rel_err": 2e-3, "passed": True})
+    write_run(root / "2", ["task=check", "model.top_k=2"], {}, status="failed")
+    doc = json.loads((root / "2" / "results.json").read_text())
+    doc["error"] = {"type": "X", "msg": "boom"}
+    (root / "2" / "results.json").write_text(json.dumps(doc))
+    m, text = run_report([f"report.dir={root}"])
+    assert '{"type": "X", "msg": "boom"}' in text
+    with open(root / "report" / "report.csv") as f:
+        header = next(csv.reader(f))
+    assert header.count("task") == 1 and header.count("output_rel_err") == 1 and len(header) == len(set(header))
+    with open(root / "report" / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["task"] for r in rows] == ["run", "check", "check"]
