@@ -30,7 +30,30 @@ def check_group_choice(group: str, value: str) -> Problem | None:
 _REGISTRY_GROUPS = ("kernel", "layer", "quant", "all2all", "task")
 
 
-def model_name_problem(value: Any, chosen: str | None) -> Problem | None:
+def choice_problems(choices: Sequence[tuple[str, Sequence[Any]]]) -> list[Problem]:
+    """The problems of the overrides' group choices (``quant=fp9``) and of ``model.name`` set to another preset's
+    name, from (key, values) pairs (several values in a sweep): the command line's and load_config's one check."""
+    chosen_model = next((str(v[0]) for k, v in choices if k == "model" and len(v) == 1), None)
+    problems = []
+    for key, values in choices:
+        for v in values:
+            if key in GROUPS and isinstance(v, str):
+                p = check_group_choice(key, v)
+            elif key.lstrip("+") == "model.name":
+                p = _model_name_problem(v, chosen_model)
+            else:
+                p = None
+            if p:
+                problems.append(p)
+    return problems
+
+
+def defaults_group(key: Any) -> str:
+    """The group a defaults-list entry chooses: ``override /quant`` -> ``quant``."""
+    return str(key).removeprefix("override").strip().lstrip("/")
+
+
+def _model_name_problem(value: Any, chosen: str | None) -> Problem | None:
     """``model.name=olmoe`` only relabels the chosen preset (tiny's sizes would run under olmoe's name): refused
     where the label is another preset's name, with the group choice that picks that preset."""
     if not isinstance(value, str) or value == (chosen or "tiny") or not (CONF_DIR / "model" / f"{value}.yaml").is_file():
@@ -44,18 +67,7 @@ def _compose(config_name: str, overrides: Sequence[str]) -> dict[str, Any]:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
-    problems = []
-    chosen_model = next((o.partition("=")[2] for o in overrides if o.partition("=")[0] == "model"), None)
-    for o in overrides:
-        key, _, value = o.partition("=")
-        if key in GROUPS and value and "," not in value:
-            p = check_group_choice(key, value)
-            if p:
-                problems.append(p)
-        if key.lstrip("+") == "model.name":
-            p = model_name_problem(value, chosen_model)
-            if p:
-                problems.append(p)
+    problems = choice_problems([(k, [v]) for k, _, v in (o.partition("=") for o in overrides) if v and "," not in v])
     if problems:
         raise ConfigError(problems, "overrides")
     if GlobalHydra.instance().is_initialized():
@@ -137,7 +149,7 @@ def _defaults_choices(data: dict[str, Any]) -> list[Problem]:
         if item == "_self_":
             continue
         key, value = next(iter(item.items())) if isinstance(item, dict) and len(item) == 1 else (None, None)
-        group = str(key).removeprefix("override").strip().lstrip("/") if key is not None else None
+        group = defaults_group(key) if key is not None else None
         if group not in GROUPS or not isinstance(value, str):
             problems.append(Problem("defaults", item, bad.message))
             continue

@@ -12,10 +12,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.markup import escape  # (messages quote values such as [1, 2] and paths such as d/[a].yaml)
 
-from .api import CONF_DIR, GROUPS, check_group_choice, model_name_problem
+from .api import CONF_DIR, GROUPS, choice_problems
 from .config import to_plain, validate_config
 from .errors import ComposerError, ConfigError, Problem
+from .launchers import launcher_problems, overlay_sweeps
 from .registry import TASKS
 from .results import write_results
 
@@ -62,18 +64,6 @@ def _multirun(argv: list[str]) -> bool:
                                        for a in argv)
 
 
-def _sweep_params(f: Path) -> list[str]:
-    """The keys an experiment overlay sweeps (its hydra.sweeper.params)."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(f.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return []
-    params = ((data.get("hydra") or {}).get("sweeper") or {}).get("params") if isinstance(data, dict) else None
-    return list(params) if isinstance(params, dict) else []
-
-
 def _precheck(argv: list[str]) -> None:
     """Unknown group choices (``quant=fp9``) get composer's message and exit code 2, before Hydra runs."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -106,8 +96,7 @@ def _precheck(argv: list[str]) -> None:
             overlays.setdefault(o.key_or_group, []).append(str(o.value()))
     for name in overlays.get("experiment", []) if not multirun else []:  # (without -m Hydra runs one job and
         # ignores the experiment's sweep, silently)
-        f = CONF_DIR / "experiment" / f"{name}.yaml"
-        params = _sweep_params(f) if f.is_file() else None
+        params = overlay_sweeps("experiment", name)
         if params:
             problems.append(Problem("+experiment", name, f"this experiment sweeps {', '.join(params)}: add -m "
                                     f"(composer -m +experiment={name}) to run its jobs"))
@@ -115,29 +104,16 @@ def _precheck(argv: list[str]) -> None:
         if len(values) > 1:
             problems.append(Problem(f"+{key}", values, f"one +{key}= per run: its files each set a whole "
                                     f"deployment; pick one and override single keys on top of it"))
-    chosen_model = next((str(o.value()) for o in overrides if o.key_or_group == "model" and o.package is None
-                         and not o.is_sweep_override() and not o.is_delete()), None)
+    choices = []
     for o in overrides:
-        if o.key_or_group == "model.name" and not o.is_delete():
-            for v in (o.sweep_string_iterator() if o.is_sweep_override() else [o.value()]):
-                p = model_name_problem(v, chosen_model)
-                if p:
-                    problems.append(p)
         if o.is_sweep_override() and not multirun and not o.key_or_group.startswith("hydra"):
             values = ",".join(str(v) for v in o.sweep_string_iterator())
             problems.append(Problem(o.key_or_group, values, f"several values sweep: add -m (composer -m "
                                     f"{o.key_or_group}={values} ...) to run one job each"))
             continue
-        if o.key_or_group not in GROUPS or o.package is not None or o.is_delete():
-            continue
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
-        for v in values:
-            if isinstance(v, str):
-                p = check_group_choice(o.key_or_group, v)
-                if p:
-                    problems.append(p)
-    from .launchers import launcher_problems
-
+        if (o.key_or_group in GROUPS or o.key_or_group == "model.name") and o.package is None and not o.is_delete():
+            choices.append((o.key_or_group, list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]))
+    problems += choice_problems(choices)
     problems += launcher_problems(argv)  # +deploy=typo, or hydra/launcher=slurm without its plugin installed
     if not problems:
         problems = _unknown_keys(overrides)
@@ -148,8 +124,6 @@ def _precheck(argv: list[str]) -> None:
 def _exit_config(err: ConfigError) -> None:
     """A config problem found before Hydra runs: composer's message (rank 0 in full, other ranks in one line: usually
     rank 0 prints the same problems; never silent), or the traceback with HYDRA_FULL_ERROR=1; exit 2."""
-    from rich.markup import escape  # (a message quotes values such as [1, 2] or a path d/[a].yaml)
-
     if not _lead_rank():
         _err.print(f"[red]error[/red] (rank {os.environ.get('RANK')}): {escape(err.one_line())}", highlight=False)
         sys.exit(2)
@@ -258,18 +232,12 @@ def run_job(dcfg: DictConfig) -> dict[str, Any] | None:
             sys.exit(code)
         rank = f" (rank {job.rank})" if job is not None else "" if lead else f" (rank {os.environ.get('RANK')})"
         if quiet:  # one line: rank 0 prints the same problems in full when it finds them (a rank's own, too)
-            from rich.markup import escape
-
             _err.print(f"[red]error[/red]{rank}: {escape(exc.one_line())}", highlight=False)
         elif unexpected:
             where = f"recorded in {run_dir / 'results.json'}" if lead else "rank 0 writes results.json"
-            from rich.markup import escape
-
             _err.print(f"[red]error[/red]{rank}: unexpected {type(exc).__name__} (above; {escape(where)})",
                        highlight=False)
         else:
-            from rich.markup import escape  # messages may quote paths like [/a/b.cc:12]
-
             _err.print(f"[red]error[/red]{rank}: {escape(message)}", highlight=False)
         if sweeping:  # the other jobs still run; the sweep exits with the worst code at the end
             _failures.append(code)

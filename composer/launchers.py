@@ -45,25 +45,38 @@ def launcher_problem(name: str) -> Problem | None:
                    f"or drop hydra/launcher={name} to run the sweep on this machine")
 
 
-def _launcher_in_file(group: str, name: str) -> str | None:
-    """``override hydra/launcher: X`` in the defaults list of conf/<group>/<name>.yaml (an experiment, say)."""
+def _overlay(group: str, name: str) -> dict:
+    """conf/<group>/<name>.yaml as a mapping ({} when missing or unreadable: other checks name those)."""
     from .api import CONF_DIR
 
     f = CONF_DIR / group / f"{name}.yaml"
     if not f.is_file():
-        return None
+        return {}
     import yaml
 
     try:
         data = yaml.safe_load(f.read_text()) or {}
-    except yaml.YAMLError:
-        return None
-    for entry in data.get("defaults", []) if isinstance(data, dict) else []:
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _launcher_in_file(group: str, name: str) -> str | None:
+    """``override hydra/launcher: X`` in the defaults list of conf/<group>/<name>.yaml (an experiment, say)."""
+    from .api import defaults_group
+
+    for entry in _overlay(group, name).get("defaults", []):
         if isinstance(entry, dict):
             for k, v in entry.items():
-                if str(k).replace("override", "").strip().lstrip("/") == "hydra/launcher" and isinstance(v, str):
+                if defaults_group(k) == "hydra/launcher" and isinstance(v, str):
                     return v
     return None
+
+
+def overlay_sweeps(group: str, name: str) -> list[str]:
+    """The keys conf/<group>/<name>.yaml sweeps (its hydra.sweeper.params): such an overlay needs ``-m``."""
+    params = ((_overlay(group, name).get("hydra") or {}).get("sweeper") or {}).get("params")
+    return list(params) if isinstance(params, dict) else []
 
 
 OVERLAYS = ("deploy", "experiment")  # conf/<group>/ overlays added with +group=name
