@@ -188,7 +188,7 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
                 m = PER_EXPERT.match(rest)
                 if m:
                     e, proj, kind = int(m.group(1)), m.group(2), m.group(3)
-                    if e not in layer._global_to_local:
+                    if e not in layer.local_to_global:
                         if not 0 <= e < layer.global_num_experts:
                             raise WeightLoadError(f"{key}: expert {e} is out of range [0, {layer.global_num_experts})")
                         report.skipped_experts.append(key)
@@ -207,7 +207,7 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
 
                         t = read_per_expert(layer, f, key, pname, shard)
                         if t is None:  # w2_bias off tensor-parallel rank 0 (added once, by rank 0): not read
-                            t, nbytes = torch.zeros_like(param.data[layer._global_to_local[e]]), 0
+                            t, nbytes = torch.zeros_like(param.data[layer.local_id(e)]), 0
                     else:
                         t = f.get_tensor(key)
                     _check_float(t, key, f"{owner}.{pname}", param.dtype, experts=True)

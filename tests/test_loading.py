@@ -81,7 +81,7 @@ def test_missing_and_unexpected_keys_are_refused(tmp_path, compose):
 
 def test_weight_loader_contract():
     layer = FusedMoE(4, 2, 6, 5, dtype=torch.float32, has_bias=True, ep_size=2, ep_rank=1)
-    assert layer.local_to_global == [2, 3]
+    assert list(layer.local_to_global) == [2, 3]
     g = torch.randn(5, 6)
     assert layer.weight_loader(layer.w13, g, "w1", 3) is True
     assert torch.equal(layer.w13[1, :5], g)

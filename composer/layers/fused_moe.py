@@ -70,13 +70,16 @@ class FusedMoE(PluggableLayer):
         self.local_to_global = local_experts(num_experts, ep_size, ep_rank, placement)
         self.local_num_experts = len(self.local_to_global)
         self.register_buffer("expert_map", expert_map(num_experts, ep_size, ep_rank, placement).to(device), persistent=False)
-        self._global_to_local = {g: i for i, g in enumerate(self.local_to_global)}
 
         self.quant_method = quant_method if quant_method is not None else Unquantized()
         self.quant_method.create_weights(self, self.local_num_experts, hidden_size, intermediate_size, dtype, has_bias, device)
         if prepare_finalize is None:
             prepare_finalize = NoAll2All(EPContext(ep_rank, ep_size, self.expert_map))
         self.kernel = ModularKernel(prepare_finalize, experts if experts is not None else TorchExperts())
+
+    def local_id(self, expert_id: int) -> int | None:
+        """This rank's index of global expert ``expert_id``, or None where another rank owns it."""
+        return self.local_to_global.index(expert_id) if expert_id in self.local_to_global else None
 
     def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """``hidden_states [T, H]``, routing ``[T, k]`` (global expert ids) -> ``[T, H]``."""
@@ -119,7 +122,7 @@ class FusedMoE(PluggableLayer):
             raise WeightLoadError(f"{name}: this layer holds processed {self.quant_method.name} weights; float "
                                   "weights load into a layer built with init=False, before finish_loading quantizes "
                                   "them")
-        local = self._global_to_local.get(int(expert_id))
+        local = self.local_id(int(expert_id))
         if local is None:
             return False
         target = param.data[local]
