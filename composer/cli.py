@@ -140,8 +140,9 @@ def _exit_config(err: ConfigError) -> None:
 
 
 def _unknown_keys(overrides: list[Any]) -> list[Any]:
-    """Hydra refuses a key the config lacks with its own terse error; report it (and every other
-    problem of that config) the composer way, with the allowed keys and a did-you-mean."""
+    """Hydra refuses a key the config lacks, and a '+' for a key or group the config has, with its own terse error
+    (exit 1); report them (and every other problem of that config) the composer way: exit 2, the allowed keys and a
+    did-you-mean, or the override to write instead."""
     from omegaconf import OmegaConf
 
     from .api import _compose
@@ -150,6 +151,14 @@ def _unknown_keys(overrides: list[Any]) -> list[Any]:
         v = list(o.sweep_string_iterator())[0] if o.is_sweep_override() else o.value()
         return f"{o.key_or_group}={v}"
 
+    def shown(o: Any) -> str:
+        return ",".join(str(v) for v in o.sweep_string_iterator()) if o.is_sweep_override() else str(o.value())
+
+    chosen = [Problem(f"+{o.key_or_group}", shown(o), f"the defaults already choose a {o.key_or_group}: pick another "
+                      f"with {o.key_or_group}={shown(o)} (no '+')")
+              for o in overrides if o.is_add() and o.key_or_group in GROUPS and o.package is None]
+    if chosen:  # (Hydra: "Multiple values for quant", exit 1)
+        return chosen
     groups = [first(o) for o in overrides if o.key_or_group in GROUPS and o.package is None]
     # overlays (+experiment=..., +deploy=...) choose groups and add keys of their own: compose with them
     groups += [f"+{first(o)}" for o in overrides if o.is_add() and (CONF_DIR / o.key_or_group).is_dir()]
@@ -159,6 +168,12 @@ def _unknown_keys(overrides: list[Any]) -> list[Any]:
         base = OmegaConf.create(_compose("config", groups))
     except ConfigError:
         return []
+    present = [Problem(f"+{o.key_or_group}", shown(o), f"{o.key_or_group} is already in the config: '+' adds a key "
+                       f"it lacks; set this one with {o.key_or_group}=... (or ++{o.key_or_group}=... to add or set)")
+               for o in overrides if o.is_add() and o.package is None and not (CONF_DIR / o.key_or_group).is_dir()
+               and OmegaConf.select(base, o.key_or_group, default=_MISSING) is not _MISSING]
+    if present:  # (Hydra: "Could not append to config. An item is already at ...", exit 1)
+        return present
     missing = [o for o in plain if OmegaConf.select(base, o.key_or_group, default=_MISSING) is _MISSING]
     if not missing:
         return []
@@ -288,7 +303,10 @@ def main() -> None:
             argv = argv[:at] + file_overrides(path, argv) + argv[at:]
     except ConfigError as err:
         _exit_config(err)
-    sys.argv = sys.argv[:1] + argv
+    # -m anywhere: argparse reads Hydra's overrides as one run of positionals, so `composer a=1 -m b=2` would fail
+    # with "unrecognized arguments: b=2"; the flag means the same wherever it is written
+    flags = [a for a in argv if a in ("-m", "--multirun")]
+    sys.argv = sys.argv[:1] + flags + [a for a in argv if a not in flags]
     _precheck(sys.argv[1:])
     _hydra_main()
     if _failures:

@@ -313,3 +313,23 @@ def test_an_override_hydra_cannot_parse_is_a_config_problem(tmp_path):
     proc = composer(["task=show", "model.top_k=[1,2"], tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "override = 'model.top_k=[1,2': no viable alternative at input '[1,2'" in proc.stderr, proc.stderr
+
+
+def test_plus_on_a_key_or_group_the_config_has_says_what_to_write(tmp_path):
+    """Hydra's "Could not append to config" / "Multiple values for quant" exited 1; it is a config problem (2)."""
+    key = composer(["+seed=2", "task=show"], tmp_path)
+    assert key.returncode == 2 and "seed is already in the config: '+' adds a key it lacks; set this one with seed=" \
+        in key.stderr, key.stderr
+    group = composer(["+quant=int8_w8a16", "task=show"], tmp_path)
+    assert group.returncode == 2 and "the defaults already choose a quant: pick another with quant=int8_w8a16" \
+        in group.stderr, group.stderr
+    swept = composer(["-m", "+model.top_k=1,2", "task=show"], tmp_path)
+    assert swept.returncode == 2 and "model.top_k is already in the config" in swept.stderr, swept.stderr
+    assert composer(["++seed=2", "task=show"], tmp_path).returncode == 0  # (add or set: fine)
+
+
+def test_m_may_follow_overrides(tmp_path):
+    """argparse reads the overrides as one run of positionals: `a=1 -m b=2` failed with "unrecognized arguments"."""
+    proc = composer(["task=show", "-m", "model.top_k=1,2", "hydra.sweep.dir=s"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.is_dir()) == ["0", "1"]
