@@ -62,6 +62,27 @@ def _model_name_problem(value: Any, chosen: str | None) -> Problem | None:
                    f"model={value} chooses the {value} preset")
 
 
+def _run_stamp() -> str:
+    """The time part of a run's or sweep's folder (``hydra.run.dir``, ``hydra.sweep.dir`` in conf/config.yaml), to
+    the microsecond: two runs started in the same second shared Hydra's outputs/<date>/<H-M-S> and the second
+    replaced the first's results.json. torchrun's ranks keep the second, so that they share one folder."""
+    from datetime import datetime
+
+    from .distributed.runtime import env_rank
+
+    return datetime.now().strftime("%H-%M-%S" if env_rank()[1] > 1 else "%H-%M-%S-%f")
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("composer_stamp"):  # (cached: one value per process, as Hydra's ${now:})
+        OmegaConf.register_new_resolver("composer_stamp", _run_stamp, use_cache=True)
+
+
+_register_resolvers()
+
+
 def _compose(config_name: str, overrides: Sequence[str]) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

@@ -69,7 +69,7 @@ def _precheck(argv: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     problems = []
-    args = [a for a in argv if not a.startswith("-") and "=" in a and not a.startswith("hydra")]
+    args = [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~")) and not a.startswith("hydra")]
     parser = OverridesParser.create()
     try:
         overrides = parser.parse_overrides(args)
@@ -154,12 +154,14 @@ def _unknown_keys(overrides: list[Any]) -> list[Any]:
     def shown(o: Any) -> str:
         return ",".join(str(v) for v in o.sweep_string_iterator()) if o.is_sweep_override() else str(o.value())
 
+    deleted = {o.key_or_group for o in overrides if o.is_delete()}  # (~model +model={...}: a deploy file's own model)
     chosen = [Problem(f"+{o.key_or_group}", shown(o), f"the defaults already choose a {o.key_or_group}: pick another "
                       f"with {o.key_or_group}={shown(o)} (no '+')")
-              for o in overrides if o.is_add() and o.key_or_group in GROUPS and o.package is None]
+              for o in overrides if o.is_add() and o.key_or_group in GROUPS and o.package is None
+              and o.key_or_group not in deleted]
     if chosen:  # (Hydra: "Multiple values for quant", exit 1)
         return chosen
-    groups = [first(o) for o in overrides if o.key_or_group in GROUPS and o.package is None]
+    groups = [first(o) for o in overrides if o.key_or_group in GROUPS and o.package is None and not o.is_delete()]
     # overlays (+experiment=..., +deploy=...) choose groups and add keys of their own: compose with them
     groups += [f"+{first(o)}" for o in overrides if o.is_add() and (CONF_DIR / o.key_or_group).is_dir()]
     plain = [o for o in overrides if o.key_or_group not in GROUPS and not o.is_add() and not o.is_force_add()
@@ -171,7 +173,7 @@ def _unknown_keys(overrides: list[Any]) -> list[Any]:
     present = [Problem(f"+{o.key_or_group}", shown(o), f"{o.key_or_group} is already in the config: '+' adds a key "
                        f"it lacks; set this one with {o.key_or_group}=... (or ++{o.key_or_group}=... to add or set)")
                for o in overrides if o.is_add() and o.package is None and not (CONF_DIR / o.key_or_group).is_dir()
-               and OmegaConf.select(base, o.key_or_group, default=_MISSING) is not _MISSING]
+               and o.key_or_group not in deleted and OmegaConf.select(base, o.key_or_group, default=_MISSING) is not _MISSING]
     if present:  # (Hydra: "Could not append to config. An item is already at ...", exit 1)
         return present
     missing = [o for o in plain if OmegaConf.select(base, o.key_or_group, default=_MISSING) is _MISSING]

@@ -333,3 +333,20 @@ def test_m_may_follow_overrides(tmp_path):
     proc = composer(["task=show", "-m", "model.top_k=1,2", "hydra.sweep.dir=s"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.is_dir()) == ["0", "1"]
+
+
+def test_runs_started_together_keep_their_own_folders(tmp_path):
+    """Hydra's outputs/<date>/<H-M-S>: a second run started in the same second replaced the first's results.json.
+    The folder's time is to the microsecond now."""
+    import re
+
+    exe = shutil.which("composer", path=str(Path(sys.executable).parent))
+    cmd = [exe] if exe else [sys.executable, "-m", "composer"]
+    procs = [subprocess.Popen(cmd + ["task=show", f"seed={i}"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    runs = sorted(tmp_path.glob("outputs/*/*/results.json"))
+    assert len(runs) == 2, runs
+    assert sorted(json.loads(r.read_text())["config"]["seed"] for r in runs) == [0, 1]
+    assert all(re.fullmatch(r"\d\d-\d\d-\d\d-\d{6}", r.parent.name) for r in runs), runs
