@@ -65,12 +65,20 @@ def _model_name_problem(value: Any, chosen: str | None) -> Problem | None:
 def _run_stamp() -> str:
     """The time part of a run's or sweep's folder (``hydra.run.dir``, ``hydra.sweep.dir`` in conf/config.yaml), to
     the microsecond: two runs started in the same second shared Hydra's outputs/<date>/<H-M-S> and the second
-    replaced the first's results.json. torchrun's ranks keep the second, so that they share one folder."""
+    replaced the first's results.json. torchrun's ranks keep the second (and the job's rendezvous id where torchrun
+    has one, e.g. with --standalone), so that they share one folder."""
+    import os
     from datetime import datetime
 
-    from .distributed.runtime import env_rank
-
-    return datetime.now().strftime("%H-%M-%S" if env_rank()[1] > 1 else "%H-%M-%S-%f")
+    now = datetime.now()
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:  # (the runtime names a bad WORLD_SIZE when the job starts; the folder needs no opinion)
+        world = 1
+    if world <= 1:
+        return now.strftime("%H-%M-%S-%f")
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # (shared by a torchrun job's ranks; "none" unless set)
+    return now.strftime("%H-%M-%S") + ("" if run == "none" else f"-{run[:8]}")
 
 
 def _register_resolvers() -> None:

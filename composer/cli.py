@@ -173,7 +173,9 @@ def _unknown_keys(overrides: list[Any]) -> list[Any]:
     present = [Problem(f"+{o.key_or_group}", shown(o), f"{o.key_or_group} is already in the config: '+' adds a key "
                        f"it lacks; set this one with {o.key_or_group}=... (or ++{o.key_or_group}=... to add or set)")
                for o in overrides if o.is_add() and o.package is None and not (CONF_DIR / o.key_or_group).is_dir()
-               and o.key_or_group not in deleted and OmegaConf.select(base, o.key_or_group, default=_MISSING) is not _MISSING]
+               and not any(o.key_or_group == d or o.key_or_group.startswith(d + ".") for d in deleted)
+               and not isinstance(o.value(), (dict, list))  # (Hydra merges a dict or list into the key)
+               and OmegaConf.select(base, o.key_or_group, default=None) is not None]  # (Hydra sets a null key)
     if present:  # (Hydra: "Could not append to config. An item is already at ...", exit 1)
         return present
     missing = [o for o in plain if OmegaConf.select(base, o.key_or_group, default=_MISSING) is _MISSING]
@@ -307,8 +309,15 @@ def main() -> None:
         _exit_config(err)
     # -m anywhere: argparse reads Hydra's overrides as one run of positionals, so `composer a=1 -m b=2` would fail
     # with "unrecognized arguments: b=2"; the flag means the same wherever it is written
-    flags = [a for a in argv if a in ("-m", "--multirun")]
+    flags = [a for a in argv if a == "-m" or len(a) > 3 and "--multirun".startswith(a)]  # (argparse: any prefix)
     sys.argv = sys.argv[:1] + flags + [a for a in argv if a not in flags]
+    from .distributed.runtime import env_rank
+
+    try:  # (a malformed torchrun variable, said once here, not from inside a failing job's error report)
+        env_rank()
+    except ComposerError as err:
+        _err.print(f"[red]error[/red]: {escape(str(err))}", highlight=False)
+        sys.exit(2)
     _precheck(sys.argv[1:])
     _hydra_main()
     if _failures:

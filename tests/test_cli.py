@@ -350,3 +350,23 @@ def test_runs_started_together_keep_their_own_folders(tmp_path):
     assert len(runs) == 2, runs
     assert sorted(json.loads(r.read_text())["config"]["seed"] for r in runs) == [0, 1]
     assert all(re.fullmatch(r"\d\d-\d\d-\d\d-\d{6}", r.parent.name) for r in runs), runs
+
+
+@pytest.mark.parametrize("args", [["+model.shared_expert_intermediate_size=32"], ["+plugins=[]"],
+                                  ["~model.router", "+model.router.scoring=sigmoid"]])
+def test_plus_that_hydra_accepts_still_runs(tmp_path, args):
+    """Hydra sets a '+' key whose value is null, merges a dict or list into it, adds it after a parent's deletion."""
+    proc = composer(["--cfg", "job", *args], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-800:]
+
+
+def test_a_prefix_of_multirun_may_follow_overrides(tmp_path):
+    proc = composer(["task=show", "--multi", "model.top_k=1,2", "hydra.sweep.dir=s"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-800:]
+
+
+def test_malformed_torchrun_variables_are_a_clear_error(tmp_path):
+    """WORLD_SIZE=abc crashed inside the failing job's own error report (a traceback, exit 1)."""
+    proc = composer(["task=show"], tmp_path, env_extra={"WORLD_SIZE": "abc"})
+    assert proc.returncode == 2 and "WORLD_SIZE='abc' must be an integer" in proc.stderr, proc.stderr[-800:]
+    assert "Traceback" not in proc.stderr
