@@ -33,6 +33,11 @@ def build(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any = None,
     Under expert parallelism ``ep_rank``/``group`` default to the distributed runtime's (init_from_env),
     under tensor parallelism ``tp_rank``/``tp_group`` likewise (composer.distributed.tp).
     """
+    if not isinstance(init, bool):
+        raise TypeError(f"build(init={init!r}): init is True (seeded random weights) or False (for a checkpoint)")
+    for name, rank in (("ep_rank", ep_rank), ("tp_rank", tp_rank)):
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
+            raise TypeError(f"build({name}={rank!r}): a rank is an int in [0, parallel.{name[:2]}_size)")
     if device is not None and torch.device(device).type != "meta":
         raise ValueError(f"build(device={device!r}): the device to run on is the config's (device=...); device= "
                          "takes 'meta' only, to build without storage")
@@ -53,8 +58,10 @@ def build(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any = None,
     if init:
         init_weights(model, cfg.seed)
         finish_loading(model)
-    else:  # uninitialized memory: load_checkpoint then requires every parameter, strict or not
+    else:  # uninitialized memory: load_checkpoint then requires every parameter, strict or not, and forward
+        # refuses to run until weights came in (load_checkpoint, a load_state_dict with none missing, finish_loading)
         model.composer_needs_weights = True
+        model.register_load_state_dict_post_hook(_weights_loaded)
     return model.eval().requires_grad_(False)
 
 
@@ -184,9 +191,18 @@ def _init_experts(layer: FusedMoE, seed: int, name: str) -> None:
             p.data[local].copy_(t)
 
 
+def _weights_loaded(model: nn.Module, incompatible: Any) -> None:
+    """load_state_dict's post hook on an init=False model: every parameter came in unless some were missing."""
+    if not incompatible.missing_keys:
+        model.composer_needs_weights = False
+
+
 @torch.no_grad()
 def finish_loading(model: nn.Module) -> None:
-    """Let each quant method quantize/repack its layer once, after weights are initialized or loaded."""
+    """Let each quant method quantize/repack its layer once, after weights are initialized or loaded (by
+    load_checkpoint, load_state_dict, or copied in by hand: calling it says the weights are in place)."""
     for module in model.modules():
         if isinstance(module, FusedMoE):
             module.quant_method.process_weights_after_loading(module)
+    if getattr(model, "composer_needs_weights", False):
+        model.composer_needs_weights = False

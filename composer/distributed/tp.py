@@ -80,6 +80,8 @@ def tp_place(cfg: Any, tp_rank: int | None, group: Any) -> tuple[int, int, Any]:
     if tp_size == 1:
         return 0, 1, None
     if tp_rank is not None:
+        if not 0 <= tp_rank < tp_size:  # (a slice of another rank's, or none: silently the wrong weights)
+            raise ValueError(f"tp_rank={tp_rank} must be in [0, {tp_size}) (parallel.tp_size = {tp_size})")
         return tp_rank, tp_size, group
     from .runtime import DistributedError, current
 

@@ -487,7 +487,7 @@ def _new_block(cfg: Any, block: nn.Module, arch: str) -> nn.Module:
 
 
 class TransformersMoEParams(Params):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # (inf / nan: never a setting)
     replace: Literal["experts", "block"] = "experts"
 
 

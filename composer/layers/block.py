@@ -63,6 +63,13 @@ class MoEModel(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "composer_needs_weights", False):  # (uninitialized memory would run: NaN or garbage, silently)
+            from ..errors import WeightLoadError
+
+            raise WeightLoadError("this model was built with init=False and holds no weights yet: load them with "
+                                  "composer.loading.load_checkpoint(model, path) or model.load_state_dict(...) (or, after "
+                                  "copying them in yourself, call composer.factory.finish_loading(model)), or build with "
+                                  "init=True for seeded random weights")
         if self.layers:  # (metadata only: a user's mistake named here, not deep inside a norm or a matmul)
             w = self.layers[0].norm.weight
             if x.dim() != 2 or x.shape[1] != w.shape[0] or x.dtype != w.dtype:

@@ -87,6 +87,11 @@ class Router(CustomOp):
         else:
             self.register_parameter("e_score_correction_bias", None)
 
+    def forward(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if logits.dim() != 2 or logits.shape[1] != self.num_experts:  # (metadata only; else ids past E, silently)
+            raise ValueError(f"the router takes logits [T, num_experts={self.num_experts}], got {list(logits.shape)}")
+        return super().forward(logits)
+
     def forward_native(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return route(
             logits, self.top_k, self.scoring, self.renormalize, self.num_expert_group, self.topk_group,

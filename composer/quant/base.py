@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 class QuantParams(Params):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # (inf / nan: never a setting)
 
 
 class QuantMethod:

@@ -19,7 +19,7 @@ from ..registry import TASKS
 
 
 class TaskParams(Params):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # (inf / nan: never a setting)
 
 
 class TaskFailed(ComposerError):
