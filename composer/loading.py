@@ -10,6 +10,7 @@ parameter and both shapes. ``prefix`` strips a leading ``model.`` (as in HF chec
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,18 +66,74 @@ class LoadReport:
     bytes_read: int = 0
 
 
-def _files(source: str | Path | Iterable[str | Path]) -> list[Path]:
-    if isinstance(source, (str, Path)):
+def _files(source: Any) -> list[Path]:
+    """The checkpoint files of ``source``: a file, a folder (its ``*.safetensors.index.json`` when it has one, else
+    every ``*.safetensors``), an index json, or a list of files. Anything else is refused here, by name, rather than
+    as a TypeError deep in pathlib."""
+    if isinstance(source, (str, os.PathLike)):
         p = Path(source)
         if p.is_dir():
+            indexes = sorted(p.glob("*.safetensors.index.json"))
+            if len(indexes) > 1:
+                raise WeightLoadError(f"{p} holds {len(indexes)} index files ({', '.join(i.name for i in indexes)}); "
+                                      "pass the one to load (its path) instead of the folder")
+            if indexes:
+                return _index_files(indexes[0])
             files = sorted(p.glob("*.safetensors"))
             if not files:
                 raise WeightLoadError(f"no *.safetensors files in {p}")
             return files
         if not p.is_file():
             raise WeightLoadError(f"checkpoint {p} does not exist")
-        return [p]
-    return [Path(s) for s in source]
+        return _index_files(p) if p.name.endswith(".index.json") else [p]
+    if isinstance(source, (bytes, bytearray)) or not isinstance(source, Iterable):
+        raise TypeError(f"load_checkpoint takes a checkpoint path (str or os.PathLike: a file, a folder or an index "
+                        f"json) or a list of them, got {type(source).__name__}"
+                        + (" (decode a bytes path with os.fsdecode)" if isinstance(source, (bytes, bytearray)) else ""))
+    files = list(source)
+    bad = [f"{f!r} ({type(f).__name__})" for f in files if not isinstance(f, (str, os.PathLike))]
+    if bad:
+        raise TypeError(f"load_checkpoint takes a list of checkpoint file paths (str or os.PathLike); these are not: "
+                        f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
+    if not files:
+        raise WeightLoadError("load_checkpoint got an empty list of checkpoint files; pass the files (or their folder)")
+    return [Path(f) for f in files]
+
+
+def _index_files(index: Path) -> list[Path]:
+    """The shards a sharded checkpoint's index lists (``weight_map``: key -> file), in order. Without it a missing
+    shard went unnoticed (strict=False loaded the rest) and a stray old file in the folder was read too. Every listed
+    shard must exist and hold the keys listed for it."""
+    import json
+
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise WeightLoadError(f"{index}: not a readable checkpoint index ({exc}); pass the *.safetensors files "
+                              "as a list instead") from None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise WeightLoadError(f"{index}: has no weight_map of tensor names to shard files; pass the *.safetensors "
+                              "files as a list instead")
+    by_file: dict[str, list[str]] = {}
+    for key, name in weight_map.items():
+        by_file.setdefault(name, []).append(key)
+    files = [index.parent / name for name in by_file]
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise WeightLoadError(f"{index} lists shard files that are not in {index.parent}: {', '.join(absent[:8])}"
+                              f"{' ...' if len(absent) > 8 else ''} ({len(absent)} of {len(files)}); the checkpoint is "
+                              "incomplete: download or copy the missing shards there. Nothing was loaded.")
+    for f, keys in zip(files, by_file.values()):
+        with _open(f) as h:
+            held = set(h.keys())
+        lacking = [k for k in keys if k not in held]
+        if lacking:
+            raise WeightLoadError(f"{f}: {index.name} lists {', '.join(lacking[:8])}{' ...' if len(lacking) > 8 else ''} "
+                                  f"in this shard, but it does not hold {'them' if len(lacking) > 1 else 'it'}; the "
+                                  "shard and the index are from different versions of the checkpoint (or the shard "
+                                  "is damaged): download the shard again. Nothing was loaded.")
+    return files
 
 
 @torch.no_grad()
@@ -88,10 +145,13 @@ def load_checkpoint(model: nn.Module, source: str | Path | Iterable[str | Path],
     A quantized model takes checkpoints only before its weights are processed (``build(cfg, init=False)``): a
     processed one is refused before anything is read. If loading fails, the experts layers get back the
     parameters and quantization state they had, so a corrected checkpoint loads into the same model (tensors
-    already copied are overwritten by that load)."""
+    already copied are overwritten by that load). Shapes, dtypes, duplicates and (with strict or init=False) the key
+    set are checked on the files' headers first, so a checkpoint refused for those changes nothing."""
+    _refuse_meta(model)
     experts = {n: m for n, m in model.named_modules() if isinstance(m, FusedMoE)}
     files = _files(source)
     _refuse_processed(experts, prefix, files)
+    _precheck(model, experts, files, prefix, strict)
     saved = {n: (dict(m._parameters), getattr(m, "quant_state", None), getattr(m, "quant_loaded", None))
              for n, m in experts.items()}
     try:
@@ -106,6 +166,140 @@ def load_checkpoint(model: nn.Module, source: str | Path | Iterable[str | Path],
             if loaded is not None or hasattr(m, "quant_loaded"):
                 m.quant_loaded = loaded
         raise
+
+
+def _refuse_meta(model: nn.Module) -> None:
+    """A model built with ``device="meta"`` has no storage: copies into it do nothing, and the load reported keys
+    loaded while the model still held no weights."""
+    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        raise WeightLoadError(f"the model's tensors are on the meta device ({', '.join(meta[:3])}"
+                              f"{' ...' if len(meta) > 3 else ''}): they have no storage to load weights into. Build "
+                              "the model on the config's device to load a checkpoint (composer.build(cfg, init=False), "
+                              "without device='meta'). Nothing was loaded.")
+
+
+def _target(key: str, prefix: str, experts: dict[str, FusedMoE], params: dict[str, Any]) -> tuple[str | None, str]:
+    """(experts layer path, key under it) for a key in an experts layer, else (None, parameter name or the key)."""
+    name = key[len(prefix):] if prefix and key.startswith(prefix) else key
+    name = _block_alias(name, experts)
+    owner = next((n for n in experts if name.startswith(n + ".")), None)
+    if owner is None:
+        return None, _alias(name, params)
+    return owner, name[len(owner) + 1:]
+
+
+# safetensors header dtypes (get_slice(...).get_dtype()), for checks before any tensor is read
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _precheck(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], prefix: str, strict: bool) -> None:
+    """The checks of ``_load`` on the files' headers alone (shapes, dtypes, expert ids, duplicates, the key set), in
+    the same order: a late bad tensor used to fail after earlier ones were copied, leaving the model half one
+    checkpoint and half another. Pre-quantized tensors are checked as they load (composer.quant.loading)."""
+    params = dict(model.named_parameters())
+    filled: dict[str, set] = {}
+    unexpected: list[str] = []
+    matched, quantized = False, set()
+    for path in files:
+        with _open(path) as f:
+            for key in f.keys():
+                owner, name = _target(key, prefix, experts, params)
+                if owner is None:
+                    if name not in params:
+                        unexpected.append(key)
+                        continue
+                    _once(filled, name, "all", key)
+                    _check_param(params[name], name, key, f.get_slice(key))
+                    filled.setdefault(name, set()).add("all")
+                    matched = True
+                    continue
+                layer = experts[owner]
+                if quant_loading.handles(layer, name, key, f):
+                    quantized.add(owner)
+                    matched = True
+                    continue
+                part = _check_expert_tensor(layer, owner, name, key, f)
+                if part is None:
+                    unexpected.append(key)
+                elif part != "skip":
+                    pname, got = part
+                    _once(filled, f"{owner}.{pname}", got, key)
+                    filled.setdefault(f"{owner}.{pname}", set()).add(got)
+                matched = True
+    for owner in quantized:  # (as quant_loading.finish does once the layout is complete)
+        for attr in ("w13", "w2"):
+            filled.setdefault(f"{owner}.{attr}", set()).add("all")
+    _check_complete(model, params, experts, filled, unexpected, matched, prefix, strict)
+
+
+def _check_param(param: torch.Tensor, name: str, key: str, sl: Any) -> None:
+    """A non-expert tensor's header against its parameter (the full shape under tensor parallelism)."""
+    shape, dtype = tuple(sl.get_shape()), ST_DTYPES.get(sl.get_dtype())
+    s = getattr(param, "tp_shard", None)
+    if s is not None:
+        from .distributed.tp import _size_error
+
+        want = tuple(s.full if i == s.dim else d for i, d in enumerate(param.shape))
+        if shape != want:
+            raise _size_error(key, shape, want, s.dim, s.full, s.size)
+    elif shape != tuple(param.shape):
+        raise WeightLoadError(f"{name}: checkpoint tensor has shape {shape}, the parameter expects {tuple(param.shape)}")
+    if dtype is not None:
+        _check_float(dtype, key, name, param.dtype)
+
+
+def _check_expert_tensor(layer: FusedMoE, owner: str, rest: str, key: str, f: Any) -> tuple[str, Any] | str | None:
+    """A float expert tensor's header against its parameter: (parameter, the part it fills), "skip" for another
+    expert-parallel rank's expert, None for a key that matches no parameter."""
+    m = PER_EXPERT.match(rest)
+    if not m and rest not in PACKED:
+        return None
+    sl = f.get_slice(key)
+    shape, dtype = tuple(sl.get_shape()), ST_DTYPES.get(sl.get_dtype())
+    tp = getattr(layer, "tp_size", 1) > 1
+    if m:
+        e, shard, kind = int(m.group(1)), SHARD[m.group(2)], m.group(3)
+        if e not in layer.local_to_global:
+            if not 0 <= e < layer.global_num_experts:
+                raise WeightLoadError(f"{key}: expert {e} is out of range [0, {layer.global_num_experts})")
+            return "skip"
+        pname = ("w13" if shard in ("w1", "w3") else "w2") + ("_bias" if kind == "bias" else "")
+        param = getattr(layer, pname, None)
+        if param is None:
+            return None
+        if tp:
+            from .distributed.tp import _size_error
+
+            H, I = layer.hidden_size, layer.full_intermediate_size
+            want, dim = {"w13": ((I, H), 0), "w13_bias": ((I,), 0), "w2": ((H, I), 1), "w2_bias": ((H,), None)}[pname]
+            if shape != want:
+                raise _size_error(key, shape, want, dim, I, layer.tp_size)
+        if dtype is not None:
+            _check_float(dtype, key, f"{owner}.{pname}", param.dtype, experts=True)
+        target = param.shape[1:]
+        if pname.startswith("w13"):
+            target = (target[0] // 2, *target[1:])
+        if not tp and shape != tuple(target):
+            raise WeightLoadError(f"{key}: {owner}.{pname} (expert {e}, shard {shard}): checkpoint tensor has shape "
+                                  f"{shape}, the parameter expects {tuple(target)}")
+        return pname, (e, shard)
+    pname = PACKED[rest]
+    param = getattr(layer, pname, None)
+    if param is None:
+        return None
+    if dtype is not None:
+        _check_float(dtype, key, f"{owner}.{pname}", param.dtype, experts=True)
+    if tp:
+        from .distributed.tp import check_packed_shape
+
+        check_packed_shape(layer, key, pname, shape)
+    elif shape != (want := (layer.global_num_experts, *param.shape[1:])):
+        raise WeightLoadError(f"{key}: checkpoint tensor has shape {shape}, parameter "
+                              f"{owner}.{pname} expects {want} (all {layer.global_num_experts} experts)")
+    return pname, "all"
 
 
 def _once(filled: dict[str, set], param: str, part: Any, key: str) -> None:
@@ -153,7 +347,6 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
     from .factory import finish_loading
 
     params = dict(model.named_parameters())
-    expert_params = {f"{n}.{p}" for n, m in experts.items() for p, _ in m.named_parameters(recurse=False)}
     filled: dict[str, set] = {}  # param name -> filled (expert, shard) pairs or {"all"}
     unexpected: list[str] = []
     report = LoadReport()
@@ -161,11 +354,8 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
     for path in files:
         with _open(path) as f:
             for key in f.keys():
-                name = key[len(prefix):] if prefix and key.startswith(prefix) else key
-                name = _block_alias(name, experts)
-                owner = next((n for n in experts if name.startswith(n + ".")), None)
+                owner, name = _target(key, prefix, experts, params)
                 if owner is None:
-                    name = _alias(name, params)
                     if name not in params:
                         unexpected.append(key)
                         continue
@@ -181,7 +371,7 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
                     report.loaded.append(key)
                     report.bytes_read += t.numel() * t.element_size()
                     continue
-                layer, rest = experts[owner], name[len(owner) + 1:]
+                layer, rest = experts[owner], name
                 if quant_loading.handles(layer, rest, key, f):  # pre-quantized tensors (composer.quant.loading)
                     quant_loading.load(layer, owner, rest, key, f, report, filled)
                     continue
@@ -210,7 +400,7 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
                             t, nbytes = torch.zeros_like(param.data[layer.local_id(e)]), 0
                     else:
                         t = f.get_tensor(key)
-                    _check_float(t, key, f"{owner}.{pname}", param.dtype, experts=True)
+                    _check_float(t.dtype, key, f"{owner}.{pname}", param.dtype, experts=True)
                     try:
                         layer.weight_loader(param, t, shard, e, **({"narrowed": True} if tp else {}))
                     except WeightLoadError as exc:
@@ -230,7 +420,7 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
                     _once(filled, f"{owner}.{pname}", "all", key)
                     sl = f.get_slice(key)
                     shape = tuple(sl.get_shape())
-                    _check_float(sl[0:0], key, f"{owner}.{pname}", param.dtype, experts=True)
+                    _check_float(sl[0:0].dtype, key, f"{owner}.{pname}", param.dtype, experts=True)
                     want = (layer.global_num_experts, *param.shape[1:])
                     if getattr(layer, "tp_size", 1) > 1:  # tensor parallelism: narrow each expert before reading
                         from .distributed.tp import check_packed_shape, read_packed
@@ -259,8 +449,22 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
                     unexpected.append(key)
 
     quant_loading.finish(experts, filled, unexpected)
+    _check_complete(model, params, experts, filled, unexpected, bool(report.loaded or report.skipped_experts),
+                    prefix, strict)
     needs_all = getattr(model, "composer_needs_weights", False)
-    if not report.loaded and not report.skipped_experts:
+    finish_loading(model)
+    if needs_all:
+        model.composer_needs_weights = False
+    return report
+
+
+def _check_complete(model: nn.Module, params: dict[str, Any], experts: dict[str, FusedMoE], filled: dict[str, set],
+                    unexpected: list[str], matched: bool, prefix: str, strict: bool) -> None:
+    """Refuse a checkpoint that matched nothing, or (with ``strict``, or into an ``init=False`` model, which must get
+    every weight) one that leaves parameters unfilled or, with ``strict``, has keys that match no parameter."""
+    needs_all = getattr(model, "composer_needs_weights", False)
+    expert_params = {f"{n}.{p}" for n, m in experts.items() for p, _ in m.named_parameters(recurse=False)}
+    if not matched:
         hint = "" if prefix else '; a Hugging Face checkpoint needs prefix="model."'
         raise WeightLoadError(f"no checkpoint key matched a parameter of the model (keys such as "
                               f"{', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}){hint}. "
@@ -296,22 +500,18 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
                     "file of a sharded checkpoint in one call (its folder or a list), check prefix= and model.* "
                     "sizes, or build with init=True to keep seeded weights where the checkpoint has none.")
             raise WeightLoadError("checkpoint does not match the model: " + "; ".join(parts) + hint)
-    finish_loading(model)
-    if needs_all:
-        model.composer_needs_weights = False
-    return report
 
 
 QUANTIZED_DTYPES = {torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz}
 
 
-def _check_float(t: torch.Tensor, key: str, target: str, dtype: torch.dtype, experts: bool = False) -> None:
-    """A floating-point parameter takes floating-point values only: casting fp8 / int8 / packed int4 values would drop
-    their scales and load numbers hundreds of times off, silently."""
-    if not dtype.is_floating_point or (t.dtype.is_floating_point and t.dtype not in QUANTIZED_DTYPES):
+def _check_float(got: torch.dtype, key: str, target: str, dtype: torch.dtype, experts: bool = False) -> None:
+    """A floating-point parameter takes floating-point values only (``got``: the checkpoint tensor's dtype): casting
+    fp8 / int8 / packed int4 values would drop their scales and load numbers hundreds of times off, silently."""
+    if not dtype.is_floating_point or (got.is_floating_point and got not in QUANTIZED_DTYPES):
         return
-    if t.dtype not in QUANTIZED_DTYPES | {torch.int8, torch.uint8, torch.int32}:
-        raise WeightLoadError(f"{key}: checkpoint tensor has dtype {t.dtype}, but {target} is a {dtype} parameter; "
+    if got not in QUANTIZED_DTYPES | {torch.int8, torch.uint8, torch.int32}:
+        raise WeightLoadError(f"{key}: checkpoint tensor has dtype {got}, but {target} is a {dtype} parameter; "
                               "save the weights in a floating-point dtype")
     if experts:
         hint = ("routed experts quantized this way load with the matching quant= method under vLLM's packed names "
@@ -320,14 +520,14 @@ def _check_float(t: torch.Tensor, key: str, target: str, dtype: torch.dtype, exp
     else:
         hint = ("composer quantizes the routed experts only (quant=...); dequantize this tensor with its scales "
                 "(e.g. its weight_scale_inv) into the model dtype before loading")
-    raise WeightLoadError(f"{key}: checkpoint tensor has the quantized dtype {t.dtype}, but {target} is a {dtype} "
+    raise WeightLoadError(f"{key}: checkpoint tensor has the quantized dtype {got}, but {target} is a {dtype} "
                           f"parameter. {hint}")
 
 
 def _copy(param: torch.Tensor, t: torch.Tensor, name: str, key: str | None = None) -> None:
     if tuple(t.shape) != tuple(param.shape):
         raise WeightLoadError(f"{name}: checkpoint tensor has shape {tuple(t.shape)}, the parameter expects {tuple(param.shape)}")
-    _check_float(t, key or name, name, param.dtype)
+    _check_float(t.dtype, key or name, name, param.dtype)
     param.data.copy_(t.to(param.dtype))
 
 
