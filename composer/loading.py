@@ -458,6 +458,37 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
     return report
 
 
+# a checkpoint's MoE-block parts this model was configured without, and the setting that adds each (strict=False lets
+# keys outside composer's graph through, such as attention; these would be dropped and the block compute another model)
+_MOE_PARTS = ((re.compile(r"experts\.(.+\.)?\w*bias$"), "the experts' biases: model.has_bias=true"),
+              (re.compile(r"shared_experts?(_gate)?\."), "shared experts: model.num_shared_experts (and "
+               "model.shared_expert_gate)"),
+              (re.compile(r"(gate|router)\.e_score_correction_bias$"), "the router's score-correction bias: "
+               "model.router.score_correction_bias=true"))
+
+
+def _refuse_moe_parts(unexpected: list[str], experts: dict[str, FusedMoE], prefix: str) -> None:
+    """Unmatched keys inside an MoE block naming a part of it this model lacks: refused even with strict=False."""
+    blocks = {n.rsplit(".", 1)[0] + "." for n in experts}
+    found: dict[str, list[str]] = {}
+    for key in unexpected:
+        name = _block_alias(key[len(prefix):] if prefix and key.startswith(prefix) else key, experts)
+        block = next((b for b in blocks if name.startswith(b)), None)
+        if block is None:
+            continue
+        for pattern, what in _MOE_PARTS:
+            if pattern.match(name[len(block):]):
+                found.setdefault(what, []).append(key)
+                break
+    if found:
+        parts = "; ".join(f"{what} ({', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''})"
+                          for what, keys in found.items())
+        raise WeightLoadError(f"the checkpoint's MoE blocks have parts this model was configured without: {parts}. "
+                              "Set those model.* keys to match the checkpoint (strict=False lets through keys outside "
+                              "the MoE blocks, such as attention, not parts of the blocks composer computes). Nothing "
+                              "was loaded.")
+
+
 def _check_complete(model: nn.Module, params: dict[str, Any], experts: dict[str, FusedMoE], filled: dict[str, set],
                     unexpected: list[str], matched: bool, prefix: str, strict: bool) -> None:
     """Refuse a checkpoint that matched nothing, or (with ``strict``, or into an ``init=False`` model, which must get
@@ -469,6 +500,7 @@ def _check_complete(model: nn.Module, params: dict[str, Any], experts: dict[str,
         raise WeightLoadError(f"no checkpoint key matched a parameter of the model (keys such as "
                               f"{', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}){hint}. "
                               "Nothing was loaded.")
+    _refuse_moe_parts(unexpected, experts, prefix)
     if strict or needs_all:
         missing = []
         for name, p in params.items():
