@@ -72,29 +72,54 @@ def add_config_dir(path: str | os.PathLike) -> None:
 
 
 def config_dirs() -> list[Path]:
-    dirs = [Path(d) for d in os.environ.get(ENV_VAR, "").split(os.pathsep) if d]
-    return dirs + list(_extra_dirs) + [PACKAGE_DIR]
+    return list(_config_dirs(os.environ.get(ENV_VAR, ""), tuple(_extra_dirs)))
+
+
+@functools.lru_cache(maxsize=64)
+def _config_dirs(env: str, extra: tuple[Path, ...]) -> tuple[Path, ...]:
+    return tuple(Path(d) for d in env.split(os.pathsep) if d) + extra + (PACKAGE_DIR,)
 
 
 def dtype_name(dtype: Any) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _cuda_index(device: Any) -> int | None:
+    """The CUDA device index ``device`` names (None: the current one), or None off CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    if device is None:
+        return torch.cuda.current_device()
+    d = device if isinstance(device, torch.device) else torch.device(device)
+    if d.type != "cuda":
+        return None
+    return d.index if d.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_props(index: int, get_name: Any, get_capability: Any) -> tuple[str, str]:
+    """(name, "major.minor") of CUDA device ``index``, read once (about 10 µs a call on the host otherwise, per
+    experts call); keyed by the torch functions too, so a test that swaps them in is not answered from the cache."""
+    return get_name(index).replace(" ", "_"), "{}.{}".format(*get_capability(index))
+
+
 def device_name(device: Any = None) -> str:
     import torch
 
-    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
-        return torch.cuda.get_device_name(device).replace(" ", "_")
-    return "cpu"
+    index = _cuda_index(device)
+    return "cpu" if index is None else _cuda_props(index, torch.cuda.get_device_name,
+                                                   torch.cuda.get_device_capability)[0]
 
 
 def device_capability(device: Any = None) -> str | None:
     """``"major.minor"`` of a CUDA device (the ``_capability`` of the tables tuned on it); None off CUDA."""
     import torch
 
-    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
-        return "{}.{}".format(*torch.cuda.get_device_capability(device))
-    return None
+    index = _cuda_index(device)
+    return None if index is None else _cuda_props(index, torch.cuda.get_device_name,
+                                                  torch.cuda.get_device_capability)[1]
 
 
 def config_file_name(E: int, N: int, K: int, device: str, dtype: str) -> str:

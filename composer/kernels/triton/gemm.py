@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import interpreting, lazy_helper, lazy_jit
+from ._jit import cdiv, interpreting, lazy_helper, lazy_jit, next_pow2
 from .quant import _RNE_MAGIC, AMAX_EPS, FP8_MAX, INT8_MAX
 
 # Only builtins and @lazy_helper functions inside kernels: triton.language's own @jit helpers (tl.cdiv, tl.zeros,
@@ -728,7 +728,7 @@ def moe_sum(buf: torch.Tensor, ids_flat: torch.Tensor, top_k: int, num_experts: 
     T = P // top_k
     out = torch.empty(T, H, dtype=buf.dtype, device=buf.device)
     if T and H:
-        _moe_sum_kernel[(T, triton.cdiv(H, MOE_SUM_BLOCK_H))](buf, ids_flat, out, H, num_experts, buf.stride(0),
+        _moe_sum_kernel[(T, cdiv(H, MOE_SUM_BLOCK_H))](buf, ids_flat, out, H, num_experts, buf.stride(0),
                                                                 out.stride(0), TOP_K=top_k, BLOCK_H=MOE_SUM_BLOCK_H)
     return out
 
@@ -750,7 +750,7 @@ def _precision(dtype: torch.dtype) -> str | None:
 
 
 def _grid(num_pid_m: int, n: int, block_n: int) -> tuple[int]:
-    return (num_pid_m * triton.cdiv(n, block_n),)
+    return (num_pid_m * cdiv(n, block_n),)
 
 
 @dataclass(frozen=True)
@@ -900,7 +900,7 @@ def amax_block(K: int) -> int:
     """Elements per step of the FUSED_AQ amax pass: the whole row up to AMAX_BLOCK_MAX (32 fp32 per thread at 4
     warps). With the K tile as the step, a decode program waited ~28 dependent L2 round trips (mixtral's GEMM2
     row of 14336 in 512-wide tiles) before its first weight load."""
-    return max(16, min(triton.next_power_of_2(K), AMAX_BLOCK_MAX))
+    return max(16, min(next_pow2(K), AMAX_BLOCK_MAX))
 
 
 def gemm1(x, w13, w13_bias, inter, sorted_ids, expert_ids, ntpp, topk_ids_flat, num_pid_m, top_k,

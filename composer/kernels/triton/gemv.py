@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import interpreting, lazy_helper, lazy_jit
+from ._jit import cdiv, interpreting, lazy_helper, lazy_jit, next_pow2
 from .configs import INT4_READ_NAMES
 from .gemm import _activate, _quant_act, _row_quant_scale, aq_meta
 
@@ -646,8 +646,8 @@ def _read_mode(cfg: dict[str, Any], wq: int, group: int, w: torch.Tensor) -> tup
 
 def _k_split(K: int, split: int, bk: int) -> tuple[int, int]:
     """(K per split, number of splits): ranges of whole K tiles, so fewer than asked where K is short."""
-    k_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
-    return k_split, triton.cdiv(K, k_split)
+    k_split = cdiv(cdiv(K, split), bk) * bk
+    return k_split, cdiv(K, k_split)
 
 
 def gemm1_parts(cfg: dict[str, Any], K: int, w13: torch.Tensor, wq: int = 0, group: int = 1) -> int:
@@ -713,14 +713,14 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch
     fb = w
     wss = list(w_scale.stride()) + [0] * 3 if w_scale is not None else [0, 0, 0]
     wzs = list(w_zero.stride()) + [0] * 3 if w_zero is not None else [0, 0, 0]
-    grid = (P, triton.cdiv(N, bn), split)
+    grid = (P, cdiv(N, bn), split)
     fuse = epilogue is not None
     if fuse and not gated and not atomic:
         raise ValueError("the fused epilogue adds GEMM2's results atomically; it needs reduce='atomic'")
     sums, counters, y = epilogue if fuse else (fb, fb, fb)
     unit = w.element_size()  # pointer unit of the weight rows; EPW elements of K per unit
     epw = (8 if mode else 2) if wq == 2 else 1
-    pf_n = (triton.next_power_of_2(triton.cdiv(triton.cdiv(k_split, epw) * unit, 128))
+    pf_n = (next_pow2(cdiv(cdiv(k_split, epw) * unit, 128))
             if pdl == 2 and GEMV_PDL_PREFETCH else 0)
     extra = {"launch_pdl": True} if pdl == 2 else {}
     return _gemv_kernel[grid](

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import lazy_jit
+from ._jit import lazy_jit, next_pow2
 
 FP8_MAX = 448.0
 INT8_MAX = 127.0
@@ -65,7 +65,7 @@ def quant_rows(x: torch.Tensor, qdtype: torch.dtype, group: int | None = None,
     if x.stride(1) != 1:
         x = x.contiguous()
     int8 = qdtype == torch.int8
-    block = min(triton.next_power_of_2(g), 2048)
+    block = min(next_pow2(g), 2048)
     st = static_scale.reshape(1).to(torch.float32) if static_scale is not None else s
     _quant_rows_kernel[(M, K // g)](
         x, q, s, st, K, x.stride(0), q.stride(0), s.stride(0),

@@ -1,0 +1,37 @@
+"""The launch path's host helpers: the same integers as Triton's (which cost about 10 µs a call), the device lookups
+read once per device."""
+import triton
+
+from composer.kernels.triton import configs
+from composer.kernels.triton._jit import cdiv, next_pow2
+
+
+def test_cdiv_and_next_pow2_match_triton():
+    for n in range(0, 5000):
+        assert next_pow2(n) == max(1, triton.next_power_of_2(n)), n
+        for b in (1, 2, 3, 7, 16, 128, 4096):
+            assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
+
+
+def test_device_props_are_read_once_per_device_and_function(monkeypatch):
+    calls = []
+
+    def name(i):
+        calls.append(i)
+        return f"Fake GPU {i}"
+
+    monkeypatch.setattr(configs, "_cuda_index", lambda d: 0 if d is None else int(str(d).rsplit(":", 1)[-1]))
+    monkeypatch.setattr("torch.cuda.get_device_name", name)
+    monkeypatch.setattr("torch.cuda.get_device_capability", lambda i: (9, i))
+    assert [configs.device_name("cuda:1") for _ in range(3)] == ["Fake_GPU_1"] * 3
+    assert configs.device_capability("cuda:1") == "9.1" and configs.device_name(None) == "Fake_GPU_0"
+    assert calls == [1, 0]
+    monkeypatch.setattr("torch.cuda.get_device_name", lambda i: "Other")  # (a swapped function is asked again)
+    assert configs.device_name("cuda:1") == "Other"
+
+
+def test_config_dirs_follow_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(configs.ENV_VAR, str(tmp_path))
+    assert configs.config_dirs()[0] == tmp_path
+    monkeypatch.delenv(configs.ENV_VAR)
+    assert tmp_path not in configs.config_dirs() and configs.config_dirs()[-1] == configs.PACKAGE_DIR
