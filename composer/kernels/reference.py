@@ -24,6 +24,7 @@ def check_inputs(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Te
     along K (2 for packed int4). Metadata only (no host sync), so it holds under torch.compile and CUDA graphs."""
     if x.dim() != 2:
         raise ValueError(f"hidden states must be [T, H], got shape {tuple(x.shape)}")
+    check_activation_dtype(x)
     T, H = x.shape
     if topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != T:
         raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must both be "
@@ -48,6 +49,14 @@ def check_inputs(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Te
                     ("w13_bias", w13_bias), ("w2_bias", w2_bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, the hidden states on {x.device}: put them on one device")
+
+
+def check_activation_dtype(x: torch.Tensor) -> None:
+    """Floating hidden states only: integer ones would be multiplied and returned in their integer dtype, a silent
+    wrong answer."""
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"hidden states must be floating point (the model dtype), got {x.dtype}; "
+                         "cast them, e.g. x.to(torch.bfloat16)")
 
 
 def sort_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

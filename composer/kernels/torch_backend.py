@@ -5,7 +5,7 @@ import torch
 
 from ..layers.modular_kernel import Experts, ExpertWeights
 from ..registry import KERNELS, QUANT_METHODS
-from .reference import torch_experts
+from .reference import check_activation_dtype, torch_experts
 
 
 @KERNELS.register("torch")
@@ -19,6 +19,7 @@ class TorchExperts(Experts):
 
     def apply(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               weights: ExpertWeights, activation: str) -> torch.Tensor:
+        _check_dtypes(x, weights)
         quant_act = None
         if weights.quant != "none":
             weights, topk_ids = _touched(weights, topk_ids)  # dequantize only the experts this call routes to
@@ -34,6 +35,16 @@ class TorchExperts(Experts):
                 weights = method.dequantize(weights, torch.float32)
         return torch_experts(x, topk_weights, topk_ids, weights.w13, weights.w2, activation,
                              weights.w13_bias, weights.w2_bias, quant_act=quant_act)
+
+
+def _check_dtypes(x: torch.Tensor, weights: ExpertWeights) -> None:
+    """Before any dequantization: floating hidden states, and for unquantized weights their own dtype (as the
+    Triton experts require; otherwise an fp16 x would be computed in the weights' bf16 and returned as fp16).
+    Quantized weights are dequantized to x.dtype, so any floating x fits them."""
+    check_activation_dtype(x)
+    if weights.quant == "none" and (weights.w13.dtype != x.dtype or weights.w2.dtype != x.dtype):
+        raise ValueError(f"weights ({weights.w13.dtype}, {weights.w2.dtype}) must have the activations' dtype "
+                         f"{x.dtype}; cast the hidden states to the model dtype, x.to({weights.w13.dtype})")
 
 
 def _touched(weights: ExpertWeights, topk_ids: torch.Tensor) -> tuple[ExpertWeights, torch.Tensor]:

@@ -22,10 +22,9 @@ is independent of its position, so results do not depend on it.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
-from ._jit import lazy_jit
+from ._jit import cdiv, lazy_jit, next_pow2
 
 # Reductions and scans go through tl.reduce / tl.associative_scan with triton's own sum combiner: the
 # interpreter patches those (tl.sum and tl.cumsum are @jit helpers, jitted for whichever mode was active
@@ -88,14 +87,24 @@ def _scatter_kernel(ids_ptr, rank_ptr, starts_ptr, sorted_ids_ptr, num_pairs, nu
     tl.store(sorted_ids_ptr + start + rank, offs.to(tl.int32), mask=valid)
 
 
-def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``topk_ids [T, k]`` int32 -> ``(sorted_ids, expert_ids, num_tokens_post_padded)``; see the module doc."""
+def _check_args(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> None:
+    """Integer ids (a float id would be truncated into some expert) and sizes the kernels can lay out."""
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype.is_complex or topk_ids.dtype == torch.bool:
+        raise ValueError(f"topk_ids must be an integer tensor of expert ids (int32 or int64), got {topk_ids.dtype}")
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be at least 1, got {num_experts}")
     if block_m < 1 or block_m & (block_m - 1):
-        raise ValueError(f"block_m must be a power of two, got {block_m}")
+        raise ValueError(f"block_m must be a positive power of two (the GEMM's BLOCK_M), got {block_m}")
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``topk_ids [T, k]`` integer (int32 read as is) -> ``(sorted_ids, expert_ids, num_tokens_post_padded)``; see
+    the module doc."""
+    _check_args(topk_ids, num_experts, block_m)
     dev = topk_ids.device
     ids = topk_ids.reshape(-1)
-    if ids.dtype != torch.int32:
-        ids = ids.to(torch.int32)
+    if ids.dtype != torch.int32:  # (an id outside [0, E) is left out: mark it -1 before the cast could wrap it in)
+        ids = torch.where((ids >= 0) & (ids < num_experts), ids, -1).to(torch.int32)
     ids = ids.contiguous()
     P = ids.numel()
     nb = max_blocks(P, num_experts, block_m)
@@ -105,14 +114,14 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     counts = torch.zeros(num_experts, dtype=torch.int32, device=dev)
     starts = torch.empty(num_experts, dtype=torch.int32, device=dev)
     rank = torch.empty(max(P, 1), dtype=torch.int32, device=dev)
-    BLOCK = 1024 if P > 1024 else max(16, triton.next_power_of_2(max(P, 1)))
+    BLOCK = 1024 if P > 1024 else max(16, next_pow2(max(P, 1)))
     if P > 0:
-        _count_kernel[(triton.cdiv(P, BLOCK),)](ids, counts, rank, P, num_experts, BLOCK=BLOCK)
-    BLOCK_E = max(16, triton.next_power_of_2(num_experts))
+        _count_kernel[(cdiv(P, BLOCK),)](ids, counts, rank, P, num_experts, BLOCK=BLOCK)
+    BLOCK_E = max(16, next_pow2(num_experts))
     BLOCK_B = 64 if BLOCK_E <= 256 else 16
     PAD_CHUNK = min(block_m, max(1, 4096 // BLOCK_E))
     _scan_kernel[(1,)](counts, starts, expert_ids, ntpp, sorted_ids, num_experts, nb, P,
                        BLOCK_M=block_m, BLOCK_E=BLOCK_E, BLOCK_B=BLOCK_B, PAD_CHUNK=PAD_CHUNK)
     if P > 0:
-        _scatter_kernel[(triton.cdiv(P, BLOCK),)](ids, rank, starts, sorted_ids, P, num_experts, BLOCK=BLOCK)
+        _scatter_kernel[(cdiv(P, BLOCK),)](ids, rank, starts, sorted_ids, P, num_experts, BLOCK=BLOCK)
     return sorted_ids, expert_ids, ntpp

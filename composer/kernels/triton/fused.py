@@ -5,9 +5,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import triton
 
 from ..reference import check_inputs
+from ._jit import cdiv
 from .align import max_blocks, moe_align
 from .configs import fit_smem, get_config, heuristic_config
 from .gemm import ACT_CODES, SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, QuantSpec, gemm1, gemm2, moe_sum
@@ -102,7 +102,7 @@ def _decode_gemv(x, r: _Routing, k: int, activation: str, config: dict[str, Any]
     epi = None
     if r.atomic and GEMV_FUSED_EPILOGUE:
         sums = torch.empty(T, H, dtype=torch.float32, device=x.device)
-        counters = torch.empty(T * triton.cdiv(H, config["gemm2"]["BLOCK_N"]), dtype=torch.int32, device=x.device)
+        counters = torch.empty(T * cdiv(H, config["gemm2"]["BLOCK_N"]), dtype=torch.int32, device=x.device)
         epi = (sums, counters, torch.empty_like(x))
     parts = gemm1_parts(config["gemm1"], H, w13, wq, groups[0])
     if parts > 1 and config["gemm2"].get("mma") and wq not in (2, 3):  # (before any launch; int4 ignores mma)
@@ -258,6 +258,49 @@ def _check_scales(method: str, E: int, I: int, H: int, w13_scale, w2_scale, w13_
         want("w2_scale", w2_scale, (E, -(-H // block_n), -(-I // block_k)))
 
 
+# what composer.quant stores for each method (quant/int8.py, int4.py, fp8.py): the kernels reinterpret these bytes
+_WEIGHT_DTYPES = {"int8_w8a16": torch.int8, "int8_w8a8": torch.int8, "int4_w4a16": torch.uint8,
+                  "fp8_w8a8": torch.float8_e4m3fn}
+_SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_quant_dtypes(method: str, granularity: str, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                        scales: dict[str, torch.Tensor | None]) -> None:
+    """The dtypes (and devices) of a quantized call: the kernels read the weights as the method's integer / fp8 codes
+    and the scales as floats, whatever the tensors hold, so another dtype gives a silent wrong answer; an activation
+    or zero-point tensor the method does not use would be ignored just as silently."""
+    if method == "fp8_w8a8" and granularity not in WS_CODES:
+        raise ValueError(f"fp8_w8a8: unknown granularity '{granularity}'; choose one of {', '.join(WS_CODES)}")
+    want = _WEIGHT_DTYPES[method]
+    for name, w in (("w13", w13), ("w2", w2)):
+        if w.dtype != want:
+            raise ValueError(f"{method}: {name} must hold the quantized weights as {want} (what composer.quant "
+                             f"stores for {method}), got {w.dtype}; quantize them with the method, or call "
+                             "fused_experts for unquantized weights")
+    static_ok = method == "int8_w8a8" or (method == "fp8_w8a8" and granularity != "block")
+    for name, t in scales.items():
+        if t is None:
+            continue
+        if name.startswith("a") and not static_ok:
+            raise ValueError(f"{method}{' (block)' if method == 'fp8_w8a8' else ''}: {name} is not used (static "
+                             "activation scales are for int8_w8a8 and fp8_w8a8 per_tensor / per_token_channel); "
+                             "pass None")
+        if name.endswith("zero"):
+            if method != "int4_w4a16":
+                raise ValueError(f"{method}: {name} is not used (zero points are for int4_w4a16); pass None")
+            if t.dtype != torch.uint8:
+                raise ValueError(f"int4_w4a16: {name} must be the packed uint8 zero points, got {t.dtype}")
+        elif t.dtype not in _SCALE_DTYPES:
+            raise ValueError(f"{method}: {name} must be a float32, float16 or bfloat16 tensor of dequantization "
+                             f"multipliers, got {t.dtype}; convert it, e.g. {name}.float()")
+        if name.startswith("a") and t.numel() != 1:
+            raise ValueError(f"{method}: {name} is one static per-tensor scale and must have one element, got shape "
+                             f"{tuple(t.shape)}; reduce it, e.g. {name}.amax()")
+        if t.device != x.device:
+            raise ValueError(f"{method}: {name} is on {t.device}, the hidden states on {x.device}: put them on one "
+                             "device")
+
+
 def fused_experts_quant(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -291,6 +334,9 @@ def fused_experts_quant(
     _check_activation(activation)
     if method not in QUANT_METHODS:
         raise ValueError(f"unknown quant method '{method}' for the Triton experts; choose one of {QUANT_METHODS}")
+    _check_quant_dtypes(method, granularity, x, w13, w2,
+                        {"w13_scale": w13_scale, "w2_scale": w2_scale, "a13_scale": a13_scale, "a2_scale": a2_scale,
+                         "w13_zero": w13_zero, "w2_zero": w2_zero})
     _check_inputs(x, topk_weights, topk_ids, w13, w2, w13_bias, w2_bias, 2 if method == "int4_w4a16" else 1)
     T, H = x.shape
     E, two_i, _ = w13.shape
