@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -195,6 +195,15 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+def _entries(files: list[Path], prefix: str, experts: dict[str, FusedMoE], params: dict[str, Any]) -> Iterator[Any]:
+    """(open file, key, experts layer path or None, name under it or parameter name) for every checkpoint key, in the
+    order ``_precheck`` and ``_load`` both walk them."""
+    for path in files:
+        with _open(path) as f:
+            for key in f.keys():
+                yield (f, key, *_target(key, prefix, experts, params))
+
+
 def _precheck(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], prefix: str, strict: bool) -> None:
     """The checks of ``_load`` on the files' headers alone (shapes, dtypes, expert ids, duplicates, the key set), in
     the same order: a late bad tensor used to fail after earlier ones were copied, leaving the model half one
@@ -203,32 +212,29 @@ def _precheck(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path],
     filled: dict[str, set] = {}
     unexpected: list[str] = []
     matched, quantized = False, set()
-    for path in files:
-        with _open(path) as f:
-            for key in f.keys():
-                owner, name = _target(key, prefix, experts, params)
-                if owner is None:
-                    if name not in params:
-                        unexpected.append(key)
-                        continue
-                    _once(filled, name, "all", key)
-                    _check_param(params[name], name, key, f.get_slice(key))
-                    filled.setdefault(name, set()).add("all")
-                    matched = True
-                    continue
-                layer = experts[owner]
-                if quant_loading.handles(layer, name, key, f):
-                    quantized.add(owner)
-                    matched = True
-                    continue
-                part = _check_expert_tensor(layer, owner, name, key, f)
-                if part is None:
-                    unexpected.append(key)
-                elif part != "skip":
-                    pname, got = part
-                    _once(filled, f"{owner}.{pname}", got, key)
-                    filled.setdefault(f"{owner}.{pname}", set()).add(got)
-                matched = True
+    for f, key, owner, name in _entries(files, prefix, experts, params):
+        if owner is None:
+            if name not in params:
+                unexpected.append(key)
+                continue
+            _once(filled, name, "all", key)
+            _check_param(params[name], name, key, f.get_slice(key))
+            filled.setdefault(name, set()).add("all")
+            matched = True
+            continue
+        layer = experts[owner]
+        if quant_loading.handles(layer, name, key, f):
+            quantized.add(owner)
+            matched = True
+            continue
+        part = _check_expert_tensor(layer, owner, name, key, f)
+        if part is None:
+            unexpected.append(key)
+        elif part != "skip":
+            pname, got = part
+            _once(filled, f"{owner}.{pname}", got, key)
+            filled.setdefault(f"{owner}.{pname}", set()).add(got)
+        matched = True
     for owner in quantized:  # (as quant_loading.finish does once the layout is complete)
         for attr in ("w13", "w2"):
             filled.setdefault(f"{owner}.{attr}", set()).add("all")
@@ -351,102 +357,99 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
     unexpected: list[str] = []
     report = LoadReport()
 
-    for path in files:
-        with _open(path) as f:
-            for key in f.keys():
-                owner, name = _target(key, prefix, experts, params)
-                if owner is None:
-                    if name not in params:
-                        unexpected.append(key)
-                        continue
-                    _once(filled, name, "all", key)  # (e.g. under its own name and the HF one, or in two files)
-                    if getattr(params[name], "tp_shard", None) is not None:  # tensor parallelism: read the slice
-                        from .distributed.tp import read_sharded
+    for f, key, owner, name in _entries(files, prefix, experts, params):
+        if owner is None:
+            if name not in params:
+                unexpected.append(key)
+                continue
+            _once(filled, name, "all", key)  # (e.g. under its own name and the HF one, or in two files)
+            if getattr(params[name], "tp_shard", None) is not None:  # tensor parallelism: read the slice
+                from .distributed.tp import read_sharded
 
-                        t = read_sharded(params[name], f, key)
-                    else:
-                        t = f.get_tensor(key)
-                    _copy(params[name], t, name, key)
-                    filled.setdefault(name, set()).add("all")
-                    report.loaded.append(key)
+                t = read_sharded(params[name], f, key)
+            else:
+                t = f.get_tensor(key)
+            _copy(params[name], t, name, key)
+            filled.setdefault(name, set()).add("all")
+            report.loaded.append(key)
+            report.bytes_read += t.numel() * t.element_size()
+            continue
+        layer, rest = experts[owner], name
+        if quant_loading.handles(layer, rest, key, f):  # pre-quantized tensors (composer.quant.loading)
+            quant_loading.load(layer, owner, rest, key, f, report, filled)
+            continue
+        m = PER_EXPERT.match(rest)
+        if m:
+            e, proj, kind = int(m.group(1)), m.group(2), m.group(3)
+            if e not in layer.local_to_global:
+                if not 0 <= e < layer.global_num_experts:
+                    raise WeightLoadError(f"{key}: expert {e} is out of range [0, {layer.global_num_experts})")
+                report.skipped_experts.append(key)
+                continue
+            shard = SHARD[proj]
+            pname = ("w13" if shard in ("w1", "w3") else "w2") + ("_bias" if kind == "bias" else "")
+            param = getattr(layer, pname, None)
+            if param is None:
+                unexpected.append(key)
+                continue
+            _once(filled, f"{owner}.{pname}", (e, shard), key)
+            tp = getattr(layer, "tp_size", 1) > 1
+            nbytes = None
+            if tp:  # tensor parallelism: read only this rank's slice
+                from .distributed.tp import read_per_expert
+
+                t = read_per_expert(layer, f, key, pname, shard)
+                if t is None:  # w2_bias off tensor-parallel rank 0 (added once, by rank 0): not read
+                    t, nbytes = torch.zeros_like(param.data[layer.local_id(e)]), 0
+            else:
+                t = f.get_tensor(key)
+            _check_float(t.dtype, key, f"{owner}.{pname}", param.dtype, experts=True)
+            try:
+                layer.weight_loader(param, t, shard, e, **({"narrowed": True} if tp else {}))
+            except WeightLoadError as exc:
+                raise WeightLoadError(f"{key}: {owner}.{exc}") from None
+            filled.setdefault(f"{owner}.{pname}", set()).add((e, shard))
+            report.loaded.append(key)
+            report.bytes_read += t.numel() * t.element_size() if nbytes is None else nbytes
+        elif rest in PACKED:
+            pname = PACKED[rest]
+            param = getattr(layer, pname, None)
+            if param is None:
+                unexpected.append(key)
+                continue
+            if getattr(layer, "quant_state", None) == "prequantized" and pname in ("w13", "w2"):
+                raise WeightLoadError(f"{key}: {owner} already took pre-quantized {pname} tensors from this "
+                                      "checkpoint; it holds both float and quantized copies: keep one")
+            _once(filled, f"{owner}.{pname}", "all", key)
+            sl = f.get_slice(key)
+            shape = tuple(sl.get_shape())
+            _check_float(sl[0:0].dtype, key, f"{owner}.{pname}", param.dtype, experts=True)
+            want = (layer.global_num_experts, *param.shape[1:])
+            if getattr(layer, "tp_size", 1) > 1:  # tensor parallelism: narrow each expert before reading
+                from .distributed.tp import check_packed_shape, read_packed
+
+                check_packed_shape(layer, key, pname, shape)
+                for local, g in enumerate(layer.local_to_global):
+                    t = read_packed(layer, sl, key, pname, g)
+                    if t is None:  # w2_bias off tensor-parallel rank 0 (added once, by rank 0)
+                        param.data[local].zero_()
+                        continue
+                    param.data[local].copy_(t.to(param.dtype))
                     report.bytes_read += t.numel() * t.element_size()
-                    continue
-                layer, rest = experts[owner], name
-                if quant_loading.handles(layer, rest, key, f):  # pre-quantized tensors (composer.quant.loading)
-                    quant_loading.load(layer, owner, rest, key, f, report, filled)
-                    continue
-                m = PER_EXPERT.match(rest)
-                if m:
-                    e, proj, kind = int(m.group(1)), m.group(2), m.group(3)
-                    if e not in layer.local_to_global:
-                        if not 0 <= e < layer.global_num_experts:
-                            raise WeightLoadError(f"{key}: expert {e} is out of range [0, {layer.global_num_experts})")
-                        report.skipped_experts.append(key)
-                        continue
-                    shard = SHARD[proj]
-                    pname = ("w13" if shard in ("w1", "w3") else "w2") + ("_bias" if kind == "bias" else "")
-                    param = getattr(layer, pname, None)
-                    if param is None:
-                        unexpected.append(key)
-                        continue
-                    _once(filled, f"{owner}.{pname}", (e, shard), key)
-                    tp = getattr(layer, "tp_size", 1) > 1
-                    nbytes = None
-                    if tp:  # tensor parallelism: read only this rank's slice
-                        from .distributed.tp import read_per_expert
-
-                        t = read_per_expert(layer, f, key, pname, shard)
-                        if t is None:  # w2_bias off tensor-parallel rank 0 (added once, by rank 0): not read
-                            t, nbytes = torch.zeros_like(param.data[layer.local_id(e)]), 0
-                    else:
-                        t = f.get_tensor(key)
-                    _check_float(t.dtype, key, f"{owner}.{pname}", param.dtype, experts=True)
-                    try:
-                        layer.weight_loader(param, t, shard, e, **({"narrowed": True} if tp else {}))
-                    except WeightLoadError as exc:
-                        raise WeightLoadError(f"{key}: {owner}.{exc}") from None
-                    filled.setdefault(f"{owner}.{pname}", set()).add((e, shard))
-                    report.loaded.append(key)
-                    report.bytes_read += t.numel() * t.element_size() if nbytes is None else nbytes
-                elif rest in PACKED:
-                    pname = PACKED[rest]
-                    param = getattr(layer, pname, None)
-                    if param is None:
-                        unexpected.append(key)
-                        continue
-                    if getattr(layer, "quant_state", None) == "prequantized" and pname in ("w13", "w2"):
-                        raise WeightLoadError(f"{key}: {owner} already took pre-quantized {pname} tensors from this "
-                                              "checkpoint; it holds both float and quantized copies: keep one")
-                    _once(filled, f"{owner}.{pname}", "all", key)
-                    sl = f.get_slice(key)
-                    shape = tuple(sl.get_shape())
-                    _check_float(sl[0:0].dtype, key, f"{owner}.{pname}", param.dtype, experts=True)
-                    want = (layer.global_num_experts, *param.shape[1:])
-                    if getattr(layer, "tp_size", 1) > 1:  # tensor parallelism: narrow each expert before reading
-                        from .distributed.tp import check_packed_shape, read_packed
-
-                        check_packed_shape(layer, key, pname, shape)
-                        for local, g in enumerate(layer.local_to_global):
-                            t = read_packed(layer, sl, key, pname, g)
-                            if t is None:  # w2_bias off tensor-parallel rank 0 (added once, by rank 0)
-                                param.data[local].zero_()
-                                continue
-                            param.data[local].copy_(t.to(param.dtype))
-                            report.bytes_read += t.numel() * t.element_size()
-                        filled.setdefault(f"{owner}.{pname}", set()).add("all")
-                        report.loaded.append(key)
-                        continue
-                    if shape != want:
-                        raise WeightLoadError(f"{key}: checkpoint tensor has shape {shape}, parameter "
-                                              f"{owner}.{pname} expects {want} (all {layer.global_num_experts} experts)")
-                    for local, g in enumerate(layer.local_to_global):
-                        t = sl[g:g + 1][0]
-                        param.data[local].copy_(t.to(param.dtype))
-                        report.bytes_read += t.numel() * t.element_size()
-                    filled.setdefault(f"{owner}.{pname}", set()).add("all")
-                    report.loaded.append(key)
-                else:
-                    unexpected.append(key)
+                filled.setdefault(f"{owner}.{pname}", set()).add("all")
+                report.loaded.append(key)
+                continue
+            if shape != want:
+                raise WeightLoadError(f"{key}: checkpoint tensor has shape {shape}, parameter "
+                                      f"{owner}.{pname} expects {want} (all {layer.global_num_experts} experts)")
+            for local, g in enumerate(layer.local_to_global):
+                t = sl[g:g + 1][0]
+                param.data[local].copy_(t.to(param.dtype))
+                report.bytes_read += t.numel() * t.element_size()
+            filled.setdefault(f"{owner}.{pname}", set()).add("all")
+            report.loaded.append(key)
+        else:
+            unexpected.append(key)
 
     quant_loading.finish(experts, filled, unexpected)
     _check_complete(model, params, experts, filled, unexpected, bool(report.loaded or report.skipped_experts),
