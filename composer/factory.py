@@ -25,8 +25,9 @@ def build(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any = None,
           tp_rank: int | None = None, tp_group: Any = None, device: str | torch.device | None = None) -> nn.Module:
     """Build the module graph ``cfg`` describes, on ``cfg.device``, with seeded random weights.
 
-    ``init=False`` leaves weights uninitialized for a checkpoint to be loaded; call
-    ``finish_loading(model)`` after loading so quant methods process their weights. ``device="meta"`` (with
+    ``init=False`` leaves weights uninitialized for a checkpoint to be loaded (``loading.load_checkpoint``; after a
+    ``load_state_dict`` or copies by hand, call ``finish_loading(model)`` so quant methods process them); the model
+    refuses to run until then. ``device="meta"`` (with
     ``init=False``) allocates nothing: the graph as it would run on ``cfg.device`` (each slot resolved for that
     platform), with every tensor's shape and dtype but no storage, which is all ``task=show`` needs (a layer that
     builds its own model, such as ``layer=transformers_moe``, refuses it: its model comes with its weights).
