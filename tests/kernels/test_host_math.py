@@ -52,3 +52,25 @@ def test_eager_calls_skip_the_op_dispatcher(monkeypatch):
     w = ExpertWeights(w13=torch.randn(2, 8, 8), w2=torch.randn(2, 8, 4), w13_bias=None, w2_bias=None)
     out = TritonExperts().apply(x, torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.int32), w, "silu")
     assert out is x and len(seen) == 1 and seen[0][-1] == "silu"
+
+
+def test_tracers_and_autograd_still_see_the_op(monkeypatch):
+    """make_fx / fake tensors / jit.trace record the op (its fake implementation), and an input that needs a gradient
+    meets the op's "no autograd formula" error instead of a result with the experts silently left out."""
+    import pytest
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import composer.kernels.ops  # noqa: F401
+    from composer.kernels.triton import fused
+    from composer.kernels.triton_backend import TritonExperts
+    from composer.layers.modular_kernel import ExpertWeights
+
+    monkeypatch.setattr(fused, "fused_experts", lambda *a: torch.zeros_like(a[0]))  # (what the op runs)
+    w = ExpertWeights(w13=torch.randn(2, 8, 8), w2=torch.randn(2, 8, 4), w13_bias=None, w2_bias=None)
+    ids = torch.zeros(2, 1, dtype=torch.int32)
+    gm = make_fx(lambda x, tw: TritonExperts().apply(x, tw, ids, w, "silu"))(torch.randn(2, 8), torch.ones(2, 1))
+    assert any("composer.fused_experts" in str(n.target) for n in gm.graph.nodes)
+    x = torch.randn(2, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        TritonExperts().apply(x, torch.ones(2, 1), ids, w, "silu").sum().backward()
