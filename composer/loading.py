@@ -461,27 +461,41 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
     return report
 
 
-# a checkpoint's MoE-block parts this model was configured without, and the setting that adds each (strict=False lets
-# keys outside composer's graph through, such as attention; these would be dropped and the block compute another model)
-_MOE_PARTS = ((re.compile(r"experts\.(.+\.)?\w*bias$"), "the experts' biases: model.has_bias=true"),
-              (re.compile(r"shared_experts?(_gate)?\."), "shared experts: model.num_shared_experts (and "
-               "model.shared_expert_gate)"),
-              (re.compile(r"(gate|router)\.e_score_correction_bias$"), "the router's score-correction bias: "
-               "model.router.score_correction_bias=true"))
+# a checkpoint's MoE-block parts a composer block was configured without, how to tell it lacks one, and the setting
+# that adds it (strict=False lets keys outside composer's graph through, such as attention; these would be dropped and
+# the block compute another model than the checkpoint's)
+_MOE_PARTS = (
+    (re.compile(r"experts\.(.+\.)?\w*bias$"), lambda b: b.experts.w13_bias is None,
+     "the experts' biases: model.has_bias=true"),
+    (re.compile(r"shared_experts?_gate\.|shared_experts\.gate\."),
+     lambda b: b.shared_experts is None or b.shared_experts.gate is None,
+     "the shared experts' gate: model.shared_expert_gate=true (with model.num_shared_experts)"),
+    (re.compile(r"shared_experts?\."), lambda b: b.shared_experts is None, "shared experts: model.num_shared_experts"),
+    (re.compile(r"(gate|router)\.e_score_correction_bias$"), lambda b: b.router.e_score_correction_bias is None,
+     "the router's score-correction bias: model.router.score_correction_bias=true"))
 
 
-def _refuse_moe_parts(unexpected: list[str], experts: dict[str, FusedMoE], prefix: str) -> None:
-    """Unmatched keys inside an MoE block naming a part of it this model lacks: refused even with strict=False."""
-    blocks = {n.rsplit(".", 1)[0] + "." for n in experts}
+def _refuse_moe_parts(model: nn.Module, unexpected: list[str], experts: dict[str, FusedMoE], prefix: str) -> None:
+    """Unmatched keys inside one of composer's MoE blocks naming a part the block lacks: refused even with
+    strict=False. (A block of another library's model, with composer's experts swapped in, is not judged here.)"""
+    from .layers.block import SparseMoEBlock
+
+    blocks = {}
+    for n in experts:
+        path = n.rsplit(".", 1)[0]
+        block = model.get_submodule(path) if path != n else None
+        if isinstance(block, SparseMoEBlock):
+            blocks[path + "."] = block
     found: dict[str, list[str]] = {}
     for key in unexpected:
         name = _block_alias(key[len(prefix):] if prefix and key.startswith(prefix) else key, experts)
-        block = next((b for b in blocks if name.startswith(b)), None)
-        if block is None:
+        at = next((b for b in blocks if name.startswith(b)), None)
+        if at is None:
             continue
-        for pattern, what in _MOE_PARTS:
-            if pattern.match(name[len(block):]):
-                found.setdefault(what, []).append(key)
+        for pattern, lacks, what in _MOE_PARTS:
+            if pattern.match(name[len(at):]):
+                if lacks(blocks[at]):
+                    found.setdefault(what, []).append(key)
                 break
     if found:
         parts = "; ".join(f"{what} ({', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''})"
@@ -503,7 +517,7 @@ def _check_complete(model: nn.Module, params: dict[str, Any], experts: dict[str,
         raise WeightLoadError(f"no checkpoint key matched a parameter of the model (keys such as "
                               f"{', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}){hint}. "
                               "Nothing was loaded.")
-    _refuse_moe_parts(unexpected, experts, prefix)
+    _refuse_moe_parts(model, unexpected, experts, prefix)
     if strict or needs_all:
         missing = []
         for name, p in params.items():

@@ -139,3 +139,10 @@ def test_moe_parts_the_model_lacks_are_refused_even_when_not_strict(tmp_path, co
         load_checkpoint(model, path, strict=False)
     assert not _unchanged(model, before)
     load_checkpoint(build(compose("kernel=torch", *feature), init=False), path)  # (configured alike: loads)
+
+
+def test_the_shared_experts_gate_is_a_part_too(tmp_path, compose):
+    src = build(compose("kernel=torch", "model.num_shared_experts=1", "model.shared_expert_gate=true"))
+    path = save_checkpoint(src, tmp_path)
+    with pytest.raises(WeightLoadError, match="the shared experts' gate: model.shared_expert_gate=true"):
+        load_checkpoint(build(compose("kernel=torch", "model.num_shared_experts=1")), path, strict=False)
