@@ -46,7 +46,7 @@ class BenchParams(TaskParams):
                                                       description="the T values timed (at least one)")
     warmup: int = Field(5, ge=0, description="untimed calls before timing")
     iters: int = Field(50, ge=1, description="timed calls at most (fewer for slow cases, see budget_s)")
-    min_iters: int = Field(5, ge=1)
+    min_iters: int = Field(5, ge=1, description="timed calls at least, however slow (capped at iters: task.iters=2 times 2 calls)")
     budget_s: float = Field(0.5, gt=0, description="target seconds of timed calls per case")
     cuda_graph: bool = Field(True, description="also time CUDA graphs (CUDA only)")
     graph_calls: int = Field(20, ge=1, description="calls captured in one timed CUDA graph, at most (as many as "
@@ -66,8 +66,11 @@ class BenchParams(TaskParams):
         failed only after the whole benchmark, and composer's own files would be overwritten."""
         if not v or v in (".", "..") or "/" in v or "\\" in v:
             raise ValueError(f"must be a file name in the run folder, such as bench.json (no folders), got {v!r}")
-        if v in ("results.json", "config.resolved.yaml"):
-            raise ValueError(f"{v} is the run's own record; choose another name")
+        if v in ("results.json", "config.resolved.yaml", "multirun.yaml") or v.endswith(".log") or v.startswith("."):
+            raise ValueError(f"{v} is (or could be) one of the run folder's own files (results.json, Hydra's .hydra/ "
+                             "and <job>.log); choose another name, such as bench.json")
+        if len(v.encode()) > 255:
+            raise ValueError(f"is {len(v.encode())} bytes long; a file name takes at most 255")
         if info.field_name == "markdown_file" and v == info.data.get("json_file"):
             raise ValueError("is task.json_file too: the markdown would overwrite the JSON; give them different names")
         return v
@@ -751,8 +754,12 @@ class Bench(Task):
         print_table(result, ctx.console)
         run_dir = Path(ctx.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / p.json_file).write_text(json.dumps(result, indent=2, default=str))
-        (run_dir / p.markdown_file).write_text(to_markdown(result))
+        try:
+            (run_dir / p.json_file).write_text(json.dumps(result, indent=2, default=str))
+            (run_dir / p.markdown_file).write_text(to_markdown(result))
+        except OSError as exc:  # (the measurements still go into results.json)
+            raise TaskFailed(f"could not write the tables ({exc}); the measurements are in results.json", result) \
+                from None
         ctx.console.print(f"wrote {run_dir / p.json_file} and {run_dir / p.markdown_file}")
         tol = tolerance(shape)
         main = f"composer {cfg.kernel.resolved}"

@@ -98,8 +98,33 @@ def test_bench_output_file_names_are_checked_before_anything_runs():
     for override, words in (("task.json_file=sub/b.json", "must be a file name in the run folder"),
                             ("task.json_file=/abs/b.json", "must be a file name in the run folder"),
                             ("task.markdown_file=.", "must be a file name in the run folder"),
-                            ("task.json_file=results.json", "results.json is the run's own record"),
+                            ("task.json_file=results.json", "results.json is .* one of the run folder's own files"),
+                            ("task.json_file=composer.log", "composer.log is .* one of the run folder's own files"),
+                            ("task.json_file=.hydra", r"\.hydra is .* one of the run folder's own files"),
+                            ("task.json_file=" + "a" * 300, "is 300 bytes long; a file name takes at most 255"),
                             ("task.markdown_file=bench.json", "is task.json_file too")):
         with pytest.raises(ConfigError, match=words):
             load_config(None, ["task=bench", override])
     assert load_config(None, ["task=bench", "task.json_file=mine.json"]).task.params.json_file == "mine.json"
+
+
+def test_a_table_that_cannot_be_written_keeps_the_measurements(tmp_path, monkeypatch):
+    """An OSError writing bench.json came after the whole benchmark, as a traceback, with results.json empty."""
+    import pathlib
+
+    import pytest
+
+    from composer import load_config
+    from composer.tasks import TaskContext, TaskFailed
+    from composer.tasks.bench import Bench
+
+    cfg = load_config(None, ["device=cpu", "kernel=torch", "model.num_layers=1", "task=bench", "task.tokens=[1]",
+                             "task.peers=false", "task.iters=2", "task.warmup=0"])
+    real = pathlib.Path.write_text
+    monkeypatch.setattr(pathlib.Path, "write_text", lambda self, *a, **k: (_ for _ in ()).throw(OSError(28, "No space"))
+                        if self.name == "bench.json" else real(self, *a, **k))
+    from rich.console import Console
+
+    with pytest.raises(TaskFailed, match="could not write the tables .*No space.*in results.json") as err:
+        Bench().run(cfg, TaskContext(run_dir=tmp_path, console=Console(quiet=True)))
+    assert err.value.metrics["rows"][0]["T"] == 1
