@@ -106,6 +106,10 @@ def _precheck(argv: list[str]) -> None:
                                     f"deployment; pick one and override single keys on top of it"))
     choices = []
     for o in overrides:
+        if o.is_sweep_override() and not list(o.sweep_string_iterator()):  # (Hydra launches 0 jobs and exits 0)
+            problems.append(Problem(o.key_or_group, o.input_line.partition("=")[2], "this sweep has no values, so no job would run; "
+                                    "give at least one (e.g. range(1,5) is 1..4: the end is left out)"))
+            continue
         if o.is_sweep_override() and not multirun and not o.key_or_group.startswith("hydra"):
             values = ",".join(str(v) for v in o.sweep_string_iterator())
             problems.append(Problem(o.key_or_group, values, f"several values sweep: add -m (composer -m "
@@ -225,6 +229,14 @@ def run_job(dcfg: DictConfig) -> dict[str, Any] | None:
     except (KeyboardInterrupt, SystemExit) as exc:
         if job is not None:
             job.fail(exc)
+        lead = job.rank == 0 if job is not None else _lead_rank()
+        if isinstance(exc, KeyboardInterrupt) and lead:  # (recorded, so that a report tells it from a crash)
+            write_results(run_dir, status="interrupted", task=task_name, metrics=None,
+                          config=cfg.to_dict() if cfg else raw, config_hash=cfg.config_hash() if cfg else None,
+                          overrides=overrides, error="interrupted (Ctrl-C) before the task finished",
+                          device=cfg.device if cfg else "cpu")
+            _err.print(f"[red]interrupted[/red]: recorded in {escape(str(run_dir / 'results.json'))}", highlight=False)
+            sys.exit(130)  # (a sweep stops here too: its remaining jobs do not run)
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure is recorded in results.json
         composer_error = isinstance(exc, ComposerError)

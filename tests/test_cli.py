@@ -370,3 +370,32 @@ def test_malformed_torchrun_variables_are_a_clear_error(tmp_path):
     proc = composer(["task=show"], tmp_path, env_extra={"WORLD_SIZE": "abc"})
     assert proc.returncode == 2 and "WORLD_SIZE='abc' must be an integer" in proc.stderr, proc.stderr[-800:]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_sweep_with_no_values_is_refused(tmp_path):
+    """Hydra launched 0 jobs and exited 0: a silent non-answer."""
+    proc = composer(["-m", "model.top_k=range(1,1)"], tmp_path)
+    assert proc.returncode == 2 and "model.top_k = 'range(1,1)': this sweep has no values" in proc.stderr, proc.stderr
+
+
+def test_ctrl_c_is_recorded_as_interrupted(tmp_path):
+    """Ctrl-C printed a 20-frame traceback and left no results.json: a report then called the run a crash."""
+    import signal
+    import time
+
+    exe = shutil.which("composer", path=str(Path(sys.executable).parent))
+    cmd = [exe] if exe else [sys.executable, "-m", "composer"]
+    proc = subprocess.Popen(cmd + ["task=bench", "device=cpu", "kernel=torch", "task.tokens=[4096,4096,4096,4096]",
+                                   "task.budget_s=30", "task.iters=1000", "hydra.run.dir=r"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "r" / ".hydra").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-1500:]
+    doc = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert doc["status"] == "interrupted" and doc["task"] == "bench"
+    report = composer(["task=report", f"report.dir={tmp_path / 'r'}", "hydra.run.dir=rep"], tmp_path)
+    assert "interrupted" in report.stdout + report.stderr, report.stdout[-1500:]

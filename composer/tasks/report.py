@@ -58,7 +58,7 @@ class ReportParams(TaskParams):
 @dataclass
 class RunRecord:
     path: str                       # the run directory, relative to the scanned directory
-    status: str                     # ok | failed | missing (no results.json) | unreadable
+    status: str                     # ok | failed | interrupted | missing (no results.json) | unreadable
     task: str | None = None
     error: str | None = None
     overrides: dict[str, str] = field(default_factory=dict)
@@ -516,7 +516,8 @@ class Report(Task):
         (out / "report.md").write_text(markdown(title, root, records, keys, plots, skipped, files))
 
         self._print(ctx, title, header, body, records, out, files)
-        counts = {s: sum(r.status == s for r in records) for s in ("ok", "failed", "missing", "unreadable")}
+        counts = {s: sum(r.status == s for r in records)
+                  for s in ("ok", "failed", "interrupted", "missing", "unreadable")}
         log.info("report: %d runs below %s (%s) -> %s", len(records), root,
                  ", ".join(f"{n} {s}" for s, n in counts.items() if n), out)
         return {"dir": str(root), "out": str(out), "runs": len(records), **counts, "swept_keys": keys,

@@ -74,3 +74,18 @@ def test_tracers_and_autograd_still_see_the_op(monkeypatch):
     x = torch.randn(2, 8, requires_grad=True)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         TritonExperts().apply(x, torch.ones(2, 1), ids, w, "silu").sum().backward()
+
+
+def test_config_dirs_that_are_not_folders_are_refused(monkeypatch, tmp_path):
+    """A tuned file itself, or a typo, was passed over silently: the shipped tables ran instead of the user's."""
+    import pytest
+
+    from composer.errors import ConfigError
+
+    f = tmp_path / "E=8,N=32,K=16,device_name=X,dtype=bfloat16.json"
+    f.write_text("{}")
+    for value, says in ((f, f"is a file; .* point it at the folder that holds it \\({tmp_path}\\)"),
+                        (tmp_path / "typo", "does not exist; .* create it")):
+        monkeypatch.setenv(configs.ENV_VAR, str(value))
+        with pytest.raises(ConfigError, match=f"COMPOSER_KERNEL_CONFIGS = .*{says}"):
+            configs.config_dirs()

@@ -50,7 +50,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ...errors import TileConfigError, did_you_mean
+from ...errors import ConfigError, Problem, TileConfigError, did_you_mean
 
 ENV_VAR = "COMPOSER_KERNEL_CONFIGS"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -77,7 +77,14 @@ def config_dirs() -> list[Path]:
 
 @functools.lru_cache(maxsize=64)
 def _config_dirs(env: str, extra: tuple[Path, ...]) -> tuple[Path, ...]:
-    return tuple(Path(d) for d in env.split(os.pathsep) if d) + extra + (PACKAGE_DIR,)
+    dirs = tuple(Path(d) for d in env.split(os.pathsep) if d)
+    for d in dirs:  # (a file or a typo was passed over silently: the shipped tables ran instead of the user's)
+        if not d.is_dir():
+            hint = (f"point it at the folder that holds it ({d.parent})" if d.is_file() else
+                    "create it (composer task=tune task.output_dir=... writes one) or fix the path")
+            raise ConfigError([Problem(ENV_VAR, str(d), f"{'is a file' if d.is_file() else 'does not exist'}; it "
+                                       f"names folders of tile-config files: {hint}")], "the environment")
+    return dirs + extra + (PACKAGE_DIR,)
 
 
 def dtype_name(dtype: Any) -> str:
