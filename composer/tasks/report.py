@@ -183,7 +183,7 @@ def collect(root: Path, show_progress: bool = True) -> list[RunRecord]:
         rel = str(run_dir.relative_to(root)) if run_dir != root else "."
         try:
             doc = json.loads(f.read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # (RecursionError: nested deeper than Python recurses)
             records.append(RunRecord(rel, "unreadable", error=f"{f}: not valid JSON ({exc})",
                                      overrides=dict(map(parse_override, _read_overrides(run_dir)))))
             continue
@@ -321,6 +321,9 @@ def series_label(r: RunRecord, row: dict[str, Any], keys: list[str], modes: int)
     return label + (f" [{', '.join(rest)}]" if rest else "")
 
 
+LEGEND_MAX = 20  # series a plot labels; past that the plot says how many and rows.csv names them
+
+
 def draw_plots(out: Path, records: list[RunRecord], keys: list[str]) -> tuple[dict[str, Path], dict[str, str]]:
     """The PNG plots; returns (written, not drawn -> why)."""
     try:
@@ -375,9 +378,12 @@ def draw_plots(out: Path, records: list[RunRecord], keys: list[str]) -> tuple[di
                 ax.axhline(tol, color="red", linestyle=":", linewidth=1, label=f"tolerance {fmt(tol)}")
         ax.set_xlabel("tokens")
         ax.set_ylabel(ylabel)
-        ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small", loc="best")
+        if len(lines) <= LEGEND_MAX:
+            ax.set_title(title)
+            ax.legend(fontsize="small", loc="best")
+        else:  # (a legend of thousands covered the axes and showed about 20 of them)
+            ax.set_title(f"{title}: {len(lines)} series, too many to label (rows.csv names them)")
         fig.tight_layout()
         path = out / f"{name}.png"
         fig.savefig(path)

@@ -192,8 +192,10 @@ def test_flat_rows_in_microseconds_and_unreadable_results(tmp_path):
     (root / "b" / "results.json").write_text("{ truncated")
     (root / "c").mkdir()
     (root / "c" / "results.json").write_text(json.dumps({"schema": "something.else/3"}))
+    (root / "d").mkdir()  # (nested deeper than Python recurses: a RecursionError, not a ValueError)
+    (root / "d" / "results.json").write_text("[" * 100000 + "]" * 100000)
     m, _ = run_report([f"task.dir={root}", "task.plots=false"])
-    assert (m["runs"], m["ok"], m["unreadable"]) == (3, 1, 2)
+    assert (m["runs"], m["ok"], m["unreadable"]) == (4, 1, 3)
     out = root / "report"
     assert not list(out.glob("*.png"))
     rows = {r["implementation"]: r for r in csv.DictReader((out / "rows.csv").open())}
@@ -320,3 +322,19 @@ def test_a_swept_task_and_an_odd_error_field(tmp_path):
     with open(root / "report" / "report.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["task"] for r in rows] == ["run", "check", "check"]
+
+
+def test_a_plot_of_many_series_says_so_instead_of_a_legend(tmp_path, monkeypatch):
+    """3000 runs drew a 3000-entry legend over the axes (about 20 visible)."""
+    import matplotlib.axes
+
+    root = tmp_path / "sweep"
+    flat = {"rows": [{"tokens": 64, "implementation": "triton", "time_us": 100.0}]}
+    for i in range(25):
+        write_run(root / str(i), [f"seed={i}"], flat)
+    titles, legends = [], []
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", lambda self, *a, **k: legends.append(1))
+    real = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, t, *a, **k: titles.append(t) or real(self, t))
+    m, _ = run_report([f"task.dir={root}"])
+    assert m["ok"] == 25 and not legends and "time vs tokens: 25 series, too many to label" in titles[0], titles
