@@ -472,7 +472,10 @@ _MOE_PARTS = (
      "the shared experts' gate: model.shared_expert_gate=true (with model.num_shared_experts)"),
     (re.compile(r"shared_experts?\."), lambda b: b.shared_experts is None, "shared experts: model.num_shared_experts"),
     (re.compile(r"(gate|router)\.e_score_correction_bias$"), lambda b: b.router.e_score_correction_bias is None,
-     "the router's score-correction bias: model.router.score_correction_bias=true"))
+     "the router's score-correction bias: model.router.score_correction_bias=true"),
+    (re.compile(r"(gate|router)\.bias$"), lambda b: getattr(b.gate, "bias", None) is None,
+     "a bias on the router's logits, which composer's router does not have (gpt_oss: layer=transformers_moe runs "
+     "the model's own router)"))
 
 
 def _refuse_moe_parts(model: nn.Module, unexpected: list[str], experts: dict[str, FusedMoE], prefix: str) -> None:

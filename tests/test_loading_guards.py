@@ -146,3 +146,13 @@ def test_the_shared_experts_gate_is_a_part_too(tmp_path, compose):
     path = save_checkpoint(src, tmp_path)
     with pytest.raises(WeightLoadError, match="the shared experts' gate: model.shared_expert_gate=true"):
         load_checkpoint(build(compose("kernel=torch", "model.num_shared_experts=1")), path, strict=False)
+
+
+def test_a_router_bias_is_refused_not_dropped(tmp_path, compose):
+    """gpt_oss-style router logits with a bias: composer's router has none, and strict=False dropped it."""
+    cfg = compose("kernel=torch")
+    sd = load_file(str(save_checkpoint(build(cfg), tmp_path)))
+    sd["layers.0.mlp.gate.bias"] = torch.randn(sd["layers.0.mlp.gate.weight"].shape[0])
+    save_file(sd, str(tmp_path / "biased.safetensors"))
+    with pytest.raises(WeightLoadError, match="a bias on the router's logits, which composer's router does not have"):
+        load_checkpoint(build(cfg), tmp_path / "biased.safetensors", strict=False)
