@@ -107,8 +107,8 @@ def _precheck(argv: list[str]) -> None:
     choices = []
     for o in overrides:
         if o.is_sweep_override() and not list(o.sweep_string_iterator()):  # (Hydra launches 0 jobs and exits 0)
-            problems.append(Problem(o.key_or_group, o.input_line.partition("=")[2], "this sweep has no values, so no job would run; "
-                                    "give at least one (e.g. range(1,5) is 1..4: the end is left out)"))
+            problems.append(Problem(o.key_or_group, o.input_line.partition("=")[2], "this sweep has no values, so no "
+                                    "job would run; give at least one (e.g. range(1,5) is 1..4: the end is left out)"))
             continue
         if o.is_sweep_override() and not multirun and not o.key_or_group.startswith("hydra"):
             values = ",".join(str(v) for v in o.sweep_string_iterator())

@@ -129,7 +129,8 @@ def _index_files(index: Path) -> list[Path]:
             held = set(h.keys())
         lacking = [k for k in keys if k not in held]
         if lacking:
-            raise WeightLoadError(f"{f}: {index.name} lists {', '.join(lacking[:8])}{' ...' if len(lacking) > 8 else ''} "
+            more = " ..." if len(lacking) > 8 else ""
+            raise WeightLoadError(f"{f}: {index.name} lists {', '.join(lacking[:8])}{more} "
                                   f"in this shard, but it does not hold {'them' if len(lacking) > 1 else 'it'}; the "
                                   "shard and the index are from different versions of the checkpoint (or the shard "
                                   "is damaged): download the shard again. Nothing was loaded.")
@@ -252,7 +253,8 @@ def _check_param(param: torch.Tensor, name: str, key: str, sl: Any) -> None:
         if shape != want:
             raise _size_error(key, shape, want, s.dim, s.full, s.size)
     elif shape != tuple(param.shape):
-        raise WeightLoadError(f"{name}: checkpoint tensor has shape {shape}, the parameter expects {tuple(param.shape)}")
+        raise WeightLoadError(f"{name}: checkpoint tensor has shape {shape}, the parameter expects "
+                              f"{tuple(param.shape)}")
     if dtype is not None:
         _check_float(dtype, key, name, param.dtype)
 

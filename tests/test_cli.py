@@ -387,7 +387,10 @@ def test_ctrl_c_is_recorded_as_interrupted(tmp_path):
     cmd = [exe] if exe else [sys.executable, "-m", "composer"]
     proc = subprocess.Popen(cmd + ["task=bench", "device=cpu", "kernel=torch", "task.tokens=[4096,4096,4096,4096]",
                                    "task.budget_s=30", "task.iters=1000", "hydra.run.dir=r"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            # (a child inherits an ignored SIGINT, and Python then leaves it ignored: an earlier test
+                            # in the same pytest process may have set that)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (tmp_path / "r" / ".hydra").exists() and time.time() < deadline:
         time.sleep(0.2)

@@ -67,9 +67,9 @@ class MoEModel(nn.Module):
             from ..errors import WeightLoadError
 
             raise WeightLoadError("this model was built with init=False and holds no weights yet: load them with "
-                                  "composer.loading.load_checkpoint(model, path) or model.load_state_dict(...) (or, after "
-                                  "copying them in yourself, call composer.factory.finish_loading(model)), or build with "
-                                  "init=True for seeded random weights")
+                                  "composer.loading.load_checkpoint(model, path) or model.load_state_dict(...) (or, "
+                                  "after copying them in yourself, call composer.factory.finish_loading(model)), or "
+                                  "build with init=True for seeded random weights")
         if self.layers:  # (metadata only: a user's mistake named here, not deep inside a norm or a matmul)
             w = self.layers[0].norm.weight
             if x.dim() != 2 or x.shape[1] != w.shape[0] or x.dtype != w.dtype:

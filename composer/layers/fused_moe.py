@@ -85,8 +85,9 @@ class FusedMoE(PluggableLayer):
         """``hidden_states [T, H]``, routing ``[T, k]`` (global expert ids) -> ``[T, H]``."""
         if getattr(self, "quant_state", "ready") != "ready":  # (the method's tensors do not exist yet)
             raise WeightLoadError(f"this layer's {self.quant_method.name} weights are not processed yet (built with "
-                                  "init=False): load a checkpoint with composer.loading.load_checkpoint(model, path), or copy "
-                                  "the float weights in and call composer.factory.finish_loading(model), before running it")
+                                  "init=False): load a checkpoint with composer.loading.load_checkpoint(model, path), "
+                                  "or copy the float weights in and call composer.factory.finish_loading(model), "
+                                  "before running it")
         if self.sequence_parallel:  # this rank's tokens: gather the group's, reduce-scatter the partial outputs
             from ..distributed.tp import sp_gather, sp_scatter
 

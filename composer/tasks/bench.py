@@ -46,7 +46,8 @@ class BenchParams(TaskParams):
                                                       description="the T values timed (at least one)")
     warmup: int = Field(5, ge=0, description="untimed calls before timing")
     iters: int = Field(50, ge=1, description="timed calls at most (fewer for slow cases, see budget_s)")
-    min_iters: int = Field(5, ge=1, description="timed calls at least, however slow (capped at iters: task.iters=2 times 2 calls)")
+    min_iters: int = Field(5, ge=1, description="timed calls at least, however slow (capped at iters: task.iters=2 "
+                           "times 2 calls)")
     budget_s: float = Field(0.5, gt=0, description="target seconds of timed calls per case")
     cuda_graph: bool = Field(True, description="also time CUDA graphs (CUDA only)")
     graph_calls: int = Field(20, ge=1, description="calls captured in one timed CUDA graph, at most (as many as "
