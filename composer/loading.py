@@ -259,15 +259,11 @@ def _check_param(param: torch.Tensor, name: str, key: str, sl: Any) -> None:
         _check_float(dtype, key, name, param.dtype)
 
 
-def _check_expert_tensor(layer: FusedMoE, owner: str, rest: str, key: str, f: Any) -> tuple[str, Any] | str | None:
-    """A float expert tensor's header against its parameter: (parameter, the part it fills), "skip" for another
-    expert-parallel rank's expert, None for a key that matches no parameter."""
+def _expert_target(layer: FusedMoE, rest: str, key: str) -> tuple[str, torch.Tensor, int | None, str | None] | str | None:
+    """Where a float expert key goes: (parameter name, parameter, expert id, shard), expert and shard None for a
+    packed tensor of all experts; "skip" for another expert-parallel rank's expert; None for a key that matches no
+    parameter. (One reading of the names for the header pre-check and the load.)"""
     m = PER_EXPERT.match(rest)
-    if not m and rest not in PACKED:
-        return None
-    sl = f.get_slice(key)
-    shape, dtype = tuple(sl.get_shape()), ST_DTYPES.get(sl.get_dtype())
-    tp = getattr(layer, "tp_size", 1) > 1
     if m:
         e, shard, kind = int(m.group(1)), SHARD[m.group(2)], m.group(3)
         if e not in layer.local_to_global:
@@ -275,39 +271,50 @@ def _check_expert_tensor(layer: FusedMoE, owner: str, rest: str, key: str, f: An
                 raise WeightLoadError(f"{key}: expert {e} is out of range [0, {layer.global_num_experts})")
             return "skip"
         pname = ("w13" if shard in ("w1", "w3") else "w2") + ("_bias" if kind == "bias" else "")
-        param = getattr(layer, pname, None)
-        if param is None:
-            return None
-        if tp:
-            from .distributed.tp import _size_error
-
-            H, I = layer.hidden_size, layer.full_intermediate_size
-            want, dim = {"w13": ((I, H), 0), "w13_bias": ((I,), 0), "w2": ((H, I), 1), "w2_bias": ((H,), None)}[pname]
-            if shape != want:
-                raise _size_error(key, shape, want, dim, I, layer.tp_size)
-        if dtype is not None:
-            _check_float(dtype, key, f"{owner}.{pname}", param.dtype, experts=True)
-        target = param.shape[1:]
-        if pname.startswith("w13"):
-            target = (target[0] // 2, *target[1:])
-        if not tp and shape != tuple(target):
-            raise WeightLoadError(f"{key}: {owner}.{pname} (expert {e}, shard {shard}): checkpoint tensor has shape "
-                                  f"{shape}, the parameter expects {tuple(target)}")
-        return pname, (e, shard)
-    pname = PACKED[rest]
-    param = getattr(layer, pname, None)
-    if param is None:
+    elif rest in PACKED:
+        e, shard, pname = None, None, PACKED[rest]
+    else:
         return None
+    param = getattr(layer, pname, None)
+    return None if param is None else (pname, param, e, shard)
+
+
+def _check_expert_tensor(layer: FusedMoE, owner: str, rest: str, key: str, f: Any) -> tuple[str, Any] | str | None:
+    """A float expert tensor's header against its parameter: (parameter, the part it fills), "skip" for another
+    expert-parallel rank's expert, None for a key that matches no parameter."""
+    target = _expert_target(layer, rest, key)
+    if target is None or target == "skip":
+        return target
+    pname, param, e, shard = target
+    sl = f.get_slice(key)
+    shape, dtype = tuple(sl.get_shape()), ST_DTYPES.get(sl.get_dtype())
     if dtype is not None:
         _check_float(dtype, key, f"{owner}.{pname}", param.dtype, experts=True)
-    if tp:
-        from .distributed.tp import check_packed_shape
+    tp = getattr(layer, "tp_size", 1) > 1
+    if e is None:  # packed: every expert
+        if tp:
+            from .distributed.tp import check_packed_shape
 
-        check_packed_shape(layer, key, pname, shape)
-    elif shape != (want := (layer.global_num_experts, *param.shape[1:])):
-        raise WeightLoadError(f"{key}: checkpoint tensor has shape {shape}, parameter "
-                              f"{owner}.{pname} expects {want} (all {layer.global_num_experts} experts)")
-    return pname, "all"
+            check_packed_shape(layer, key, pname, shape)
+        elif shape != (want := (layer.global_num_experts, *param.shape[1:])):
+            raise WeightLoadError(f"{key}: checkpoint tensor has shape {shape}, parameter "
+                                  f"{owner}.{pname} expects {want} (all {layer.global_num_experts} experts)")
+        return pname, "all"
+    if tp:
+        from .distributed.tp import _size_error
+
+        H, I = layer.hidden_size, layer.full_intermediate_size
+        want, dim = {"w13": ((I, H), 0), "w13_bias": ((I,), 0), "w2": ((H, I), 1), "w2_bias": ((H,), None)}[pname]
+        if shape != want:
+            raise _size_error(key, shape, want, dim, I, layer.tp_size)
+    else:
+        want = param.shape[1:]
+        if pname.startswith("w13"):
+            want = (want[0] // 2, *want[1:])
+        if shape != tuple(want):
+            raise WeightLoadError(f"{key}: {owner}.{pname} (expert {e}, shard {shard}): checkpoint tensor has shape "
+                                  f"{shape}, the parameter expects {tuple(want)}")
+    return pname, (e, shard)
 
 
 def _once(filled: dict[str, set], param: str, part: Any, key: str) -> None:
@@ -380,20 +387,15 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
         if quant_loading.handles(layer, rest, key, f):  # pre-quantized tensors (composer.quant.loading)
             quant_loading.load(layer, owner, rest, key, f, report, filled)
             continue
-        m = PER_EXPERT.match(rest)
-        if m:
-            e, proj, kind = int(m.group(1)), m.group(2), m.group(3)
-            if e not in layer.local_to_global:
-                if not 0 <= e < layer.global_num_experts:
-                    raise WeightLoadError(f"{key}: expert {e} is out of range [0, {layer.global_num_experts})")
-                report.skipped_experts.append(key)
-                continue
-            shard = SHARD[proj]
-            pname = ("w13" if shard in ("w1", "w3") else "w2") + ("_bias" if kind == "bias" else "")
-            param = getattr(layer, pname, None)
-            if param is None:
-                unexpected.append(key)
-                continue
+        target = _expert_target(layer, rest, key)
+        if target is None:
+            unexpected.append(key)
+            continue
+        if target == "skip":
+            report.skipped_experts.append(key)
+            continue
+        pname, param, e, shard = target
+        if e is not None:  # one expert's shard
             _once(filled, f"{owner}.{pname}", (e, shard), key)
             tp = getattr(layer, "tp_size", 1) > 1
             nbytes = None
@@ -413,24 +415,15 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
             filled.setdefault(f"{owner}.{pname}", set()).add((e, shard))
             report.loaded.append(key)
             report.bytes_read += t.numel() * t.element_size() if nbytes is None else nbytes
-        elif rest in PACKED:
-            pname = PACKED[rest]
-            param = getattr(layer, pname, None)
-            if param is None:
-                unexpected.append(key)
-                continue
+        else:  # packed: every expert
             if getattr(layer, "quant_state", None) == "prequantized" and pname in ("w13", "w2"):
                 raise WeightLoadError(f"{key}: {owner} already took pre-quantized {pname} tensors from this "
                                       "checkpoint; it holds both float and quantized copies: keep one")
             _once(filled, f"{owner}.{pname}", "all", key)
-            sl = f.get_slice(key)
-            shape = tuple(sl.get_shape())
-            _check_float(sl[0:0].dtype, key, f"{owner}.{pname}", param.dtype, experts=True)
-            want = (layer.global_num_experts, *param.shape[1:])
+            sl = f.get_slice(key)  # (its shape and dtype passed _check_expert_tensor on the header)
             if getattr(layer, "tp_size", 1) > 1:  # tensor parallelism: narrow each expert before reading
-                from .distributed.tp import check_packed_shape, read_packed
+                from .distributed.tp import read_packed
 
-                check_packed_shape(layer, key, pname, shape)
                 for local, g in enumerate(layer.local_to_global):
                     t = read_packed(layer, sl, key, pname, g)
                     if t is None:  # w2_bias off tensor-parallel rank 0 (added once, by rank 0)
@@ -441,17 +434,12 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
                 filled.setdefault(f"{owner}.{pname}", set()).add("all")
                 report.loaded.append(key)
                 continue
-            if shape != want:
-                raise WeightLoadError(f"{key}: checkpoint tensor has shape {shape}, parameter "
-                                      f"{owner}.{pname} expects {want} (all {layer.global_num_experts} experts)")
             for local, g in enumerate(layer.local_to_global):
                 t = sl[g:g + 1][0]
                 param.data[local].copy_(t.to(param.dtype))
                 report.bytes_read += t.numel() * t.element_size()
             filled.setdefault(f"{owner}.{pname}", set()).add("all")
             report.loaded.append(key)
-        else:
-            unexpected.append(key)
 
     quant_loading.finish(experts, filled, unexpected)
     _check_complete(model, params, experts, filled, unexpected, bool(report.loaded or report.skipped_experts),

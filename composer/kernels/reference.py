@@ -51,6 +51,14 @@ def check_inputs(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Te
             raise ValueError(f"{name} is on {t.device}, the hidden states on {x.device}: put them on one device")
 
 
+def check_float_weights(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    """Unquantized weights in the hidden states' dtype, for every backend: otherwise one side is cast silently (an
+    fp16 x computed in the weights' bf16 and returned as fp16)."""
+    if w13.dtype != x.dtype or w2.dtype != x.dtype:
+        raise ValueError(f"weights ({w13.dtype}, {w2.dtype}) must have the activations' dtype {x.dtype}; cast the "
+                         f"hidden states to the model dtype, x.to({w13.dtype})")
+
+
 def check_activation_dtype(x: torch.Tensor) -> None:
     """Floating hidden states only: integer ones would be multiplied and returned in their integer dtype, a silent
     wrong answer."""

@@ -5,7 +5,7 @@ import torch
 
 from ..layers.modular_kernel import Experts, ExpertWeights
 from ..registry import KERNELS, QUANT_METHODS
-from .reference import check_activation_dtype, torch_experts
+from .reference import check_activation_dtype, check_float_weights, torch_experts
 
 
 @KERNELS.register("torch")
@@ -42,9 +42,8 @@ def _check_dtypes(x: torch.Tensor, weights: ExpertWeights) -> None:
     Triton experts require; otherwise an fp16 x would be computed in the weights' bf16 and returned as fp16).
     Quantized weights are dequantized to x.dtype, so any floating x fits them."""
     check_activation_dtype(x)
-    if weights.quant == "none" and (weights.w13.dtype != x.dtype or weights.w2.dtype != x.dtype):
-        raise ValueError(f"weights ({weights.w13.dtype}, {weights.w2.dtype}) must have the activations' dtype "
-                         f"{x.dtype}; cast the hidden states to the model dtype, x.to({weights.w13.dtype})")
+    if weights.quant == "none":
+        check_float_weights(x, weights.w13, weights.w2)
 
 
 def _touched(weights: ExpertWeights, topk_ids: torch.Tensor) -> tuple[ExpertWeights, torch.Tensor]:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..reference import check_inputs
+from ..reference import check_float_weights, check_inputs
 from ._jit import cdiv
 from .align import max_blocks, moe_align
 from .configs import fit_smem, get_config, heuristic_config
@@ -155,8 +155,7 @@ def fused_experts(
     k = topk_ids.shape[1]
     if T == 0 or k == 0:
         return torch.zeros_like(x)
-    if w13.dtype != x.dtype or w2.dtype != x.dtype:
-        raise ValueError(f"weights ({w13.dtype}, {w2.dtype}) must have the activations' dtype {x.dtype}")
+    check_float_weights(x, w13, w2)
     if config is None:
         config = get_config(T, E, I, H, k, x.dtype, x.device)
     config = _gemv_reads_rows(config, w13, w2, E, I, H, k)
