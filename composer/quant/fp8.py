@@ -53,7 +53,10 @@ class Fp8W8A8(QuantizedMethod):
     Params = Fp8Params
     # Measured in docs/quantization.md (tiny model, fresh random inputs).
     OUTPUT_TOL = {"float32": 5e-3, "float16": 1.5e-2, "bfloat16": 4e-2}
-    LAYER_TOL = {"float32": 5e-4}
+    # float32 layers: a one-quantum activation flip (fp32-vs-fp64 last bits across a rounding boundary) costs up to
+    # 2.6e-3 (per_tensor), 1.5e-3 (block), 1.3e-3 (static), 8.5e-4 (per_token_channel) in 1000 input draws of
+    # tests/quant/test_methods.py's layer; 5e-4 failed 0.1-0.3% of them
+    LAYER_TOL = {"float32": 5e-3}
     UNQUANT_BOUND = {"per_tensor": 0.15, "per_token_channel": 0.15, "block": 0.15}
 
     @classmethod

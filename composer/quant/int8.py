@@ -65,7 +65,7 @@ class Int8W8A16(_Int8):
 @register_quant("int8_w8a8")
 class Int8W8A8(_Int8):
     OUTPUT_TOL = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 2e-2}
-    LAYER_TOL = {"float32": 5e-4}
+    LAYER_TOL = {"float32": 1e-3}  # (one-quantum flips: up to 6.8e-4 in 1000 input draws; 5e-4 failed 0.4% of them)
     UNQUANT_BOUND = {"float32": 4e-2, "float16": 4e-2, "bfloat16": 4e-2}
 
     @staticmethod

@@ -1,5 +1,7 @@
 """Each quant method on the torch backend vs the dequantized float64 oracle (kernel rounding) and vs the
 unquantized float64 oracle (the documented bound), one FusedMoE layer, fresh random inputs."""
+import zlib
+
 import pytest
 import torch
 
@@ -41,7 +43,7 @@ def test_torch_backend_vs_both_oracles(compose, method, dtype):
     cfg = compose(*METHODS[method], *SIZES, f"model.dtype={dtype}", "seed=3")
     layer, ref = layer_of(cfg), layer_of(_unquantized_cfg(cfg))
     assert layer.w13.dtype != ref.w13.dtype  # really quantized
-    x, tw, ids = inputs(cfg, 33, seed=hash((method, dtype)) % 1000)
+    x, tw, ids = inputs(cfg, 33, seed=zlib.crc32(f"{method}-{dtype}".encode()) % 1000)  # (hash() of str: per process)
     with torch.no_grad():
         out = layer(x, tw, ids)
     cap = Capture(x=x, topk_weights=tw, topk_ids=ids, out=out)
