@@ -168,85 +168,6 @@ def _int4_tile(w_ptrs, x_row, ws_base, ch, z_ptrs, z_shift, kw, k, k_hi, stride_
     return wu, s, z, xr
 
 
-@lazy_helper
-def _chain_rows(w_rows, x_row, ws_base, ch, z_ptrs, z_shift, k_lo, k_hi, stride_wsn, stride_wsk, stride_wzk, stride_xp,
-                ROWS: tl.constexpr, BLOCK_K: tl.constexpr, QBK: tl.constexpr, HAS_ZERO: tl.constexpr,
-                X_PARTS: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, RND: tl.constexpr,
-                SUB_X: tl.constexpr, X_PAIRS: tl.constexpr, SCALES_T: tl.constexpr, UNROLL: tl.constexpr,
-                LOOP_STAGES: tl.constexpr):
-    """The "chain" int4 read of rows ``w_rows`` (int32 words) over K in [k_lo, k_hi): their fp32 dot products with
-    the activation row [ROWS] (the GEMV's GEMM1 and GEMM2, and the one-launch decode's GEMM1 part)."""
-    # The tile is [ROWS, C, 4] int32 words (C = BLOCK_K / 32): a thread's 4 words of a row are one 16-byte load,
-    # K elements k0 + 32c .. +32, inside one scale group (QBK % 32 == 0). The products of those 32 nibbles go into
-    # one sum per (row, c), so the zero point and the group scale cost one FFMA each per 32 nibbles, not per word;
-    # the activations and the scales are loaded laid out as the words are once split (no round trip through
-    # shared memory, no barrier in the loop).
-    C: tl.constexpr = BLOCK_K // 32
-    cc = tl.arange(0, C)
-    w_ptrs = w_rows[:, None] + tl.arange(0, 4 * C)[None, :]  # (2D: contiguous along K, 16-byte loads)
-    # activations as [1, C, 8] (or [1, C, 4] int32 pairs): laid out like the words' [rows, C] once split, where a
-    # [C] vector would get a layout of its own under some Triton versions (a conversion in every K step)
-    x_off = (32 * cc)[None, :, None] + tl.arange(0, 8)[None, None, :]  # word i's activations at x_off + 8 i
-    xw_off = (16 * cc)[None, :, None] + tl.arange(0, 4)[None, None, :]  # the same as int32 pairs (X_PAIRS)
-    acc2 = tl.full((ROWS, C), 0.0, tl.float32)
-    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL):
-        wq3 = tl.load(w_ptrs + k0 // 8)  # (whole K tiles only: _read_mode)
-        we, wo = tl.split(tl.reshape(wq3, (ROWS, C, 2, 2)))  # [row, c, a, b]: word 2a + b
-        w_0, w_2 = tl.split(we)
-        w_1, w_3 = tl.split(wo)
-        # the scales (and zero points) as a [ROWS, C] gather, laid out as the words are only if Triton spreads
-        # this load's threads along C: with no contiguous dimension, which one it takes first differs between
-        # Triton versions, so SCALES_T gathers [C, ROWS] and transposes it where the first one is taken
-        # (chain_scales_transposed())
-        grp = (k0 + 32 * cc) // QBK
-        s = _gather_rc(ws_base + ch * stride_wsn, grp * stride_wsk, z_shift, False, SCALES_T).to(tl.float32)
-        if HAS_ZERO:
-            z = _gather_rc(z_ptrs, grp * stride_wzk, z_shift, True, SCALES_T).to(tl.float32)
-        else:
-            z = 8.0
-        p = tl.full((ROWS, C), 0.0, tl.float32)
-        sx = tl.full((1, C), 0.0, tl.float32)
-        for i in tl.static_range(4):
-            if i == 0:
-                wi = w_0
-            elif i == 1:
-                wi = w_1
-            elif i == 2:
-                wi = w_2
-            else:
-                wi = w_3
-            # nibbles 0..4 are read in place (bits 0..19), 5..7 after one shift by 12 (to bits 8..19): a nibble
-            # at bits b..b+3 (b <= 19) is the subnormal q * 2^(b - 149), so its activation is scaled by
-            # 2^(SUB_X - b) (no nibble is taken from the low bits of a shifted word: that compiles to a bit-field
-            # extract)
-            wh = (wi.to(tl.uint32, bitcast=True) >> 12).to(tl.int32, bitcast=True)
-            if X_PAIRS:  # bf16 activations as int32 pairs: one shift or one AND makes each an fp32
-                xw = tl.load(x_row.to(tl.pointer_type(tl.int32)) + (k0 + 8 * i) // 2 + xw_off)
-                pa, pb = tl.split(tl.reshape(xw, (1, C, 2, 2)))  # [1, c, u, v]: pair 2u + v
-                q0, q2 = tl.split(pa)
-                q1, q3 = tl.split(pb)
-                xs = ((q0 << 16).to(tl.float32, bitcast=True), (q0 & -65536).to(tl.float32, bitcast=True),
-                      (q1 << 16).to(tl.float32, bitcast=True), (q1 & -65536).to(tl.float32, bitcast=True),
-                      (q2 << 16).to(tl.float32, bitcast=True), (q2 & -65536).to(tl.float32, bitcast=True),
-                      (q3 << 16).to(tl.float32, bitcast=True), (q3 & -65536).to(tl.float32, bitcast=True))
-            else:
-                xo = k0 + 8 * i + x_off
-                x8 = _x_load(x_row + xo, x_row, xo, None, X_PARTS, stride_xp, ACT, ALPHA, LIMIT, RND)
-                xs = _eight(tl.reshape(x8, (1, C, 2, 2, 2)))
-            for m in tl.static_range(8):
-                if m <= 4:
-                    b = 4 * m
-                    t = wi & (0xF << b)
-                else:
-                    b = 4 * m - 12
-                    t = wh & (0xF << b)
-                sx += xs[m]
-                p += t.to(tl.float32, bitcast=True) * (xs[m] * _pow2(SUB_X - b))
-        acc2 += s * (p - z * (sx * _pow2(SUB_X - 149)))
-    acc = tl.reduce(acc2, 1, tl.standard._sum_combine) * _pow2(149 - SUB_X)
-    return acc
-
-
 @lazy_jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, tw_ptr, out_ptr, ids_ptr, as_ptr, ws_ptr, wz_ptr, cnt_ptr, acc_ptr, y_ptr,
@@ -408,9 +329,74 @@ def _gemv_kernel(
         if INT4_MODE == 4:
             acc = acc * _pow2(149 - SUB_X)
     elif WQ == 2 and INT4_MODE == 5:  # "chain": the subnormal read with no layout conversion and per-row sums
-        acc = _chain_rows(w_rows, x_row, ws_base, ch, z_ptrs, z_shift, k_lo, k_hi, stride_wsn, stride_wsk, stride_wzk,
-                          stride_xp, ROWS, BLOCK_K, QBK, HAS_ZERO, X_PARTS, ACT, ALPHA, LIMIT, RND, SUB_X, X_PAIRS,
-                          SCALES_T, UNROLL, LOOP_STAGES)
+        # The tile is [ROWS, C, 4] int32 words (C = BLOCK_K / 32): a thread's 4 words of a row are one 16-byte load,
+        # K elements k0 + 32c .. +32, inside one scale group (QBK % 32 == 0). The products of those 32 nibbles go into
+        # one sum per (row, c), so the zero point and the group scale cost one FFMA each per 32 nibbles, not per word;
+        # the activations and the scales are loaded laid out as the words are once split (no round trip through
+        # shared memory, no barrier in the loop).
+        C: tl.constexpr = BLOCK_K // 32
+        cc = tl.arange(0, C)
+        w_ptrs = w_rows[:, None] + tl.arange(0, 4 * C)[None, :]  # (2D: contiguous along K, 16-byte loads)
+        # activations as [1, C, 8] (or [1, C, 4] int32 pairs): laid out like the words' [rows, C] once split, where a
+        # [C] vector would get a layout of its own under some Triton versions (a conversion in every K step)
+        x_off = (32 * cc)[None, :, None] + tl.arange(0, 8)[None, None, :]  # word i's activations at x_off + 8 i
+        xw_off = (16 * cc)[None, :, None] + tl.arange(0, 4)[None, None, :]  # the same as int32 pairs (X_PAIRS)
+        acc2 = tl.full((ROWS, C), 0.0, tl.float32)
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL):
+            wq3 = tl.load(w_ptrs + k0 // 8)  # (whole K tiles only: _read_mode)
+            we, wo = tl.split(tl.reshape(wq3, (ROWS, C, 2, 2)))  # [row, c, a, b]: word 2a + b
+            w_0, w_2 = tl.split(we)
+            w_1, w_3 = tl.split(wo)
+            # the scales (and zero points) as a [ROWS, C] gather, laid out as the words are only if Triton spreads
+            # this load's threads along C: with no contiguous dimension, which one it takes first differs between
+            # Triton versions, so SCALES_T gathers [C, ROWS] and transposes it where the first one is taken
+            # (chain_scales_transposed())
+            grp = (k0 + 32 * cc) // QBK
+            s = _gather_rc(ws_base + ch * stride_wsn, grp * stride_wsk, z_shift, False, SCALES_T).to(tl.float32)
+            if HAS_ZERO:
+                z = _gather_rc(z_ptrs, grp * stride_wzk, z_shift, True, SCALES_T).to(tl.float32)
+            else:
+                z = 8.0
+            p = tl.full((ROWS, C), 0.0, tl.float32)
+            sx = tl.full((1, C), 0.0, tl.float32)
+            for i in tl.static_range(4):
+                if i == 0:
+                    wi = w_0
+                elif i == 1:
+                    wi = w_1
+                elif i == 2:
+                    wi = w_2
+                else:
+                    wi = w_3
+                # nibbles 0..4 are read in place (bits 0..19), 5..7 after one shift by 12 (to bits 8..19): a nibble
+                # at bits b..b+3 (b <= 19) is the subnormal q * 2^(b - 149), so its activation is scaled by
+                # 2^(SUB_X - b) (no nibble is taken from the low bits of a shifted word: that compiles to a bit-field
+                # extract)
+                wh = (wi.to(tl.uint32, bitcast=True) >> 12).to(tl.int32, bitcast=True)
+                if X_PAIRS:  # bf16 activations as int32 pairs: one shift or one AND makes each an fp32
+                    xw = tl.load(x_row.to(tl.pointer_type(tl.int32)) + (k0 + 8 * i) // 2 + xw_off)
+                    pa, pb = tl.split(tl.reshape(xw, (1, C, 2, 2)))  # [1, c, u, v]: pair 2u + v
+                    q0, q2 = tl.split(pa)
+                    q1, q3 = tl.split(pb)
+                    xs = ((q0 << 16).to(tl.float32, bitcast=True), (q0 & -65536).to(tl.float32, bitcast=True),
+                          (q1 << 16).to(tl.float32, bitcast=True), (q1 & -65536).to(tl.float32, bitcast=True),
+                          (q2 << 16).to(tl.float32, bitcast=True), (q2 & -65536).to(tl.float32, bitcast=True),
+                          (q3 << 16).to(tl.float32, bitcast=True), (q3 & -65536).to(tl.float32, bitcast=True))
+                else:
+                    xo = k0 + 8 * i + x_off
+                    x8 = _x_load(x_row + xo, x_row, xo, None, X_PARTS, stride_xp, ACT, ALPHA, LIMIT, RND)
+                    xs = _eight(tl.reshape(x8, (1, C, 2, 2, 2)))
+                for m in tl.static_range(8):
+                    if m <= 4:
+                        b = 4 * m
+                        t = wi & (0xF << b)
+                    else:
+                        b = 4 * m - 12
+                        t = wh & (0xF << b)
+                    sx += xs[m]
+                    p += t.to(tl.float32, bitcast=True) * (xs[m] * _pow2(SUB_X - b))
+            acc2 += s * (p - z * (sx * _pow2(SUB_X - 149)))
+        acc = tl.reduce(acc2, 1, tl.standard._sum_combine) * _pow2(149 - SUB_X)
     elif WQ == 2 and INT4_MODE == 2:  # int32 words [ROWS, BLOCK_K / 8], the tile inside one group (NG = 1)
         kw = tl.arange(0, BLOCK_K // 8)
         w_ptrs = w_rows[:, None] + kw[None, :]
