@@ -146,8 +146,9 @@ def load_checkpoint(model: nn.Module, source: str | Path | Iterable[str | Path],
     A quantized model takes checkpoints only before its weights are processed (``build(cfg, init=False)``): a
     processed one is refused before anything is read. If loading fails, the experts layers get back the
     parameters and quantization state they had, so a corrected checkpoint loads into the same model (tensors
-    already copied are overwritten by that load). Shapes, dtypes, duplicates and (with strict or init=False) the key
-    set are checked on the files' headers first, so a checkpoint refused for those changes nothing."""
+    already copied are overwritten by that load). Shapes, dtypes, duplicates, (with strict or init=False) the key
+    set, and pre-quantized layouts with their scales' values are checked before the first copy, so a checkpoint
+    refused for those changes nothing."""
     _refuse_meta(model)
     experts = {n: m for n, m in model.named_modules() if isinstance(m, FusedMoE)}
     files = _files(source)
@@ -208,11 +209,12 @@ def _entries(files: list[Path], prefix: str, experts: dict[str, FusedMoE], param
 def _precheck(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], prefix: str, strict: bool) -> None:
     """The checks of ``_load`` on the files' headers alone (shapes, dtypes, expert ids, duplicates, the key set), in
     the same order: a late bad tensor used to fail after earlier ones were copied, leaving the model half one
-    checkpoint and half another. Pre-quantized tensors are checked as they load (composer.quant.loading)."""
+    checkpoint and half another. Pre-quantized tensors too: their headers, the whole layout of each layer, float
+    copies beside them, and their scales' values (composer.quant.loading.precheck)."""
     params = dict(model.named_parameters())
     filled: dict[str, set] = {}
     unexpected: list[str] = []
-    matched, quantized = False, set()
+    matched, quantized = False, {}  # experts layer -> its pre-quantized names so far
     for f, key, owner, name in _entries(files, prefix, experts, params):
         if owner is None:
             if name not in params:
@@ -225,7 +227,7 @@ def _precheck(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path],
             continue
         layer = experts[owner]
         if quant_loading.handles(layer, name, key, f):
-            quantized.add(owner)
+            quant_loading.precheck(layer, owner, name, key, f, quantized.setdefault(owner, set()), filled)
             matched = True
             continue
         part = _check_expert_tensor(layer, owner, name, key, f)
@@ -233,9 +235,14 @@ def _precheck(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path],
             unexpected.append(key)
         elif part != "skip":
             pname, got = part
+            if pname in ("w13", "w2") and quantized.get(owner):
+                raise WeightLoadError(f"{key}: {owner} already took pre-quantized tensors from this checkpoint "
+                                      f"({', '.join(sorted(quantized[owner]))}); it holds both float and quantized "
+                                      "copies: keep one")
             _once(filled, f"{owner}.{pname}", got, key)
             filled.setdefault(f"{owner}.{pname}", set()).add(got)
         matched = True
+    quant_loading.finish_precheck(experts, quantized, unexpected)
     for owner in quantized:  # (as quant_loading.finish does once the layout is complete)
         for attr in ("w13", "w2"):
             filled.setdefault(f"{owner}.{attr}", set()).add("all")
@@ -385,7 +392,7 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
             continue
         layer, rest = experts[owner], name
         if quant_loading.handles(layer, rest, key, f):  # pre-quantized tensors (composer.quant.loading)
-            quant_loading.load(layer, owner, rest, key, f, report, filled)
+            quant_loading.load(layer, owner, rest, key, f, report)
             continue
         target = _expert_target(layer, rest, key)
         if target is None:
@@ -415,10 +422,7 @@ def _load(model: nn.Module, experts: dict[str, FusedMoE], files: list[Path], pre
             filled.setdefault(f"{owner}.{pname}", set()).add((e, shard))
             report.loaded.append(key)
             report.bytes_read += t.numel() * t.element_size() if nbytes is None else nbytes
-        else:  # packed: every expert
-            if getattr(layer, "quant_state", None) == "prequantized" and pname in ("w13", "w2"):
-                raise WeightLoadError(f"{key}: {owner} already took pre-quantized {pname} tensors from this "
-                                      "checkpoint; it holds both float and quantized copies: keep one")
+        else:  # packed: every expert (float beside pre-quantized copies was refused by the pre-check)
             _once(filled, f"{owner}.{pname}", "all", key)
             sl = f.get_slice(key)  # (its shape and dtype passed _check_expert_tensor on the header)
             if getattr(layer, "tp_size", 1) > 1:  # tensor parallelism: narrow each expert before reading

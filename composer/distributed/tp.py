@@ -317,11 +317,10 @@ def read_sharded(param: torch.Tensor, f: Any, key: str) -> torch.Tensor:
     return sl[a:b] if s.dim == 0 else sl[:, a:b]
 
 
-def read_quantized(layer: Any, spec: Any, sl: Any, shape: tuple[int, ...], name: str, method: str) -> torch.Tensor:
-    """A pre-quantized checkpoint tensor (``composer.quant.loading``) under tensor parallelism: ``spec.shapes``
-    are this rank's (the layer's intermediate size is its slice); the checkpoint holds the full tensor, with
-    ``spec.tp_dim`` ``tp_size`` times larger. Check it, then read only this rank's slice (replicated tensors,
-    ``tp_dim=None``, are read whole)."""
+def check_quantized_shape(layer: Any, spec: Any, shape: tuple[int, ...], name: str, method: str) -> None:
+    """A pre-quantized checkpoint tensor's shape (``composer.quant.loading``) under tensor parallelism:
+    ``spec.shapes`` are this rank's (the layer's intermediate size is its slice); the checkpoint holds the full
+    tensor, with ``spec.tp_dim`` ``tp_size`` times larger."""
     tp = layer.tp_size
     if spec.tp_dim is None:
         full_shapes = spec.shapes
@@ -337,9 +336,15 @@ def read_quantized(layer: Any, spec: Any, sl: Any, shape: tuple[int, ...], name:
                     f"{layer.full_intermediate_size}): refusing to slice it for parallel.tp_size={tp}")
         raise WeightLoadError(f"{name}: checkpoint tensor has shape {shape}, {method} expects {want} (full, all "
                               f"{layer.global_num_experts} experts){hint or '; check model.* sizes and quant.*'}")
+
+
+def read_quantized(layer: Any, spec: Any, sl: Any, shape: tuple[int, ...], name: str, method: str) -> torch.Tensor:
+    """A pre-quantized checkpoint tensor under tensor parallelism, its full shape checked
+    (``check_quantized_shape``): only this rank's slice is read (replicated tensors, ``tp_dim=None``, whole)."""
+    check_quantized_shape(layer, spec, shape, name, method)
     if spec.tp_dim is None:
         return sl[:]
-    s = TPShard(spec.tp_dim, shape[spec.tp_dim], layer.tp_rank, tp, halves=spec.tp_halves)
+    s = TPShard(spec.tp_dim, shape[spec.tp_dim], layer.tp_rank, layer.tp_size, halves=spec.tp_halves)
     lead = (slice(None),) * spec.tp_dim
     return torch.cat([sl[lead + (slice(a, b),)] for a, b in s.ranges()], dim=spec.tp_dim)
 

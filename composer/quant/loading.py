@@ -82,46 +82,59 @@ def _params(layer) -> str:
     return "".join(f" quant.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in items.items() if v is not None)
 
 
-@torch.no_grad()
-def load(layer, owner: str, rest: str, key: str, f: Any, report: Any, filled: dict[str, set] | None = None) -> None:
-    """Load checkpoint tensor ``key`` (``owner.rest``) from the open safetensors file ``f`` into ``layer``.
-    ``filled``: the float parameters loaded so far (composer.loading), so float and quantized copies of the same
-    experts are refused in either order."""
-    qm = _method(layer)
-    spec = qm.checkpoint_layout(layer)[rest]
-    if layer.quant_state == "ready":
-        raise WeightLoadError(f"{key}: {owner} already holds processed quantized weights; load checkpoints into a "
-                              "model built with init=False")
+def _mixed(owner: str, key: str, filled: dict[str, set] | None) -> None:
+    """Refuse float and quantized copies of the same experts (either order): one would silently win."""
     floats = [a for a in ("w13", "w2") if filled and filled.get(f"{owner}.{a}")]
     if floats:
         raise WeightLoadError(f"{key}: the checkpoint also holds float {' and '.join(floats)} weights of {owner} "
                               "(packed or per expert); it holds both float and quantized copies: keep one")
-    if layer.quant_state == "unprocessed":
-        layer.quant_state = "prequantized"
-        layer.quant_loaded = set()
-    if rest in layer.quant_loaded:  # (as composer.loading refuses float copies: the later one would win, silently)
+
+
+def _twice(owner: str, rest: str, key: str, seen: set[str]) -> None:
+    if rest in seen:  # (as composer.loading refuses float copies: the later one would win, silently)
         raise WeightLoadError(f"{key}: the checkpoint holds {owner}.{rest} twice (in two files, or under two names); "
                               "keep one copy")
-    sl = f.get_slice(key)
+
+
+def _check_header(layer, qm: QuantizedMethod, spec: Any, rest: str, sl: Any, name: str) -> tuple[int, ...]:
+    """A pre-quantized tensor's header (shape, dtype) against the method's layout; returns the shape. Under tensor
+    parallelism the checkpoint holds the full tensor (distributed.tp.check_quantized_shape)."""
+    from .. import loading as base
+
     shape = tuple(sl.get_shape())
-    name = f"{owner}.{rest}"
-    if getattr(layer, "tp_size", 1) > 1:  # tensor parallelism: check the full shape, read this rank's slice
+    method = f"{qm.name}{_params(layer)}"
+    if getattr(layer, "tp_size", 1) > 1:
+        from ..distributed.tp import check_quantized_shape
+
+        check_quantized_shape(layer, spec, shape, name, method)
+    elif shape not in spec.shapes:
+        want = " or ".join(str(s) for s in spec.shapes)
+        raise WeightLoadError(f"{name}: checkpoint tensor has shape {shape}, {method} expects "
+                              f"{want} (all {layer.global_num_experts} experts); check model.* sizes and quant.*")
+    dtype = base.ST_DTYPES.get(sl.get_dtype(), sl.get_dtype())
+    if dtype not in spec.dtypes:
+        raise WeightLoadError(f"{name}: checkpoint tensor has dtype {dtype}, {method} expects "
+                              f"{' or '.join(str(d) for d in spec.dtypes)}"
+                              + (_made_with(dtype) if rest.endswith(("_weight", "_qweight")) else ""))
+    return shape
+
+
+def _read(layer, qm: QuantizedMethod, spec: Any, rest: str, key: str, f: Any, name: str) -> torch.Tensor:
+    """This rank's part of pre-quantized tensor ``key``, its header checked first (``_check_header``): under expert
+    parallelism only the local experts, under tensor parallelism only this rank's slice."""
+    sl = f.get_slice(key)
+    shape = _check_header(layer, qm, spec, rest, sl, name)
+    if getattr(layer, "tp_size", 1) > 1:
         from ..distributed.tp import read_quantized
 
-        t = read_quantized(layer, spec, sl, shape, name, f"{qm.name}{_params(layer)}")
-    else:
-        if shape not in spec.shapes:
-            want = " or ".join(str(s) for s in spec.shapes)
-            raise WeightLoadError(f"{name}: checkpoint tensor has shape {shape}, {qm.name}{_params(layer)} expects "
-                                  f"{want} (all {layer.global_num_experts} experts); check model.* sizes and quant.*")
-        if spec.slice_experts and layer.ep_size > 1:
-            t = torch.cat([sl[g:g + 1] for g in layer.local_to_global])
-        else:
-            t = f.get_tensor(key)
-    if t.dtype not in spec.dtypes:
-        raise WeightLoadError(f"{name}: checkpoint tensor has dtype {t.dtype}, {qm.name}{_params(layer)} expects "
-                              f"{' or '.join(str(d) for d in spec.dtypes)}"
-                              + (_made_with(t.dtype) if rest.endswith(("_weight", "_qweight")) else ""))
+        return read_quantized(layer, spec, sl, shape, name, f"{qm.name}{_params(layer)}")
+    if spec.slice_experts and layer.ep_size > 1:
+        return torch.cat([sl[g:g + 1] for g in layer.local_to_global])
+    return f.get_tensor(key)
+
+
+def _check_scales(t: torch.Tensor, rest: str, name: str) -> None:
+    """Scales must be finite, and positive (activation scales) or non-negative (weight scales)."""
     if t.dtype.is_floating_point and t.dtype not in (torch.float8_e4m3fn,) and "scale" in rest:
         bad = ~torch.isfinite(t) | (t <= 0 if "input" in rest else t < 0)
         if bool(bad.any()):
@@ -130,6 +143,35 @@ def load(layer, owner: str, rest: str, key: str, f: Any, report: Any, filled: di
                                   "(first at index "
                                   f"{tuple(int(i) for i in torch.nonzero(bad)[0])}); the checkpoint is damaged or was "
                                   "written with another scale convention")
+
+
+def precheck(layer, owner: str, rest: str, key: str, f: Any, seen: set[str], filled: dict[str, set]) -> None:
+    """``load``'s checks made before anything is copied (composer.loading's header pre-check): the header's shape
+    and dtype, a second copy, float weights of the same experts met before; and the scales' values, which are read
+    for it (a few percent of the weights' bytes), so a damaged scale refuses the checkpoint with the model
+    untouched. ``seen``: the layer's quantized names so far; ``finish_precheck`` then wants the whole layout."""
+    _mixed(owner, key, filled)
+    _twice(owner, rest, key, seen)
+    qm = _method(layer)
+    spec = qm.checkpoint_layout(layer)[rest]
+    name = f"{owner}.{rest}"
+    if "scale" in rest:
+        _check_scales(_read(layer, qm, spec, rest, key, f, name), rest, name)
+    else:  # (weights: the header alone)
+        _check_header(layer, qm, spec, rest, f.get_slice(key), name)
+    seen.add(rest)
+
+
+@torch.no_grad()
+def load(layer, owner: str, rest: str, key: str, f: Any, report: Any) -> None:
+    """Load checkpoint tensor ``key`` (``owner.rest``) from the open safetensors file ``f`` into ``layer``, after
+    ``precheck`` passed for every tensor of the checkpoint (composer.loading runs it first)."""
+    qm = _method(layer)
+    spec = qm.checkpoint_layout(layer)[rest]
+    if layer.quant_state == "unprocessed":
+        layer.quant_state = "prequantized"
+        layer.quant_loaded = set()
+    t = _read(layer, qm, spec, rest, key, f, f"{owner}.{rest}")
     report.bytes_read += t.numel() * t.element_size()
     report.loaded.append(key)
     device = layer.expert_map.device
@@ -137,22 +179,32 @@ def load(layer, owner: str, rest: str, key: str, f: Any, report: Any, filled: di
     layer.quant_loaded.add(rest)
 
 
+def _missing(owner: str, layer, loaded: set[str], unexpected: list[str] | None) -> None:
+    """Refuse a pre-quantized layer whose checkpoint lacks part of the method's layout."""
+    qm = _method(layer)
+    missing = [n for n, s in qm.checkpoint_layout(layer).items() if s.required and n not in loaded]
+    if missing:
+        raise WeightLoadError(
+            f"{owner}: the checkpoint is pre-quantized ({', '.join(sorted(loaded))}) but lacks "
+            f"{', '.join(f'{owner}.{n}' for n in missing)}, which {qm.name}{_params(layer)} needs; "
+            "check quant.* against the checkpoint's quantization config"
+            + (f" (checkpoint keys that matched nothing: {', '.join(unexpected[:4])}"
+               f"{' ...' if len(unexpected) > 4 else ''})" if unexpected else ""))
+
+
+def finish_precheck(experts: dict[str, Any], seen: dict[str, set[str]], unexpected: list[str]) -> None:
+    """After the header pre-check of all files: each layer with pre-quantized tensors has its whole layout."""
+    for owner, names in seen.items():
+        _missing(owner, experts[owner], names, unexpected)
+
+
 def finish(experts: dict[str, Any], filled: dict[str, set], unexpected: list[str] | None = None) -> None:
     """After all files: every pre-quantized layer must have its whole layout (else WeightLoadError, which also names
     the checkpoint keys that matched nothing: a misnamed scale shows up there)."""
     for owner, layer in experts.items():
-        qm = _method(layer)
-        if qm is None or getattr(layer, "quant_state", None) != "prequantized":
+        if _method(layer) is None or getattr(layer, "quant_state", None) != "prequantized":
             continue
-        layout = qm.checkpoint_layout(layer)
-        missing = [n for n, s in layout.items() if s.required and n not in layer.quant_loaded]
-        if missing:
-            raise WeightLoadError(
-                f"{owner}: the checkpoint is pre-quantized ({', '.join(sorted(layer.quant_loaded))}) but lacks "
-                f"{', '.join(f'{owner}.{n}' for n in missing)}, which {qm.name}{_params(layer)} needs; "
-                "check quant.* against the checkpoint's quantization config"
-                + (f" (checkpoint keys that matched nothing: {', '.join(unexpected[:4])}"
-                   f"{' ...' if len(unexpected) > 4 else ''})" if unexpected else ""))
+        _missing(owner, layer, layer.quant_loaded, unexpected)
         for attr in ("w13", "w2"):
             filled.setdefault(f"{owner}.{attr}", set()).add("all")
 

@@ -211,3 +211,41 @@ def test_a_quantized_tensor_in_two_files_is_refused(tmp_path, compose):
               str(tmp_path / "two" / "model-00002.safetensors"))
     with pytest.raises(WeightLoadError, match=rf"holds {P}w13_weight_scale_inv twice .*; keep one copy"):
         load_checkpoint(build(cfg, init=False), tmp_path / "two")
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("missing_scale", r"lacks layers.0.mlp.experts.w2_weight_scale"),
+    ("nan_scale", r"w2_weight_scale: 1 of its .* scales are not finite"),
+    ("scale_dtype", r"w2_weight_scale: checkpoint tensor has dtype torch.float64"),
+    ("float_copy", r"both float and quantized copies: keep one"),
+    ("twice", r"holds layers.0.mlp.experts.w2_weight_scale twice"),
+])
+def test_a_refused_prequantized_checkpoint_changes_nothing(tmp_path, compose, damage, says):
+    """Pre-quantized tensors were checked only as they loaded: a checkpoint refused for one had already overwritten
+    the weights read before it (here the non-expert ones, in the folder's first file). The pre-check now covers
+    their headers, the whole layout, float copies beside them and the scales' values."""
+    cfg, _, sd = _saved(tmp_path, compose, ["quant=int8_w8a16"])
+    experts = {k: v for k, v in sd.items() if k.startswith(P)}
+    others = {k: v * 2 for k, v in sd.items() if k not in experts}
+    d = tmp_path / "split"
+    d.mkdir()
+    if damage == "missing_scale":
+        experts.pop(P + "w2_weight_scale")
+    elif damage == "nan_scale":
+        experts[P + "w2_weight_scale"][0, 0] = float("nan")
+    elif damage == "scale_dtype":
+        experts[P + "w2_weight_scale"] = experts[P + "w2_weight_scale"].double()
+    elif damage == "float_copy":  # (sorts before the quantized names in its file)
+        experts[P + "down_proj"] = torch.randn(4, 32, 48).to(cfg.model.torch_dtype)
+    else:
+        save_file({P + "w2_weight_scale": experts[P + "w2_weight_scale"]}, str(d / "c.safetensors"))
+    save_file(others, str(d / "a.safetensors"))
+    save_file(experts, str(d / "b.safetensors"))
+    model = build(cfg, init=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.arange(p.numel()).reshape(p.shape) % 7)  # (known values: init=False leaves memory as is)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(WeightLoadError, match=says):
+        load_checkpoint(model, d)
+    assert [n for n, p in model.named_parameters() if not torch.equal(p, before[n])] == []
