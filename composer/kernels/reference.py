@@ -29,8 +29,7 @@ def check_inputs(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Te
     if topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != T:
         raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must both be "
                          f"[T={T}, k] (x is {tuple(x.shape)})")
-    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
-        raise ValueError(f"topk_ids must be an integer tensor (int32 or int64), got {topk_ids.dtype}")
+    check_ids_dtype(topk_ids)
     if not topk_weights.dtype.is_floating_point:
         raise ValueError(f"topk_weights must be floating point, got {topk_weights.dtype}")
     if w13.dim() != 3 or w2.dim() != 3:
@@ -49,6 +48,14 @@ def check_inputs(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Te
                     ("w13_bias", w13_bias), ("w2_bias", w2_bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, the hidden states on {x.device}: put them on one device")
+
+
+def check_ids_dtype(topk_ids: torch.Tensor) -> None:
+    """Integer expert ids, of any integer dtype: every backend reads them as int64 or int32 values (ids outside
+    [0, E) skipped). A float id would be truncated into some expert, a bool one read as a mask."""
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype.is_complex or topk_ids.dtype == torch.bool:
+        raise ValueError(f"topk_ids must be an integer tensor of expert ids (e.g. int32 or int64), got "
+                         f"{topk_ids.dtype}; pass integer ids, e.g. topk_ids.to(torch.int32)")
 
 
 def check_float_weights(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> None:

@@ -5,7 +5,7 @@ import torch
 
 from ..layers.modular_kernel import Experts, ExpertWeights
 from ..registry import KERNELS, QUANT_METHODS
-from .reference import check_activation_dtype, check_float_weights, torch_experts
+from .reference import check_activation_dtype, check_float_weights, check_ids_dtype, torch_experts
 
 
 @KERNELS.register("torch")
@@ -19,7 +19,7 @@ class TorchExperts(Experts):
 
     def apply(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               weights: ExpertWeights, activation: str) -> torch.Tensor:
-        _check_dtypes(x, weights)
+        _check_dtypes(x, topk_ids, weights)
         quant_act = None
         if weights.quant != "none":
             weights, topk_ids = _touched(weights, topk_ids)  # dequantize only the experts this call routes to
@@ -37,11 +37,13 @@ class TorchExperts(Experts):
                              weights.w13_bias, weights.w2_bias, quant_act=quant_act)
 
 
-def _check_dtypes(x: torch.Tensor, weights: ExpertWeights) -> None:
-    """Before any dequantization: floating hidden states, and for unquantized weights their own dtype (as the
-    Triton experts require; otherwise an fp16 x would be computed in the weights' bf16 and returned as fp16).
-    Quantized weights are dequantized to x.dtype, so any floating x fits them."""
+def _check_dtypes(x: torch.Tensor, topk_ids: torch.Tensor, weights: ExpertWeights) -> None:
+    """Before any dequantization: floating hidden states, integer ids (``_touched`` casts them to int64, which
+    would truncate float ids silently), and for unquantized weights their own dtype (as the Triton experts require;
+    otherwise an fp16 x would be computed in the weights' bf16 and returned as fp16). Quantized weights are
+    dequantized to x.dtype, so any floating x fits them."""
     check_activation_dtype(x)
+    check_ids_dtype(topk_ids)
     if weights.quant == "none":
         check_float_weights(x, weights.w13, weights.w2)
 
@@ -49,12 +51,15 @@ def _check_dtypes(x: torch.Tensor, weights: ExpertWeights) -> None:
 def _touched(weights: ExpertWeights, topk_ids: torch.Tensor) -> tuple[ExpertWeights, torch.Tensor]:
     """The weights of the experts ``topk_ids`` names, in id order, and the ids renumbered to them (an id outside
     [0, E), which contributes nothing, stays outside): the same products in the same order as with all the
-    experts, without dequantizing the ones no token uses (a decode step of deepseek_v3 touches 8 of 256)."""
+    experts, without dequantizing the ones no token uses (a decode step of deepseek_v3 touches 8 of 256).
+    Computed on int64 ids: any integer dtype is accepted (as by every backend), and a uint8 index tensor would be
+    read as a mask, a uint8 -1 wrap to 255."""
     E = weights.num_experts
-    valid = (topk_ids >= 0) & (topk_ids < E)
-    used = torch.unique(topk_ids[valid])
+    ids = topk_ids.to(torch.int64)
+    valid = (ids >= 0) & (ids < E)
+    used = torch.unique(ids[valid])
     if used.numel() == E:
-        return weights, topk_ids
-    local = torch.full((E,), -1, dtype=topk_ids.dtype, device=topk_ids.device)
-    local[used] = torch.arange(used.numel(), dtype=topk_ids.dtype, device=topk_ids.device)
-    return weights.select(used), torch.where(valid, local[topk_ids.clamp(0, E - 1)], -1)
+        return weights, ids
+    local = torch.full((E,), -1, dtype=torch.int64, device=ids.device)
+    local[used] = torch.arange(used.numel(), dtype=torch.int64, device=ids.device)
+    return weights.select(used), torch.where(valid, local[ids.clamp(0, E - 1)], -1)

@@ -88,6 +88,7 @@ class FusedMoE(PluggableLayer):
                                   "init=False): load a checkpoint with composer.loading.load_checkpoint(model, path), "
                                   "or copy the float weights in and call composer.factory.finish_loading(model), "
                                   "before running it")
+        self._check_inputs(hidden_states, topk_weights, topk_ids)
         if self.sequence_parallel:  # this rank's tokens: gather the group's, reduce-scatter the partial outputs
             from ..distributed.tp import sp_gather, sp_scatter
 
@@ -100,6 +101,18 @@ class FusedMoE(PluggableLayer):
 
             out = all_reduce(out, self.tp_group)
         return out
+
+    def _check_inputs(self, *tensors: Any) -> None:
+        """Tensors on the weights' device, metadata only: a user's mistake named here, not as an AttributeError or a
+        RuntimeError from inside torch (the kernels check shapes and dtypes)."""
+        device = self.w13.device
+        for name, t in zip(("hidden_states", "topk_weights", "topk_ids"), tensors):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"FusedMoE takes {name} as a torch.Tensor on {device}, got {type(t).__name__}; "
+                                f"convert it, e.g. torch.as_tensor({name}, device='{device}')")
+            if t.device != device:
+                raise ValueError(f"FusedMoE got {name} on {t.device}, its weights are on {device}: put {name} on "
+                                 f"{device}, e.g. {name}.to('{device}')")
 
     # ------------------------------------------------------------------------------------------
     # Weight loading (vLLM's contract): one checkpoint tensor for one expert and one shard.

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import PositiveInt, field_validator
 
 from ..errors import ConfigError, Problem
 from ..layers.modular_kernel import ExpertWeights
@@ -30,6 +30,7 @@ from .utils import (FP8_DTYPE, CkptTensor, QuantizedMethod, check_multiple, cuda
                     quant_fp8_block, quant_fp8_per_channel, quant_fp8_per_tensor, set_param)
 
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+F32_TINY, F32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
 FP8_MIN_CAPABILITY = (8, 9)
 
 
@@ -37,7 +38,7 @@ class Fp8Params(QuantParams):
     granularity: Literal["per_tensor", "per_token_channel", "block"] = "per_tensor"
     block_shape: tuple[PositiveInt, PositiveInt] = (128, 128)
     activation_scheme: Literal["dynamic", "static"] = "dynamic"
-    static_input_scale: float | None = Field(None, gt=0)
+    static_input_scale: float | None = None
 
     @field_validator("block_shape", mode="before")
     @classmethod
@@ -45,6 +46,16 @@ class Fp8Params(QuantParams):
         if isinstance(v, (list, tuple)) and len(v) != 2:
             raise ValueError(f"must be two sizes [block_n, block_k] (rows and columns of a scale block), got "
                              f"{len(v)}: {list(v)}")
+        return v
+
+    @field_validator("static_input_scale")
+    @classmethod
+    def _float32_scale(cls, v: float | None) -> float | None:
+        """The scale is stored in float32: below its smallest normal it rounds to (near) 0 and every activation
+        divided by it is inf or NaN; above its max it does not fit at all."""
+        if v is not None and not F32_TINY <= v <= F32_MAX:
+            raise ValueError(f"must be a float32 scale in [{F32_TINY:.4g}, {F32_MAX:.4g}] (it is stored in float32 "
+                             f"and divides the activations); a useful one is max |activation| / 448, e.g. 0.02")
         return v
 
 
@@ -163,13 +174,8 @@ class Fp8W8A8(QuantizedMethod):
     def post_load(self, layer) -> None:
         p: Fp8Params = self.params
         if p.granularity == "per_tensor" and layer.w13_weight_scale.dim() == 2:
-            # Checkpoints with one scale per shard (w1, w3): requantize both halves to their maximum (as vLLM).
-            s = layer.w13_weight_scale.float()
-            smax = s.amax(dim=1)
-            I = layer.intermediate_size
-            w = layer.w13.data.float()
-            halves = torch.cat([w[:, :I] * s[:, 0, None, None], w[:, I:] * s[:, 1, None, None]], dim=1)
-            set_param(layer, "w13", fp8_cast(halves, smax[:, None, None]))
+            w13, smax = requantize_shards(layer.w13.data, layer.w13_weight_scale.float(), layer.intermediate_size)
+            set_param(layer, "w13", w13)
             set_param(layer, "w13_weight_scale", smax)
         if p.granularity == "per_token_channel":
             for name in ("w13_weight_scale", "w2_weight_scale"):
@@ -220,3 +226,14 @@ class Fp8W8A8(QuantizedMethod):
             bk = weights.extra["block_shape"][1]
             return lambda t, stage: qdq_fp8_per_token_group(t, bk)
         return lambda t, stage: qdq_fp8_per_token(t)
+
+
+def requantize_shards(w13: torch.Tensor, scales: torch.Tensor, I: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checkpoints with one scale per shard (``scales [E, 2]``: w1, w3): both halves of ``w13 [E, 2I, H]``
+    requantized to their maximum (as vLLM). An expert whose scales are both 0 (a pruned expert saved with zero
+    scales) dequantizes to exactly zero: it keeps a zero scale and zero weights instead of dividing 0 by 0 (NaN)."""
+    smax = scales.amax(dim=1)
+    w = w13.float()
+    halves = torch.cat([w[:, :I] * scales[:, 0, None, None], w[:, I:] * scales[:, 1, None, None]], dim=1)
+    divisor = torch.where(smax > 0, smax, torch.ones_like(smax))  # (zero scale: the halves are 0 * q = 0 already)
+    return fp8_cast(halves, divisor[:, None, None]), smax

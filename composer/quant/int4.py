@@ -19,6 +19,12 @@ from .base import QuantParams, register_quant
 from .utils import CkptTensor, QuantizedMethod, dequant_int4, largest_pow2_divisor, quant_int4
 
 
+OTHER_METHODS = "pick another method, e.g. quant=int8_w8a16 or quant=fp8_w8a8"
+# (an odd size fits no group: int4 packs two values per byte along K, so even -1, one group per row, is refused)
+ODD_SIZES_HINT = ("int4 needs model.hidden_size and model.intermediate_size even (it packs two values per byte along "
+                  f"K), so no group_size fits, -1 neither; {OTHER_METHODS}")
+
+
 class Int4Params(QuantParams):
     group_size: int = Field(128, description="K elements per scale; -1 for one scale per output row")
     zero_point: bool = False
@@ -61,10 +67,10 @@ class Int4W4A16(QuantizedMethod):
             bad = [f"{n} = {s}" for n, s in (("model.hidden_size", H), ("model.intermediate_size", I)) if s % 2]
             if bad:
                 problems.append(("group_size", -1, f"int4 packs two values per byte along K, so "
-                                 f"{' and '.join(bad)} must be even"))
+                                 f"{' and '.join(bad)} must be even; no group_size fits it: {OTHER_METHODS}"))
         else:
             problems += _group_divides(params.group_size, (("model.hidden_size", H), ("model.intermediate_size", I)),
-                                       "or -1 (one group per row)", "use quant.group_size=-1 or another method")
+                                       "or -1 (one group per row)", ODD_SIZES_HINT)
         if params.zero_point and H % 2:
             problems.append(("zero_point", True, f"zero points are packed two per byte along the output dim, so "
                              f"model.hidden_size = {H} must be even; use quant.zero_point=false"))

@@ -74,3 +74,20 @@ def test_static_online_needs_a_scale(compose):
     cfg = compose("quant=fp8_w8a8", "quant.activation_scheme=static", "kernel=torch")
     with pytest.raises(ConfigError, match="quant.static_input_scale = None: fp8_w8a8 with activation_scheme=static"):
         build(cfg)
+
+
+@pytest.mark.parametrize("scale", ["0", "1e-45", "1e-50", "1e40"])
+def test_static_input_scale_must_fit_float32(scale):
+    """Stored in float32: 1e-50 became 0 (NaN outputs), 1e40 a RuntimeError at build; both are config problems."""
+    msg = problems("quant=fp8_w8a8", "quant.activation_scheme=static", f"quant.static_input_scale={scale}")
+    assert "quant.static_input_scale = " in msg and "must be a float32 scale in [1.175e-38, 3.403e+38]" in msg
+    load_config(None, ["device=cpu", "kernel=torch", "quant=fp8_w8a8", "quant.activation_scheme=static",
+                       "quant.static_input_scale=1.2e-38"])  # (the smallest normal float32 and up: fine)
+
+
+@pytest.mark.parametrize("group", ["16", "-1"])
+def test_int4_odd_size_suggests_another_method_not_minus_one(group):
+    """No group fits an odd size (-1 neither: two values per byte along K), so the hint names other methods."""
+    msg = problems("quant=int4_w4a16", f"quant.group_size={group}", "model.intermediate_size=81")
+    assert "model.intermediate_size = 81" in msg and "quant=int8_w8a16" in msg and "quant=fp8_w8a8" in msg
+    assert "use quant.group_size=-1" not in msg

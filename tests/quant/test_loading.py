@@ -105,6 +105,26 @@ def test_fp8_per_shard_scales_and_bf16_scales_load(tmp_path, compose):
     assert model.get_submodule(P[:-1]).w13_weight_scale.shape == (4,)
 
 
+def test_fp8_per_shard_zero_scales_load_as_a_zero_expert(tmp_path, compose):
+    """[E, 2] scales both 0 (a pruned expert saved with zero weights): requantizing to their max divided 0 by 0, NaN
+    weights, NaN for every token routed to it. It must load as zero weights with a zero scale: an exactly zero output."""
+    cfg, path, sd = _saved(tmp_path, compose, ["quant=fp8_w8a8", "model.dtype=float32"])
+    s = torch.stack([sd[P + "w13_weight_scale"]] * 2, 1)
+    s[1] = 0.0
+    sd[P + "w13_weight_scale"] = s
+    sd[P + "w13_weight"][1] = 0
+    save_file(sd, str(path))
+    model = build(cfg, init=False)
+    load_checkpoint(model, path)
+    layer = model.get_submodule(P[:-1])
+    assert torch.isfinite(layer.w13.float()).all() and layer.w13_weight_scale[1].item() == 0.0
+    x = tokens(cfg)
+    w, ids = torch.ones(x.shape[0], 1), torch.ones(x.shape[0], 1, dtype=torch.int32)  # every token to expert 1
+    with torch.no_grad():
+        assert torch.equal(layer(x, w, ids), torch.zeros_like(x))
+        assert torch.isfinite(model(x)).all()
+
+
 def test_online_quantization_of_a_bf16_checkpoint(tmp_path, compose):
     """An unquantized HF checkpoint loads into a quantized config and is quantized once, after loading."""
     plain = build(compose(*SMALL))
