@@ -46,10 +46,14 @@ def git_revision() -> str | None:
         return None
 
 
+NON_FINITE = ("nan", "inf", "-inf")  # how results.json spells float('nan'), float('inf'), float('-inf')
+
+
 def _clean(obj: Any) -> Any:
-    """JSON-safe: NaN/inf become None, tensors and paths become lists/strings."""
+    """JSON-safe: NaN/inf become the strings "nan", "inf", "-inf" (JSON has no such numbers; None would read as
+    "not measured", hiding a NaN output), tensors and paths become lists/strings."""
     if isinstance(obj, float):
-        return None if math.isnan(obj) or math.isinf(obj) else obj
+        return obj if math.isfinite(obj) else ("nan" if math.isnan(obj) else "inf" if obj > 0 else "-inf")
     if isinstance(obj, dict):
         return {str(k): _clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -59,6 +63,17 @@ def _clean(obj: Any) -> Any:
     if isinstance(obj, (str, int, bool)) or obj is None:
         return obj
     return str(obj)
+
+
+def revive(obj: Any) -> Any:
+    """The inverse of the non-finite spelling: "nan", "inf", "-inf" read back as floats (in dicts and lists)."""
+    if isinstance(obj, str) and obj in NON_FINITE:
+        return float(obj)
+    if isinstance(obj, dict):
+        return {k: revive(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [revive(v) for v in obj]
+    return obj
 
 
 def write_results(run_dir: Path, *, status: str, task: str | None, metrics: dict[str, Any] | None,
@@ -80,5 +95,5 @@ def write_results(run_dir: Path, *, status: str, task: str | None, metrics: dict
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     path = run_dir / "results.json"
-    path.write_text(json.dumps(_clean(doc), indent=2) + "\n")
+    path.write_text(json.dumps(_clean(doc), indent=2, allow_nan=False) + "\n")  # (valid JSON: no NaN tokens)
     return path

@@ -491,7 +491,7 @@ def tile_sources_line(result: dict[str, Any]) -> str | None:
 
 def run_bench(shape: Shape, tokens: list[int], kernel: str, device: torch.device, params: BenchParams,
               seed: int = 0, console: Any = None) -> dict[str, Any]:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from ..progress import progress
 
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -520,9 +520,8 @@ def run_bench(shape: Shape, tokens: list[int], kernel: str, device: torch.device
     meta["notes"] = {i.name: i.note for i in impls if i.note}
     rows: list[dict[str, Any]] = []
     ncases = len(tokens) * sum(1 for i in impls if i.fn is not None)
-    with Progress(TextColumn("[bold]bench[/bold] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=False) as progress:
-        task = progress.add_task(shape.name, total=ncases)
+    # (composer.progress: COMPOSER_PROGRESS=0 turns the bar off, and each case is logged)
+    with progress(f"bench {shape.name}", total=ncases, console=console) as bar:
         for T in tokens:
             x, tw, ids = make_routing(T, shape, device, gen)
             row: dict[str, Any] = {"T": T, **floor_ms(T, ids, shape, ceilings, per_expert), "impls": {}}
@@ -533,7 +532,7 @@ def run_bench(shape: Shape, tokens: list[int], kernel: str, device: torch.device
             for impl in impls:
                 if impl.fn is None:
                     continue
-                progress.update(task, description=f"{shape.name} T={T} {impl.name}")
+                bar.update(f"T={T} {impl.name}")
                 r: dict[str, Any] = {}
                 try:
                     fn = lambda impl=impl: impl.fn(x, tw, ids)  # noqa: E731
@@ -564,7 +563,7 @@ def run_bench(shape: Shape, tokens: list[int], kernel: str, device: torch.device
                 except Exception as exc:  # noqa: BLE001
                     r["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
                 row["impls"][impl.name] = r
-                progress.advance(task)
+                bar.advance()
                 if cuda:
                     torch.cuda.empty_cache()
             best = _best_ms(row["impls"].get(f"composer {kernel}", {}))

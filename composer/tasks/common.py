@@ -71,9 +71,10 @@ def oracle_metrics(model: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, c
 
 
 def slot_table(title: str) -> Table:
+    """The run / check table; its error column is ``rel_error``: ||got - oracle||_F / ||oracle||_F (no maximum)."""
     t = Table(title=title, title_justify="left")
     for col, kw in (("module", {}), ("registry name", {}), ("implementation", {}), ("params", {"justify": "right"}),
-                    ("checksum", {}), ("max err vs ref", {"justify": "right"}), ("time ms", {"justify": "right"})):
+                    ("checksum", {}), ("rel. err vs oracle", {"justify": "right"}), ("time ms", {"justify": "right"})):
         t.add_column(col, **kw)
     return t
 

@@ -16,9 +16,13 @@ Writes into ``task.out`` (default ``<dir>/report``):
 
 Per-token data is read from ``metrics["rows"]`` (a list of dicts). Two shapes are understood: flat rows
 (``tokens``/``T``, ``implementation``, ``time_ms``/``time_us``, ``mode``, ``floor_ms``/``floor_us``,
-``pct_of_floor``, ``rel_err``, ``error``) and task=bench's rows (``T``, ``floor_ms``, ``impls: {name:
-{eager_ms, graph_ms, rel_err, graph_rel_err, error}}``). A run without rows but with scalar ``tokens`` and
-``time_ms`` (task=run, task=check) gives one point, its implementation being the resolved kernel.
+``pct_of_floor``, ``rel_err``, ``error``; the Transformers-backend bench's ``prefill_ms``/``decode_ms`` give a
+prefill and a decode record, with ``rel_err_vs_eager`` on the prefill) and task=bench's rows (``T``, ``floor_ms``,
+``impls: {name: {eager_ms, graph_ms, rel_err, graph_rel_err, error}}``). The expert- and tensor-parallel benches'
+``metrics["ep_bench"]`` / ``metrics["tp_bench"]`` give one record per phase (dispatch, compute, combine or
+allreduce, total: ``rel_err_vs_single`` on the total) and a ``single rank`` one. A run without rows but with
+scalar ``tokens`` and ``time_ms`` (task=run, task=check) gives one point, its implementation being the resolved
+kernel. Errors read back as written, NaN and inf included (results.json spells them "nan", "inf").
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from pydantic import Field
 
 from ..errors import ConfigError, Problem, did_you_mean
 from ..progress import track
-from ..results import RESULTS_SCHEMA
+from ..results import RESULTS_SCHEMA, revive
 from . import Task, TaskContext, TaskFailed, TaskParams, register_task
 
 log = logging.getLogger(__name__)
@@ -68,9 +72,9 @@ class RunRecord:
     doc: dict[str, Any] = field(default_factory=dict)
 
 
-def _natural(path: Path) -> list[Any]:
-    """multirun/.../2 before .../10."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(path))]
+def _natural(path: Path | str) -> list[Any]:
+    """multirun/.../2 before .../10 (and a legend's T=4 before T=16)."""
+    return [int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", str(path)))]
 
 
 def parse_override(o: str) -> tuple[str, str]:
@@ -92,9 +96,17 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _num(v: Any) -> float | None:
+    """A finite number, else None: what a time, a floor or a token count must be to be plotted."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
     return None if math.isnan(v) or math.isinf(v) else float(v)
+
+
+def _err(v: Any) -> float | None:
+    """An error as measured, NaN and inf included (a NaN output is a result to show, not a missing one)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
 
 
 def _first(d: dict[str, Any], *keys: str) -> Any:
@@ -104,50 +116,101 @@ def _first(d: dict[str, Any], *keys: str) -> Any:
     return None
 
 
+TOKEN_KEYS = ("tokens", "T", "num_tokens", "tokens_per_rank")
+# flat rows: one time, in ms or µs; failing that, a time per mode (the Transformers-backend bench: prefill, decode)
+TIME_MS_KEYS, TIME_US_KEYS = ("time_ms", "eager_ms", "median_ms"), ("time_us", "median_us")
+MODE_TIMES = ("prefill", "decode")
+ERR_KEYS = ("rel_err", "error_rel", "rel_err_vs_eager", "rel_err_vs_single")
+# the distributed benches: metrics key -> (implementation label, its phases as (mode, time key), the key of the
+# phase that carries the error vs the single-rank run); each row also gives a "single rank" point
+PHASED = {
+    "ep_bench": (lambda r: f"ep_size={r.get('ep_size')} {r.get('all2all')}",
+                 (("dispatch", "dispatch_ms"), ("compute", "compute_ms"), ("combine", "combine_ms"),
+                  ("total", "ep_total_ms")), "total"),
+    "tp_bench": (lambda r: f"tp_size={r.get('tp_size')}",
+                 (("compute", "compute_ms"), ("allreduce", "allreduce_ms"), ("total", "total_ms")), "total"),
+}
+TIME_FIELDS = (*TIME_MS_KEYS, *TIME_US_KEYS, "eager_ms / graph_ms", *(f"{m}_ms" for m in MODE_TIMES),
+               "ep_total_ms", "total_ms", "single_rank_ms")  # (named when rows have none of them)
+
+
+def _dict_rows(v: Any) -> list[dict[str, Any]] | None:
+    return v if isinstance(v, list) and v and all(isinstance(r, dict) for r in v) else None
+
+
 def normalize_rows(metrics: dict[str, Any], config: dict[str, Any], resolved: dict[str, Any] | None = None
                    ) -> list[dict[str, Any]]:
     """Per-token records ``{tokens, implementation, mode, time_ms, floor_ms, pct_of_floor, rel_err, error}``;
     ``resolved`` is results.json's record of what 'auto' became (``{"kernel": "torch", ...}``)."""
     kernel = config.get("kernel", {}) if isinstance(config.get("kernel"), dict) else {}
     default_impl = (resolved or {}).get("kernel") or kernel.get("resolved") or kernel.get("name") or "composer"
-    out: list[dict[str, Any]] = []
-    rows = metrics.get("rows")
-    if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
-        for r in rows:
-            tokens = _num(_first(r, "tokens", "T", "num_tokens"))
-            floor = _num(r.get("floor_ms"))
-            if floor is None and _num(r.get("floor_us")) is not None:
-                floor = _num(r["floor_us"]) / 1e3
-            if isinstance(r.get("impls"), dict):  # task=bench: {T, floor_ms, impls: {name: {...}}}
-                for name, m in r["impls"].items():
-                    if not isinstance(m, dict):
-                        continue
-                    timed = [(mode, _num(m.get(f"{mode}_ms"))) for mode in ("eager", "graph")]
-                    timed = [(mode, t) for mode, t in timed if t is not None]
-                    if not timed:
-                        out.append(_record(tokens, name, "eager", None, floor, None, m.get("error") or "not timed"))
-                    for mode, t in timed:
-                        err = _num(m.get("graph_rel_err" if mode == "graph" else "rel_err"))
-                        if mode == "graph" and err is None:
-                            err = _num(m.get("rel_err"))
-                        out.append(_record(tokens, name, mode, t, floor, err, m.get("error")))
-                    if "graph_error" in m and not any(mode == "graph" for mode, _ in timed):
-                        out.append(_record(tokens, name, "graph", None, floor, None, m["graph_error"]))
-            else:  # flat rows
-                t = _num(_first(r, "time_ms", "eager_ms", "median_ms"))
-                if t is None and _num(_first(r, "time_us", "median_us")) is not None:
-                    t = _num(_first(r, "time_us", "median_us")) / 1e3
-                rec = _record(tokens, str(_first(r, "implementation", "impl", "name") or default_impl),
-                              str(r.get("mode") or "eager"), t, floor, _num(_first(r, "rel_err", "error_rel")),
-                              r.get("error") if isinstance(r.get("error"), str) else None)
-                if _num(r.get("pct_of_floor")) is not None:
-                    rec["pct_of_floor"] = _num(r["pct_of_floor"])
-                out.append(rec)
-        return out
+    rows = _dict_rows(metrics.get("rows"))
+    if rows:
+        return [rec for r in rows for rec in (_bench_row(r) if isinstance(r.get("impls"), dict)
+                                              else _flat_row(r, str(default_impl)))]
+    for key, spec in PHASED.items():
+        if _dict_rows(metrics.get(key)):
+            return [rec for r in metrics[key] for rec in _phased_row(r, *spec)]
     tokens, t = _num(metrics.get("tokens")), _num(metrics.get("time_ms"))
     if tokens is not None and t is not None:
-        out.append(_record(tokens, str(default_impl), "eager", t, _num(metrics.get("floor_ms")),
-                           _num(_first(metrics, "output_rel_err", "rel_err")), None))
+        return [_record(tokens, str(default_impl), "eager", t, _num(metrics.get("floor_ms")),
+                        _err(_first(metrics, "output_rel_err", "rel_err")), None)]
+    return []
+
+
+def _floor(r: dict[str, Any]) -> float | None:
+    floor = _num(r.get("floor_ms"))
+    return floor if floor is not None or _num(r.get("floor_us")) is None else _num(r["floor_us"]) / 1e3
+
+
+def _bench_row(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """task=bench: ``{T, floor_ms, impls: {name: {eager_ms, graph_ms, rel_err, graph_rel_err, error}}}``."""
+    tokens, floor, out = _num(_first(r, *TOKEN_KEYS)), _floor(r), []
+    for name, m in r["impls"].items():
+        if not isinstance(m, dict):
+            continue
+        timed = [(mode, t) for mode in ("eager", "graph") if (t := _num(m.get(f"{mode}_ms"))) is not None]
+        if not timed:
+            out.append(_record(tokens, name, "eager", None, floor, None, m.get("error") or "not timed"))
+        for mode, t in timed:
+            err = _err(m.get("graph_rel_err" if mode == "graph" else "rel_err"))
+            if mode == "graph" and err is None:
+                err = _err(m.get("rel_err"))
+            out.append(_record(tokens, name, mode, t, floor, err, m.get("error")))
+        if "graph_error" in m and not any(mode == "graph" for mode, _ in timed):
+            out.append(_record(tokens, name, "graph", None, floor, None, m["graph_error"]))
+    return out
+
+
+def _flat_row(r: dict[str, Any], default_impl: str) -> list[dict[str, Any]]:
+    """A flat row: one time (``time_ms``, ``time_us``, ...) or one per mode (``prefill_ms``, ``decode_ms``: the
+    Transformers-backend bench, whose error of the prefill logits goes with the prefill); no time: one untimed
+    record."""
+    tokens, floor = _num(_first(r, *TOKEN_KEYS)), _floor(r)
+    impl = str(_first(r, "implementation", "impl", "name") or default_impl)
+    err, error = _err(_first(r, *ERR_KEYS)), r.get("error") if isinstance(r.get("error"), str) else None
+    t = _num(_first(r, *TIME_MS_KEYS))
+    if t is None and _num(_first(r, *TIME_US_KEYS)) is not None:
+        t = _num(_first(r, *TIME_US_KEYS)) / 1e3
+    per_mode = [(m, _num(r.get(f"{m}_ms"))) for m in MODE_TIMES if _num(r.get(f"{m}_ms")) is not None]
+    if t is not None or not per_mode:
+        rec = _record(tokens, impl, str(r.get("mode") or "eager"), t, floor, err, error)
+        if _num(r.get("pct_of_floor")) is not None:
+            rec["pct_of_floor"] = _num(r["pct_of_floor"])
+        return [rec]
+    return [_record(tokens, impl, m, tm, floor, err if m == "prefill" else None, error) for m, tm in per_mode]
+
+
+def _phased_row(r: dict[str, Any], label: Any, phases: tuple[tuple[str, str], ...], err_phase: str
+                ) -> list[dict[str, Any]]:
+    """A distributed bench row: each phase's time, the error vs the single-rank run on the total, and the
+    single-rank time beside it (the speed-up's baseline)."""
+    tokens, impl = _num(_first(r, *TOKEN_KEYS)), label(r)
+    err = _err(r.get("rel_err_vs_single"))
+    out = [_record(tokens, impl, mode, _num(r.get(key)), None, err if mode == err_phase else None, None)
+           for mode, key in phases if key in r]
+    if "single_rank_ms" in r:
+        out.append(_record(tokens, "single rank", err_phase, _num(r["single_rank_ms"]), None, None, None))
     return out
 
 
@@ -183,6 +246,8 @@ def collect(root: Path, show_progress: bool = True) -> list[RunRecord]:
         rel = str(run_dir.relative_to(root)) if run_dir != root else "."
         try:
             doc = json.loads(f.read_text())
+            if isinstance(doc, dict) and isinstance(doc.get("metrics"), dict):
+                doc["metrics"] = revive(doc["metrics"])  # ("nan", "inf": results.json's spelling of those floats)
         except (OSError, ValueError, RecursionError) as exc:  # (RecursionError: nested deeper than Python recurses)
             records.append(RunRecord(rel, "unreadable", error=f"{f}: not valid JSON ({exc})",
                                      overrides=dict(map(parse_override, _read_overrides(run_dir)))))
@@ -313,15 +378,29 @@ def write_csv(path: Path, header: list[str], body: list[list[Any]]) -> None:
             w.writerow(["" if v is None else v for v in line])
 
 
+X_KEYS = ("task.tokens",)  # the plots' x axis: a sweep over it is one line per series, not one point per value
+
+
 def series_label(r: RunRecord, row: dict[str, Any], keys: list[str], modes: int) -> str:
     label = row["implementation"] + (f" ({row['mode']})" if modes > 1 else "")
     # a swept kernel is left out of the label when the implementation's name already says it
-    rest = [f"{k}={key_value(r, k)}" for k in keys
-            if not (k.split(".")[0] == "kernel" and str(key_value(r, k)) in row["implementation"].split())]
+    rest = [f"{k}={key_value(r, k)}" for k in keys if k not in X_KEYS
+            and not (k.split(".")[0] == "kernel" and str(key_value(r, k)) in row["implementation"].split())]
     return label + (f" [{', '.join(rest)}]" if rest else "")
 
 
 LEGEND_MAX = 20  # series a plot labels; past that the plot says how many and rows.csv names them
+
+
+def _no_times_why(records: list[RunRecord]) -> str:
+    """Why time_vs_tokens has nothing to draw: no rows at all, or rows in a shape this report does not read."""
+    rows = [row for r in records if r.status == "ok" for row in r.rows]
+    if not rows:
+        return "no run has per-token times (metrics rows, or tokens + time_ms)"
+    if all(row["tokens"] is None for row in rows):
+        return f"the runs have per-token rows, but none with a token count ({', '.join(TOKEN_KEYS)})"
+    return (f"the runs have per-token rows, but none with a time field this report reads ({', '.join(TIME_FIELDS)}); "
+            "the per-token table lists them")
 
 
 def draw_plots(out: Path, records: list[RunRecord], keys: list[str]) -> tuple[dict[str, Path], dict[str, str]]:
@@ -344,24 +423,27 @@ def draw_plots(out: Path, records: list[RunRecord], keys: list[str]) -> tuple[di
             if row["tokens"] is not None:
                 series.setdefault(series_label(r, row, keys, modes), []).append((r, row))
     specs = {
-        "time_vs_tokens": ("time_ms", "time (ms)", "time vs tokens", True,
-                           "no run has per-token times (metrics rows, or tokens + time_ms)"),
+        "time_vs_tokens": ("time_ms", "time (ms)", "time vs tokens", True, _no_times_why(records)),
         "pct_of_floor": ("pct_of_floor", "% of floor (floor / time)", "percent of the floor", False,
                          "no run has a floor (task=bench measures one on CUDA)"),
         "error": ("rel_err", "relative error", "relative Frobenius error vs reference", True,
-                  "no run reports a relative error"),
+                  "every relative error is NaN or inf (the tables show them)"
+                  if any(row["rel_err"] is not None for pts in series.values() for _, row in pts)
+                  else "no run reports a relative error"),
     }
     written: dict[str, Path] = {}
     skipped: dict[str, str] = {}
     for name, (field_, ylabel, title, logy, why) in specs.items():
-        lines = {label: sorted((row["tokens"], row[field_]) for _, row in pts if row[field_] is not None)
+        # (a NaN or inf error has no place on a log axis: the tables show it)
+        lines = {label: sorted((row["tokens"], row[field_]) for _, row in pts
+                               if row[field_] is not None and math.isfinite(row[field_]))
                  for label, pts in series.items()}
         lines = {k: v for k, v in lines.items() if v}
         if not lines:
             skipped[name] = why
             continue
         fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-        for label, pts in sorted(lines.items()):
+        for label, pts in sorted(lines.items(), key=lambda item: _natural(item[0])):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         xs = sorted({p[0] for pts in lines.values() for p in pts})
         if len(xs) > 1 and xs[0] > 0 and xs[-1] / xs[0] >= 10:
@@ -460,6 +542,40 @@ def _newest_sweep(cwd: Path) -> Path | None:
     return max(sweeps, key=ran) if sweeps else None
 
 
+def write_report(out: Path, root: Path, records: list[RunRecord], keys: list[str], title: str, plots_on: bool
+                 ) -> tuple[list[str], dict[str, str]]:
+    """report.csv, rows.csv, the plots and report.md into ``out`` (made if missing); returns (the files written,
+    the plots not drawn -> why). Raises OSError where ``out`` cannot be made or written."""
+    out.mkdir(parents=True, exist_ok=True)
+    # the CSV carries every flattened scalar metric, not only the top-level ones
+    all_metrics: list[str] = []
+    for r in records:
+        all_metrics += [k for k in r.metrics if k not in all_metrics]
+    # (a chosen column already in the table, such as a swept `task` or a metric, is not written twice: a CSV
+    # reader keeps one of two equal names)
+    extra = [("status", lambda r: r.status), ("task", lambda r: r.task),
+             *((m, lambda r, m=m: r.metrics.get(m)) for m in all_metrics),
+             ("error", lambda r: r.error), ("config_hash", lambda r: r.doc.get("config_hash")),
+             ("device_name", lambda r: r.doc.get("device_name")), ("finished_at", lambda r: r.doc.get("finished_at"))]
+    extra = [(c, get) for c, get in extra if c not in keys and c != "run"]
+    csv_header = ["run", *keys, *(c for c, _ in extra)]
+    csv_body = [[r.path, *(key_value(r, k) for k in keys), *(get(r) for _, get in extra)] for r in records]
+    write_csv(out / "report.csv", csv_header, csv_body)
+    files = ["report.md", "report.csv"]
+    if any(r.rows for r in records):
+        write_csv(out / "rows.csv", ["run", *keys, "status", *ROW_FIELDS],
+                  [[r.path, *(key_value(r, k) for k in keys), r.status, *(row[f] for f in ROW_FIELDS)]
+                   for r in records for row in r.rows])
+        files.append("rows.csv")
+    plots: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
+    if plots_on:
+        plots, skipped = draw_plots(out, records, keys)
+        files += [f.name for f in plots.values()]
+    (out / "report.md").write_text(markdown(title, root, records, keys, plots, skipped, files))
+    return files, skipped
+
+
 @register_task("report")
 class Report(Task):
     Params = ReportParams
@@ -478,7 +594,7 @@ class Report(Task):
                                        "multirun/<date>/<time>")])
         out = user_path(p.out) if p.out else root / "report"
         if out.exists() and not out.is_dir():
-            raise ConfigError([Problem("task.out", p.out, "is a file; the report writes several files into a "
+            raise ConfigError([Problem("task.out", p.out if p.out else str(out), "is a file; the report writes several files into a "
                                        "directory: give a directory (made if missing)")])
         records = collect(root)
         if not records:
@@ -490,37 +606,14 @@ class Report(Task):
             known = sorted({k for r in records for k in (*r.overrides, *r.config, *r.metrics)})
             raise ConfigError([Problem("task.columns", k, "no run has this key (a config key such as model.top_k, "
                                        "an override, or a metric)" + did_you_mean(k, known)) for k in unknown])
-        out.mkdir(parents=True, exist_ok=True)
-
-        header, body = run_table(records, keys)
-        # the CSV carries every flattened scalar metric, not only the top-level ones
-        all_metrics: list[str] = []
-        for r in records:
-            all_metrics += [k for k in r.metrics if k not in all_metrics]
-        # (a chosen column already in the table, such as a swept `task` or a metric, is not written twice: a CSV
-        # reader keeps one of two equal names)
-        extra = [("status", lambda r: r.status), ("task", lambda r: r.task),
-                 *((m, lambda r, m=m: r.metrics.get(m)) for m in all_metrics),
-                 ("error", lambda r: r.error), ("config_hash", lambda r: r.doc.get("config_hash")),
-                 ("device_name", lambda r: r.doc.get("device_name")), ("finished_at", lambda r: r.doc.get("finished_at"))]
-        extra = [(c, get) for c, get in extra if c not in keys and c != "run"]
-        csv_header = ["run", *keys, *(c for c, _ in extra)]
-        csv_body = [[r.path, *(key_value(r, k) for k in keys), *(get(r) for _, get in extra)] for r in records]
-        write_csv(out / "report.csv", csv_header, csv_body)
-        files = ["report.md", "report.csv"]
-        if any(r.rows for r in records):
-            write_csv(out / "rows.csv", ["run", *keys, "status", *ROW_FIELDS],
-                      [[r.path, *(key_value(r, k) for k in keys), r.status, *(row[f] for f in ROW_FIELDS)]
-                       for r in records for row in r.rows])
-            files.append("rows.csv")
-        plots: dict[str, Path] = {}
-        skipped: dict[str, str] = {}
-        if p.plots:
-            plots, skipped = draw_plots(out, records, keys)
-            files += [f.name for f in plots.values()]
         title = p.title or f"composer report: {root}"
-        (out / "report.md").write_text(markdown(title, root, records, keys, plots, skipped, files))
-
+        try:
+            files, skipped = write_report(out, root, records, keys, title, p.plots)
+        except OSError as exc:  # (a folder below a file, no permission, a full disk: a config problem, no traceback)
+            raise ConfigError([Problem("task.out", p.out if p.out else str(out), f"cannot create or write "
+                                       f"{exc.filename or out} ({exc.strerror or exc}): give a writable folder "
+                                       "(made if missing)")]) from None
+        header, body = run_table(records, keys)
         self._print(ctx, title, header, body, records, out, files)
         counts = {s: sum(r.status == s for r in records)
                   for s in ("ok", "failed", "interrupted", "missing", "unreadable")}

@@ -1,6 +1,8 @@
 """task=run (the default job): build, forward random tokens, compare with the oracle, print the table."""
 from __future__ import annotations
 
+import logging
+import math
 import statistics
 from typing import Any
 
@@ -12,6 +14,8 @@ from ..registry import LAYERS
 from . import Task, TaskContext, TaskParams, register_task
 from .common import checksum, compare, make_runner, make_tokens, oracle_metrics, slot_table, time_runner
 from ..checking import time_modules
+
+log = logging.getLogger(__name__)
 
 
 class RunParams(TaskParams):
@@ -57,7 +61,33 @@ def run_and_report(cfg: Any, ctx: TaskContext, p: RunParams, title: str, toleran
         metrics["output_rel_err_unquantized"] = cmp["output_rel_err_unquantized"]
     if cfg.compile or cfg.cuda_graph:
         metrics.update(check_mode(model, x, cfg, p, ctx, total_ms))
+    warn_nonfinite(metrics)
     return metrics
+
+
+def nonfinite_errors(metrics: dict[str, Any]) -> list[str]:
+    """The errors vs the oracle that are NaN or inf (``name value``): top-level ``*rel_err*`` and each layer's."""
+    def bad(v: Any) -> bool:
+        return isinstance(v, float) and not math.isfinite(v)
+
+    found = [f"{k} {v}" for k, v in metrics.items() if "rel_err" in k and bad(v)]
+    for group in ("layers", "mode_layers"):
+        for name, s in (metrics.get(group) or {}).items():
+            found += [f"{name} {k} {v}" for k, v in s.items() if "rel_err" in k and bad(v)]
+    return found
+
+
+def warn_nonfinite(metrics: dict[str, Any]) -> None:
+    """A NaN or inf error is no measurement of accuracy: the output (or a layer's) holds NaN or inf. Logged as a
+    warning (the console and the run's log) and recorded as ``metrics["warning"]``, so a run that succeeded does
+    not hide it."""
+    found = nonfinite_errors(metrics)
+    if not found:
+        return
+    text = (f"non-finite error vs the float64 oracle ({'; '.join(found)}): the output holds NaN or inf (an overflow "
+            "in a low-precision dtype, say), so it is wrong whatever the tolerance; task=check fails such a run")
+    metrics["warning"] = text
+    log.warning(text)
 
 
 def check_mode(model: Any, x: Any, cfg: Any, p: RunParams, ctx: TaskContext, eager_ms: float) -> dict[str, Any]:

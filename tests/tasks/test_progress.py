@@ -57,3 +57,20 @@ def test_env_switch_and_errors(monkeypatch, caplog):
     with pytest.raises(ValueError, match="total must be >= 0"):
         with P.progress("x", total=-1):
             pass
+
+
+def test_bench_bar_is_composer_progress(tmp_path, monkeypatch, caplog):
+    """task=bench drew its own rich bar: COMPOSER_PROGRESS=0 did not turn it off, and nothing reached the log."""
+    from composer import load_config
+    from composer.tasks import TaskContext
+    from composer.tasks.bench import Bench
+
+    monkeypatch.setenv("COMPOSER_PROGRESS", "0")
+    cfg = load_config(None, ["device=cpu", "kernel=torch", "model.num_layers=1", "task=bench", "task.tokens=[1]",
+                             "task.peers=false", "task.iters=1", "task.min_iters=1", "task.warmup=0"])
+    buf = io.StringIO()
+    with caplog.at_level(logging.DEBUG, logger="composer.progress"):
+        Bench().run(cfg, TaskContext(run_dir=tmp_path, console=Console(file=buf, force_terminal=True, width=200)))
+    assert "\x1b[?25l" not in buf.getvalue()  # (a live display hides the cursor)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert "bench tiny: started (1 steps)" in msgs and "bench tiny: T=1 composer torch" in msgs
