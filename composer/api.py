@@ -17,17 +17,48 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def sweep_values(override: Any) -> list[str]:
+    """The values a parsed sweep override stands for, as Hydra's basic sweeper enumerates them. Hydra's parser alone
+    cannot expand ``glob()`` (it needs the sweeper's config loader), so a config group's glob is matched here against
+    that group's options; a sweep the basic sweeper does not run (``interval()``, ``glob()`` of a plain key) is a
+    ConfigError saying what to write instead."""
+    from hydra.core.override_parser.types import ValueType
+
+    key, given = override.get_key_element(), override.input_line.partition("=")[2]
+    if override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+        if not (CONF_DIR / override.key_or_group).is_dir():
+            raise ConfigError([Problem(key, given, f"glob() chooses among a config group's options ({', '.join(GROUPS)}"
+                                       f", +deploy, +experiment); {override.key_or_group} is no config group: list "
+                                       "its values (a,b,c) or use range()")])
+        return override.value().filter(group_options(override.key_or_group))
+    if not override.is_discrete_sweep():
+        raise ConfigError([Problem(key, given, "Hydra's basic sweeper enumerates choice lists (1,2,4), range() and "
+                                   "glob() only, not interval(); list the values (e.g. 1,2 or range(1,3): the end is "
+                                   "left out)")])
+    return [str(v) for v in override.sweep_string_iterator()]
+
+
 def check_group_choice(group: str, value: str) -> Problem | None:
     options = group_options(group)
     if value in options:
         return None
     hint = did_you_mean(value, options)
-    if group in _REGISTRY_GROUPS:  # (an implementation a plugin registers has no file in conf/)
+    internal = _internal(group, value)
+    if internal:  # (registered, but only for the code that builds it: no layer.name= hint either)
+        hint += f" {value} is {internal}"
+    elif group in _REGISTRY_GROUPS:  # (an implementation a plugin registers has no file in conf/)
         hint += f" A {group} registered without a config file (a plugin's) is chosen with {group}.name={value}"
     return Problem(group, value, f"no such {group} config; choose one of: {', '.join(options)}.{hint}")
 
 
 _REGISTRY_GROUPS = ("kernel", "layer", "quant", "all2all", "task")
+
+
+def _internal(group: str, value: Any) -> str | None:
+    """Why the registered name ``value`` is no choice of ``group`` (an internal class), else None."""
+    from .config import NAMED_SECTIONS
+
+    return NAMED_SECTIONS[group].internal(value) if group in NAMED_SECTIONS else None
 
 
 def choice_problems(choices: Sequence[tuple[str, Sequence[Any]]]) -> list[Problem]:
@@ -111,13 +142,101 @@ def _compose(config_name: str, overrides: Sequence[str]) -> dict[str, Any]:
         if forced != list(overrides):
             try:
                 with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-                    validate_config(to_plain(compose(config_name=config_name, overrides=forced)))
+                    validate_composed(to_plain(compose(config_name=config_name, overrides=forced)), forced)
             except ConfigError as problem:
                 raise problem from None
             except Exception:  # noqa: BLE001 - (not that: Hydra's own message below)
                 pass
         raise ConfigError([Problem("overrides", list(overrides), str(exc).strip())]) from None
-    return to_plain(cfg)
+    return overlay_choices(to_plain(cfg), overrides)
+
+
+def _overlays(overrides: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """(``+deploy=<name>``, the keys its file sets at the top level, its ``defaults`` included) for each overlay of
+    ``overrides`` (+deploy=, +experiment=: a file marked ``# @package _global_``)."""
+    from .launchers import OVERLAYS
+
+    out = []
+    for o in overrides:
+        key, _, name = o.partition("=")
+        if key.startswith("+") and key.lstrip("+") in OVERLAYS and name and "," not in name:
+            _, top = _group_default(key.lstrip("+"), name)
+            if top:
+                out.append((f"+{key.lstrip('+')}={name}", top))
+    return out
+
+
+def _set_keys(overrides: Sequence[str]) -> set[str]:
+    """The keys the command line sets itself (``quant``, ``quant.granularity``, ``~model``: ``model``)."""
+    return {o.partition("=")[0].lstrip("+~") for o in overrides}
+
+
+def _chosen_here(key: str, set_here: set[str]) -> bool:
+    """Whether ``key`` is one of ``set_here`` or below one (a group choice, ``quant=none``, sets no key below it)."""
+    return any(key == k or key.startswith(k + ".") and k not in GROUPS for k in set_here)
+
+
+def overlay_choices(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``raw`` with the keys an overlay set for its own choice of a group taken back where the command line chose
+    another option of that group. Hydra merges +deploy=h100_fp8's ``quant.granularity`` (meant for its fp8_w8a8) into
+    whatever quant the command line picks (``quant=none`` then refuses the key); as a deployment file's section under
+    load_config, a new choice starts from its own defaults (conf/<group>/<choice>.yaml), except keys the command line
+    sets itself."""
+    raw, set_here = dict(raw), _set_keys(overrides)
+    chosen = {k: v for k, _, v in (o.partition("=") for o in overrides) if k in GROUPS}
+    for _, top in _overlays(overrides):
+        theirs = {defaults_group(k): v for item in top.get("defaults") or [] if isinstance(item, dict)
+                  for k, v in item.items()}
+        for group, section in top.items():
+            if group not in chosen or not isinstance(section, dict) or chosen[group] == theirs.get(group):
+                continue
+            if not isinstance(raw.get(group), dict):
+                continue
+            own, _ = _group_default(group, chosen[group])
+            raw[group] = dict(raw[group])
+            for k in section:
+                if _chosen_here(f"{group}.{k}", set_here):
+                    continue
+                if k in own:
+                    raw[group][k] = own[k]
+                else:
+                    raw[group].pop(k, None)
+    return raw
+
+
+def validate_composed(raw: dict[str, Any], overrides: Sequence[str], source: str | None = None) -> ComposerConfig:
+    """validate_config for a config composed from the shipped tree with ``overrides``: an overlay's keys for another
+    choice taken back (overlay_choices), and a problem with a key an overlay set says which overlay set it."""
+    try:
+        return validate_config(overlay_choices(raw, overrides), source=source)
+    except ConfigError as err:
+        set_here = _set_keys(overrides)
+        problems = [_from_overlay(p, overrides, set_here) for p in err.problems]
+        raise ConfigError(problems, err.source) from None
+
+
+def _from_overlay(p: Problem, overrides: Sequence[str], set_here: set[str]) -> Problem:
+    """``p`` ending with the overlay that set its key, unless the command line set that key itself."""
+    if _chosen_here(p.key, set_here):
+        return p
+    for overlay, top in reversed(_overlays(overrides)):  # (the last one given wins)
+        keys = _leaves(top) | {defaults_group(k) for item in top.get("defaults") or [] if isinstance(item, dict)
+                               for k in item}
+        if _chosen_here(p.key, keys):
+            return Problem(p.key, p.value, f"{p.message} ({p.key} comes from {overlay}; set it on the command line "
+                           "to override)")
+    return p
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    """The dotted keys of a mapping's leaves, ``defaults`` and ``hydra`` left out."""
+    out: set[str] = set()
+    for k, v in tree.items():
+        if not prefix and k in ("defaults", "hydra"):
+            continue
+        key = f"{prefix}{k}"
+        out |= _leaves(v, key + ".") if isinstance(v, dict) and v else {key}
+    return out
 
 
 def _yaml_loader() -> type:
@@ -252,7 +371,7 @@ def load_config(path_or_name: str | Path | None = None, overrides: Sequence[str]
     if path_or_name is None or (isinstance(path_or_name, str) and not path_or_name.endswith((".yaml", ".yml"))
                                 and "/" not in path_or_name):
         name = path_or_name or "config"
-        return validate_config(_compose(name, overrides), source=None)
+        return validate_composed(_compose(name, overrides), overrides)
     path = Path(path_or_name)
     if not path.is_file():
         raise ConfigError([Problem("(file)", str(path), "is a folder; give the deployment file in it" if path.is_dir()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 import logging
 
+from .registry import LAYERS
+
 log = logging.getLogger(__name__)
 
 REQUIRED = (
@@ -46,3 +48,12 @@ for _mod in OPTIONAL:
         if exc.name != _mod and (exc.name or "").split(".")[0] not in ("triton", "transformers", "matplotlib"):
             raise
         log.debug("optional %s not loaded: %s", _mod, exc)
+
+# Registered for the code that builds them, not for configs: each takes another caller's arguments.
+_INTERNAL_LAYERS = {
+    "transformers_fused_moe": "the Transformers backend's internal swap class (it takes a Hugging Face model's "
+                              "arguments, not composer's); choose layer=transformers_moe to run a Hugging Face model's "
+                              "experts through composer",
+}
+for _name, _why in _INTERNAL_LAYERS.items():
+    LAYERS.mark_internal(_name, _why)

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.markup import escape  # (messages quote values such as [1, 2] and paths such as d/[a].yaml)
 
-from .api import CONF_DIR, GROUPS, choice_problems
-from .config import to_plain, validate_config
+from .api import CONF_DIR, GROUPS, choice_problems, group_options, sweep_values, validate_composed
+from .config import to_plain
 from .errors import ComposerError, ConfigError, Problem
 from .launchers import launcher_problems, overlay_sweeps
 from .registry import TASKS
@@ -106,23 +106,52 @@ def _precheck(argv: list[str]) -> None:
                                     f"deployment; pick one and override single keys on top of it"))
     choices = []
     for o in overrides:
-        if o.is_sweep_override() and not list(o.sweep_string_iterator()):  # (Hydra launches 0 jobs and exits 0)
-            problems.append(Problem(o.key_or_group, o.input_line.partition("=")[2], "this sweep has no values, so no "
-                                    "job would run; give at least one (e.g. range(1,5) is 1..4: the end is left out)"))
+        try:
+            values = sweep_values(o) if o.is_sweep_override() else [o.value()]
+        except ConfigError as err:  # (interval(), or glob() of a plain key: Hydra's traceback before any job)
+            problems += err.problems
+            continue
+        key = o.get_key_element()  # (with its + or ++: the command to write must keep it)
+        if o.is_sweep_override() and not values:  # (Hydra launches 0 jobs and exits 0)
+            problems.append(Problem(key, o.input_line.partition("=")[2], _no_values(o)))
             continue
         if o.is_sweep_override() and not multirun and not o.key_or_group.startswith("hydra"):
-            values = ",".join(str(v) for v in o.sweep_string_iterator())
-            problems.append(Problem(o.key_or_group, values, f"several values sweep: add -m (composer -m "
-                                    f"{o.key_or_group}={values} ...) to run one job each"))
+            shown = ",".join(values)
+            problems.append(Problem(key, shown, f"several values sweep: add -m (composer -m {key}={shown} ...) to "
+                                    "run one job each"))
             continue
         if (o.key_or_group in GROUPS or o.key_or_group == "model.name") and o.package is None and not o.is_delete():
-            choices.append((o.key_or_group, list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]))
+            choices.append((o.key_or_group, values))
     problems += choice_problems(choices)
-    problems += launcher_problems(argv)  # +deploy=typo, or hydra/launcher=slurm without its plugin installed
+    problems += launcher_problems(_globs_listed(argv, args, overrides))  # +deploy=typo, or hydra/launcher=slurm
+    # without its plugin installed
     if not problems:
         problems = _unknown_keys(overrides)
     if problems:
         _exit_config(ConfigError(problems, "command line"))
+
+
+def _globs_listed(argv: list[str], args: list[str], overrides: list[Any]) -> list[str]:
+    """``argv`` with each config group's glob() written as the list it stands for (+deploy=glob(h100*) ->
+    +deploy=h100_bf16,h100_fp8), for checks that read the values from the arguments."""
+    from hydra.core.override_parser.types import ValueType
+
+    listed = {}
+    for a, o in zip(args, overrides):
+        if o.value_type == ValueType.GLOB_CHOICE_SWEEP and (CONF_DIR / o.key_or_group).is_dir():
+            listed[a] = f"{o.get_key_element()}={','.join(sweep_values(o))}"
+    return [listed.get(a, a) for a in argv]
+
+
+def _no_values(o: Any) -> str:
+    """Why a sweep that enumerates nothing is refused, and what to give instead."""
+    from hydra.core.override_parser.types import ValueType
+
+    if o.value_type == ValueType.GLOB_CHOICE_SWEEP:
+        return (f"this glob matches none of the {o.key_or_group} configs, so no job would run; they are: "
+                f"{', '.join(group_options(o.key_or_group))}")
+    return ("this sweep has no values, so no job would run; give at least one (e.g. range(1,5) is 1..4: the end is "
+            "left out)")
 
 
 def _exit_config(err: ConfigError) -> None:
@@ -152,11 +181,11 @@ def _unknown_keys(overrides: list[Any]) -> list[Any]:
     from .api import _compose
 
     def first(o: Any) -> str:
-        v = list(o.sweep_string_iterator())[0] if o.is_sweep_override() else o.value()
+        v = sweep_values(o)[0] if o.is_sweep_override() else o.value()
         return f"{o.key_or_group}={v}"
 
     def shown(o: Any) -> str:
-        return ",".join(str(v) for v in o.sweep_string_iterator()) if o.is_sweep_override() else str(o.value())
+        return ",".join(sweep_values(o)) if o.is_sweep_override() else str(o.value())
 
     deleted = {o.key_or_group for o in overrides if o.is_delete()}  # (~model +model={...}: a deploy file's own model)
     chosen = [Problem(f"+{o.key_or_group}", shown(o), f"the defaults already choose a {o.key_or_group}: pick another "
@@ -187,10 +216,12 @@ def _unknown_keys(overrides: list[Any]) -> list[Any]:
         return []
     forced = groups + [f"++{first(o)}" for o in plain]
     try:
-        validate_config(_compose("config", forced))
+        validate_composed(_compose("config", forced), forced)
     except ConfigError as exc:
         return exc.problems
-    return []
+    # a key the schema takes but the composed config lacks (model.hf_overrides.<name>): Hydra's rule is '+' to add it
+    return [Problem(o.key_or_group, shown(o), f"not in the config: add it with +{o.key_or_group}={shown(o)}")
+            for o in missing]
 
 
 _MISSING = object()
@@ -203,13 +234,14 @@ def run_job(dcfg: DictConfig) -> dict[str, Any] | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     sweeping = hc.mode == RunMode.MULTIRUN
-    overrides = list(hc.overrides.task)
-    raw = to_plain(dcfg)
+    overrides = list(OmegaConf.to_container(hc.overrides.task, resolve=False))  # (as typed: ${...} unresolved)
+    raw = OmegaConf.to_container(dcfg, resolve=False)  # (what results.json records if resolving fails)
     task_name = raw.get("task", {}).get("name") if isinstance(raw.get("task"), dict) else None
     cfg = None
     job = None  # several ranks (torchrun / parallel.ep_size > 1): composer.distributed.runtime.Job
     try:
-        cfg = validate_config(raw)
+        raw = to_plain(dcfg)  # (an interpolation that cannot be resolved: a ConfigError, recorded below)
+        cfg = validate_composed(raw, overrides)  # (an overlay's keys for a group the command line chose again: dropped)
         from .distributed.runtime import Job
 
         job = Job.start(cfg)

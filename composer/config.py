@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from . import registry
 from .errors import ConfigError, Problem, did_you_mean
@@ -32,13 +32,30 @@ class NoParams(Section):
     """For implementations that take no parameters beyond their name."""
 
 
+_F32 = torch.finfo(torch.float32)
+
+
+def _float32_positive(v: float) -> float:
+    """A factor the model applies in float32: below its smallest normal it flushes towards 0 (NaN for a zero-token
+    row), above its max it is inf (every output NaN), so either would run, exit 0 and compute garbage."""
+    if not _F32.tiny <= v <= _F32.max:
+        became = float(torch.tensor(v, dtype=torch.float32))
+        raise ValueError(f"must be positive and in float32's range, {_F32.tiny!r} to {_F32.max!r}"
+                         + (f" (it is used in float32, where {v:g} becomes {became:g})" if v > 0 else ""))
+    return v
+
+
+Float32Positive = Annotated[float, AfterValidator(_float32_positive)]
+SEED_RANGE = (-2**63, 2**63)  # torch's manual_seed takes a 64-bit integer; [lo, hi)
+
+
 class RouterConfig(Section):
     scoring: Literal["softmax", "sigmoid"] = "softmax"
     renormalize: bool = True
     num_expert_group: int | None = Field(None, ge=1)
     topk_group: int | None = Field(None, ge=1)
     score_correction_bias: bool = False
-    routed_scaling_factor: float = Field(1.0, gt=0)
+    routed_scaling_factor: Float32Positive = 1.0
 
 
 class ModelConfig(Section):
@@ -55,7 +72,7 @@ class ModelConfig(Section):
     shared_expert_intermediate_size: int | None = Field(None, ge=1)
     shared_expert_gate: bool = False
     has_bias: bool = False
-    rms_norm_eps: float = Field(1e-6, gt=0)
+    rms_norm_eps: Float32Positive = 1e-6
     # model=hf (composer.integrations.hf_config): a Hugging Face model from a local directory or a config
     # class; the sizes above are then derived from its config.
     path: str | None = None
@@ -228,8 +245,10 @@ def _validate_named(section: str, raw: Any, problems: list[Problem]) -> Named | 
     name = raw["name"]
     choices = _choices(section)
     if name not in choices:
-        problems.append(Problem(f"{section}.name" if section != "task" else "task", name,
-                                f"unknown {reg.kind}; choose one of: {', '.join(choices)}.{did_you_mean(name, choices)}"))
+        internal = reg.internal(name)
+        why = (f"not a {reg.kind} to choose: {internal}. Choices: {', '.join(choices)}" if internal else
+               f"unknown {reg.kind}; choose one of: {', '.join(choices)}.{did_you_mean(name, choices)}")
+        problems.append(Problem(f"{section}.name" if section != "task" else "task", name, why))
         return None
     params_cls = _params_cls(section, name)
     rest = {k: v for k, v in raw.items() if k != "name"}
@@ -337,6 +356,9 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
         v = raw.get(key, default)
         if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
             problems.append(Problem(key, v, f"must be {typ.__name__}"))
+        elif key == "seed" and not SEED_RANGE[0] <= v < SEED_RANGE[1]:  # (torch: "Overflow when unpacking long long")
+            problems.append(Problem(key, v, "must be a 64-bit integer, -2**63 <= seed < 2**63 (what torch's "
+                                    "random generators take)"))
         scalars[key] = v
     device = raw.get("device", "auto")
     if device not in ("auto", "cpu", "cuda"):
@@ -496,9 +518,30 @@ def _check_parallel(m: ModelConfig, par: ParallelConfig, all2all: Named) -> list
 
 
 def to_plain(cfg: Any) -> dict[str, Any]:
-    """A Hydra DictConfig (or a dict) as a plain dict, interpolations resolved."""
+    """A Hydra DictConfig (or a dict) as a plain dict, interpolations resolved; one that cannot be resolved
+    (``model.top_k=${nope}``) is a ConfigError naming its key, not omegaconf's traceback."""
     from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    if isinstance(cfg, DictConfig):
+    if not isinstance(cfg, DictConfig):
+        return dict(cfg)
+    try:
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return dict(cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "(config)"
+        said = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
+        value = _at(OmegaConf.to_container(cfg, resolve=False), key)
+        raise ConfigError([Problem(key, value, f"interpolation cannot be resolved: {said}; refer to a key the config "
+                                   "has (${model.num_experts}), or write \\${ for a literal ${")]) from None
+
+
+def _at(tree: Any, key: str) -> Any:
+    """The value at omegaconf's dotted ``key`` (``a.b[1]``) of a plain tree, unresolved (None if absent)."""
+    import re
+
+    for part in re.findall(r"[^.\[\]]+", key):
+        try:
+            tree = tree[int(part)] if isinstance(tree, list) else tree[part]
+        except (KeyError, IndexError, ValueError, TypeError):
+            return None
+    return tree

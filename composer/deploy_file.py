@@ -96,12 +96,12 @@ def _flatten(prefix: str, value: Any) -> list[str]:
 
 def _group_values(overrides: Sequence[Any]) -> dict[str, set[str]]:
     """{group: the names the command line's parsed overrides choose for it (several in a sweep)}."""
-    from .api import GROUPS
+    from .api import GROUPS, sweep_values
 
     out: dict[str, set[str]] = {}
     for o in overrides:
         if o.key_or_group in GROUPS and o.package is None and not o.is_delete():
-            values = o.sweep_string_iterator() if o.is_sweep_override() else [o.value()]
+            values = sweep_values(o) if o.is_sweep_override() else [o.value()]
             out.setdefault(o.key_or_group, set()).update(str(v) for v in values)
     return out
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import ComposerConfig
 from .distributed.none import EPContext
+from .errors import ConfigError, Problem
 from .layers.block import DecoderBlock, MoEModel, RMSNorm, SparseMoEBlock
 from .layers.fused_moe import FusedMoE
 from .layers.router import GateLinear, Router
@@ -47,6 +48,7 @@ def build(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any = None,
     ep_rank, group = _ep_place(cfg, ep_rank, group)
     tp = _tp_place(cfg, tp_rank, tp_group)
     dev = cfg.device if device is None else device
+    _refuse_internal_layer(cfg.layer.name)
     layer_cls = LAYERS.get(cfg.layer.name)
     custom_build = getattr(layer_cls, "build_model", None)
     with build_settings(cfg.custom_ops, cfg.device):
@@ -64,6 +66,14 @@ def build(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any = None,
         model.composer_needs_weights = True
         model.register_load_state_dict_post_hook(_weights_loaded)
     return model.eval().requires_grad_(False)
+
+
+def _refuse_internal_layer(name: str) -> None:
+    """A config built by hand (``model_copy``) skips validation: an internal layer class (the Transformers backend's
+    swap class, which reads its arguments in another order) would run composer's blocks and compute garbage."""
+    why = LAYERS.internal(name)
+    if why:
+        raise ConfigError([Problem("layer.name", name, f"not a layer to choose: {why}")])
 
 
 def build_experts(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any = None,

@@ -24,11 +24,15 @@ _REGISTRIES: list["Registry[Any]"] = []  # every registry, so a plugin that fail
 
 
 class Registry(Generic[T]):
-    """A name -> object table. Duplicate names are refused; unknown names suggest the closest one."""
+    """A name -> object table. Duplicate names are refused; unknown names suggest the closest one.
+
+    An *internal* name (``mark_internal``) stays gettable, for the code that builds it, but is no user choice:
+    ``names()`` leaves it out, so config validation, choice lists and did-you-means never offer it."""
 
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._internal: dict[str, str] = {}  # name -> why it is no user choice
         _REGISTRIES.append(self)
 
     def register(self, name: str, obj: T | None = None) -> Any:
@@ -60,8 +64,19 @@ class Registry(Generic[T]):
         return name in self._items
 
     def names(self) -> list[str]:
+        """The names a user may choose (internal ones left out)."""
         load_plugins()
-        return sorted(self._items)
+        return sorted(n for n in self._items if n not in self._internal)
+
+    def mark_internal(self, name: str, why: str) -> None:
+        """Keep ``name`` out of the user's choices: a class only other code builds (``why`` says which, and what
+        to choose instead; it ends the error for a config that names it)."""
+        self._internal[name] = why
+
+    def internal(self, name: object) -> str | None:
+        """Why ``name`` is no user choice, or None for a name a user may choose (or an unknown one)."""
+        load_plugins()
+        return self._internal.get(name) if isinstance(name, str) and name in self._items else None
 
     def unregister(self, name: str) -> None:
         """For tests and plugin reloads."""

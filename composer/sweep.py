@@ -32,10 +32,12 @@ def sweep_size(config: DictConfig) -> int | None:
         parsed = parser.parse_overrides([str(o) for o in task])
         keys = {o.get_key_element() for o in parsed}
         parsed += parser.parse_overrides([f"{k}={v}" for k, v in params.items() if k not in keys])
+        from .api import sweep_values
+
         n = 1
         for o in parsed:
             if o.is_sweep_override():
-                n *= len(list(o.sweep_string_iterator()))
+                n *= len(sweep_values(o))  # (glob() too: Hydra's parser cannot expand it alone)
         return n
     except Exception:  # an exotic sweeper or override: no total, never a failed sweep
         return None

@@ -182,3 +182,59 @@ def test_deployment_file_strings_are_not_interpolated_with_overrides(tmp_path: P
     for overrides in ([], ["seed=3"]):
         cfg = load_config(f, overrides)
         assert cfg.model.hf_overrides["_name_or_path"] == "a${oc.env:HOME}b", overrides
+
+
+def test_an_internal_layer_class_is_no_layer_choice(compose):
+    """layer.name=transformers_fused_moe (the Transformers backend's swap class, which takes Hugging Face's argument
+    order) validated and computed garbage with exit 0; layer=transformers_fused_moe's hint recommended that."""
+    pytest.importorskip("transformers")
+    said = r"layer.name = 'transformers_fused_moe': not a layer to choose: the Transformers backend's internal swap"
+    with pytest.raises(ConfigError, match=said + r" class .* layer=transformers_moe") as err:
+        compose("layer.name=transformers_fused_moe")
+    assert "fused_moe, transformers_moe" in str(err.value) and "Did you mean" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["layer=transformers_fused_moe"])
+    assert "layer.name=transformers_fused_moe" not in str(err.value) and "internal swap class" in str(err.value)
+
+
+def test_build_refuses_an_internal_layer_in_a_config_made_by_hand(compose):
+    """A config changed with model_copy skips validation: build must not run the swap class as composer's layer."""
+    pytest.importorskip("transformers")
+    from composer import build
+    from composer.config import Named
+
+    cfg = compose().model_copy(update={"layer": Named(name="transformers_fused_moe")})
+    with pytest.raises(ConfigError, match="layer.name = 'transformers_fused_moe': not a layer to choose"):
+        build(cfg)
+
+
+def test_an_unresolvable_interpolation_is_a_config_problem():
+    with pytest.raises(ConfigError, match=r"model.top_k = '\$\{nope\}': interpolation cannot be resolved: "
+                                          r"Interpolation key 'nope' not found"):
+        load_config(None, ["model.top_k=${nope}"])
+    assert load_config(None, ["model.top_k=${model.num_experts}"]).model.top_k == 8  # (one that resolves: fine)
+
+
+@pytest.mark.parametrize("seed, ok", [(0, True), (-5, True), (-2**63, True), (2**63 - 1, True), (2**63, False),
+                                      (99999999999999999999, False), (-2**63 - 1, False)])
+def test_a_seed_must_fit_torchs_generators(compose, seed, ok):
+    """seed=99999999999999999999 passed validation and crashed in torch.manual_seed ("Overflow when unpacking long
+    long", a traceback)."""
+    if ok:
+        assert compose(f"seed={seed}").seed == seed
+        torch.Generator().manual_seed(seed)
+        return
+    with pytest.raises(ConfigError, match=rf"seed = {seed}: must be a 64-bit integer, -2\*\*63 <= seed < 2\*\*63"):
+        compose(f"seed={seed}")
+
+
+@pytest.mark.parametrize("key", ["model.rms_norm_eps", "model.router.routed_scaling_factor"])
+@pytest.mark.parametrize("value", ["1e-50", "1e39", "0", "-1"])
+def test_float32_factors_must_fit_float32(compose, key, value):
+    """rms_norm_eps=1e-50 became 0 in float32 (NaN for a zero-token row), routed_scaling_factor=1e39 inf (all NaN):
+    both ran with exit 0."""
+    with pytest.raises(ConfigError, match=rf"{key} = .*: must be positive and in float32's range, "
+                                          rf"1.1754943508222875e-38 to 3.4028234663852886e\+38"):
+        compose(f"{key}={value}")
+    tiny, big = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    assert compose(f"{key}={tiny!r}") and compose(f"{key}={big!r}")

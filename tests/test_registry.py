@@ -131,3 +131,21 @@ def test_import_composer_registers_its_custom_ops():
             "('fused_experts', 'moe_align', 'fused_experts_quant')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+def test_an_internal_name_is_gettable_but_no_choice():
+    """An internal class (built by other code, with other arguments) stays out of names(): config validation, choice
+    lists and did-you-means read names()."""
+    reg = Registry("widget")
+    reg.register("alpha", object)
+    reg.register("swap", int)
+    reg.mark_internal("swap", "built by alpha only")
+    assert reg.names() == ["alpha"] and reg.get("swap") is int and "swap" in reg
+    assert reg.internal("swap") == "built by alpha only" and reg.internal("alpha") is None
+    assert reg.internal("absent") is None
+
+
+def test_the_transformers_swap_class_is_internal():
+    pytest.importorskip("transformers")
+    assert "transformers_fused_moe" in LAYERS and "transformers_fused_moe" not in LAYERS.names()
+    assert "transformers_moe" in LAYERS.names()

@@ -133,3 +133,48 @@ def test_overlay_without_plus_says_to_add_it():
     problems = launcher_problems(["deploy=cpu_reference"])
     assert [(p.key, p.value) for p in problems] == [("deploy", "cpu_reference")]
     assert problems[0].message == "deploy is an overlay (it adds to the defaults): write +deploy=cpu_reference"
+
+
+def _choices(name):
+    """{group: option} of a preset's defaults list."""
+    import yaml
+
+    from composer.api import defaults_group
+
+    data = yaml.safe_load((CONF_DIR / "deploy" / f"{name}.yaml").read_text())
+    return {defaults_group(k): v for item in data.get("defaults", []) for k, v in item.items()}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_another_choice_of_a_presets_group_starts_from_its_own_defaults(name):
+    """Command-line choices beat the preset's (README): +deploy=h100_fp8 quant=none was refused, the preset's
+    quant.granularity merged into quant=none. As with a deployment file, the new choice starts from its own config."""
+    from composer.api import _compose, group_options
+
+    for group, theirs in _choices(name).items():
+        for option in group_options(group):
+            if option != theirs:
+                got = _compose("config", [f"+deploy={name}", f"{group}={option}"])[group]
+                assert got == _compose("config", [f"{group}={option}"])[group], (group, option)
+
+
+def test_h100_fp8_with_another_quant_composes():
+    cfg = load_config(None, ["+deploy=h100_fp8", "quant=none", "task=show"])
+    assert cfg.quant.name == "none" and cfg.kernel.name == "triton" and cfg.model.dtype == "bfloat16"
+    cfg = load_config(None, ["+deploy=h100_fp8", "quant=int8_w8a8", "task=show"])
+    assert cfg.quant.as_dict() == {"name": "int8_w8a8"}
+    same = load_config(None, ["+deploy=h100_fp8", "quant=fp8_w8a8", "task=show"])  # (its own choice keeps its keys)
+    assert same.quant.granularity == "per_token_channel"
+
+
+def test_a_key_the_command_line_sets_is_kept_and_a_presets_key_is_named():
+    """Keys given on the command line are the user's (refused as theirs); a problem with a key the preset set says
+    it comes from +deploy=<name>."""
+    with pytest.raises(ConfigError, match=r"quant.granularity = 'block': unknown key; quant 'none' takes no") as err:
+        load_config(None, ["+deploy=h100_fp8", "quant=none", "quant.granularity=block", "task=show"])
+    assert "comes from" not in str(err.value) and len(err.value.problems) == 1
+    if torch.cuda.is_available():
+        return
+    with pytest.raises(ConfigError, match=r"device = 'cuda': no CUDA device .* \(device comes from "
+                                          r"\+deploy=h100_bf16; set it on the command line to override\)"):
+        load_config(None, ["+deploy=h100_bf16", "task=check"])
