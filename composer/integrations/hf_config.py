@@ -38,6 +38,8 @@ class Arch:
     derive: Callable[[Any], dict[str, Any]]  # extra composer fields (router, shared experts, activation, bias)
     tiny: dict[str, Any] = field(default_factory=dict)
     block_router: bool = True        # composer's GateLinear + Router reproduce the HF router exactly
+    round_router_weights: bool = False  # the HF router rounds its top-k weights to the logits' dtype
+    gate_float32: bool = False       # the HF router computes its logits in float32, whatever its weight's dtype
 
 
 def _softmax(c: Any, renormalize: bool) -> dict[str, Any]:
@@ -79,19 +81,21 @@ ARCHS: dict[str, Arch] = {
                     dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2, head_dim=16)),
     "qwen2_moe": Arch("qwen2_moe", "num_experts", "moe_intermediate_size", _qwen2,
                       dict(intermediate_size=96, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
-                           shared_expert_intermediate_size=64, norm_topk_prob=False)),
+                           shared_expert_intermediate_size=64, norm_topk_prob=False), round_router_weights=True),
     "qwen3_moe": Arch("qwen3_moe", "num_experts", "moe_intermediate_size", _qwen_like,
                       dict(intermediate_size=96, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
-                           norm_topk_prob=True, head_dim=16)),
+                           norm_topk_prob=True, head_dim=16), round_router_weights=True),
     "olmoe": Arch("olmoe", "num_experts", "intermediate_size", _qwen_like,
-                  dict(intermediate_size=48, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False)),
+                  dict(intermediate_size=48, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
+                  round_router_weights=True),
     "deepseek_v3": Arch("deepseek_v3", "n_routed_experts", "moe_intermediate_size", _deepseek_v3,
                         dict(intermediate_size=96, moe_intermediate_size=48, n_routed_experts=8, num_experts_per_tok=2,
                              n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1,
                              routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=32, kv_lora_rank=16,
                              qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
                              num_key_value_heads=4, rope_scaling=None,
-                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+                        gate_float32=True),
     "gpt_oss": Arch("gpt_oss", "num_local_experts", "intermediate_size", _gpt_oss,
                     dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
                          sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
@@ -236,15 +240,15 @@ def derive_model(raw: dict[str, Any]) -> tuple[dict[str, Any] | None, list[tuple
             if have is not None and float(have) != want:
                 problems.append((*where(key), f"{key} {have}: composer's swigluoai uses the published constants "
                                          f"(alpha {SWIGLUOAI_ALPHA}, limit {SWIGLUOAI_LIMIT})"))
+    problems += _group_problems(c, where)
     out = {k: v for k, v in raw.items() if k not in ("router",)}
+    if isinstance(raw.get("path"), str):  # expanded once: the model, its checkpoint and its tokenizer load from it
+        out["path"] = str(Path(raw["path"]).expanduser())
     for k, v in derived.items():
         given = raw.get(k)
         if k == "router":
             given_router = {rk: rv for rk, rv in (raw.get("router") or {}).items() if rv is not None}
-            for rk, rv in given_router.items():
-                if rk in v and v[rk] != rv:
-                    problems.append((f"model.router.{rk}", rv, f"the Hugging Face config says {v[rk]!r}; "
-                                     "routing follows the model (remove this key)"))
+            problems += _router_problems(given_router, v, c.model_type)
             out["router"] = {**given_router, **v}
             continue
         if given is not None and given != v:
@@ -254,3 +258,32 @@ def derive_model(raw: dict[str, Any]) -> tuple[dict[str, Any] | None, list[tuple
                              f"+model.hf_overrides.{hf_key}=... instead"))
         out[k] = v
     return out, problems
+
+
+def _router_problems(given: dict[str, Any], derived: dict[str, Any], arch: str) -> list[tuple[str, Any, str]]:
+    """A router key the user set must be what the Hugging Face config routes with. A key the config does not name
+    (qwen3_moe has no routed_scaling_factor) is held to composer's default, which is what the model does: kept, it
+    would be recorded but change nothing (layer=transformers_moe) or route otherwise than the model (fused_moe)."""
+    from ..config import RouterConfig
+
+    want = {**RouterConfig().model_dump(), **derived}
+    problems = []
+    for key, value in given.items():
+        if key in want and want[key] != value:
+            says = (f"the Hugging Face config says {want[key]!r}" if key in derived else
+                    f"the {arch} router has no such setting (it routes as {key}={want[key]!r} does)")
+            problems.append((f"model.router.{key}", value, f"{says}; routing follows the model (remove this key)"))
+    return problems
+
+
+def _group_problems(c: Any, where: Callable[[str], tuple[str, Any]]) -> list[tuple[str, Any, str]]:
+    """DeepSeek-V3's router scores each expert group by its two best experts (``topk(2)``): a group of one expert
+    makes transformers fail inside the model (``selected index k out of range``)."""
+    if c.model_type != "deepseek_v3" or not c.n_group or c.n_routed_experts % c.n_group:
+        return []  # (an n_group that does not divide the experts is reported under model.router.num_expert_group)
+    per_group = c.n_routed_experts // c.n_group
+    if per_group >= 2:
+        return []
+    return [(*where("n_group"), f"n_group {c.n_group} leaves {per_group} expert per group (n_routed_experts "
+             f"{c.n_routed_experts}); the DeepSeek-V3 router scores each group by its two best experts, so a group "
+             f"needs at least 2: use n_group <= {c.n_routed_experts // 2}")]

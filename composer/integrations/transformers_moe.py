@@ -29,10 +29,12 @@ from typing import Any, Callable, Literal
 
 import torch
 from pydantic import ConfigDict
+from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import ComposerError, ConfigError, Problem, WeightLoadError
 from ..layers.fused_moe import FusedMoE
+from ..layers.router import Router
 from ..params import Params
 from ..registry import PluggableLayer
 from .hf_config import ARCHS, HFConfigError, hf_config, supported_text
@@ -431,15 +433,67 @@ def _block_load_hook(block: nn.Module, state_dict: dict, prefix: str, local_meta
 
 
 class _HFGate(nn.Module):
-    """Router logits like the Hugging Face gate computes them: ``linear(x in the weight's dtype)`` in float32
-    (DeepSeek-V3 keeps its gate in float32)."""
+    """Router logits like the Hugging Face gate computes them, returned in float32: ``linear`` in ``dtype``, the
+    weight's own or float32 where the model's router computes in float32 (DeepSeek-V3, whose weight transformers
+    keeps in float32 since 5.2x and in the model's dtype before). The logits pass, as computed (before the float32
+    cast), through ``tap``, which transformers records as its router's: ``output_router_logits`` and the
+    load-balancing loss."""
 
-    def __init__(self, weight: nn.Parameter):
+    def __init__(self, weight: nn.Parameter, tap: nn.Module, dtype: torch.dtype | None = None):
         super().__init__()
         self.weight = weight
+        self.tap = tap
+        self.compute_dtype = dtype or weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight).float()
+        logits = torch.nn.functional.linear(x.to(self.compute_dtype), self.weight.to(self.compute_dtype))
+        return self.tap(logits).float()
+
+
+class _RouterLogitsTap(nn.Module):
+    """The identity on router logits, made an instance of the replaced router's class (:func:`_logits_tap`):
+    transformers records ``router_logits`` with forward hooks on the modules of its router class
+    (``_can_record_outputs``), and the swapped block has none of those left."""
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)  # (not the router's __init__: the tap holds no weights)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+
+_TAPS: dict[type, type] = {}  # HF router class -> its tap class
+
+
+def _logits_tap(hf_gate: nn.Module) -> nn.Module:
+    """A :class:`_RouterLogitsTap` that is an instance of ``type(hf_gate)``. Where transformers has hooked the
+    model already (it hooks once, at the first forward that records outputs), its recording hooks on ``hf_gate``
+    move to the tap."""
+    base = type(hf_gate)
+    if base not in _TAPS:
+        _TAPS[base] = type(f"{base.__name__}LogitsTap", (_RouterLogitsTap, base), {})
+    tap = _TAPS[base]()
+    for hook in hf_gate._forward_hooks.values():
+        if getattr(hook, "__name__", "") == "output_capturing_hook":
+            tap.register_forward_hook(hook)
+    return tap
+
+
+class _RoundingRouter(Router):
+    """composer's Router returning its weights rounded to the gate's dtype (and back to float32), as the Hugging Face
+    routers of qwen2_moe, qwen3_moe and olmoe return theirs (``router_top_value.to(router_logits.dtype)``): in
+    bfloat16 a block swap's experts then get the model's routing weights to the bit."""
+
+    def __init__(self, *args: Any, round_to: torch.dtype, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.round_to = round_to
+
+    def forward(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, ids = super().forward(logits)
+        return weights.to(self.round_to).to(weights.dtype), ids
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", weights rounded to {str(self.round_to).removeprefix('torch.')}"
 
 
 def _gate_of(block: nn.Module) -> nn.Module:
@@ -452,7 +506,6 @@ def _gate_of(block: nn.Module) -> nn.Module:
 
 def _new_block(cfg: Any, block: nn.Module, arch: str) -> nn.Module:
     from ..layers.block import SparseMoEBlock
-    from ..layers.router import Router
     from ..layers.shared_experts import SharedExperts
 
     m, r = cfg.model, cfg.model.router
@@ -461,8 +514,10 @@ def _new_block(cfg: Any, block: nn.Module, arch: str) -> nn.Module:
         raise UnsupportedModelError(f"{type(gate).__name__} adds a bias to the router logits, which composer's router "
                                     "does not; use layer.replace=experts")
     experts = _new_experts_layer(cfg, block.experts, arch, cfg.device, layer_name="fused_moe")
-    router = Router(m.num_experts, m.top_k, r.scoring, r.renormalize, r.num_expert_group, r.topk_group,
-                    r.score_correction_bias, r.routed_scaling_factor, cfg.device)
+    rounding = {"round_to": gate.weight.dtype} if ARCHS[arch].round_router_weights else {}
+    router = (_RoundingRouter if rounding else Router)(
+        m.num_experts, m.top_k, r.scoring, r.renormalize, r.num_expert_group, r.topk_group, r.score_correction_bias,
+        r.routed_scaling_factor, cfg.device, **rounding)
     if r.score_correction_bias:
         with torch.no_grad():
             router.e_score_correction_bias.copy_(gate.e_score_correction_bias.float())
@@ -477,7 +532,8 @@ def _new_block(cfg: Any, block: nn.Module, arch: str) -> nn.Module:
             setattr(shared, n, getattr(hf_shared, n))  # the same Linear modules: no copy
         if m.shared_expert_gate:
             shared.gate = block.shared_expert_gate
-    new = SparseMoEBlock(_HFGate(gate.weight), router, experts, shared)
+    gate_dtype = torch.float32 if ARCHS[arch].gate_float32 else None
+    new = SparseMoEBlock(_HFGate(gate.weight, _logits_tap(gate), gate_dtype), router, experts, shared)
     _keep_hf_block_names(new, block)
     return new
 
@@ -590,7 +646,13 @@ def load_hf_model(cfg: Any, experts_implementation: str = "eager") -> nn.Module:
         try:
             model, info = AutoModelForCausalLM.from_pretrained(m.path, config=hc, local_files_only=True,
                                                                output_loading_info=True, **kw)
-        except (OSError, RuntimeError, ValueError) as exc:  # no weights file, a shape transformers cannot convert, ...
+        except (OSError, RuntimeError, ValueError, SafetensorError) as exc:  # no weights file, a shape transformers
+            # cannot convert, a truncated or corrupt safetensors file, ...
+            bad = _unreadable_safetensors(m.path)
+            if bad:
+                raise WeightLoadError(f"model.path={m.path}: {', '.join(bad)} cannot be read as safetensors (truncated "
+                                      "or corrupt: an interrupted copy or download?); copy the file again, or write "
+                                      "the folder again with save_pretrained") from None
             text = " ".join(str(exc).split())
             raise WeightLoadError(f"model.path={m.path}: transformers could not load the weights ({text[:400]}"
                                   f"{' ...' if len(text) > 400 else ''}). The folder needs the checkpoint of its "
@@ -610,6 +672,23 @@ def load_hf_model(cfg: Any, experts_implementation: str = "eager") -> nn.Module:
         model = AutoModelForCausalLM.from_config(hc, **kw)
         _randomize_zero_buffers(model, cfg.seed)
     return model.to(cfg.device).eval().requires_grad_(False)
+
+
+def _unreadable_safetensors(folder: str) -> list[str]:
+    """The ``*.safetensors`` files in ``folder`` whose header safetensors cannot read, each with the reason (its
+    error names no file, and a sharded checkpoint has many)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    bad = []
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            bad.append(f"{f} ({' '.join(str(exc).split())[:200]})")
+    return bad
 
 
 @torch.no_grad()
@@ -661,8 +740,25 @@ class TransformersMoE(PluggableLayer):
         return {"check": hf_check.check, "run": hf_check.run, "bench": hf_bench.task_bench}.get(task)
 
 
+def refuse_modes(cfg: Any, task: str, compile_ok: bool = False) -> None:
+    """``compile`` / ``cuda_graph`` say how composer's own stack runs (layer=fused_moe). Here task=check and task=run
+    compile the Hugging Face model (``compile_ok``); nothing captures it in a CUDA graph. A mode a task would not
+    apply is refused (ConfigError), not ignored."""
+    problems = []
+    if cfg.cuda_graph:
+        problems.append(Problem("cuda_graph", True, f"layer=transformers_moe task={task} does not capture the Hugging "
+                                "Face model in CUDA graphs; cuda_graph=true applies to layer=fused_moe (drop it)"))
+    if cfg.compile and not compile_ok:
+        problems.append(Problem("compile", True, f"layer=transformers_moe task={task} runs the Hugging Face model "
+                                "eagerly; compile=true applies to task=check and task=run here, and to "
+                                "layer=fused_moe (drop it)"))
+    if problems:
+        raise ConfigError(problems)
+
+
 def swap_model(model: nn.Module, cfg: Any) -> nn.Module:
     """Swap ``model`` in place as ``cfg.layer.replace`` says; records the swapped paths on the model."""
+    refuse_modes(cfg, getattr(cfg.task, "name", "?"), compile_ok=True)  # (cuda_graph, whatever the caller)
     replace = cfg.layer.params.replace if cfg.layer.params is not None else "experts"
     try:
         model.composer_swapped = swap(model, cfg, replace)

@@ -32,7 +32,7 @@ def _tokenizer(path: str | None) -> Any:
         return None
     from pathlib import Path
 
-    p = Path(path)
+    p = Path(path).expanduser()
     if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer
@@ -55,6 +55,9 @@ class Generate(Task):
             raise ConfigError([Problem("layer", cfg.layer.name, "task=generate runs a whole Hugging Face model; "
                                        "layer=fused_moe builds composer's stack of MoE blocks only. Use "
                                        "layer=transformers_moe (its experts run through composer)")])
+        from ..integrations.transformers_moe import refuse_modes
+
+        refuse_modes(cfg, "generate")  # (compile / cuda_graph: generation here runs eagerly)
         tok = _tokenizer(cfg.model.path)
         if p.prompt is not None and tok is None:
             raise ConfigError([Problem("task.prompt", p.prompt, "there is no tokenizer in model.path "
@@ -68,6 +71,12 @@ class Generate(Task):
             ids = tok(p.prompt, return_tensors="pt").input_ids
             if ids.numel() == 0:
                 raise ConfigError([Problem("task.prompt", p.prompt, "encodes to no tokens; give a non-empty prompt")])
+            bad = sorted({t for t in ids[0].tolist() if not 0 <= t < vocab})
+            if bad:  # (the embedding would fail with an IndexError)
+                raise ConfigError([Problem("task.prompt", p.prompt, f"the tokenizer in model.path ({cfg.model.path}) "
+                                           f"gives ids {bad[:8]}{' ...' if len(bad) > 8 else ''}, outside the model's "
+                                           f"vocab_size {vocab}: it does not match the model; save the model's own "
+                                           "tokenizer there, or give task.token_ids=[...]")])
         elif p.token_ids is not None:
             bad = [t for t in p.token_ids if not 0 <= t < vocab]
             if bad or not p.token_ids:
