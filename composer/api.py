@@ -188,7 +188,9 @@ def overlay_choices(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         theirs = {defaults_group(k): v for item in top.get("defaults") or [] if isinstance(item, dict)
                   for k, v in item.items()}
         for group, section in top.items():
-            if group not in chosen or not isinstance(section, dict) or chosen[group] == theirs.get(group):
+            # (only a group the overlay chooses itself: cpu_reference's model.dtype holds for any model= given)
+            if group not in chosen or group not in theirs or not isinstance(section, dict) \
+                    or chosen[group] == theirs[group]:
                 continue
             if not isinstance(raw.get(group), dict):
                 continue

@@ -117,8 +117,8 @@ def _precheck(argv: list[str]) -> None:
             continue
         if o.is_sweep_override() and not multirun and not o.key_or_group.startswith("hydra"):
             shown = ",".join(values)
-            problems.append(Problem(key, shown, f"several values sweep: add -m (composer -m {key}={shown} ...) to "
-                                    "run one job each"))
+            problems.append(Problem(key, shown, f"a sweep (several values, range() or glob()) needs -m: composer -m "
+                                    f"{key}={shown} ... runs one job each"))
             continue
         if (o.key_or_group in GROUPS or o.key_or_group == "model.name") and o.package is None and not o.is_delete():
             choices.append((o.key_or_group, values))

@@ -36,17 +36,17 @@ _F32 = torch.finfo(torch.float32)
 
 
 def _float32_positive(v: float) -> float:
-    """A factor the model applies in float32: below its smallest normal it flushes towards 0 (NaN for a zero-token
-    row), above its max it is inf (every output NaN), so either would run, exit 0 and compute garbage."""
-    if not _F32.tiny <= v <= _F32.max:
-        became = float(torch.tensor(v, dtype=torch.float32))
-        raise ValueError(f"must be positive and in float32's range, {_F32.tiny!r} to {_F32.max!r}"
-                         + (f" (it is used in float32, where {v:g} becomes {became:g})" if v > 0 else ""))
+    """A factor the model applies in float32: one that rounds to 0 there (NaN for a zero-token row) or to inf (every
+    output NaN) would run, exit 0 and compute garbage. (Subnormal float32 values are kept: they stay positive.)"""
+    became = float(torch.tensor(v, dtype=torch.float32)) if v > 0 else v
+    if not 0 < became <= _F32.max:
+        raise ValueError(f"must be positive and representable in float32 (at most {_F32.max!r})"
+                         + (f": it is used in float32, where {v:g} becomes {became:g}" if v > 0 else ""))
     return v
 
 
 Float32Positive = Annotated[float, AfterValidator(_float32_positive)]
-SEED_RANGE = (-2**63, 2**63)  # torch's manual_seed takes a 64-bit integer; [lo, hi)
+SEED_RANGE = (-2**63, 2**64)  # what torch's manual_seed takes; [lo, hi)
 
 
 class RouterConfig(Section):
@@ -357,8 +357,8 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
         if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
             problems.append(Problem(key, v, f"must be {typ.__name__}"))
         elif key == "seed" and not SEED_RANGE[0] <= v < SEED_RANGE[1]:  # (torch: "Overflow when unpacking long long")
-            problems.append(Problem(key, v, "must be a 64-bit integer, -2**63 <= seed < 2**63 (what torch's "
-                                    "random generators take)"))
+            problems.append(Problem(key, v, "must be -2**63 <= seed < 2**64 (what torch's random generators "
+                                    "take)"))
         scalars[key] = v
     device = raw.get("device", "auto")
     if device not in ("auto", "cpu", "cuda"):

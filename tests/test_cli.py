@@ -54,7 +54,7 @@ def test_bad_config_exits_2_without_traceback(tmp_path):
     twice = composer(["+deploy=cpu_reference", "+deploy=h100_bf16"], tmp_path)  # (Hydra: "Multiple values", exit 1)
     assert twice.returncode == 2 and "one +deploy= per run" in twice.stderr
     sweep = composer(["model.top_k=1,2"], tmp_path)  # (Hydra said "Ambiguous value" and exited 1)
-    assert sweep.returncode == 2 and "several values sweep: add -m" in sweep.stderr
+    assert sweep.returncode == 2 and "a sweep (several values, range() or glob()) needs -m" in sweep.stderr
     for multirun in (["--multi"], ["hydra.mode=MULTIRUN"]):  # (Hydra's other ways to sweep still sweep)
         assert composer([*multirun, "model.top_k=1,2", "task=show", "hydra.sweep.dir=s"], tmp_path).returncode == 0
     hf_key = composer(["model.arch=qwen3_moe"], tmp_path)  # (Hydra said "Key 'arch' is not in struct", exit 1)

@@ -461,18 +461,27 @@ class _RouterLogitsTap(nn.Module):
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return logits
 
+    def __reduce_ex__(self, protocol: int) -> Any:
+        """Pickled through the router class it stands for (its own class is made at run time, so pickle could not
+        find it by name): torch.save of a block-swapped model, multiprocessing."""
+        return _tap_of, (type(self).router_class,), self.__dict__.copy()
+
 
 _TAPS: dict[type, type] = {}  # HF router class -> its tap class
+
+
+def _tap_of(base: type) -> nn.Module:
+    """A new, hook-free tap that is an instance of the router class ``base``."""
+    if base not in _TAPS:
+        _TAPS[base] = type(f"{base.__name__}LogitsTap", (_RouterLogitsTap, base), {"router_class": base})
+    return _TAPS[base]()
 
 
 def _logits_tap(hf_gate: nn.Module) -> nn.Module:
     """A :class:`_RouterLogitsTap` that is an instance of ``type(hf_gate)``. Where transformers has hooked the
     model already (it hooks once, at the first forward that records outputs), its recording hooks on ``hf_gate``
     move to the tap."""
-    base = type(hf_gate)
-    if base not in _TAPS:
-        _TAPS[base] = type(f"{base.__name__}LogitsTap", (_RouterLogitsTap, base), {})
-    tap = _TAPS[base]()
+    tap = _tap_of(type(hf_gate))
     for hook in hf_gate._forward_hooks.values():
         if getattr(hook, "__name__", "") == "output_capturing_hook":
             tap.register_forward_hook(hook)
@@ -695,7 +704,7 @@ def _unreadable_safetensors(folder: str) -> list[str]:
 def _randomize_zero_buffers(model: nn.Module, seed: int) -> None:
     """Random tiny models: give zero-initialized router state (DeepSeek-V3's score-correction bias) seeded
     values so that the checks exercise it."""
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = torch.Generator().manual_seed((seed + 1) % 2**64)  # (a seed of 2**64 - 1 is valid: wrap, not overflow)
     for name, buf in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             buf.copy_((torch.randn(buf.shape, generator=gen) * 0.05).to(buf.dtype))

@@ -101,3 +101,19 @@ def test_block_swap_of_a_deepseek_gate_held_in_bfloat16_computes_it_in_float32()
             mod.weight = torch.nn.Parameter(mod.weight.detach().to(torch.bfloat16), requires_grad=False)
     model = swap_model(copy.deepcopy(ref), cfg)
     _same_routing_as_hf(cfg, ref, model)
+
+
+def test_a_block_swapped_model_survives_torch_save():
+    """The logits tap's class is made at run time: pickle could not find it by name, so torch.save of a block-swapped
+    model failed."""
+    import io
+
+    cfg = _cfg("qwen3_moe", "float32")
+    _, model = reference_and_swapped(cfg)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)

@@ -167,6 +167,15 @@ def test_h100_fp8_with_another_quant_composes():
     assert same.quant.granularity == "per_token_channel"
 
 
+def test_a_presets_keys_hold_for_a_group_it_does_not_choose():
+    """A preset's model.dtype is for any model (cpu_reference: float32): taken back as if the preset had chosen
+    another model, model=tiny ran in bfloat16, silently."""
+    for model in ("tiny", "qwen3_30b_a3b"):
+        assert load_config(None, ["+deploy=cpu_reference", f"model={model}", "task=show"]).model.dtype == "float32"
+    hf = load_config(None, ["+deploy=h100_bf16", "model=hf", "model.arch=qwen3_moe", "task=show"])
+    assert hf.model.dtype == "bfloat16"  # (model=hf alone: float32)
+
+
 def test_a_key_the_command_line_sets_is_kept_and_a_presets_key_is_named():
     """Keys given on the command line are the user's (refused as theirs); a problem with a key the preset set says
     it comes from +deploy=<name>."""
