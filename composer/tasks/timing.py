@@ -36,17 +36,23 @@ GRAPH_MIN_MS = 1.0
 def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int, min_iters: int = 3,
             budget_s: float = 0.5, warmup_s: float | None = None, before: Callable[[], Any] | None = None) -> float:
     """Median milliseconds of ``fn()``: CUDA events on GPU, perf_counter on CPU; ``warmup`` calls and at least
-    ``warmup_s`` seconds (default WARMUP_S) of calls before timing. ``before`` (an ``L2Flush``) runs ahead of every
-    timed call, outside its events."""
-    for _ in range(max(1, warmup)):
+    ``warmup_s`` seconds (default WARMUP_S) of calls before timing. ``before`` (an ``L2Flush``, or a fresh decode
+    cache) runs ahead of every call, warm-up included, outside the timed events; the number of timed calls comes
+    from the time of both, so ``budget_s`` holds."""
+    def call() -> None:
+        if before is not None:
+            before()
         fn()
+
+    for _ in range(max(1, warmup)):
+        call()
     sync(device)
     t_end = time.perf_counter() + (WARMUP_S if warmup_s is None else warmup_s)
     while time.perf_counter() < t_end:
-        fn()
+        call()
         sync(device)
     t0 = time.perf_counter()
-    fn()
+    call()
     sync(device)
     est = max(time.perf_counter() - t0, 1e-6)
     n = int(min(iters, max(min_iters, budget_s / est)))

@@ -22,14 +22,23 @@ def test_graph_calls_cover_a_millisecond_within_the_cap():
     assert graph_calls_for(0.001, 1) == 1
 
 
-def test_time_fn_runs_before_ahead_of_every_timed_call_outside_the_timing():
-    """``before`` (the L2 flush) precedes each timed call and is not counted (CPU: perf_counter)."""
+def test_time_fn_runs_before_ahead_of_every_call_outside_the_timing():
+    """``before`` (the L2 flush, a fresh decode cache) precedes every call, warm-up included (a decode step warmed
+    up on a cache that grew with each call), and is not counted (CPU: perf_counter)."""
     log = []
     ms = time_fn(lambda: log.append("fn"), torch.device("cpu"), warmup=1, iters=6, min_iters=6, budget_s=1e-3,
                  warmup_s=0.0, before=lambda: (log.append("before"), time.sleep(0.02)))
-    timed = log[log.index("before"):]
-    assert timed == ["before", "fn"] * 6
+    assert log == ["before", "fn"] * (1 + 1 + 6)  # warm-up, the estimate, the timed calls
     assert ms < 10.0  # the 20 ms sleeps are outside
+
+
+def test_time_fn_budget_counts_what_before_costs():
+    """The number of timed calls came from fn's time alone, so a slow ``before`` (a prefill ahead of each decode
+    step) overran budget_s in proportion."""
+    calls = []
+    time_fn(lambda: calls.append(1), torch.device("cpu"), warmup=1, iters=1000, min_iters=2, budget_s=0.1,
+            warmup_s=0.0, before=lambda: time.sleep(0.02))
+    assert len(calls) - 2 <= 6  # 0.1 s / ~0.02 s per call (was 1000)
 
 
 def test_bench_params_and_timer_line():
