@@ -71,14 +71,14 @@ def test_model_names_a_wrong_input(compose):
 def test_model_refuses_a_non_tensor_input(compose):
     """A numpy array raised AttributeError ('ndarray' has no attribute 'dim') inside the model's own check."""
     model = build(compose("model.dtype=float32"))
-    with pytest.raises(TypeError, match=r"MoEModel takes hidden states \[T, H=96\] in torch.float32 .* as a "
-                                        r"torch.Tensor on cpu, got ndarray; convert them, e.g. torch.as_tensor"):
+    with pytest.raises(TypeError, match=r"MoEModel takes hidden states as a torch.Tensor on cpu, got ndarray; "
+                                        r"convert it, e.g. torch.as_tensor"):
         model(torch.randn(3, 96).numpy())
 
 
 def test_model_names_the_device_to_put_the_input_on(compose):
     """Hidden states on another device raised a RuntimeError from inside torch's norm."""
     model = build(compose("model.dtype=float32"))
-    with pytest.raises(ValueError, match=r"the hidden states are on meta, the model on cpu: put the hidden states on "
-                                         r"cpu"):
+    with pytest.raises(ValueError, match=r"MoEModel got hidden states on meta, its weights are on cpu: put hidden "
+                                         r"states on cpu"):
         model(torch.randn(3, 96, device="meta"))

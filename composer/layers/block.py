@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused_moe import FusedMoE
+from .fused_moe import FusedMoE, check_on_device
 from .router import GateLinear, Router
 from .shared_experts import SharedExperts
 
@@ -79,13 +79,8 @@ class MoEModel(nn.Module):
 
 def check_hidden_states(x: object, w: torch.Tensor) -> None:
     """The model's input against its first norm weight ``w``, metadata only: a user's mistake is named here, not
-    deep inside a norm or a matmul (a numpy array: AttributeError; another device: a RuntimeError from torch)."""
-    want = f"hidden states [T, H={w.shape[0]}] in {w.dtype} (the config's model.hidden_size and model.dtype)"
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"MoEModel takes {want} as a torch.Tensor on {w.device}, got {type(x).__name__}; convert "
-                        f"them, e.g. torch.as_tensor(x, dtype={w.dtype}, device='{w.device}')")
+    deep inside a norm or a matmul."""
+    check_on_device(x, "hidden states", "x", w.device, "MoEModel")
     if x.dim() != 2 or x.shape[1] != w.shape[0] or x.dtype != w.dtype:
-        raise ValueError(f"MoEModel takes {want}, got {list(x.shape)} in {x.dtype}")
-    if x.device != w.device:
-        raise ValueError(f"the hidden states are on {x.device}, the model on {w.device}: put the hidden states on "
-                         f"{w.device}, e.g. x.to('{w.device}')")
+        raise ValueError(f"MoEModel takes hidden states [T, H={w.shape[0]}] in {w.dtype} (the config's "
+                         f"model.hidden_size and model.dtype), got {list(x.shape)} in {x.dtype}")

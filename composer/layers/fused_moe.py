@@ -20,6 +20,17 @@ from .modular_kernel import Experts, ModularKernel, PrepareFinalize
 SHARDS = ("w1", "w2", "w3")
 
 
+def check_on_device(t: Any, what: str, var: str, device: torch.device, owner: str) -> None:
+    """One tensor argument of a module, metadata only: a tensor, on the device of the module's weights. A user's
+    mistake is named here, not as an AttributeError or a RuntimeError from inside torch."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{owner} takes {what} as a torch.Tensor on {device}, got {type(t).__name__}; convert it, e.g. "
+                        f"torch.as_tensor({var}, device='{device}')")
+    if t.device != device:
+        raise ValueError(f"{owner} got {what} on {t.device}, its weights are on {device}: put {what} on {device}, "
+                         f"e.g. {var}.to('{device}')")
+
+
 @PluggableLayer.register("fused_moe")
 class FusedMoE(PluggableLayer):
     def __init__(
@@ -103,16 +114,9 @@ class FusedMoE(PluggableLayer):
         return out
 
     def _check_inputs(self, *tensors: Any) -> None:
-        """Tensors on the weights' device, metadata only: a user's mistake named here, not as an AttributeError or a
-        RuntimeError from inside torch (the kernels check shapes and dtypes)."""
-        device = self.w13.device
+        """Tensors on the weights' device (the kernels check shapes and dtypes)."""
         for name, t in zip(("hidden_states", "topk_weights", "topk_ids"), tensors):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"FusedMoE takes {name} as a torch.Tensor on {device}, got {type(t).__name__}; "
-                                f"convert it, e.g. torch.as_tensor({name}, device='{device}')")
-            if t.device != device:
-                raise ValueError(f"FusedMoE got {name} on {t.device}, its weights are on {device}: put {name} on "
-                                 f"{device}, e.g. {name}.to('{device}')")
+            check_on_device(t, name, name, self.w13.device, "FusedMoE")
 
     # ------------------------------------------------------------------------------------------
     # Weight loading (vLLM's contract): one checkpoint tensor for one expert and one shard.
