@@ -457,6 +457,9 @@ class _RouterLogitsTap(nn.Module):
 
     def __init__(self) -> None:
         nn.Module.__init__(self)  # (not the router's __init__: the tap holds no weights)
+        # Nothing to initialise: transformers' init_weights() (which skips modules so marked) would otherwise run the
+        # router class's _init_weights on it, which sets a `weight` the tap has not.
+        self._is_hf_initialized = True
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return logits

@@ -117,3 +117,16 @@ def test_a_block_swapped_model_survives_torch_save():
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_init_weights_after_a_block_swap_changes_nothing(arch):
+    """transformers' init_weights() ran the router class's _init_weights on the logits tap (an instance of that class
+    with no weight) and failed; every module was initialised already, so the call must leave the model as it was."""
+    _, model = reference_and_swapped(_cfg(arch, "float32"))
+    ids = _ids()
+    with torch.no_grad():
+        before = model(ids).logits
+    model.init_weights()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
