@@ -741,6 +741,10 @@ class TransformersMoE(PluggableLayer):
         if cfg.parallel.ep_size != 1:
             raise ConfigError([Problem("parallel.ep_size", cfg.parallel.ep_size,
                                        "layer=transformers_moe runs on one rank for now; use parallel.ep_size=1")])
+        if not init:  # (not ignored: a caller would then load a checkpoint over weights it thinks are not there)
+            raise ValueError("build(cfg, init=False): layer=transformers_moe builds the Hugging Face model with its "
+                             "weights (model.path's checkpoint, or seeded random ones for model.arch); to run a "
+                             "checkpoint set model.path=<folder> and call build(cfg)")
         model = load_hf_model(cfg)
         return swap_model(model, cfg)
 

@@ -88,3 +88,12 @@ def test_a_tilde_in_model_path_is_expanded_once_for_model_checkpoint_and_tokeniz
     with torch.no_grad():
         assert torch.equal(ref(ids).logits, load_hf_model(cfg_for(f"model.path={tmp_path / 'm'}"))(ids).logits)
     assert Generate().run(cfg, TaskContext(tmp_path, Console(quiet=True)))["prompt_ids"] == [5, 6]
+
+
+def test_build_init_false_is_refused_for_the_transformers_backend():
+    """build(cfg, init=False) returned a model with random weights (HF builds its own), which a caller would then take
+    for an empty model."""
+    cfg = load_config(None, ["device=cpu", "layer=transformers_moe", "model=hf", "model.arch=qwen3_moe"])
+    with pytest.raises(ValueError, match=r"init=False.*transformers_moe.*model.path"):
+        build(cfg, init=False)
+    assert build(cfg).composer_swapped
