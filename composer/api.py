@@ -353,6 +353,26 @@ def _merge_file(base: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _unset_choice_extras(merged: dict[str, Any], group: str, new: str, defaults: dict[str, Any],
+                         data: dict[str, Any]) -> dict[str, Any]:
+    """Before ``group=new`` replaces the file's choice: the top-level keys the replaced choice set beside its section
+    (task=report's ``report.dir``) go back to the defaults, unless the file sets them itself. Left in place they were
+    refused as keys of a task the run no longer has (a file with ``task: report`` and ``task=show``)."""
+    section = merged.get(group)
+    old = section.get("name") if isinstance(section, dict) else None
+    if old is None or old == new:
+        return merged
+    out = dict(merged)
+    for k in _group_default(group, old)[1]:
+        if k in data:
+            continue
+        if k in defaults:
+            out[k] = defaults[k]
+        else:
+            out.pop(k, None)
+    return out
+
+
 def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for k, v in b.items():
@@ -389,12 +409,14 @@ def load_config(path_or_name: str | Path | None = None, overrides: Sequence[str]
                           + [Problem("overrides", o, "must be key=value") for o in bad], str(path))
     group_overrides = [o for o in overrides if o.partition("=")[0] in GROUPS]
     other = [o for o in overrides if o not in group_overrides]
-    merged = _merge_file(_compose("config", []), data)
+    defaults = _compose("config", [])
+    merged = _merge_file(defaults, data)
     for o in group_overrides:  # `quant=int8_w8a16` beats the file's choice
         key, _, value = o.partition("=")
         problem = check_group_choice(key, value)
         if problem:
             raise ConfigError([problem], "overrides")
+        merged = _unset_choice_extras(merged, key, value, defaults, data)
         merged = _merge_file(merged, {key: {"name": value}})
     if other:
         from omegaconf import OmegaConf

@@ -111,6 +111,18 @@ def test_deployment_file(tmp_path: Path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_a_task_chosen_over_a_files_task_report_drops_its_report_dir(tmp_path: Path):
+    """task=report sets report.dir beside its section; chosen over on the command line, that key stayed and the run
+    was refused ("only task=report reads report.*"), though the file set no report key."""
+    f = tmp_path / "deploy.yaml"
+    f.write_text("schema_version: 1\nmodel: tiny\ntask: report\ndevice: cpu\n")
+    assert load_config(f, ["task=show"]).task.name == "show"
+    assert load_config(f, ["task.dir=x"]).task.name == "report"
+    f.write_text("schema_version: 1\nmodel: tiny\ntask: report\nreport: {dir: runs}\ndevice: cpu\n")
+    with pytest.raises(ConfigError, match=r"only task=report reads report.\* \(this run is task=show\)"):
+        load_config(f, ["task=show"])  # (the file's own report keys are the user's: still refused)
+
+
 def test_a_boolean_is_not_an_integer(compose):
     """pydantic's lax mode read model.top_k=true as 1; every schema refuses it, with the key named."""
     for override, key in (("model.top_k=true", "model.top_k"), ("task.tokens=false", "task.tokens"),
