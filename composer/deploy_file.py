@@ -28,7 +28,7 @@ def split_flag(argv: Sequence[str]) -> tuple[str | None, list[str]]:
                 raise ConfigError([Problem(FLAG, a, "give one deployment file per run")], "command line")
             if a == FLAG:
                 if i + 1 >= len(argv) or argv[i + 1].startswith("-") or "=" in argv[i + 1]:
-                    raise ConfigError([Problem(FLAG, "(missing)", "takes a YAML file: --deploy-file deploy/prod.yaml")],
+                    raise ConfigError([Problem(FLAG, "(missing)", "takes a YAML file: --deploy-file deploy/qwen3_serving.yaml")],
                                       "command line")
                 path, i = argv[i + 1], i + 2
                 continue

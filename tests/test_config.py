@@ -253,3 +253,18 @@ def test_float32_factors_must_fit_float32(compose, key, value, says):
     assert compose(f"{key}=1e-39") and compose(f"{key}=1e-45")
     tiny, big = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
     assert compose(f"{key}={tiny!r}") and compose(f"{key}={big!r}")
+
+
+def test_the_shipped_deployment_file_example_loads_and_is_the_documented_one():
+    """--help, the README and docs/deploy.md point at deploy/qwen3_serving.yaml: it must exist, validate (task=show
+    previews its CUDA config anywhere) and hold what docs/deploy.md shows of it."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    f = root / "deploy" / "qwen3_serving.yaml"
+    cfg = load_config(f, ["task=show"])
+    assert (cfg.model.name, cfg.kernel.name, cfg.quant.name, cfg.device) == ("qwen3_30b_a3b", "triton", "fp8_w8a8",
+                                                                              "cuda")
+    doc = (root / "docs" / "deploy.md").read_text()
+    block = doc.split("# deploy/qwen3_serving.yaml", 1)[1].split("\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(block) == yaml.safe_load(f.read_text())
