@@ -1,4 +1,4 @@
-"""task=bench: time the experts computation, against its peers and the floor (the protocol README.md describes under `composer task=bench`).
+"""task=bench: time the experts computation, against its peers and the floor (README.md, `composer task=bench`).
 
 Per token count T: one random routing (the same inputs for every implementation), then
 
