@@ -100,6 +100,8 @@ def test_help_names_composer_and_its_groups(tmp_path):
     assert proc.returncode == 0
     assert proc.stdout.startswith("composer: a declarative") and "Exit codes: 0 ok, 1" in proc.stdout
     assert "quant: fp8_w8a8, int4_w4a16, int8_w8a16, int8_w8a8, none" in proc.stdout
+    # (deploy= and experiment= without the + are refused: the help says how they are added)
+    assert "overlays, added\nwith a +: +deploy=cpu_reference" in proc.stdout and "Powered by Hydra" in proc.stdout
 
 
 def test_cfg_job_and_info_defaults(tmp_path):
