@@ -51,3 +51,51 @@ def test_option_composes_and_builds(group, option):
         return  # composes and validates; running these is covered by their own tests
     model_obj = build(cfg)
     assert sum(p.numel() for p in model_obj.parameters()) > 0
+
+
+def _conf_keys():
+    """Every key a shipped option or conf/config.yaml sets, dotted (``task.rep_ms``, ``model.router.scoring``)."""
+    from pathlib import Path
+
+    import yaml
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if k in ("name", "defaults", "hydra"):
+                continue
+            yield f"{prefix}{k}"
+            if k == "router" and isinstance(v, dict):
+                yield from walk(v, f"{prefix}{k}.")
+
+    for group in GROUPS:
+        for f in sorted((conf / group).glob("*.yaml")):
+            text = f.read_text()
+            data = yaml.safe_load(text) or {}
+            if text.lstrip().startswith("# @package _global_"):  # (task=report: its section under its group key)
+                data = data.get(group) or {}
+            yield from walk(data, f"{group}.")
+    top = yaml.safe_load((conf / "config.yaml").read_text())
+    for k, v in top.items():
+        if isinstance(v, dict) and k != "hydra":
+            yield from walk(v, f"{k}.")
+        elif k not in ("defaults", "hydra"):
+            yield k
+
+
+def test_the_readme_documents_every_key():
+    """--help's footer says README.md documents every key: each is named there whole (``task.rep_ms``), as a top-level
+    key in backticks, or in a ``parent.{a, b}`` list."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lists = {m.group(1): m.group(2) for m in re.finditer(r"`([\w.]+)\.\{([^}]*)\}", readme)}
+
+    def named(key):
+        parent, _, leaf = key.rpartition(".")
+        return (key in readme if parent else f"`{key}" in readme) or re.search(rf"\b{leaf}\b", lists.get(parent, ""))
+
+    missing = sorted({k for k in _conf_keys() if not named(k)})
+    assert not missing, f"keys conf/ sets that README.md does not document: {missing}"
