@@ -27,7 +27,7 @@ from ..layers.modular_kernel import ExpertWeights
 from .base import QuantParams, register_quant
 from .utils import (FP8_DTYPE, CkptTensor, QuantizedMethod, check_multiple, cuda_capability, expand_block_scale,
                     fp8_cast, largest_pow2_divisor, qdq_fp8_per_token, qdq_fp8_per_token_group, qdq_fp8_static,
-                    quant_fp8_block, quant_fp8_per_channel, quant_fp8_per_tensor, set_param)
+                    quant_fp8_block, quant_fp8_per_channel, quant_fp8_per_tensor, set_param, static_or)
 
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 F32_TINY, F32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
@@ -218,14 +218,11 @@ class Fp8W8A8(QuantizedMethod):
 
     @staticmethod
     def activation_quantizer(weights: ExpertWeights):
-        g, scheme = weights.extra["granularity"], weights.extra["activation_scheme"]
-        if scheme == "static":
-            scales = {"a13": weights.a13_scale, "a2": weights.a2_scale}
-            return lambda t, stage: qdq_fp8_static(t, scales[stage])
-        if g == "block":
+        # activation_scheme=static sets both scales; a stage given one uses it, as the Triton kernels do
+        if weights.extra["granularity"] == "block":
             bk = weights.extra["block_shape"][1]
-            return lambda t, stage: qdq_fp8_per_token_group(t, bk)
-        return lambda t, stage: qdq_fp8_per_token(t)
+            return static_or(weights, lambda t: qdq_fp8_per_token_group(t, bk), qdq_fp8_static)
+        return static_or(weights, qdq_fp8_per_token, qdq_fp8_static)
 
 
 def requantize_shards(w13: torch.Tensor, scales: torch.Tensor, I: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,8 @@ import torch
 
 from ..layers.modular_kernel import ExpertWeights
 from .base import register_quant
-from .utils import CkptTensor, QuantizedMethod, qdq_int8_per_token, quant_int8_per_channel, set_param
+from .utils import (CkptTensor, QuantizedMethod, qdq_int8_per_token, qdq_int8_static, quant_int8_per_channel, set_param,
+                    static_or)
 
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -70,7 +71,8 @@ class Int8W8A8(_Int8):
 
     @staticmethod
     def activation_quantizer(weights: ExpertWeights):
-        return lambda t, stage: qdq_int8_per_token(t)
+        # (the method's own weights are dynamic; ExpertWeights given static scales, as the Triton kernels take them)
+        return static_or(weights, qdq_int8_per_token, qdq_int8_static)
 
     @classmethod
     def tp_splits_activation_scales(cls, params: Any) -> bool:

@@ -179,6 +179,18 @@ def qdq_int8_per_token(t: torch.Tensor) -> torch.Tensor:
     return torch.round(t32 / scale).clamp(-INT8_MAX, INT8_MAX) * scale
 
 
+def qdq_int8_static(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    s = scale.float().reshape(())
+    return torch.round(t.float() / s).clamp(-INT8_MAX, INT8_MAX) * s
+
+
+def static_or(weights: ExpertWeights, dynamic: Callable, static: Callable) -> Callable:
+    """The w8a8 activation quantizer ``(t, stage) -> t`` the Triton kernels apply: a stage whose static per-tensor
+    scale the weights carry (``a13_scale`` / ``a2_scale``) uses it, the other stage ``dynamic(t)``."""
+    scales = {"a13": weights.a13_scale, "a2": weights.a2_scale}
+    return lambda t, stage: dynamic(t) if scales[stage] is None else static(t, scales[stage])
+
+
 # ------------------------------------------------------------------------------------------------
 # The shared base of the quantized methods.
 

@@ -135,6 +135,50 @@ def test_interpreter_vs_torch(method, params, case):
             assert err < tol, f"{method} {params} {case} reduce={reduce}: rel err {err:.2e} >= {tol:.0e}"
 
 
+@pytest.mark.parametrize("stages", ["both", "a13", "a2"])
+@pytest.mark.parametrize("T,decode,dtype", [(0, True, torch.float32), (1, True, torch.float32),
+                                            (7, False, torch.float16), (9, True, torch.float32)])
+def test_interpreter_int8_w8a8_static_scales_match_torch(stages, T, decode, dtype):
+    """ExpertWeights with static per-tensor activation scales: the Triton kernels used them and kernel=torch
+    quantized per token (rel. difference 0.4). Each stage given a scale now uses it on both backends; the scales
+    here clamp the largest activations, so the clamp is compared too."""
+    from composer.kernels.triton.fused import fused_experts_quant
+
+    x, tw, ids, w13, w2, b13, b2 = make_case(T, 4, 4 if T == 1 else 2, 40, 24, dtype, True, 0.25 if T == 7 else 0.0,
+                                             seed=T + 3)
+    w = quantize("int8_w8a8", w13, w2, b13, b2)
+    a13 = torch.tensor(0.8 * float(x.abs().max()) / 127 if T else 0.01) if stages in ("both", "a13") else None
+    a2 = torch.tensor(0.02 / 127) if stages in ("both", "a2") else None
+    ws = ExpertWeights(w13=w.w13, w2=w.w2, w13_bias=w.w13_bias, w2_bias=w.w2_bias, quant="int8_w8a8",
+                       w13_scale=w.w13_scale, w2_scale=w.w2_scale, a13_scale=a13, a2_scale=a2)
+    ref = TorchExperts().apply(x, tw, ids, ws, "silu")
+    dynamic = TorchExperts().apply(x, tw, ids, w, "silu")
+    with interpreter():
+        outs = [TritonExperts().apply(x, tw, ids, ws, "silu"),
+                fused_experts_quant(x, tw, ids, ws.w13, ws.w2, ws.w13_bias, ws.w2_bias, "silu", "int8_w8a8",
+                                    ws.w13_scale, ws.w2_scale, a13, a2, None, None, config=_cfg(decode))]
+    for out in outs:
+        assert out.shape == x.shape and out.dtype == x.dtype
+        if T:
+            assert rel(out, ref.double()) < TOL_W8A8[dtype], (stages, T)
+    if T:  # (the static scales change the answer: the comparison above is not dynamic against dynamic)
+        assert rel(ref, dynamic.double()) > 3 * TOL_W8A8[dtype]
+
+
+def test_torch_fp8_activation_quantizer_takes_a_stages_static_scale():
+    """fp8 weights given one stage's static scale (what the Triton kernels take for per_tensor and
+    per_token_channel): that stage quantizes with it, the other per token."""
+    w = quantize("fp8_w8a8", torch.randn(2, 16, 32), torch.randn(2, 32, 8), granularity="per_token_channel")
+    ws = ExpertWeights(w13=w.w13, w2=w.w2, quant="fp8_w8a8", w13_scale=w.w13_scale, w2_scale=w.w2_scale,
+                       a13_scale=torch.tensor(0.01), extra=w.extra)
+    from composer.quant.fp8 import Fp8W8A8
+
+    t = torch.randn(5, 32) * 3
+    q = Fp8W8A8.activation_quantizer(ws)
+    assert torch.equal(q(t, "a13"), qu.qdq_fp8_static(t, torch.tensor(0.01)))
+    assert torch.equal(q(t, "a2"), qu.qdq_fp8_per_token(t))
+
+
 def test_interpreter_int4_group_spans_tiles():
     """int4 with a group smaller than the K tile (scales gathered per element, no GROUP_TILE)."""
     from composer.kernels.triton.fused import fused_experts_quant
@@ -606,6 +650,30 @@ def test_gpu_k_not_multiple_of_tile(method, params):
                                   w.w2_scale, None, None, None, None, params.get("granularity", "per_token_channel"),
                                   128, 128, config=cfg)
         assert rel(out, ref.double()) < GPU_TOL[method], (method, T)
+
+
+@gpu
+@cuda
+@pytest.mark.parametrize("method,params", [("fp8_w8a8", {"granularity": "per_token_channel"}),
+                                           ("fp8_w8a8", {"granularity": "per_tensor"}), ("int8_w8a8", {})],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("stages", ["both", "a13"])
+def test_gpu_static_activation_scales_match_torch(method, params, stages):
+    """A stage given a static per-tensor scale uses it on both backends (kernel=torch quantized per token), at the
+    qwen3 shape, T = 1 (GEMV), 3 with dropped pairs, 128 (sorted)."""
+    E, k, H, I = SHAPES["qwen3_30b_a3b"]
+    for T, drop in ((1, 0.0), (3, 0.25), (128, 0.0)):
+        x, tw, ids, w13, w2, _, _ = make_case(T, E, k, H, I, torch.bfloat16, False, drop, seed=T, device="cuda")
+        w = quantize(method, w13, w2, **params)
+        qmax = 448.0 if method == "fp8_w8a8" else 127.0
+        a13 = torch.tensor(0.8 * float(x.float().abs().max()) / qmax, device="cuda")
+        a2 = torch.tensor(0.05 / qmax, device="cuda") if stages == "both" else None
+        ws = ExpertWeights(w13=w.w13, w2=w.w2, quant=method, w13_scale=w.w13_scale, w2_scale=w.w2_scale,
+                           a13_scale=a13, a2_scale=a2, extra=w.extra)
+        out, ref = both(x, tw, ids, ws)
+        err, moved = rel(out, ref.double()), rel(ref, TorchExperts().apply(x, tw, ids, w, "silu").double())
+        print(f"[quant-gpu] static {method} {params} {stages} T={T}: {err:.2e} (static vs dynamic {moved:.2e})")
+        assert err < GPU_TOL[method] < moved, (method, params, stages, T)
 
 
 # the int4 GPU path tests' weights: a K tile inside one group of 128, zero points with groups of 64, one per row
