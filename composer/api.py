@@ -260,9 +260,11 @@ def _yaml_loader() -> type:
     return Loader
 
 
-def _load_file(path: Path) -> dict[str, Any]:
-    """A deployment file's mapping; a Hydra ``defaults`` list in it (as conf/deploy's presets have) becomes the
-    group choices it makes, so such a file means here what it means as an overlay."""
+def _load_file(path: Path) -> tuple[dict[str, Any], list[Problem]]:
+    """A deployment file's mapping, and the problems of its group choices (a defaults entry that chooses nothing, a
+    model preset with no file), which are left out of the mapping so that the rest is still validated: every problem
+    at once. A Hydra ``defaults`` list in it (as conf/deploy's presets have) becomes the group choices it makes, so
+    such a file means here what it means as an overlay."""
     import yaml
 
     try:
@@ -279,9 +281,8 @@ def _load_file(path: Path) -> dict[str, Any]:
         p = check_group_choice("model", model)
         if p:
             problems.append(p)
-    if problems:
-        raise ConfigError(problems, str(path))
-    return data
+            del data["model"]  # (the rest validates over the default model)
+    return data, problems
 
 
 def _defaults_choices(data: dict[str, Any]) -> list[Problem]:
@@ -398,14 +399,15 @@ def load_config(path_or_name: str | Path | None = None, overrides: Sequence[str]
     if not path.is_file():
         raise ConfigError([Problem("(file)", str(path), "is a folder; give the deployment file in it" if path.is_dir()
                                    else "no such config file")], str(path))
-    data = _load_file(path)
+    data, early = _load_file(path)
     from .launchers import OVERLAYS
 
     overlays = [o for o in overrides if o.partition("=")[0].lstrip("+") in OVERLAYS]
     bad = [o for o in overrides if "=" not in o]
     if overlays or bad:
-        raise ConfigError([Problem("overrides", o, "an overlay applies to the shipped tree (load_config(None, "
-                                   f"['{o}', ...])); a deployment file holds its keys itself") for o in overlays]
+        raise ConfigError(early + [Problem("overrides", o, "an overlay applies to the shipped tree (load_config(None, "
+                                           f"['{o}', ...])); a deployment file holds its keys itself")
+                                   for o in overlays]
                           + [Problem("overrides", o, "must be key=value") for o in bad], str(path))
     group_overrides = [o for o in overrides if o.partition("=")[0] in GROUPS]
     other = [o for o in overrides if o not in group_overrides]
@@ -415,7 +417,7 @@ def load_config(path_or_name: str | Path | None = None, overrides: Sequence[str]
         key, _, value = o.partition("=")
         problem = check_group_choice(key, value)
         if problem:
-            raise ConfigError([problem], "overrides")
+            raise ConfigError(early + [problem], "overrides" if not early else str(path))
         merged = _unset_choice_extras(merged, key, value, defaults, data)
         merged = _merge_file(merged, {key: {"name": value}})
     if other:
@@ -424,13 +426,19 @@ def load_config(path_or_name: str | Path | None = None, overrides: Sequence[str]
         try:  # (only the overrides' own values: the file's strings are not interpolated, with or without overrides)
             dots = OmegaConf.to_container(OmegaConf.from_dotlist([o.lstrip("+") for o in other]), resolve=False)
         except Exception as exc:  # omegaconf raises several types for a malformed dotlist
-            raise ConfigError([Problem("overrides", list(other), str(exc))], str(path)) from None
+            raise ConfigError(early + [Problem("overrides", list(other), str(exc))], str(path)) from None
         merged = _deep_merge(merged, dots)
     task = merged.get("task")
     if isinstance(task, dict) and task.get("dir") == "${report.dir}":  # (task=report's default, read as Hydra would;
         # a file's own strings are not interpolated: a prompt may hold a literal ${...})
         merged["task"] = {**task, "dir": (merged.get("report") or {}).get("dir")}
-    return validate_config(merged, source=str(path))
+    try:
+        cfg = validate_config(merged, source=str(path))
+    except ConfigError as err:
+        raise ConfigError(early + err.problems, str(path)) from None
+    if early:
+        raise ConfigError(early, str(path))
+    return cfg
 
 
 def build(cfg: ComposerConfig | dict[str, Any] | Any, **kwargs: Any) -> nn.Module:

@@ -127,8 +127,31 @@ def _precheck(argv: list[str]) -> None:
     # without its plugin installed
     if not problems:
         problems = _unknown_keys(overrides)
+    elif bad := {p.key for p in problems if p.key in GROUPS}:
+        problems += _other_problems(overrides, bad, problems)
     if problems:
         _exit_config(ConfigError(problems, "command line"))
+
+
+def _other_problems(overrides: list[Any], bad: set[str], found: list[Problem]) -> list[Problem]:
+    """With a group choice refused (``kernel=tritn``), the problems of the rest of the command line, found with
+    those groups at their defaults and their keys left out: every problem at once, not the typo first."""
+    rest = [o for o in overrides if o.key_or_group not in bad and not any(o.key_or_group.startswith(g + ".")
+                                                                          for g in bad)]
+    more = _unknown_keys(rest)
+    if not more:
+        args = [f"{o.get_key_element()}={sweep_values(o)[0]}" if o.is_sweep_override() else o.input_line
+                for o in rest]
+        try:
+            from .api import _compose
+
+            validate_composed(_compose("config", args), args)
+        except ConfigError as exc:
+            more = exc.problems
+        except Exception:  # noqa: BLE001 - (the refused choice is still reported)
+            more = []
+    seen = {(p.key, p.message) for p in found}
+    return [p for p in more if (p.key, p.message) not in seen]
 
 
 def _globs_listed(argv: list[str], args: list[str], overrides: list[Any]) -> list[str]:

@@ -127,12 +127,21 @@ def file_overrides(path: str, argv: Sequence[str]) -> list[str]:
                            for o in overlays], "command line")
     single = [a for a, o in zip(plain, parsed) if not o.is_sweep_override() and not o.is_delete()
               and not o.is_add() and not o.is_force_add()] if len(parsed) == len(plain) else []
-    load_config(p, single)  # every problem of the file, with its name (ConfigError)
-    data = _load_file(p)
+    try:  # every problem of the file, with its name, and its hydra: section's beside them
+        load_config(p, single)
+        found: ConfigError | None = None
+    except ConfigError as err:
+        found = err
+    try:
+        data, _ = _load_file(p)
+    except ConfigError:  # (not YAML, not a mapping: load_config said so)
+        raise found from None
     if "hydra" in data:
-        raise ConfigError([Problem("hydra", data["hydra"], "Hydra's settings (run and sweep folders, launchers) go on "
-                                   "the command line or in an experiment overlay; a deployment file holds composer's "
-                                   "keys")], str(p))
+        hydra = Problem("hydra", data["hydra"], "Hydra's settings (run and sweep folders, launchers) go on the "
+                        "command line or in an experiment overlay; a deployment file holds composer's keys")
+        raise ConfigError((found.problems if found else []) + [hydra], found.source if found else str(p))
+    if found is not None:
+        raise found
     chosen = _group_values(parsed)
     problems: list[Problem] = []
     try:

@@ -404,3 +404,14 @@ def test_ctrl_c_is_recorded_as_interrupted(tmp_path):
     assert doc["status"] == "interrupted" and doc["task"] == "bench"
     report = composer(["task=report", f"report.dir={tmp_path / 'r'}", "hydra.run.dir=rep"], tmp_path)
     assert "interrupted" in report.stdout + report.stderr, report.stdout[-1500:]
+
+
+def test_a_group_typo_does_not_hide_the_command_lines_other_problems(tmp_path):
+    """kernel=tritn was the only problem reported; the key typo and the bad value beside it came one run later."""
+    proc = composer(["kernel=tritn", "model.top_kk=2", "seed=true", "quant=int4_w4a16", "quant.group_size=7"], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    err = " ".join(proc.stderr.split())
+    assert "4 problems" in err and "kernel = 'tritn'" in err and "Did you mean 'top_k'?" in err
+    assert "seed = True: must be int" in err and "quant.group_size = 7" in err
+    proc = composer(["quant=int4_w4a17", "quant.group_size=7"], tmp_path)  # (a refused group's own keys: not judged)
+    assert proc.returncode == 2 and "1 problem" in proc.stderr and "group_size" not in proc.stderr.split("Did you")[0]

@@ -268,3 +268,22 @@ def test_the_shipped_deployment_file_example_loads_and_is_the_documented_one():
     doc = (root / "docs" / "deploy.md").read_text()
     block = doc.split("# deploy/qwen3_serving.yaml", 1)[1].split("\n", 1)[1].split("```", 1)[0]
     assert yaml.safe_load(block) == yaml.safe_load(f.read_text())
+
+
+def test_a_deployment_files_every_problem_at_once(tmp_path: Path):
+    """A model preset with no file, and a hydra: section (command line), each hid the file's other problems."""
+    from composer.deploy_file import file_overrides
+
+    f = tmp_path / "d.yaml"
+    f.write_text("schema_version: 1\nmodel: tinyy\nkernel: tritn\nquant: {name: none, foo: 1}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    assert [p.key for p in err.value.problems] == ["model", "quant.foo", "kernel.name"] and str(f) in str(err.value)
+    f.write_text("schema_version: 1\nkernel: tritn\nhydra: {run: {dir: x}}\n")
+    with pytest.raises(ConfigError) as err:
+        file_overrides(str(f), [])
+    assert [p.key for p in err.value.problems] == ["kernel.name", "hydra"]
+    f.write_text("schema_version: 1\nhydra: {run: {dir: x}}\n")
+    with pytest.raises(ConfigError) as err:
+        file_overrides(str(f), [])
+    assert [p.key for p in err.value.problems] == ["hydra"]
