@@ -62,9 +62,13 @@ def test_align_invariants(T, E, kfrac, bm, drop, seed):
         check_invariants(routing(T, E, k, drop, seed), E, bm)
 
 
-@pytest.mark.parametrize("T,E,k,bm", [(0, 4, 2, 16), (1, 1, 1, 16), (5, 6, 6, 16), (40, 3, 3, 16), (3, 64, 8, 64)])
+@pytest.mark.parametrize("T,E,k,bm", [(0, 4, 2, 16), (1, 1, 1, 16), (5, 6, 6, 16), (40, 3, 3, 16), (3, 64, 8, 64),
+                                      (3, 257, 8, 16), (2, 300, 5, 64), (700, 5, 2, 16)])
 def test_align_edge_cases(T, E, k, bm):
-    """T=0, one expert, top_k = num_experts, more pairs than a block, many experts without tokens."""
+    """T=0, one expert, top_k = num_experts, more pairs than a block, many experts without tokens; E = 257 / 300
+    (BLOCK_E = 512: the scan's BLOCK_B = 16 branch, its block loop over two passes at E = 257, the padding marked in
+    2 / 8 passes of PAD_CHUNK = 8), and P = 1400 > 1024 pairs (count and scatter over two programs, the second one
+    partly masked)."""
     with interpreter():
         check_invariants(routing(T, E, k, 0.0, T + E), E, bm)
 

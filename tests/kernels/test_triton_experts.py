@@ -84,6 +84,23 @@ def test_default_configs_top_k_equals_num_experts(T, dtype):
         assert rel(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("reduce", ["atomic", "buffer"])
+@pytest.mark.parametrize("bm", [32, 64])
+def test_sorted_blocks_of_32_and_64_rows_match_torch(bm, reduce):
+    """Unquantized expert-sorted GEMMs in 32- and 64-row blocks (the hypothesis test fixes BLOCK_M = 16) vs
+    kernel=torch: T = 40, bias, dropped pairs, H = 40 and I = 20 off the 32-deep K and 16-wide N tiles."""
+    from composer.kernels.torch_backend import TorchExperts
+    from composer.layers.modular_kernel import ExpertWeights
+
+    x, tw, ids, w13, w2, b13, b2 = make_case(40, 5, 2, 40, 20, torch.float32, True, 0.2, seed=bm)
+    ref = TorchExperts().apply(x, tw, ids, ExpertWeights(w13, w2, b13, b2), "silu").double()
+    with interpreter():
+        out = fused_experts(x, tw, ids, w13, w2, b13, b2, "silu",
+                            config={**tiny_config(False, reduce, 16, 32, 16, 32), "BLOCK_M": bm})
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert rel(out, ref) < TOL[torch.float32], f"rel. error {rel(out, ref):.2e}"
+
+
 def test_all_pairs_dropped_gives_zeros():
     x, tw, ids, w13, w2, _, _ = make_case(3, 4, 2, 16, 16, torch.float32, False, 0.0, 1)
     ids[:] = -1

@@ -106,6 +106,27 @@ def test_interpreter_quant_vs_torch(method, params, dtype, gemv_calls):
     assert gemv_calls == [True, False, True, False]
 
 
+@pytest.mark.parametrize("method,params,dtype", [
+    ("int8_w8a16", {}, torch.float16), ("int8_w8a8", {}, torch.float32),
+    ("int4_w4a16", {"group_size": 16, "zero_point": True}, torch.float16),
+    ("int4_w4a16", {"group_size": 32}, torch.float32), ("int4_w4a16", {"group_size": -1}, torch.float16)],
+    ids=lambda v: str(v).replace("torch.", ""))
+def test_interpreter_quant_top_k_equals_num_experts(method, params, dtype, gemv_calls):
+    """The quantized GEMVs with top_k = num_experts (every expert's weights read for the one token; the test above
+    picks 2 of 5), both reductions, bias, vs kernel=torch."""
+    x, tw, ids, w13, w2, b13, b2 = make_case(1, 3, 3, 64, 32, dtype, True, 0.0, seed=9)
+    assert sorted(ids[0].tolist()) == [0, 1, 2]
+    w = quantize(method, w13, w2, b13, b2, **params)
+    ref = TorchExperts().apply(x, tw, ids, w, "silu").double()
+    tol = (TOL_W8A8 if method == "int8_w8a8" else TOL)[dtype]
+    with interpreter():
+        for cfg in (gemv_cfg(), gemv_cfg(16, 64, 4, 16, 1, "buffer")):
+            out = fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", method, w.w13_scale,
+                                      w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=cfg)
+            assert torch.isfinite(out).all() and rel(out, ref) < tol, (cfg["reduce"], rel(out, ref))
+    assert gemv_calls == [True, False, True, False]
+
+
 def test_interpreter_table_gemv_entry_at_small_t(tmp_path, monkeypatch, gemv_calls):
     """A method table keyed with a "gemv" entry at T = 4 (as the int4 tables now are, up to T = 8-64): T = 3 and 5
     run both GEMMs as GEMVs, one pair per program, and match kernel=torch; T = 12 takes the expert-sorted entry."""

@@ -193,6 +193,75 @@ def test_interpreter_int4_group_spans_tiles():
     assert rel(out, ref.double()) < 1e-5
 
 
+@pytest.mark.parametrize("T", [0, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("method,params", CPU_VARIANTS, ids=lambda v: str(v))
+def test_interpreter_quant_default_configs_top_k_equals_num_experts(method, params, dtype, T, monkeypatch):
+    """Every CPU quant variant with the heuristic tiles (config=None: the tl.dot decode at T = 1, 16-row sorted
+    blocks at T = 3) and top_k = num_experts, T = 0 included, H and I off the tiles; only explicit tiles ran."""
+    from composer.kernels.triton import fused
+    from composer.kernels.triton.fused import fused_experts_quant
+
+    E = k = 4
+    x, tw, ids, w13, w2, b13, b2 = make_case(T, E, k, 32, 48, dtype, True, 0.0, seed=7 + T)
+    w = quantize(method, w13, w2, b13, b2, **params)
+    ref = TorchExperts().apply(x, tw, ids, w, "silu")
+    decodes = _recorded(monkeypatch, fused, "quant_config", lambda c: c["decode"])
+    with interpreter():
+        out = fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", method, w.w13_scale,
+                                  w.w2_scale, None, None, w.w13_zero, w.w2_zero)
+    assert out.shape == (T, 32) and out.dtype == dtype
+    assert decodes == ([] if T == 0 else [T == 1])  # (T = 0 returns before any config is looked up)
+    if T:
+        tol = (TOL_W8A8 if method == "int8_w8a8" else TOL)[dtype]
+        assert torch.isfinite(out).all() and rel(out, ref.double()) < tol, rel(out, ref.double())
+
+
+@pytest.mark.parametrize("act", ["gelu", "swigluoai"])
+@pytest.mark.parametrize("method,params", CPU_VARIANTS, ids=lambda v: str(v))
+def test_interpreter_quant_activations(method, params, act):
+    """gelu and swigluoai on the quantized expert-sorted (T = 7, dropped pairs) and tl.dot decode (T = 1) paths of
+    every CPU variant; only silu ran there. swigluoai takes the gate half first, then up (act_and_mul's layout, which
+    kernel=torch applies to the same w13), and x is scaled so that its clamps at +-7 take part."""
+    from composer.kernels.triton.fused import fused_experts_quant
+
+    for T, E, k, H, I, drop, decode, reduce in ((7, 5, 2, 48, 16, 0.25, False, "buffer"),
+                                                (1, 4, 2, 32, 16, 0.0, True, "atomic")):
+        x, tw, ids, w13, w2, b13, b2 = make_case(T, E, k, H, I, torch.float32, True, drop, seed=80 + T)
+        if act == "swigluoai":
+            x = x * 8
+        w = quantize(method, w13, w2, b13, b2, **params)
+        ref = TorchExperts().apply(x, tw, ids, w, act).double()
+        with interpreter():
+            out = fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, act, method, w.w13_scale,
+                                      w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=_cfg(decode, reduce))
+        tol = (TOL_W8A8 if method == "int8_w8a8" else TOL)[torch.float32]
+        assert torch.isfinite(out).all() and rel(out, ref) < tol, (T, act, rel(out, ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("H,I,group,zero_point", [(40, 20, 10, False), (48, 30, 6, True), (60, 36, 12, False)],
+                         ids=["g10", "g6-zp", "g12"])
+def test_interpreter_int4_groups_not_powers_of_two(H, I, group, zero_point, dtype):
+    """int4 scale groups of 6, 10 and 12 (even divisors of H and I, as Int4W4A16 accepts them) with I not a multiple
+    of 8, on the expert-sorted blocks (T = 9, dropped pairs) and the tl.dot decode (T = 1); only powers of two ran."""
+    import types
+
+    from composer.kernels.triton.fused import fused_experts_quant
+    from composer.quant.int4 import Int4W4A16
+
+    params = Int4W4A16.Params(group_size=group, zero_point=zero_point)
+    assert Int4W4A16.check_config(params, types.SimpleNamespace(hidden_size=H, intermediate_size=I), "cpu") == []
+    for T, drop, decode in ((9, 0.2, False), (1, 0.0, True)):
+        x, tw, ids, w13, w2, b13, b2 = make_case(T, 4, 2, H, I, dtype, True, drop, seed=group + T)
+        w = quantize("int4_w4a16", w13, w2, b13, b2, group_size=group, zero_point=zero_point)
+        ref = TorchExperts().apply(x, tw, ids, w, "silu").double()
+        with interpreter():
+            out = fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", "int4_w4a16",
+                                      w.w13_scale, w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=_cfg(decode))
+        assert torch.isfinite(out).all() and rel(out, ref) < TOL[dtype], (T, rel(out, ref))
+
+
 @pytest.mark.parametrize("zero_point", [False, True])
 @pytest.mark.parametrize("T,decode", [(1, True), (9, False)])
 def test_interpreter_int4_group_tile_fp16(T, decode, zero_point):
@@ -650,6 +719,37 @@ def test_gpu_k_not_multiple_of_tile(method, params):
                                   w.w2_scale, None, None, None, None, params.get("granularity", "per_token_channel"),
                                   128, 128, config=cfg)
         assert rel(out, ref.double()) < GPU_TOL[method], (method, T)
+
+
+@gpu
+@cuda
+@pytest.mark.parametrize("method,params", FP8_VARIANTS + [("int8_w8a8", {})], ids=lambda v: str(v))
+def test_gpu_w8a8_dropped_pairs_top_k_equals_e_ragged_n(method, params):
+    """Every fp8 variant and int8_w8a8 on the GPU with dropped pairs (0.25), top_k = E and I = 384 not a multiple of
+    BLOCK_N = 256 (H = 256, I = 384: whole 128 x 128 scale blocks for block fp8), bias, T = 1 (tl.dot decode) and 33
+    (16-row sorted blocks, both reductions), then the default tiles, vs kernel=torch; these ran without drops."""
+    from composer.kernels.triton.fused import fused_experts_quant
+
+    E = k = 6
+    H, I = 256, 384
+    g = {"BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 2}
+    with interpreter(False):
+        for T, decode in ((1, True), (33, False)):
+            x, tw, ids, w13, w2, b13, b2 = make_case(T, E, k, H, I, torch.bfloat16, True, 0.25, seed=T + 5,
+                                                     device="cuda")
+            ids[0, 1] = ids[-1, -1] = -1  # (a dropped pair whatever the generator drew)
+            w = quantize(method, w13, w2, b13, b2, **params)
+            gran, (bn, bk) = w.extra.get("granularity", "per_token_channel"), w.extra.get("block_shape", (128, 128))
+            ref = TorchExperts().apply(x, tw, ids, w, "silu").double()
+            for reduce in ("atomic",) if decode else ("atomic", "buffer"):
+                cfg = {"BLOCK_M": 16, "decode": decode, "reduce": reduce, "gemm1": dict(g), "gemm2": dict(g)}
+                out = fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", method,
+                                          w.w13_scale, w.w2_scale, w.a13_scale, w.a2_scale, None, None,
+                                          gran, bn, bk, config=cfg)
+                err = rel(out, ref)
+                assert torch.isfinite(out).all() and err < GPU_TOL[method], (method, params, T, reduce, err)
+            out = TritonExperts().apply(x, tw, ids, w, "silu")  # the default tiles
+            assert rel(out, ref) < GPU_TOL[method], (method, params, T, "default", rel(out, ref))
 
 
 @gpu
