@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU check of the experts kernels, in one call on a GPU machine (see ../shared/DESIGN.md):
+# The whole GPU check of the experts kernels, in one call on a GPU machine (the task=bench protocol: README.md):
 #   1. pytest -m gpu on tests/kernels and tests/tasks (bf16/fp16 at the benchmark shapes, compile + CUDA graphs, grouped_mm,
 #      and the quantized Triton kernels: every quant method at the three shapes vs kernel=torch)
 #   2. the benchmark protocol for mixtral_8x7b, qwen3_30b_a3b and deepseek_v3 (JSON + markdown)
