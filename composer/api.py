@@ -260,11 +260,13 @@ def _yaml_loader() -> type:
     return Loader
 
 
-def _load_file(path: Path) -> tuple[dict[str, Any], list[Problem]]:
-    """A deployment file's mapping, and the problems of its group choices (a defaults entry that chooses nothing, a
-    model preset with no file), which are left out of the mapping so that the rest is still validated: every problem
-    at once. A Hydra ``defaults`` list in it (as conf/deploy's presets have) becomes the group choices it makes, so
-    such a file means here what it means as an overlay."""
+def _load_file(path: Path) -> tuple[dict[str, Any], list[Problem], str]:
+    """A deployment file's mapping, the problems of its group choices (a defaults entry that chooses nothing, a model
+    preset with no file), and a note for the rest's problems. So that every problem is reported at once, a bad defaults
+    entry is left out, and a model preset with no file is replaced by its closest preset, which the note names (checks
+    such as a group size dividing the model's sizes would be false against any other model); with no close preset the
+    file is refused with the preset alone. A Hydra ``defaults`` list in it (as conf/deploy's presets have) becomes the
+    group choices it makes, so such a file means here what it means as an overlay."""
     import yaml
 
     try:
@@ -275,14 +277,19 @@ def _load_file(path: Path) -> tuple[dict[str, Any], list[Problem]]:
         raise ConfigError([Problem("(file)", str(path), f"cannot be read: {exc}")], str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError([Problem("(file)", str(path), "must be a YAML mapping of config sections")], str(path))
-    problems = _defaults_choices(data)
+    problems, note = _defaults_choices(data), ""
     model = data.get("model")
     if isinstance(model, str):  # a preset's name (a model of one's own is a section with its keys)
         p = check_group_choice("model", model)
         if p:
+            import difflib
+
+            close = difflib.get_close_matches(model, group_options("model"), n=1, cutoff=0.8)
+            if not close:
+                raise ConfigError(problems + [p], str(path))
             problems.append(p)
-            del data["model"]  # (the rest validates over the default model)
-    return data, problems
+            data["model"], note = close[0], f" (checked with model: {close[0]}, the closest preset)"
+    return data, problems, note
 
 
 def _defaults_choices(data: dict[str, Any]) -> list[Problem]:
@@ -399,7 +406,7 @@ def load_config(path_or_name: str | Path | None = None, overrides: Sequence[str]
     if not path.is_file():
         raise ConfigError([Problem("(file)", str(path), "is a folder; give the deployment file in it" if path.is_dir()
                                    else "no such config file")], str(path))
-    data, early = _load_file(path)
+    data, early, note = _load_file(path)
     from .launchers import OVERLAYS
 
     overlays = [o for o in overrides if o.partition("=")[0].lstrip("+") in OVERLAYS]
@@ -435,7 +442,7 @@ def load_config(path_or_name: str | Path | None = None, overrides: Sequence[str]
     try:
         cfg = validate_config(merged, source=str(path))
     except ConfigError as err:
-        raise ConfigError(early + err.problems, str(path)) from None
+        raise ConfigError(early + [Problem(p.key, p.value, p.message + note) for p in err.problems], str(path)) from None
     if early:
         raise ConfigError(early, str(path))
     return cfg

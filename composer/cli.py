@@ -127,31 +127,48 @@ def _precheck(argv: list[str]) -> None:
     # without its plugin installed
     if not problems:
         problems = _unknown_keys(overrides)
-    elif bad := {p.key for p in problems if p.key in GROUPS}:
-        problems += _other_problems(overrides, bad, problems)
+    elif any(p.key in GROUPS for p in problems):
+        problems += _other_problems(overrides, problems)
     if problems:
         _exit_config(ConfigError(problems, "command line"))
 
 
-def _other_problems(overrides: list[Any], bad: set[str], found: list[Problem]) -> list[Problem]:
-    """With a group choice refused (``kernel=tritn``), the problems of the rest of the command line, found with
-    those groups at their defaults and their keys left out: every problem at once, not the typo first."""
-    rest = [o for o in overrides if o.key_or_group not in bad and not any(o.key_or_group.startswith(g + ".")
-                                                                          for g in bad)]
-    more = _unknown_keys(rest)
-    if not more:
-        args = [f"{o.get_key_element()}={sweep_values(o)[0]}" if o.is_sweep_override() else o.input_line
-                for o in rest]
-        try:
-            from .api import _compose
+def _other_problems(overrides: list[Any], found: list[Problem]) -> list[Problem]:
+    """With a group choice refused (``kernel=tritn``), the problems of the rest of the command line too, found with
+    each refused group at its closest option (``kernel=triton``), which the problems name: every problem at once, not
+    the typo first. Checks that depend on a group (a group size dividing the model's sizes) would be false against
+    any other option, so where an option is not close (or anything else fails) the typo is reported alone."""
+    import difflib
 
+    guesses = {}
+    for p in found:
+        if p.key in GROUPS:
+            close = difflib.get_close_matches(str(p.value), group_options(p.key), n=1, cutoff=0.8)
+            if not close:
+                return []
+            guesses[p.key] = close[0]
+    reported = {p.key.lstrip("+") for p in found}
+    rest = [o for o in overrides if o.key_or_group not in guesses and o.key_or_group not in reported
+            and not any(o.key_or_group.startswith(g + ".") for g in guesses)]
+    args = [f"{g}={v}" for g, v in guesses.items()]
+    try:
+        args += [f"{o.get_key_element()}={sweep_values(o)[0]}" if o.is_sweep_override() else o.input_line
+                 for o in rest]
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        from .api import _compose
+
+        more = _unknown_keys(OverridesParser.create().parse_overrides(args))
+        if not more:
             validate_composed(_compose("config", args), args)
-        except ConfigError as exc:
-            more = exc.problems
-        except Exception:  # noqa: BLE001 - (the refused choice is still reported)
-            more = []
+    except ConfigError as exc:
+        more = exc.problems
+    except Exception:  # noqa: BLE001 - (the refused choice is still reported)
+        return []
+    said = ", ".join(f"{g}={v}" for g, v in guesses.items())
     seen = {(p.key, p.message) for p in found}
-    return [p for p in more if (p.key, p.message) not in seen]
+    return [Problem(p.key, p.value, f"{p.message} (checked with {said}, the closest option)") for p in more
+            if (p.key, p.message) not in seen and not any(p.key == g or p.key.startswith(g + ".") for g in guesses)]
 
 
 def _globs_listed(argv: list[str], args: list[str], overrides: list[Any]) -> list[str]:

@@ -133,7 +133,7 @@ def file_overrides(path: str, argv: Sequence[str]) -> list[str]:
     except ConfigError as err:
         found = err
     try:
-        data, _ = _load_file(p)
+        data, _, _ = _load_file(p)
     except ConfigError:  # (not YAML, not a mapping: load_config said so)
         raise found from None
     if "hydra" in data:

@@ -413,5 +413,13 @@ def test_a_group_typo_does_not_hide_the_command_lines_other_problems(tmp_path):
     err = " ".join(proc.stderr.split())
     assert "4 problems" in err and "kernel = 'tritn'" in err and "Did you mean 'top_k'?" in err
     assert "seed = True: must be int" in err and "quant.group_size = 7" in err
+    assert "(checked with kernel=triton, the closest option)" in err
     proc = composer(["quant=int4_w4a17", "quant.group_size=7"], tmp_path)  # (a refused group's own keys: not judged)
     assert proc.returncode == 2 and "1 problem" in proc.stderr and "group_size" not in proc.stderr.split("Did you")[0]
+    # the rest is checked with the closest option (qwen3's sizes take int4's group 128; tiny's, the default, would
+    # not); a sweep already refused is not expanded again (it crashed)
+    for args in (["model=qwen3_30b_a3bx", "quant=int4_w4a16"], ["kernel=tritn", "seed=interval(1,3)"],
+                 ["-m", "kernel=tritn", "model.top_k=range(1,1)"], ["kernel=xyzzy", "seed=true"]):
+        proc = composer(args, tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert ("2 problems" if any("tritn" in a for a in args) else "1 problem") in proc.stderr, (args, proc.stderr)

@@ -279,6 +279,14 @@ def test_a_deployment_files_every_problem_at_once(tmp_path: Path):
     with pytest.raises(ConfigError) as err:
         load_config(f)
     assert [p.key for p in err.value.problems] == ["model", "quant.foo", "kernel.name"] and str(f) in str(err.value)
+    assert "(checked with model: tiny, the closest preset)" in err.value.problems[2].message
+    # (the rest is checked against the closest preset: qwen3's sizes take int4's group 128, tiny's would not; with
+    # no close preset, the preset is reported alone)
+    for model in ("qwen3_30b_a3bx", "zzzz"):
+        f.write_text(f"schema_version: 1\nmodel: {model}\nquant: int4_w4a16\nkernel: tritn\n")
+        with pytest.raises(ConfigError) as err:
+            load_config(f)
+        assert [p.key for p in err.value.problems] == (["model", "kernel.name"] if model != "zzzz" else ["model"])
     f.write_text("schema_version: 1\nkernel: tritn\nhydra: {run: {dir: x}}\n")
     with pytest.raises(ConfigError) as err:
         file_overrides(str(f), [])
