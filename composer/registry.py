@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
@@ -29,20 +30,26 @@ class Registry(Generic[T]):
     An *internal* name (``mark_internal``) stays gettable, for the code that builds it, but is no user choice:
     ``names()`` leaves it out, so config validation, choice lists and did-you-means never offer it."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, reserved: tuple[str, ...] = (), replace_hint: str = ""):
         self.kind = kind
+        self.reserved = reserved  # names the config gives a meaning of its own (kernel=auto, custom_ops all/none)
+        self.replace_hint = replace_hint  # how to replace an in-tree implementation of this kind, if one can
         self._items: dict[str, T] = {}
         self._internal: dict[str, str] = {}  # name -> why it is no user choice
         _REGISTRIES.append(self)
 
     def register(self, name: str, obj: T | None = None) -> Any:
         def add(o: T) -> T:
-            if not isinstance(name, str) or not name:
-                raise RegistryError(f"a {self.kind} name must be a non-empty string, got {name!r}")
+            if not isinstance(name, str) or not NAME.fullmatch(name):
+                raise RegistryError(f"a {self.kind} name is what a config writes ({self.kind.split()[-1]}=NAME): "
+                                    f"letters, digits and _, not starting with a digit; got {name!r}")
+            if name in self.reserved:
+                raise RegistryError(f"{self.kind} '{name}' is a name the config reserves (it means something of its "
+                                    f"own there, so this registration could never be chosen); pick another name")
             if name in self._items and self._items[name] is not o:
                 raise RegistryError(
                     f"{self.kind} '{name}' is already registered by {_qualname(self._items[name])}; "
-                    f"pick another name, or use register_oot to replace the in-tree implementation"
+                    f"pick another name{self.replace_hint}"
                 )
             self._items[name] = o
             return o
@@ -83,16 +90,20 @@ class Registry(Generic[T]):
         self._items.pop(name, None)
 
 
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # (a registry name is a config name: group=NAME, kernel.name=NAME)
+
+
 def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
 # The registries. Each kind lives in exactly one table; conf/<group>/ holds one yaml per name.
-LAYERS: Registry[type] = Registry("layer")
-CUSTOM_OPS: Registry[type] = Registry("custom op")
+LAYERS: Registry[type] = Registry("layer", replace_hint=", or replace the in-tree layer with register_oot "
+                                  "(@FusedMoE.register_oot)")
+CUSTOM_OPS: Registry[type] = Registry("custom op", reserved=("all", "none"))
 QUANT_METHODS: Registry[type] = Registry("quant method")
 ALL2ALL: Registry[type] = Registry("all2all backend")
-KERNELS: Registry[type] = Registry("experts kernel")
+KERNELS: Registry[type] = Registry("experts kernel", reserved=("auto",))
 TASKS: Registry[Any] = Registry("task")
 
 
@@ -200,9 +211,10 @@ class PluggableLayer(nn.Module):
                     f"(the layer '{target.layer_name}' it replaces), so its constructor and weights stay compatible"
                 )
             previous = PluggableLayer._oot.get(target)
-            if previous is not None and previous is not replacement:
-                log.warning("layer '%s': out-of-tree %s replaces %s", target.layer_name,
-                            _qualname(replacement), _qualname(previous))
+            if previous is not None and previous is not replacement:  # (as for a name: the later one would win)
+                raise RegistryError(f"layer '{target.layer_name}' is already replaced by out-of-tree "
+                                    f"{_qualname(previous)}; one replacement per layer: list one of the two plugins, "
+                                    f"or call {target.__name__}.unregister_oot() first")
             PluggableLayer._oot[target] = replacement
             return replacement
 
@@ -290,12 +302,21 @@ class CustomOp(nn.Module):
 
 _PLUGINS_LOADED = False
 _loaded_plugin_names: list[str] = []
+# what each `plugins:` entry registered when it was first loaded: (registry, name, object) and (replaced layer, its
+# out-of-tree class); a config's plugins are the ones whose registrations are in place (load_plugins(modules))
+_PLUGIN_REGISTERED: dict[str, tuple[list[tuple["Registry[Any]", str, Any]], dict[type, type]]] = {}
 
 
-def load_plugins(modules: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """Import in-tree implementations, entry-point plugins (once), then the modules named in ``modules``.
+def load_plugins(modules: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """Import in-tree implementations and entry-point plugins (once); with ``modules`` (a config's ``plugins:``),
+    also make exactly those the active plugins.
 
-    An entry point may name a module or a callable; a callable is called with no arguments.
+    An entry point may name a module or a callable; a callable is called with no arguments. A ``plugins:`` entry is a
+    module that registers implementations when imported, or ``module:function`` (the function is called once, after
+    the import). What an entry registered is recorded, and ``modules`` puts in place the registrations of the entries
+    it lists and takes out those of entries it does not: in one process (a sweep's jobs, several load_config calls)
+    each config runs with its own plugins, not with every plugin an earlier config loaded. Entry points, and anything
+    registered outside a plugins: entry, stay in place.
     """
     global _PLUGINS_LOADED
     if not _PLUGINS_LOADED:
@@ -316,21 +337,71 @@ def load_plugins(modules: list[str] | tuple[str, ...] = ()) -> list[str]:
                 raise RegistryError(f"plugin entry point '{ep.name}' ({ep.value}) failed to load: "
                                     f"{type(exc).__name__}: {exc}. Fix or uninstall that package") from exc
             _loaded_plugin_names.append(f"{ep.name} (entry point)")
+    if modules is None:
+        return list(_loaded_plugin_names)
+    for mod in _PLUGIN_REGISTERED:  # (first out: a listed plugin may take a name an unlisted one had)
+        if mod not in modules:
+            _set_registered(mod, False)
     for mod in modules:
-        if mod in _loaded_plugin_names:
-            continue
-        try:
-            with _all_or_nothing():
-                importlib.import_module(mod)
-        except ImportError as exc:
-            raise RegistryError(
-                f"plugins: cannot import '{mod}': {exc}. Install the plugin package, or remove it from `plugins:`"
-            ) from exc
-        except Exception as exc:  # its own code failed: what it registered before that is undone
-            raise RegistryError(f"plugins: importing '{mod}' failed: {type(exc).__name__}: {exc}. Fix the "
-                                "module, or remove it from `plugins:`") from exc
-        _loaded_plugin_names.append(mod)
+        if mod in _PLUGIN_REGISTERED:
+            _set_registered(mod, True)
+        elif mod not in _loaded_plugin_names:
+            _PLUGIN_REGISTERED[mod] = _import_plugin(mod)
+            _loaded_plugin_names.append(mod)
     return list(_loaded_plugin_names)
+
+
+def _import_plugin(spec: str) -> tuple[list[tuple["Registry[Any]", str, Any]], dict[type, type]]:
+    """Import ``module`` (or ``module:function`` and call the function) and return what it registered."""
+    import sys
+
+    mod, _, fn = spec.partition(":")
+    fresh = mod not in sys.modules
+    before = {(id(r), n): o for r in _REGISTRIES for n, o in r._items.items()}
+    oot_before = dict(PluggableLayer._oot)
+    try:
+        with _all_or_nothing():
+            module = importlib.import_module(mod)
+            if fn:
+                func = getattr(module, fn, None)
+                if not callable(func):
+                    raise RegistryError(f"plugins: '{spec}': module {mod} has no function {fn}; write "
+                                        "'module' or 'module:function'")
+                func()
+    except RegistryError:
+        raise
+    except ImportError as exc:
+        raise RegistryError(
+            f"plugins: cannot import '{mod}': {exc}. Install the plugin package, or remove it from `plugins:`"
+        ) from exc
+    except Exception as exc:  # its own code failed: what it registered before that is undone
+        raise RegistryError(f"plugins: importing '{spec}' failed: {type(exc).__name__}: {exc}. Fix the "
+                            "module, or remove it from `plugins:`") from exc
+    entries = [(r, n, o) for r in _REGISTRIES for n, o in r._items.items() if before.get((id(r), n)) is not o]
+    oot = {t: c for t, c in PluggableLayer._oot.items() if oot_before.get(t) is not c}
+    if not entries and not oot and (fresh or fn):
+        hint = (f" A package whose entry point names a function (as composer_example_plugin's register) is loaded "
+                f"by installing it, or here as '{mod}:register'" if not fn and callable(getattr(module, "register",
+                                                                                                 None)) else "")
+        raise RegistryError(f"plugins: '{spec}' registered nothing when {'called' if fn else 'imported'}: a plugin "
+                            "registers implementations (@KERNELS.register(...), @register_quant(...), "
+                            f"@FusedMoE.register_oot, ...).{hint}")
+    return entries, oot
+
+
+def _set_registered(mod: str, on: bool) -> None:
+    """Put the registrations of plugin ``mod`` in place, or take them out (only its own objects)."""
+    entries, oot = _PLUGIN_REGISTERED[mod]
+    for r, name, obj in entries:
+        if on:
+            r.register(name, obj)  # (a name another listed plugin took meanwhile is refused, naming it)
+        elif r._items.get(name) is obj:
+            del r._items[name]
+    for target, repl in oot.items():
+        if on:
+            PluggableLayer._oot[target] = repl
+        elif PluggableLayer._oot.get(target) is repl:
+            del PluggableLayer._oot[target]
 
 
 @contextlib.contextmanager

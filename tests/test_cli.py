@@ -423,3 +423,11 @@ def test_a_group_typo_does_not_hide_the_command_lines_other_problems(tmp_path):
         proc = composer(args, tmp_path)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
         assert ("2 problems" if any("tritn" in a for a in args) else "1 problem") in proc.stderr, (args, proc.stderr)
+
+
+def test_a_mapping_for_a_list_key_is_a_config_problem(tmp_path):
+    """custom_ops={a:1}: Hydra's 'Cannot merge DictConfig with ListConfig', exit 1."""
+    proc = composer(["custom_ops={a:1}", "parallel=[1]", "task=show"], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "custom_ops = '{'a': 1}': must be a list (custom_ops=[...]), got a mapping" in proc.stderr
+    assert "parallel = '[1]': must be a mapping (parallel={...}), got a list" in proc.stderr

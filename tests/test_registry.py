@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from composer.errors import RegistryError
+from composer.errors import ConfigError, RegistryError
 from composer.layers.activation import SiluAndMul
 from composer.layers.fused_moe import FusedMoE
 from composer.layers.router import Router
@@ -149,3 +149,117 @@ def test_the_transformers_swap_class_is_internal():
     pytest.importorskip("transformers")
     assert "transformers_fused_moe" in LAYERS and "transformers_fused_moe" not in LAYERS.names()
     assert "transformers_moe" in LAYERS.names()
+
+
+def _plugin(tmp_path, monkeypatch, name, body):
+    """A plugin module ``name`` on sys.path, written from ``body``."""
+    (tmp_path / f"{name}.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+KERNEL_PLUGIN = '''
+from composer.kernels.torch_backend import TorchExperts
+from composer.registry import KERNELS
+
+
+@KERNELS.register("{name}")
+class K(TorchExperts):
+    name = "{name}"
+'''
+
+OOT_PLUGIN = '''
+from composer.layers.fused_moe import FusedMoE
+
+
+@FusedMoE.register_oot
+class Doubled(FusedMoE):
+    def forward(self, *args, **kwargs):
+        return 2 * super().forward(*args, **kwargs)
+'''
+
+
+def test_each_config_runs_with_its_own_plugins(tmp_path, monkeypatch):
+    """A sweep's jobs share one process: a plugin one job listed stayed registered for the next (its register_oot
+    replacement ran in a job with plugins=[]), and a later job's plugin clashed with a name no job of its own took."""
+    from composer import build, load_config
+    from composer.registry import KERNELS, PluggableLayer, _PLUGIN_REGISTERED
+
+    oot = _plugin(tmp_path, monkeypatch, "oot_twice_plugin", OOT_PLUGIN)
+    a = _plugin(tmp_path, monkeypatch, "kern_a_plugin", KERNEL_PLUGIN.format(name="same_kern"))
+    b = _plugin(tmp_path, monkeypatch, "kern_b_plugin", KERNEL_PLUGIN.format(name="same_kern"))
+    base = ["device=cpu", "kernel=torch", "model.num_layers=1"]
+    try:
+        x = torch.randn(3, 96, dtype=torch.bfloat16)
+
+        def experts_and_output(plugins):
+            model = build(load_config(None, [*base, f"plugins=[{plugins}]"]))
+            with torch.no_grad():
+                return type(model.get_submodule("layers.0.mlp.experts")).__name__, model(x)
+
+        plain, doubled, again, back = (experts_and_output(p) for p in ("", oot, "", oot))
+        assert (plain[0], doubled[0], again[0], back[0]) == ("FusedMoE", "Doubled", "FusedMoE", "Doubled")
+        assert not torch.equal(doubled[1], plain[1]) and torch.equal(again[1], plain[1])
+        assert torch.equal(back[1], doubled[1])
+        load_config(None, [*base, "plugins=[]"])
+        assert not PluggableLayer._oot
+        load_config(None, [*base, f"plugins=[{a}]", "kernel.name=same_kern"])
+        assert KERNELS.get("same_kern").__module__ == a
+        load_config(None, [*base, f"plugins=[{b}]", "kernel.name=same_kern"])  # (a's name is out: no clash)
+        assert KERNELS.get("same_kern").__module__ == b
+        with pytest.raises(ConfigError, match=r"kernel.name = 'same_kern': unknown experts kernel"):
+            load_config(None, [*base, "plugins=[]", "kernel.name=same_kern"])
+        with pytest.raises(ConfigError, match=r"'same_kern' is already registered by kern_a_plugin"):
+            load_config(None, [*base, f"plugins=[{a},{b}]"])
+    finally:
+        load_config(None, [*base, "plugins=[]"])
+        for m in (oot, a, b):
+            _PLUGIN_REGISTERED.pop(m, None)
+
+
+def test_a_plugin_that_registers_nothing_is_refused_and_module_function_works(tmp_path, monkeypatch):
+    """The example package's module only defines register() (its entry point calls it): listed in plugins: it was
+    accepted and did nothing; 'module:function' now calls the function."""
+    from composer import load_config
+    from composer.registry import KERNELS, _PLUGIN_REGISTERED
+
+    mod = _plugin(tmp_path, monkeypatch, "lazy_plugin", "def register():\n" + "\n".join(
+        "    " + line for line in KERNEL_PLUGIN.format(name="lazy_kern").strip().splitlines()) + "\n")
+    base = ["device=cpu", "kernel=torch"]
+    try:
+        with pytest.raises(ConfigError, match=r"'lazy_plugin' registered nothing when imported.*'lazy_plugin:register'"):
+            load_config(None, [*base, f"plugins=[{mod}]"])
+        cfg = load_config(None, [*base, f"plugins=['{mod}:register']", "kernel.name=lazy_kern"])
+        assert cfg.kernel.resolved == "lazy_kern" and "lazy_kern" in KERNELS
+        with pytest.raises(ConfigError, match=r"module lazy_plugin has no function nothere"):
+            load_config(None, [*base, f"plugins=['{mod}:nothere']"])
+    finally:
+        load_config(None, [*base, "plugins=[]"])
+        _PLUGIN_REGISTERED.pop(f"{mod}:register", None)
+
+
+@pytest.mark.parametrize("name", ["a,b", "my kernel", "x=y", "k.v", "1k", ""])
+def test_a_registry_name_is_a_config_name(name):
+    from composer.registry import KERNELS
+
+    with pytest.raises(RegistryError, match="letters, digits and _"):
+        KERNELS.register(name, object)
+
+
+def test_reserved_names_and_duplicates_say_what_to_do():
+    from composer.layers.fused_moe import FusedMoE
+    from composer.registry import CUSTOM_OPS, KERNELS, PluggableLayer
+
+    with pytest.raises(RegistryError, match="'auto' is a name the config reserves"):
+        KERNELS.register("auto", object)
+    with pytest.raises(RegistryError, match="'all' is a name the config reserves"):
+        CUSTOM_OPS.register("all", object)
+    with pytest.raises(RegistryError, match=r"'torch' is already registered by .*; pick another name$"):
+        KERNELS.register("torch", object)
+    first = FusedMoE.register_oot(type("First", (FusedMoE,), {}))
+    try:
+        with pytest.raises(RegistryError, match=r"already replaced by out-of-tree .*First; one replacement per layer"):
+            FusedMoE.register_oot(type("Second", (FusedMoE,), {}))
+        assert PluggableLayer._oot[FusedMoE] is first
+    finally:
+        FusedMoE.unregister_oot()
