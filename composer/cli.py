@@ -251,6 +251,13 @@ def _unknown_keys(overrides: list[Any]) -> list[Any]:
                and OmegaConf.select(base, o.key_or_group, default=None) is not None]  # (Hydra sets a null key)
     if present:  # (Hydra: "Could not append to config. An item is already at ...", exit 1)
         return present
+    shape = [Problem(o.key_or_group, shown(o), f"must be a {'list' if want else 'mapping'} "
+                     f"({o.key_or_group}={'[...]' if want else '{...}'}), got a {'mapping' if want else 'list'}")
+             for o in plain if not o.is_sweep_override() and isinstance(o.value(), (dict, list))
+             and (want := _is_list(OmegaConf.select(base, o.key_or_group, default=None))) is not None
+             and want != isinstance(o.value(), list)]
+    if shape:  # (Hydra: "Cannot merge DictConfig with ListConfig", exit 1)
+        return shape
     missing = [o for o in plain if OmegaConf.select(base, o.key_or_group, default=_MISSING) is _MISSING]
     if not missing:
         return []
@@ -265,6 +272,13 @@ def _unknown_keys(overrides: list[Any]) -> list[Any]:
 
 
 _MISSING = object()
+
+
+def _is_list(node: Any) -> bool | None:
+    """True for a list node of the config, False for a mapping, None for anything else (a value, absent)."""
+    from omegaconf import DictConfig, ListConfig
+
+    return True if isinstance(node, ListConfig) else False if isinstance(node, DictConfig) else None
 
 
 def run_job(dcfg: DictConfig) -> dict[str, Any] | None:
