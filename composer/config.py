@@ -393,7 +393,10 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
         kernel = KernelChoice(name=kernel.name, params=kernel.params, resolved=resolved, auto_selected=auto)
         if model is not None and named["quant"] is not None:
             backend = registry.KERNELS.get(resolved)
-            extra = {"quant_params": named["quant"].params} if "quant_params" in inspect.signature(backend.check).parameters else {}
+            takes = inspect.signature(backend.check).parameters
+            extra = {"quant_params": named["quant"].params} if "quant_params" in takes else {}
+            if "name" in takes:  # the messages name the kernel as the config does (a subclass inherits its parent's)
+                extra["name"] = resolved
             for msg in backend.check(quant=named["quant"].name, dtype=model.dtype, device=device, **extra):
                 problems.append(Problem("kernel", kernel.name if not auto else f"auto -> {resolved}", msg))
     if kernel is not None and kernel.resolved == "torch":
@@ -414,6 +417,10 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
             problems.extend(Problem(f"quant.{k}" if k else "quant", v, m) for k, v, m in check(named["quant"].params, model, device)
                             if (f"quant.{k}" if k else "quant") not in tp_keys)  # (under TP its rule, which knows
             # the sharded sizes, says what to pick)
+    if named["layer"] is not None:
+        refused = layer_class_problem(named["layer"].name)
+        if refused:
+            problems.append(Problem("layer.name", named["layer"].name, refused))
     if named["layer"] is not None and model is not None:
         layer_cls = registry.LAYERS.get(named["layer"].name)
         check = getattr(layer_cls, "check_config", None)
@@ -427,6 +434,23 @@ def validate_config(raw: dict[str, Any], source: str | None = None) -> ComposerC
         layer=named["layer"], quant=named["quant"], all2all=named["all2all"], task=named["task"],
         custom_ops=custom_ops, plugins=plugins, device=device, **scalars,
     )
+
+
+def layer_class_problem(name: str) -> str | None:
+    """Why the layer registered as ``name`` cannot be built, or None. composer builds its own graph of FusedMoE layers
+    (the class chosen fills each experts slot), unless the layer brings its own model (a ``build_model`` classmethod,
+    as layer=transformers_moe does): any other class would be silently replaced by the in-tree FusedMoE."""
+    from .layers.fused_moe import FusedMoE
+
+    cls = registry.LAYERS.get(name)
+    if getattr(cls, "build_model", None) is not None or (isinstance(cls, type) and issubclass(cls, FusedMoE)):
+        return None
+    qual = f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', repr(cls))}"
+    return (f"layer '{name}' ({qual}) must subclass composer's FusedMoE (composer.layers.fused_moe), or bring its own "
+            "model with a build_model classmethod as layer=transformers_moe does: composer builds its graph from FusedMoE "
+            f"layers and cannot build this one. Register it as @PluggableLayer.register(\"{name}\") on "
+            f"`class {getattr(cls, '__name__', 'MyLayer')}(FusedMoE)` (it takes FusedMoE's constructor arguments), "
+            "or choose layer=fused_moe")
 
 
 def _leaf_hint(key: str, raw: dict[str, Any], exact: bool = False) -> str:

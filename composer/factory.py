@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ComposerConfig
+from .config import ComposerConfig, layer_class_problem
 from .distributed.none import EPContext
 from .errors import ConfigError, Problem
 from .layers.block import DecoderBlock, MoEModel, RMSNorm, SparseMoEBlock
@@ -85,11 +85,15 @@ def build_experts(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any
     tp_rank, tp_size, tp_group = tp if tp is not None else _tp_place(cfg, None, None)
     m = cfg.model
     layer_cls = LAYERS.get(cfg.layer.name)
-    if not issubclass(layer_cls, FusedMoE):
-        layer_cls = FusedMoE
+    if not (isinstance(layer_cls, type) and issubclass(layer_cls, FusedMoE)):  # (validation refuses such a layer;
+        # a config built by hand skips it): never silently build the in-tree FusedMoE in its place
+        raise ConfigError([Problem("layer.name", cfg.layer.name, layer_class_problem(cfg.layer.name) or
+                                   f"layer '{cfg.layer.name}' builds its own model: call build(cfg); build_experts "
+                                   "builds one FusedMoE layer (choose layer=fused_moe)")])
     ep_size = cfg.parallel.ep_size
     quant = QUANT_METHODS.get(cfg.quant.name)(cfg.quant.params)
     experts = KERNELS.get(cfg.kernel.resolved)()
+    experts.name = cfg.kernel.resolved  # reported by the name the config chose (a subclass inherits its parent's)
     layer = layer_cls(
         m.num_experts, m.top_k, m.hidden_size, m.intermediate_size,
         activation=m.activation, has_bias=m.has_bias, dtype=m.torch_dtype, device=cfg.device if device is None else device,

@@ -6,11 +6,17 @@ pair whose expert lives on another rank, and the experts kernel skips it.
 """
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
+
+from ..errors import ComposerError
+
+# What ``Experts.apply`` is called with (ModularKernel checks a kernel's apply takes them, once).
+_APPLY_ARGS = ("x", "topk_weights", "topk_ids", "weights", "activation")
 
 
 @dataclass
@@ -85,34 +91,35 @@ class Experts(ABC):
     needs_cuda: ClassVar[bool] = False
 
     @classmethod
-    def check(cls, *, quant: str, dtype: str, device: str) -> list[str]:
+    def check(cls, *, quant: str, dtype: str, device: str, name: str | None = None) -> list[str]:
         """Problems with running this backend for a (quant method, dtype, device); empty when fine.
 
         A backend whose limits depend on the method's parameters may add a ``quant_params`` keyword:
-        validation passes the validated ``quant.*`` params to a ``check`` that accepts it.
+        validation passes the validated ``quant.*`` params to a ``check`` that accepts it. ``name``: the registry
+        name the config chose (validation passes it to a ``check`` that accepts it), shown in the messages.
         """
+        name = name or cls.name
         problems = []
         if quant not in cls.supported_quant:
             problems.append(
-                f"experts kernel '{cls.name}' does not support quant method '{quant}'; "
+                f"experts kernel '{name}' does not support quant method '{quant}'; "
                 f"it supports: {', '.join(sorted(cls.supported_quant))}"
             )
         if dtype not in cls.supported_dtypes:
             problems.append(
-                f"experts kernel '{cls.name}' does not support dtype '{dtype}'; "
+                f"experts kernel '{name}' does not support dtype '{dtype}'; "
                 f"it supports: {', '.join(sorted(cls.supported_dtypes))}"
             )
         if cls.needs_cuda and device != "cuda":
-            problems.append(f"experts kernel '{cls.name}' needs a CUDA device; on {device} use kernel=torch")
+            problems.append(f"experts kernel '{name}' needs a CUDA device; on {device} use kernel=torch")
         return problems
 
-    @classmethod
-    def refuse_unsupported(cls, weights: ExpertWeights) -> None:
+    def refuse_unsupported(self, weights: ExpertWeights) -> None:
         """For ``apply``: weights of a quant method this backend does not claim are an error, never a wrong answer
         (validation refuses the config earlier; this guards direct calls)."""
-        if weights.quant not in cls.supported_quant:
-            raise ValueError(f"experts kernel '{cls.name}' does not support quant method '{weights.quant}'; "
-                             f"it supports: {', '.join(sorted(cls.supported_quant))}")
+        if weights.quant not in self.supported_quant:
+            raise ValueError(f"experts kernel '{self.name}' does not support quant method '{weights.quant}'; "
+                             f"it supports: {', '.join(sorted(self.supported_quant))}")
 
     @abstractmethod
     def apply(
@@ -126,12 +133,23 @@ class Experts(ABC):
         """``x [T, H]``, ``topk_weights [T, k]`` fp32, ``topk_ids [T, k]`` int32 local ids -> ``[T, H]``."""
 
 
+class ExpertsKernelError(ComposerError, TypeError):
+    """An experts kernel broke its contract (``Experts.apply``): a bug in that kernel, named by its registry name."""
+
+
 class ModularKernel:
     """prepare -> experts -> finalize."""
 
     def __init__(self, prepare_finalize: PrepareFinalize, experts: Experts):
         self.prepare_finalize = prepare_finalize
         self.experts = experts
+        try:  # (once, here: the forward stays free of it)
+            inspect.signature(experts.apply).bind(*_APPLY_ARGS)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ExpertsKernelError(
+                f"experts kernel '{experts.name}' ({type(experts).__qualname__}): its apply cannot be called as "
+                f"apply({', '.join(_APPLY_ARGS)}) ({exc}); give it Experts.apply's signature, or choose another "
+                "kernel (kernel=torch)") from None
 
     def __call__(
         self,
@@ -143,7 +161,21 @@ class ModularKernel:
     ) -> torch.Tensor:
         prepared = self.prepare_finalize.prepare(x, topk_weights, topk_ids)
         out = self.experts.apply(prepared.x, prepared.topk_weights, prepared.topk_ids, weights, activation)
+        self._check_output(out, prepared.x)
         return self.prepare_finalize.finalize(out, prepared)
+
+    def _check_output(self, out: Any, x: torch.Tensor) -> None:
+        """What the experts kernel returned must be a tensor like its input ``x [T, H]``: same shape, dtype and
+        device. Metadata only (no host sync), so it traces under torch.compile(fullgraph=True) and adds nothing
+        to a CUDA graph."""
+        if isinstance(out, torch.Tensor) and out.shape == x.shape and out.dtype == x.dtype and out.device == x.device:
+            return
+        got = (f"a tensor of shape {tuple(out.shape)}, dtype {out.dtype}, on {out.device}"
+               if isinstance(out, torch.Tensor) else f"{type(out).__name__}, not a torch.Tensor")
+        raise ExpertsKernelError(
+            f"experts kernel '{self.experts.name}' ({type(self.experts).__qualname__}): apply returned {got}; expected "
+            f"a tensor like its input x [T, H]: shape {tuple(x.shape)}, dtype {x.dtype}, on {x.device}. Fix the "
+            "kernel's apply, or choose another kernel (kernel=torch)")
 
     def describe(self) -> str:
         return f"{self.prepare_finalize.name} x {self.experts.name}"
