@@ -272,9 +272,11 @@ class QuantizedMethod(QuantMethod):
         return lambda t, stage: f(t.to(dt), stage).to(t.dtype)  # f returns the exact float32 q * scale
 
     @classmethod
-    def tolerances(cls, params: Any, dtype: str) -> tuple[float, float]:
-        """(model-output tolerance vs the dequantized oracle, bound vs the unquantized oracle)."""
-        return cls.OUTPUT_TOL[dtype], cls.UNQUANT_BOUND[dtype]
+    def tolerances(cls, params: Any, dtype: str) -> tuple[float, float | None]:
+        """(model-output tolerance vs the dequantized oracle, bound vs the unquantized oracle). A method that does not
+        document a dtype (a plugin's, with no UNQUANT_BOUND) gets no output slack and no bound: task=check then
+        reports its unquantized error without judging it (tasks.check.not_judged)."""
+        return cls.OUTPUT_TOL.get(dtype, 0.0), cls.UNQUANT_BOUND.get(dtype)
 
     # --- the machinery --------------------------------------------------------------------------
     def process_weights_after_loading(self, layer) -> None:

@@ -84,9 +84,27 @@ def warn_nonfinite(metrics: dict[str, Any]) -> None:
     found = nonfinite_errors(metrics)
     if not found:
         return
-    text = (f"non-finite error vs the float64 oracle ({'; '.join(found)}): the output holds NaN or inf (an overflow "
-            "in a low-precision dtype, say), so it is wrong whatever the tolerance; task=check fails such a run")
-    metrics["warning"] = text
+    add_warning(metrics, f"non-finite error vs the float64 oracle ({'; '.join(found)}): the output holds NaN or inf "
+                "(an overflow in a low-precision dtype, say), so it is wrong whatever the tolerance; task=check fails "
+                "such a run")
+
+
+def warn_above_tolerance(metrics: dict[str, Any]) -> None:
+    """task=run does not judge, but an output error (finite: NaN is warn_nonfinite's) above the tolerance task=check
+    would apply (``metrics["tolerance"]``) is no success to pass over in silence: warned as warn_nonfinite does."""
+    tol = metrics.get("tolerance")
+    found = [f"{k} {metrics[k]:.3e}" for k in ("output_rel_err", "mode_output_rel_err")
+             if isinstance(metrics.get(k), float) and math.isfinite(metrics[k]) and tol is not None and metrics[k] > tol]
+    if found:
+        add_warning(metrics, f"error vs the float64 oracle above the tolerance task=check applies ({'; '.join(found)} "
+                    f"> {tol:.3g}): the output is likely wrong; `composer task=check` judges it (and would fail this "
+                    "run), task=run does not")
+
+
+def add_warning(metrics: dict[str, Any], text: str) -> None:
+    """Logged as a warning (the console and the run's log) and recorded as ``metrics["warning"]`` (several joined by
+    '; '), so a run that succeeded does not hide it."""
+    metrics["warning"] = f"{metrics['warning']}; {text}" if metrics.get("warning") else text
     log.warning(text)
 
 
@@ -142,4 +160,6 @@ class Run(Task):
         own = getattr(LAYERS.get(cfg.layer.name), "layer_task", lambda task: None)("run")
         if own is not None:  # a layer that brings its own model runs it (the Transformers backend)
             return own(cfg, ctx, cfg.task.params)
-        return run_and_report(cfg, ctx, cfg.task.params, f"composer run: {cfg.model.name}")
+        metrics = run_and_report(cfg, ctx, cfg.task.params, f"composer run: {cfg.model.name}")
+        warn_above_tolerance(metrics)  # (task=check judges it: there it is a failure)
+        return metrics
