@@ -19,6 +19,7 @@ from .layers.block import DecoderBlock, MoEModel, RMSNorm, SparseMoEBlock
 from .layers.fused_moe import FusedMoE
 from .layers.router import GateLinear, Router
 from .layers.shared_experts import SharedExperts
+from . import registry
 from .registry import ALL2ALL, KERNELS, LAYERS, QUANT_METHODS, build_settings
 
 
@@ -45,6 +46,7 @@ def build(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any = None,
                          "takes 'meta' only, to build without storage")
     if init and device is not None:
         raise ValueError("build(device='meta') holds no weights to initialize: pass init=False")
+    registry.load_plugins(list(cfg.plugins))  # (this config's plugins, not those a later load_config put in place)
     ep_rank, group = _ep_place(cfg, ep_rank, group)
     tp = _tp_place(cfg, tp_rank, tp_group)
     dev = cfg.device if device is None else device

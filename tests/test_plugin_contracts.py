@@ -222,3 +222,13 @@ def test_run_warns_about_an_error_above_checks_tolerance(registered, tmp_path, c
     assert any(r.levelno == logging.WARNING and r.getMessage() == m["warning"] for r in caplog.records)
     fine = Run().run(load_config(None, ["task=run", *SMALL]), TaskContext(run_dir=tmp_path, console=Console(quiet=True)))
     assert "warning" not in fine
+
+
+def test_a_quant_method_without_documented_tolerances_gets_none_not_a_keyerror():
+    """A plugin QuantizedMethod with no UNQUANT_BOUND crashed task=run and task=check with KeyError: 'bfloat16'."""
+    from composer.quant.utils import QuantizedMethod
+
+    class Undocumented(QuantizedMethod):
+        OUTPUT_TOL = {}
+
+    assert Undocumented.tolerances(None, "bfloat16") == (0.0, None)

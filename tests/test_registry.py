@@ -198,6 +198,9 @@ def test_each_config_runs_with_its_own_plugins(tmp_path, monkeypatch):
                 return type(model.get_submodule("layers.0.mlp.experts")).__name__, model(x)
 
         plain, doubled, again, back = (experts_and_output(p) for p in ("", oot, "", oot))
+        held = load_config(None, [*base, f"plugins=[{oot}]"])
+        load_config(None, [*base, "plugins=[]"])  # (a config validated later does not change what `held` builds)
+        assert type(build(held).get_submodule("layers.0.mlp.experts")).__name__ == "Doubled"
         assert (plain[0], doubled[0], again[0], back[0]) == ("FusedMoE", "Doubled", "FusedMoE", "Doubled")
         assert not torch.equal(doubled[1], plain[1]) and torch.equal(again[1], plain[1])
         assert torch.equal(back[1], doubled[1])
