@@ -95,7 +95,10 @@ def build_experts(cfg: ComposerConfig, *, ep_rank: int | None = None, group: Any
     ep_size = cfg.parallel.ep_size
     quant = QUANT_METHODS.get(cfg.quant.name)(cfg.quant.params)
     experts = KERNELS.get(cfg.kernel.resolved)()
-    experts.name = cfg.kernel.resolved  # reported by the name the config chose (a subclass inherits its parent's)
+    try:  # reported by the name the config chose (a subclass inherits its parent's)
+        experts.name = cfg.kernel.resolved
+    except AttributeError:  # (a kernel whose name is a read-only property keeps its own)
+        pass
     layer = layer_cls(
         m.num_experts, m.top_k, m.hidden_size, m.intermediate_size,
         activation=m.activation, has_bias=m.has_bias, dtype=m.torch_dtype, device=cfg.device if device is None else device,

@@ -302,6 +302,7 @@ class CustomOp(nn.Module):
 
 _PLUGINS_LOADED = False
 _loaded_plugin_names: list[str] = []
+_ENTRY_POINT_VALUES: set[str] = set()  # ("module" or "module:function") of the installed entry points
 # what each `plugins:` entry registered when it was first loaded: (registry, name, object) and (replaced layer, its
 # out-of-tree class); a config's plugins are the ones whose registrations are in place (load_plugins(modules))
 _PLUGIN_REGISTERED: dict[str, tuple[list[tuple["Registry[Any]", str, Any]], dict[type, type]]] = {}
@@ -313,10 +314,11 @@ def load_plugins(modules: list[str] | tuple[str, ...] | None = None) -> list[str
 
     An entry point may name a module or a callable; a callable is called with no arguments. A ``plugins:`` entry is a
     module that registers implementations when imported, or ``module:function`` (the function is called once, after
-    the import). What an entry registered is recorded, and ``modules`` puts in place the registrations of the entries
-    it lists and takes out those of entries it does not: in one process (a sweep's jobs, several load_config calls)
-    each config runs with its own plugins, not with every plugin an earlier config loaded. Entry points, and anything
-    registered outside a plugins: entry, stay in place.
+    the import). What each entry registered is recorded; ``modules`` puts in place what the listed entries own and
+    takes out the rest of what entries registered, so that in one process (a sweep's jobs, several load_config
+    calls) each config runs with its own plugins. An entry owns what its import or call registered and what was
+    defined in its module (a plugin imported by another plugin first). Entry points, and anything registered outside
+    a plugins: entry, stay in place.
     """
     global _PLUGINS_LOADED
     if not _PLUGINS_LOADED:
@@ -337,18 +339,48 @@ def load_plugins(modules: list[str] | tuple[str, ...] | None = None) -> list[str
                 raise RegistryError(f"plugin entry point '{ep.name}' ({ep.value}) failed to load: "
                                     f"{type(exc).__name__}: {exc}. Fix or uninstall that package") from exc
             _loaded_plugin_names.append(f"{ep.name} (entry point)")
+            _ENTRY_POINT_VALUES.add(ep.value.replace(" ", ""))
     if modules is None:
         return list(_loaded_plugin_names)
-    for mod in _PLUGIN_REGISTERED:  # (first out: a listed plugin may take a name an unlisted one had)
-        if mod not in modules:
-            _set_registered(mod, False)
-    for mod in modules:
-        if mod in _PLUGIN_REGISTERED:
-            _set_registered(mod, True)
-        elif mod not in _loaded_plugin_names:
+    known = [mod for mod in modules if mod in _PLUGIN_REGISTERED]
+    owned = {(id(r), n, id(o)) for m in known for r, n, o in _owned(m)[0]}
+    owned_oot = {(t, c) for m in known for t, c in _owned(m)[1].items()}
+    for entries, oot in _PLUGIN_REGISTERED.values():  # out first: what no listed entry owns (a listed plugin may
+        for r, name, obj in entries:  # take a name an unlisted one had)
+            if (id(r), name, id(obj)) not in owned and r._items.get(name) is obj:
+                del r._items[name]
+        for target, repl in oot.items():
+            if (target, repl) not in owned_oot and PluggableLayer._oot.get(target) is repl:
+                del PluggableLayer._oot[target]
+    for mod in modules:  # then the listed entries not loaded yet, recorded
+        if mod not in _PLUGIN_REGISTERED and mod not in _ENTRY_POINT_VALUES:  # (an entry point ran it already)
             _PLUGIN_REGISTERED[mod] = _import_plugin(mod)
             _loaded_plugin_names.append(mod)
+    wanted = [mod for mod in modules if mod in _PLUGIN_REGISTERED]
+    for mod in wanted:  # in: what the listed ones own (a clash between two of them is refused, naming both)
+        entries, oot = _owned(mod)
+        for r, name, obj in entries:
+            r.register(name, obj)
+        for target, repl in oot.items():
+            PluggableLayer.register_oot(repl, name=target.layer_name)
     return list(_loaded_plugin_names)
+
+
+def _owned(spec: str) -> tuple[list[tuple["Registry[Any]", str, Any]], dict[type, type]]:
+    """What plugins: entry ``spec`` owns: what its import (or call) registered, and what any entry registered that
+    was defined in its module (``spec``'s module imported first by another plugin)."""
+    mod = spec.partition(":")[0]
+    entries, oot = list(_PLUGIN_REGISTERED[spec][0]), dict(_PLUGIN_REGISTERED[spec][1])
+
+    def mine(obj: Any) -> bool:
+        m = getattr(obj, "__module__", None) or ""
+        return m == mod or m.startswith(mod + ".")
+
+    for other, (es, oo) in _PLUGIN_REGISTERED.items():
+        if other != spec:
+            entries += [e for e in es if mine(e[2]) and e not in entries]
+            oot.update({t: c for t, c in oo.items() if mine(c)})
+    return entries, oot
 
 
 def _import_plugin(spec: str) -> tuple[list[tuple["Registry[Any]", str, Any]], dict[type, type]]:
@@ -379,29 +411,12 @@ def _import_plugin(spec: str) -> tuple[list[tuple["Registry[Any]", str, Any]], d
                             "module, or remove it from `plugins:`") from exc
     entries = [(r, n, o) for r in _REGISTRIES for n, o in r._items.items() if before.get((id(r), n)) is not o]
     oot = {t: c for t, c in PluggableLayer._oot.items() if oot_before.get(t) is not c}
-    if not entries and not oot and (fresh or fn):
-        hint = (f" A package whose entry point names a function (as composer_example_plugin's register) is loaded "
-                f"by installing it, or here as '{mod}:register'" if not fn and callable(getattr(module, "register",
-                                                                                                 None)) else "")
-        raise RegistryError(f"plugins: '{spec}' registered nothing when {'called' if fn else 'imported'}: a plugin "
-                            "registers implementations (@KERNELS.register(...), @register_quant(...), "
-                            f"@FusedMoE.register_oot, ...).{hint}")
+    if not entries and not oot and fresh and not fn and callable(getattr(module, "register", None)):
+        # (a plugin may only add tile configs, say; but a module whose register() an entry point would call
+        # registers nothing when merely imported)
+        log.warning("plugins: '%s' registered no implementation when imported; it has a register() function, "
+                    "which an installed entry point calls: list it as '%s:register' to call it here", spec, mod)
     return entries, oot
-
-
-def _set_registered(mod: str, on: bool) -> None:
-    """Put the registrations of plugin ``mod`` in place, or take them out (only its own objects)."""
-    entries, oot = _PLUGIN_REGISTERED[mod]
-    for r, name, obj in entries:
-        if on:
-            r.register(name, obj)  # (a name another listed plugin took meanwhile is refused, naming it)
-        elif r._items.get(name) is obj:
-            del r._items[name]
-    for target, repl in oot.items():
-        if on:
-            PluggableLayer._oot[target] = repl
-        elif PluggableLayer._oot.get(target) is repl:
-            del PluggableLayer._oot[target]
 
 
 @contextlib.contextmanager

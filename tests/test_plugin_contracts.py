@@ -113,8 +113,8 @@ def _kernel(bend):
 
 
 @pytest.mark.parametrize("bend, said", [
-    (lambda out: out.float(), "dtype torch.float32, on cpu; expected a tensor like its input x [T, H]: shape (8, 96), "
-                              "dtype torch.bfloat16, on cpu"),
+    (lambda out: out.float(), "dtype torch.float32, on cpu; expected a tensor of its input x's shape (8, 96) on cpu, "
+                              "in the layer's dtype torch.bfloat16"),
     (lambda out: out[:, :-1], "a tensor of shape (8, 95)"),
     (lambda out: out.sum(0, keepdim=True), "a tensor of shape (1, 96)"),  # (would broadcast on the residual add)
     (lambda out: None, "apply returned NoneType, not a torch.Tensor"),
@@ -232,3 +232,37 @@ def test_a_quant_method_without_documented_tolerances_gets_none_not_a_keyerror()
         OUTPUT_TOL = {}
 
     assert Undocumented.tolerances(None, "bfloat16") == (0.0, None)
+
+
+def test_a_kernel_may_be_given_tokens_in_another_dtype_and_keep_a_read_only_name(registered):
+    """An all2all may dispatch in another dtype (fp8, as vLLM's quantized dispatch): the output is held to the
+    layer's dtype, not to what the kernel was given (a correct plugin was refused). A kernel whose name is a
+    read-only property crashed when the factory set it."""
+    from composer.layers.modular_kernel import ModularKernel, PreparedTokens
+
+    class Halves:
+        name = "halves"
+
+        def prepare(self, x, w, ids):
+            return PreparedTokens(x=x.half(), topk_weights=w, topk_ids=ids)
+
+        def finalize(self, out, prepared):
+            return out
+
+    class Named(TorchExperts):
+        @property
+        def name(self):
+            return "named"
+
+        def apply(self, x, w, ids, weights, act):
+            return super().apply(x.bfloat16(), w, ids, weights, act)
+
+    registered(KERNELS, "t_named", Named)
+    cfg = load_config(None, [*SMALL, "kernel.name=t_named"])
+    model = build(cfg)  # (no AttributeError: the property keeps its name)
+    layer = model.get_submodule("layers.0.mlp.experts")
+    kernel = ModularKernel(Halves(), layer.kernel.experts)
+    x = make_tokens(cfg, 5)
+    w, ids = torch.full((5, 2), 0.5), torch.zeros(5, 2, dtype=torch.int32)
+    out = kernel(x, w, ids, layer.quant_method.expert_weights(layer), "silu")
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape

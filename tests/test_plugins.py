@@ -66,3 +66,11 @@ def test_without_the_plugin_fused_moe_is_in_tree():
 
     layer = FusedMoE(2, 1, 4, 4)
     assert type(layer) is FusedMoE and not layer.is_oot
+
+
+def test_an_entry_points_own_target_listed_in_plugins_is_already_loaded(plugin_site, tmp_path):
+    """plugins=[composer_example_plugin:register], the installed entry point's target, ran register() a second time
+    and was refused as a second register_oot of fused_moe by "another" plugin: itself."""
+    proc = run_composer(["task=show", "device=cpu", "plugins=[composer_example_plugin:register]",
+                         f"hydra.run.dir={tmp_path}/run"], tmp_path, plugin_site)
+    assert "ExampleFusedMoE" in proc.stdout

@@ -220,9 +220,10 @@ def test_each_config_runs_with_its_own_plugins(tmp_path, monkeypatch):
             _PLUGIN_REGISTERED.pop(m, None)
 
 
-def test_a_plugin_that_registers_nothing_is_refused_and_module_function_works(tmp_path, monkeypatch):
-    """The example package's module only defines register() (its entry point calls it): listed in plugins: it was
-    accepted and did nothing; 'module:function' now calls the function."""
+def test_a_plugin_with_a_register_function_is_named_and_module_function_works(tmp_path, monkeypatch, caplog):
+    """The example package's module only defines register() (its entry point calls it): listed in plugins: it did
+    nothing, silently. It now says to list 'module:register', which calls the function (a plugin that only adds tile
+    configs, registering nothing, is still taken)."""
     from composer import load_config
     from composer.registry import KERNELS, _PLUGIN_REGISTERED
 
@@ -230,15 +231,45 @@ def test_a_plugin_that_registers_nothing_is_refused_and_module_function_works(tm
         "    " + line for line in KERNEL_PLUGIN.format(name="lazy_kern").strip().splitlines()) + "\n")
     base = ["device=cpu", "kernel=torch"]
     try:
-        with pytest.raises(ConfigError, match=r"'lazy_plugin' registered nothing when imported.*'lazy_plugin:register'"):
+        with caplog.at_level("WARNING", logger="composer.registry"):
             load_config(None, [*base, f"plugins=[{mod}]"])
+        assert "registered no implementation when imported" in caplog.text and f"'{mod}:register'" in caplog.text
+        assert "lazy_kern" not in KERNELS
         cfg = load_config(None, [*base, f"plugins=['{mod}:register']", "kernel.name=lazy_kern"])
         assert cfg.kernel.resolved == "lazy_kern" and "lazy_kern" in KERNELS
         with pytest.raises(ConfigError, match=r"module lazy_plugin has no function nothere"):
             load_config(None, [*base, f"plugins=['{mod}:nothere']"])
     finally:
         load_config(None, [*base, "plugins=[]"])
-        _PLUGIN_REGISTERED.pop(f"{mod}:register", None)
+        for m in (mod, f"{mod}:register"):
+            _PLUGIN_REGISTERED.pop(m, None)
+
+
+def test_a_plugin_imported_by_another_keeps_its_names_and_oot_clashes_are_refused_whatever_came_before(
+        tmp_path, monkeypatch):
+    """A plugin that another plugin imports first was credited with nothing, so a later config listing it alone lost
+    its kernel; two register_oot plugins were refused when new but accepted (last one winning) once each had run."""
+    from composer import load_config
+    from composer.registry import KERNELS, _PLUGIN_REGISTERED
+
+    b = _plugin(tmp_path, monkeypatch, "nested_b_plugin", KERNEL_PLUGIN.format(name="nested_kern"))
+    a = _plugin(tmp_path, monkeypatch, "nested_a_plugin", f"import {b}  # noqa: F401\n")
+    o1 = _plugin(tmp_path, monkeypatch, "oot_one_plugin", OOT_PLUGIN)
+    o2 = _plugin(tmp_path, monkeypatch, "oot_two_plugin", OOT_PLUGIN.replace("Doubled", "Other"))
+    base = ["device=cpu", "kernel=torch"]
+    try:
+        for plugins in ([a], [b], [a, b], [b], [a]):
+            cfg = load_config(None, [*base, f"plugins=[{','.join(plugins)}]", "kernel.name=nested_kern"])
+            assert KERNELS.get(cfg.kernel.resolved).__module__ == b, plugins
+        load_config(None, [*base, f"plugins=[{o1}]"])
+        load_config(None, [*base, f"plugins=[{o2}]"])
+        for pair in ([o1, o2], [o2, o1]):
+            with pytest.raises(ConfigError, match="already replaced by out-of-tree"):
+                load_config(None, [*base, f"plugins=[{','.join(pair)}]"])
+    finally:
+        load_config(None, [*base, "plugins=[]"])
+        for m in (a, b, o1, o2):
+            _PLUGIN_REGISTERED.pop(m, None)
 
 
 @pytest.mark.parametrize("name", ["a,b", "my kernel", "x=y", "k.v", "1k", ""])

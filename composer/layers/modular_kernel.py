@@ -161,20 +161,21 @@ class ModularKernel:
     ) -> torch.Tensor:
         prepared = self.prepare_finalize.prepare(x, topk_weights, topk_ids)
         out = self.experts.apply(prepared.x, prepared.topk_weights, prepared.topk_ids, weights, activation)
-        self._check_output(out, prepared.x)
+        self._check_output(out, prepared.x, x.dtype)
         return self.prepare_finalize.finalize(out, prepared)
 
-    def _check_output(self, out: Any, x: torch.Tensor) -> None:
-        """What the experts kernel returned must be a tensor like its input ``x [T, H]``: same shape, dtype and
-        device. Metadata only (no host sync), so it traces under torch.compile(fullgraph=True) and adds nothing
-        to a CUDA graph."""
-        if isinstance(out, torch.Tensor) and out.shape == x.shape and out.dtype == x.dtype and out.device == x.device:
+    def _check_output(self, out: Any, x: torch.Tensor, dtype: torch.dtype) -> None:
+        """What the experts kernel returned must be a tensor of its input's shape and device (``x [T, H]``, the
+        tokens prepare gave it) in the layer's dtype (``dtype``: an all2all may dispatch in another, fp8 say).
+        Metadata only (no host sync), so it traces under torch.compile(fullgraph=True) and adds nothing to a CUDA
+        graph."""
+        if isinstance(out, torch.Tensor) and out.shape == x.shape and out.dtype == dtype and out.device == x.device:
             return
         got = (f"a tensor of shape {tuple(out.shape)}, dtype {out.dtype}, on {out.device}"
                if isinstance(out, torch.Tensor) else f"{type(out).__name__}, not a torch.Tensor")
         raise ExpertsKernelError(
             f"experts kernel '{self.experts.name}' ({type(self.experts).__qualname__}): apply returned {got}; expected "
-            f"a tensor like its input x [T, H]: shape {tuple(x.shape)}, dtype {x.dtype}, on {x.device}. Fix the "
+            f"a tensor of its input x's shape {tuple(x.shape)} on {x.device}, in the layer's dtype {dtype}. Fix the "
             "kernel's apply, or choose another kernel (kernel=torch)")
 
     def describe(self) -> str:
