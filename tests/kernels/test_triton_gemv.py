@@ -94,7 +94,12 @@ QUANT_VARIANTS = [
 def test_interpreter_quant_vs_torch(method, params, dtype, gemv_calls):
     I = 96 if params.get("group_size") in (32, 48) else 48  # I must hold whole groups
     T = 2 if I == 96 else 3
-    x, tw, ids, w13, w2, b13, b2 = make_case(T, 5, 2, 96, I, dtype, True, 0.2, seed=5)
+    _both_gemvs_vs_torch(make_case(T, 5, 2, 96, I, dtype, True, 0.2, seed=5), method, params, dtype, gemv_calls)
+
+
+def _both_gemvs_vs_torch(case, method, params, dtype, gemv_calls):
+    """The quantized GEMVs (atomic and buffer reductions) against kernel=torch on ``case`` (make_case's tuple)."""
+    x, tw, ids, w13, w2, b13, b2 = case
     w = quantize(method, w13, w2, b13, b2, **params)
     ref = TorchExperts().apply(x, tw, ids, w, "silu").double()
     tol = (TOL_W8A8 if method == "int8_w8a8" else TOL)[dtype]
@@ -102,7 +107,7 @@ def test_interpreter_quant_vs_torch(method, params, dtype, gemv_calls):
         for cfg in (gemv_cfg(), gemv_cfg(16, 64, 4, 16, 1, "buffer")):
             out = fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", method, w.w13_scale,
                                       w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=cfg)
-            assert rel(out, ref) < tol, (cfg["reduce"], rel(out, ref))
+            assert torch.isfinite(out).all() and rel(out, ref) < tol, (cfg["reduce"], rel(out, ref))
     assert gemv_calls == [True, False, True, False]
 
 
@@ -114,17 +119,9 @@ def test_interpreter_quant_vs_torch(method, params, dtype, gemv_calls):
 def test_interpreter_quant_top_k_equals_num_experts(method, params, dtype, gemv_calls):
     """The quantized GEMVs with top_k = num_experts (every expert's weights read for the one token; the test above
     picks 2 of 5), both reductions, bias, vs kernel=torch."""
-    x, tw, ids, w13, w2, b13, b2 = make_case(1, 3, 3, 64, 32, dtype, True, 0.0, seed=9)
-    assert sorted(ids[0].tolist()) == [0, 1, 2]
-    w = quantize(method, w13, w2, b13, b2, **params)
-    ref = TorchExperts().apply(x, tw, ids, w, "silu").double()
-    tol = (TOL_W8A8 if method == "int8_w8a8" else TOL)[dtype]
-    with interpreter():
-        for cfg in (gemv_cfg(), gemv_cfg(16, 64, 4, 16, 1, "buffer")):
-            out = fused_experts_quant(x, tw, ids, w.w13, w.w2, w.w13_bias, w.w2_bias, "silu", method, w.w13_scale,
-                                      w.w2_scale, None, None, w.w13_zero, w.w2_zero, config=cfg)
-            assert torch.isfinite(out).all() and rel(out, ref) < tol, (cfg["reduce"], rel(out, ref))
-    assert gemv_calls == [True, False, True, False]
+    case = make_case(1, 3, 3, 64, 32, dtype, True, 0.0, seed=9)
+    assert sorted(case[2][0].tolist()) == [0, 1, 2]
+    _both_gemvs_vs_torch(case, method, params, dtype, gemv_calls)
 
 
 def test_interpreter_table_gemv_entry_at_small_t(tmp_path, monkeypatch, gemv_calls):
