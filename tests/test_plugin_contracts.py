@@ -88,7 +88,8 @@ def test_cli_refuses_a_layer_that_is_no_fused_moe_for_every_task(tmp_path):
             def forward(self, h, w, ids):
                 return torch.zeros_like(h)
     """))
-    env = dict(os.environ, PYTHONPATH=str(tmp_path), COLUMNS="200")
+    env = dict(os.environ, COLUMNS="200",  # (prepended: composer may itself be on PYTHONPATH, not installed)
+               PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     for task in ("show", "check", "run"):
         proc = subprocess.run([sys.executable, "-m", "composer", f"task={task}", "device=cpu", "layer.name=mylayer",
                                "plugins=[t_plain_layer_plugin]", f"hydra.run.dir={tmp_path}/{task}"],

@@ -31,7 +31,8 @@ def plugin_site(tmp_path_factory):
 def run_composer(args, cwd, site, check=True):
     import os
 
-    env = dict(os.environ, PYTHONPATH=str(site), COLUMNS="200")
+    env = dict(os.environ, COLUMNS="200",  # (prepended: composer may itself be on PYTHONPATH, not installed)
+               PYTHONPATH=os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-m", "composer", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
