@@ -54,6 +54,16 @@ def check_group_choice(group: str, value: str) -> Problem | None:
 _REGISTRY_GROUPS = ("kernel", "layer", "quant", "all2all", "task")
 
 
+def closest_option(group: str, value: Any) -> str | None:
+    """The option of ``group`` a refused choice most likely meant (``tritn`` -> ``triton``), or None where none is
+    that close: the rest of a command line or file is checked with it, so every problem is reported at once (a
+    looser did-you-mean would check against a model the user did not mean)."""
+    import difflib
+
+    close = difflib.get_close_matches(str(value), group_options(group), n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
 def _internal(group: str, value: Any) -> str | None:
     """Why the registered name ``value`` is no choice of ``group`` (an internal class), else None."""
     from .config import NAMED_SECTIONS
@@ -282,13 +292,11 @@ def _load_file(path: Path) -> tuple[dict[str, Any], list[Problem], str]:
     if isinstance(model, str):  # a preset's name (a model of one's own is a section with its keys)
         p = check_group_choice("model", model)
         if p:
-            import difflib
-
-            close = difflib.get_close_matches(model, group_options("model"), n=1, cutoff=0.8)
-            if not close:
+            close = closest_option("model", model)
+            if close is None:
                 raise ConfigError(problems + [p], str(path))
             problems.append(p)
-            data["model"], note = close[0], f" (checked with model: {close[0]}, the closest preset)"
+            data["model"], note = close, f" (checked with model: {close}, the closest preset)"
     return data, problems, note
 
 

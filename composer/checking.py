@@ -7,6 +7,7 @@ expert's float64 score must be within a small margin of the k-th best.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,15 @@ from .kernels.reference import oracle_experts
 
 # Default tolerance on the relative Frobenius error of the output vs the float64 oracle.
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+
+log = logging.getLogger(__name__)
+
+
+def add_warning(metrics: dict[str, Any], text: str) -> None:
+    """Logged as a warning (the console and the run's log) and recorded as ``metrics["warning"]`` (several joined by
+    '; '), so a run that succeeded does not hide it."""
+    metrics["warning"] = f"{metrics['warning']}; {text}" if metrics.get("warning") else text
+    log.warning(text)
 
 
 def exceeds(err: float | None, tol: float) -> bool:

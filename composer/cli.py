@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.markup import escape  # (messages quote values such as [1, 2] and paths such as d/[a].yaml)
 
-from .api import CONF_DIR, GROUPS, choice_problems, group_options, sweep_values, validate_composed
+from .api import CONF_DIR, GROUPS, choice_problems, closest_option, group_options, sweep_values, validate_composed
 from .config import to_plain
 from .errors import ComposerError, ConfigError, Problem
 from .launchers import launcher_problems, overlay_sweeps
@@ -138,15 +138,13 @@ def _other_problems(overrides: list[Any], found: list[Problem]) -> list[Problem]
     each refused group at its closest option (``kernel=triton``), which the problems name: every problem at once, not
     the typo first. Checks that depend on a group (a group size dividing the model's sizes) would be false against
     any other option, so where an option is not close (or anything else fails) the typo is reported alone."""
-    import difflib
-
     guesses = {}
     for p in found:
         if p.key in GROUPS:
-            close = difflib.get_close_matches(str(p.value), group_options(p.key), n=1, cutoff=0.8)
-            if not close:
+            close = closest_option(p.key, p.value)
+            if close is None:
                 return []
-            guesses[p.key] = close[0]
+            guesses[p.key] = close
     reported = {p.key.lstrip("+") for p in found}
     rest = [o for o in overrides if o.key_or_group not in guesses and o.key_or_group not in reported
             and not any(o.key_or_group.startswith(g + ".") for g in guesses)]
@@ -276,7 +274,7 @@ _MISSING = object()
 
 def _is_list(node: Any) -> bool | None:
     """True for a list node of the config, False for a mapping, None for anything else (a value, absent)."""
-    from omegaconf import DictConfig, ListConfig
+    from omegaconf import ListConfig
 
     return True if isinstance(node, ListConfig) else False if isinstance(node, DictConfig) else None
 

@@ -445,8 +445,7 @@ def layer_class_problem(name: str) -> str | None:
     cls = registry.LAYERS.get(name)
     if getattr(cls, "build_model", None) is not None or (isinstance(cls, type) and issubclass(cls, FusedMoE)):
         return None
-    qual = f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', repr(cls))}"
-    return (f"layer '{name}' ({qual}) must subclass composer's FusedMoE (composer.layers.fused_moe), or bring its own "
+    return (f"layer '{name}' ({registry._qualname(cls)}) must subclass composer's FusedMoE (composer.layers.fused_moe), or bring its own "
             "model with a build_model classmethod as layer=transformers_moe does: composer builds its graph from FusedMoE "
             f"layers and cannot build this one. Register it as @PluggableLayer.register(\"{name}\") on "
             f"`class {getattr(cls, '__name__', 'MyLayer')}(FusedMoE)` (it takes FusedMoE's constructor arguments), "

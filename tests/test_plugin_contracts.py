@@ -214,7 +214,7 @@ def test_run_warns_about_an_error_above_checks_tolerance(registered, tmp_path, c
 
     registered(KERNELS, "t_double", _kernel(lambda out: 2 * out))
     cfg = load_config(None, ["task=run", *SMALL, "kernel.name=t_double"])
-    with caplog.at_level(logging.WARNING, logger="composer.tasks.run"):
+    with caplog.at_level(logging.WARNING, logger="composer.checking"):
         m = Run().run(cfg, TaskContext(run_dir=tmp_path, console=Console(quiet=True)))
     assert m["tolerance"] == 0.01 and m["output_rel_err"] > 0.1
     assert m["warning"].startswith(f"error vs the float64 oracle above the tolerance task=check applies (output_rel_err "

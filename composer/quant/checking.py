@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..checking import TOLERANCE, exceeds, oracle_layer, oracle_model, rel_error
+from ..checking import TOLERANCE, add_warning, exceeds, oracle_layer, oracle_model, rel_error
 
 
 def _unquantized_cfg(cfg: Any) -> Any:
@@ -75,9 +75,11 @@ def output_tolerance(cfg: Any, given: float | None = None) -> float:
     return tolerances(cfg, given, given if given is not None else TOLERANCE[cfg.model.dtype])[1]
 
 
-def failures(m: dict[str, Any], bound: float | None, console: Any = None) -> list[str]:
-    """Failures of the unquantized-oracle bound; prints the two errors of a quantized check."""
+def failures(m: dict[str, Any], bound: float | None, console: Any = None, quant: str = "") -> list[str]:
+    """Failures of the unquantized-oracle bound; prints the two errors of a quantized check. A method that documents
+    no bound (a plugin's, with no UNQUANT_BOUND) has its errors printed and warned about, not judged."""
     if bound is None:
+        _not_judged(m, quant, console)
         return []
     out = []
     for name, s in m["layers"].items():
@@ -94,3 +96,22 @@ def failures(m: dict[str, Any], bound: float | None, console: Any = None) -> lis
                       f"vs the unquantized float64 oracle {e:.2e} (bound {bound:.3g})")
     m["unquantized_bound"] = bound
     return out
+
+
+def _not_judged(m: dict[str, Any], quant: str, console: Any) -> None:
+    """Errors vs the unquantized oracle measured for a method with no documented bound: composer cannot judge them,
+    so they are printed and warned about (``metrics["warning"]``, ``unquantized_not_judged``): a pass hides nothing."""
+    e = m.get("output_rel_err_unquantized")
+    worst = max((s["experts_rel_err_unquantized"] for s in m["layers"].values() if "experts_rel_err_unquantized" in s),
+                default=None)
+    if e is None and worst is None:  # quant=none, or task.unquantized_oracle=false
+        return
+    mark = f"not judged: quant={quant} documents no bound (UNQUANT_BOUND)"
+    said = ", ".join(f"{what} {v:.2e}" for what, v in (("output", e), ("worst layer's experts", worst)) if v is not None)
+    if console is not None:
+        console.print(f"quantized: output rel. error vs the dequantized oracle "
+                      f"{m.get('output_rel_err', float('nan')):.2e}, vs the unquantized float64 oracle {said} ({mark})")
+    add_warning(m, f"error vs the unquantized float64 oracle ({said}) {mark}: composer cannot tell whether it is "
+                "quantization noise or a bug; document the method's bound (UNQUANT_BOUND with tolerances(), "
+                "docs/quantization.md) to have task=check judge it")
+    m["unquantized_not_judged"] = True

@@ -275,7 +275,7 @@ class QuantizedMethod(QuantMethod):
     def tolerances(cls, params: Any, dtype: str) -> tuple[float, float | None]:
         """(model-output tolerance vs the dequantized oracle, bound vs the unquantized oracle). A method that does not
         document a dtype (a plugin's, with no UNQUANT_BOUND) gets no output slack and no bound: task=check then
-        reports its unquantized error without judging it (tasks.check.not_judged)."""
+        reports its unquantized error without judging it (quant.checking.failures)."""
         return cls.OUTPUT_TOL.get(dtype, 0.0), cls.UNQUANT_BOUND.get(dtype)
 
     # --- the machinery --------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pydantic import Field
 from ..checking import TOLERANCE, exceeds
 from ..registry import LAYERS
 from . import Task, TaskContext, TaskFailed, TaskParams, register_task
-from .run import RunParams, add_warning, run_and_report
+from .run import RunParams, run_and_report
 
 
 class CheckParams(RunParams):
@@ -50,8 +50,7 @@ class Check(Task):
                 failures.append(f"{name}: router weights differ from float64 by {s['router_weight_err']:.3e}")
         if exceeds(m["output_rel_err"], out_tol):
             failures.append(f"output rel. error {m['output_rel_err']:.3e} > tolerance {out_tol:.3g}")
-        failures += quant_failures(m, quant_bound, ctx.console)
-        unjudged = quant_bound is None and not_judged(m, cfg.quant.name, ctx.console)
+        failures += quant_failures(m, quant_bound, ctx.console, cfg.quant.name)
         if "mode" in m:  # compile / cuda_graph: that run vs the oracle replaying its own routing
             if exceeds(m["mode_output_rel_err"], out_tol):
                 failures.append(f"{m['mode']}: output rel. error {m['mode_output_rel_err']:.3e} > tolerance {out_tol:.3g}")
@@ -67,24 +66,6 @@ class Check(Task):
             raise TaskFailed("check failed:\n  " + "\n  ".join(failures), m)
         ctx.console.print(f"[green]check passed[/green] (output tolerance {out_tol:.3g}, per layer {layer_tol:.3g}"
                           + (f", vs the unquantized oracle {quant_bound:.3g})" if "unquantized_bound" in m else
-                             ", vs the unquantized oracle not judged)" if unjudged else ")"))
+                             ", vs the unquantized oracle not judged)" if m.get("unquantized_not_judged") else ")"))
         return m
 
-
-def not_judged(m: dict[str, Any], quant: str, console: Any) -> bool:
-    """A quant method without a documented bound (a plugin's, with no UNQUANT_BOUND): its error vs the unquantized
-    oracle is measured but cannot be judged; printed and warned about (recorded as metrics["warning"]) so that a
-    pass does not hide it. True when there was such an error."""
-    e = m.get("output_rel_err_unquantized")
-    worst = max((s["experts_rel_err_unquantized"] for s in m["layers"].values() if "experts_rel_err_unquantized" in s),
-                default=None)
-    if e is None and worst is None:  # quant=none, or task.unquantized_oracle=false
-        return False
-    mark = f"not judged: quant={quant} documents no bound (UNQUANT_BOUND)"
-    said = ", ".join(f"{what} {v:.2e}" for what, v in (("output", e), ("worst layer's experts", worst)) if v is not None)
-    console.print(f"quantized: output rel. error vs the dequantized oracle {m.get('output_rel_err', float('nan')):.2e}, "
-                  f"vs the unquantized float64 oracle {said} ({mark})")
-    add_warning(m, f"error vs the unquantized float64 oracle ({said}) {mark}: composer cannot tell whether it is "
-                f"quantization noise or a bug; document the method's bound (UNQUANT_BOUND with tolerances(), "
-                "docs/quantization.md) to have task=check judge it")
-    return True

@@ -13,7 +13,7 @@ from ..factory import build
 from ..registry import LAYERS
 from . import Task, TaskContext, TaskParams, register_task
 from .common import checksum, compare, make_runner, make_tokens, oracle_metrics, slot_table, time_runner
-from ..checking import time_modules
+from ..checking import add_warning, time_modules
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +100,6 @@ def warn_above_tolerance(metrics: dict[str, Any]) -> None:
                     f"> {tol:.3g}): the output is likely wrong; `composer task=check` judges it (and would fail this "
                     "run), task=run does not")
 
-
-def add_warning(metrics: dict[str, Any], text: str) -> None:
-    """Logged as a warning (the console and the run's log) and recorded as ``metrics["warning"]`` (several joined by
-    '; '), so a run that succeeded does not hide it."""
-    metrics["warning"] = f"{metrics['warning']}; {text}" if metrics.get("warning") else text
-    log.warning(text)
 
 
 def check_mode(model: Any, x: Any, cfg: Any, p: RunParams, ctx: TaskContext, eager_ms: float) -> dict[str, Any]:

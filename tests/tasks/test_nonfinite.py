@@ -41,7 +41,7 @@ def test_run_warns_about_and_records_a_nan_output(tmp_path, caplog):
 
     cfg = load_config(None, ["task=run", *OVERFLOW])
     console = Console(record=True, width=250)
-    with caplog.at_level(logging.WARNING, logger="composer.tasks.run"):
+    with caplog.at_level(logging.WARNING, logger="composer.checking"):
         m = Run().run(cfg, TaskContext(run_dir=tmp_path, console=console))
     assert not math.isfinite(m["output_rel_err"])
     assert m["warning"].startswith("non-finite error vs the float64 oracle (output_rel_err ")
